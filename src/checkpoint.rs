@@ -1,0 +1,99 @@
+//! Self-describing checkpoints (see `docs/checkpoint-format.md`): safetensors whose
+//! `__metadata__` carries the format version, the graph, class names, preprocessing and
+//! provenance, so a file reloads with no knowledge of how it was made.
+
+use crate::graph::Graph;
+use crate::model::{Model, ModelMeta};
+use crate::models::ArchSpec;
+use crate::tensor_file::{RawTensor, TensorFile, write_atomic};
+use crate::weights::Weights;
+use anyhow::{Context, Result, bail};
+use std::collections::HashMap;
+use std::path::Path;
+
+pub const FORMAT: &str = "slimcandle";
+pub const FORMAT_VERSION: u32 = 1;
+
+/// Writes `model` to `path` atomically.
+pub fn save(model: &Model, path: &Path) -> Result<()> {
+    let meta = &model.meta;
+    let mut metadata = HashMap::new();
+    metadata.insert("format".to_string(), FORMAT.to_string());
+    metadata.insert("format_version".to_string(), FORMAT_VERSION.to_string());
+    metadata.insert("graph".to_string(), model.graph.to_json());
+    metadata.insert("class_names".to_string(), json(&meta.class_names));
+    metadata.insert("preprocessing".to_string(), json(&meta.preprocessing));
+    metadata.insert("provenance".to_string(), json(&meta.provenance));
+    if let Some(arch) = &meta.arch {
+        metadata.insert("arch".to_string(), json(arch));
+    }
+    let tensors = model
+        .weights
+        .tensors()
+        .map(|(name, t)| Ok((name.to_string(), RawTensor::from_f32(t)?)))
+        .collect::<Result<Vec<_>>>()?;
+    write_atomic(path, tensors, metadata)
+}
+
+fn json<T: serde::Serialize>(value: &T) -> String {
+    serde_json::to_string(value).expect("metadata serialises")
+}
+
+/// Reads a checkpoint written by [`save`].
+pub fn load(path: &Path) -> Result<Model> {
+    let file = TensorFile::read(path)?;
+    from_file(&file)
+}
+
+fn field<'a>(file: &'a TensorFile, key: &str) -> Result<&'a str> {
+    match file.metadata.get(key) {
+        Some(v) => Ok(v),
+        None => bail!("`{}`: the checkpoint metadata has no `{key}` entry", file.path.display()),
+    }
+}
+
+fn parse_field<T: serde::de::DeserializeOwned>(file: &TensorFile, key: &str) -> Result<T> {
+    serde_json::from_str(field(file, key)?)
+        .map_err(|e| anyhow::anyhow!("`{}`: metadata entry `{key}` is not valid: {e}", file.path.display()))
+}
+
+/// Builds a model from an already read file (so callers can also report on the file itself).
+pub fn from_file(file: &TensorFile) -> Result<Model> {
+    let shown = file.path.display();
+    match file.metadata.get("format").map(String::as_str) {
+        Some(FORMAT) => {}
+        _ if file.metadata.is_empty() || !file.metadata.contains_key("graph") => bail!(
+            "`{shown}` is a plain safetensors file, not a slimcandle checkpoint; \
+             convert a PyTorch state dict with `slimcandle import --arch ARCH {shown} -o OUT.safetensors`"
+        ),
+        Some(other) => bail!("`{shown}`: unknown checkpoint format `{other}`"),
+        None => bail!("`{shown}`: the checkpoint metadata has no `format` entry"),
+    }
+    let version: u32 = field(file, "format_version")?
+        .parse()
+        .with_context(|| format!("`{shown}`: format_version is not a number"))?;
+    if version > FORMAT_VERSION {
+        bail!("`{shown}` uses checkpoint format {version}; this slimcandle reads up to {FORMAT_VERSION}: upgrade slimcandle");
+    }
+    let graph = Graph::from_json(field(file, "graph")?).with_context(|| format!("`{shown}`"))?;
+    let arch: Option<ArchSpec> = match file.metadata.get("arch") {
+        Some(_) => Some(parse_field(file, "arch")?),
+        None => None,
+    };
+    let meta = ModelMeta {
+        arch,
+        class_names: parse_field(file, "class_names")?,
+        preprocessing: parse_field(file, "preprocessing")?,
+        provenance: parse_field(file, "provenance")?,
+    };
+    let weights = Weights::from_state_dict(&graph, file.float_tensors()?).with_context(|| format!("`{shown}`"))?;
+    let counts = graph.channel_counts()?;
+    if counts[graph.output] != meta.class_names.len() {
+        bail!(
+            "`{shown}`: the network has {} outputs but the metadata names {} classes",
+            counts[graph.output],
+            meta.class_names.len()
+        );
+    }
+    Ok(Model { graph, weights, meta })
+}

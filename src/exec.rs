@@ -1,0 +1,201 @@
+//! Runs a [`Graph`] on Candle tensors, in eval mode or in train mode with autograd.
+
+use crate::graph::{Activation, Graph, Op, shape::pooled_len};
+use crate::weights::Weights;
+use anyhow::{Context, Result, bail};
+use candle_core::{D, Tensor};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    /// Running statistics, no dropout, no gradient tracking.
+    Eval,
+    /// Batch statistics (updating the running ones), active dropout, gradients tracked.
+    Train,
+}
+
+/// Checks that `x` is N x C x H x W with the graph's channels and a size every layer accepts.
+pub fn check_input(graph: &Graph, dims: &[usize]) -> Result<()> {
+    let channels = graph.input_channels();
+    match dims {
+        [_, c, h, w] if *c == channels => graph.infer_shapes(*h, *w).map(|_| ()),
+        _ => bail!("expected an input of shape [N, {channels}, H, W], got {dims:?}"),
+    }
+}
+
+/// Forward pass. In train mode the batch norm running statistics in `weights` are updated
+/// (PyTorch semantics: biased variance normalises, unbiased variance updates, with momentum).
+pub fn forward(graph: &Graph, weights: &Weights, x: &Tensor, mode: Mode) -> Result<Tensor> {
+    check_input(graph, x.dims())?;
+    let param = |name: String| -> Result<Tensor> {
+        let var = weights.var(&name)?;
+        Ok(match mode {
+            Mode::Train => var.as_tensor().clone(),
+            Mode::Eval => var.as_detached_tensor(),
+        })
+    };
+    // Values are dropped after their last reader so peak memory stays at the live set.
+    let mut uses_left: Vec<usize> = graph.consumers().iter().map(Vec::len).collect();
+    uses_left[graph.output] += 1;
+    let mut values: Vec<Option<Tensor>> = vec![None; graph.nodes.len()];
+    for (id, node) in graph.nodes.iter().enumerate() {
+        let inputs: Vec<Tensor> = node
+            .inputs
+            .iter()
+            .map(|&i| values[i].clone().expect("topological order guarantees inputs"))
+            .collect();
+        for &i in &node.inputs {
+            uses_left[i] -= 1;
+            if uses_left[i] == 0 {
+                values[i] = None;
+            }
+        }
+        let p = |suffix: &str| param(format!("{}.{suffix}", node.name));
+        let out = run_op(&node.op, &inputs, x, mode, &p, weights, &node.name)
+            .with_context(|| format!("node `{}` ({})", node.name, node.op.kind()))?;
+        values[id] = Some(out);
+    }
+    Ok(values[graph.output].take().expect("output computed"))
+}
+
+fn run_op(
+    op: &Op,
+    inputs: &[Tensor],
+    network_input: &Tensor,
+    mode: Mode,
+    p: &dyn Fn(&str) -> Result<Tensor>,
+    weights: &Weights,
+    name: &str,
+) -> Result<Tensor> {
+    let x = inputs.first();
+    let x0 = || x.expect("arity checked by validation");
+    Ok(match op {
+        Op::Input { .. } => match mode {
+            Mode::Train => network_input.clone(),
+            Mode::Eval => network_input.detach(),
+        },
+        Op::Conv2d { stride, padding, dilation, groups, bias, .. } => {
+            let y = x0().conv2d(&p("weight")?, *padding, *stride, *dilation, *groups)?;
+            if *bias { y.broadcast_add(&p("bias")?.reshape((1, (), 1, 1))?)? } else { y }
+        }
+        Op::BatchNorm { eps, momentum, .. } => batch_norm(x0(), p, weights, name, *eps, *momentum, mode)?,
+        Op::Linear { bias, .. } => {
+            let y = x0().matmul(&p("weight")?.t()?)?;
+            if *bias { y.broadcast_add(&p("bias")?)? } else { y }
+        }
+        Op::Act { act } => activation(x0(), *act)?,
+        Op::Add => (&inputs[0] + &inputs[1])?,
+        Op::ChannelMul => inputs[0].broadcast_mul(&inputs[1])?,
+        Op::Concat => Tensor::cat(inputs, 1)?,
+        Op::Slice { start, end } => x0().narrow(1, *start, end - start)?,
+        Op::ChannelShuffle { groups } => {
+            let (n, c, h, w) = x0().dims4()?;
+            x0().reshape((n, *groups, c / groups, h, w))?
+                .transpose(1, 2)?
+                .contiguous()?
+                .reshape((n, c, h, w))?
+        }
+        Op::MaxPool { kernel, stride, padding, ceil_mode } => {
+            let padded = pad_for_pool(x0(), *kernel, *stride, *padding, *ceil_mode, f32::NEG_INFINITY)?;
+            padded.max_pool2d_with_stride(*kernel, *stride)?
+        }
+        Op::AvgPool { kernel, stride, padding } => {
+            let padded = pad_for_pool(x0(), *kernel, *stride, *padding, false, 0.0)?;
+            padded.avg_pool2d_with_stride(*kernel, *stride)?
+        }
+        Op::GlobalAvgPool => x0().mean_keepdim(D::Minus1)?.mean_keepdim(D::Minus2)?,
+        Op::Flatten => x0().flatten_from(1)?,
+        Op::Dropout { p: rate } => match mode {
+            Mode::Train if *rate > 0.0 => candle_nn::ops::dropout(x0(), *rate as f32)?,
+            _ => x0().clone(),
+        },
+    })
+}
+
+/// Pads H and W so that Candle's floor-mode pooling gives PyTorch's output size, including
+/// padding and ceil mode. `fill` is -inf for max pooling, 0 for average pooling (PyTorch
+/// counts zero padding in the average).
+fn pad_for_pool(x: &Tensor, kernel: usize, stride: usize, padding: usize, ceil: bool, fill: f32) -> Result<Tensor> {
+    let mut x = x.clone();
+    for dim in [2, 3] {
+        let len = x.dim(dim)?;
+        let out = pooled_len(len, kernel, stride, padding, 1, ceil).context("pooling window larger than input")?;
+        let needed = (out - 1) * stride + kernel;
+        let right = needed.saturating_sub(len + padding).max(padding);
+        if padding == 0 && right == 0 {
+            continue;
+        }
+        x = pad_constant(&x, dim, padding, right, fill)?;
+    }
+    Ok(x)
+}
+
+fn pad_constant(x: &Tensor, dim: usize, left: usize, right: usize, fill: f32) -> Result<Tensor> {
+    if fill == 0.0 {
+        return Ok(x.pad_with_zeros(dim, left, right)?);
+    }
+    let side = |n: usize| -> Result<Tensor> {
+        let mut shape = x.dims().to_vec();
+        shape[dim] = n;
+        Ok(Tensor::full(fill, shape, x.device())?.to_dtype(x.dtype())?)
+    };
+    let mut parts = Vec::with_capacity(3);
+    if left > 0 {
+        parts.push(side(left)?);
+    }
+    parts.push(x.clone());
+    if right > 0 {
+        parts.push(side(right)?);
+    }
+    Ok(Tensor::cat(&parts, dim)?)
+}
+
+pub fn activation(x: &Tensor, act: Activation) -> Result<Tensor> {
+    Ok(match act {
+        Activation::Relu => x.relu()?,
+        Activation::Relu6 => x.clamp(0f32, 6f32)?,
+        Activation::Hardsigmoid => x.affine(1.0 / 6.0, 0.5)?.clamp(0f32, 1f32)?,
+        Activation::Hardswish => (x * x.affine(1.0 / 6.0, 0.5)?.clamp(0f32, 1f32)?)?,
+        Activation::Sigmoid => candle_nn::ops::sigmoid(x)?,
+    })
+}
+
+fn batch_norm(
+    x: &Tensor,
+    p: &dyn Fn(&str) -> Result<Tensor>,
+    weights: &Weights,
+    name: &str,
+    eps: f64,
+    momentum: f64,
+    mode: Mode,
+) -> Result<Tensor> {
+    let per_channel = |t: Tensor| t.reshape((1, (), 1, 1));
+    let gamma = per_channel(p("weight")?)?;
+    let beta = per_channel(p("bias")?)?;
+    match mode {
+        Mode::Eval => {
+            let mean = p("running_mean")?;
+            let var = p("running_var")?;
+            let scale = (p("weight")? / (var + eps)?.sqrt()?)?;
+            let shift = (p("bias")? - (&mean * &scale)?)?;
+            Ok(x.broadcast_mul(&per_channel(scale)?)?.broadcast_add(&per_channel(shift)?)?)
+        }
+        Mode::Train => {
+            let (n, _, h, w) = x.dims4()?;
+            let count = n * h * w;
+            if count < 2 {
+                bail!("batch norm in train mode needs more than one value per channel (batch {n}, {h}x{w})");
+            }
+            let mean = x.mean_keepdim(0)?.mean_keepdim(2)?.mean_keepdim(3)?;
+            let centered = x.broadcast_sub(&mean)?;
+            let var = centered.sqr()?.mean_keepdim(0)?.mean_keepdim(2)?.mean_keepdim(3)?;
+            let y = centered.broadcast_div(&(&var + eps)?.sqrt()?)?;
+            let running_mean = weights.var(&format!("{name}.running_mean"))?;
+            let running_var = weights.var(&format!("{name}.running_var"))?;
+            let batch_mean = mean.detach().flatten_all()?;
+            let unbiased = (var.detach().flatten_all()? * (count as f64 / (count - 1) as f64))?;
+            running_mean.set(&(running_mean.affine(1.0 - momentum, 0.0)? + batch_mean.affine(momentum, 0.0)?)?)?;
+            running_var.set(&(running_var.affine(1.0 - momentum, 0.0)? + unbiased.affine(momentum, 0.0)?)?)?;
+            Ok(y.broadcast_mul(&gamma)?.broadcast_add(&beta)?)
+        }
+    }
+}

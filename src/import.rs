@@ -1,0 +1,53 @@
+//! Importing PyTorch / torchvision state dicts (converted to safetensors) into checkpoints.
+
+use crate::graph::ParamRole;
+use crate::model::{Model, ModelMeta, Preprocessing, Provenance, default_class_names};
+use crate::models::{ArchOptions, ArchSpec};
+use crate::tensor_file::TensorFile;
+use crate::weights::Weights;
+use anyhow::{Context, Result, bail};
+use std::path::Path;
+
+/// Reads the state dict at `path` into a model of architecture `arch`. Without
+/// `opts.num_classes`, the class count is read from the classifier's weight in the file.
+pub fn import_state_dict(path: &Path, arch: &str, opts: &ArchOptions) -> Result<Model> {
+    let file = TensorFile::read(path)?;
+    if file.metadata.contains_key("graph") {
+        bail!("`{}` is already a slimcandle checkpoint; use it directly", path.display());
+    }
+    let mut spec = ArchSpec::parse(arch, &ArchOptions { num_classes: Some(opts.num_classes.unwrap_or(1)), ..opts.clone() })?;
+    if opts.num_classes.is_none() {
+        spec.num_classes = classifier_outputs(&spec, &file)?;
+    }
+    let graph = spec.build()?;
+    let weights = Weights::from_state_dict(&graph, file.float_tensors()?).with_context(|| {
+        format!("`{}` does not hold weights for {} as configured", path.display(), spec.variant_name())
+    })?;
+    let meta = ModelMeta {
+        arch: Some(spec.clone()),
+        class_names: default_class_names(spec.num_classes),
+        preprocessing: Preprocessing::for_stem(spec.stem),
+        provenance: Provenance::now(format!("imported from state dict `{}`", path.display())),
+    };
+    Ok(Model { graph, weights, meta })
+}
+
+/// The number of outputs of the last weight layer as stored in the file.
+fn classifier_outputs(spec: &ArchSpec, file: &TensorFile) -> Result<usize> {
+    let graph = spec.build()?;
+    let last = graph
+        .param_specs()
+        .into_iter()
+        .rev()
+        .find(|s| matches!(s.role, ParamRole::ConvWeight | ParamRole::LinearWeight))
+        .expect("every family ends in a weight layer");
+    match file.raw(&last.name) {
+        Ok(view) if !view.shape().is_empty() => Ok(view.shape()[0]),
+        _ => bail!(
+            "`{}` has no classifier weight `{}`: is it a {} state dict? (pass --num-classes to check every key)",
+            file.path.display(),
+            last.name,
+            spec.family.name()
+        ),
+    }
+}

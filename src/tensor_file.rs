@@ -1,0 +1,155 @@
+//! Reading and writing safetensors files with errors that say what is wrong with the file.
+//! We use the `safetensors` crate directly: Candle cannot write a `__metadata__` header, nor
+//! read integer types such as I8 that quantized checkpoints need.
+
+use anyhow::{Context, Result, bail};
+use candle_core::{DType, Device, Tensor};
+use safetensors::{Dtype, SafeTensorError, SafeTensors, tensor::TensorView};
+use std::collections::HashMap;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+/// A whole safetensors file, validated, held in memory.
+pub struct TensorFile {
+    pub path: PathBuf,
+    bytes: Vec<u8>,
+    header_len: usize,
+    pub metadata: HashMap<String, String>,
+}
+
+/// Explains a safetensors parse failure in terms of the file, with `len` its size in bytes.
+fn explain(err: SafeTensorError, bytes: &[u8]) -> String {
+    let len = bytes.len();
+    if len < 8 {
+        return format!("not a safetensors file (only {len} bytes)");
+    }
+    let header = u64::from_le_bytes(bytes[..8].try_into().expect("8 bytes")) as usize;
+    match err {
+        SafeTensorError::MetadataIncompleteBuffer | SafeTensorError::InvalidOffset(_) => {
+            format!("the file is truncated or corrupt: its tensor table does not match its {len} bytes")
+        }
+        _ if header > 100_000_000 => "not a safetensors file (no valid header)".to_string(),
+        _ if header + 8 > len => format!("the file is truncated: its header alone needs {} bytes, the file has {len}", header + 8),
+        other => format!("not a valid safetensors file: {other}"),
+    }
+}
+
+impl TensorFile {
+    pub fn read(path: &Path) -> Result<TensorFile> {
+        let bytes = std::fs::read(path).with_context(|| format!("cannot read `{}`", path.display()))?;
+        let header_len = match SafeTensors::read_metadata(&bytes).and_then(|_| SafeTensors::deserialize(&bytes)) {
+            Ok(_) => u64::from_le_bytes(bytes[..8].try_into().expect("validated")) as usize,
+            Err(e) => bail!("`{}`: {}", path.display(), explain(e, &bytes)),
+        };
+        let (_, meta) = SafeTensors::read_metadata(&bytes).expect("validated above");
+        let metadata = meta.metadata().clone().unwrap_or_default();
+        Ok(TensorFile { path: path.to_path_buf(), bytes, header_len, metadata })
+    }
+
+    fn view(&self) -> SafeTensors<'_> {
+        SafeTensors::deserialize(&self.bytes).expect("validated when read")
+    }
+
+    /// Tensor names in file order.
+    pub fn names(&self) -> Vec<String> {
+        let mut v: Vec<(usize, String)> = self
+            .view()
+            .iter()
+            .map(|(n, t)| (t.data().as_ptr() as usize, n.to_string()))
+            .collect();
+        v.sort();
+        v.into_iter().map(|(_, n)| n).collect()
+    }
+
+    pub fn file_size(&self) -> usize {
+        self.bytes.len()
+    }
+
+    pub fn header_len(&self) -> usize {
+        self.header_len
+    }
+
+    /// Raw view of one tensor (any dtype).
+    pub fn raw(&self, name: &str) -> Result<TensorView<'_>> {
+        self.view()
+            .tensor(name)
+            .map_err(|_| anyhow::anyhow!("`{}` has no tensor named `{name}`", self.path.display()))
+    }
+
+    /// One floating-point tensor as F32 on the CPU.
+    pub fn tensor_f32(&self, name: &str) -> Result<Tensor> {
+        let view = self.raw(name)?;
+        let dtype = match view.dtype() {
+            Dtype::F32 => DType::F32,
+            Dtype::F64 => DType::F64,
+            Dtype::F16 => DType::F16,
+            Dtype::BF16 => DType::BF16,
+            other => bail!("`{}`: tensor `{name}` has dtype {other:?}, expected a floating-point type", self.path.display()),
+        };
+        let t = Tensor::from_raw_buffer(view.data(), dtype, view.shape(), &Device::Cpu)?;
+        Ok(t.to_dtype(DType::F32)?)
+    }
+
+    /// Every floating-point tensor by name, skipping integer bookkeeping such as
+    /// `num_batches_tracked`.
+    pub fn float_tensors(&self) -> Result<HashMap<String, Tensor>> {
+        let view = self.view();
+        let mut out = HashMap::new();
+        for (name, t) in view.iter() {
+            if matches!(t.dtype(), Dtype::F32 | Dtype::F64 | Dtype::F16 | Dtype::BF16) {
+                out.insert(name.to_string(), self.tensor_f32(name)?);
+            }
+        }
+        Ok(out)
+    }
+}
+
+/// A tensor ready to be written: dtype, shape and little-endian bytes.
+pub struct RawTensor {
+    pub dtype: Dtype,
+    pub shape: Vec<usize>,
+    pub data: Vec<u8>,
+}
+
+impl RawTensor {
+    pub fn from_f32(t: &Tensor) -> Result<RawTensor> {
+        let values: Vec<f32> = t.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
+        let data = values.iter().flat_map(|v| v.to_le_bytes()).collect();
+        Ok(RawTensor { dtype: Dtype::F32, shape: t.dims().to_vec(), data })
+    }
+}
+
+/// Serialises `tensors` with `metadata` and writes the file atomically: a temporary file in the
+/// same folder, synced, then renamed over `path`, so a crash never leaves a half-written file.
+pub fn write_atomic(path: &Path, tensors: Vec<(String, RawTensor)>, metadata: HashMap<String, String>) -> Result<()> {
+    let views: Vec<(String, TensorView<'_>)> = tensors
+        .iter()
+        .map(|(n, t)| Ok((n.clone(), TensorView::new(t.dtype, t.shape.clone(), &t.data)?)))
+        .collect::<Result<_>>()?;
+    let bytes = safetensors::serialize(views, Some(metadata))?;
+    write_bytes_atomic(path, &bytes)
+}
+
+/// Writes `bytes` to `path` through a temporary file and a rename.
+pub fn write_bytes_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+    let dir = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
+        _ => PathBuf::from("."),
+    };
+    if !dir.is_dir() {
+        bail!("cannot write `{}`: folder `{}` does not exist", path.display(), dir.display());
+    }
+    let file_name = path.file_name().map(|f| f.to_string_lossy().into_owned()).unwrap_or_default();
+    let tmp = dir.join(format!(".{file_name}.tmp{}", std::process::id()));
+    let result = (|| -> std::io::Result<()> {
+        let mut f = std::fs::File::create(&tmp)?;
+        f.write_all(bytes)?;
+        f.sync_all()?;
+        std::fs::rename(&tmp, path)
+    })();
+    if let Err(e) = result {
+        let _ = std::fs::remove_file(&tmp);
+        bail!("cannot write `{}`: {e}", path.display());
+    }
+    Ok(())
+}

@@ -1,0 +1,119 @@
+//! Parameters and buffers of a graph, keyed by torchvision state-dict names.
+
+use crate::graph::{Graph, ParamRole};
+use crate::rng::Rng;
+use anyhow::{Result, bail};
+use candle_core::{DType, Device, Tensor, Var};
+use std::collections::{BTreeMap, HashMap};
+
+/// Every parameter and buffer of one graph. Each is a [`Var`] so training can update it in
+/// place; running statistics are Vars too but never handed to an optimizer.
+#[derive(Clone)]
+pub struct Weights {
+    vars: BTreeMap<String, Var>,
+}
+
+impl Weights {
+    /// Fresh initialisation as torchvision does for these families: conv weights Kaiming-normal
+    /// (fan-out), linear weights N(0, 0.01), biases zero, batch norm identity.
+    pub fn init(graph: &Graph, seed: u64) -> Result<Weights> {
+        let mut rng = Rng::new(seed);
+        let mut vars = BTreeMap::new();
+        for spec in graph.param_specs() {
+            let n: usize = spec.shape.iter().product();
+            let values: Vec<f32> = match spec.role {
+                ParamRole::ConvWeight => {
+                    let fan_out = spec.shape[0] * spec.shape[2] * spec.shape[3];
+                    let std = (2.0 / fan_out as f64).sqrt();
+                    (0..n).map(|_| (rng.normal() * std) as f32).collect()
+                }
+                ParamRole::LinearWeight => (0..n).map(|_| (rng.normal() * 0.01) as f32).collect(),
+                ParamRole::BnWeight | ParamRole::RunningVar => vec![1.0; n],
+                ParamRole::Bias | ParamRole::BnBias | ParamRole::RunningMean => vec![0.0; n],
+            };
+            let t = Tensor::from_vec(values, spec.shape.as_slice(), &Device::Cpu)?;
+            vars.insert(spec.name, Var::from_tensor(&t)?);
+        }
+        Ok(Weights { vars })
+    }
+
+    /// Takes tensors named as in a PyTorch state dict, checking that every key the graph needs
+    /// is there with the right shape and that nothing else is. `num_batches_tracked` entries
+    /// are accepted and ignored. Errors list the offending keys by name.
+    pub fn from_state_dict(graph: &Graph, mut tensors: HashMap<String, Tensor>) -> Result<Weights> {
+        let mut vars = BTreeMap::new();
+        let mut missing = Vec::new();
+        let mut wrong_shape = Vec::new();
+        for spec in graph.param_specs() {
+            match tensors.remove(&spec.name) {
+                None => missing.push(spec.name),
+                Some(t) if t.dims() != spec.shape.as_slice() => {
+                    wrong_shape.push(format!("{} is {:?}, the model needs {:?}", spec.name, t.dims(), spec.shape))
+                }
+                Some(t) => {
+                    let t = t.to_dtype(DType::F32)?;
+                    vars.insert(spec.name, Var::from_tensor(&t)?);
+                }
+            }
+        }
+        let mut unexpected: Vec<String> =
+            tensors.into_keys().filter(|k| !k.ends_with("num_batches_tracked")).collect();
+        unexpected.sort();
+        if missing.is_empty() && unexpected.is_empty() && wrong_shape.is_empty() {
+            return Ok(Weights { vars });
+        }
+        let mut msg = String::from("the weights do not fit this architecture");
+        let mut section = |title: &str, items: &[String]| {
+            if !items.is_empty() {
+                let shown: Vec<&str> = items.iter().take(12).map(String::as_str).collect();
+                let more = if items.len() > 12 { format!(" (and {} more)", items.len() - 12) } else { String::new() };
+                msg.push_str(&format!("\n  {title} ({}): {}{more}", items.len(), shown.join(", ")));
+            }
+        };
+        section("missing keys", &missing);
+        section("unexpected keys", &unexpected);
+        section("wrong shapes", &wrong_shape);
+        bail!(msg)
+    }
+
+    /// The tensor stored under `name`, detached from autograd.
+    pub fn get(&self, name: &str) -> Result<Tensor> {
+        Ok(self.var(name)?.as_detached_tensor())
+    }
+
+    pub fn var(&self, name: &str) -> Result<&Var> {
+        match self.vars.get(name) {
+            Some(v) => Ok(v),
+            None => bail!("no parameter named `{name}`"),
+        }
+    }
+
+    pub fn names(&self) -> impl Iterator<Item = &str> {
+        self.vars.keys().map(String::as_str)
+    }
+
+    /// (name, tensor) pairs in name order, for saving.
+    pub fn tensors(&self) -> impl Iterator<Item = (&str, &Tensor)> {
+        self.vars.iter().map(|(k, v)| (k.as_str(), v.as_tensor()))
+    }
+
+    /// The Vars an optimizer should update, in graph order, with their roles.
+    pub fn trainable(&self, graph: &Graph) -> Vec<(String, ParamRole, Var)> {
+        graph
+            .param_specs()
+            .into_iter()
+            .filter(|s| s.role.is_trainable())
+            .filter_map(|s| self.vars.get(&s.name).map(|v| (s.name.clone(), s.role, v.clone())))
+            .collect()
+    }
+
+    /// Replaces one tensor (a pass rewriting weights); the shape may change.
+    pub fn insert(&mut self, name: &str, tensor: &Tensor) -> Result<()> {
+        self.vars.insert(name.to_string(), Var::from_tensor(tensor)?);
+        Ok(())
+    }
+
+    pub fn remove(&mut self, name: &str) -> Option<Var> {
+        self.vars.remove(name)
+    }
+}

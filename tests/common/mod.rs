@@ -1,0 +1,41 @@
+//! Helpers shared by the integration tests.
+#![allow(dead_code)]
+
+use std::path::PathBuf;
+
+/// `../shared` next to the crate, or `None` (with a printed reason) when it is absent.
+/// With `SLIMCANDLE_REQUIRE_SHARED=1` (set by CI) a missing folder fails the test instead.
+pub fn shared_dir(sub: &str) -> Option<PathBuf> {
+    let root = std::env::var_os("SLIMCANDLE_SHARED")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../shared"));
+    let dir = root.join(sub);
+    if dir.is_dir() {
+        return Some(dir);
+    }
+    if std::env::var("SLIMCANDLE_REQUIRE_SHARED").is_ok_and(|v| v == "1") {
+        panic!("SLIMCANDLE_REQUIRE_SHARED=1 but `{}` is missing", dir.display());
+    }
+    eprintln!("skipping: `{}` is not present (shared fixtures are only on development machines and CI)", dir.display());
+    None
+}
+
+/// A fresh temporary folder for one test.
+pub fn temp_dir(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("slimcandle-test-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+pub const FIXTURES: [&str; 9] = [
+    "squeezenet1_0",
+    "squeezenet1_1",
+    "mobilenet_v1",
+    "mobilenet_v2",
+    "mobilenet_v3_small",
+    "mobilenet_v3_large",
+    "shufflenet_v1_g3",
+    "shufflenet_v2_x0_5",
+    "shufflenet_v2_x1_0",
+];
