@@ -9,3 +9,4 @@ pub mod checkpoint;
 pub mod model;
 pub mod tensor_file;
 pub mod import;
+pub mod report;

@@ -144,14 +144,15 @@ impl ArchSpec {
                     width = Some(s);
                 }
             } else if let Some(rest) = arch.strip_prefix("shufflenet_v1_g") {
+                // The scale suffix is optional: `shufflenet_v1_g3` leaves it to --width.
                 let (g, scale) = match rest.split_once('_') {
-                    Some((g, s)) => (g, scale_suffix(s)),
-                    None => (rest, Some(1.0)),
+                    Some((g, s)) => (g, scale_suffix(s).map(Some)),
+                    None => (rest, Some(None)),
                 };
                 if let (Ok(g), Some(s)) = (g.parse::<usize>(), scale) {
                     family = Some(Family::ShufflenetV1);
                     groups = Some(g);
-                    width = Some(s);
+                    width = s;
                 }
             }
         }

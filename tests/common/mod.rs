@@ -1,6 +1,7 @@
 //! Helpers shared by the integration tests.
 #![allow(dead_code)]
 
+use slimcandle::models::ArchOptions;
 use std::path::PathBuf;
 
 /// `../shared` next to the crate, or `None` (with a printed reason) when it is absent.
@@ -39,3 +40,15 @@ pub const FIXTURES: [&str; 9] = [
     "shufflenet_v2_x0_5",
     "shufflenet_v2_x1_0",
 ];
+
+/// Fixture name to architecture: `mobilenet_v2_w0_5` -> (`mobilenet_v2`, width 0.5),
+/// `shufflenet_v1_g8_w0_5` -> (`shufflenet_v1_g8`, width 0.5); other names parse as they are.
+pub fn arch_of(name: &str) -> (String, ArchOptions) {
+    match name.rsplit_once("_w") {
+        Some((arch, w)) if w.contains('_') => {
+            let width = w.replace('_', ".").parse().unwrap();
+            (arch.to_string(), ArchOptions { width: Some(width), ..Default::default() })
+        }
+        _ => (name.to_string(), ArchOptions::default()),
+    }
+}
