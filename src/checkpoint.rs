@@ -48,13 +48,20 @@ pub fn load(path: &Path) -> Result<Model> {
 fn field<'a>(file: &'a TensorFile, key: &str) -> Result<&'a str> {
     match file.metadata.get(key) {
         Some(v) => Ok(v),
-        None => bail!("`{}`: the checkpoint metadata has no `{key}` entry", file.path.display()),
+        None => bail!(
+            "`{}`: the checkpoint metadata has no `{key}` entry",
+            file.path.display()
+        ),
     }
 }
 
 fn parse_field<T: serde::de::DeserializeOwned>(file: &TensorFile, key: &str) -> Result<T> {
-    serde_json::from_str(field(file, key)?)
-        .map_err(|e| anyhow::anyhow!("`{}`: metadata entry `{key}` is not valid: {e}", file.path.display()))
+    serde_json::from_str(field(file, key)?).map_err(|e| {
+        anyhow::anyhow!(
+            "`{}`: metadata entry `{key}` is not valid: {e}",
+            file.path.display()
+        )
+    })
 }
 
 /// Builds a model from an already read file (so callers can also report on the file itself).
@@ -73,7 +80,9 @@ pub fn from_file(file: &TensorFile) -> Result<Model> {
         .parse()
         .with_context(|| format!("`{shown}`: format_version is not a number"))?;
     if version > FORMAT_VERSION {
-        bail!("`{shown}` uses checkpoint format {version}; this slimcandle reads up to {FORMAT_VERSION}: upgrade slimcandle");
+        bail!(
+            "`{shown}` uses checkpoint format {version}; this slimcandle reads up to {FORMAT_VERSION}: upgrade slimcandle"
+        );
     }
     let graph = Graph::from_json(field(file, "graph")?).with_context(|| format!("`{shown}`"))?;
     let arch: Option<ArchSpec> = match file.metadata.get("arch") {
@@ -86,7 +95,8 @@ pub fn from_file(file: &TensorFile) -> Result<Model> {
         preprocessing: parse_field(file, "preprocessing")?,
         provenance: parse_field(file, "provenance")?,
     };
-    let weights = Weights::from_state_dict(&graph, file.float_tensors()?).with_context(|| format!("`{shown}`"))?;
+    let weights = Weights::from_state_dict(&graph, file.float_tensors()?)
+        .with_context(|| format!("`{shown}`"))?;
     let counts = graph.channel_counts()?;
     if counts[graph.output] != meta.class_names.len() {
         bail!(
@@ -95,5 +105,9 @@ pub fn from_file(file: &TensorFile) -> Result<Model> {
             meta.class_names.len()
         );
     }
-    Ok(Model { graph, weights, meta })
+    Ok(Model {
+        graph,
+        weights,
+        meta,
+    })
 }

@@ -41,7 +41,11 @@ pub fn forward(graph: &Graph, weights: &Weights, x: &Tensor, mode: Mode) -> Resu
         let inputs: Vec<Tensor> = node
             .inputs
             .iter()
-            .map(|&i| values[i].clone().expect("topological order guarantees inputs"))
+            .map(|&i| {
+                values[i]
+                    .clone()
+                    .expect("topological order guarantees inputs")
+            })
             .collect();
         for &i in &node.inputs {
             uses_left[i] -= 1;
@@ -73,14 +77,31 @@ fn run_op(
             Mode::Train => network_input.clone(),
             Mode::Eval => network_input.detach(),
         },
-        Op::Conv2d { stride, padding, dilation, groups, bias, .. } => {
+        Op::Conv2d {
+            stride,
+            padding,
+            dilation,
+            groups,
+            bias,
+            ..
+        } => {
             let y = x0().conv2d(&p("weight")?, *padding, *stride, *dilation, *groups)?;
-            if *bias { y.broadcast_add(&p("bias")?.reshape((1, (), 1, 1))?)? } else { y }
+            if *bias {
+                y.broadcast_add(&p("bias")?.reshape((1, (), 1, 1))?)?
+            } else {
+                y
+            }
         }
-        Op::BatchNorm { eps, momentum, .. } => batch_norm(x0(), p, weights, name, *eps, *momentum, mode)?,
+        Op::BatchNorm { eps, momentum, .. } => {
+            batch_norm(x0(), p, weights, name, *eps, *momentum, mode)?
+        }
         Op::Linear { bias, .. } => {
             let y = x0().matmul(&p("weight")?.t()?)?;
-            if *bias { y.broadcast_add(&p("bias")?)? } else { y }
+            if *bias {
+                y.broadcast_add(&p("bias")?)?
+            } else {
+                y
+            }
         }
         Op::Act { act } => activation(x0(), *act)?,
         Op::Add => (&inputs[0] + &inputs[1])?,
@@ -94,11 +115,27 @@ fn run_op(
                 .contiguous()?
                 .reshape((n, c, h, w))?
         }
-        Op::MaxPool { kernel, stride, padding, ceil_mode } => {
-            let padded = pad_for_pool(x0(), *kernel, *stride, *padding, *ceil_mode, f32::NEG_INFINITY)?;
+        Op::MaxPool {
+            kernel,
+            stride,
+            padding,
+            ceil_mode,
+        } => {
+            let padded = pad_for_pool(
+                x0(),
+                *kernel,
+                *stride,
+                *padding,
+                *ceil_mode,
+                f32::NEG_INFINITY,
+            )?;
             padded.max_pool2d_with_stride(*kernel, *stride)?
         }
-        Op::AvgPool { kernel, stride, padding } => {
+        Op::AvgPool {
+            kernel,
+            stride,
+            padding,
+        } => {
             let padded = pad_for_pool(x0(), *kernel, *stride, *padding, false, 0.0)?;
             padded.avg_pool2d_with_stride(*kernel, *stride)?
         }
@@ -114,11 +151,19 @@ fn run_op(
 /// Pads H and W so that Candle's floor-mode pooling gives PyTorch's output size, including
 /// padding and ceil mode. `fill` is -inf for max pooling, 0 for average pooling (PyTorch
 /// counts zero padding in the average).
-fn pad_for_pool(x: &Tensor, kernel: usize, stride: usize, padding: usize, ceil: bool, fill: f32) -> Result<Tensor> {
+fn pad_for_pool(
+    x: &Tensor,
+    kernel: usize,
+    stride: usize,
+    padding: usize,
+    ceil: bool,
+    fill: f32,
+) -> Result<Tensor> {
     let mut x = x.clone();
     for dim in [2, 3] {
         let len = x.dim(dim)?;
-        let out = pooled_len(len, kernel, stride, padding, 1, ceil).context("pooling window larger than input")?;
+        let out = pooled_len(len, kernel, stride, padding, 1, ceil)
+            .context("pooling window larger than input")?;
         let needed = (out - 1) * stride + kernel;
         let right = needed.saturating_sub(len + padding).max(padding);
         if padding == 0 && right == 0 {
@@ -177,24 +222,35 @@ fn batch_norm(
             let var = p("running_var")?;
             let scale = (p("weight")? / (var + eps)?.sqrt()?)?;
             let shift = (p("bias")? - (&mean * &scale)?)?;
-            Ok(x.broadcast_mul(&per_channel(scale)?)?.broadcast_add(&per_channel(shift)?)?)
+            Ok(x.broadcast_mul(&per_channel(scale)?)?
+                .broadcast_add(&per_channel(shift)?)?)
         }
         Mode::Train => {
             let (n, _, h, w) = x.dims4()?;
             let count = n * h * w;
             if count < 2 {
-                bail!("batch norm in train mode needs more than one value per channel (batch {n}, {h}x{w})");
+                bail!(
+                    "batch norm in train mode needs more than one value per channel (batch {n}, {h}x{w})"
+                );
             }
             let mean = x.mean_keepdim(0)?.mean_keepdim(2)?.mean_keepdim(3)?;
             let centered = x.broadcast_sub(&mean)?;
-            let var = centered.sqr()?.mean_keepdim(0)?.mean_keepdim(2)?.mean_keepdim(3)?;
+            let var = centered
+                .sqr()?
+                .mean_keepdim(0)?
+                .mean_keepdim(2)?
+                .mean_keepdim(3)?;
             let y = centered.broadcast_div(&(&var + eps)?.sqrt()?)?;
             let running_mean = weights.var(&format!("{name}.running_mean"))?;
             let running_var = weights.var(&format!("{name}.running_var"))?;
             let batch_mean = mean.detach().flatten_all()?;
             let unbiased = (var.detach().flatten_all()? * (count as f64 / (count - 1) as f64))?;
-            running_mean.set(&(running_mean.affine(1.0 - momentum, 0.0)? + batch_mean.affine(momentum, 0.0)?)?)?;
-            running_var.set(&(running_var.affine(1.0 - momentum, 0.0)? + unbiased.affine(momentum, 0.0)?)?)?;
+            running_mean.set(
+                &(running_mean.affine(1.0 - momentum, 0.0)? + batch_mean.affine(momentum, 0.0)?)?,
+            )?;
+            running_var.set(
+                &(running_var.affine(1.0 - momentum, 0.0)? + unbiased.affine(momentum, 0.0)?)?,
+            )?;
             Ok(y.broadcast_mul(&gamma)?.broadcast_add(&beta)?)
         }
     }

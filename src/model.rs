@@ -25,7 +25,11 @@ impl Preprocessing {
     /// ImageNet statistics, at 224 for the ImageNet stem and 32 for the small-input stem.
     pub fn for_stem(stem: Stem) -> Preprocessing {
         let size = if stem == Stem::Cifar { 32 } else { 224 };
-        Preprocessing { input_size: [size, size], mean: Self::IMAGENET_MEAN, std: Self::IMAGENET_STD }
+        Preprocessing {
+            input_size: [size, size],
+            mean: Self::IMAGENET_MEAN,
+            std: Self::IMAGENET_STD,
+        }
     }
 }
 
@@ -61,7 +65,10 @@ impl Provenance {
     pub fn derived_from(parent: &Provenance, source: impl Into<String>) -> Provenance {
         let mut p = Provenance::now(source);
         p.history = parent.history.clone();
-        p.history.push(format!("{} ({}, {})", parent.command, parent.source, parent.created));
+        p.history.push(format!(
+            "{} ({}, {})",
+            parent.command, parent.source, parent.created
+        ));
         p
     }
 }
@@ -83,7 +90,12 @@ pub fn utc_now_rfc3339() -> String {
     let day = doy - (153 * mp + 2) / 5 + 1;
     let month = if mp < 10 { mp + 3 } else { mp - 9 };
     let year = yoe + era * 400 + i64::from(month <= 2);
-    format!("{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}Z", rem / 3600, rem % 3600 / 60, rem % 60)
+    format!(
+        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}Z",
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60
+    )
 }
 
 /// Everything in a checkpoint besides graph and weights.

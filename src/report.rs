@@ -8,7 +8,11 @@ pub fn human_count(n: u64) -> String {
         1_000_000..1_000_000_000 => (n as f64 / 1e6, "M"),
         _ => (n as f64 / 1e9, "G"),
     };
-    if value >= 100.0 { format!("{value:.1}{unit}") } else { format!("{value:.2}{unit}") }
+    if value >= 100.0 {
+        format!("{value:.1}{unit}")
+    } else {
+        format!("{value:.2}{unit}")
+    }
 }
 
 /// Bytes in decimal units: "4.56 MB".
@@ -32,7 +36,11 @@ impl Table {
     /// Columns named in `header`; those listed in `left` are left-aligned.
     pub fn new(header: &[&str], left: &[usize]) -> Table {
         let left_aligned = (0..header.len()).map(|i| left.contains(&i)).collect();
-        Table { header: header.iter().map(|s| s.to_string()).collect(), rows: Vec::new(), left_aligned }
+        Table {
+            header: header.iter().map(|s| s.to_string()).collect(),
+            rows: Vec::new(),
+            left_aligned,
+        }
     }
 
     pub fn row(&mut self, cells: Vec<String>) {
@@ -42,7 +50,12 @@ impl Table {
     pub fn render(&self) -> String {
         let widths: Vec<usize> = (0..self.header.len())
             .map(|c| {
-                self.rows.iter().map(|r| r[c].chars().count()).chain([self.header[c].chars().count()]).max().unwrap_or(0)
+                self.rows
+                    .iter()
+                    .map(|r| r[c].chars().count())
+                    .chain([self.header[c].chars().count()])
+                    .max()
+                    .unwrap_or(0)
             })
             .collect();
         let line = |cells: &[String]| {
@@ -50,14 +63,20 @@ impl Table {
                 .iter()
                 .enumerate()
                 .map(|(c, s)| {
-                    if self.left_aligned[c] { format!("{s:<w$}", w = widths[c]) } else { format!("{s:>w$}", w = widths[c]) }
+                    if self.left_aligned[c] {
+                        format!("{s:<w$}", w = widths[c])
+                    } else {
+                        format!("{s:>w$}", w = widths[c])
+                    }
                 })
                 .collect();
             parts.join("  ").trim_end().to_string()
         };
         let mut out = line(&self.header);
         out.push('\n');
-        out.push_str(&"-".repeat(widths.iter().sum::<usize>() + 2 * widths.len().saturating_sub(1)));
+        out.push_str(
+            &"-".repeat(widths.iter().sum::<usize>() + 2 * widths.len().saturating_sub(1)),
+        );
         for r in &self.rows {
             out.push('\n');
             out.push_str(&line(r));

@@ -26,24 +26,37 @@ fn explain(err: SafeTensorError, bytes: &[u8]) -> String {
     let header = u64::from_le_bytes(bytes[..8].try_into().expect("8 bytes")) as usize;
     match err {
         SafeTensorError::MetadataIncompleteBuffer | SafeTensorError::InvalidOffset(_) => {
-            format!("the file is truncated or corrupt: its tensor table does not match its {len} bytes")
+            format!(
+                "the file is truncated or corrupt: its tensor table does not match its {len} bytes"
+            )
         }
         _ if header > 100_000_000 => "not a safetensors file (no valid header)".to_string(),
-        _ if header + 8 > len => format!("the file is truncated: its header alone needs {} bytes, the file has {len}", header + 8),
+        _ if header + 8 > len => format!(
+            "the file is truncated: its header alone needs {} bytes, the file has {len}",
+            header + 8
+        ),
         other => format!("not a valid safetensors file: {other}"),
     }
 }
 
 impl TensorFile {
     pub fn read(path: &Path) -> Result<TensorFile> {
-        let bytes = std::fs::read(path).with_context(|| format!("cannot read `{}`", path.display()))?;
-        let header_len = match SafeTensors::read_metadata(&bytes).and_then(|_| SafeTensors::deserialize(&bytes)) {
+        let bytes =
+            std::fs::read(path).with_context(|| format!("cannot read `{}`", path.display()))?;
+        let header_len = match SafeTensors::read_metadata(&bytes)
+            .and_then(|_| SafeTensors::deserialize(&bytes))
+        {
             Ok(_) => u64::from_le_bytes(bytes[..8].try_into().expect("validated")) as usize,
             Err(e) => bail!("`{}`: {}", path.display(), explain(e, &bytes)),
         };
         let (_, meta) = SafeTensors::read_metadata(&bytes).expect("validated above");
         let metadata = meta.metadata().clone().unwrap_or_default();
-        Ok(TensorFile { path: path.to_path_buf(), bytes, header_len, metadata })
+        Ok(TensorFile {
+            path: path.to_path_buf(),
+            bytes,
+            header_len,
+            metadata,
+        })
     }
 
     fn view(&self) -> SafeTensors<'_> {
@@ -69,6 +82,15 @@ impl TensorFile {
         self.header_len
     }
 
+    /// How many tensors of each dtype the file holds, e.g. `{"F32": 314}`.
+    pub fn dtype_counts(&self) -> std::collections::BTreeMap<String, usize> {
+        let mut counts = std::collections::BTreeMap::new();
+        for (_, t) in self.view().iter() {
+            *counts.entry(format!("{:?}", t.dtype())).or_insert(0) += 1;
+        }
+        counts
+    }
+
     /// Raw view of one tensor (any dtype).
     pub fn raw(&self, name: &str) -> Result<TensorView<'_>> {
         self.view()
@@ -84,7 +106,10 @@ impl TensorFile {
             Dtype::F64 => DType::F64,
             Dtype::F16 => DType::F16,
             Dtype::BF16 => DType::BF16,
-            other => bail!("`{}`: tensor `{name}` has dtype {other:?}, expected a floating-point type", self.path.display()),
+            other => bail!(
+                "`{}`: tensor `{name}` has dtype {other:?}, expected a floating-point type",
+                self.path.display()
+            ),
         };
         let t = Tensor::from_raw_buffer(view.data(), dtype, view.shape(), &Device::Cpu)?;
         Ok(t.to_dtype(DType::F32)?)
@@ -96,7 +121,10 @@ impl TensorFile {
         let view = self.view();
         let mut out = HashMap::new();
         for (name, t) in view.iter() {
-            if matches!(t.dtype(), Dtype::F32 | Dtype::F64 | Dtype::F16 | Dtype::BF16) {
+            if matches!(
+                t.dtype(),
+                Dtype::F32 | Dtype::F64 | Dtype::F16 | Dtype::BF16
+            ) {
                 out.insert(name.to_string(), self.tensor_f32(name)?);
             }
         }
@@ -115,16 +143,29 @@ impl RawTensor {
     pub fn from_f32(t: &Tensor) -> Result<RawTensor> {
         let values: Vec<f32> = t.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
         let data = values.iter().flat_map(|v| v.to_le_bytes()).collect();
-        Ok(RawTensor { dtype: Dtype::F32, shape: t.dims().to_vec(), data })
+        Ok(RawTensor {
+            dtype: Dtype::F32,
+            shape: t.dims().to_vec(),
+            data,
+        })
     }
 }
 
 /// Serialises `tensors` with `metadata` and writes the file atomically: a temporary file in the
 /// same folder, synced, then renamed over `path`, so a crash never leaves a half-written file.
-pub fn write_atomic(path: &Path, tensors: Vec<(String, RawTensor)>, metadata: HashMap<String, String>) -> Result<()> {
+pub fn write_atomic(
+    path: &Path,
+    tensors: Vec<(String, RawTensor)>,
+    metadata: HashMap<String, String>,
+) -> Result<()> {
     let views: Vec<(String, TensorView<'_>)> = tensors
         .iter()
-        .map(|(n, t)| Ok((n.clone(), TensorView::new(t.dtype, t.shape.clone(), &t.data)?)))
+        .map(|(n, t)| {
+            Ok((
+                n.clone(),
+                TensorView::new(t.dtype, t.shape.clone(), &t.data)?,
+            ))
+        })
         .collect::<Result<_>>()?;
     let bytes = safetensors::serialize(views, Some(metadata))?;
     write_bytes_atomic(path, &bytes)
@@ -137,9 +178,16 @@ pub fn write_bytes_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
         _ => PathBuf::from("."),
     };
     if !dir.is_dir() {
-        bail!("cannot write `{}`: folder `{}` does not exist", path.display(), dir.display());
+        bail!(
+            "cannot write `{}`: folder `{}` does not exist",
+            path.display(),
+            dir.display()
+        );
     }
-    let file_name = path.file_name().map(|f| f.to_string_lossy().into_owned()).unwrap_or_default();
+    let file_name = path
+        .file_name()
+        .map(|f| f.to_string_lossy().into_owned())
+        .unwrap_or_default();
     let tmp = dir.join(format!(".{file_name}.tmp{}", std::process::id()));
     let result = (|| -> std::io::Result<()> {
         let mut f = std::fs::File::create(&tmp)?;

@@ -47,17 +47,22 @@ impl Weights {
         for spec in graph.param_specs() {
             match tensors.remove(&spec.name) {
                 None => missing.push(spec.name),
-                Some(t) if t.dims() != spec.shape.as_slice() => {
-                    wrong_shape.push(format!("{} is {:?}, the model needs {:?}", spec.name, t.dims(), spec.shape))
-                }
+                Some(t) if t.dims() != spec.shape.as_slice() => wrong_shape.push(format!(
+                    "{} is {:?}, the model needs {:?}",
+                    spec.name,
+                    t.dims(),
+                    spec.shape
+                )),
                 Some(t) => {
                     let t = t.to_dtype(DType::F32)?;
                     vars.insert(spec.name, Var::from_tensor(&t)?);
                 }
             }
         }
-        let mut unexpected: Vec<String> =
-            tensors.into_keys().filter(|k| !k.ends_with("num_batches_tracked")).collect();
+        let mut unexpected: Vec<String> = tensors
+            .into_keys()
+            .filter(|k| !k.ends_with("num_batches_tracked"))
+            .collect();
         unexpected.sort();
         if missing.is_empty() && unexpected.is_empty() && wrong_shape.is_empty() {
             return Ok(Weights { vars });
@@ -66,8 +71,16 @@ impl Weights {
         let mut section = |title: &str, items: &[String]| {
             if !items.is_empty() {
                 let shown: Vec<&str> = items.iter().take(12).map(String::as_str).collect();
-                let more = if items.len() > 12 { format!(" (and {} more)", items.len() - 12) } else { String::new() };
-                msg.push_str(&format!("\n  {title} ({}): {}{more}", items.len(), shown.join(", ")));
+                let more = if items.len() > 12 {
+                    format!(" (and {} more)", items.len() - 12)
+                } else {
+                    String::new()
+                };
+                msg.push_str(&format!(
+                    "\n  {title} ({}): {}{more}",
+                    items.len(),
+                    shown.join(", ")
+                ));
             }
         };
         section("missing keys", &missing);
@@ -103,13 +116,18 @@ impl Weights {
             .param_specs()
             .into_iter()
             .filter(|s| s.role.is_trainable())
-            .filter_map(|s| self.vars.get(&s.name).map(|v| (s.name.clone(), s.role, v.clone())))
+            .filter_map(|s| {
+                self.vars
+                    .get(&s.name)
+                    .map(|v| (s.name.clone(), s.role, v.clone()))
+            })
             .collect()
     }
 
     /// Replaces one tensor (a pass rewriting weights); the shape may change.
     pub fn insert(&mut self, name: &str, tensor: &Tensor) -> Result<()> {
-        self.vars.insert(name.to_string(), Var::from_tensor(tensor)?);
+        self.vars
+            .insert(name.to_string(), Var::from_tensor(tensor)?);
         Ok(())
     }
 

@@ -43,31 +43,53 @@ const REFERENCE_OTHER_VARIANTS: [(&str, usize, u64, usize); 17] = [
 
 fn build(name: &str, classes: usize) -> Graph {
     let (arch, opts) = common::arch_of(name);
-    let opts = ArchOptions { num_classes: Some(classes), ..opts };
+    let opts = ArchOptions {
+        num_classes: Some(classes),
+        ..opts
+    };
     ArchSpec::parse(&arch, &opts).unwrap().build().unwrap()
 }
 
 #[test]
 fn params_and_macs_match_references() {
-    for (name, params, macs, params10) in REFERENCE.iter().chain(&REFERENCE_OTHER_VARIANTS).copied() {
+    for (name, params, macs, params10) in REFERENCE.iter().chain(&REFERENCE_OTHER_VARIANTS).copied()
+    {
         let g = build(name, 1000);
         let s = g.summary(224, 224).unwrap();
         assert_eq!((s.params, s.macs), (params, macs), "{name}");
         assert_eq!(g.param_count(), params, "{name}");
-        assert_eq!(build(name, 10).param_count(), params10, "{name} at 10 classes");
+        assert_eq!(
+            build(name, 10).param_count(),
+            params10,
+            "{name} at 10 classes"
+        );
     }
 }
 
 #[test]
 fn params_and_macs_match_shared_reference_json() {
-    let Some(dir) = common::shared_dir("fixtures") else { return };
+    let Some(dir) = common::shared_dir("fixtures") else {
+        return;
+    };
     let text = std::fs::read_to_string(dir.join("reference.json")).unwrap();
     let json: serde_json::Value = serde_json::from_str(&text).unwrap();
     for (name, entry) in json.as_object().unwrap() {
         let s = build(name, 1000).summary(224, 224).unwrap();
-        assert_eq!(s.params as u64, entry["params_1000_classes"].as_u64().unwrap(), "{name}");
-        assert_eq!(s.macs, entry["macs_224_1000_classes"].as_u64().unwrap(), "{name}");
-        assert_eq!(build(name, 10).param_count() as u64, entry["params_10_classes"].as_u64().unwrap(), "{name}");
+        assert_eq!(
+            s.params as u64,
+            entry["params_1000_classes"].as_u64().unwrap(),
+            "{name}"
+        );
+        assert_eq!(
+            s.macs,
+            entry["macs_224_1000_classes"].as_u64().unwrap(),
+            "{name}"
+        );
+        assert_eq!(
+            build(name, 10).param_count() as u64,
+            entry["params_10_classes"].as_u64().unwrap(),
+            "{name}"
+        );
     }
 }
 
@@ -75,7 +97,10 @@ fn params_and_macs_match_shared_reference_json() {
 fn json_round_trip_is_lossless_for_every_variant_and_stem() {
     for entry in catalog() {
         for stem in [Stem::Imagenet, Stem::Cifar] {
-            let spec = ArchSpec { stem, ..entry.spec.clone() };
+            let spec = ArchSpec {
+                stem,
+                ..entry.spec.clone()
+            };
             let g = spec.build().unwrap();
             let back = Graph::from_json(&g.to_json()).unwrap();
             assert_eq!(g, back, "{}", spec.variant_name());
@@ -88,16 +113,41 @@ fn json_round_trip_is_lossless_for_every_variant_and_stem() {
 fn cifar_stem_keeps_resolution_and_parameter_shapes() {
     for entry in catalog() {
         let imagenet = entry.spec.build().unwrap();
-        let cifar = ArchSpec { stem: Stem::Cifar, ..entry.spec.clone() }.build().unwrap();
-        let shapes = |g: &Graph| g.param_specs().into_iter().map(|s| (s.name, s.shape)).collect::<Vec<_>>();
-        assert_eq!(shapes(&imagenet), shapes(&cifar), "{}", entry.spec.variant_name());
+        let cifar = ArchSpec {
+            stem: Stem::Cifar,
+            ..entry.spec.clone()
+        }
+        .build()
+        .unwrap();
+        let shapes = |g: &Graph| {
+            g.param_specs()
+                .into_iter()
+                .map(|s| (s.name, s.shape))
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(
+            shapes(&imagenet),
+            shapes(&cifar),
+            "{}",
+            entry.spec.variant_name()
+        );
         // Height of the last feature map before global pooling, for a 32x32 input.
         let final_map = |g: &Graph| {
-            let pool = g.nodes.iter().rposition(|n| n.op.kind() == "global_avg_pool").unwrap();
-            g.infer_shapes(32, 32).ok().map(|d| d[g.nodes[pool].inputs[0]].h)
+            let pool = g
+                .nodes
+                .iter()
+                .rposition(|n| n.op.kind() == "global_avg_pool")
+                .unwrap();
+            g.infer_shapes(32, 32)
+                .ok()
+                .map(|d| d[g.nodes[pool].inputs[0]].h)
         };
         let cifar_h = final_map(&cifar).unwrap();
-        assert!(cifar_h >= 2, "{}: {cifar_h} before pooling", entry.spec.variant_name());
+        assert!(
+            cifar_h >= 2,
+            "{}: {cifar_h} before pooling",
+            entry.spec.variant_name()
+        );
         if let Some(h) = final_map(&imagenet) {
             assert!(h < cifar_h, "{}", entry.spec.variant_name());
         }
@@ -109,13 +159,28 @@ fn corrupt_graph_descriptions_are_refused() {
     let g = build("mobilenet_v2", 10);
     let mut bad = g.clone();
     bad.nodes[3].inputs = vec![7];
-    assert!(bad.validate().unwrap_err().to_string().contains("does not come before"));
+    assert!(
+        bad.validate()
+            .unwrap_err()
+            .to_string()
+            .contains("does not come before")
+    );
     let mut bad = g.clone();
     bad.nodes[5].name = bad.nodes[4].name.clone();
-    assert!(bad.validate().unwrap_err().to_string().contains("used twice"));
+    assert!(
+        bad.validate()
+            .unwrap_err()
+            .to_string()
+            .contains("used twice")
+    );
     let json = g.to_json().replace("\"groups\":1", "\"groups\":5");
     assert!(Graph::from_json(&json).is_err());
-    assert!(Graph::from_json("{\"nodes\": 3}").unwrap_err().to_string().contains("not valid"));
+    assert!(
+        Graph::from_json("{\"nodes\": 3}")
+            .unwrap_err()
+            .to_string()
+            .contains("not valid")
+    );
 }
 
 #[test]
@@ -130,15 +195,69 @@ fn architecture_names_and_options() {
     let parse = |a: &str, o: ArchOptions| ArchSpec::parse(a, &o);
     let v2 = parse("shufflenet_v2_x1_5", ArchOptions::default()).unwrap();
     assert_eq!(v2.width, 1.5);
-    let v1 = parse("shufflenet_v1", ArchOptions { groups: Some(8), width: Some(0.5), ..Default::default() }).unwrap();
+    let v1 = parse(
+        "shufflenet_v1",
+        ArchOptions {
+            groups: Some(8),
+            width: Some(0.5),
+            ..Default::default()
+        },
+    )
+    .unwrap();
     assert_eq!((v1.groups, v1.width), (8, 0.5));
     assert_eq!(v1.variant_name(), "shufflenet_v1_g8_x0_5");
-    let err = parse("mobilenet_v9", ArchOptions::default()).unwrap_err().to_string();
+    let err = parse("mobilenet_v9", ArchOptions::default())
+        .unwrap_err()
+        .to_string();
     assert!(err.contains("did you mean"), "{err}");
-    let err = parse("shufflenet_v1", ArchOptions { groups: Some(2), width: Some(0.5), ..Default::default() }).unwrap_err();
+    let err = parse(
+        "shufflenet_v1",
+        ArchOptions {
+            groups: Some(2),
+            width: Some(0.5),
+            ..Default::default()
+        },
+    )
+    .unwrap_err();
     assert!(err.to_string().contains("do not divide"), "{err}");
-    assert!(parse("shufflenet_v1", ArchOptions { groups: Some(5), ..Default::default() }).is_err());
-    assert!(parse("shufflenet_v2", ArchOptions { width: Some(0.75), ..Default::default() }).is_err());
-    assert!(parse("squeezenet1_1", ArchOptions { width: Some(0.5), ..Default::default() }).is_err());
-    assert!(parse("mobilenet_v2", ArchOptions { groups: Some(2), ..Default::default() }).is_err());
+    assert!(
+        parse(
+            "shufflenet_v1",
+            ArchOptions {
+                groups: Some(5),
+                ..Default::default()
+            }
+        )
+        .is_err()
+    );
+    assert!(
+        parse(
+            "shufflenet_v2",
+            ArchOptions {
+                width: Some(0.75),
+                ..Default::default()
+            }
+        )
+        .is_err()
+    );
+    assert!(
+        parse(
+            "squeezenet1_1",
+            ArchOptions {
+                width: Some(0.5),
+                ..Default::default()
+            }
+        )
+        .is_err()
+    );
+    assert!(
+        parse(
+            "mobilenet_v2",
+            ArchOptions {
+                groups: Some(2),
+                ..Default::default()
+            }
+        )
+        .is_err()
+    );
 }

@@ -9,7 +9,6 @@ mod common;
 use candle_core::Tensor;
 use slimcandle::exec::Mode;
 use slimcandle::import::import_state_dict;
-use slimcandle::models::ArchOptions;
 use slimcandle::tensor_file::TensorFile;
 use std::path::Path;
 
@@ -17,14 +16,23 @@ fn max_scaled_error(got: &Tensor, want: &Tensor) -> f32 {
     let got: Vec<f32> = got.flatten_all().unwrap().to_vec1().unwrap();
     let want: Vec<f32> = want.flatten_all().unwrap().to_vec1().unwrap();
     assert_eq!(got.len(), want.len());
-    got.iter().zip(&want).map(|(g, w)| (g - w).abs() / w.abs().max(1.0)).fold(0.0, f32::max)
+    got.iter()
+        .zip(&want)
+        .map(|(g, w)| (g - w).abs() / w.abs().max(1.0))
+        .fold(0.0, f32::max)
 }
 
 /// Checks every fixture in `dir`; returns the names checked.
 fn check_fixture_dir(dir: &Path) -> Vec<String> {
     let mut names: Vec<String> = std::fs::read_dir(dir)
         .unwrap()
-        .filter_map(|e| e.unwrap().file_name().to_str()?.strip_suffix(".io.safetensors").map(String::from))
+        .filter_map(|e| {
+            e.unwrap()
+                .file_name()
+                .to_str()?
+                .strip_suffix(".io.safetensors")
+                .map(String::from)
+        })
         .collect();
     names.sort();
     let mut failures = Vec::new();
@@ -44,16 +52,24 @@ fn check_fixture_dir(dir: &Path) -> Vec<String> {
             }
         }
     }
-    assert!(failures.is_empty(), "logits differ from PyTorch: {failures:?}");
+    assert!(
+        failures.is_empty(),
+        "logits differ from PyTorch: {failures:?}"
+    );
     names
 }
 
 #[test]
 fn logits_match_pytorch_for_the_shared_fixtures() {
-    let Some(dir) = common::shared_dir("fixtures") else { return };
+    let Some(dir) = common::shared_dir("fixtures") else {
+        return;
+    };
     let checked = check_fixture_dir(&dir);
     for name in common::FIXTURES {
-        assert!(checked.iter().any(|c| c == name), "shared fixture {name} is missing");
+        assert!(
+            checked.iter().any(|c| c == name),
+            "shared fixture {name} is missing"
+        );
     }
 }
 

@@ -28,10 +28,17 @@ pub struct Summary {
 
 fn op_macs(op: &Op, out: Dims) -> u64 {
     match op {
-        Op::Conv2d { in_channels, kernel, groups, .. } => {
-            (out.elements() * (in_channels / groups) * kernel * kernel) as u64
-        }
-        Op::Linear { in_features, out_features, .. } => (in_features * out_features) as u64,
+        Op::Conv2d {
+            in_channels,
+            kernel,
+            groups,
+            ..
+        } => (out.elements() * (in_channels / groups) * kernel * kernel) as u64,
+        Op::Linear {
+            in_features,
+            out_features,
+            ..
+        } => (in_features * out_features) as u64,
         _ => 0,
     }
 }

@@ -11,8 +11,15 @@ pub struct GraphBuilder {
 impl GraphBuilder {
     /// Starts a graph whose node 0 is an input with `channels` channels.
     pub fn new(channels: usize) -> Self {
-        let input = Node { name: "input".into(), op: Op::Input { channels }, inputs: vec![] };
-        GraphBuilder { nodes: vec![input], channels: vec![channels] }
+        let input = Node {
+            name: "input".into(),
+            op: Op::Input { channels },
+            inputs: vec![],
+        };
+        GraphBuilder {
+            nodes: vec![input],
+            channels: vec![channels],
+        }
     }
 
     /// The input node's id.
@@ -57,18 +64,43 @@ impl GraphBuilder {
         bias: bool,
     ) -> NodeId {
         let in_channels = self.channels[x];
-        let op = Op::Conv2d { in_channels, out_channels, kernel, stride, padding, dilation: 1, groups, bias };
+        let op = Op::Conv2d {
+            in_channels,
+            out_channels,
+            kernel,
+            stride,
+            padding,
+            dilation: 1,
+            groups,
+            bias,
+        };
         self.push(Some(name), op, vec![x])
     }
 
     pub fn batch_norm(&mut self, name: &str, x: NodeId, eps: f64, momentum: f64) -> NodeId {
         let channels = self.channels[x];
-        self.push(Some(name), Op::BatchNorm { channels, eps, momentum }, vec![x])
+        self.push(
+            Some(name),
+            Op::BatchNorm {
+                channels,
+                eps,
+                momentum,
+            },
+            vec![x],
+        )
     }
 
     pub fn linear(&mut self, name: &str, x: NodeId, out_features: usize, bias: bool) -> NodeId {
         let in_features = self.channels[x];
-        self.push(Some(name), Op::Linear { in_features, out_features, bias }, vec![x])
+        self.push(
+            Some(name),
+            Op::Linear {
+                in_features,
+                out_features,
+                bias,
+            },
+            vec![x],
+        )
     }
 
     pub fn act(&mut self, act: Activation, x: NodeId) -> NodeId {
@@ -95,12 +127,36 @@ impl GraphBuilder {
         self.push(None, Op::ChannelShuffle { groups }, vec![x])
     }
 
-    pub fn max_pool(&mut self, x: NodeId, kernel: usize, stride: usize, padding: usize, ceil_mode: bool) -> NodeId {
-        self.push(None, Op::MaxPool { kernel, stride, padding, ceil_mode }, vec![x])
+    pub fn max_pool(
+        &mut self,
+        x: NodeId,
+        kernel: usize,
+        stride: usize,
+        padding: usize,
+        ceil_mode: bool,
+    ) -> NodeId {
+        self.push(
+            None,
+            Op::MaxPool {
+                kernel,
+                stride,
+                padding,
+                ceil_mode,
+            },
+            vec![x],
+        )
     }
 
     pub fn avg_pool(&mut self, x: NodeId, kernel: usize, stride: usize, padding: usize) -> NodeId {
-        self.push(None, Op::AvgPool { kernel, stride, padding }, vec![x])
+        self.push(
+            None,
+            Op::AvgPool {
+                kernel,
+                stride,
+                padding,
+            },
+            vec![x],
+        )
     }
 
     pub fn global_avg_pool(&mut self, x: NodeId) -> NodeId {
@@ -116,6 +172,9 @@ impl GraphBuilder {
     }
 
     pub fn finish(self, output: NodeId) -> Graph {
-        Graph { nodes: self.nodes, output }
+        Graph {
+            nodes: self.nodes,
+            output,
+        }
     }
 }

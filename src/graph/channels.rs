@@ -27,7 +27,9 @@ pub enum ChannelMap {
 /// Output position -> input channel of torchvision's channel shuffle.
 pub fn shuffle_permutation(channels: usize, groups: usize) -> Vec<usize> {
     let per_group = channels / groups;
-    (0..channels).map(|i| (i % groups) * per_group + i / groups).collect()
+    (0..channels)
+        .map(|i| (i % groups) * per_group + i / groups)
+        .collect()
 }
 
 impl Graph {
@@ -36,7 +38,12 @@ impl Graph {
         let node = &self.nodes[id];
         match &node.op {
             Op::Input { .. } => ChannelMap::Source,
-            Op::Conv2d { in_channels, out_channels, groups, .. } => {
+            Op::Conv2d {
+                in_channels,
+                out_channels,
+                groups,
+                ..
+            } => {
                 if *groups > 1 && groups == in_channels && groups == out_channels {
                     ChannelMap::Identity
                 } else {
@@ -54,7 +61,9 @@ impl Graph {
                 ChannelMap::Concat { offsets }
             }
             Op::Slice { start, .. } => ChannelMap::Slice { start: *start },
-            Op::ChannelShuffle { groups } => ChannelMap::Permute(shuffle_permutation(counts[id], *groups)),
+            Op::ChannelShuffle { groups } => {
+                ChannelMap::Permute(shuffle_permutation(counts[id], *groups))
+            }
             Op::Flatten => ChannelMap::Flatten,
             _ => ChannelMap::Identity,
         }

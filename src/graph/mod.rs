@@ -38,7 +38,9 @@ pub enum Activation {
 #[serde(tag = "op", rename_all = "snake_case")]
 pub enum Op {
     /// The network input, NCHW.
-    Input { channels: usize },
+    Input {
+        channels: usize,
+    },
     /// 2-D convolution with square kernel and symmetric padding. Output channel `o` reads the
     /// input channels of its group: `[g*in/groups, (g+1)*in/groups)` with `g = o / (out/groups)`.
     Conv2d {
@@ -63,7 +65,9 @@ pub enum Op {
         out_features: usize,
         bias: bool,
     },
-    Act { act: Activation },
+    Act {
+        act: Activation,
+    },
     /// Elementwise sum of two equally shaped inputs (residual connections).
     Add,
     /// `inputs[0] * inputs[1]`, where `inputs[1]` is N x C x 1 x 1 (squeeze-and-excitation).
@@ -71,9 +75,14 @@ pub enum Op {
     /// Concatenation along channels, in input order.
     Concat,
     /// Channels `[start, end)` of the input (one half of a channel split).
-    Slice { start: usize, end: usize },
+    Slice {
+        start: usize,
+        end: usize,
+    },
     /// torchvision's channel shuffle: view (N, g, C/g, H, W), transpose(1, 2), flatten.
-    ChannelShuffle { groups: usize },
+    ChannelShuffle {
+        groups: usize,
+    },
     MaxPool {
         kernel: usize,
         stride: usize,
@@ -90,7 +99,9 @@ pub enum Op {
     GlobalAvgPool,
     /// N x C x H x W to N x (C*H*W).
     Flatten,
-    Dropout { p: f64 },
+    Dropout {
+        p: f64,
+    },
 }
 
 impl Op {
@@ -98,7 +109,12 @@ impl Op {
     pub fn kind(&self) -> &'static str {
         match self {
             Op::Input { .. } => "input",
-            Op::Conv2d { groups, in_channels, out_channels, .. } => {
+            Op::Conv2d {
+                groups,
+                in_channels,
+                out_channels,
+                ..
+            } => {
                 if *groups == 1 {
                     "conv2d"
                 } else if *groups == *in_channels && *groups == *out_channels {
@@ -219,7 +235,10 @@ impl Graph {
                 bail!("graph: node `{}` is a second input", node.name);
             }
             if let Some(&bad) = node.inputs.iter().find(|&&i| i >= id) {
-                bail!("graph: node `{}` reads node {bad}, which does not come before it", node.name);
+                bail!(
+                    "graph: node `{}` reads node {bad}, which does not come before it",
+                    node.name
+                );
             }
             match node.op.arity() {
                 Some(n) if n != node.inputs.len() => bail!(
@@ -248,43 +267,80 @@ impl Graph {
             let inc = |k: usize| counts[node.inputs[k]];
             let c = match &node.op {
                 Op::Input { channels } => *channels,
-                Op::Conv2d { in_channels, out_channels, groups, .. } => {
+                Op::Conv2d {
+                    in_channels,
+                    out_channels,
+                    groups,
+                    ..
+                } => {
                     if inc(0) != *in_channels {
-                        bail!("graph: conv `{}` expects {in_channels} input channels, gets {}", node.name, inc(0));
+                        bail!(
+                            "graph: conv `{}` expects {in_channels} input channels, gets {}",
+                            node.name,
+                            inc(0)
+                        );
                     }
                     if *groups == 0 || in_channels % groups != 0 || out_channels % groups != 0 {
-                        bail!("graph: conv `{}`: {in_channels} -> {out_channels} channels do not divide into {groups} groups", node.name);
+                        bail!(
+                            "graph: conv `{}`: {in_channels} -> {out_channels} channels do not divide into {groups} groups",
+                            node.name
+                        );
                     }
                     *out_channels
                 }
                 Op::BatchNorm { channels, .. } => {
                     if inc(0) != *channels {
-                        bail!("graph: batch norm `{}` has {channels} channels, gets {}", node.name, inc(0));
+                        bail!(
+                            "graph: batch norm `{}` has {channels} channels, gets {}",
+                            node.name,
+                            inc(0)
+                        );
                     }
                     *channels
                 }
-                Op::Linear { in_features, out_features, .. } => {
+                Op::Linear {
+                    in_features,
+                    out_features,
+                    ..
+                } => {
                     if inc(0) != *in_features {
-                        bail!("graph: linear `{}` expects {in_features} features, gets {}", node.name, inc(0));
+                        bail!(
+                            "graph: linear `{}` expects {in_features} features, gets {}",
+                            node.name,
+                            inc(0)
+                        );
                     }
                     *out_features
                 }
                 Op::Add | Op::ChannelMul => {
                     if inc(0) != inc(1) {
-                        bail!("graph: `{}` combines {} and {} channels", node.name, inc(0), inc(1));
+                        bail!(
+                            "graph: `{}` combines {} and {} channels",
+                            node.name,
+                            inc(0),
+                            inc(1)
+                        );
                     }
                     inc(0)
                 }
                 Op::Concat => node.inputs.iter().map(|&i| counts[i]).sum(),
                 Op::Slice { start, end } => {
                     if start >= end || *end > inc(0) {
-                        bail!("graph: slice `{}` [{start}, {end}) is outside {} channels", node.name, inc(0));
+                        bail!(
+                            "graph: slice `{}` [{start}, {end}) is outside {} channels",
+                            node.name,
+                            inc(0)
+                        );
                     }
                     end - start
                 }
                 Op::ChannelShuffle { groups } => {
                     if *groups == 0 || inc(0) % groups != 0 {
-                        bail!("graph: shuffle `{}`: {} channels do not divide into {groups} groups", node.name, inc(0));
+                        bail!(
+                            "graph: shuffle `{}`: {} channels do not divide into {groups} groups",
+                            node.name,
+                            inc(0)
+                        );
                     }
                     inc(0)
                 }
@@ -300,11 +356,27 @@ impl Graph {
         let mut specs = Vec::new();
         for (id, node) in self.nodes.iter().enumerate() {
             let mut push = |suffix: &str, role: ParamRole, shape: Vec<usize>| {
-                specs.push(ParamSpec { name: format!("{}.{suffix}", node.name), node: id, role, shape })
+                specs.push(ParamSpec {
+                    name: format!("{}.{suffix}", node.name),
+                    node: id,
+                    role,
+                    shape,
+                })
             };
             match &node.op {
-                Op::Conv2d { in_channels, out_channels, kernel, groups, bias, .. } => {
-                    push("weight", ParamRole::ConvWeight, vec![*out_channels, in_channels / groups, *kernel, *kernel]);
+                Op::Conv2d {
+                    in_channels,
+                    out_channels,
+                    kernel,
+                    groups,
+                    bias,
+                    ..
+                } => {
+                    push(
+                        "weight",
+                        ParamRole::ConvWeight,
+                        vec![*out_channels, in_channels / groups, *kernel, *kernel],
+                    );
                     if *bias {
                         push("bias", ParamRole::Bias, vec![*out_channels]);
                     }
@@ -315,8 +387,16 @@ impl Graph {
                     push("running_mean", ParamRole::RunningMean, vec![*channels]);
                     push("running_var", ParamRole::RunningVar, vec![*channels]);
                 }
-                Op::Linear { in_features, out_features, bias } => {
-                    push("weight", ParamRole::LinearWeight, vec![*out_features, *in_features]);
+                Op::Linear {
+                    in_features,
+                    out_features,
+                    bias,
+                } => {
+                    push(
+                        "weight",
+                        ParamRole::LinearWeight,
+                        vec![*out_features, *in_features],
+                    );
                     if *bias {
                         push("bias", ParamRole::Bias, vec![*out_features]);
                     }

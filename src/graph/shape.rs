@@ -20,20 +20,35 @@ impl Dims {
 
     /// The shape with a batch dimension, as PyTorch would print it.
     pub fn with_batch(&self, n: usize) -> Vec<usize> {
-        if self.flat { vec![n, self.c] } else { vec![n, self.c, self.h, self.w] }
+        if self.flat {
+            vec![n, self.c]
+        } else {
+            vec![n, self.c, self.h, self.w]
+        }
     }
 }
 
 /// PyTorch's pooling/conv output size, including its ceil-mode rule that the last window must
 /// start inside the input or left padding.
-pub fn pooled_len(len: usize, kernel: usize, stride: usize, padding: usize, dilation: usize, ceil: bool) -> Option<usize> {
+pub fn pooled_len(
+    len: usize,
+    kernel: usize,
+    stride: usize,
+    padding: usize,
+    dilation: usize,
+    ceil: bool,
+) -> Option<usize> {
     let span = dilation * (kernel - 1) + 1;
     let padded = len + 2 * padding;
     if padded < span {
         return None;
     }
     let num = padded - span;
-    let mut out = if ceil { num.div_ceil(stride) } else { num / stride } + 1;
+    let mut out = if ceil {
+        num.div_ceil(stride)
+    } else {
+        num / stride
+    } + 1;
     if ceil && (out - 1) * stride >= len + padding {
         out -= 1;
     }
@@ -47,9 +62,19 @@ impl Graph {
         let counts = self.channel_counts()?;
         for (id, node) in self.nodes.iter().enumerate() {
             let d = |k: usize| dims[node.inputs[k]];
-            let spatial = |x: Dims, kernel, stride, padding, dilation, ceil| -> Result<(usize, usize)> {
+            let spatial = |x: Dims,
+                           kernel,
+                           stride,
+                           padding,
+                           dilation,
+                           ceil|
+             -> Result<(usize, usize)> {
                 if x.flat {
-                    bail!("node `{}` ({}) needs a C x H x W input, gets a flat vector", node.name, node.op.kind());
+                    bail!(
+                        "node `{}` ({}) needs a C x H x W input, gets a flat vector",
+                        node.name,
+                        node.op.kind()
+                    );
                 }
                 match (
                     pooled_len(x.h, kernel, stride, padding, dilation, ceil),
@@ -67,30 +92,89 @@ impl Graph {
             };
             let c = counts[id];
             let out = match &node.op {
-                Op::Input { .. } => Dims { c, h, w, flat: false },
-                Op::Conv2d { kernel, stride, padding, dilation, .. } => {
+                Op::Input { .. } => Dims {
+                    c,
+                    h,
+                    w,
+                    flat: false,
+                },
+                Op::Conv2d {
+                    kernel,
+                    stride,
+                    padding,
+                    dilation,
+                    ..
+                } => {
                     let (h, w) = spatial(d(0), *kernel, *stride, *padding, *dilation, false)?;
-                    Dims { c, h, w, flat: false }
+                    Dims {
+                        c,
+                        h,
+                        w,
+                        flat: false,
+                    }
                 }
-                Op::MaxPool { kernel, stride, padding, ceil_mode } => {
+                Op::MaxPool {
+                    kernel,
+                    stride,
+                    padding,
+                    ceil_mode,
+                } => {
                     let (h, w) = spatial(d(0), *kernel, *stride, *padding, 1, *ceil_mode)?;
-                    Dims { c, h, w, flat: false }
+                    Dims {
+                        c,
+                        h,
+                        w,
+                        flat: false,
+                    }
                 }
-                Op::AvgPool { kernel, stride, padding } => {
+                Op::AvgPool {
+                    kernel,
+                    stride,
+                    padding,
+                } => {
                     let (h, w) = spatial(d(0), *kernel, *stride, *padding, 1, false)?;
-                    Dims { c, h, w, flat: false }
+                    Dims {
+                        c,
+                        h,
+                        w,
+                        flat: false,
+                    }
                 }
-                Op::GlobalAvgPool => Dims { c, h: 1, w: 1, flat: false },
-                Op::Flatten => Dims { c: d(0).elements(), h: 1, w: 1, flat: true },
+                Op::GlobalAvgPool => Dims {
+                    c,
+                    h: 1,
+                    w: 1,
+                    flat: false,
+                },
+                Op::Flatten => Dims {
+                    c: d(0).elements(),
+                    h: 1,
+                    w: 1,
+                    flat: true,
+                },
                 Op::Linear { in_features, .. } => {
                     if d(0).elements() != *in_features {
-                        bail!("linear `{}` expects {in_features} features, gets {}", node.name, d(0).elements());
+                        bail!(
+                            "linear `{}` expects {in_features} features, gets {}",
+                            node.name,
+                            d(0).elements()
+                        );
                     }
-                    Dims { c, h: 1, w: 1, flat: true }
+                    Dims {
+                        c,
+                        h: 1,
+                        w: 1,
+                        flat: true,
+                    }
                 }
                 Op::Add => {
                     if d(0) != d(1) {
-                        bail!("add `{}` combines shapes {:?} and {:?}", node.name, d(0).with_batch(1), d(1).with_batch(1));
+                        bail!(
+                            "add `{}` combines shapes {:?} and {:?}",
+                            node.name,
+                            d(0).with_batch(1),
+                            d(1).with_batch(1)
+                        );
                     }
                     d(0)
                 }
@@ -102,8 +186,13 @@ impl Graph {
                 }
                 Op::Concat => {
                     let first = d(0);
-                    if node.inputs.iter().any(|&i| (dims[i].h, dims[i].w, dims[i].flat) != (first.h, first.w, first.flat)) {
-                        bail!("concat `{}` joins inputs of different spatial sizes", node.name);
+                    if node.inputs.iter().any(|&i| {
+                        (dims[i].h, dims[i].w, dims[i].flat) != (first.h, first.w, first.flat)
+                    }) {
+                        bail!(
+                            "concat `{}` joins inputs of different spatial sizes",
+                            node.name
+                        );
                     }
                     Dims { c, ..first }
                 }

@@ -28,7 +28,16 @@ pub fn conv_bn_act(
     bn_eps: f64,
     act: Option<Activation>,
 ) -> NodeId {
-    let y = b.conv(conv, x, out, kernel, stride, (kernel - 1) / 2, groups, false);
+    let y = b.conv(
+        conv,
+        x,
+        out,
+        kernel,
+        stride,
+        (kernel - 1) / 2,
+        groups,
+        false,
+    );
     let y = b.batch_norm(bn, y, bn_eps, 0.1);
     match act {
         Some(a) => b.act(a, y),
@@ -49,7 +58,18 @@ pub fn conv_norm_act(
     bn_eps: f64,
     act: Option<Activation>,
 ) -> NodeId {
-    conv_bn_act(b, &format!("{prefix}.0"), &format!("{prefix}.1"), x, out, kernel, stride, groups, bn_eps, act)
+    conv_bn_act(
+        b,
+        &format!("{prefix}.0"),
+        &format!("{prefix}.1"),
+        x,
+        out,
+        kernel,
+        stride,
+        groups,
+        bn_eps,
+        act,
+    )
 }
 
 #[cfg(test)]

@@ -61,10 +61,24 @@ pub fn build(spec: &ArchSpec, large: bool) -> Graph {
     let setting: &[Bneck] = if large { &LARGE } else { &SMALL };
     let mut b = GraphBuilder::new(3);
     let stem_stride = if spec.stem == Stem::Cifar { 1 } else { 2 };
-    let mut x = conv_norm_act(&mut b, "features.0", GraphBuilder::INPUT, adjust(setting[0].0), 3, stem_stride, 1, EPS, hswish);
+    let mut x = conv_norm_act(
+        &mut b,
+        "features.0",
+        GraphBuilder::INPUT,
+        adjust(setting[0].0),
+        3,
+        stem_stride,
+        1,
+        EPS,
+        hswish,
+    );
     for (i, Bneck(inp, kernel, expanded, out, se, hs, stride)) in setting.iter().enumerate() {
         let (inp, expanded, out) = (adjust(*inp), adjust(*expanded), adjust(*out));
-        let act = Some(if *hs { Activation::Hardswish } else { Activation::Relu });
+        let act = Some(if *hs {
+            Activation::Hardswish
+        } else {
+            Activation::Relu
+        });
         let p = format!("features.{}.block", i + 1);
         let mut y = x;
         let mut layer = 0;
@@ -72,17 +86,41 @@ pub fn build(spec: &ArchSpec, large: bool) -> Graph {
             y = conv_norm_act(&mut b, &format!("{p}.0"), y, expanded, 1, 1, 1, EPS, act);
             layer += 1;
         }
-        y = conv_norm_act(&mut b, &format!("{p}.{layer}"), y, expanded, *kernel, *stride, expanded, EPS, act);
+        y = conv_norm_act(
+            &mut b,
+            &format!("{p}.{layer}"),
+            y,
+            expanded,
+            *kernel,
+            *stride,
+            expanded,
+            EPS,
+            act,
+        );
         layer += 1;
         if *se {
             y = squeeze_excite(&mut b, &format!("{p}.{layer}"), y);
             layer += 1;
         }
         y = conv_norm_act(&mut b, &format!("{p}.{layer}"), y, out, 1, 1, 1, EPS, None);
-        x = if *stride == 1 && inp == out { b.add(x, y) } else { y };
+        x = if *stride == 1 && inp == out {
+            b.add(x, y)
+        } else {
+            y
+        };
     }
     let last_conv = 6 * b.channels(x);
-    x = conv_norm_act(&mut b, &format!("features.{}", setting.len() + 1), x, last_conv, 1, 1, 1, EPS, hswish);
+    x = conv_norm_act(
+        &mut b,
+        &format!("features.{}", setting.len() + 1),
+        x,
+        last_conv,
+        1,
+        1,
+        1,
+        EPS,
+        hswish,
+    );
     x = b.global_avg_pool(x);
     x = b.flatten(x);
     let last_channel = adjust(if large { 1280 } else { 1024 });

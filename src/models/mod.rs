@@ -158,22 +158,36 @@ impl ArchSpec {
         }
         let Some(family) = family else {
             let names: Vec<&str> = Family::ALL.iter().map(|f| f.name()).collect();
-            let best = names.iter().min_by_key(|n| edit_distance(&arch, n)).copied().unwrap_or_default();
-            let hint = if edit_distance(&arch, best) <= 4 { format!(" (did you mean `{best}`?)") } else { String::new() };
-            bail!("unknown architecture `{arch}`{hint}; known: {}", names.join(", "));
+            let best = names
+                .iter()
+                .min_by_key(|n| edit_distance(&arch, n))
+                .copied()
+                .unwrap_or_default();
+            let hint = if edit_distance(&arch, best) <= 4 {
+                format!(" (did you mean `{best}`?)")
+            } else {
+                String::new()
+            };
+            bail!(
+                "unknown architecture `{arch}`{hint}; known: {}",
+                names.join(", ")
+            );
         };
-        if let (Some(a), Some(b)) = (width, opts.width) {
-            if (a - b).abs() > 1e-9 {
-                bail!("`{arch}` fixes the scale at {a}, but --width {b} was given");
-            }
+        if let (Some(a), Some(b)) = (width, opts.width)
+            && (a - b).abs() > 1e-9
+        {
+            bail!("`{arch}` fixes the scale at {a}, but --width {b} was given");
         }
-        if let (Some(a), Some(b)) = (groups, opts.groups) {
-            if a != b {
-                bail!("`{arch}` fixes groups at {a}, but --groups {b} was given");
-            }
+        if let (Some(a), Some(b)) = (groups, opts.groups)
+            && a != b
+        {
+            bail!("`{arch}` fixes groups at {a}, but --groups {b} was given");
         }
         let width = opts.width.or(width).unwrap_or(1.0);
-        let groups = opts.groups.or(groups).unwrap_or(if family == Family::ShufflenetV1 { 3 } else { 1 });
+        let groups = opts
+            .groups
+            .or(groups)
+            .unwrap_or(if family == Family::ShufflenetV1 { 3 } else { 1 });
         let spec = ArchSpec {
             family,
             width,
@@ -194,7 +208,10 @@ impl ArchSpec {
             bail!("width must be a positive number, not {}", self.width);
         }
         if !self.family.has_width() && self.width != 1.0 {
-            bail!("{name} has no width multiplier (got --width {})", self.width);
+            bail!(
+                "{name} has no width multiplier (got --width {})",
+                self.width
+            );
         }
         if self.family != Family::ShufflenetV1 && self.groups != 1 {
             bail!("--groups applies to shufflenet_v1 only");
@@ -204,7 +221,10 @@ impl ArchSpec {
                 shufflenet_v1::channels(self.groups, self.width)?;
             }
             Family::ShufflenetV2 if shufflenet_v2::stage_channels(self.width).is_none() => {
-                bail!("shufflenet_v2 supports scales 0.5, 1.0, 1.5 and 2.0, not {}", self.width)
+                bail!(
+                    "shufflenet_v2 supports scales 0.5, 1.0, 1.5 and 2.0, not {}",
+                    self.width
+                )
             }
             _ => {}
         }
@@ -254,16 +274,29 @@ pub fn catalog() -> Vec<CatalogEntry> {
     let mut out = Vec::new();
     let mut add = |arch: &str, opts: ArchOptions, top1: Option<f64>, source: &'static str| {
         let spec = ArchSpec::parse(arch, &opts).expect("catalog entries are valid");
-        out.push(CatalogEntry { spec, imagenet_top1: top1, top1_source: source });
+        out.push(CatalogEntry {
+            spec,
+            imagenet_top1: top1,
+            top1_source: source,
+        });
     };
-    let w = |width: f64| ArchOptions { width: Some(width), ..Default::default() };
+    let w = |width: f64| ArchOptions {
+        width: Some(width),
+        ..Default::default()
+    };
     let tv = "torchvision";
     add("squeezenet1_0", w(1.0), Some(58.092), tv);
     add("squeezenet1_1", w(1.0), Some(58.178), tv);
     for (width, top1) in [(1.0, 70.6), (0.75, 68.4), (0.5, 63.7), (0.25, 50.6)] {
         add("mobilenet_v1", w(width), Some(top1), "paper");
     }
-    for (width, top1, source) in [(1.4, 75.0, "paper"), (1.0, 71.878, tv), (0.75, 69.8, "paper"), (0.5, 65.4, "paper"), (0.35, 60.3, "paper")] {
+    for (width, top1, source) in [
+        (1.4, 75.0, "paper"),
+        (1.0, 71.878, tv),
+        (0.75, 69.8, "paper"),
+        (0.5, 65.4, "paper"),
+        (0.35, 60.3, "paper"),
+    ] {
         add("mobilenet_v2", w(width), Some(top1), source);
     }
     add("mobilenet_v3_small", w(1.0), Some(67.668), tv);
@@ -287,9 +320,18 @@ pub fn catalog() -> Vec<CatalogEntry> {
     for groups in [1, 2, 3, 4, 8] {
         for scale in [0.5, 1.0, 1.5, 2.0] {
             if shufflenet_v1::channels(groups, scale).is_ok() {
-                let opts = ArchOptions { width: Some(scale), groups: Some(groups), ..Default::default() };
+                let opts = ArchOptions {
+                    width: Some(scale),
+                    groups: Some(groups),
+                    ..Default::default()
+                };
                 let top1 = v1_top1(groups, scale);
-                add("shufflenet_v1", opts, top1, if top1.is_some() { "paper" } else { "" });
+                add(
+                    "shufflenet_v1",
+                    opts,
+                    top1,
+                    if top1.is_some() { "paper" } else { "" },
+                );
             }
         }
     }

@@ -33,7 +33,12 @@ pub fn channels(groups: usize, scale: f64) -> Result<(usize, [usize; 3])> {
         let mid = out / 4;
         let first_out = out - inp;
         let first_groups_in = if s == 0 { 1 } else { groups };
-        if out % 4 != 0 || mid % groups != 0 || first_out % groups != 0 || out % groups != 0 || inp % first_groups_in != 0 {
+        if out % 4 != 0
+            || mid % groups != 0
+            || first_out % groups != 0
+            || out % groups != 0
+            || inp % first_groups_in != 0
+        {
             bail!(
                 "shufflenet_v1 with groups {groups} and scale {scale}: stage {} has {out} channels \
                  (bottleneck {mid}, first-unit branch {first_out}), which do not divide into {groups} groups",
@@ -46,13 +51,32 @@ pub fn channels(groups: usize, scale: f64) -> Result<(usize, [usize; 3])> {
 }
 
 #[allow(clippy::too_many_arguments)]
-fn unit(b: &mut GraphBuilder, index: usize, x: NodeId, out: usize, stride: usize, groups: usize, first_of_net: bool) -> NodeId {
+fn unit(
+    b: &mut GraphBuilder,
+    index: usize,
+    x: NodeId,
+    out: usize,
+    stride: usize,
+    groups: usize,
+    first_of_net: bool,
+) -> NodeId {
     let inp = b.channels(x);
     let mid = out / 4;
     let m1 = |k: usize| format!("features.{index}.branch_main_1.{k}");
     let m2 = |k: usize| format!("features.{index}.branch_main_2.{k}");
     let g1 = if first_of_net { 1 } else { groups };
-    let y = conv_bn_act(b, &m1(0), &m1(1), x, mid, 1, 1, g1, 1e-5, Some(Activation::Relu));
+    let y = conv_bn_act(
+        b,
+        &m1(0),
+        &m1(1),
+        x,
+        mid,
+        1,
+        1,
+        g1,
+        1e-5,
+        Some(Activation::Relu),
+    );
     let mut y = conv_bn_act(b, &m1(3), &m1(4), y, mid, 3, stride, mid, 1e-5, None);
     if groups > 1 {
         y = b.shuffle(y, groups);
@@ -74,14 +98,33 @@ pub fn build(spec: &ArchSpec) -> Result<Graph> {
     let cifar = spec.stem == Stem::Cifar;
     let mut b = GraphBuilder::new(3);
     let relu = Some(Activation::Relu);
-    let mut x = conv_bn_act(&mut b, "first_conv.0", "first_conv.1", GraphBuilder::INPUT, stem, 3, if cifar { 1 } else { 2 }, 1, 1e-5, relu);
+    let mut x = conv_bn_act(
+        &mut b,
+        "first_conv.0",
+        "first_conv.1",
+        GraphBuilder::INPUT,
+        stem,
+        3,
+        if cifar { 1 } else { 2 },
+        1,
+        1e-5,
+        relu,
+    );
     if !cifar {
         x = b.max_pool(x, 3, 2, 1, false);
     }
     let mut index = 0;
     for (s, repeats) in [4usize, 8, 4].iter().enumerate() {
         for i in 0..*repeats {
-            x = unit(&mut b, index, x, stages[s], if i == 0 { 2 } else { 1 }, spec.groups, index == 0);
+            x = unit(
+                &mut b,
+                index,
+                x,
+                stages[s],
+                if i == 0 { 2 } else { 1 },
+                spec.groups,
+                index == 0,
+            );
             index += 1;
         }
     }

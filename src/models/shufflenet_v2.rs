@@ -47,17 +47,45 @@ pub fn build(spec: &ArchSpec) -> Graph {
     let cifar = spec.stem == Stem::Cifar;
     let mut b = GraphBuilder::new(3);
     let relu = Some(Activation::Relu);
-    let mut x = conv_bn_act(&mut b, "conv1.0", "conv1.1", GraphBuilder::INPUT, 24, 3, if cifar { 1 } else { 2 }, 1, 1e-5, relu);
+    let mut x = conv_bn_act(
+        &mut b,
+        "conv1.0",
+        "conv1.1",
+        GraphBuilder::INPUT,
+        24,
+        3,
+        if cifar { 1 } else { 2 },
+        1,
+        1e-5,
+        relu,
+    );
     if !cifar {
         x = b.max_pool(x, 3, 2, 1, false);
     }
     for (stage, repeats) in [4usize, 8, 4].iter().enumerate() {
         for i in 0..*repeats {
             let prefix = format!("stage{}.{i}", stage + 2);
-            x = unit(&mut b, &prefix, x, channels[stage], if i == 0 { 2 } else { 1 });
+            x = unit(
+                &mut b,
+                &prefix,
+                x,
+                channels[stage],
+                if i == 0 { 2 } else { 1 },
+            );
         }
     }
-    x = conv_bn_act(&mut b, "conv5.0", "conv5.1", x, channels[3], 1, 1, 1, 1e-5, relu);
+    x = conv_bn_act(
+        &mut b,
+        "conv5.0",
+        "conv5.1",
+        x,
+        channels[3],
+        1,
+        1,
+        1,
+        1e-5,
+        relu,
+    );
     x = b.global_avg_pool(x);
     x = b.flatten(x);
     x = b.linear("fc", x, spec.num_classes, true);

@@ -21,15 +21,46 @@ pub fn build(spec: &ArchSpec, version_1_1: bool) -> Graph {
     let mut b = GraphBuilder::new(3);
     let (stem_out, kernel) = if version_1_1 { (64, 3) } else { (96, 7) };
     let (stride, padding) = if cifar { (1, (kernel - 1) / 2) } else { (2, 0) };
-    let mut x = b.conv("features.0", GraphBuilder::INPUT, stem_out, kernel, stride, padding, 1, true);
+    let mut x = b.conv(
+        "features.0",
+        GraphBuilder::INPUT,
+        stem_out,
+        kernel,
+        stride,
+        padding,
+        1,
+        true,
+    );
     x = b.act(Activation::Relu, x);
     // (index, squeeze, expand) per Fire module; `None` marks a ceil-mode max pool.
     let plan: &[Option<(usize, usize)>] = if version_1_1 {
-        &[None, Some((16, 64)), Some((16, 64)), None, Some((32, 128)), Some((32, 128)), None,
-          Some((48, 192)), Some((48, 192)), Some((64, 256)), Some((64, 256))]
+        &[
+            None,
+            Some((16, 64)),
+            Some((16, 64)),
+            None,
+            Some((32, 128)),
+            Some((32, 128)),
+            None,
+            Some((48, 192)),
+            Some((48, 192)),
+            Some((64, 256)),
+            Some((64, 256)),
+        ]
     } else {
-        &[None, Some((16, 64)), Some((16, 64)), Some((32, 128)), None, Some((32, 128)),
-          Some((48, 192)), Some((48, 192)), Some((64, 256)), None, Some((64, 256))]
+        &[
+            None,
+            Some((16, 64)),
+            Some((16, 64)),
+            Some((32, 128)),
+            None,
+            Some((32, 128)),
+            Some((48, 192)),
+            Some((48, 192)),
+            Some((64, 256)),
+            None,
+            Some((64, 256)),
+        ]
     };
     for (k, step) in plan.iter().enumerate() {
         let index = k + 2;

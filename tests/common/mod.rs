@@ -15,9 +15,15 @@ pub fn shared_dir(sub: &str) -> Option<PathBuf> {
         return Some(dir);
     }
     if std::env::var("SLIMCANDLE_REQUIRE_SHARED").is_ok_and(|v| v == "1") {
-        panic!("SLIMCANDLE_REQUIRE_SHARED=1 but `{}` is missing", dir.display());
+        panic!(
+            "SLIMCANDLE_REQUIRE_SHARED=1 but `{}` is missing",
+            dir.display()
+        );
     }
-    eprintln!("skipping: `{}` is not present (shared fixtures are only on development machines and CI)", dir.display());
+    eprintln!(
+        "skipping: `{}` is not present (shared fixtures are only on development machines and CI)",
+        dir.display()
+    );
     None
 }
 
@@ -47,7 +53,13 @@ pub fn arch_of(name: &str) -> (String, ArchOptions) {
     match name.rsplit_once("_w") {
         Some((arch, w)) if w.contains('_') => {
             let width = w.replace('_', ".").parse().unwrap();
-            (arch.to_string(), ArchOptions { width: Some(width), ..Default::default() })
+            (
+                arch.to_string(),
+                ArchOptions {
+                    width: Some(width),
+                    ..Default::default()
+                },
+            )
         }
         _ => (name.to_string(), ArchOptions::default()),
     }

@@ -1,0 +1,67 @@
+use anyhow::{Context, Result, bail};
+use clap::Args;
+use slimcandle::checkpoint;
+use slimcandle::exec::{Mode, check_input};
+use slimcandle::tensor_file::{RawTensor, TensorFile, write_atomic};
+use std::collections::HashMap;
+use std::path::PathBuf;
+
+#[derive(Args)]
+pub struct ForwardArgs {
+    /// Checkpoint to run.
+    checkpoint: PathBuf,
+    /// safetensors file whose 4-D float tensors (N x C x H x W) are the inputs.
+    input: PathBuf,
+    /// Where to write the outputs, under the input tensors' names.
+    #[arg(short, long)]
+    output: PathBuf,
+}
+
+pub fn run(args: ForwardArgs) -> Result<()> {
+    super::check_output_is_not_input(&args.output, &[&args.checkpoint, &args.input])?;
+    let model = checkpoint::load(&args.checkpoint)?;
+    let inputs = TensorFile::read(&args.input)?;
+    let mut outputs = Vec::new();
+    for name in inputs.names() {
+        let view = inputs.raw(&name)?;
+        let is_float = matches!(
+            view.dtype(),
+            safetensors::Dtype::F32
+                | safetensors::Dtype::F64
+                | safetensors::Dtype::F16
+                | safetensors::Dtype::BF16
+        );
+        if view.shape().len() != 4 || !is_float {
+            eprintln!(
+                "skipping `{name}`: {:?} {:?} is not a 4-D float tensor",
+                view.dtype(),
+                view.shape()
+            );
+            continue;
+        }
+        let x = inputs.tensor_f32(&name)?;
+        check_input(&model.graph, x.dims())
+            .with_context(|| format!("`{}`: tensor `{name}`", args.input.display()))?;
+        let y = model.forward(&x, Mode::Eval)?;
+        eprintln!("{name}: {:?} -> {:?}", x.dims(), y.dims());
+        outputs.push((name, RawTensor::from_f32(&y)?));
+    }
+    if outputs.is_empty() {
+        bail!(
+            "`{}` holds no 4-D float tensor to run",
+            args.input.display()
+        );
+    }
+    let count = outputs.len();
+    let mut metadata = HashMap::new();
+    metadata.insert(
+        "checkpoint".to_string(),
+        args.checkpoint.display().to_string(),
+    );
+    write_atomic(&args.output, outputs, metadata)?;
+    println!(
+        "wrote {count} output tensor(s) to {}",
+        args.output.display()
+    );
+    Ok(())
+}

@@ -1,0 +1,107 @@
+//! Command-line parsing and dispatch. Results go to stdout, diagnostics to stderr; `--json`
+//! prints one JSON document with stable snake_case keys.
+
+mod forward;
+mod import;
+mod inspect;
+mod models;
+
+use anyhow::{Result, bail};
+use clap::{Args, Parser, Subcommand};
+use slimcandle::models::{ArchOptions, Stem};
+use std::path::Path;
+
+#[derive(Parser)]
+#[command(
+    name = "slimcandle",
+    version,
+    about = "Build, train, compress and ship small CNNs"
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// List every model family and variant with params, MACs at 224x224 and ImageNet top-1.
+    #[command(after_help = "Example: slimcandle models --json")]
+    Models(models::ModelsArgs),
+    /// Convert a PyTorch state dict (safetensors) into a self-describing checkpoint.
+    #[command(
+        after_help = "Example: slimcandle import --arch mobilenet_v2 --num-classes 10 mnv2.safetensors -o mnv2.ckpt.safetensors"
+    )]
+    Import(import::ImportArgs),
+    /// Show a checkpoint's architecture, per-layer table, totals and metadata.
+    #[command(after_help = "Example: slimcandle inspect model.safetensors --json")]
+    Inspect(inspect::InspectArgs),
+    /// Run every 4-D float tensor of a safetensors file through a checkpoint (eval mode).
+    #[command(
+        after_help = "Example: slimcandle forward model.safetensors inputs.safetensors -o logits.safetensors"
+    )]
+    Forward(forward::ForwardArgs),
+}
+
+/// `--arch` and the options that complete it, shared by every command that builds a model.
+#[derive(Args, Debug, Clone)]
+pub struct ArchArgs {
+    /// Architecture: squeezenet1_0, squeezenet1_1, mobilenet_v1, mobilenet_v2,
+    /// mobilenet_v3_small, mobilenet_v3_large, shufflenet_v1, shufflenet_v2 (torchvision names
+    /// such as shufflenet_v2_x1_5 are accepted too).
+    #[arg(long)]
+    pub arch: String,
+    /// Width multiplier (MobileNets) or scale (ShuffleNets: 0.5, 1.0, 1.5, 2.0).
+    #[arg(long)]
+    pub width: Option<f64>,
+    /// Groups of ShuffleNet V1's 1x1 convolutions (1, 2, 3, 4, 8).
+    #[arg(long)]
+    pub groups: Option<usize>,
+    /// Number of output classes.
+    #[arg(long)]
+    pub num_classes: Option<usize>,
+    /// Input stem: `imagenet` (the published network) or `cifar` (keeps resolution for 32x32).
+    #[arg(long)]
+    pub stem: Option<Stem>,
+}
+
+impl ArchArgs {
+    pub fn options(&self) -> ArchOptions {
+        ArchOptions {
+            width: self.width,
+            groups: self.groups,
+            num_classes: self.num_classes,
+            stem: self.stem,
+        }
+    }
+}
+
+pub fn run(cli: Cli) -> Result<()> {
+    match cli.command {
+        Command::Models(a) => models::run(a),
+        Command::Import(a) => import::run(a),
+        Command::Inspect(a) => inspect::run(a),
+        Command::Forward(a) => forward::run(a),
+    }
+}
+
+/// Refuses to write an output over one of the command's own inputs.
+pub fn check_output_is_not_input(output: &Path, inputs: &[&Path]) -> Result<()> {
+    let canon = |p: &Path| std::fs::canonicalize(p).ok();
+    for input in inputs {
+        if output == *input || (canon(output).is_some() && canon(output) == canon(input)) {
+            bail!(
+                "the output `{}` is also an input of this command; choose another file",
+                output.display()
+            );
+        }
+    }
+    Ok(())
+}
+
+/// Prints a JSON document on stdout.
+pub fn print_json(value: &serde_json::Value) {
+    println!(
+        "{}",
+        serde_json::to_string_pretty(value).expect("JSON values serialise")
+    );
+}
