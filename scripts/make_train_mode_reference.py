@@ -23,6 +23,14 @@ The module definitions of MobileNet V1 and ShuffleNet V1 come from make_referenc
 Each model keeps its own BatchNorm momentum (torchvision's MobileNet V3 uses 0.01, the others
 0.1), which is part of what the Rust side must reproduce.
 
+The reference is computed in float64 (the float32 weights and input widened exactly) and stored
+rounded to float32. Gradients through ReLU/ReLU6 are discontinuous where a pre-activation is 0
+(or 6): with ~10^5-10^6 activations per model, some lie within float32 noise (~1e-6..1e-5) of a
+kink, and whether float32 rounding puts them on one side or the other changes early-layer
+gradients by up to a few percent. A float32 reference would therefore be an arbitrary pick
+between equally valid answers; float64 makes it the exact answer (kink flips need |x| < ~1e-13).
+The script prints how far PyTorch's own float32 run is from it, to show that conditioning.
+
 Usage:
   make_train_mode_reference.py [--shared /work/shared/fixtures] [--out tests/fixtures/train_mode]
 """
@@ -107,8 +115,9 @@ def make(name: str, where: str, build, params, shared_dir: str, out_dir: str) ->
     if not os.path.isfile(path):
         print(f"skipped {name}: {path} not found")
         return
+    state = load_file(path)
     model = build(NUM_CLASSES)
-    model.load_state_dict(load_file(path), strict=True)
+    model.load_state_dict(state, strict=True)
     for m in model.modules():
         if isinstance(m, nn.Dropout):
             m.p = 0.0
@@ -125,28 +134,51 @@ def make(name: str, where: str, build, params, shared_dir: str, out_dir: str) ->
     x = torch.randn(BATCH, 3, SIZE, SIZE, generator=gen)
     r = torch.randn(BATCH, NUM_CLASSES, generator=gen)
 
-    model.train()
-    model.zero_grad(set_to_none=True)
-    logits = model(x)
-    assert logits.shape == (BATCH, NUM_CLASSES), logits.shape
-    assert torch.isfinite(logits).all(), name
-    (logits * r).sum().backward()
+    def run(dtype):
+        """One train-mode forward/backward from the file's weights; the stored tensors."""
+        model.load_state_dict(state, strict=True)  # fresh running statistics
+        model.to(dtype)
+        model.train()
+        model.zero_grad(set_to_none=True)
+        logits = model(x.to(dtype))
+        assert logits.shape == (BATCH, NUM_CLASSES), logits.shape
+        assert torch.isfinite(logits).all(), name
+        (logits * r.to(dtype)).sum().backward()
+        out = {"logits": logits.detach()}
+        for bn in chosen_bns:
+            m = dict(bns)[bn]
+            out[f"{bn}.running_mean"] = m.running_mean.detach().clone()
+            out[f"{bn}.running_var"] = m.running_var.detach().clone()
+        for p in params:
+            g = named[p].grad
+            assert g is not None and torch.isfinite(g).all() and g.abs().max() > 0, f"{name}: bad grad for {p}"
+            out[f"grad.{p}"] = g.detach().clone()
+        return out
 
-    out = {"input": x, "r": r, "logits": logits.detach()}
-    for bn in chosen_bns:
-        m = dict(bns)[bn]
-        out[f"{bn}.running_mean"] = m.running_mean.detach().clone()
-        out[f"{bn}.running_var"] = m.running_var.detach().clone()
-    for p in params:
-        g = named[p].grad
-        assert g is not None and torch.isfinite(g).all() and g.abs().max() > 0, f"{name}: bad grad for {p}"
-        out[f"grad.{p}"] = g.detach().clone()
+    f32 = run(torch.float32)
+    ref64 = run(torch.float64)
+    # How far PyTorch's own float32 run is from the float64 reference, in the units the Rust
+    # test uses (scaled by max(1, |ref|) elementwise for logits/stats, by max(1, max|ref|) for
+    # gradients).
+    worst = {"logits": 0.0, "stats": 0.0, "grads": 0.0}
+    for k, v in ref64.items():
+        d = (f32[k].double() - v).abs()
+        if k.startswith("grad."):
+            e = (d.max() / v.abs().max().clamp(min=1.0)).item()
+            kind = "grads"
+        else:
+            e = (d / v.abs().clamp(min=1.0)).max().item()
+            kind = "logits" if k == "logits" else "stats"
+        worst[kind] = max(worst[kind], e)
+    out = {"input": x, "r": r, **ref64}
     out = {k: v.contiguous().float() for k, v in out.items()}
+    logits = ref64["logits"]
     momenta = sorted({m.momentum for _, m in bns})
     meta = {
         "source": os.path.relpath(path, ROOT) if where == "local" else f"shared/fixtures/{name}.safetensors",
         "bn_momentum": ",".join(str(mo) for mo in momenta),
         "torch": torch.__version__,
+        "computed_in": "float64",
     }
     dst = os.path.join(out_dir, f"{name}.safetensors")
     save_file(out, dst, metadata=meta)
@@ -154,6 +186,8 @@ def make(name: str, where: str, build, params, shared_dir: str, out_dir: str) ->
     assert size < MAX_FILE_BYTES, f"{dst} is {size} bytes"
     print(f"wrote {name:22s} {size / 1024:6.1f} KB  bns={chosen_bns} momentum={momenta} "
           f"grads={len(params)} logit_spread={(logits[0] - logits[1]).abs().max().item():.3f}")
+    print(f"      torch float32 vs float64: logits {worst['logits']:.1e} stats {worst['stats']:.1e} "
+          f"grads {worst['grads']:.1e}")
 
 
 def main() -> int:

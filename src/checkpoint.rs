@@ -8,6 +8,7 @@ use crate::models::ArchSpec;
 use crate::tensor_file::{RawTensor, TensorFile, write_atomic};
 use crate::weights::Weights;
 use anyhow::{Context, Result, bail};
+use candle_core::Tensor;
 use std::collections::HashMap;
 use std::path::Path;
 
@@ -16,6 +17,23 @@ pub const FORMAT_VERSION: u32 = 1;
 
 /// Writes `model` to `path` atomically.
 pub fn save(model: &Model, path: &Path) -> Result<()> {
+    save_with_extras(model, path, Vec::new(), Vec::new())
+}
+
+/// Tensors and metadata stored beside a model (a training run's resume state).
+pub struct Extras {
+    pub tensors: HashMap<String, Tensor>,
+    pub metadata: HashMap<String, String>,
+}
+
+/// Writes `model` plus extra tensors (whose names must not collide with parameters) and extra
+/// metadata entries.
+pub fn save_with_extras(
+    model: &Model,
+    path: &Path,
+    extra_tensors: Vec<(String, Tensor)>,
+    extra_metadata: Vec<(String, String)>,
+) -> Result<()> {
     let meta = &model.meta;
     let mut metadata = HashMap::new();
     metadata.insert("format".to_string(), FORMAT.to_string());
@@ -27,10 +45,13 @@ pub fn save(model: &Model, path: &Path) -> Result<()> {
     if let Some(arch) = &meta.arch {
         metadata.insert("arch".to_string(), json(arch));
     }
+    metadata.extend(extra_metadata);
     let tensors = model
         .weights
         .tensors()
-        .map(|(name, t)| Ok((name.to_string(), RawTensor::from_f32(t)?)))
+        .map(|(name, t)| (name.to_string(), t.clone()))
+        .chain(extra_tensors)
+        .map(|(name, t)| Ok((name, RawTensor::from_f32(&t)?)))
         .collect::<Result<Vec<_>>>()?;
     write_atomic(path, tensors, metadata)
 }
@@ -64,8 +85,39 @@ fn parse_field<T: serde::de::DeserializeOwned>(file: &TensorFile, key: &str) -> 
     })
 }
 
+/// Reads a model saved with [`save_with_extras`]; tensors whose names start with
+/// `extra_prefix` are returned (prefix removed) instead of being taken as parameters.
+pub fn load_with_extras(path: &Path, extra_prefix: &str) -> Result<(Model, Extras)> {
+    let file = TensorFile::read(path)?;
+    let mut tensors = file.float_tensors()?;
+    let extra_names: Vec<String> = tensors
+        .keys()
+        .filter(|k| k.starts_with(extra_prefix))
+        .cloned()
+        .collect();
+    let extra = extra_names
+        .into_iter()
+        .map(|k| {
+            let t = tensors.remove(&k).expect("listed above");
+            (k[extra_prefix.len()..].to_string(), t)
+        })
+        .collect();
+    let model = from_parts(&file, tensors)?;
+    Ok((
+        model,
+        Extras {
+            tensors: extra,
+            metadata: file.metadata.clone(),
+        },
+    ))
+}
+
 /// Builds a model from an already read file (so callers can also report on the file itself).
 pub fn from_file(file: &TensorFile) -> Result<Model> {
+    from_parts(file, file.float_tensors()?)
+}
+
+fn from_parts(file: &TensorFile, tensors: HashMap<String, Tensor>) -> Result<Model> {
     let shown = file.path.display();
     match file.metadata.get("format").map(String::as_str) {
         Some(FORMAT) => {}
@@ -95,8 +147,8 @@ pub fn from_file(file: &TensorFile) -> Result<Model> {
         preprocessing: parse_field(file, "preprocessing")?,
         provenance: parse_field(file, "provenance")?,
     };
-    let weights = Weights::from_state_dict(&graph, file.float_tensors()?)
-        .with_context(|| format!("`{shown}`"))?;
+    let weights =
+        Weights::from_state_dict(&graph, tensors).with_context(|| format!("`{shown}`"))?;
     let counts = graph.channel_counts()?;
     if counts[graph.output] != meta.class_names.len() {
         bail!(

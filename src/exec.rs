@@ -1,6 +1,7 @@
 //! Runs a [`Graph`] on Candle tensors, in eval mode or in train mode with autograd.
 
-use crate::graph::{Activation, Graph, Op, shape::pooled_len};
+use crate::graph::{Activation, Graph, Op};
+use crate::rng::Rng;
 use crate::weights::Weights;
 use anyhow::{Context, Result, bail};
 use candle_core::{D, Tensor};
@@ -23,8 +24,34 @@ pub fn check_input(graph: &Graph, dims: &[usize]) -> Result<()> {
 }
 
 /// Forward pass. In train mode the batch norm running statistics in `weights` are updated
-/// (PyTorch semantics: biased variance normalises, unbiased variance updates, with momentum).
+/// (PyTorch semantics: biased variance normalises, unbiased variance updates, with momentum)
+/// and dropout masks are drawn from an unseeded source; see [`forward_train`] for seeded ones.
 pub fn forward(graph: &Graph, weights: &Weights, x: &Tensor, mode: Mode) -> Result<Tensor> {
+    let seed = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos() as u64)
+        .unwrap_or(0);
+    forward_seeded(graph, weights, x, mode, seed)
+}
+
+/// Train-mode forward whose dropout masks depend only on `dropout_seed`, so that a resumed run
+/// repeats an uninterrupted one exactly.
+pub fn forward_train(
+    graph: &Graph,
+    weights: &Weights,
+    x: &Tensor,
+    dropout_seed: u64,
+) -> Result<Tensor> {
+    forward_seeded(graph, weights, x, Mode::Train, dropout_seed)
+}
+
+fn forward_seeded(
+    graph: &Graph,
+    weights: &Weights,
+    x: &Tensor,
+    mode: Mode,
+    seed: u64,
+) -> Result<Tensor> {
     check_input(graph, x.dims())?;
     let param = |name: String| -> Result<Tensor> {
         let var = weights.var(&name)?;
@@ -54,13 +81,17 @@ pub fn forward(graph: &Graph, weights: &Weights, x: &Tensor, mode: Mode) -> Resu
             }
         }
         let p = |suffix: &str| param(format!("{}.{suffix}", node.name));
-        let out = run_op(&node.op, &inputs, x, mode, &p, weights, &node.name)
-            .with_context(|| format!("node `{}` ({})", node.name, node.op.kind()))?;
+        let node_seed = seed ^ (id as u64).wrapping_mul(0xD6E8_FEB8_6659_FD93);
+        let out = run_op(
+            &node.op, &inputs, x, mode, &p, weights, &node.name, node_seed,
+        )
+        .with_context(|| format!("node `{}` ({})", node.name, node.op.kind()))?;
         values[id] = Some(out);
     }
     Ok(values[graph.output].take().expect("output computed"))
 }
 
+#[allow(clippy::too_many_arguments)]
 fn run_op(
     op: &Op,
     inputs: &[Tensor],
@@ -69,6 +100,7 @@ fn run_op(
     p: &dyn Fn(&str) -> Result<Tensor>,
     weights: &Weights,
     name: &str,
+    seed: u64,
 ) -> Result<Tensor> {
     let x = inputs.first();
     let x0 = || x.expect("arity checked by validation");
@@ -120,78 +152,29 @@ fn run_op(
             stride,
             padding,
             ceil_mode,
-        } => {
-            let padded = pad_for_pool(
-                x0(),
-                *kernel,
-                *stride,
-                *padding,
-                *ceil_mode,
-                f32::NEG_INFINITY,
-            )?;
-            padded.max_pool2d_with_stride(*kernel, *stride)?
-        }
+        } => crate::pool::max_pool2d(x0(), *kernel, *stride, *padding, *ceil_mode)?,
         Op::AvgPool {
             kernel,
             stride,
             padding,
-        } => {
-            let padded = pad_for_pool(x0(), *kernel, *stride, *padding, false, 0.0)?;
-            padded.avg_pool2d_with_stride(*kernel, *stride)?
-        }
+        } => crate::pool::avg_pool2d(x0(), *kernel, *stride, *padding, false)?,
         Op::GlobalAvgPool => x0().mean_keepdim(D::Minus1)?.mean_keepdim(D::Minus2)?,
         Op::Flatten => x0().flatten_from(1)?,
         Op::Dropout { p: rate } => match mode {
-            Mode::Train if *rate > 0.0 => candle_nn::ops::dropout(x0(), *rate as f32)?,
+            Mode::Train if *rate > 0.0 => dropout(x0(), *rate, seed)?,
             _ => x0().clone(),
         },
     })
 }
 
-/// Pads H and W so that Candle's floor-mode pooling gives PyTorch's output size, including
-/// padding and ceil mode. `fill` is -inf for max pooling, 0 for average pooling (PyTorch
-/// counts zero padding in the average).
-fn pad_for_pool(
-    x: &Tensor,
-    kernel: usize,
-    stride: usize,
-    padding: usize,
-    ceil: bool,
-    fill: f32,
-) -> Result<Tensor> {
-    let mut x = x.clone();
-    for dim in [2, 3] {
-        let len = x.dim(dim)?;
-        let out = pooled_len(len, kernel, stride, padding, 1, ceil)
-            .context("pooling window larger than input")?;
-        let needed = (out - 1) * stride + kernel;
-        let right = needed.saturating_sub(len + padding).max(padding);
-        if padding == 0 && right == 0 {
-            continue;
-        }
-        x = pad_constant(&x, dim, padding, right, fill)?;
-    }
-    Ok(x)
-}
-
-fn pad_constant(x: &Tensor, dim: usize, left: usize, right: usize, fill: f32) -> Result<Tensor> {
-    if fill == 0.0 {
-        return Ok(x.pad_with_zeros(dim, left, right)?);
-    }
-    let side = |n: usize| -> Result<Tensor> {
-        let mut shape = x.dims().to_vec();
-        shape[dim] = n;
-        Ok(Tensor::full(fill, shape, x.device())?.to_dtype(x.dtype())?)
-    };
-    let mut parts = Vec::with_capacity(3);
-    if left > 0 {
-        parts.push(side(left)?);
-    }
-    parts.push(x.clone());
-    if right > 0 {
-        parts.push(side(right)?);
-    }
-    Ok(Tensor::cat(&parts, dim)?)
+/// Inverted dropout with a mask drawn from `seed`.
+fn dropout(x: &Tensor, rate: f64, seed: u64) -> Result<Tensor> {
+    let mut rng = Rng::new(seed);
+    let keep = (1.0 / (1.0 - rate)) as f32;
+    let mask: Vec<f32> = (0..x.elem_count())
+        .map(|_| if rng.uniform() < rate { 0.0 } else { keep })
+        .collect();
+    Ok((x * Tensor::from_vec(mask, x.dims(), x.device())?)?)
 }
 
 pub fn activation(x: &Tensor, act: Activation) -> Result<Tensor> {

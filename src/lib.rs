@@ -1,12 +1,17 @@
 //! slimcandle: build, train, compress and ship small CNNs on Candle.
 
 pub mod checkpoint;
+pub mod data;
+pub mod eval;
 pub mod exec;
 pub mod graph;
 pub mod import;
 pub mod model;
 pub mod models;
+pub mod pool;
+pub mod predict;
 pub mod report;
 pub mod rng;
 pub mod tensor_file;
+pub mod train;
 pub mod weights;

@@ -1,10 +1,10 @@
 //! A model: its graph, its weights and what a deployment needs to know about it.
 
 use crate::exec::{self, Mode};
-use crate::graph::Graph;
+use crate::graph::{Graph, Op};
 use crate::models::{ArchSpec, Stem};
 use crate::weights::Weights;
-use anyhow::Result;
+use anyhow::{Context, Result, bail};
 use candle_core::Tensor;
 use serde::{Deserialize, Serialize};
 
@@ -138,6 +138,35 @@ impl Model {
 
     pub fn forward(&self, x: &Tensor, mode: Mode) -> Result<Tensor> {
         exec::forward(&self.graph, &self.weights, x, mode)
+    }
+
+    /// Replaces the last weight layer (the classifier) by a freshly initialised one with
+    /// `classes` outputs; class names become placeholders until the caller sets them.
+    pub fn replace_classifier(&mut self, classes: usize, seed: u64) -> Result<()> {
+        let node = self
+            .graph
+            .nodes
+            .iter()
+            .rposition(|n| matches!(n.op, Op::Conv2d { groups: 1, .. } | Op::Linear { .. }))
+            .context("the graph has no classifier layer")?;
+        match &mut self.graph.nodes[node].op {
+            Op::Conv2d { out_channels, .. } => *out_channels = classes,
+            Op::Linear { out_features, .. } => *out_features = classes,
+            _ => unreachable!("selected above"),
+        }
+        self.graph
+            .validate()
+            .context("the last weight layer does not feed the output directly")?;
+        let counts = self.graph.channel_counts()?;
+        if counts[self.graph.output] != classes {
+            bail!("the last weight layer does not determine the number of outputs");
+        }
+        self.weights.init_node(&self.graph, node, seed)?;
+        self.meta.class_names = default_class_names(classes);
+        if let Some(arch) = &mut self.meta.arch {
+            arch.num_classes = classes;
+        }
+        Ok(())
     }
 
     pub fn num_classes(&self) -> usize {

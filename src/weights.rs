@@ -1,10 +1,30 @@
 //! Parameters and buffers of a graph, keyed by torchvision state-dict names.
 
-use crate::graph::{Graph, ParamRole};
+use crate::graph::{Graph, ParamRole, ParamSpec};
 use crate::rng::Rng;
 use anyhow::{Result, bail};
 use candle_core::{DType, Device, Tensor, Var};
 use std::collections::{BTreeMap, HashMap};
+
+/// A fresh value for one parameter, following torchvision's initialisation.
+fn init_tensor(spec: &ParamSpec, rng: &mut Rng) -> Result<Tensor> {
+    let n: usize = spec.shape.iter().product();
+    let values: Vec<f32> = match spec.role {
+        ParamRole::ConvWeight => {
+            let fan_out = spec.shape[0] * spec.shape[2] * spec.shape[3];
+            let std = (2.0 / fan_out as f64).sqrt();
+            (0..n).map(|_| (rng.normal() * std) as f32).collect()
+        }
+        ParamRole::LinearWeight => (0..n).map(|_| (rng.normal() * 0.01) as f32).collect(),
+        ParamRole::BnWeight | ParamRole::RunningVar => vec![1.0; n],
+        ParamRole::Bias | ParamRole::BnBias | ParamRole::RunningMean => vec![0.0; n],
+    };
+    Ok(Tensor::from_vec(
+        values,
+        spec.shape.as_slice(),
+        &Device::Cpu,
+    )?)
+}
 
 /// Every parameter and buffer of one graph. Each is a [`Var`] so training can update it in
 /// place; running statistics are Vars too but never handed to an optimizer.
@@ -20,21 +40,24 @@ impl Weights {
         let mut rng = Rng::new(seed);
         let mut vars = BTreeMap::new();
         for spec in graph.param_specs() {
-            let n: usize = spec.shape.iter().product();
-            let values: Vec<f32> = match spec.role {
-                ParamRole::ConvWeight => {
-                    let fan_out = spec.shape[0] * spec.shape[2] * spec.shape[3];
-                    let std = (2.0 / fan_out as f64).sqrt();
-                    (0..n).map(|_| (rng.normal() * std) as f32).collect()
-                }
-                ParamRole::LinearWeight => (0..n).map(|_| (rng.normal() * 0.01) as f32).collect(),
-                ParamRole::BnWeight | ParamRole::RunningVar => vec![1.0; n],
-                ParamRole::Bias | ParamRole::BnBias | ParamRole::RunningMean => vec![0.0; n],
-            };
-            let t = Tensor::from_vec(values, spec.shape.as_slice(), &Device::Cpu)?;
-            vars.insert(spec.name, Var::from_tensor(&t)?);
+            vars.insert(
+                spec.name.clone(),
+                Var::from_tensor(&init_tensor(&spec, &mut rng)?)?,
+            );
         }
         Ok(Weights { vars })
+    }
+
+    /// Re-initialises the parameters of one node (a replaced classifier, say).
+    pub fn init_node(&mut self, graph: &Graph, node: usize, seed: u64) -> Result<()> {
+        let mut rng = Rng::new(seed);
+        for spec in graph.param_specs().into_iter().filter(|s| s.node == node) {
+            self.vars.insert(
+                spec.name.clone(),
+                Var::from_tensor(&init_tensor(&spec, &mut rng)?)?,
+            );
+        }
+        Ok(())
     }
 
     /// Takes tensors named as in a PyTorch state dict, checking that every key the graph needs

@@ -29,7 +29,10 @@ pub struct ImportArgs {
 
 pub fn run(args: ImportArgs) -> Result<()> {
     super::check_output_is_not_input(&args.output, &[&args.state_dict])?;
-    let mut model = import_state_dict(&args.state_dict, &args.arch.arch, &args.arch.options())?;
+    let Some(arch) = &args.arch.arch else {
+        bail!("import needs --arch: which architecture the state dict is for")
+    };
+    let mut model = import_state_dict(&args.state_dict, arch, &args.arch.options())?;
     if let Some(names) = args.class_names {
         if names.len() != model.num_classes() {
             bail!(

@@ -1,10 +1,13 @@
 //! Command-line parsing and dispatch. Results go to stdout, diagnostics to stderr; `--json`
 //! prints one JSON document with stable snake_case keys.
 
+mod eval;
 mod forward;
 mod import;
 mod inspect;
 mod models;
+mod predict;
+mod train;
 
 use anyhow::{Result, bail};
 use clap::{Args, Parser, Subcommand};
@@ -18,6 +21,9 @@ use std::path::Path;
     about = "Build, train, compress and ship small CNNs"
 )]
 pub struct Cli {
+    /// Worker threads (default: all cores).
+    #[arg(long, global = true)]
+    threads: Option<usize>,
     #[command(subcommand)]
     command: Command,
 }
@@ -35,6 +41,21 @@ enum Command {
     /// Show a checkpoint's architecture, per-layer table, totals and metadata.
     #[command(after_help = "Example: slimcandle inspect model.safetensors --json")]
     Inspect(inspect::InspectArgs),
+    /// Train a model (fresh, or fine-tuned from a checkpoint), or resume a run.
+    #[command(
+        after_help = "Example: slimcandle train --arch mobilenet_v2 --stem cifar --data cifar10:DIR --epochs 8 --schedule one-cycle --nesterov -o runs/mnv2"
+    )]
+    Train(Box<train::TrainArgs>),
+    /// Evaluate a checkpoint: top-1/top-5, per-class accuracy, confusion matrix, latency.
+    #[command(
+        after_help = "Example: slimcandle eval runs/mnv2/best.safetensors --data cifar10:DIR --json"
+    )]
+    Eval(eval::EvalArgs),
+    /// Classify images with a checkpoint's preprocessing and class names.
+    #[command(
+        after_help = "Example: slimcandle predict runs/mnv2/best.safetensors cat.jpg dog.png --top-k 3"
+    )]
+    Predict(predict::PredictArgs),
     /// Run every 4-D float tensor of a safetensors file through a checkpoint (eval mode).
     #[command(
         after_help = "Example: slimcandle forward model.safetensors inputs.safetensors -o logits.safetensors"
@@ -49,7 +70,7 @@ pub struct ArchArgs {
     /// mobilenet_v3_small, mobilenet_v3_large, shufflenet_v1, shufflenet_v2 (torchvision names
     /// such as shufflenet_v2_x1_5 are accepted too).
     #[arg(long)]
-    pub arch: String,
+    pub arch: Option<String>,
     /// Width multiplier (MobileNets) or scale (ShuffleNets: 0.5, 1.0, 1.5, 2.0).
     #[arg(long)]
     pub width: Option<f64>,
@@ -76,11 +97,18 @@ impl ArchArgs {
 }
 
 pub fn run(cli: Cli) -> Result<()> {
+    if let Some(n) = cli.threads {
+        // Candle and rayon both read this before their thread pools start.
+        unsafe { std::env::set_var("RAYON_NUM_THREADS", n.to_string()) };
+    }
     match cli.command {
         Command::Models(a) => models::run(a),
         Command::Import(a) => import::run(a),
         Command::Inspect(a) => inspect::run(a),
         Command::Forward(a) => forward::run(a),
+        Command::Train(a) => train::run(*a),
+        Command::Eval(a) => eval::run(a),
+        Command::Predict(a) => predict::run(a),
     }
 }
 

@@ -13,6 +13,19 @@ pub fn make_divisible(v: f64, divisor: usize) -> usize {
     rounded
 }
 
+/// Batch-norm settings of a family: PyTorch's defaults, or MobileNet V3's.
+#[derive(Debug, Clone, Copy)]
+pub struct Bn {
+    pub eps: f64,
+    pub momentum: f64,
+}
+
+/// `nn.BatchNorm2d` defaults.
+pub const BN: Bn = Bn {
+    eps: 1e-5,
+    momentum: 0.1,
+};
+
 /// Conv (no bias) + batch norm + optional activation, named `{conv}` and `{bn}` so callers can
 /// follow torchvision's numbering (`features.0.0`/`features.0.1`, or `.3`/`.4` in a block).
 #[allow(clippy::too_many_arguments)]
@@ -25,7 +38,7 @@ pub fn conv_bn_act(
     kernel: usize,
     stride: usize,
     groups: usize,
-    bn_eps: f64,
+    norm: Bn,
     act: Option<Activation>,
 ) -> NodeId {
     let y = b.conv(
@@ -38,7 +51,7 @@ pub fn conv_bn_act(
         groups,
         false,
     );
-    let y = b.batch_norm(bn, y, bn_eps, 0.1);
+    let y = b.batch_norm(bn, y, norm.eps, norm.momentum);
     match act {
         Some(a) => b.act(a, y),
         None => y,
@@ -55,7 +68,7 @@ pub fn conv_norm_act(
     kernel: usize,
     stride: usize,
     groups: usize,
-    bn_eps: f64,
+    norm: Bn,
     act: Option<Activation>,
 ) -> NodeId {
     conv_bn_act(
@@ -67,7 +80,7 @@ pub fn conv_norm_act(
         kernel,
         stride,
         groups,
-        bn_eps,
+        norm,
         act,
     )
 }

@@ -1,7 +1,7 @@
 //! MobileNet V1 (Howard et al. 2017) with width multiplier, in the layout of the shared
 //! fixtures README. Small-input stem: the first conv runs at stride 1.
 
-use super::blocks::conv_bn_act;
+use super::blocks::{BN, conv_bn_act};
 use super::{ArchSpec, Stem};
 use crate::graph::{Activation, Graph, GraphBuilder};
 
@@ -35,7 +35,7 @@ pub fn build(spec: &ArchSpec) -> Graph {
         3,
         stride,
         1,
-        1e-5,
+        BN,
         relu6,
     );
     for (i, (out, stride)) in BLOCKS.iter().enumerate() {
@@ -50,7 +50,7 @@ pub fn build(spec: &ArchSpec) -> Graph {
             3,
             *stride,
             c,
-            1e-5,
+            BN,
             relu6,
         );
         x = conv_bn_act(
@@ -62,7 +62,7 @@ pub fn build(spec: &ArchSpec) -> Graph {
             1,
             1,
             1,
-            1e-5,
+            BN,
             relu6,
         );
     }

@@ -1,7 +1,7 @@
 //! MobileNet V2 (torchvision layout, width multiplier with rounding to multiples of 8).
 //! Small-input stem: the first conv runs at stride 1.
 
-use super::blocks::{conv_norm_act, make_divisible};
+use super::blocks::{BN, conv_norm_act, make_divisible};
 use super::{ArchSpec, Stem};
 use crate::graph::{Activation, Graph, GraphBuilder};
 
@@ -29,7 +29,7 @@ pub fn build(spec: &ArchSpec) -> Graph {
         3,
         stem_stride,
         1,
-        1e-5,
+        BN,
         relu6,
     );
     let mut index = 1;
@@ -43,7 +43,7 @@ pub fn build(spec: &ArchSpec) -> Graph {
             let mut y = x;
             let mut layer = 0;
             if t != 1 {
-                y = conv_norm_act(&mut b, &format!("{p}.0"), y, hidden, 1, 1, 1, 1e-5, relu6);
+                y = conv_norm_act(&mut b, &format!("{p}.0"), y, hidden, 1, 1, 1, BN, relu6);
                 layer += 1;
             }
             y = conv_norm_act(
@@ -54,11 +54,11 @@ pub fn build(spec: &ArchSpec) -> Graph {
                 3,
                 stride,
                 hidden,
-                1e-5,
+                BN,
                 relu6,
             );
             y = b.conv(&format!("{p}.{}", layer + 1), y, out, 1, 1, 0, 1, false);
-            y = b.batch_norm(&format!("{p}.{}", layer + 2), y, 1e-5, 0.1);
+            y = b.batch_norm(&format!("{p}.{}", layer + 2), y, BN.eps, BN.momentum);
             x = if stride == 1 && inp == out {
                 b.add(x, y)
             } else {
@@ -76,7 +76,7 @@ pub fn build(spec: &ArchSpec) -> Graph {
         1,
         1,
         1,
-        1e-5,
+        BN,
         relu6,
     );
     x = b.global_avg_pool(x);

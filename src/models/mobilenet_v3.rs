@@ -2,7 +2,7 @@
 //! hardswish, batch norm eps 0.001, width multiplier rounded to multiples of 8).
 //! Small-input stem: the first conv runs at stride 1.
 
-use super::blocks::{conv_norm_act, make_divisible};
+use super::blocks::{Bn, conv_norm_act, make_divisible};
 use super::{ArchSpec, Stem};
 use crate::graph::{Activation, Graph, GraphBuilder, NodeId};
 
@@ -41,7 +41,11 @@ const SMALL: [Bneck; 11] = [
     Bneck(96, 5, 576, 96, true, true, 1),
 ];
 
-const EPS: f64 = 0.001;
+/// torchvision: `partial(nn.BatchNorm2d, eps=0.001, momentum=0.01)`.
+const V3_BN: Bn = Bn {
+    eps: 0.001,
+    momentum: 0.01,
+};
 
 /// torchvision's SqueezeExcitation: pool, fc1 (1x1 conv), relu, fc2, hardsigmoid, scale.
 fn squeeze_excite(b: &mut GraphBuilder, prefix: &str, x: NodeId) -> NodeId {
@@ -69,7 +73,7 @@ pub fn build(spec: &ArchSpec, large: bool) -> Graph {
         3,
         stem_stride,
         1,
-        EPS,
+        V3_BN,
         hswish,
     );
     for (i, Bneck(inp, kernel, expanded, out, se, hs, stride)) in setting.iter().enumerate() {
@@ -83,7 +87,7 @@ pub fn build(spec: &ArchSpec, large: bool) -> Graph {
         let mut y = x;
         let mut layer = 0;
         if expanded != inp {
-            y = conv_norm_act(&mut b, &format!("{p}.0"), y, expanded, 1, 1, 1, EPS, act);
+            y = conv_norm_act(&mut b, &format!("{p}.0"), y, expanded, 1, 1, 1, V3_BN, act);
             layer += 1;
         }
         y = conv_norm_act(
@@ -94,7 +98,7 @@ pub fn build(spec: &ArchSpec, large: bool) -> Graph {
             *kernel,
             *stride,
             expanded,
-            EPS,
+            V3_BN,
             act,
         );
         layer += 1;
@@ -102,7 +106,17 @@ pub fn build(spec: &ArchSpec, large: bool) -> Graph {
             y = squeeze_excite(&mut b, &format!("{p}.{layer}"), y);
             layer += 1;
         }
-        y = conv_norm_act(&mut b, &format!("{p}.{layer}"), y, out, 1, 1, 1, EPS, None);
+        y = conv_norm_act(
+            &mut b,
+            &format!("{p}.{layer}"),
+            y,
+            out,
+            1,
+            1,
+            1,
+            V3_BN,
+            None,
+        );
         x = if *stride == 1 && inp == out {
             b.add(x, y)
         } else {
@@ -118,7 +132,7 @@ pub fn build(spec: &ArchSpec, large: bool) -> Graph {
         1,
         1,
         1,
-        EPS,
+        V3_BN,
         hswish,
     );
     x = b.global_avg_pool(x);

@@ -2,7 +2,7 @@
 //! convs, channel shuffle, avg-pool shortcut with concat in the first unit of each stage.
 //! Small-input stem: `first_conv` runs at stride 1 and the max pool is dropped.
 
-use super::blocks::conv_bn_act;
+use super::blocks::{BN, conv_bn_act};
 use super::{ArchSpec, Stem};
 use crate::graph::{Activation, Graph, GraphBuilder, NodeId};
 use anyhow::{Result, bail};
@@ -74,15 +74,15 @@ fn unit(
         1,
         1,
         g1,
-        1e-5,
+        BN,
         Some(Activation::Relu),
     );
-    let mut y = conv_bn_act(b, &m1(3), &m1(4), y, mid, 3, stride, mid, 1e-5, None);
+    let mut y = conv_bn_act(b, &m1(3), &m1(4), y, mid, 3, stride, mid, BN, None);
     if groups > 1 {
         y = b.shuffle(y, groups);
     }
     let branch_out = if stride == 2 { out - inp } else { out };
-    let y = conv_bn_act(b, &m2(0), &m2(1), y, branch_out, 1, 1, groups, 1e-5, None);
+    let y = conv_bn_act(b, &m2(0), &m2(1), y, branch_out, 1, 1, groups, BN, None);
     if stride == 1 {
         let sum = b.add(y, x);
         b.act(Activation::Relu, sum)
@@ -107,7 +107,7 @@ pub fn build(spec: &ArchSpec) -> Result<Graph> {
         3,
         if cifar { 1 } else { 2 },
         1,
-        1e-5,
+        BN,
         relu,
     );
     if !cifar {

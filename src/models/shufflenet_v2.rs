@@ -1,7 +1,7 @@
 //! ShuffleNet V2 (torchvision layout: channel split, two branches, channel shuffle with 2
 //! groups). Small-input stem: `conv1` runs at stride 1 and the max pool is dropped.
 
-use super::blocks::conv_bn_act;
+use super::blocks::{BN, conv_bn_act};
 use super::{ArchSpec, Stem};
 use crate::graph::{Activation, Graph, GraphBuilder, NodeId};
 
@@ -26,16 +26,16 @@ fn unit(b: &mut GraphBuilder, prefix: &str, x: NodeId, out: usize, stride: usize
     } else {
         (None, x)
     };
-    let y = conv_bn_act(b, &cv(0), &cv(1), branch2_in, half, 1, 1, 1, 1e-5, relu);
-    let y = conv_bn_act(b, &cv(3), &cv(4), y, half, 3, stride, half, 1e-5, None);
-    let y = conv_bn_act(b, &cv(5), &cv(6), y, half, 1, 1, 1, 1e-5, relu);
+    let y = conv_bn_act(b, &cv(0), &cv(1), branch2_in, half, 1, 1, 1, BN, relu);
+    let y = conv_bn_act(b, &cv(3), &cv(4), y, half, 3, stride, half, BN, None);
+    let y = conv_bn_act(b, &cv(5), &cv(6), y, half, 1, 1, 1, BN, relu);
     let left = match kept {
         Some(k) => k,
         None => {
             let c = b.channels(x);
             let cv = |k: usize| format!("{prefix}.branch1.{k}");
-            let z = conv_bn_act(b, &cv(0), &cv(1), x, c, 3, stride, c, 1e-5, None);
-            conv_bn_act(b, &cv(2), &cv(3), z, half, 1, 1, 1, 1e-5, relu)
+            let z = conv_bn_act(b, &cv(0), &cv(1), x, c, 3, stride, c, BN, None);
+            conv_bn_act(b, &cv(2), &cv(3), z, half, 1, 1, 1, BN, relu)
         }
     };
     let joined = b.concat(vec![left, y]);
@@ -56,7 +56,7 @@ pub fn build(spec: &ArchSpec) -> Graph {
         3,
         if cifar { 1 } else { 2 },
         1,
-        1e-5,
+        BN,
         relu,
     );
     if !cifar {
@@ -83,7 +83,7 @@ pub fn build(spec: &ArchSpec) -> Graph {
         1,
         1,
         1,
-        1e-5,
+        BN,
         relu,
     );
     x = b.global_avg_pool(x);

@@ -1,0 +1,353 @@
+use super::ArchArgs;
+use anyhow::{Result, bail};
+use clap::{Args, ValueEnum};
+use indicatif::{ProgressBar, ProgressStyle};
+use serde_json::json;
+use slimcandle::checkpoint;
+use slimcandle::data::{Augment, DataSpec, LoadOptions};
+use slimcandle::model::{Model, Preprocessing, Provenance};
+use slimcandle::models::ArchSpec;
+use slimcandle::train::optimizer::OptimizerKind;
+use slimcandle::train::schedule::Schedule;
+use slimcandle::train::{EpochMetrics, Observer, Outcome, Run, TrainConfig};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+#[derive(Clone, Copy, ValueEnum)]
+enum OptimizerName {
+    Sgd,
+    Adamw,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum ScheduleName {
+    Constant,
+    Cosine,
+    Step,
+    OneCycle,
+}
+
+#[derive(Args)]
+pub struct TrainArgs {
+    #[command(flatten)]
+    arch: ArchArgs,
+    /// Start from this checkpoint instead of a fresh `--arch` model.
+    #[arg(long, conflicts_with = "arch")]
+    init: Option<PathBuf>,
+    /// With --init: replace the classifier by a fresh one sized for the dataset's classes.
+    #[arg(long, requires = "init")]
+    new_classifier: bool,
+    /// Continue the run in this folder where it stopped; every other option comes from it.
+    #[arg(long, conflicts_with_all = ["arch", "init", "output"])]
+    resume: Option<PathBuf>,
+    /// shapes | cifar10:PATH | cifar100:PATH | mnist:PATH | fashion-mnist:PATH | folder:PATH
+    #[arg(long, default_value = "shapes")]
+    data: String,
+    /// Train on a seeded, class-balanced subset of this many images (shapes: generate this many).
+    #[arg(long)]
+    train_limit: Option<usize>,
+    /// Evaluate on a seeded, class-balanced subset of this many images.
+    #[arg(long)]
+    test_limit: Option<usize>,
+    #[arg(long, default_value_t = 10)]
+    epochs: usize,
+    #[arg(long, default_value_t = 128)]
+    batch_size: usize,
+    #[arg(long, value_enum, default_value = "sgd")]
+    optimizer: OptimizerName,
+    /// Peak learning rate.
+    #[arg(long, default_value_t = 0.1)]
+    lr: f64,
+    /// SGD momentum (AdamW: beta1).
+    #[arg(long, default_value_t = 0.9)]
+    momentum: f64,
+    /// Nesterov momentum (SGD).
+    #[arg(long)]
+    nesterov: bool,
+    /// Weight decay on conv and linear weights (batch-norm parameters and biases are exempt).
+    #[arg(long, default_value_t = 5e-4)]
+    weight_decay: f64,
+    #[arg(long, value_enum, default_value = "cosine")]
+    schedule: ScheduleName,
+    /// Linear warm-up length in epochs (cosine, step, constant).
+    #[arg(long, default_value_t = 0.0)]
+    warmup_epochs: f64,
+    /// One-cycle: fraction of the steps spent rising to the peak.
+    #[arg(long, default_value_t = 0.3)]
+    pct_start: f64,
+    /// Step schedule: decay every this many epochs by --gamma.
+    #[arg(long, default_value_t = 30)]
+    step_epochs: usize,
+    #[arg(long, default_value_t = 0.1)]
+    gamma: f64,
+    #[arg(long, default_value_t = 0.0)]
+    label_smoothing: f64,
+    /// Random-crop padding in pixels (0 disables the crop).
+    #[arg(long, default_value_t = 4)]
+    crop_padding: usize,
+    /// Disable horizontal flips.
+    #[arg(long)]
+    no_flip: bool,
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Run folder: config.json, metrics.jsonl, last/best/resume .safetensors.
+    #[arg(short, long, required_unless_present = "resume")]
+    output: Option<PathBuf>,
+    /// Stop after this many steps as if interrupted (for tests of resume).
+    #[arg(long, hide = true)]
+    stop_after_steps: Option<usize>,
+    #[arg(long)]
+    json: bool,
+}
+
+static STOP: AtomicBool = AtomicBool::new(false);
+
+/// Ctrl-C finishes the current step and leaves a resumable run; a second Ctrl-C quits at once.
+fn install_interrupt_handler() {
+    extern "C" fn on_sigint(_: libc::c_int) {
+        if STOP.swap(true, Ordering::SeqCst) {
+            unsafe { libc::_exit(130) };
+        }
+    }
+    #[cfg(unix)]
+    unsafe {
+        libc::signal(libc::SIGINT, on_sigint as *const () as libc::sighandler_t);
+    }
+}
+
+struct Bars {
+    bar: Option<ProgressBar>,
+    stop_after: Option<usize>,
+    steps: usize,
+}
+
+impl Observer for Bars {
+    fn epoch_start(&mut self, epoch: usize, epochs: usize, batches: usize, first: usize) {
+        let bar = ProgressBar::new(batches as u64).with_position(first as u64);
+        bar.set_style(
+            ProgressStyle::with_template("epoch {prefix} [{bar:30}] {pos}/{len} {msg} eta {eta}")
+                .expect("valid template")
+                .progress_chars("=> "),
+        );
+        bar.set_prefix(format!("{}/{epochs}", epoch + 1));
+        self.bar = Some(bar);
+    }
+
+    fn step(&mut self, _batch: usize, loss: f64, top1: f64, rate: f64) {
+        if let Some(bar) = &self.bar {
+            bar.inc(1);
+            bar.set_message(format!("loss {loss:.3} top-1 {top1:.1}% {rate:.0} img/s"));
+        }
+        self.steps += 1;
+        if self.stop_after.is_some_and(|n| self.steps >= n) {
+            STOP.store(true, Ordering::SeqCst);
+        }
+    }
+
+    fn epoch_end(&mut self, m: &EpochMetrics) {
+        if let Some(bar) = self.bar.take() {
+            bar.finish_and_clear();
+        }
+        let test = match (m.test_top1, m.test_top5) {
+            (Some(t1), Some(t5)) => format!(", test top-1 {t1:.2}% top-5 {t5:.2}%"),
+            _ => String::new(),
+        };
+        eprintln!(
+            "epoch {}: train loss {:.4} top-1 {:.2}%{test}, lr {:.4}, {:.0} img/s, {:.1}s",
+            m.epoch, m.train_loss, m.train_top1, m.lr, m.images_per_s, m.seconds
+        );
+    }
+}
+
+fn config_from(args: &TrainArgs) -> TrainConfig {
+    let optimizer = match args.optimizer {
+        OptimizerName::Sgd => OptimizerKind::Sgd {
+            momentum: args.momentum,
+            nesterov: args.nesterov,
+        },
+        OptimizerName::Adamw => OptimizerKind::AdamW {
+            beta1: args.momentum,
+            beta2: 0.999,
+            eps: 1e-8,
+        },
+    };
+    let schedule = match args.schedule {
+        ScheduleName::Constant => Schedule::Constant,
+        ScheduleName::Cosine => Schedule::Cosine,
+        ScheduleName::Step => Schedule::Step {
+            every_epochs: args.step_epochs,
+            gamma: args.gamma,
+        },
+        ScheduleName::OneCycle => Schedule::one_cycle(args.pct_start),
+    };
+    let augment = (args.crop_padding > 0 || !args.no_flip).then_some(Augment {
+        crop_padding: args.crop_padding,
+        hflip: !args.no_flip,
+    });
+    TrainConfig {
+        data: args.data.clone(),
+        train_limit: args.train_limit,
+        test_limit: args.test_limit,
+        epochs: args.epochs,
+        batch_size: args.batch_size,
+        optimizer,
+        lr: args.lr,
+        weight_decay: args.weight_decay,
+        schedule,
+        warmup_epochs: args.warmup_epochs,
+        label_smoothing: args.label_smoothing,
+        augment,
+        seed: args.seed,
+    }
+}
+
+/// The model a new run starts from, with the dataset's classes and preprocessing.
+fn initial_model(args: &TrainArgs, class_names: &[String], seed: u64) -> Result<Model> {
+    let mut model = match (&args.init, &args.arch.arch) {
+        (Some(path), _) => {
+            let mut m = checkpoint::load(path)?;
+            if m.num_classes() != class_names.len() {
+                if !args.new_classifier {
+                    bail!(
+                        "`{}` has {} classes but the data has {}; add --new-classifier to replace the classifier",
+                        path.display(),
+                        m.num_classes(),
+                        class_names.len()
+                    );
+                }
+                m.replace_classifier(class_names.len(), seed)?;
+            }
+            m.meta.provenance = Provenance::derived_from(
+                &m.meta.provenance,
+                format!("fine-tuned from `{}`", path.display()),
+            );
+            m
+        }
+        (None, Some(arch)) => {
+            let opts = slimcandle::models::ArchOptions {
+                num_classes: Some(class_names.len()),
+                ..args.arch.options()
+            };
+            Model::init(&ArchSpec::parse(arch, &opts)?, seed)?
+        }
+        (None, None) => {
+            bail!("give --arch (a fresh model), --init CKPT (fine-tuning) or --resume RUN_DIR")
+        }
+    };
+    model.meta.class_names = class_names.to_vec();
+    Ok(model)
+}
+
+pub fn run(args: TrainArgs) -> Result<()> {
+    install_interrupt_handler();
+    let mut run = match &args.resume {
+        Some(dir) => Run::open(dir)?,
+        None => {
+            let config = config_from(&args);
+            let spec: DataSpec = config.data.parse()?;
+            // Images are loaded at the model's input size.
+            let size = match (&args.init, &args.arch.arch) {
+                (Some(p), _) => checkpoint::load(p)?.meta.preprocessing.input_size[0],
+                (None, _) => {
+                    Preprocessing::for_stem(args.arch.stem.unwrap_or_default()).input_size[0]
+                }
+            };
+            let data = spec.load(&LoadOptions {
+                size,
+                train_limit: config.train_limit,
+                test_limit: config.test_limit,
+                seed: config.seed,
+                ..Default::default()
+            })?;
+            let mut model = initial_model(&args, &data.class_names, args.seed)?;
+            model.meta.preprocessing = Preprocessing {
+                input_size: [size, size],
+                mean: data.mean,
+                std: data.std,
+            };
+            let out = args
+                .output
+                .as_ref()
+                .expect("clap requires --output without --resume");
+            let run = Run::create(out, config, model)?;
+            return train_and_report(run, Some(data), &args);
+        }
+    };
+    run.model.meta.provenance.command = std::env::args().collect::<Vec<_>>().join(" ");
+    train_and_report(run, None, &args)
+}
+
+fn train_and_report(
+    mut run: Run,
+    data: Option<slimcandle::data::Dataset>,
+    args: &TrainArgs,
+) -> Result<()> {
+    let data = match data {
+        Some(d) => d,
+        None => {
+            let c = &run.config;
+            let size = run.model.meta.preprocessing.input_size[0];
+            c.data.parse::<DataSpec>()?.load(&LoadOptions {
+                size,
+                train_limit: c.train_limit,
+                test_limit: c.test_limit,
+                seed: c.seed,
+                ..Default::default()
+            })?
+        }
+    };
+    slimcandle::eval::check_classes(&run.model.meta.class_names, &data.class_names, &data.source)?;
+    eprintln!(
+        "training {} on {} ({} train / {} test images, {} classes) for {} epochs -> {}",
+        run.model
+            .meta
+            .arch
+            .as_ref()
+            .map(|a| a.variant_name())
+            .unwrap_or_else(|| "model".into()),
+        data.source,
+        data.train.len(),
+        data.test.len(),
+        data.class_names.len(),
+        run.config.epochs,
+        run.paths.dir.display()
+    );
+    let mut observer = Bars {
+        bar: None,
+        stop_after: args.stop_after_steps,
+        steps: 0,
+    };
+    let outcome = run.train(&data, &STOP, &mut observer)?;
+    let dir = run.paths.dir.display().to_string();
+    match outcome {
+        Outcome::Finished { best_top1, last } => {
+            if args.json {
+                super::print_json(
+                    &json!({ "run_dir": dir, "finished": true, "best_top1": best_top1, "last": last }),
+                );
+            } else {
+                let last_top1 = last
+                    .and_then(|m| m.test_top1)
+                    .map(|t| format!("{t:.2}%"))
+                    .unwrap_or("-".into());
+                let best = best_top1.map(|t| format!("{t:.2}%")).unwrap_or("-".into());
+                println!(
+                    "finished: last test top-1 {last_top1}, best {best}; checkpoints in {dir}/last.safetensors and best.safetensors"
+                );
+            }
+        }
+        Outcome::Interrupted { epoch, next_batch } => {
+            if args.json {
+                super::print_json(
+                    &json!({ "run_dir": dir, "finished": false, "epoch": epoch, "next_batch": next_batch }),
+                );
+            } else {
+                println!(
+                    "interrupted at epoch {} batch {next_batch}; continue with `slimcandle train --resume {dir}`",
+                    epoch + 1
+                );
+            }
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,400 @@
+//! Max and average pooling with PyTorch's padding and ceil-mode rules, as Candle custom ops
+//! with backward passes. Candle's own pooling has no backward when windows overlap
+//! (kernel 3, stride 2), which SqueezeNet and both ShuffleNets use.
+
+use crate::graph::shape::pooled_len;
+use candle_core::{CpuStorage, CustomOp1, CustomOp2, Layout, Result, Shape, Tensor, bail};
+use rayon::prelude::*;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    /// Padding never wins the max.
+    Max,
+    /// Zero padding counted in the divisor (PyTorch's `count_include_pad=True`).
+    Avg,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Pool {
+    kind: Kind,
+    kernel: usize,
+    stride: usize,
+    padding: usize,
+    n: usize,
+    c: usize,
+    h: usize,
+    w: usize,
+    oh: usize,
+    ow: usize,
+}
+
+/// The float types pooling runs on (f64 serves gradient checks against references).
+trait Float:
+    Copy
+    + Send
+    + Sync
+    + PartialOrd
+    + std::iter::Sum
+    + std::ops::AddAssign
+    + std::ops::Div<Output = Self>
+{
+    const NEG_INFINITY: Self;
+    const ZERO: Self;
+    fn from_usize(n: usize) -> Self;
+    fn is_nan(self) -> bool;
+}
+
+macro_rules! float_impl {
+    ($t:ty) => {
+        impl Float for $t {
+            const NEG_INFINITY: Self = <$t>::NEG_INFINITY;
+            const ZERO: Self = 0.0;
+            fn from_usize(n: usize) -> Self {
+                n as $t
+            }
+            fn is_nan(self) -> bool {
+                <$t>::is_nan(self)
+            }
+        }
+    };
+}
+float_impl!(f32);
+float_impl!(f64);
+
+fn contiguous<'a, T>(data: &'a [T], layout: &Layout) -> Result<&'a [T]> {
+    match layout.contiguous_offsets() {
+        Some((start, end)) => Ok(&data[start..end]),
+        None => bail!("pooling expects a contiguous tensor"),
+    }
+}
+
+type Range = std::ops::Range<usize>;
+
+impl Pool {
+    /// The valid input window of output (oy, ox): row and column ranges (PyTorch clips a
+    /// window to the input; for average pooling the divisor counts the padded area).
+    fn window(&self, oy: usize, ox: usize) -> (Range, Range, usize) {
+        let y0 = (oy * self.stride) as isize - self.padding as isize;
+        let x0 = (ox * self.stride) as isize - self.padding as isize;
+        let y1 = (y0 + self.kernel as isize).min((self.h + self.padding) as isize);
+        let x1 = (x0 + self.kernel as isize).min((self.w + self.padding) as isize);
+        let area = ((y1 - y0) * (x1 - x0)) as usize;
+        let clip = |a: isize, hi: usize| a.clamp(0, hi as isize) as usize;
+        (
+            clip(y0, self.h)..clip(y1, self.h),
+            clip(x0, self.w)..clip(x1, self.w),
+            area,
+        )
+    }
+
+    /// Position (within the plane) of the first maximum of a window, as PyTorch picks it.
+    fn argmax<T: Float>(&self, plane: &[T], ys: Range, xs: Range) -> usize {
+        let mut best = (T::NEG_INFINITY, ys.start * self.w + xs.start);
+        for y in ys {
+            for x in xs.clone() {
+                let v = plane[y * self.w + x];
+                if v.is_nan() {
+                    return y * self.w + x;
+                }
+                if v > best.0 {
+                    best = (v, y * self.w + x);
+                }
+            }
+        }
+        best.1
+    }
+
+    fn forward<T: Float>(&self, x: &[T]) -> Vec<T> {
+        let (plane_in, plane_out) = (self.h * self.w, self.oh * self.ow);
+        let mut out = vec![T::ZERO; self.n * self.c * plane_out];
+        out.par_chunks_mut(plane_out)
+            .zip(x.par_chunks(plane_in))
+            .for_each(|(o, plane)| {
+                for oy in 0..self.oh {
+                    for ox in 0..self.ow {
+                        let (ys, xs, area) = self.window(oy, ox);
+                        o[oy * self.ow + ox] = match self.kind {
+                            Kind::Max => plane[self.argmax(plane, ys, xs)],
+                            Kind::Avg => {
+                                let mut sum = T::ZERO;
+                                for y in ys {
+                                    sum += plane[y * self.w + xs.start..y * self.w + xs.end]
+                                        .iter()
+                                        .copied()
+                                        .sum::<T>();
+                                }
+                                sum / T::from_usize(area)
+                            }
+                        };
+                    }
+                }
+            });
+        out
+    }
+
+    /// Input gradient from the input `x` and the output gradient `g`.
+    fn backward<T: Float>(&self, x: &[T], g: &[T]) -> Vec<T> {
+        let (plane_in, plane_out) = (self.h * self.w, self.oh * self.ow);
+        let mut dx = vec![T::ZERO; x.len()];
+        dx.par_chunks_mut(plane_in)
+            .zip(x.par_chunks(plane_in))
+            .zip(g.par_chunks(plane_out))
+            .for_each(|((d, plane), go)| {
+                for oy in 0..self.oh {
+                    for ox in 0..self.ow {
+                        let (ys, xs, area) = self.window(oy, ox);
+                        let gv = go[oy * self.ow + ox];
+                        match self.kind {
+                            Kind::Max => d[self.argmax(plane, ys, xs)] += gv,
+                            Kind::Avg => {
+                                let share = gv / T::from_usize(area);
+                                for y in ys {
+                                    for v in &mut d[y * self.w + xs.start..y * self.w + xs.end] {
+                                        *v += share;
+                                    }
+                                }
+                            }
+                        }
+                    }
+                }
+            });
+        dx
+    }
+}
+
+impl CustomOp1 for Pool {
+    fn name(&self) -> &'static str {
+        match self.kind {
+            Kind::Max => "max_pool2d",
+            Kind::Avg => "avg_pool2d",
+        }
+    }
+
+    fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
+        let shape = Shape::from((self.n, self.c, self.oh, self.ow));
+        match storage {
+            CpuStorage::F32(x) => {
+                Ok((CpuStorage::F32(self.forward(contiguous(x, layout)?)), shape))
+            }
+            CpuStorage::F64(x) => {
+                Ok((CpuStorage::F64(self.forward(contiguous(x, layout)?)), shape))
+            }
+            _ => bail!("pooling expects f32 or f64 tensors"),
+        }
+    }
+
+    fn bwd(&self, arg: &Tensor, _res: &Tensor, grad_res: &Tensor) -> Result<Option<Tensor>> {
+        let grad = arg.apply_op2_no_bwd(&grad_res.contiguous()?, &PoolBackward(*self))?;
+        Ok(Some(grad))
+    }
+}
+
+/// Gradient of [`Pool`] with respect to its input: takes the input and the output gradient.
+struct PoolBackward(Pool);
+
+impl CustomOp2 for PoolBackward {
+    fn name(&self) -> &'static str {
+        "pool2d_backward"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let p = &self.0;
+        let shape = Shape::from((p.n, p.c, p.h, p.w));
+        match (s1, s2) {
+            (CpuStorage::F32(x), CpuStorage::F32(g)) => Ok((
+                CpuStorage::F32(p.backward(contiguous(x, l1)?, contiguous(g, l2)?)),
+                shape,
+            )),
+            (CpuStorage::F64(x), CpuStorage::F64(g)) => Ok((
+                CpuStorage::F64(p.backward(contiguous(x, l1)?, contiguous(g, l2)?)),
+                shape,
+            )),
+            _ => bail!("pooling backward expects matching f32 or f64 tensors"),
+        }
+    }
+}
+
+fn pool(
+    x: &Tensor,
+    kind: Kind,
+    kernel: usize,
+    stride: usize,
+    padding: usize,
+    ceil: bool,
+) -> Result<Tensor> {
+    let (n, c, h, w) = x.dims4()?;
+    if 2 * padding > kernel {
+        bail!("pool padding {padding} must be at most half the kernel {kernel}");
+    }
+    let (Some(oh), Some(ow)) = (
+        pooled_len(h, kernel, stride, padding, 1, ceil),
+        pooled_len(w, kernel, stride, padding, 1, ceil),
+    ) else {
+        bail!("a {h}x{w} input is too small for a {kernel}x{kernel} pooling window")
+    };
+    let op = Pool {
+        kind,
+        kernel,
+        stride,
+        padding,
+        n,
+        c,
+        h,
+        w,
+        oh,
+        ow,
+    };
+    x.contiguous()?.apply_op1(op)
+}
+
+/// PyTorch's `max_pool2d` (padding never selected; ceil mode supported).
+pub fn max_pool2d(
+    x: &Tensor,
+    kernel: usize,
+    stride: usize,
+    padding: usize,
+    ceil_mode: bool,
+) -> Result<Tensor> {
+    pool(x, Kind::Max, kernel, stride, padding, ceil_mode)
+}
+
+/// PyTorch's `avg_pool2d` with `count_include_pad=True`.
+pub fn avg_pool2d(
+    x: &Tensor,
+    kernel: usize,
+    stride: usize,
+    padding: usize,
+    ceil_mode: bool,
+) -> Result<Tensor> {
+    pool(x, Kind::Avg, kernel, stride, padding, ceil_mode)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{Device, Var};
+
+    fn input(n: usize, c: usize, h: usize, w: usize, seed: u64) -> Tensor {
+        let mut rng = crate::rng::Rng::new(seed);
+        let v: Vec<f32> = (0..n * c * h * w).map(|_| rng.normal() as f32).collect();
+        Tensor::from_vec(v, (n, c, h, w), &Device::Cpu).unwrap()
+    }
+
+    /// Reference: zero/-inf padding then a brute-force window loop in f64.
+    fn reference(x: &Tensor, kind: Kind, k: usize, s: usize, p: usize, ceil: bool) -> Vec<f32> {
+        let (n, c, h, w) = x.dims4().unwrap();
+        let v: Vec<f32> = x.flatten_all().unwrap().to_vec1().unwrap();
+        let oh = pooled_len(h, k, s, p, 1, ceil).unwrap();
+        let ow = pooled_len(w, k, s, p, 1, ceil).unwrap();
+        let mut out = Vec::new();
+        for plane in v.chunks(h * w).take(n * c) {
+            for oy in 0..oh {
+                for ox in 0..ow {
+                    let (mut best, mut sum, mut area) = (f64::NEG_INFINITY, 0f64, 0usize);
+                    for dy in 0..k {
+                        for dx in 0..k {
+                            let (y, x) = (
+                                (oy * s + dy) as isize - p as isize,
+                                (ox * s + dx) as isize - p as isize,
+                            );
+                            if y >= (h + p) as isize || x >= (w + p) as isize {
+                                continue;
+                            }
+                            area += 1;
+                            if y >= 0 && x >= 0 && y < h as isize && x < w as isize {
+                                let val = plane[y as usize * w + x as usize] as f64;
+                                best = best.max(val);
+                                sum += val;
+                            }
+                        }
+                    }
+                    out.push(if kind == Kind::Max {
+                        best as f32
+                    } else {
+                        (sum / area as f64) as f32
+                    });
+                }
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn forward_matches_reference_and_backward_matches_finite_differences() {
+        for (kind, k, s, p, ceil, h, w) in [
+            (Kind::Max, 3, 2, 0, true, 13, 13),
+            (Kind::Max, 3, 2, 1, false, 7, 9),
+            (Kind::Max, 3, 2, 0, true, 6, 5),
+            (Kind::Max, 2, 2, 0, false, 8, 8),
+            (Kind::Avg, 3, 2, 1, false, 7, 9),
+            (Kind::Avg, 3, 1, 1, false, 5, 4),
+            (Kind::Avg, 2, 2, 0, true, 5, 5),
+        ] {
+            let x = input(2, 3, h, w, (h * 31 + w) as u64);
+            let got = pool(&x, kind, k, s, p, ceil).unwrap();
+            let want = reference(&x, kind, k, s, p, ceil);
+            let got_v: Vec<f32> = got.flatten_all().unwrap().to_vec1().unwrap();
+            assert_eq!(got_v.len(), want.len());
+            for (a, b) in got_v.iter().zip(&want) {
+                assert!((a - b).abs() < 1e-5, "{kind:?} k{k} s{s} p{p}: {a} vs {b}");
+            }
+            // Backward of sum(pool(x) * r) against central differences.
+            let r = input(2, 3, got.dim(2).unwrap(), got.dim(3).unwrap(), 99);
+            let var = Var::from_tensor(&x).unwrap();
+            let loss = (pool(var.as_tensor(), kind, k, s, p, ceil).unwrap() * &r)
+                .unwrap()
+                .sum_all()
+                .unwrap();
+            let grad: Vec<f32> = loss
+                .backward()
+                .unwrap()
+                .get(var.as_tensor())
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1()
+                .unwrap();
+            let base: Vec<f32> = x.flatten_all().unwrap().to_vec1().unwrap();
+            let rv: Vec<f32> = r.flatten_all().unwrap().to_vec1().unwrap();
+            let f = |v: &[f32]| -> f64 {
+                let t = Tensor::from_slice(v, x.dims(), &Device::Cpu).unwrap();
+                reference(&t, kind, k, s, p, ceil)
+                    .iter()
+                    .zip(&rv)
+                    .map(|(a, b)| *a as f64 * *b as f64)
+                    .sum()
+            };
+            for i in (0..base.len()).step_by(7) {
+                let eps = 1e-3;
+                let mut plus = base.clone();
+                plus[i] += eps;
+                let mut minus = base.clone();
+                minus[i] -= eps;
+                let numeric = (f(&plus) - f(&minus)) / (2.0 * eps as f64);
+                assert!(
+                    (numeric - grad[i] as f64).abs() < 1e-2,
+                    "{kind:?} grad {i}: {numeric} vs {}",
+                    grad[i]
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn non_contiguous_input_and_too_small_input() {
+        let x = input(1, 4, 9, 9, 5).transpose(2, 3).unwrap();
+        let a = max_pool2d(&x, 3, 2, 1, false).unwrap();
+        let b = max_pool2d(&x.contiguous().unwrap(), 3, 2, 1, false).unwrap();
+        assert_eq!(
+            a.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+            b.flatten_all().unwrap().to_vec1::<f32>().unwrap()
+        );
+        assert!(max_pool2d(&input(1, 1, 2, 2, 1), 3, 2, 0, false).is_err());
+    }
+}

@@ -1,0 +1,410 @@
+//! Training: the loop, its run directory, checkpoints and exact resume.
+//!
+//! A run directory holds `config.json`, `metrics.jsonl` (one JSON line per epoch),
+//! `last.safetensors` and `best.safetensors` (lean, deployable checkpoints) and
+//! `resume.safetensors` (model, optimizer buffers and progress: everything needed to continue
+//! so that the result equals an uninterrupted run). All are written atomically.
+
+pub mod loss;
+pub mod optimizer;
+pub mod schedule;
+
+use crate::checkpoint;
+use crate::data::{Augment, BatchLoader, Dataset, EpochPlan};
+use crate::eval::{EvalReport, evaluate};
+use crate::exec::forward_train;
+use crate::model::{Model, Provenance};
+use crate::rng::Rng;
+use crate::tensor_file::write_bytes_atomic;
+use anyhow::{Context, Result, bail};
+use loss::{cross_entropy, top_k};
+use optimizer::{Optimizer, OptimizerKind};
+use schedule::{LrPlan, Schedule};
+use serde::{Deserialize, Serialize};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Instant;
+
+/// Everything that decides a run's result; stored in `config.json` and reused on resume.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TrainConfig {
+    /// The `--data` specification.
+    pub data: String,
+    pub train_limit: Option<usize>,
+    pub test_limit: Option<usize>,
+    pub epochs: usize,
+    pub batch_size: usize,
+    pub optimizer: OptimizerKind,
+    /// Peak learning rate.
+    pub lr: f64,
+    pub weight_decay: f64,
+    pub schedule: Schedule,
+    pub warmup_epochs: f64,
+    pub label_smoothing: f64,
+    pub augment: Option<Augment>,
+    pub seed: u64,
+}
+
+/// Progress of a run, saved with the resume state.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct Progress {
+    /// Epoch in progress (0-based) and the next batch of it.
+    pub epoch: usize,
+    pub next_batch: usize,
+    pub global_step: usize,
+    pub best_top1: Option<f64>,
+    /// Running sums of the epoch in progress.
+    pub loss_sum: f64,
+    pub correct: usize,
+    pub seen: usize,
+}
+
+/// One line of `metrics.jsonl`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct EpochMetrics {
+    pub epoch: usize,
+    pub train_loss: f64,
+    pub train_top1: f64,
+    pub test_loss: Option<f64>,
+    pub test_top1: Option<f64>,
+    pub test_top5: Option<f64>,
+    pub lr: f64,
+    pub images_per_s: f64,
+    pub seconds: f64,
+}
+
+/// What the caller sees while training runs (the CLI draws progress bars with it).
+pub trait Observer {
+    fn epoch_start(&mut self, _epoch: usize, _epochs: usize, _batches: usize, _first_batch: usize) {
+    }
+    fn step(&mut self, _batch: usize, _loss: f64, _top1: f64, _images_per_s: f64) {}
+    fn epoch_end(&mut self, _metrics: &EpochMetrics) {}
+}
+
+pub struct NoObserver;
+impl Observer for NoObserver {}
+
+pub enum Outcome {
+    Finished {
+        best_top1: Option<f64>,
+        last: Option<EpochMetrics>,
+    },
+    /// Stopped by the stop flag; the run directory holds a resumable state.
+    Interrupted { epoch: usize, next_batch: usize },
+}
+
+pub struct RunPaths {
+    pub dir: PathBuf,
+}
+
+impl RunPaths {
+    pub fn new(dir: &Path) -> RunPaths {
+        RunPaths {
+            dir: dir.to_path_buf(),
+        }
+    }
+    pub fn config(&self) -> PathBuf {
+        self.dir.join("config.json")
+    }
+    pub fn metrics(&self) -> PathBuf {
+        self.dir.join("metrics.jsonl")
+    }
+    pub fn last(&self) -> PathBuf {
+        self.dir.join("last.safetensors")
+    }
+    pub fn best(&self) -> PathBuf {
+        self.dir.join("best.safetensors")
+    }
+    pub fn resume(&self) -> PathBuf {
+        self.dir.join("resume.safetensors")
+    }
+}
+
+/// A run in a directory: the model being trained, its optimizer and progress.
+pub struct Run {
+    pub paths: RunPaths,
+    pub config: TrainConfig,
+    pub model: Model,
+    optimizer: Optimizer,
+    pub progress: Progress,
+}
+
+impl Run {
+    /// Starts a new run in `dir` (created if needed; an existing run there is refused).
+    pub fn create(dir: &Path, config: TrainConfig, model: Model) -> Result<Run> {
+        let paths = RunPaths::new(dir);
+        if paths.resume().exists() || paths.metrics().exists() {
+            bail!(
+                "`{}` already holds a run: continue it with --resume, or choose another folder",
+                dir.display()
+            );
+        }
+        std::fs::create_dir_all(dir)
+            .with_context(|| format!("cannot create run folder `{}`", dir.display()))?;
+        if config.epochs == 0 || config.batch_size == 0 {
+            bail!("--epochs and --batch-size must be at least 1");
+        }
+        write_bytes_atomic(
+            &paths.config(),
+            serde_json::to_string_pretty(&config)?.as_bytes(),
+        )?;
+        let optimizer = Optimizer::new(
+            config.optimizer,
+            config.weight_decay,
+            &model.graph,
+            &model.weights,
+        );
+        Ok(Run {
+            paths,
+            config,
+            model,
+            optimizer,
+            progress: Progress::default(),
+        })
+    }
+
+    /// Reopens the run in `dir` from its resume state.
+    pub fn open(dir: &Path) -> Result<Run> {
+        let paths = RunPaths::new(dir);
+        let text = std::fs::read_to_string(paths.config()).with_context(|| {
+            format!(
+                "`{}` is not a run folder (no readable config.json)",
+                dir.display()
+            )
+        })?;
+        let config: TrainConfig = serde_json::from_str(&text)
+            .map_err(|e| anyhow::anyhow!("`{}`: {e}", paths.config().display()))?;
+        let (model, extras) = checkpoint::load_with_extras(&paths.resume(), "optimizer.")?;
+        let progress: Progress = serde_json::from_str(
+            extras
+                .metadata
+                .get("progress")
+                .map(String::as_str)
+                .context("resume state has no progress entry")?,
+        )?;
+        let mut optimizer = Optimizer::new(
+            config.optimizer,
+            config.weight_decay,
+            &model.graph,
+            &model.weights,
+        );
+        optimizer.load_state(extras.tensors, progress.global_step as u64)?;
+        let run = Run {
+            paths,
+            config,
+            model,
+            optimizer,
+            progress,
+        };
+        run.drop_metrics_after(run.progress.epoch)?;
+        Ok(run)
+    }
+
+    /// Removes metric lines of epochs the resume state does not include (written just before
+    /// an interruption), so that a resumed run's log equals an uninterrupted one's.
+    fn drop_metrics_after(&self, epochs_done: usize) -> Result<()> {
+        let Ok(text) = std::fs::read_to_string(self.paths.metrics()) else {
+            return Ok(());
+        };
+        let kept: Vec<&str> = text
+            .lines()
+            .filter(|l| {
+                serde_json::from_str::<EpochMetrics>(l).is_ok_and(|m| m.epoch <= epochs_done)
+            })
+            .collect();
+        if kept.len() != text.lines().count() {
+            let mut out = kept.join("\n");
+            out.push('\n');
+            write_bytes_atomic(&self.paths.metrics(), out.trim_start().as_bytes())?;
+        }
+        Ok(())
+    }
+
+    fn lr_plan(&self, steps_per_epoch: usize) -> LrPlan {
+        LrPlan {
+            schedule: self.config.schedule,
+            lr: self.config.lr,
+            total_steps: steps_per_epoch * self.config.epochs,
+            warmup_steps: (self.config.warmup_epochs * steps_per_epoch as f64).round() as usize,
+            steps_per_epoch,
+        }
+    }
+
+    fn save_resume(&self) -> Result<()> {
+        let optimizer: Vec<(String, candle_core::Tensor)> = self
+            .optimizer
+            .state()
+            .into_iter()
+            .map(|(n, t)| (format!("optimizer.{n}"), t))
+            .collect();
+        let progress = serde_json::to_string(&self.progress)?;
+        checkpoint::save_with_extras(
+            &self.model,
+            &self.paths.resume(),
+            optimizer,
+            vec![("progress".into(), progress)],
+        )
+    }
+
+    fn save_model(&mut self, path: &Path, what: &str) -> Result<()> {
+        let previous = self.model.meta.provenance.clone();
+        self.model.meta.provenance = Provenance {
+            source: format!(
+                "{what} of training run `{}` on {}",
+                self.paths.dir.display(),
+                self.config.data
+            ),
+            ..previous.clone()
+        };
+        let result = checkpoint::save(&self.model, path);
+        self.model.meta.provenance = previous;
+        result
+    }
+
+    /// Trains until the last epoch or until `stop` is set (checked after every step).
+    pub fn train(
+        &mut self,
+        data: &Dataset,
+        stop: &AtomicBool,
+        observer: &mut dyn Observer,
+    ) -> Result<Outcome> {
+        let cfg = self.config.clone();
+        let steps_per_epoch = data.train.len().div_ceil(cfg.batch_size);
+        if steps_per_epoch == 0 {
+            bail!("{}: the training split is empty", data.source);
+        }
+        let plan = self.lr_plan(steps_per_epoch);
+        let mut last = None;
+        while self.progress.epoch < cfg.epochs {
+            let epoch = self.progress.epoch;
+            let loader = BatchLoader::new(
+                data.train.clone(),
+                EpochPlan {
+                    batch_size: cfg.batch_size,
+                    mean: data.mean,
+                    std: data.std,
+                    augment: cfg.augment,
+                    shuffle: Some((cfg.seed, epoch)),
+                    start_batch: self.progress.next_batch,
+                },
+            );
+            observer.epoch_start(
+                epoch,
+                cfg.epochs,
+                loader.num_batches,
+                self.progress.next_batch,
+            );
+            let started = Instant::now();
+            let mut images_this_session = 0usize;
+            let mut lr = plan.at(self.progress.global_step).0;
+            for batch in loader {
+                let batch = batch?;
+                let (step_lr, momentum) = plan.at(self.progress.global_step);
+                lr = step_lr;
+                let dropout_seed =
+                    Rng::new(cfg.seed ^ 0xd1 ^ (self.progress.global_step as u64) << 20).next_u64();
+                let logits = forward_train(
+                    &self.model.graph,
+                    &self.model.weights,
+                    &batch.x,
+                    dropout_seed,
+                )?;
+                let labels = batch.label_tensor()?;
+                let loss = cross_entropy(&logits, &labels, cfg.label_smoothing)?;
+                let grads = loss.backward()?;
+                self.optimizer.step(&grads, lr, momentum)?;
+                let n = batch.labels.len();
+                let loss_value = loss.to_scalar::<f32>()? as f64;
+                let correct = top_k(&logits.detach(), 1)?
+                    .iter()
+                    .zip(&batch.labels)
+                    .filter(|(p, l)| p[0] == **l as usize)
+                    .count();
+                self.progress.loss_sum += loss_value * n as f64;
+                self.progress.correct += correct;
+                self.progress.seen += n;
+                self.progress.global_step += 1;
+                self.progress.next_batch = batch.index + 1;
+                images_this_session += n;
+                let rate = images_this_session as f64 / started.elapsed().as_secs_f64().max(1e-9);
+                observer.step(
+                    batch.index,
+                    self.progress.loss_sum / self.progress.seen as f64,
+                    100.0 * self.progress.correct as f64 / self.progress.seen as f64,
+                    rate,
+                );
+                if stop.load(Ordering::SeqCst) && self.progress.next_batch < steps_per_epoch {
+                    self.save_model(
+                        &self.paths.last(),
+                        &format!(
+                            "epoch {epoch} batch {} (interrupted)",
+                            self.progress.next_batch
+                        ),
+                    )?;
+                    self.save_resume()?;
+                    return Ok(Outcome::Interrupted {
+                        epoch,
+                        next_batch: self.progress.next_batch,
+                    });
+                }
+            }
+            let seconds = started.elapsed().as_secs_f64();
+            let test: Option<EvalReport> = if data.test.is_empty() {
+                None
+            } else {
+                Some(evaluate(&self.model, data.test.clone(), 256)?)
+            };
+            let metrics = EpochMetrics {
+                epoch: epoch + 1,
+                train_loss: self.progress.loss_sum / self.progress.seen.max(1) as f64,
+                train_top1: 100.0 * self.progress.correct as f64 / self.progress.seen.max(1) as f64,
+                test_loss: test.as_ref().map(|t| t.loss),
+                test_top1: test.as_ref().map(|t| t.top1),
+                test_top5: test.as_ref().map(|t| t.top5),
+                lr,
+                images_per_s: images_this_session as f64 / seconds.max(1e-9),
+                seconds,
+            };
+            self.append_metrics(&metrics)?;
+            self.progress = Progress {
+                epoch: epoch + 1,
+                global_step: self.progress.global_step,
+                best_top1: self.progress.best_top1,
+                ..Default::default()
+            };
+            self.save_model(&self.paths.last(), &format!("epoch {}", epoch + 1))?;
+            let score = metrics.test_top1.unwrap_or(metrics.train_top1);
+            if self.progress.best_top1.is_none_or(|b| score > b) {
+                self.progress.best_top1 = Some(score);
+                self.save_model(
+                    &self.paths.best(),
+                    &format!("best epoch ({}, top-1 {score:.2}%)", epoch + 1),
+                )?;
+            }
+            self.save_resume()?;
+            observer.epoch_end(&metrics);
+            last = Some(metrics);
+            if stop.load(Ordering::SeqCst) && self.progress.epoch < cfg.epochs {
+                return Ok(Outcome::Interrupted {
+                    epoch: self.progress.epoch,
+                    next_batch: 0,
+                });
+            }
+        }
+        Ok(Outcome::Finished {
+            best_top1: self.progress.best_top1,
+            last,
+        })
+    }
+
+    fn append_metrics(&self, m: &EpochMetrics) -> Result<()> {
+        use std::io::Write;
+        let mut f = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.paths.metrics())
+            .with_context(|| format!("cannot write `{}`", self.paths.metrics().display()))?;
+        writeln!(f, "{}", serde_json::to_string(m)?)?;
+        Ok(())
+    }
+}
