@@ -1,5 +1,6 @@
 //! slimcandle: build, train, compress and ship small CNNs on Candle.
 
+pub mod bench;
 pub mod checkpoint;
 pub mod data;
 pub mod eval;

@@ -1,24 +1,15 @@
 //! Classifying image files with a checkpoint's own preprocessing and class names.
 
-use crate::data::resize_center_crop;
+use crate::data::{read_image_chw, resize_center_crop};
 use crate::exec::Mode;
 use crate::model::Model;
-use anyhow::{Context, Result};
+use anyhow::Result;
 use candle_core::{D, Device, Tensor};
 use std::path::PathBuf;
 
 /// Decodes an image file into a normalised 1 x 3 x S x S tensor for `model`.
 pub fn load_image(model: &Model, path: &std::path::Path) -> Result<Tensor> {
-    let img = image::open(path)
-        .with_context(|| format!("cannot decode image `{}`", path.display()))?
-        .to_rgb8();
-    let (w, h) = (img.width() as usize, img.height() as usize);
-    let mut chw = vec![0u8; 3 * w * h];
-    for (i, px) in img.pixels().enumerate() {
-        for c in 0..3 {
-            chw[c * w * h + i] = px[c];
-        }
-    }
+    let (chw, w, h) = read_image_chw(path)?;
     let p = &model.meta.preprocessing;
     let size = p.input_size[0];
     let pixels = resize_center_crop(&chw, w, h, size);

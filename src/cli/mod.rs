@@ -1,6 +1,7 @@
 //! Command-line parsing and dispatch. Results go to stdout, diagnostics to stderr; `--json`
 //! prints one JSON document with stable snake_case keys.
 
+mod bench;
 mod eval;
 mod forward;
 mod import;
@@ -56,6 +57,11 @@ enum Command {
         after_help = "Example: slimcandle predict runs/mnv2/best.safetensors cat.jpg dog.png --top-k 3"
     )]
     Predict(predict::PredictArgs),
+    /// Measure training or inference throughput (images/s) and peak memory.
+    #[command(
+        after_help = "Example: slimcandle bench --arch mobilenet_v2 --stem cifar --batch 64 --size 32 --mode train"
+    )]
+    Bench(bench::BenchArgs),
     /// Run every 4-D float tensor of a safetensors file through a checkpoint (eval mode).
     #[command(
         after_help = "Example: slimcandle forward model.safetensors inputs.safetensors -o logits.safetensors"
@@ -107,6 +113,7 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Inspect(a) => inspect::run(a),
         Command::Forward(a) => forward::run(a),
         Command::Train(a) => train::run(*a),
+        Command::Bench(a) => bench::run(a),
         Command::Eval(a) => eval::run(a),
         Command::Predict(a) => predict::run(a),
     }

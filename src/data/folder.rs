@@ -2,7 +2,7 @@
 //! by a seeded fraction. Class names are the folder names, sorted. Images are decoded in
 //! parallel and resized (shorter side) and center-cropped to the model's input size.
 
-use super::{Images, resize_center_crop};
+use super::{Images, read_image_chw, resize_center_crop};
 use crate::rng::Rng;
 use anyhow::{Context, Result, bail};
 use rayon::prelude::*;
@@ -62,16 +62,7 @@ fn decode(files: &[(PathBuf, u32)], size: usize) -> Result<Images> {
     let decoded: Vec<Result<Vec<u8>>> = files
         .par_iter()
         .map(|(path, _)| {
-            let img = image::open(path)
-                .with_context(|| format!("cannot decode image `{}`", path.display()))?
-                .to_rgb8();
-            let (w, h) = (img.width() as usize, img.height() as usize);
-            let mut chw = vec![0u8; 3 * w * h];
-            for (i, px) in img.pixels().enumerate() {
-                for c in 0..3 {
-                    chw[c * w * h + i] = px[c];
-                }
-            }
+            let (chw, w, h) = read_image_chw(path)?;
             Ok(resize_center_crop(&chw, w, h, size))
         })
         .collect();
@@ -92,6 +83,15 @@ pub fn load(
         bail!("dataset folder `{}` does not exist", root.display());
     }
     let (train_dir, test_dir) = (root.join("train"), root.join("test"));
+    if train_dir.is_dir() != test_dir.is_dir() {
+        bail!(
+            "`{}` has a `train` or a `test` folder but not both: give both, or only class folders",
+            root.display()
+        );
+    }
+    if !(0.0..1.0).contains(&test_fraction) {
+        bail!("the test fraction must be in [0, 1), not {test_fraction}");
+    }
     if train_dir.is_dir() && test_dir.is_dir() {
         let classes: Vec<String> = class_dirs(&train_dir)?
             .into_iter()

@@ -89,6 +89,9 @@ fn load_split(dir: &Path, prefix: &str, size: usize) -> Result<Images> {
         );
     }
     let (h, w) = (dims[1], dims[2]);
+    if h == 0 || w == 0 {
+        bail!("`{}` has images of {h}x{w} pixels", img_path.display());
+    }
     let mut images = Images::new(size);
     let mut chw = vec![0u8; 3 * h * w];
     for (i, (img, &label)) in pixels.chunks_exact(h * w).zip(&labels).enumerate() {

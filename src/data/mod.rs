@@ -12,7 +12,7 @@ mod shapes;
 pub use loader::{Augment, Batch, BatchLoader, EpochPlan};
 
 use crate::rng::Rng;
-use anyhow::{Result, bail};
+use anyhow::{Context, Result, bail};
 use std::path::PathBuf;
 use std::sync::Arc;
 
@@ -168,9 +168,16 @@ impl std::str::FromStr for DataSpec {
                     "fashion-mnist",
                     "folder",
                 ];
+                // A known kind that starts with what was typed (`fashion`) beats a closer
+                // edit distance (`shapes`).
                 let best = known
                     .iter()
-                    .min_by_key(|k| crate::models::edit_distance(other, k))
+                    .min_by_key(|k| {
+                        (
+                            !k.starts_with(other),
+                            crate::models::edit_distance(other, k),
+                        )
+                    })
                     .unwrap();
                 bail!(
                     "unknown dataset kind `{other}` (did you mean `{best}`?); use one of {}",
@@ -272,6 +279,27 @@ impl DataSpec {
             std,
         })
     }
+}
+
+/// Decodes an image file into CHW RGB bytes with its width and height. The format comes from
+/// the content, so a PNG named `.jpg` (ImageNet has some) still decodes.
+pub fn read_image_chw(path: &std::path::Path) -> Result<(Vec<u8>, usize, usize)> {
+    let read = || -> Result<image::DynamicImage> {
+        Ok(image::ImageReader::open(path)?
+            .with_guessed_format()?
+            .decode()?)
+    };
+    let img = read()
+        .with_context(|| format!("cannot decode image `{}`", path.display()))?
+        .to_rgb8();
+    let (w, h) = (img.width() as usize, img.height() as usize);
+    let mut chw = vec![0u8; 3 * w * h];
+    for (i, px) in img.pixels().enumerate() {
+        for c in 0..3 {
+            chw[c * w * h + i] = px[c];
+        }
+    }
+    Ok((chw, w, h))
 }
 
 /// Resizes a CHW u8 image of `w` x `h` so that its shorter side is `size`, then center-crops

@@ -1,0 +1,102 @@
+//! Throughput measurement: images per second for training steps or inference, warm-up
+//! excluded, with the process's peak memory.
+
+use crate::exec::{Mode, forward_train};
+use crate::model::Model;
+use crate::rng::Rng;
+use crate::train::loss::cross_entropy;
+use crate::train::optimizer::{Optimizer, OptimizerKind};
+use anyhow::Result;
+use candle_core::{Device, Tensor};
+use serde::Serialize;
+use std::time::Instant;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum BenchMode {
+    /// Forward, backward and an SGD step, as in training.
+    Train,
+    /// Eval-mode forward.
+    Infer,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct BenchResult {
+    pub mode: BenchMode,
+    pub batch: usize,
+    pub size: usize,
+    pub iterations: usize,
+    pub images_per_s: f64,
+    pub ms_per_batch: f64,
+    /// Peak resident memory of the process so far, in bytes (Linux only).
+    pub peak_memory: Option<u64>,
+    pub threads: usize,
+}
+
+/// Peak resident set size (`VmHWM`) of this process.
+pub fn peak_memory() -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb * 1024)
+}
+
+/// Runs `warmup` untimed then `iterations` timed batches of random data through `model`.
+pub fn run(
+    model: &Model,
+    mode: BenchMode,
+    batch: usize,
+    size: usize,
+    warmup: usize,
+    iterations: usize,
+) -> Result<BenchResult> {
+    let mut rng = Rng::new(1);
+    let data: Vec<f32> = (0..batch * 3 * size * size)
+        .map(|_| rng.normal() as f32)
+        .collect();
+    let x = Tensor::from_vec(data, (batch, 3, size, size), &Device::Cpu)?;
+    let labels: Vec<u32> = (0..batch)
+        .map(|i| (i % model.num_classes()) as u32)
+        .collect();
+    let labels = Tensor::new(labels.as_slice(), &Device::Cpu)?;
+    let mut optimizer = Optimizer::new(
+        OptimizerKind::Sgd {
+            momentum: 0.9,
+            nesterov: true,
+        },
+        5e-4,
+        &model.graph,
+        &model.weights,
+    );
+    let mut step = |i: usize| -> Result<()> {
+        match mode {
+            BenchMode::Infer => {
+                model.forward(&x, Mode::Eval)?;
+            }
+            BenchMode::Train => {
+                let logits = forward_train(&model.graph, &model.weights, &x, i as u64)?;
+                let grads = cross_entropy(&logits, &labels, 0.0)?.backward()?;
+                optimizer.step(&grads, 1e-3, None)?;
+            }
+        }
+        Ok(())
+    };
+    for i in 0..warmup {
+        step(i)?;
+    }
+    let start = Instant::now();
+    for i in 0..iterations {
+        step(warmup + i)?;
+    }
+    let seconds = start.elapsed().as_secs_f64();
+    Ok(BenchResult {
+        mode,
+        batch,
+        size,
+        iterations,
+        images_per_s: (batch * iterations) as f64 / seconds,
+        ms_per_batch: 1000.0 * seconds / iterations as f64,
+        peak_memory: peak_memory(),
+        threads: candle_core::utils::get_num_threads(),
+    })
+}
