@@ -1,6 +1,7 @@
 //! Runs a [`Graph`] on Candle tensors, in eval mode or in train mode with autograd.
 
 use crate::graph::{Activation, Graph, Op};
+use crate::kernels;
 use crate::rng::Rng;
 use crate::weights::Weights;
 use anyhow::{Context, Result, bail};
@@ -117,7 +118,7 @@ fn run_op(
             bias,
             ..
         } => {
-            let y = x0().conv2d(&p("weight")?, *padding, *stride, *dilation, *groups)?;
+            let y = kernels::conv2d(x0(), &p("weight")?, *stride, *padding, *dilation, *groups)?;
             if *bias {
                 y.broadcast_add(&p("bias")?.reshape((1, (), 1, 1))?)?
             } else {
@@ -140,13 +141,7 @@ fn run_op(
         Op::ChannelMul => inputs[0].broadcast_mul(&inputs[1])?,
         Op::Concat => Tensor::cat(inputs, 1)?,
         Op::Slice { start, end } => x0().narrow(1, *start, end - start)?,
-        Op::ChannelShuffle { groups } => {
-            let (n, c, h, w) = x0().dims4()?;
-            x0().reshape((n, *groups, c / groups, h, w))?
-                .transpose(1, 2)?
-                .contiguous()?
-                .reshape((n, c, h, w))?
-        }
+        Op::ChannelShuffle { groups } => kernels::channel_shuffle(x0(), *groups)?,
         Op::MaxPool {
             kernel,
             stride,
@@ -180,9 +175,9 @@ fn dropout(x: &Tensor, rate: f64, seed: u64) -> Result<Tensor> {
 pub fn activation(x: &Tensor, act: Activation) -> Result<Tensor> {
     Ok(match act {
         Activation::Relu => x.relu()?,
-        Activation::Relu6 => x.clamp(0f32, 6f32)?,
-        Activation::Hardsigmoid => x.affine(1.0 / 6.0, 0.5)?.clamp(0f32, 1f32)?,
-        Activation::Hardswish => (x * x.affine(1.0 / 6.0, 0.5)?.clamp(0f32, 1f32)?)?,
+        Activation::Relu6 => kernels::relu6(x)?,
+        Activation::Hardsigmoid => kernels::hardsigmoid(x)?,
+        Activation::Hardswish => kernels::hardswish(x)?,
         Activation::Sigmoid => candle_nn::ops::sigmoid(x)?,
     })
 }
@@ -196,17 +191,11 @@ fn batch_norm(
     momentum: f64,
     mode: Mode,
 ) -> Result<Tensor> {
-    let per_channel = |t: Tensor| t.reshape((1, (), 1, 1));
-    let gamma = per_channel(p("weight")?)?;
-    let beta = per_channel(p("bias")?)?;
     match mode {
         Mode::Eval => {
-            let mean = p("running_mean")?;
-            let var = p("running_var")?;
-            let scale = (p("weight")? / (var + eps)?.sqrt()?)?;
-            let shift = (p("bias")? - (&mean * &scale)?)?;
-            Ok(x.broadcast_mul(&per_channel(scale)?)?
-                .broadcast_add(&per_channel(shift)?)?)
+            let scale = (p("weight")? / (p("running_var")? + eps)?.sqrt()?)?;
+            let shift = (p("bias")? - (p("running_mean")? * &scale)?)?;
+            Ok(kernels::batch_norm_eval(x, &scale, &shift)?)
         }
         Mode::Train => {
             let (n, _, h, w) = x.dims4()?;
@@ -216,25 +205,18 @@ fn batch_norm(
                     "batch norm in train mode needs more than one value per channel (batch {n}, {h}x{w})"
                 );
             }
-            let mean = x.mean_keepdim(0)?.mean_keepdim(2)?.mean_keepdim(3)?;
-            let centered = x.broadcast_sub(&mean)?;
-            let var = centered
-                .sqr()?
-                .mean_keepdim(0)?
-                .mean_keepdim(2)?
-                .mean_keepdim(3)?;
-            let y = centered.broadcast_div(&(&var + eps)?.sqrt()?)?;
+            let (y, mean, var) = kernels::batch_norm_train(x, &p("weight")?, &p("bias")?, eps)?;
             let running_mean = weights.var(&format!("{name}.running_mean"))?;
             let running_var = weights.var(&format!("{name}.running_var"))?;
-            let batch_mean = mean.detach().flatten_all()?;
-            let unbiased = (var.detach().flatten_all()? * (count as f64 / (count - 1) as f64))?;
-            running_mean.set(
-                &(running_mean.affine(1.0 - momentum, 0.0)? + batch_mean.affine(momentum, 0.0)?)?,
-            )?;
-            running_var.set(
-                &(running_var.affine(1.0 - momentum, 0.0)? + unbiased.affine(momentum, 0.0)?)?,
-            )?;
-            Ok(y.broadcast_mul(&gamma)?.broadcast_add(&beta)?)
+            let unbiased = (var * (count as f64 / (count - 1) as f64))?;
+            let update = |running: &candle_core::Var, batch: &Tensor| -> Result<()> {
+                let old = running.as_detached_tensor();
+                Ok(running
+                    .set(&(old.affine(1.0 - momentum, 0.0)? + batch.affine(momentum, 0.0)?)?)?)
+            };
+            update(running_mean, &mean)?;
+            update(running_var, &unbiased)?;
+            Ok(y)
         }
     }
 }

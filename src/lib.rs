@@ -7,6 +7,7 @@ pub mod eval;
 pub mod exec;
 pub mod graph;
 pub mod import;
+pub mod kernels;
 pub mod model;
 pub mod models;
 pub mod pool;

@@ -1,0 +1,347 @@
+//! Batch normalisation: train mode as one op with a closed-form backward, eval mode as one
+//! fused multiply-add per value.
+//!
+//! Why: composed from generic Candle ops, train-mode batch norm is a chain of reductions and
+//! broadcasts, each a full pass over the activations, and its backward retraces all of them.
+//! Here each channel's N x H x W values are handled by one task: the statistics, then `y`
+//! (the channel's data is still in cache for the second and third pass). The backward is
+//!
+//! ```text
+//! dbeta  = sum dy          dgamma = sum dy * xhat          (xhat = (x - mean) * invstd)
+//! dx     = gamma * invstd * (dy - dbeta / M - xhat * dgamma / M)      (M = N H W)
+//! ```
+//!
+//! with each plane's sums taken in f32 lanes and combined across planes in f64.
+
+use super::{
+    cpu::{SharedMut, all_cpu_f32, f32_slice, unpack},
+    reference,
+};
+use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, Tensor, bail};
+use rayon::prelude::*;
+use std::sync::{Arc, OnceLock};
+
+/// Sum of a slice in f32 lanes (vectorisable), returned in f64.
+#[inline]
+fn sum(v: &[f32]) -> f64 {
+    let mut lanes = [0f32; 16];
+    let mut chunks = v.chunks_exact(16);
+    for c in &mut chunks {
+        for i in 0..16 {
+            lanes[i] += c[i];
+        }
+    }
+    let rest: f32 = chunks.remainder().iter().sum();
+    lanes.iter().map(|&l| l as f64).sum::<f64>() + rest as f64
+}
+
+/// `sum (a - ca) * (b - cb)` in f32 lanes, returned in f64.
+#[inline]
+fn dot_centered(a: &[f32], ca: f32, b: &[f32], cb: f32) -> f64 {
+    let mut lanes = [0f32; 16];
+    let mut ac = a.chunks_exact(16);
+    let mut bc = b.chunks_exact(16);
+    for (x, y) in (&mut ac).zip(&mut bc) {
+        for i in 0..16 {
+            lanes[i] += (x[i] - ca) * (y[i] - cb);
+        }
+    }
+    let rest: f32 = ac
+        .remainder()
+        .iter()
+        .zip(bc.remainder())
+        .map(|(x, y)| (x - ca) * (y - cb))
+        .sum();
+    lanes.iter().map(|&l| l as f64).sum::<f64>() + rest as f64
+}
+
+/// Per-channel batch statistics of one forward pass.
+#[derive(Debug)]
+struct Stats {
+    mean: Vec<f32>,
+    /// Biased (divided by N H W).
+    var: Vec<f32>,
+    invstd: Vec<f32>,
+}
+
+/// `(n, c, h * w)` of an NCHW tensor.
+fn nc_plane(dims: &[usize]) -> Result<(usize, usize, usize)> {
+    match dims {
+        &[n, c, h, w] => Ok((n, c, h * w)),
+        _ => bail!("batch norm: expected an input of shape [N, C, H, W], got {dims:?}"),
+    }
+}
+
+fn check_channels(what: &str, t: &Tensor, c: usize) -> Result<()> {
+    if t.dims() != [c] {
+        bail!(
+            "batch norm: {what} must have shape [{c}], got {:?}",
+            t.dims()
+        )
+    }
+    Ok(())
+}
+
+/// Train-mode batch norm over an NCHW tensor with per-channel `gamma` and `beta` (shape
+/// [C]). Returns `(y, mean, var)`: `y` with autograd (gradients for `x`, `gamma` and `beta`),
+/// and the batch mean and biased variance as detached [C] tensors. The caller updates the
+/// running statistics (PyTorch uses the unbiased variance, `var * M / (M - 1)`, there).
+///
+/// Errors when a channel has fewer than two values (N H W < 2), as PyTorch does. Tensors that
+/// are not f32 on the CPU run the stock Candle composition.
+pub fn batch_norm_train(
+    x: &Tensor,
+    gamma: &Tensor,
+    beta: &Tensor,
+    eps: f64,
+) -> Result<(Tensor, Tensor, Tensor)> {
+    let (n, c, plane) = nc_plane(x.dims())?;
+    check_channels("gamma", gamma, c)?;
+    check_channels("beta", beta, c)?;
+    if n * plane < 2 {
+        bail!(
+            "batch norm in train mode needs more than one value per channel, got input shape {:?}",
+            x.dims()
+        )
+    }
+    if !all_cpu_f32(&[x, gamma, beta]) {
+        return reference::batch_norm_train(x, gamma, beta, eps);
+    }
+    let op = BatchNormTrain {
+        eps,
+        stats: Arc::new(OnceLock::new()),
+    };
+    let stats = op.stats.clone();
+    let y = x
+        .contiguous()?
+        .apply_op3(&gamma.contiguous()?, &beta.contiguous()?, op)?;
+    let stats = stats.get().expect("the forward pass sets the statistics");
+    let mean = Tensor::from_slice(&stats.mean, c, x.device())?;
+    let var = Tensor::from_slice(&stats.var, c, x.device())?;
+    Ok((y, mean, var))
+}
+
+/// Forward op `(x, gamma, beta) -> y`; records the statistics for the caller and backward.
+struct BatchNormTrain {
+    eps: f64,
+    stats: Arc<OnceLock<Stats>>,
+}
+
+impl CustomOp3 for BatchNormTrain {
+    fn name(&self) -> &'static str {
+        "slimcandle-batch-norm-train"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let x = f32_slice(s1, l1, self.name())?;
+        let gamma = f32_slice(s2, l2, self.name())?;
+        let beta = f32_slice(s3, l3, self.name())?;
+        let (n, c, plane) = nc_plane(l1.dims())?;
+        let count = (n * plane) as f64;
+        let mut y = vec![0f32; x.len()];
+        let out = SharedMut::new(&mut y);
+        let per_channel: Vec<(f32, f32, f32)> = (0..c)
+            .into_par_iter()
+            .map(|ch| {
+                let planes = || (0..n).map(move |i| (i * c + ch) * plane);
+                let mean = planes().map(|o| sum(&x[o..o + plane])).sum::<f64>() / count;
+                let m = mean as f32;
+                let var = planes()
+                    .map(|o| dot_centered(&x[o..o + plane], m, &x[o..o + plane], m))
+                    .sum::<f64>()
+                    / count;
+                let invstd = 1.0 / (var + self.eps).sqrt();
+                let scale = (gamma[ch] as f64 * invstd) as f32;
+                let shift = (beta[ch] as f64 - mean * gamma[ch] as f64 * invstd) as f32;
+                for o in planes() {
+                    // SAFETY: plane (n, ch) is written by this task only; `y` outlives it.
+                    let dst = unsafe { out.part(o, plane) };
+                    for (d, v) in dst.iter_mut().zip(&x[o..o + plane]) {
+                        *d = v * scale + shift;
+                    }
+                }
+                (m, var as f32, invstd as f32)
+            })
+            .collect();
+        let stats = Stats {
+            mean: per_channel.iter().map(|s| s.0).collect(),
+            var: per_channel.iter().map(|s| s.1).collect(),
+            invstd: per_channel.iter().map(|s| s.2).collect(),
+        };
+        // A second evaluation of the same op (not done by Candle) would keep the first stats.
+        let _ = self.stats.set(stats);
+        Ok((CpuStorage::F32(y), l1.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        gamma: &Tensor,
+        beta: &Tensor,
+        _y: &Tensor,
+        dy: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let need_x = x.track_op();
+        let op = BatchNormBackward {
+            stats: self.stats.clone(),
+            need_x,
+        };
+        let packed = x.apply_op3_no_bwd(gamma, &dy.contiguous()?, &op)?;
+        let c = gamma.dim(0)?;
+        let mut parts = unpack(&packed, &[(need_x, x.dims()), (true, &[c]), (true, &[c])])?;
+        let dbeta = parts.pop().flatten();
+        let dgamma = parts.pop().flatten();
+        let dx = parts.pop().flatten();
+        let keep = |t: Option<Tensor>, arg: &Tensor| t.filter(|_| arg.track_op());
+        Ok((dx, keep(dgamma, gamma), keep(dbeta, beta)))
+    }
+}
+
+/// Backward op `(x, gamma, dy) -> [dx | dgamma | dbeta]` (dx only when requested).
+struct BatchNormBackward {
+    /// The statistics of the forward pass.
+    stats: Arc<OnceLock<Stats>>,
+    need_x: bool,
+}
+
+impl CustomOp3 for BatchNormBackward {
+    fn name(&self) -> &'static str {
+        "slimcandle-batch-norm-train-backward"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let x = f32_slice(s1, l1, self.name())?;
+        let gamma = f32_slice(s2, l2, self.name())?;
+        let dy = f32_slice(s3, l3, self.name())?;
+        let (n, c, plane) = nc_plane(l1.dims())?;
+        if dy.len() != x.len() {
+            bail!("{}: gradient and input sizes differ", self.name())
+        }
+        let Some(Stats { mean, invstd, .. }) = self.stats.get() else {
+            bail!("{}: backward before the forward pass", self.name())
+        };
+        let count = (n * plane) as f64;
+        let dx_len = if self.need_x { x.len() } else { 0 };
+        let mut out = vec![0f32; dx_len + 2 * c];
+        let shared = SharedMut::new(&mut out);
+        (0..c).into_par_iter().for_each(|ch| {
+            let planes = || (0..n).map(move |i| (i * c + ch) * plane);
+            let m = mean[ch];
+            let sum_dy: f64 = planes().map(|o| sum(&dy[o..o + plane])).sum();
+            let sum_dy_xc: f64 = planes()
+                .map(|o| dot_centered(&dy[o..o + plane], 0.0, &x[o..o + plane], m))
+                .sum();
+            let is = invstd[ch] as f64;
+            let g = gamma[ch] as f64;
+            if self.need_x {
+                // dx = k1 dy + k2 (x - mean) + k3
+                let k1 = (g * is) as f32;
+                let k2 = (-g * is * is * is * sum_dy_xc / count) as f32;
+                let k3 = (-g * is * sum_dy / count) as f32;
+                let bias = k3 - k2 * m;
+                for o in planes() {
+                    // SAFETY: plane (n, ch) is written by this task only.
+                    let dst = unsafe { shared.part(o, plane) };
+                    for ((d, gy), v) in dst.iter_mut().zip(&dy[o..o + plane]).zip(&x[o..o + plane])
+                    {
+                        *d = k1 * gy + k2 * v + bias;
+                    }
+                }
+            }
+            // SAFETY: entries ch of dgamma and dbeta are written by this task only.
+            unsafe {
+                shared.part(dx_len + ch, 1)[0] = (sum_dy_xc * is) as f32;
+                shared.part(dx_len + c + ch, 1)[0] = sum_dy as f32;
+            }
+        });
+        let len = out.len();
+        Ok((CpuStorage::F32(out), Shape::from_dims(&[len])))
+    }
+}
+
+/// Eval-mode batch norm folded into `y = x * scale[c] + shift[c]` (`scale = gamma / sqrt(var +
+/// eps)`, `shift = beta - mean * scale`), one pass. Differentiable (through a composed
+/// backward, not optimised). Tensors that are not f32 on the CPU run the stock composition.
+pub fn batch_norm_eval(x: &Tensor, scale: &Tensor, shift: &Tensor) -> Result<Tensor> {
+    let (_, c, _) = nc_plane(x.dims())?;
+    check_channels("scale", scale, c)?;
+    check_channels("shift", shift, c)?;
+    if !all_cpu_f32(&[x, scale, shift]) {
+        return reference::batch_norm_eval(x, scale, shift);
+    }
+    x.contiguous()?
+        .apply_op3(&scale.contiguous()?, &shift.contiguous()?, BatchNormEval)
+}
+
+struct BatchNormEval;
+
+impl CustomOp3 for BatchNormEval {
+    fn name(&self) -> &'static str {
+        "slimcandle-batch-norm-eval"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let x = f32_slice(s1, l1, self.name())?;
+        let scale = f32_slice(s2, l2, self.name())?;
+        let shift = f32_slice(s3, l3, self.name())?;
+        let (_, c, plane) = nc_plane(l1.dims())?;
+        let mut y = vec![0f32; x.len()];
+        if plane > 0 {
+            y.par_chunks_mut(plane)
+                .zip(x.par_chunks(plane))
+                .enumerate()
+                .for_each(|(i, (dst, src))| {
+                    let (a, b) = (scale[i % c], shift[i % c]);
+                    for (d, v) in dst.iter_mut().zip(src) {
+                        *d = v * a + b;
+                    }
+                });
+        }
+        Ok((CpuStorage::F32(y), l1.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        scale: &Tensor,
+        _shift: &Tensor,
+        _y: &Tensor,
+        dy: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let per_channel = |t: &Tensor| t.reshape((1, (), 1, 1));
+        let sum_nhw = |t: Tensor| {
+            t.sum_keepdim(0)?
+                .sum_keepdim(2)?
+                .sum_keepdim(3)?
+                .flatten_all()
+        };
+        let dx = dy.broadcast_mul(&per_channel(scale)?)?;
+        let dscale = sum_nhw(dy.mul(x)?)?;
+        let dshift = sum_nhw(dy.clone())?;
+        Ok((Some(dx), Some(dscale), Some(dshift)))
+    }
+}

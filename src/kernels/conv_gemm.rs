@@ -1,0 +1,261 @@
+//! Dense (groups == 1) and grouped convolution as per-group GEMMs, forward and backward.
+//!
+//! Why: per sample and group, with `cols` the im2col matrix ((C_in/g) k k) x (H_out W_out)
+//! and `W_g` the group's filters as a (C_out/g) x ((C_in/g) k k) matrix,
+//!
+//! - forward:         `Y_g = W_g cols`
+//! - input gradient:  `dcols = W_g^T dY_g`, then col2im into dX
+//! - weight gradient: `dW_g += dY_g cols^T`, summed over the batch
+//!
+//! A 1x1 stride-1 unpadded convolution needs no im2col at all: `cols` is the input itself, and
+//! `dcols` is the input gradient. Everything is one op per convolution (no
+//! chunk-and-concatenate). Samples run in parallel with single-threaded GEMMs when the batch
+//! has at least one sample per thread; otherwise each GEMM uses all threads.
+
+use super::{
+    conv::ConvGeom,
+    cpu::{SharedMut, f32_slice, unpack},
+    gemm::{MatMut, MatRef, Parallelism, matmul, parallelism},
+    im2col::{col2im, im2col},
+};
+use candle_core::{CpuStorage, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor};
+use rayon::prelude::*;
+
+/// Per-group matrix sizes.
+#[derive(Clone, Copy)]
+struct Dims {
+    /// Input and output channels per group.
+    cig: usize,
+    cog: usize,
+    /// Columns of `W_g`: (C_in/g) k k.
+    kdim: usize,
+    /// Input and output plane sizes.
+    hw: usize,
+    p: usize,
+    /// 1x1, stride 1, no padding: the input is its own column matrix.
+    direct: bool,
+}
+
+impl Dims {
+    fn of(g: &ConvGeom) -> Self {
+        let cig = g.c_in / g.groups;
+        Dims {
+            cig,
+            cog: g.c_out / g.groups,
+            kdim: cig * g.k * g.k,
+            hw: g.h * g.w,
+            p: g.ho * g.wo,
+            direct: g.k == 1 && g.stride == 1 && g.pad == 0,
+        }
+    }
+
+    fn cols_len(&self) -> usize {
+        if self.direct { 0 } else { self.kdim * self.p }
+    }
+}
+
+/// Whether to run samples in parallel (single-threaded GEMMs) rather than one after the other
+/// (multi-threaded GEMMs).
+fn batch_parallel(n: usize) -> bool {
+    let threads = rayon::current_num_threads();
+    threads > 1 && n >= threads
+}
+
+fn forward(g: &ConvGeom, x: &[f32], w: &[f32]) -> Vec<f32> {
+    let d = Dims::of(g);
+    let x_sample = g.c_in * d.hw;
+    let y_sample = g.c_out * d.p;
+    let mut y = vec![0f32; g.n * y_sample];
+    let sample = |n: usize, yn: &mut [f32], cols: &mut [f32], par: Parallelism| {
+        let xn = &x[n * x_sample..(n + 1) * x_sample];
+        for gi in 0..g.groups {
+            let xg = &xn[gi * d.cig * d.hw..(gi + 1) * d.cig * d.hw];
+            let b = if d.direct {
+                MatRef::rows(xg, d.kdim, d.p)
+            } else {
+                im2col(g, d.cig, xg, cols);
+                MatRef::rows(cols, d.kdim, d.p)
+            };
+            let a = MatRef::rows(&w[gi * d.cog * d.kdim..], d.cog, d.kdim);
+            let dst = MatMut::rows(&mut yn[gi * d.cog * d.p..], d.cog, d.p);
+            matmul(dst, false, a, b, par);
+        }
+    };
+    if batch_parallel(g.n) {
+        y.par_chunks_mut(y_sample).enumerate().for_each_init(
+            || vec![0f32; d.cols_len()],
+            |cols, (n, yn)| sample(n, yn, cols, Parallelism::None),
+        );
+    } else {
+        let mut cols = vec![0f32; d.cols_len()];
+        for (n, yn) in y.chunks_mut(y_sample).enumerate() {
+            sample(n, yn, &mut cols, parallelism(false));
+        }
+    }
+    y
+}
+
+/// Returns `[dX | dW]` (each part only when requested).
+fn backward(
+    g: &ConvGeom,
+    x: &[f32],
+    w: &[f32],
+    dy: &[f32],
+    need_x: bool,
+    need_w: bool,
+) -> Vec<f32> {
+    let d = Dims::of(g);
+    let x_sample = g.c_in * d.hw;
+    let y_sample = g.c_out * d.p;
+    let dx_len = if need_x { g.n * x_sample } else { 0 };
+    let dw_len = if need_w { g.c_out * d.kdim } else { 0 };
+    let mut out = vec![0f32; dx_len + dw_len];
+    let (dx, dw) = out.split_at_mut(dx_len);
+    let dx = SharedMut::new(dx);
+
+    // Samples `range`, accumulating their weight gradient into a fresh buffer.
+    let run = |range: std::ops::Range<usize>, par: Parallelism| -> Vec<f32> {
+        let mut dw_part = vec![0f32; dw_len];
+        let mut cols = vec![0f32; if need_w { d.cols_len() } else { 0 }];
+        let mut dcols = vec![0f32; if need_x { d.cols_len() } else { 0 }];
+        for n in range {
+            let xn = &x[n * x_sample..(n + 1) * x_sample];
+            let dyn_ = &dy[n * y_sample..(n + 1) * y_sample];
+            // SAFETY: each sample's input gradient is written by exactly one `run` call, and
+            // `out` outlives the parallel loop below.
+            let dxn = if need_x {
+                unsafe { dx.part(n * x_sample, x_sample) }
+            } else {
+                &mut [][..]
+            };
+            for gi in 0..g.groups {
+                let xg = &xn[gi * d.cig * d.hw..(gi + 1) * d.cig * d.hw];
+                let dyg = MatRef::rows(&dyn_[gi * d.cog * d.p..], d.cog, d.p);
+                let wg = MatRef::rows(&w[gi * d.cog * d.kdim..], d.cog, d.kdim);
+                if need_w {
+                    let b = if d.direct {
+                        MatRef::rows(xg, d.kdim, d.p)
+                    } else {
+                        im2col(g, d.cig, xg, &mut cols);
+                        MatRef::rows(&cols, d.kdim, d.p)
+                    };
+                    let dst = MatMut::rows(&mut dw_part[gi * d.cog * d.kdim..], d.cog, d.kdim);
+                    matmul(dst, true, dyg, b.t(), par);
+                }
+                if need_x {
+                    let dxg = &mut dxn[gi * d.cig * d.hw..(gi + 1) * d.cig * d.hw];
+                    if d.direct {
+                        matmul(MatMut::rows(dxg, d.kdim, d.p), false, wg.t(), dyg, par);
+                    } else {
+                        matmul(
+                            MatMut::rows(&mut dcols, d.kdim, d.p),
+                            false,
+                            wg.t(),
+                            dyg,
+                            par,
+                        );
+                        col2im(g, d.cig, &dcols, dxg);
+                    }
+                }
+            }
+        }
+        dw_part
+    };
+
+    let partials: Vec<Vec<f32>> = if batch_parallel(g.n) {
+        // A few chunks per thread for balance, unless the per-chunk weight gradients are big.
+        let threads = rayon::current_num_threads();
+        let per_thread = if dw_len <= 1 << 20 { 2 } else { 1 };
+        let chunk = g.n.div_ceil(threads * per_thread);
+        (0..g.n.div_ceil(chunk))
+            .into_par_iter()
+            .map(|i| run(i * chunk..((i + 1) * chunk).min(g.n), Parallelism::None))
+            .collect()
+    } else {
+        vec![run(0..g.n, parallelism(false))]
+    };
+    for part in partials {
+        for (a, b) in dw.iter_mut().zip(part) {
+            *a += b;
+        }
+    }
+    out
+}
+
+/// Forward op: `(x, w) -> y`.
+pub(crate) struct GemmConv(pub ConvGeom);
+
+impl CustomOp2 for GemmConv {
+    fn name(&self) -> &'static str {
+        "slimcandle-gemm-conv2d"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let g = &self.0;
+        let x = f32_slice(s1, l1, self.name())?;
+        let w = f32_slice(s2, l2, self.name())?;
+        g.check_lens(x, w, None)?;
+        let y = forward(g, x, w);
+        Ok((CpuStorage::F32(y), Shape::from_dims(&g.y_shape())))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        _y: &Tensor,
+        dy: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let (need_x, need_w) = (x.track_op(), w.track_op());
+        if !need_x && !need_w {
+            return Ok((None, None));
+        }
+        let op = GemmConvBackward {
+            g: self.0,
+            need_x,
+            need_w,
+        };
+        let packed = x.apply_op3_no_bwd(w, &dy.contiguous()?, &op)?;
+        let g = &self.0;
+        let mut parts = unpack(&packed, &[(need_x, &g.x_shape()), (need_w, &g.w_shape())])?;
+        let dw = parts.pop().flatten();
+        Ok((parts.pop().flatten(), dw))
+    }
+}
+
+/// Backward op: `(x, w, dy) -> [dx | dw]`, flattened.
+struct GemmConvBackward {
+    g: ConvGeom,
+    need_x: bool,
+    need_w: bool,
+}
+
+impl CustomOp3 for GemmConvBackward {
+    fn name(&self) -> &'static str {
+        "slimcandle-gemm-conv2d-backward"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let x = f32_slice(s1, l1, self.name())?;
+        let w = f32_slice(s2, l2, self.name())?;
+        let dy = f32_slice(s3, l3, self.name())?;
+        self.g.check_lens(x, w, Some(dy))?;
+        let out = backward(&self.g, x, w, dy, self.need_x, self.need_w);
+        let len = out.len();
+        Ok((CpuStorage::F32(out), Shape::from_dims(&[len])))
+    }
+}

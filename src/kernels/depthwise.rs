@@ -1,0 +1,561 @@
+//! Depthwise convolution (groups == C_in == C_out, dilation 1) as direct per-plane loops.
+//!
+//! Why: every channel is an independent H x W plane with its own k x k filter, so there is
+//! nothing for a GEMM to share and the work is bound by memory traffic. Stock Candle instead
+//! runs one tiny convolution per channel and concatenates, and its backward goes through
+//! `conv_transpose2d`.
+//!
+//! Each input plane is first copied into a zero-padded scratch plane whose rows are split
+//! into `stride` phases: padded column j is stored at `(j % s) * wp + j / s`. Output column
+//! `ox` then meets tap `kx` at position `ox + kx / s` of phase `kx % s`, which is contiguous in
+//! `ox` for every stride, so the loops over 16 (then 8 or 4) output columns vectorise with all
+//! k x k taps unrolled (k = 1, 3, 5, 7 and strides 1, 2 are compiled as constants).
+//!
+//! - forward: `y = corr(pad(x), w)` per (sample, channel), in parallel;
+//! - input gradient: the same correlation with the flipped filter over the output gradient
+//!   spread out by the stride (zeros between) and padded by k - 1 - p;
+//! - weight gradient: per tap, the dot product of the output gradient with the shifted padded
+//!   input, summed over the batch in 16 lanes and reduced once per channel (at stride 1 one
+//!   flat dot product per tap and plane, see `dw_flat_body`).
+//!
+//! The backward pass runs per channel (in parallel), so that it reads the output gradient once
+//! for both gradients and sums the weight gradient without a reduction.
+
+use super::{
+    conv::ConvGeom,
+    cpu::{SharedMut, f32_slice, unpack},
+    im2col::valid_range,
+    simd::{Madd, simd_dispatch},
+};
+use candle_core::{CpuStorage, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor};
+use rayon::prelude::*;
+
+/// Whether `g` runs here (other dilations go through the GEMM path).
+pub(crate) fn supports(g: &ConvGeom) -> bool {
+    g.is_depthwise() && g.dil == 1
+}
+
+/// Geometry of a zero-padded, phase-split scratch plane of `rows x cols` (padded) values.
+#[derive(Clone, Copy, Debug)]
+struct Padded {
+    rows: usize,
+    cols: usize,
+    /// Number of phases (the stride the plane is read with).
+    s: usize,
+    /// Values per phase.
+    wp: usize,
+}
+
+impl Padded {
+    fn new(rows: usize, cols: usize, s: usize) -> Self {
+        Padded {
+            rows,
+            cols,
+            s,
+            wp: cols.div_ceil(s),
+        }
+    }
+
+    /// The padded input of the forward pass (and of the weight gradient): exactly what the
+    /// k x k windows of all outputs cover.
+    fn input(g: &ConvGeom) -> Self {
+        Padded::new(
+            (g.ho - 1) * g.stride + g.k,
+            (g.wo - 1) * g.stride + g.k,
+            g.stride,
+        )
+    }
+
+    /// The spread-out output gradient of the input-gradient pass (a stride-1 correlation
+    /// producing H x W).
+    fn grad(g: &ConvGeom) -> Self {
+        Padded::new(g.h + g.k - 1, g.w + g.k - 1, 1)
+    }
+
+    fn row_len(&self) -> usize {
+        self.s * self.wp
+    }
+
+    fn len(&self) -> usize {
+        self.rows * self.row_len()
+    }
+
+    fn view<'a>(&self, data: &'a [f32]) -> PlaneRef<'a> {
+        PlaneRef {
+            data: &data[..self.len()],
+            row: self.row_len(),
+            wp: self.wp,
+        }
+    }
+}
+
+/// A filled scratch plane, as the loops read it.
+#[derive(Clone, Copy)]
+struct PlaneRef<'a> {
+    data: &'a [f32],
+    row: usize,
+    wp: usize,
+}
+
+/// Writes plane `src` (`sh x sw`) into scratch `dst` so that `src[r][c]` lands at padded
+/// position `(off + r * up, off + c * up)`; positions outside the padded plane are dropped.
+/// The positions written depend only on the geometry, so a scratch zeroed once and reused for
+/// planes of the same geometry stays zero everywhere else.
+#[inline(always)]
+fn fill_body<M: Madd>(
+    dst: &mut [f32],
+    pd: &Padded,
+    src: &[f32],
+    (sh, sw): (usize, usize),
+    off: isize,
+    up: usize,
+) {
+    assert!(
+        up == 1 || pd.s == 1,
+        "spreading and phase splitting at once"
+    );
+    let row_len = pd.row_len();
+    let cols = valid_range(sw, pd.cols, up, off);
+    if cols.is_empty() {
+        return;
+    }
+    let first = (off + (cols.start * up) as isize) as usize;
+    // Phase ph holds padded columns j = t * s + ph, i.e. source columns j - off: per phase,
+    // the destination range in the row and the first source column.
+    let phases: Vec<(std::ops::Range<usize>, usize)> = (0..pd.s)
+        .filter_map(|ph| {
+            let ts = valid_range(pd.wp, cols.end, pd.s, ph as isize - off);
+            let c0 = ((ts.start * pd.s + ph) as isize - off) as usize;
+            (!ts.is_empty()).then(|| (ph * pd.wp + ts.start..ph * pd.wp + ts.end, c0))
+        })
+        .collect();
+    for r in valid_range(sh, pd.rows, up, off) {
+        let i = (off + (r * up) as isize) as usize;
+        let drow = &mut dst[i * row_len..(i + 1) * row_len];
+        let srow = &src[r * sw..(r + 1) * sw];
+        if up > 1 {
+            spread(&mut drow[first..], &srow[cols.clone()], up);
+        } else {
+            for (range, c0) in &phases {
+                gather(&mut drow[range.clone()], &srow[*c0..], pd.s);
+            }
+        }
+    }
+}
+
+/// `dst[t] = src[t * s]` for every t (stride 2 compiled as a constant).
+#[inline(always)]
+fn gather(dst: &mut [f32], src: &[f32], s: usize) {
+    #[inline(always)]
+    fn strided<const S: usize>(dst: &mut [f32], src: &[f32]) {
+        let whole = (src.len() / S).min(dst.len());
+        for (d, c) in dst[..whole].iter_mut().zip(src.chunks_exact(S)) {
+            *d = c[0];
+        }
+        for t in whole..dst.len() {
+            dst[t] = src[t * S];
+        }
+    }
+    match s {
+        1 => dst.copy_from_slice(&src[..dst.len()]),
+        2 => strided::<2>(dst, src),
+        _ => {
+            for (t, d) in dst.iter_mut().enumerate() {
+                *d = src[t * s];
+            }
+        }
+    }
+}
+
+/// `dst[t * up] = src[t]` for every t; the values in between are set to zero (they are
+/// padding of the spread-out plane).
+#[inline(always)]
+fn spread(dst: &mut [f32], src: &[f32], up: usize) {
+    let whole = (dst.len() / up).min(src.len());
+    for (c, &v) in dst.chunks_exact_mut(up).zip(&src[..whole]) {
+        c[0] = v;
+        c[1..].fill(0.0);
+    }
+    for t in whole..src.len() {
+        dst[t * up] = src[t];
+    }
+}
+
+/// `out[oy][ox] = sum_{ky, kx} f[ky k + kx] P[oy s + ky][ox s + kx]` for `ho x wo` outputs.
+#[inline(always)]
+fn corr_body<M: Madd>(
+    k: usize,
+    s: usize,
+    p: PlaneRef,
+    f: &[f32],
+    out: &mut [f32],
+    ho: usize,
+    wo: usize,
+) {
+    let f = &f[..k * k];
+    for oy in 0..ho {
+        let win = &p.data[oy * s * p.row..(oy * s + k) * p.row];
+        let out_row = &mut out[oy * wo..(oy + 1) * wo];
+        let mut ox = 0;
+        while ox + 16 <= wo {
+            corr_block::<M, 16>(k, s, win, p, f, ox, out_row);
+            ox += 16;
+        }
+        if ox + 8 <= wo {
+            corr_block::<M, 8>(k, s, win, p, f, ox, out_row);
+            ox += 8;
+        }
+        // The rest as one more block ending at the row's end, overlapping outputs already
+        // written (recomputing the same values), unless the row is too short.
+        if ox < wo {
+            if wo >= 8 {
+                corr_block::<M, 8>(k, s, win, p, f, wo - 8, out_row);
+            } else if wo >= 4 {
+                corr_block::<M, 4>(k, s, win, p, f, 0, out_row);
+                corr_block::<M, 4>(k, s, win, p, f, wo - 4, out_row);
+            } else {
+                for ox in 0..wo {
+                    corr_block::<M, 1>(k, s, win, p, f, ox, out_row);
+                }
+            }
+        }
+    }
+}
+
+/// `L` consecutive outputs of one row, accumulated in registers over all taps.
+#[inline(always)]
+fn corr_block<M: Madd, const L: usize>(
+    k: usize,
+    s: usize,
+    win: &[f32],
+    p: PlaneRef,
+    f: &[f32],
+    ox: usize,
+    out_row: &mut [f32],
+) {
+    let mut acc = [0f32; L];
+    for ky in 0..k {
+        let r = &win[ky * p.row..(ky + 1) * p.row];
+        for kx in 0..k {
+            let wv = f[ky * k + kx];
+            let start = (kx % s) * p.wp + kx / s + ox;
+            let src: &[f32; L] = r[start..start + L].try_into().unwrap();
+            for i in 0..L {
+                acc[i] = M::madd(wv, src[i], acc[i]);
+            }
+        }
+    }
+    out_row[ox..ox + L].copy_from_slice(&acc);
+}
+
+/// Per-tap lane accumulators of the weight gradient, summed once per channel at the end.
+type Lanes = [f32; 16];
+
+/// `lanes += a * b` element-wise over the longest common prefix (up to 16 at a time).
+#[inline(always)]
+fn dot_lanes<M: Madd>(a: &[f32], b: &[f32], acc: &mut Lanes) {
+    // A local copy, so that the accumulators stay in registers.
+    let mut lanes = *acc;
+    let mut ac = a.chunks_exact(16);
+    let mut bc = b.chunks_exact(16);
+    for (x, y) in (&mut ac).zip(&mut bc) {
+        let x: &[f32; 16] = x.try_into().unwrap();
+        let y: &[f32; 16] = y.try_into().unwrap();
+        for i in 0..16 {
+            lanes[i] = M::madd(x[i], y[i], lanes[i]);
+        }
+    }
+    let (mut x, mut y) = (ac.remainder(), bc.remainder());
+    if x.len() >= 8 {
+        let (x8, y8): (&[f32; 8], &[f32; 8]) =
+            (x[..8].try_into().unwrap(), y[..8].try_into().unwrap());
+        for i in 0..8 {
+            lanes[i] = M::madd(x8[i], y8[i], lanes[i]);
+        }
+        (x, y) = (&x[8..], &y[8..]);
+    }
+    if x.len() >= 4 {
+        let (x4, y4): (&[f32; 4], &[f32; 4]) =
+            (x[..4].try_into().unwrap(), y[..4].try_into().unwrap());
+        for i in 0..4 {
+            lanes[8 + i] = M::madd(x4[i], y4[i], lanes[8 + i]);
+        }
+        (x, y) = (&x[4..], &y[4..]);
+    }
+    for (i, (a, b)) in x.iter().zip(y).enumerate() {
+        lanes[12 + i] = M::madd(*a, *b, lanes[12 + i]);
+    }
+    *acc = lanes;
+}
+
+/// `acc[ky k + kx] += sum_{oy, ox} d[oy][ox] P[oy s + ky][ox s + kx]`, row by row.
+#[inline(always)]
+fn dw_body<M: Madd>(
+    k: usize,
+    s: usize,
+    p: PlaneRef,
+    d: &[f32],
+    ho: usize,
+    wo: usize,
+    acc: &mut [Lanes],
+) {
+    for ky in 0..k {
+        for kx in 0..k {
+            let off = (kx % s) * p.wp + kx / s;
+            let lanes = &mut acc[ky * k + kx];
+            for oy in 0..ho {
+                let start = (oy * s + ky) * p.row + off;
+                dot_lanes::<M>(
+                    &p.data[start..start + wo],
+                    &d[oy * wo..(oy + 1) * wo],
+                    lanes,
+                );
+            }
+        }
+    }
+}
+
+/// Stride 1: with the output gradient laid out at the padded plane's row length (zeros in
+/// the last k - 1 columns of each row), tap (ky, kx) is a single dot product of `d` with the
+/// plane shifted by `ky * row + kx`, with no per-row loop.
+#[inline(always)]
+fn dw_flat_body<M: Madd>(k: usize, p: PlaneRef, d: &[f32], acc: &mut [Lanes]) {
+    for ky in 0..k {
+        for kx in 0..k {
+            let start = ky * p.row + kx;
+            dot_lanes::<M>(&p.data[start..start + d.len()], d, &mut acc[ky * k + kx]);
+        }
+    }
+}
+
+#[inline(always)]
+fn dw_flat_any<M: Madd>(k: usize, p: PlaneRef, d: &[f32], acc: &mut [Lanes]) {
+    match k {
+        1 => dw_flat_body::<M>(1, p, d, acc),
+        3 => dw_flat_body::<M>(3, p, d, acc),
+        5 => dw_flat_body::<M>(5, p, d, acc),
+        7 => dw_flat_body::<M>(7, p, d, acc),
+        k => dw_flat_body::<M>(k, p, d, acc),
+    }
+}
+
+/// Calls `$body::<M>` with `k` and `s` as literal constants for the common shapes, so that
+/// the tap loops unroll, and with the run-time values otherwise.
+macro_rules! specialise {
+    ($body:ident::<$m:ident>($k:expr, $s:expr, $($arg:expr),*)) => {
+        match ($k, $s) {
+            (1, 1) => $body::<$m>(1, 1, $($arg),*),
+            (1, 2) => $body::<$m>(1, 2, $($arg),*),
+            (3, 1) => $body::<$m>(3, 1, $($arg),*),
+            (3, 2) => $body::<$m>(3, 2, $($arg),*),
+            (5, 1) => $body::<$m>(5, 1, $($arg),*),
+            (5, 2) => $body::<$m>(5, 2, $($arg),*),
+            (7, 1) => $body::<$m>(7, 1, $($arg),*),
+            (7, 2) => $body::<$m>(7, 2, $($arg),*),
+            (k, s) => $body::<$m>(k, s, $($arg),*),
+        }
+    };
+}
+
+#[inline(always)]
+fn corr_any<M: Madd>(
+    k: usize,
+    s: usize,
+    p: PlaneRef,
+    f: &[f32],
+    out: &mut [f32],
+    ho: usize,
+    wo: usize,
+) {
+    specialise!(corr_body::<M>(k, s, p, f, out, ho, wo))
+}
+
+#[inline(always)]
+fn dw_any<M: Madd>(
+    k: usize,
+    s: usize,
+    p: PlaneRef,
+    d: &[f32],
+    ho: usize,
+    wo: usize,
+    acc: &mut [Lanes],
+) {
+    specialise!(dw_body::<M>(k, s, p, d, ho, wo, acc))
+}
+
+// `fill_body` does no arithmetic (`M` is unused) but its strided copies vectorise better
+// with the wider instruction sets.
+simd_dispatch!(fn fill(dst: &mut [f32], pd: &Padded, src: &[f32], size: (usize, usize), off: isize, up: usize) => fill_body);
+simd_dispatch!(fn corr(k: usize, s: usize, p: PlaneRef, f: &[f32], out: &mut [f32], ho: usize, wo: usize) => corr_any);
+simd_dispatch!(fn dw(k: usize, s: usize, p: PlaneRef, d: &[f32], ho: usize, wo: usize, acc: &mut [Lanes]) => dw_any);
+simd_dispatch!(fn dw_flat(k: usize, p: PlaneRef, d: &[f32], acc: &mut [Lanes]) => dw_flat_any);
+
+fn forward(g: &ConvGeom, x: &[f32], w: &[f32]) -> Vec<f32> {
+    let (kk, plane_in, plane_out) = (g.k * g.k, g.h * g.w, g.ho * g.wo);
+    let pd = Padded::input(g);
+    let mut y = vec![0f32; g.n * g.c_out * plane_out];
+    y.par_chunks_mut(plane_out).enumerate().for_each_init(
+        || vec![0f32; pd.len()],
+        |buf, (i, out)| {
+            let c = i % g.c_in;
+            let src = &x[i * plane_in..(i + 1) * plane_in];
+            fill(buf, &pd, src, (g.h, g.w), g.pad as isize, 1);
+            corr(
+                g.k,
+                g.stride,
+                pd.view(buf),
+                &w[c * kk..(c + 1) * kk],
+                out,
+                g.ho,
+                g.wo,
+            );
+        },
+    );
+    y
+}
+
+/// Returns `[dX | dW]` (each part only when requested).
+fn backward(
+    g: &ConvGeom,
+    x: &[f32],
+    w: &[f32],
+    dy: &[f32],
+    need_x: bool,
+    need_w: bool,
+) -> Vec<f32> {
+    let (kk, plane_in, plane_out) = (g.k * g.k, g.h * g.w, g.ho * g.wo);
+    let dx_len = if need_x { g.n * g.c_in * plane_in } else { 0 };
+    let mut out = vec![0f32; dx_len + if need_w { g.c_in * kk } else { 0 }];
+    let shared = SharedMut::new(&mut out);
+    let (pd_x, pd_dy) = (Padded::input(g), Padded::grad(g));
+    // The output gradient's offset in the spread-out plane: k - 1 - p (may be negative).
+    let off_dy = g.k as isize - 1 - g.pad as isize;
+    // Stride 1: the weight gradient reads the output gradient laid out at the padded input's
+    // row length (see `dw_flat_body`).
+    let flat = g.stride == 1;
+    let flat_len = (g.ho - 1) * pd_x.row_len() + g.wo;
+    (0..g.c_in).into_par_iter().for_each_init(
+        || {
+            let bx = vec![0f32; if need_w { pd_x.len() } else { 0 }];
+            let bd = vec![0f32; if need_x { pd_dy.len() } else { 0 }];
+            let bf = vec![0f32; if need_w && flat { flat_len } else { 0 }];
+            (bx, bd, bf)
+        },
+        |(bx, bd, bf), c| {
+            let flipped: Vec<f32> = w[c * kk..(c + 1) * kk].iter().rev().copied().collect();
+            let mut acc = vec![[0f32; 16]; kk];
+            for n in 0..g.n {
+                let i = n * g.c_in + c;
+                let d = &dy[i * plane_out..(i + 1) * plane_out];
+                if need_w {
+                    let src = &x[i * plane_in..(i + 1) * plane_in];
+                    fill(bx, &pd_x, src, (g.h, g.w), g.pad as isize, 1);
+                    if flat {
+                        let row = pd_x.row_len();
+                        for (oy, dr) in d.chunks_exact(g.wo).enumerate() {
+                            bf[oy * row..oy * row + g.wo].copy_from_slice(dr);
+                        }
+                        dw_flat(g.k, pd_x.view(bx), bf, &mut acc);
+                    } else {
+                        dw(g.k, g.stride, pd_x.view(bx), d, g.ho, g.wo, &mut acc);
+                    }
+                }
+                if need_x {
+                    fill(bd, &pd_dy, d, (g.ho, g.wo), off_dy, g.stride);
+                    // SAFETY: plane (n, c) is written by this iteration only; `out` outlives
+                    // the parallel loop.
+                    let dx = unsafe { shared.part(i * plane_in, plane_in) };
+                    corr(g.k, 1, pd_dy.view(bd), &flipped, dx, g.h, g.w);
+                }
+            }
+            if need_w {
+                // SAFETY: channel c's filter gradient is written by this iteration only.
+                let dw = unsafe { shared.part(dx_len + c * kk, kk) };
+                for (d, lanes) in dw.iter_mut().zip(&acc) {
+                    *d = lanes.iter().sum();
+                }
+            }
+        },
+    );
+    out
+}
+
+/// Forward op: `(x, w) -> y`.
+pub(crate) struct DepthwiseConv(pub ConvGeom);
+
+impl CustomOp2 for DepthwiseConv {
+    fn name(&self) -> &'static str {
+        "slimcandle-depthwise-conv2d"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let g = &self.0;
+        let x = f32_slice(s1, l1, self.name())?;
+        let w = f32_slice(s2, l2, self.name())?;
+        g.check_lens(x, w, None)?;
+        Ok((
+            CpuStorage::F32(forward(g, x, w)),
+            Shape::from_dims(&g.y_shape()),
+        ))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        _y: &Tensor,
+        dy: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let (need_x, need_w) = (x.track_op(), w.track_op());
+        if !need_x && !need_w {
+            return Ok((None, None));
+        }
+        let op = DepthwiseBackward {
+            g: self.0,
+            need_x,
+            need_w,
+        };
+        let packed = x.apply_op3_no_bwd(w, &dy.contiguous()?, &op)?;
+        let g = &self.0;
+        let mut parts = unpack(&packed, &[(need_x, &g.x_shape()), (need_w, &g.w_shape())])?;
+        let dw = parts.pop().flatten();
+        Ok((parts.pop().flatten(), dw))
+    }
+}
+
+/// Backward op: `(x, w, dy) -> [dx | dw]`, flattened.
+struct DepthwiseBackward {
+    g: ConvGeom,
+    need_x: bool,
+    need_w: bool,
+}
+
+impl CustomOp3 for DepthwiseBackward {
+    fn name(&self) -> &'static str {
+        "slimcandle-depthwise-conv2d-backward"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let x = f32_slice(s1, l1, self.name())?;
+        let w = f32_slice(s2, l2, self.name())?;
+        let dy = f32_slice(s3, l3, self.name())?;
+        self.g.check_lens(x, w, Some(dy))?;
+        let out = backward(&self.g, x, w, dy, self.need_x, self.need_w);
+        let len = out.len();
+        Ok((CpuStorage::F32(out), Shape::from_dims(&[len])))
+    }
+}

@@ -1,0 +1,128 @@
+//! A bounds-checked, strided f32 matrix multiply on top of the `gemm` crate (the one Candle's
+//! CPU matmul uses).
+//!
+//! Why not `Tensor::matmul`: the convolution kernels multiply sub-matrices of larger buffers
+//! (one group of one sample, a transposed weight) into sub-matrices of their output, possibly
+//! accumulating, from inside a parallel loop. Strided views over slices do that without
+//! copies or tensor allocations.
+
+pub(crate) use gemm::Parallelism;
+
+/// A read-only `rows x cols` matrix: element (i, j) is `data[i * rs + j * cs]`.
+#[derive(Clone, Copy)]
+pub(crate) struct MatRef<'a> {
+    data: &'a [f32],
+    rows: usize,
+    cols: usize,
+    rs: usize,
+    cs: usize,
+}
+
+impl<'a> MatRef<'a> {
+    /// Panics if an element lies outside `data`.
+    pub(crate) fn new(data: &'a [f32], rows: usize, cols: usize, rs: usize, cs: usize) -> Self {
+        assert!(
+            rows == 0 || cols == 0 || (rows - 1) * rs + (cols - 1) * cs < data.len(),
+            "matrix {rows}x{cols} (strides {rs}, {cs}) exceeds its {} values",
+            data.len()
+        );
+        MatRef {
+            data,
+            rows,
+            cols,
+            rs,
+            cs,
+        }
+    }
+
+    /// A row-major matrix over the start of `data`.
+    pub(crate) fn rows(data: &'a [f32], rows: usize, cols: usize) -> Self {
+        Self::new(data, rows, cols, cols, 1)
+    }
+
+    /// The transpose (no copy).
+    pub(crate) fn t(self) -> Self {
+        MatRef {
+            rows: self.cols,
+            cols: self.rows,
+            rs: self.cs,
+            cs: self.rs,
+            ..self
+        }
+    }
+}
+
+/// A writable row-major `rows x cols` matrix over the start of `data`.
+pub(crate) struct MatMut<'a> {
+    data: &'a mut [f32],
+    rows: usize,
+    cols: usize,
+}
+
+impl<'a> MatMut<'a> {
+    /// Panics if `data` is too short.
+    pub(crate) fn rows(data: &'a mut [f32], rows: usize, cols: usize) -> Self {
+        assert!(
+            rows * cols <= data.len(),
+            "output matrix exceeds its buffer"
+        );
+        MatMut { data, rows, cols }
+    }
+}
+
+/// `dst = a * b`, or `dst += a * b` when `accumulate`.
+pub(crate) fn matmul(dst: MatMut, accumulate: bool, a: MatRef, b: MatRef, par: Parallelism) {
+    let (m, n, k) = (dst.rows, dst.cols, a.cols);
+    assert!(
+        a.rows == m && b.rows == k && b.cols == n,
+        "matmul shapes: {}x{} * {}x{} into {m}x{n}",
+        a.rows,
+        a.cols,
+        b.rows,
+        b.cols
+    );
+    if m == 0 || n == 0 {
+        return;
+    }
+    if k == 0 {
+        if !accumulate {
+            dst.data[..m * n].fill(0.0);
+        }
+        return;
+    }
+    // SAFETY: every index the product touches lies inside the slices (checked by the
+    // constructors), `dst` is uniquely borrowed and so cannot alias `a` or `b`.
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            dst.data.as_mut_ptr(),
+            1,
+            n as isize,
+            accumulate,
+            a.data.as_ptr(),
+            a.cs as isize,
+            a.rs as isize,
+            b.data.as_ptr(),
+            b.cs as isize,
+            b.rs as isize,
+            if accumulate { 1.0 } else { 0.0 },
+            1.0,
+            false,
+            false,
+            false,
+            par,
+        )
+    }
+}
+
+/// Rayon parallelism for one large product, none inside an already parallel loop.
+pub(crate) fn parallelism(inside_parallel_loop: bool) -> Parallelism {
+    let threads = rayon::current_num_threads();
+    if inside_parallel_loop || threads <= 1 {
+        Parallelism::None
+    } else {
+        Parallelism::Rayon(threads)
+    }
+}

@@ -1,0 +1,37 @@
+//! Fast CPU kernels for the layers of small CNNs, as Candle custom ops with autograd.
+//!
+//! Why: on the CPU, stock Candle splits a grouped or depthwise convolution into one
+//! convolution per group, differentiates convolutions through a naive `conv_transpose2d`, and
+//! composes batch norm and the hard activations from generic ops, one pass each. These
+//! functions do each layer in one op (one or two passes) forward and one op backward, on f32
+//! NCHW tensors on the CPU. Any other dtype or device runs the stock composition in
+//! [`reference`]; non-contiguous inputs are made contiguous first.
+//!
+//! | function | kernel |
+//! |---|---|
+//! | [`conv2d`] | depthwise: direct loops (`depthwise.rs`); dense and grouped: per-group GEMMs with im2col / col2im (`conv_gemm.rs`) |
+//! | [`batch_norm_train`], [`batch_norm_eval`] | per-channel passes, closed-form backward (`batch_norm.rs`) |
+//! | [`relu6`], [`hardsigmoid`], [`hardswish`] | one element-wise pass each way (`activation.rs`) |
+//! | [`channel_shuffle`] | one plane permutation each way (`shuffle.rs`) |
+//!
+//! [`reuse_freed_memory`] is an opt-in, process-wide glibc setting that removes the page
+//! faults which otherwise dominate large-tensor steps on the CPU (`alloc.rs`).
+
+mod activation;
+mod alloc;
+mod batch_norm;
+mod conv;
+mod conv_gemm;
+mod cpu;
+mod depthwise;
+mod gemm;
+mod im2col;
+pub mod reference;
+mod shuffle;
+mod simd;
+
+pub use activation::{hardsigmoid, hardswish, relu6};
+pub use alloc::reuse_freed_memory;
+pub use batch_norm::{batch_norm_eval, batch_norm_train};
+pub use conv::conv2d;
+pub use shuffle::channel_shuffle;
