@@ -120,7 +120,7 @@ fn run_op(
         } => {
             let y = kernels::conv2d(x0(), &p("weight")?, *stride, *padding, *dilation, *groups)?;
             if *bias {
-                y.broadcast_add(&p("bias")?.reshape((1, (), 1, 1))?)?
+                kernels::add_channel_bias(&y, &p("bias")?)?
             } else {
                 y
             }
@@ -174,7 +174,7 @@ fn dropout(x: &Tensor, rate: f64, seed: u64) -> Result<Tensor> {
 
 pub fn activation(x: &Tensor, act: Activation) -> Result<Tensor> {
     Ok(match act {
-        Activation::Relu => x.relu()?,
+        Activation::Relu => kernels::relu(x)?,
         Activation::Relu6 => kernels::relu6(x)?,
         Activation::Hardsigmoid => kernels::hardsigmoid(x)?,
         Activation::Hardswish => kernels::hardswish(x)?,

@@ -1,4 +1,4 @@
-//! ReLU6, hard sigmoid and hard swish as single-pass element-wise ops with backward.
+//! ReLU, ReLU6, hard sigmoid and hard swish as single-pass element-wise ops with backward.
 //!
 //! Why: composed from `affine`, `clamp` (itself `maximum` then `minimum`) and `mul`, each is
 //! three to four passes forward and more backward, and Candle's gradients of `maximum` /
@@ -7,6 +7,7 @@
 //!
 //! | op          | forward                   | gradient                                      |
 //! |-------------|---------------------------|-----------------------------------------------|
+//! | relu        | max(x, 0)                 | 1 for x > 0, else 0                           |
 //! | relu6       | min(max(x, 0), 6)         | 1 for 0 < x < 6, else 0                       |
 //! | hardsigmoid | min(max(x + 3, 0), 6) / 6 | 1/6 for -3 < x < 3, else 0                    |
 //! | hardswish   | x min(max(x + 3, 0), 6) / 6 | 0 for x <= -3, x / 3 + 1/2 for -3 < x < 3, 1 for x >= 3 |
@@ -25,6 +26,7 @@ const CHUNK: usize = 1 << 14;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Kind {
+    Relu,
     Relu6,
     Hardsigmoid,
     Hardswish,
@@ -66,6 +68,7 @@ fn map2(x: &[f32], dy: &[f32], f: impl Fn(f32, f32) -> f32 + Sync) -> Vec<f32> {
 impl Kind {
     fn name(self) -> &'static str {
         match self {
+            Kind::Relu => "relu",
             Kind::Relu6 => "relu6",
             Kind::Hardsigmoid => "hardsigmoid",
             Kind::Hardswish => "hardswish",
@@ -75,6 +78,7 @@ impl Kind {
     #[inline(always)]
     fn forward(self, x: f32) -> f32 {
         match self {
+            Kind::Relu => clamp(x, 0.0, f32::INFINITY),
             Kind::Relu6 => clamp(x, 0.0, 6.0),
             Kind::Hardsigmoid => clamp(x + 3.0, 0.0, 6.0) / 6.0,
             Kind::Hardswish => x * clamp(x + 3.0, 0.0, 6.0) / 6.0,
@@ -85,6 +89,13 @@ impl Kind {
     #[inline(always)]
     fn backward(self, x: f32, dy: f32) -> f32 {
         match self {
+            Kind::Relu => {
+                if x > 0.0 {
+                    dy
+                } else {
+                    0.0
+                }
+            }
             Kind::Relu6 => {
                 if x > 0.0 && x < 6.0 {
                     dy
@@ -114,6 +125,7 @@ impl Kind {
     fn apply(self, x: &Tensor) -> Result<Tensor> {
         if !all_cpu_f32(&[x]) {
             return match self {
+                Kind::Relu => x.relu(),
                 Kind::Relu6 => reference::relu6(x),
                 Kind::Hardsigmoid => reference::hardsigmoid(x),
                 Kind::Hardswish => reference::hardswish(x),
@@ -135,6 +147,7 @@ impl CustomOp1 for Activation {
         let x = f32_slice(s, l, self.name())?;
         // One monomorphic loop per kind, so that it vectorises.
         let y = match self.0 {
+            Kind::Relu => map(x, |v| Kind::Relu.forward(v)),
             Kind::Relu6 => map(x, |v| Kind::Relu6.forward(v)),
             Kind::Hardsigmoid => map(x, |v| Kind::Hardsigmoid.forward(v)),
             Kind::Hardswish => map(x, |v| Kind::Hardswish.forward(v)),
@@ -169,12 +182,19 @@ impl CustomOp2 for ActivationGrad {
             bail!("{}: gradient and input sizes differ", self.0.name())
         }
         let dx = match self.0 {
+            Kind::Relu => map2(x, dy, |v, g| Kind::Relu.backward(v, g)),
             Kind::Relu6 => map2(x, dy, |v, g| Kind::Relu6.backward(v, g)),
             Kind::Hardsigmoid => map2(x, dy, |v, g| Kind::Hardsigmoid.backward(v, g)),
             Kind::Hardswish => map2(x, dy, |v, g| Kind::Hardswish.backward(v, g)),
         };
         Ok((CpuStorage::F32(dx), l1.shape().clone()))
     }
+}
+
+/// `max(x, 0)`, one pass each way (Candle's own relu backward is a compare, a cast and a
+/// multiply), with PyTorch's gradient (1 for x > 0).
+pub fn relu(x: &Tensor) -> Result<Tensor> {
+    Kind::Relu.apply(x)
 }
 
 /// `min(max(x, 0), 6)`, one pass, with PyTorch's gradient (1 strictly inside (0, 6)).

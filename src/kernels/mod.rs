@@ -11,7 +11,8 @@
 //! |---|---|
 //! | [`conv2d`] | depthwise: direct loops (`depthwise.rs`); dense and grouped: per-group GEMMs with im2col / col2im (`conv_gemm.rs`) |
 //! | [`batch_norm_train`], [`batch_norm_eval`] | per-channel passes, closed-form backward (`batch_norm.rs`) |
-//! | [`relu6`], [`hardsigmoid`], [`hardswish`] | one element-wise pass each way (`activation.rs`) |
+//! | [`relu`], [`relu6`], [`hardsigmoid`], [`hardswish`] | one element-wise pass each way (`activation.rs`) |
+//! | [`add_channel_bias`] | one pass forward; per-channel sums backward (`bias.rs`) |
 //! | [`channel_shuffle`] | one plane permutation each way (`shuffle.rs`) |
 //!
 //! [`reuse_freed_memory`] is an opt-in, process-wide glibc setting that removes the page
@@ -20,6 +21,7 @@
 mod activation;
 mod alloc;
 mod batch_norm;
+mod bias;
 mod conv;
 mod conv_gemm;
 mod cpu;
@@ -30,7 +32,8 @@ pub mod reference;
 mod shuffle;
 mod simd;
 
-pub use activation::{hardsigmoid, hardswish, relu6};
+pub use activation::{hardsigmoid, hardswish, relu, relu6};
+pub use bias::add_channel_bias;
 pub use alloc::reuse_freed_memory;
 pub use batch_norm::{batch_norm_eval, batch_norm_train};
 pub use conv::conv2d;
