@@ -485,7 +485,12 @@ fn away_from_kinks(shape: &[usize], seed: u64) -> Tensor {
 
 type Act = fn(&Tensor) -> Result<Tensor>;
 
-const ACTIVATIONS: [(&str, Act, Act); 3] = [
+fn stock_relu(x: &Tensor) -> Result<Tensor> {
+    x.relu()
+}
+
+const ACTIVATIONS: [(&str, Act, Act); 4] = [
+    ("relu", kernels::relu, stock_relu),
     ("relu6", kernels::relu6, reference::relu6),
     ("hardsigmoid", kernels::hardsigmoid, reference::hardsigmoid),
     ("hardswish", kernels::hardswish, reference::hardswish),
@@ -627,4 +632,43 @@ fn channel_shuffle_matches_composition_and_inverts() {
     );
     assert_eq!(ours.dtype(), DType::F64);
     assert_eq!(values(&ours), values(&stock));
+}
+
+#[test]
+fn relu_gradient_is_zero_at_zero_and_nan_propagates() {
+    let x = Tensor::new(&[-1f32, 0.0, 2.0, f32::NAN], &Device::Cpu).unwrap();
+    let var = Var::from_tensor(&x).unwrap();
+    let y = kernels::relu(var.as_tensor()).unwrap();
+    let v = values(&y);
+    assert_eq!(&v[..3], &[0.0, 0.0, 2.0]);
+    assert!(v[3].is_nan());
+    let g = y.sum_all().unwrap().backward().unwrap();
+    assert_eq!(
+        &values(g.get(var.as_tensor()).unwrap())[..3],
+        &[0.0, 0.0, 1.0]
+    );
+}
+
+#[test]
+fn channel_bias_matches_broadcast_add_and_finite_differences() {
+    let ours = |t: &[Tensor]| kernels::add_channel_bias(&t[0].transpose(2, 3)?, &t[1]);
+    let stock = |t: &[Tensor]| {
+        t[0].transpose(2, 3)?
+            .broadcast_add(&t[1].reshape((1, (), 1, 1))?)
+    };
+    for shape in [[2, 5, 7, 9], [1, 3, 1, 1]] {
+        let x = randn(&shape, 3);
+        let b = randn(&[shape[1]], 4);
+        check_op("channel bias", &ours, &stock, &[x, b], (20, 1e-2, 1e-3));
+    }
+    // Flat inputs (a linear layer's output) take the same path.
+    let flat = |t: &[Tensor]| kernels::add_channel_bias(&t[0], &t[1]);
+    let flat_stock = |t: &[Tensor]| t[0].broadcast_add(&t[1]);
+    check_op(
+        "channel bias (N x C)",
+        &flat,
+        &flat_stock,
+        &[randn(&[4, 6], 5), randn(&[6], 6)],
+        (10, 1e-2, 1e-3),
+    );
 }

@@ -51,7 +51,7 @@ fn inside(class: usize, u: f64, v: f64) -> bool {
 
 fn render(rng: &mut Rng, class: usize, size: usize) -> Vec<u8> {
     let s = size as f64;
-    let radius = s * (0.2 + 0.2 * rng.uniform());
+    let radius = s * (0.28 + 0.16 * rng.uniform());
     let cx = s / 2.0 + (rng.uniform() - 0.5) * (s - 2.0 * radius) * 0.9;
     let cy = s / 2.0 + (rng.uniform() - 0.5) * (s - 2.0 * radius) * 0.9;
     let angle = (rng.uniform() - 0.5) * std::f64::consts::PI / 3.0;
@@ -71,7 +71,7 @@ fn render(rng: &mut Rng, class: usize, size: usize) -> Vec<u8> {
         }
     };
     let shade = [(rng.uniform() - 0.5) * 60.0, (rng.uniform() - 0.5) * 60.0];
-    let noise = 6.0 + 10.0 * rng.uniform();
+    let noise = 4.0 + 6.0 * rng.uniform();
     let mut out = vec![0u8; 3 * size * size];
     for y in 0..size {
         for x in 0..size {

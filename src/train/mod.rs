@@ -311,10 +311,18 @@ impl Run {
                 )?;
                 let labels = batch.label_tensor()?;
                 let loss = cross_entropy(&logits, &labels, cfg.label_smoothing)?;
+                let loss_value = loss.to_scalar::<f32>()? as f64;
+                if !loss_value.is_finite() {
+                    bail!(
+                        "the loss became {loss_value} at epoch {} batch {} (learning rate {lr:.4}): lower --lr or \
+                         add --warmup-epochs; the last checkpoint in the run folder is from before",
+                        epoch + 1,
+                        batch.index
+                    );
+                }
                 let grads = loss.backward()?;
                 self.optimizer.step(&grads, lr, momentum)?;
                 let n = batch.labels.len();
-                let loss_value = loss.to_scalar::<f32>()? as f64;
                 let correct = top_k(&logits.detach(), 1)?
                     .iter()
                     .zip(&batch.labels)
