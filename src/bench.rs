@@ -59,6 +59,13 @@ pub fn run(
         .map(|i| (i % model.num_classes()) as u32)
         .collect();
     let labels = Tensor::new(labels.as_slice(), &Device::Cpu)?;
+    let folded;
+    let model = if mode == BenchMode::Infer {
+        folded = crate::passes::fold_batch_norm(model)?;
+        &folded
+    } else {
+        model
+    };
     let mut optimizer = Optimizer::new(
         OptimizerKind::Sgd {
             momentum: 0.9,

@@ -3,6 +3,7 @@
 use crate::data::{BatchLoader, EpochPlan, Images};
 use crate::exec::Mode;
 use crate::model::Model;
+use crate::passes::fold_batch_norm;
 use crate::train::loss::{cross_entropy, top_k};
 use anyhow::{Result, bail};
 use serde::Serialize;
@@ -28,6 +29,7 @@ pub struct EvalReport {
 /// Evaluates `model` on `images` (already at the model's input size) with the model's own
 /// preprocessing.
 pub fn evaluate(model: &Model, images: Arc<Images>, batch_size: usize) -> Result<EvalReport> {
+    let model = &fold_batch_norm(model)?;
     let classes = model.num_classes();
     let [h, w] = model.meta.preprocessing.input_size;
     if images.size != h || images.size != w {

@@ -11,6 +11,7 @@ pub mod kernels;
 pub mod model;
 pub mod models;
 pub mod pool;
+pub mod passes;
 pub mod predict;
 pub mod report;
 pub mod rng;

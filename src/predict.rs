@@ -31,6 +31,7 @@ pub fn predict_files(
     paths: &[PathBuf],
     k: usize,
 ) -> Result<Vec<Vec<(String, f32)>>> {
+    let model = &crate::passes::fold_batch_norm(model)?;
     let mut out = Vec::with_capacity(paths.len());
     for path in paths {
         let x = load_image(model, path)?;

@@ -19,7 +19,7 @@ pub struct ForwardArgs {
 
 pub fn run(args: ForwardArgs) -> Result<()> {
     super::check_output_is_not_input(&args.output, &[&args.checkpoint, &args.input])?;
-    let model = checkpoint::load(&args.checkpoint)?;
+    let model = slimcandle::passes::fold_batch_norm(&checkpoint::load(&args.checkpoint)?)?;
     let inputs = TensorFile::read(&args.input)?;
     let mut outputs = Vec::new();
     for name in inputs.names() {
