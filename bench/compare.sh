@@ -1,0 +1,180 @@
+#!/usr/bin/env bash
+# slimcandle vs PyTorch (and onnxruntime for inference) on the CPU, side by side.
+#
+#   bash bench/compare.sh                         # everything (about 20-40 minutes on 2 cores)
+#   QUICK=1 bash bench/compare.sh                 # 1 round, 2 timed batches: a smoke test
+#   CONFIGS='infer.*b64' bash bench/compare.sh    # only configs whose label matches (grep -E)
+#   LIST=1 bash bench/compare.sh                  # print the config labels and exit
+#
+# Knobs (environment):
+#   THREADS=2        threads for both (slimcandle --threads, torch.set_num_threads,
+#                    onnxruntime intra_op_num_threads)
+#   ROUNDS=3         rounds per config; each round runs slimcandle, then PyTorch
+#   ITERS=10         timed batches per run;  WARMUP=3  untimed batches before them
+#   AGG=median       how rounds are combined in the table: median or best (highest images/s)
+#   ORT=1            also time onnxruntime in the infer rows (0 to skip)
+#   CONFIGS=REGEX    run only the configs whose label matches
+#   NOSPIN=0         1: idle worker threads sleep instead of spinning, in PyTorch
+#                    (OMP_WAIT_POLICY=PASSIVE) and onnxruntime (allow_spinning=0). Use it when
+#                    the machine is busy: spinning OpenMP threads then slow PyTorch ~20x.
+#   QUICK=1          ROUNDS=1 ITERS=2 WARMUP=1 unless those are set
+#   RAW=FILE         where the raw JSON lines go (default: a new file under /tmp)
+#   PYTHON=python3   SLIMCANDLE=target/release/slimcandle
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+
+if [[ "${QUICK:-0}" == 1 ]]; then
+    ROUNDS=${ROUNDS:-1} ITERS=${ITERS:-2} WARMUP=${WARMUP:-1}
+fi
+THREADS=${THREADS:-2}
+ROUNDS=${ROUNDS:-3}
+ITERS=${ITERS:-10}
+WARMUP=${WARMUP:-3}
+AGG=${AGG:-median}
+ORT=${ORT:-1}
+CONFIGS=${CONFIGS:-}
+NOSPIN=${NOSPIN:-0}
+PYTHON=${PYTHON:-python3}
+SLIMCANDLE=${SLIMCANDLE:-target/release/slimcandle}
+case "$AGG" in median|best) ;; *) echo "AGG must be median or best, not '$AGG'" >&2; exit 2 ;; esac
+
+# mode | batch | size | stem | model label | arch options (same for slimcandle and PyTorch)
+ALL_CONFIGS=(
+    "train|64|32|cifar|mobilenet_v2|--arch mobilenet_v2"
+    "train|64|32|cifar|mobilenet_v3_small|--arch mobilenet_v3_small"
+    "train|64|32|cifar|shufflenet_v2_x1_0|--arch shufflenet_v2 --width 1.0"
+    "train|64|32|cifar|shufflenet_v1_g3|--arch shufflenet_v1 --groups 3 --width 1.0"
+    "train|64|32|cifar|squeezenet1_1|--arch squeezenet1_1"
+    "train|64|32|cifar|mobilenet_v1_w0_5|--arch mobilenet_v1 --width 0.5"
+    "infer|64|32|cifar|mobilenet_v2|--arch mobilenet_v2"
+    "infer|64|32|cifar|mobilenet_v3_small|--arch mobilenet_v3_small"
+    "infer|64|32|cifar|shufflenet_v2_x1_0|--arch shufflenet_v2 --width 1.0"
+    "infer|64|32|cifar|shufflenet_v1_g3|--arch shufflenet_v1 --groups 3 --width 1.0"
+    "infer|64|32|cifar|squeezenet1_1|--arch squeezenet1_1"
+    "infer|64|32|cifar|mobilenet_v1_w0_5|--arch mobilenet_v1 --width 0.5"
+    "infer|8|224|imagenet|mobilenet_v2|--arch mobilenet_v2"
+    "infer|8|224|imagenet|mobilenet_v3_small|--arch mobilenet_v3_small"
+    "infer|8|224|imagenet|shufflenet_v2_x1_0|--arch shufflenet_v2 --width 1.0"
+    "infer|8|224|imagenet|shufflenet_v1_g3|--arch shufflenet_v1 --groups 3 --width 1.0"
+    "infer|8|224|imagenet|squeezenet1_1|--arch squeezenet1_1"
+    "infer|8|224|imagenet|mobilenet_v1_w0_5|--arch mobilenet_v1 --width 0.5"
+    # The issue's figures for this one: PyTorch ~830 images/s, onnxruntime ~2,900.
+    "infer|500|32|cifar|mobilenet_v2|--arch mobilenet_v2"
+)
+
+label_of() { # config line -> "infer mobilenet_v2 cifar b64 32x32"
+    local mode batch size stem name args
+    IFS='|' read -r mode batch size stem name args <<<"$1"
+    echo "$mode $name $stem b$batch ${size}x${size}"
+}
+
+SELECTED=()
+for c in "${ALL_CONFIGS[@]}"; do
+    if [[ -z "$CONFIGS" ]] || label_of "$c" | grep -Eq -- "$CONFIGS"; then
+        SELECTED+=("$c")
+    fi
+done
+if [[ "${LIST:-0}" == 1 ]]; then
+    for c in "${ALL_CONFIGS[@]}"; do label_of "$c"; done
+    exit 0
+fi
+if [[ ${#SELECTED[@]} -eq 0 ]]; then
+    echo "no config matches CONFIGS='$CONFIGS'; LIST=1 shows the labels" >&2
+    exit 2
+fi
+
+if [[ ! -x "$SLIMCANDLE" ]]; then
+    echo "building $SLIMCANDLE (cargo build --release)" >&2
+    cargo build --release >&2
+fi
+if ! "$PYTHON" -c 'import torch, torchvision' 2>/dev/null; then
+    echo "PyTorch and torchvision are needed: pip install torch torchvision" >&2
+    exit 1
+fi
+if [[ "$ORT" == 1 ]] && ! "$PYTHON" -c 'import onnx, onnxruntime' 2>/dev/null; then
+    echo "installing onnx and onnxruntime (pip); ORT=0 skips them" >&2
+    "$PYTHON" -m pip install --quiet onnx onnxruntime >&2
+fi
+
+RAW=${RAW:-$(mktemp /tmp/slimcandle-compare.XXXXXX.jsonl)}
+: >"$RAW"
+ERRLOG="$RAW.stderr"
+: >"$ERRLOG"
+
+versions=$("$PYTHON" - <<'EOF'
+import torch
+try:
+    import onnxruntime as ort
+    o = ort.__version__
+except ImportError:
+    o = "-"
+print(f"torch {torch.__version__}, onnxruntime {o}")
+EOF
+)
+echo "# slimcandle vs PyTorch, CPU"
+echo
+echo "- $(date -u '+%Y-%m-%d %H:%M UTC'), $(nproc) cores, $("$SLIMCANDLE" --version), commit $(git rev-parse --short HEAD 2>/dev/null || echo '?'), $versions"
+echo "- THREADS=$THREADS ROUNDS=$ROUNDS ITERS=$ITERS WARMUP=$WARMUP AGG=$AGG ORT=$ORT NOSPIN=$NOSPIN, ${#SELECTED[@]} config(s)"
+echo "- load average at start: $(cut -d' ' -f1-3 /proc/loadavg)"
+load1=$(cut -d' ' -f1 /proc/loadavg)
+if awk -v l="$load1" 'BEGIN { exit !(l > 0.5) }'; then
+    echo "- WARNING: the machine is busy (load $load1): other processes compete for the cores and the numbers are unreliable"
+    if [[ "$NOSPIN" != 1 ]]; then
+        echo "  (PyTorch's spinning OpenMP threads suffer most from this; NOSPIN=1 makes them sleep)"
+    fi
+fi
+if [[ -n "${OPENBLAS_CORETYPE:-}${OPENBLAS_L2_SIZE:-}" ]]; then
+    echo "- note: OPENBLAS_CORETYPE='${OPENBLAS_CORETYPE:-}' OPENBLAS_L2_SIZE='${OPENBLAS_L2_SIZE:-}' are set (see bench/README.md)"
+fi
+echo "- raw results: $RAW (stderr of the runs: $ERRLOG)"
+echo
+
+# Appends one JSON line for a run: {"config","order","tool","round","result"|"error"}.
+record() { # label order tool round rc output
+    "$PYTHON" - "$@" >>"$RAW" <<'EOF'
+import json, sys
+label, order, tool, rnd, rc, out = sys.argv[1:7]
+rec = {"config": label, "order": int(order), "tool": tool, "round": int(rnd)}
+try:
+    if rc != "0":
+        raise ValueError(f"exit code {rc}")
+    rec["result"] = json.loads(out)
+except ValueError as e:
+    rec["error"] = str(e)
+print(json.dumps(rec))
+EOF
+}
+
+order=0
+for c in "${SELECTED[@]}"; do
+    IFS='|' read -r mode batch size stem name args <<<"$c"
+    label=$(label_of "$c")
+    read -r -a arch_args <<<"$args"
+    common=(--stem "$stem" --num-classes 10 --batch "$batch" --size "$size" --mode "$mode"
+            --warmup "$WARMUP" --iterations "$ITERS" --threads "$THREADS" --json)
+    py_extra=()
+    py_env=(OMP_NUM_THREADS="$THREADS" MKL_NUM_THREADS="$THREADS")
+    [[ "$mode" == infer && "$ORT" == 1 ]] && py_extra=(--onnxruntime)
+    if [[ "$NOSPIN" == 1 ]]; then
+        py_env+=(OMP_WAIT_POLICY=PASSIVE)
+        [[ "$mode" == infer && "$ORT" == 1 ]] && py_extra+=(--onnxruntime-no-spin)
+    fi
+    for ((r = 1; r <= ROUNDS; r++)); do
+        echo "[$label] round $r/$ROUNDS: slimcandle" >&2
+        rc=0
+        out=$("$SLIMCANDLE" bench "${arch_args[@]}" "${common[@]}" 2>>"$ERRLOG") || rc=$?
+        record "$label" "$order" slimcandle "$r" "$rc" "$out"
+        echo "[$label] round $r/$ROUNDS: pytorch${py_extra:+ + onnxruntime}" >&2
+        rc=0
+        out=$(env "${py_env[@]}" "$PYTHON" bench/pytorch_reference.py "${arch_args[@]}" "${common[@]}" "${py_extra[@]}" \
+            2>>"$ERRLOG") || rc=$?
+        record "$label" "$order" pytorch "$r" "$rc" "$out"
+    done
+    order=$((order + 1))
+done
+
+status=0
+"$PYTHON" bench/summarize.py "$RAW" --agg "$AGG" || status=$?
+echo
+echo "- load average at end: $(cut -d' ' -f1-3 /proc/loadavg)"
+exit "$status"
