@@ -13,6 +13,7 @@ pub mod models;
 pub mod pool;
 pub mod passes;
 pub mod predict;
+pub mod prune;
 pub mod report;
 pub mod rng;
 pub mod tensor_file;

@@ -12,7 +12,7 @@ pub mod shape;
 
 pub use analysis::{LayerRow, Summary};
 pub use builder::GraphBuilder;
-pub use channels::ChannelMap;
+pub use channels::{ChannelMap, shuffle_permutation};
 pub use shape::Dims;
 
 use anyhow::{Result, bail};
