@@ -33,8 +33,8 @@ mod shuffle;
 mod simd;
 
 pub use activation::{hardsigmoid, hardswish, relu, relu6};
-pub use bias::add_channel_bias;
 pub use alloc::reuse_freed_memory;
 pub use batch_norm::{batch_norm_eval, batch_norm_train};
+pub use bias::add_channel_bias;
 pub use conv::conv2d;
 pub use shuffle::channel_shuffle;
