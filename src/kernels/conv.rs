@@ -5,8 +5,8 @@
 //! depthwise convolution runs direct per-plane loops (`depthwise.rs`) and every other one runs
 //! per-group GEMMs in both directions (`conv_gemm.rs`).
 
-use super::{conv_gemm::GemmConv, cpu::all_cpu_f32, depthwise, reference};
-use candle_core::{Result, Tensor, bail};
+use super::{conv_gemm::GemmConv, cpu::all_cpu_f32, cpu::unpack, depthwise, reference};
+use candle_core::{CustomOp3, Result, Tensor, bail};
 
 /// Everything a kernel needs to know about one convolution (NCHW input, OIHW square weight,
 /// symmetric padding, no bias).
@@ -141,4 +141,23 @@ pub fn conv2d(
     } else {
         x.apply_op2(&w, GemmConv(g))
     }
+}
+
+/// The backward of a convolution op: runs `backward(need_x, need_w)`, an op
+/// `(x, w, dy) -> [dx | dw]` (flattened), for just the inputs that need a gradient.
+pub(crate) fn conv_backward<B: CustomOp3>(
+    g: &ConvGeom,
+    x: &Tensor,
+    w: &Tensor,
+    dy: &Tensor,
+    backward: impl FnOnce(bool, bool) -> B,
+) -> Result<(Option<Tensor>, Option<Tensor>)> {
+    let (need_x, need_w) = (x.track_op(), w.track_op());
+    if !need_x && !need_w {
+        return Ok((None, None));
+    }
+    let packed = x.apply_op3_no_bwd(w, &dy.contiguous()?, &backward(need_x, need_w))?;
+    let mut parts = unpack(&packed, &[(need_x, &g.x_shape()), (need_w, &g.w_shape())])?;
+    let dw = parts.pop().flatten();
+    Ok((parts.pop().flatten(), dw))
 }

@@ -13,8 +13,8 @@
 //! has at least one sample per thread; otherwise each GEMM uses all threads.
 
 use super::{
-    conv::ConvGeom,
-    cpu::{SharedMut, f32_slice, unpack},
+    conv::{ConvGeom, conv_backward},
+    cpu::{SharedMut, f32_slice},
     gemm::{MatMut, MatRef, Parallelism, matmul, parallelism},
     im2col::{col2im, im2col},
 };
@@ -212,20 +212,11 @@ impl CustomOp2 for GemmConv {
         _y: &Tensor,
         dy: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
-        let (need_x, need_w) = (x.track_op(), w.track_op());
-        if !need_x && !need_w {
-            return Ok((None, None));
-        }
-        let op = GemmConvBackward {
+        conv_backward(&self.0, x, w, dy, |need_x, need_w| GemmConvBackward {
             g: self.0,
             need_x,
             need_w,
-        };
-        let packed = x.apply_op3_no_bwd(w, &dy.contiguous()?, &op)?;
-        let g = &self.0;
-        let mut parts = unpack(&packed, &[(need_x, &g.x_shape()), (need_w, &g.w_shape())])?;
-        let dw = parts.pop().flatten();
-        Ok((parts.pop().flatten(), dw))
+        })
     }
 }
 

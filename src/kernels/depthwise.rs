@@ -22,8 +22,8 @@
 //! for both gradients and sums the weight gradient without a reduction.
 
 use super::{
-    conv::ConvGeom,
-    cpu::{SharedMut, f32_slice, unpack},
+    conv::{ConvGeom, conv_backward},
+    cpu::{SharedMut, f32_slice},
     im2col::valid_range,
     simd::{Madd, simd_dispatch},
 };
@@ -512,20 +512,11 @@ impl CustomOp2 for DepthwiseConv {
         _y: &Tensor,
         dy: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
-        let (need_x, need_w) = (x.track_op(), w.track_op());
-        if !need_x && !need_w {
-            return Ok((None, None));
-        }
-        let op = DepthwiseBackward {
+        conv_backward(&self.0, x, w, dy, |need_x, need_w| DepthwiseBackward {
             g: self.0,
             need_x,
             need_w,
-        };
-        let packed = x.apply_op3_no_bwd(w, &dy.contiguous()?, &op)?;
-        let g = &self.0;
-        let mut parts = unpack(&packed, &[(need_x, &g.x_shape()), (need_w, &g.w_shape())])?;
-        let dw = parts.pop().flatten();
-        Ok((parts.pop().flatten(), dw))
+        })
     }
 }
 
