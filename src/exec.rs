@@ -147,12 +147,12 @@ fn run_op(
             stride,
             padding,
             ceil_mode,
-        } => crate::pool::max_pool2d(x0(), *kernel, *stride, *padding, *ceil_mode)?,
+        } => kernels::max_pool2d(x0(), *kernel, *stride, *padding, *ceil_mode)?,
         Op::AvgPool {
             kernel,
             stride,
             padding,
-        } => crate::pool::avg_pool2d(x0(), *kernel, *stride, *padding, false)?,
+        } => kernels::avg_pool2d(x0(), *kernel, *stride, *padding, false)?,
         Op::GlobalAvgPool => x0().mean_keepdim(D::Minus1)?.mean_keepdim(D::Minus2)?,
         Op::Flatten => x0().flatten_from(1)?,
         Op::Dropout { p: rate } => match mode {

@@ -11,7 +11,6 @@ pub mod kernels;
 pub mod model;
 pub mod models;
 pub mod passes;
-pub mod pool;
 pub mod predict;
 pub mod prune;
 pub mod report;

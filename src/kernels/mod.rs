@@ -13,6 +13,7 @@
 //! | [`batch_norm_train`], [`batch_norm_eval`] | per-channel passes, closed-form backward (`batch_norm.rs`) |
 //! | [`relu`], [`relu6`], [`hardsigmoid`], [`hardswish`] | one element-wise pass each way (`activation.rs`) |
 //! | [`add_channel_bias`] | one pass forward; per-channel sums backward (`bias.rs`) |
+//! | [`max_pool2d`], [`avg_pool2d`] | PyTorch's padding and ceil-mode rules, with backward (`pool.rs`) |
 //! | [`channel_shuffle`] | one plane permutation each way (`shuffle.rs`) |
 //!
 //! [`reuse_freed_memory`] is an opt-in, process-wide glibc setting that removes the page
@@ -28,6 +29,7 @@ mod cpu;
 mod depthwise;
 mod gemm;
 mod im2col;
+mod pool;
 pub mod reference;
 mod shuffle;
 mod simd;
@@ -37,4 +39,5 @@ pub use alloc::reuse_freed_memory;
 pub use batch_norm::{batch_norm_eval, batch_norm_train};
 pub use bias::add_channel_bias;
 pub use conv::conv2d;
+pub use pool::{avg_pool2d, max_pool2d};
 pub use shuffle::channel_shuffle;
