@@ -11,6 +11,7 @@
 
 mod groups;
 mod lp;
+pub mod pattern;
 mod remove;
 
 pub use groups::{Blocked, ChannelGroups, Member, PruneUnit, Role, analyze, channel_groups};
