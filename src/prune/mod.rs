@@ -1,4 +1,4 @@
-//! Structured pruning: removing whole channels, with everything coupled to them.
+//! Pruning: removing whole channels (structured) or single weights (unstructured).
 //!
 //! Removing one output channel of a conv forces removals elsewhere: the batch-norm entries
 //! after it, the input slices of every reader, every producer of a residual add, the matching
@@ -6,13 +6,18 @@
 //! depthwise conv, the same share of every group of a grouped conv, and the
 //! squeeze-and-excitation scale it is multiplied by. [`channel_groups`] derives these coupled
 //! groups from the graph's channel relations ([`crate::graph::ChannelMap`]) alone, with no
-//! knowledge of the architecture; [`remove_channels`] removes any set of them, giving a
-//! physically smaller graph and weights that save as a self-describing checkpoint.
+//! knowledge of the architecture; [`importance`] scores them, [`plan`] picks which go, and
+//! [`remove_channels`] removes them, giving a physically smaller graph and weights that save
+//! as a self-describing checkpoint. [`prune_channels`] runs the whole pass.
 
+pub mod channel;
 mod groups;
+pub mod importance;
 mod lp;
 pub mod pattern;
+pub mod plan;
 mod remove;
 
+pub use channel::{ChannelPruneConfig, prune_channels};
 pub use groups::{Blocked, ChannelGroups, Member, PruneUnit, Role, analyze, channel_groups};
 pub use remove::remove_channels;
