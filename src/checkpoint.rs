@@ -5,7 +5,8 @@
 use crate::graph::Graph;
 use crate::model::{Model, ModelMeta};
 use crate::models::ArchSpec;
-use crate::tensor_file::{RawTensor, TensorFile, write_atomic};
+use crate::sparse;
+use crate::tensor_file::{TensorFile, write_atomic};
 use crate::weights::Weights;
 use anyhow::{Context, Result, bail};
 use candle_core::Tensor;
@@ -13,7 +14,22 @@ use std::collections::HashMap;
 use std::path::Path;
 
 pub const FORMAT: &str = "slimcandle";
-pub const FORMAT_VERSION: u32 = 1;
+/// The newest format version this slimcandle reads; written when any tensor is stored sparse.
+pub const FORMAT_VERSION: u32 = 2;
+/// The version written when every tensor is dense, so such files stay readable by
+/// slimcandle versions that predate sparse storage.
+pub const DENSE_FORMAT_VERSION: u32 = 1;
+/// Metadata keys the format itself writes; extra metadata may not use them.
+const RESERVED_KEYS: [&str; 8] = [
+    "format",
+    "format_version",
+    "graph",
+    "class_names",
+    "preprocessing",
+    "provenance",
+    "arch",
+    sparse::METADATA_KEY,
+];
 
 /// Writes `model` to `path` atomically.
 pub fn save(model: &Model, path: &Path) -> Result<()> {
@@ -27,17 +43,39 @@ pub struct Extras {
 }
 
 /// Writes `model` plus extra tensors (whose names must not collide with parameters) and extra
-/// metadata entries.
+/// metadata entries. Float tensors that are mostly `+0.0` are stored sparse
+/// ([`crate::sparse`]); the file is then format version 2, otherwise version 1.
 pub fn save_with_extras(
     model: &Model,
     path: &Path,
     extra_tensors: Vec<(String, Tensor)>,
     extra_metadata: Vec<(String, String)>,
 ) -> Result<()> {
+    if let Some((key, _)) = extra_metadata
+        .iter()
+        .find(|(k, _)| RESERVED_KEYS.contains(&k.as_str()))
+    {
+        bail!(
+            "cannot write `{}`: metadata key `{key}` is reserved by the checkpoint format",
+            path.display()
+        );
+    }
+    let tensors: Vec<(String, Tensor)> = model
+        .weights
+        .tensors()
+        .map(|(name, t)| (name.to_string(), t.clone()))
+        .chain(extra_tensors)
+        .collect();
+    let encoded = sparse::encode_tensors(tensors)
+        .with_context(|| format!("cannot write `{}`", path.display()))?;
+    let version = match encoded.metadata {
+        Some(_) => FORMAT_VERSION,
+        None => DENSE_FORMAT_VERSION,
+    };
     let meta = &model.meta;
     let mut metadata = HashMap::new();
     metadata.insert("format".to_string(), FORMAT.to_string());
-    metadata.insert("format_version".to_string(), FORMAT_VERSION.to_string());
+    metadata.insert("format_version".to_string(), version.to_string());
     metadata.insert("graph".to_string(), model.graph.to_json());
     metadata.insert("class_names".to_string(), json(&meta.class_names));
     metadata.insert("preprocessing".to_string(), json(&meta.preprocessing));
@@ -45,15 +83,11 @@ pub fn save_with_extras(
     if let Some(arch) = &meta.arch {
         metadata.insert("arch".to_string(), json(arch));
     }
+    if let Some(shapes) = encoded.metadata {
+        metadata.insert(sparse::METADATA_KEY.to_string(), shapes);
+    }
     metadata.extend(extra_metadata);
-    let tensors = model
-        .weights
-        .tensors()
-        .map(|(name, t)| (name.to_string(), t.clone()))
-        .chain(extra_tensors)
-        .map(|(name, t)| Ok((name, RawTensor::from_f32(&t)?)))
-        .collect::<Result<Vec<_>>>()?;
-    write_atomic(path, tensors, metadata)
+    write_atomic(path, encoded.tensors, metadata)
 }
 
 fn json<T: serde::Serialize>(value: &T) -> String {
@@ -89,7 +123,7 @@ fn parse_field<T: serde::de::DeserializeOwned>(file: &TensorFile, key: &str) -> 
 /// `extra_prefix` are returned (prefix removed) instead of being taken as parameters.
 pub fn load_with_extras(path: &Path, extra_prefix: &str) -> Result<(Model, Extras)> {
     let file = TensorFile::read(path)?;
-    let mut tensors = file.float_tensors()?;
+    let mut tensors = dense_tensors(&file)?;
     let extra_names: Vec<String> = tensors
         .keys()
         .filter(|k| k.starts_with(extra_prefix))
@@ -114,10 +148,18 @@ pub fn load_with_extras(path: &Path, extra_prefix: &str) -> Result<(Model, Extra
 
 /// Builds a model from an already read file (so callers can also report on the file itself).
 pub fn from_file(file: &TensorFile) -> Result<Model> {
-    from_parts(file, file.float_tensors()?)
+    from_parts(file, dense_tensors(file)?)
 }
 
-fn from_parts(file: &TensorFile, tensors: HashMap<String, Tensor>) -> Result<Model> {
+/// The file's float tensors, sparse ones decoded to dense, once the header says it is a
+/// checkpoint this version can read (so a newer file gets "upgrade", not a decoding error).
+fn dense_tensors(file: &TensorFile) -> Result<HashMap<String, Tensor>> {
+    check_format(file)?;
+    sparse::read_dense(file)
+}
+
+/// The format version of a checkpoint this slimcandle can read, or why it cannot.
+pub fn check_format(file: &TensorFile) -> Result<u32> {
     let shown = file.path.display();
     match file.metadata.get("format").map(String::as_str) {
         Some(FORMAT) => {}
@@ -136,6 +178,11 @@ fn from_parts(file: &TensorFile, tensors: HashMap<String, Tensor>) -> Result<Mod
             "`{shown}` uses checkpoint format {version}; this slimcandle reads up to {FORMAT_VERSION}: upgrade slimcandle"
         );
     }
+    Ok(version)
+}
+
+fn from_parts(file: &TensorFile, tensors: HashMap<String, Tensor>) -> Result<Model> {
+    let shown = file.path.display();
     let graph = Graph::from_json(field(file, "graph")?).with_context(|| format!("`{shown}`"))?;
     let arch: Option<ArchSpec> = match file.metadata.get("arch") {
         Some(_) => Some(parse_field(file, "arch")?),

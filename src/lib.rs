@@ -15,6 +15,7 @@ pub mod predict;
 pub mod prune;
 pub mod report;
 pub mod rng;
+pub mod sparse;
 pub mod tensor_file;
 pub mod train;
 pub mod weights;

@@ -3,6 +3,7 @@ use clap::Args;
 use serde_json::json;
 use slimcandle::checkpoint;
 use slimcandle::report::{Table, human_bytes, human_count};
+use slimcandle::sparse;
 use slimcandle::tensor_file::TensorFile;
 use std::path::PathBuf;
 
@@ -21,6 +22,13 @@ pub struct InspectArgs {
 pub fn run(args: InspectArgs) -> Result<()> {
     let file = TensorFile::read(&args.checkpoint)?;
     let model = checkpoint::from_file(&file)?;
+    let format_version = checkpoint::check_format(&file)?;
+    let sparse_tensors = sparse::sparse_shapes(&file)?.len();
+    // Parameters as `params` counts them (running statistics excluded) that are not +0.0.
+    let mut nonzero_params = 0;
+    for (_, _, var) in model.weights.trainable(&model.graph) {
+        nonzero_params += sparse::count_nonzero(var.as_tensor())?;
+    }
     let meta = &model.meta;
     let [h, w] = match args.input_size {
         Some(s) => [s, s],
@@ -32,7 +40,7 @@ pub fn run(args: InspectArgs) -> Result<()> {
         super::print_json(&json!({
             "file": args.checkpoint,
             "file_size": file.file_size(),
-            "format_version": checkpoint::FORMAT_VERSION,
+            "format_version": format_version,
             "arch": meta.arch,
             "variant": arch_name,
             "class_names": meta.class_names,
@@ -40,9 +48,11 @@ pub fn run(args: InspectArgs) -> Result<()> {
             "provenance": meta.provenance,
             "input_size": [h, w],
             "params": summary.params,
+            "nonzero_params": nonzero_params,
             "macs": summary.macs,
             "tensors": file.names().len(),
             "dtypes": file.dtype_counts(),
+            "sparse_tensors": sparse_tensors,
             "layers": summary.layers,
         }));
         return Ok(());
@@ -110,6 +120,10 @@ pub fn run(args: InspectArgs) -> Result<()> {
         file.names().len(),
         dtypes.join(", ")
     );
+    println!(
+        "storage       format {format_version}, {sparse_tensors} tensors sparse (bitmask + values), file {}",
+        human_bytes(file.file_size() as u64)
+    );
     println!("created       {} by {}", prov.created, prov.tool);
     println!("source        {}", prov.source);
     println!("command       {}", prov.command);
@@ -119,8 +133,9 @@ pub fn run(args: InspectArgs) -> Result<()> {
     println!();
     print!("{}", table.render());
     println!(
-        "\ntotal: {} params, {} MACs at {h}x{w}",
+        "\ntotal: {} params ({} non-zero), {} MACs at {h}x{w}",
         human_count(summary.params as u64),
+        human_count(nonzero_params as u64),
         human_count(summary.macs)
     );
     Ok(())
