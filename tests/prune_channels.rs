@@ -117,7 +117,10 @@ fn targets_are_reached_with_rounded_widths() {
         assert!(kept <= 0.6 && kept > 0.5, "{scope:?}: params kept {kept}");
     }
     let cfg = config(Criterion::L1, Scope::Uniform, Target::Macs(0.01));
-    let err = prune_channels(&model, &cfg, None).err().unwrap().to_string();
+    let err = prune_channels(&model, &cfg, None)
+        .err()
+        .unwrap()
+        .to_string();
     assert!(err.contains("cannot reach 1.0% of the MACs"), "{err}");
 }
 
@@ -145,8 +148,14 @@ fn exclusions_and_overrides_apply_per_layer_group() {
     let plain = find("features.4.conv.0.0");
     assert_eq!(plain.kept, plain.width / 2);
     cfg.plan.exclude = vec![NamePattern::parse("nothing.*").unwrap()];
-    let err = prune_channels(&model, &cfg, None).err().unwrap().to_string();
-    assert!(err.contains("`nothing.*` matches no conv or linear layer"), "{err}");
+    let err = prune_channels(&model, &cfg, None)
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(
+        err.contains("`nothing.*` matches no conv or linear layer"),
+        "{err}"
+    );
 }
 
 /// Each criterion ranks a filter that was made negligible last in its layer group, so the
@@ -160,10 +169,7 @@ fn criteria_rank_negligible_channels_lowest() {
     let target = groups
         .units
         .iter()
-        .position(|u| {
-            u.filters()
-                .any(|m| m.node == layer && m.channel == 7)
-        })
+        .position(|u| u.filters().any(|m| m.node == layer && m.channel == 7))
         .unwrap();
     let unit = groups.units[target].clone();
     for m in &unit.members {
@@ -198,7 +204,12 @@ fn criteria_rank_negligible_channels_lowest() {
         batch_size: 16,
         batches: 2,
     };
-    for criterion in [Criterion::L1, Criterion::L2, Criterion::BnScale, Criterion::Taylor] {
+    for criterion in [
+        Criterion::L1,
+        Criterion::L2,
+        Criterion::BnScale,
+        Criterion::Taylor,
+    ] {
         let scores = unit_scores(&model, &groups.units, criterion, Some(&taylor), 0).unwrap();
         let key = unit.nodes();
         let lowest = (0..groups.units.len())
@@ -221,7 +232,14 @@ fn criteria_rank_negligible_channels_lowest() {
 #[test]
 fn bn_scale_needs_batch_norm() {
     let model = cifar_model("squeezenet1_1", None, None);
-    let cfg = config(Criterion::BnScale, Scope::Uniform, Target::ChannelRatio(0.3));
-    let err = prune_channels(&model, &cfg, None).err().unwrap().to_string();
+    let cfg = config(
+        Criterion::BnScale,
+        Scope::Uniform,
+        Target::ChannelRatio(0.3),
+    );
+    let err = prune_channels(&model, &cfg, None)
+        .err()
+        .unwrap()
+        .to_string();
     assert!(err.contains("have no batch norm"), "{err}");
 }

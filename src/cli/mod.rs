@@ -8,6 +8,8 @@ mod import;
 mod inspect;
 mod models;
 mod predict;
+mod prune;
+mod sensitivity;
 mod train;
 
 use anyhow::{Result, bail};
@@ -67,6 +69,16 @@ enum Command {
         after_help = "Example: slimcandle forward model.safetensors inputs.safetensors -o logits.safetensors"
     )]
     Forward(forward::ForwardArgs),
+    /// Prune a checkpoint: remove whole channels (a smaller, faster network).
+    #[command(
+        after_help = "Examples:\n  slimcandle prune model.safetensors --criterion l1 --target-macs 0.5 --data cifar10:DIR -o pruned.safetensors\n  slimcandle train --init pruned.safetensors --data cifar10:DIR --epochs 4 -o runs/finetune"
+    )]
+    Prune(Box<prune::PruneArgs>),
+    /// Prune each layer alone at several ratios and measure accuracy: a table and a CSV.
+    #[command(
+        after_help = "Example: slimcandle sensitivity model.safetensors --data cifar10:DIR --ratios 0.1,0.3,0.5,0.7 --test-limit 1000 --csv sens.csv"
+    )]
+    Sensitivity(sensitivity::SensitivityArgs),
 }
 
 /// `--arch` and the options that complete it, shared by every command that builds a model.
@@ -116,6 +128,8 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Bench(a) => bench::run(a),
         Command::Eval(a) => eval::run(a),
         Command::Predict(a) => predict::run(a),
+        Command::Prune(a) => prune::run(*a),
+        Command::Sensitivity(a) => sensitivity::run(a),
     }
 }
 

@@ -33,7 +33,11 @@ pub fn prune_channels(
         &cfg.plan,
         model.meta.preprocessing.input_size,
     )?;
-    let chosen: Vec<_> = plan.remove.iter().map(|&u| groups.units[u].clone()).collect();
+    let chosen: Vec<_> = plan
+        .remove
+        .iter()
+        .map(|&u| groups.units[u].clone())
+        .collect();
     let mut pruned = remove_channels(model, &chosen)?;
     let before = plan.before;
     let after = plan.after;

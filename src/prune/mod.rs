@@ -17,6 +17,7 @@ mod lp;
 pub mod pattern;
 pub mod plan;
 mod remove;
+pub mod sensitivity;
 
 pub use channel::{ChannelPruneConfig, prune_channels};
 pub use groups::{Blocked, ChannelGroups, Member, PruneUnit, Role, analyze, channel_groups};

@@ -119,11 +119,7 @@ pub fn plan(
     input_size: [usize; 2],
 ) -> Result<ChannelPlan> {
     if units.len() != scores.len() {
-        bail!(
-            "prune: {} scores for {} units",
-            scores.len(),
-            units.len()
-        );
+        bail!("prune: {} scores for {} units", scores.len(), units.len());
     }
     for (what, v) in [("max ratio", cfg.max_ratio)]
         .into_iter()
@@ -227,6 +223,30 @@ pub fn plan(
         after,
         ratio,
     })
+}
+
+/// For each layer group that may be pruned, the units that remove `ratio` of its channels
+/// with every other group left whole: what a sensitivity scan evaluates.
+pub fn single_group_plans(
+    graph: &Graph,
+    units: &[PruneUnit],
+    scores: &[f64],
+    cfg: &PlanConfig,
+    ratio: f64,
+) -> Result<Vec<(LayerGroup, Vec<usize>)>> {
+    let removals = Removals::new(graph, units)?;
+    let groups = layer_groups(graph, units, scores, cfg)?;
+    Ok(groups
+        .into_iter()
+        .filter(|g| !g.excluded)
+        .map(|mut g| {
+            let mut kept = removals.fresh();
+            let n = units_for_ratio(&g, &removals, ratio, cfg, &mut kept);
+            g.kept = kept[g.lead];
+            let chosen = g.units[..n].to_vec();
+            (g, chosen)
+        })
+        .collect())
 }
 
 fn is_layer(op: &Op) -> bool {
@@ -431,7 +451,15 @@ fn select_global(
     };
     let cap: Vec<usize> = groups
         .iter()
-        .map(|g| units_for_ratio(g, removals, cfg.max_ratio, &unrounded, &mut removals.fresh()))
+        .map(|g| {
+            units_for_ratio(
+                g,
+                removals,
+                cfg.max_ratio,
+                &unrounded,
+                &mut removals.fresh(),
+            )
+        })
         .collect();
     let mut taken = 0;
     for &(gi, _) in &ranked {
@@ -511,7 +539,11 @@ impl CostModel {
                     ..
                 } => {
                     let input = kept[self.inputs[id][0]];
-                    let per_group_in = if self.depthwise[id] { 1 } else { input / groups };
+                    let per_group_in = if self.depthwise[id] {
+                        1
+                    } else {
+                        input / groups
+                    };
                     let weights = out * per_group_in * kernel * kernel;
                     params += weights + if *bias { out } else { 0 };
                     macs += (weights * self.spatial[id]) as u64;

@@ -1,0 +1,281 @@
+use anyhow::{Result, bail};
+use clap::{Args, ValueEnum};
+use serde_json::json;
+use slimcandle::checkpoint;
+use slimcandle::data::{DataSpec, Dataset, LoadOptions};
+use slimcandle::eval::{check_classes, evaluate};
+use slimcandle::footprint::Footprint;
+use slimcandle::model::Model;
+use slimcandle::prune::importance::{Criterion, TaylorData};
+use slimcandle::prune::pattern::{NamePattern, parse_list};
+use slimcandle::prune::plan::{PlanConfig, Scope, Target};
+use slimcandle::prune::{ChannelPruneConfig, prune_channels};
+use slimcandle::report::{Table, human_bytes, human_count};
+use slimcandle::tensor_file::TensorFile;
+use std::path::PathBuf;
+
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Method {
+    /// Remove whole channels with everything coupled to them: a smaller, faster network.
+    Channel,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum ScopeArg {
+    /// Every layer (group) loses the same share.
+    #[value(alias = "layer")]
+    Uniform,
+    /// One ranking across layers, by importance normalised per layer.
+    Global,
+}
+
+#[derive(Args)]
+pub struct PruneArgs {
+    /// Checkpoint to prune.
+    checkpoint: PathBuf,
+    #[arg(long, value_enum, default_value = "channel")]
+    method: Method,
+    /// Channel importance: l1, l2, bn-scale, taylor (needs --data), random.
+    #[arg(long, default_value = "l1")]
+    criterion: Criterion,
+    /// Ranking scope (default: uniform).
+    #[arg(long, value_enum)]
+    scope: Option<ScopeArg>,
+    /// Fraction of the prunable channels to remove.
+    #[arg(long, conflicts_with_all = ["target_macs", "target_params"])]
+    ratio: Option<f64>,
+    /// Keep this fraction of the MACs (0.5 halves them), reached by searching the ratio.
+    #[arg(long, conflicts_with = "target_params")]
+    target_macs: Option<f64>,
+    /// Keep this fraction of the parameters, reached by searching the ratio.
+    #[arg(long)]
+    target_params: Option<f64>,
+    /// Round kept channel counts to a multiple of this (1: no rounding).
+    #[arg(long, default_value_t = 8)]
+    round_to: usize,
+    /// Never cut a layer below this many channels.
+    #[arg(long, default_value_t = 8)]
+    min_channels: usize,
+    /// Never remove more than this fraction of one layer's channels (global scope, targets).
+    #[arg(long, default_value_t = 0.9)]
+    max_ratio: f64,
+    /// Layers never to prune: comma-separated globs over layer or parameter names.
+    #[arg(long, default_value = "")]
+    exclude: String,
+    /// Per-layer ratio, PATTERN=RATIO (repeatable; first match wins).
+    #[arg(long = "layer-ratio", value_name = "PATTERN=RATIO")]
+    layer_ratios: Vec<String>,
+    /// Data for accuracy before and after (and for the taylor criterion's gradients).
+    #[arg(long)]
+    data: Option<String>,
+    /// Evaluate on a seeded, class-balanced subset of this many test images.
+    #[arg(long)]
+    test_limit: Option<usize>,
+    /// Taylor criterion: batches of training images to accumulate gradients over.
+    #[arg(long, default_value_t = 16)]
+    taylor_batches: usize,
+    #[arg(long, default_value_t = 64)]
+    batch_size: usize,
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Output checkpoint.
+    #[arg(short, long)]
+    output: PathBuf,
+    #[arg(long)]
+    json: bool,
+}
+
+fn parse_layer_ratio(text: &str) -> Result<(NamePattern, f64)> {
+    let Some((pattern, ratio)) = text.rsplit_once('=') else {
+        bail!("--layer-ratio `{text}`: expected PATTERN=RATIO, e.g. `features.1.*=0.2`");
+    };
+    let ratio: f64 = ratio
+        .trim()
+        .parse()
+        .map_err(|_| anyhow::anyhow!("--layer-ratio `{text}`: `{ratio}` is not a number"))?;
+    Ok((NamePattern::parse(pattern)?, ratio))
+}
+
+/// Accuracy on the test split, when data was given.
+fn accuracy(model: &Model, data: Option<&Dataset>) -> Result<Option<(f64, f64)>> {
+    match data {
+        Some(d) => {
+            let r = evaluate(model, d.test.clone(), 256)?;
+            Ok(Some((r.top1, r.top5)))
+        }
+        None => Ok(None),
+    }
+}
+
+pub fn run(args: PruneArgs) -> Result<()> {
+    super::check_output_is_not_input(&args.output, &[&args.checkpoint])?;
+    let file = TensorFile::read(&args.checkpoint)?;
+    let model = checkpoint::from_file(&file)?;
+    let needs_train = args.criterion.needs_data() && args.method == Method::Channel;
+    let data = match &args.data {
+        Some(spec) => {
+            let spec: DataSpec = spec.parse()?;
+            let opts = LoadOptions {
+                size: model.meta.preprocessing.input_size[0],
+                train_limit: Some(if needs_train {
+                    args.taylor_batches * args.batch_size
+                } else {
+                    0
+                }),
+                test_limit: args.test_limit,
+                seed: args.seed,
+                ..Default::default()
+            };
+            let d = spec.load(&opts)?;
+            check_classes(&model.meta.class_names, &d.class_names, &d.source)?;
+            Some(d)
+        }
+        None if needs_train => bail!(
+            "--criterion {} takes gradients on training images: pass --data",
+            args.criterion.name()
+        ),
+        None => None,
+    };
+    let before = Footprint::of(&model, Some(file.file_size() as u64))?;
+    let acc_before = accuracy(&model, data.as_ref())?;
+    let target = match (args.ratio, args.target_macs, args.target_params) {
+        (Some(r), None, None) => Target::ChannelRatio(r),
+        (None, Some(f), None) => Target::Macs(f),
+        (None, None, Some(f)) => Target::Params(f),
+        _ => bail!("say how much to prune: --ratio R, --target-macs F or --target-params F"),
+    };
+    let overrides = args
+        .layer_ratios
+        .iter()
+        .map(|t| parse_layer_ratio(t))
+        .collect::<Result<Vec<_>>>()?;
+    let cfg = ChannelPruneConfig {
+        criterion: args.criterion,
+        plan: PlanConfig {
+            scope: match args.scope.unwrap_or(ScopeArg::Uniform) {
+                ScopeArg::Uniform => Scope::Uniform,
+                ScopeArg::Global => Scope::Global,
+            },
+            target,
+            overrides,
+            exclude: parse_list(&args.exclude)?,
+            min_channels: args.min_channels,
+            round_to: args.round_to.max(1),
+            max_ratio: args.max_ratio,
+        },
+        seed: args.seed,
+    };
+    let taylor = data.as_ref().map(|d| TaylorData {
+        images: d.train.clone(),
+        batch_size: args.batch_size,
+        batches: args.taylor_batches,
+    });
+    let (pruned, plan) = prune_channels(&model, &cfg, taylor.as_ref())?;
+    checkpoint::save(&pruned, &args.output)?;
+    let size_after = std::fs::metadata(&args.output)?.len();
+    let after = Footprint::of(&pruned, Some(size_after))?;
+    let acc_after = accuracy(&pruned, data.as_ref())?;
+    if args.json {
+        super::print_json(&json!({
+            "checkpoint": args.checkpoint,
+            "output": args.output,
+            "method": "channel",
+            "criterion": args.criterion.name(),
+            "ratio": plan.ratio,
+            "before": before,
+            "after": after,
+            "top1_before": acc_before.map(|a| a.0),
+            "top1_after": acc_after.map(|a| a.0),
+            "top5_before": acc_before.map(|a| a.1),
+            "top5_after": acc_after.map(|a| a.1),
+            "data": data.as_ref().map(|d| &d.source),
+            "layer_groups": plan.groups,
+        }));
+        return Ok(());
+    }
+    let mut groups = Table::new(&["layers", "channels", "kept", "rule"], &[0, 3]);
+    for g in plan
+        .groups
+        .iter()
+        .filter(|g| g.kept < g.width || g.rule.is_some())
+    {
+        let layers = if g.layers.len() > 3 {
+            format!(
+                "{} ... {} ({} layers)",
+                g.layers[0],
+                g.layers[g.layers.len() - 1],
+                g.layers.len()
+            )
+        } else {
+            g.layers.join(" ")
+        };
+        groups.row(vec![
+            layers,
+            g.width.to_string(),
+            g.kept.to_string(),
+            g.rule.clone().unwrap_or_default(),
+        ]);
+    }
+    print!("{}", groups.render());
+    println!();
+    print!(
+        "{}",
+        comparison(&before, &after, acc_before, acc_after).render()
+    );
+    println!(
+        "\nwrote {} (fine-tune it with `slimcandle train --init {} ...`)",
+        args.output.display(),
+        args.output.display()
+    );
+    Ok(())
+}
+
+/// The before/after table every pruning command prints.
+pub fn comparison(
+    before: &Footprint,
+    after: &Footprint,
+    acc_before: Option<(f64, f64)>,
+    acc_after: Option<(f64, f64)>,
+) -> Table {
+    let mut t = Table::new(&["", "before", "after", "after/before"], &[0]);
+    let ratio = |a: f64, b: f64| format!("{:.1}%", 100.0 * b / a.max(1e-12));
+    let mut row = |name: &str, a: u64, b: u64, fmt: fn(u64) -> String| {
+        t.row(vec![
+            name.to_string(),
+            fmt(a),
+            fmt(b),
+            ratio(a as f64, b as f64),
+        ]);
+    };
+    row(
+        "params",
+        before.params as u64,
+        after.params as u64,
+        human_count,
+    );
+    row(
+        "non-zero params",
+        before.nonzero_params as u64,
+        after.nonzero_params as u64,
+        human_count,
+    );
+    row("MACs", before.macs, after.macs, human_count);
+    if let (Some(a), Some(b)) = (before.file_size, after.file_size) {
+        row("file size", a, b, human_bytes);
+    }
+    if let (Some(a), Some(b)) = (acc_before, acc_after) {
+        t.row(vec![
+            "top-1".into(),
+            format!("{:.2}%", a.0),
+            format!("{:.2}%", b.0),
+            format!("{:+.2} points", b.0 - a.0),
+        ]);
+        t.row(vec![
+            "top-5".into(),
+            format!("{:.2}%", a.1),
+            format!("{:.2}%", b.1),
+            format!("{:+.2} points", b.1 - a.1),
+        ]);
+    }
+    t
+}

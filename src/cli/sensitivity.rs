@@ -1,0 +1,166 @@
+use anyhow::{Result, bail};
+use clap::{Args, ValueEnum};
+use indicatif::{ProgressBar, ProgressStyle};
+use slimcandle::checkpoint;
+use slimcandle::data::{DataSpec, LoadOptions};
+use slimcandle::eval::check_classes;
+use slimcandle::prune::importance::Criterion;
+use slimcandle::prune::pattern::parse_list;
+use slimcandle::prune::plan::PlanConfig;
+use slimcandle::prune::sensitivity::{Sensitivity, channel_sensitivity};
+use slimcandle::report::{Table, human_count};
+use slimcandle::tensor_file::write_bytes_atomic;
+use std::path::PathBuf;
+
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum SensitivityMethod {
+    /// Remove each layer group's least important channels.
+    Channel,
+}
+
+#[derive(Args)]
+pub struct SensitivityArgs {
+    /// Checkpoint to analyse.
+    checkpoint: PathBuf,
+    /// Data to evaluate on (its test split).
+    #[arg(long)]
+    data: String,
+    #[arg(long, value_enum, default_value = "channel")]
+    method: SensitivityMethod,
+    /// Pruning ratios to try on each layer, comma-separated.
+    #[arg(long, default_value = "0.1,0.3,0.5,0.7", value_delimiter = ',')]
+    ratios: Vec<f64>,
+    /// Channel importance: l1, l2, bn-scale, random.
+    #[arg(long, default_value = "l1")]
+    criterion: Criterion,
+    /// Round kept channel counts to a multiple of this (1: exact ratios).
+    #[arg(long, default_value_t = 1)]
+    round_to: usize,
+    /// Never cut a layer below this many channels.
+    #[arg(long, default_value_t = 1)]
+    min_channels: usize,
+    /// Layers to leave out of the scan: comma-separated globs.
+    #[arg(long, default_value = "")]
+    exclude: String,
+    /// Evaluate on a seeded, class-balanced subset of this many test images.
+    #[arg(long)]
+    test_limit: Option<usize>,
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Where to write the CSV (one row per layer and ratio).
+    #[arg(long, default_value = "sensitivity.csv")]
+    csv: PathBuf,
+    #[arg(long)]
+    json: bool,
+}
+
+pub fn run(args: SensitivityArgs) -> Result<()> {
+    let model = checkpoint::load(&args.checkpoint)?;
+    let spec: DataSpec = args.data.parse()?;
+    let data = spec.load(&LoadOptions {
+        size: model.meta.preprocessing.input_size[0],
+        train_limit: Some(0),
+        test_limit: args.test_limit,
+        seed: args.seed,
+        ..Default::default()
+    })?;
+    check_classes(&model.meta.class_names, &data.class_names, &data.source)?;
+    if data.test.is_empty() {
+        bail!("{}: the test split is empty", data.source);
+    }
+    let bar = ProgressBar::new(0).with_style(
+        ProgressStyle::with_template("{msg} {bar:30} {pos}/{len} evaluations, eta {eta}")
+            .expect("valid template"),
+    );
+    bar.set_message("pruning one layer at a time");
+    let mut progress = |done: usize, total: usize| {
+        bar.set_length(total as u64);
+        bar.set_position(done as u64);
+    };
+    let result = match args.method {
+        SensitivityMethod::Channel => {
+            let cfg = PlanConfig {
+                exclude: parse_list(&args.exclude)?,
+                min_channels: args.min_channels,
+                round_to: args.round_to.max(1),
+                ..Default::default()
+            };
+            channel_sensitivity(
+                &model,
+                args.criterion,
+                &cfg,
+                &args.ratios,
+                data.test.clone(),
+                args.seed,
+                &mut progress,
+            )?
+        }
+    };
+    bar.finish_and_clear();
+    write_bytes_atomic(&args.csv, csv(&result).as_bytes())?;
+    if args.json {
+        let mut value = serde_json::to_value(&result)?;
+        value["checkpoint"] = serde_json::json!(args.checkpoint);
+        value["data"] = serde_json::json!(data.source);
+        value["csv"] = serde_json::json!(args.csv);
+        super::print_json(&value);
+        return Ok(());
+    }
+    println!(
+        "{} on {} ({} images): top-1 {:.2}%, {} params, {} MACs",
+        args.checkpoint.display(),
+        data.source,
+        data.test.len(),
+        result.baseline_top1,
+        human_count(result.params as u64),
+        human_count(result.macs)
+    );
+    print!("{}", table(&result, &args.ratios).render());
+    eprintln!("wrote {}", args.csv.display());
+    Ok(())
+}
+
+/// One row per layer group, one column per ratio: the top-1 change in points, and the MACs
+/// that pruning saves at the largest ratio.
+fn table(result: &Sensitivity, ratios: &[f64]) -> Table {
+    let mut header = vec!["layers".to_string(), "size".to_string()];
+    header.extend(ratios.iter().map(|r| format!("{:.0}%", 100.0 * r)));
+    header.push("MACs saved at max".to_string());
+    let refs: Vec<&str> = header.iter().map(String::as_str).collect();
+    let mut t = Table::new(&refs, &[0]);
+    for chunk in result.rows.chunks(ratios.len()) {
+        let layers = &chunk[0].layers;
+        let name = if layers.len() > 2 {
+            format!("{} +{} more", layers[0], layers.len() - 1)
+        } else {
+            layers.join(" ")
+        };
+        let mut row = vec![name, chunk[0].size.to_string()];
+        row.extend(chunk.iter().map(|r| format!("{:+.2}", r.top1_change)));
+        let last = chunk.last().expect("one row per ratio");
+        row.push(format!(
+            "{:.1}%",
+            100.0 * (result.macs - last.macs) as f64 / result.macs.max(1) as f64
+        ));
+        t.row(row);
+    }
+    t
+}
+
+fn csv(result: &Sensitivity) -> String {
+    let mut out = String::from("layers,size,ratio,kept,params,macs,top1,top1_change\n");
+    for r in &result.rows {
+        out.push_str(&format!(
+            "\"{}\",{},{},{},{},{},{:.4},{:.4}\n",
+            r.layers.join(" "),
+            r.size,
+            r.ratio,
+            r.kept,
+            r.params,
+            r.macs,
+            r.top1,
+            r.top1_change
+        ));
+    }
+    out
+}

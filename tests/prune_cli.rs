@@ -1,0 +1,249 @@
+//! `slimcandle prune` and `slimcandle sensitivity` end to end on the built-in `shapes` data,
+//! and their errors.
+
+mod common;
+
+use serde_json::Value;
+use slimcandle::checkpoint;
+use slimcandle::model::Model;
+use slimcandle::models::{ArchOptions, ArchSpec, Stem};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+fn slimcandle(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_slimcandle"))
+        .args(args)
+        .output()
+        .expect("binary runs")
+}
+
+fn ok(args: &[&str]) -> String {
+    let o = slimcandle(args);
+    assert!(
+        o.status.success(),
+        "slimcandle {args:?} failed:\n{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+/// A command that must fail cleanly: exit 1, or 2 for what the argument parser refuses.
+fn fails(args: &[&str], mentions: &[&str]) {
+    let o = slimcandle(args);
+    let err = String::from_utf8_lossy(&o.stderr).into_owned();
+    let usage = err.contains("For more information, try '--help'");
+    let code = if usage { 2 } else { 1 };
+    assert_eq!(o.status.code(), Some(code), "{args:?} should fail:\n{err}");
+    assert!(!err.contains("panicked"), "{err}");
+    for m in mentions {
+        assert!(err.contains(m), "expected `{m}` in:\n{err}");
+    }
+}
+
+fn s(p: &Path) -> &str {
+    p.to_str().unwrap()
+}
+
+/// A small MobileNet V2 for 32x32 inputs with 10 classes, saved as a checkpoint.
+fn small_checkpoint(dir: &Path) -> PathBuf {
+    let spec = ArchSpec::parse(
+        "mobilenet_v2",
+        &ArchOptions {
+            width: Some(0.35),
+            num_classes: Some(10),
+            stem: Some(Stem::Cifar),
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    let path = dir.join("small.safetensors");
+    checkpoint::save(&Model::init(&spec, 5).unwrap(), &path).unwrap();
+    path
+}
+
+#[test]
+fn prune_then_fine_tune_then_inspect() {
+    let dir = common::temp_dir("prune-cli");
+    let ckpt = small_checkpoint(&dir);
+    let out = dir.join("pruned.safetensors");
+    let report: Value = serde_json::from_str(&ok(&[
+        "prune",
+        s(&ckpt),
+        "--criterion",
+        "taylor",
+        "--taylor-batches",
+        "2",
+        "--batch-size",
+        "16",
+        "--target-macs",
+        "0.6",
+        "--data",
+        "shapes",
+        "--test-limit",
+        "40",
+        "-o",
+        s(&out),
+        "--json",
+    ]))
+    .unwrap();
+    let (before, after) = (&report["before"], &report["after"]);
+    let macs = after["macs"].as_f64().unwrap() / before["macs"].as_f64().unwrap();
+    assert!(macs <= 0.6 && macs > 0.5, "MACs kept {macs}");
+    assert!(after["params"].as_u64() < before["params"].as_u64());
+    assert!(after["file_size"].as_u64() < before["file_size"].as_u64());
+    assert!(report["top1_after"].is_number());
+    let inspect: Value = serde_json::from_str(&ok(&["inspect", s(&out), "--json"])).unwrap();
+    assert_eq!(inspect["params"], after["params"]);
+    assert_eq!(inspect["macs"], after["macs"]);
+    // The text report names what was kept and prints the before/after table.
+    let text = ok(&[
+        "prune",
+        s(&ckpt),
+        "--ratio",
+        "0.3",
+        "--scope",
+        "global",
+        "-o",
+        s(&out),
+    ]);
+    assert!(
+        text.contains("non-zero params") && text.contains("MACs"),
+        "{text}"
+    );
+    // The smaller model fine-tunes like any checkpoint.
+    let run = dir.join("finetune");
+    ok(&[
+        "train",
+        "--init",
+        s(&out),
+        "--data",
+        "shapes",
+        "--train-limit",
+        "64",
+        "--test-limit",
+        "20",
+        "--epochs",
+        "1",
+        "--batch-size",
+        "16",
+        "--lr",
+        "0.01",
+        "-o",
+        s(&run),
+    ]);
+    let tuned = checkpoint::load(&run.join("last.safetensors")).unwrap();
+    assert_eq!(tuned.graph, checkpoint::load(&out).unwrap().graph);
+}
+
+#[test]
+fn sensitivity_writes_a_row_per_layer_group_and_ratio() {
+    let dir = common::temp_dir("sensitivity-cli");
+    let ckpt = small_checkpoint(&dir);
+    let csv = dir.join("sens.csv");
+    let result: Value = serde_json::from_str(&ok(&[
+        "sensitivity",
+        s(&ckpt),
+        "--data",
+        "shapes",
+        "--test-limit",
+        "20",
+        "--ratios",
+        "0.25,0.5",
+        "--csv",
+        s(&csv),
+        "--json",
+    ]))
+    .unwrap();
+    let rows = result["rows"].as_array().unwrap();
+    assert!(rows.len() >= 2 * 10, "{} rows", rows.len());
+    assert_eq!(rows.len() % 2, 0);
+    for pair in rows.chunks(2) {
+        assert_eq!(pair[0]["layers"], pair[1]["layers"]);
+        assert_eq!(pair[0]["ratio"], 0.25);
+        assert_eq!(pair[1]["ratio"], 0.5);
+        assert!(pair[1]["macs"].as_u64() <= pair[0]["macs"].as_u64());
+        assert!(pair[0]["macs"].as_u64() < result["macs"].as_u64());
+    }
+    let text = std::fs::read_to_string(&csv).unwrap();
+    assert_eq!(text.lines().count(), rows.len() + 1);
+    assert!(text.starts_with("layers,size,ratio,kept,params,macs,top1,top1_change"));
+}
+
+#[test]
+fn bad_prune_requests_get_clear_errors() {
+    let dir = common::temp_dir("prune-cli-errors");
+    let ckpt = small_checkpoint(&dir);
+    let out = dir.join("out.safetensors");
+    let (c, o) = (s(&ckpt), s(&out));
+    fails(
+        &["prune", c, "-o", o],
+        &["--ratio R, --target-macs F or --target-params F"],
+    );
+    fails(
+        &["prune", c, "--ratio", "0.5", "--criterion", "l3", "-o", o],
+        &["unknown criterion `l3`", "l1, l2, bn-scale, taylor, random"],
+    );
+    fails(
+        &[
+            "prune",
+            c,
+            "--ratio",
+            "0.5",
+            "--criterion",
+            "taylor",
+            "-o",
+            o,
+        ],
+        &["taylor", "--data"],
+    );
+    fails(
+        &["prune", c, "--ratio", "1.5", "-o", o],
+        &["ratio 1.5 is outside [0, 1)"],
+    );
+    fails(
+        &[
+            "prune",
+            c,
+            "--ratio",
+            "0.5",
+            "--exclude",
+            "nothing.*",
+            "-o",
+            o,
+        ],
+        &["`nothing.*` matches no conv or linear layer"],
+    );
+    fails(
+        &[
+            "prune",
+            c,
+            "--ratio",
+            "0.5",
+            "--layer-ratio",
+            "features.1",
+            "-o",
+            o,
+        ],
+        &["expected PATTERN=RATIO"],
+    );
+    fails(
+        &["prune", c, "--target-macs", "0.001", "-o", o],
+        &["cannot reach 0.1% of the MACs"],
+    );
+    fails(&["prune", c, "--ratio", "0.5", "-o", c], &["also an input"]);
+    fails(
+        &[
+            "prune",
+            s(&dir.join("missing.safetensors")),
+            "--ratio",
+            "0.5",
+            "-o",
+            o,
+        ],
+        &["missing.safetensors"],
+    );
+    fails(
+        &["sensitivity", c, "--data", "shapes", "--ratios", "0.5,1.2"],
+        &["ratio 1.2 is outside [0, 1)"],
+    );
+}
