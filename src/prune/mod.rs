@@ -8,9 +8,13 @@
 //! groups from the graph's channel relations ([`crate::graph::ChannelMap`]) alone, with no
 //! knowledge of the architecture; [`remove_channels`] removes any set of them, giving a
 //! physically smaller graph and weights that save as a self-describing checkpoint.
+//!
+//! Unstructured pruning: [`magnitude`] zeroes individual conv and linear weights of smallest
+//! magnitude, behind masks that training keeps applied, on a cubic schedule.
 
 mod groups;
 mod lp;
+pub mod magnitude;
 pub mod pattern;
 mod remove;
 
