@@ -122,18 +122,30 @@ fn parse_field<T: serde::de::DeserializeOwned>(file: &TensorFile, key: &str) -> 
 /// Reads a model saved with [`save_with_extras`]; tensors whose names start with
 /// `extra_prefix` are returned (prefix removed) instead of being taken as parameters.
 pub fn load_with_extras(path: &Path, extra_prefix: &str) -> Result<(Model, Extras)> {
+    let (model, mut extras) = load_with_extra_prefixes(path, &[extra_prefix])?;
+    extras.tensors = extras
+        .tensors
+        .into_iter()
+        .map(|(k, t)| (k[extra_prefix.len()..].to_string(), t))
+        .collect();
+    Ok((model, extras))
+}
+
+/// Like [`load_with_extras`] for several prefixes: every tensor whose name starts with one of
+/// `extra_prefixes` is returned under its full name instead of being taken as a parameter.
+pub fn load_with_extra_prefixes(path: &Path, extra_prefixes: &[&str]) -> Result<(Model, Extras)> {
     let file = TensorFile::read(path)?;
     let mut tensors = dense_tensors(&file)?;
     let extra_names: Vec<String> = tensors
         .keys()
-        .filter(|k| k.starts_with(extra_prefix))
+        .filter(|k| extra_prefixes.iter().any(|p| k.starts_with(p)))
         .cloned()
         .collect();
     let extra = extra_names
         .into_iter()
         .map(|k| {
             let t = tensors.remove(&k).expect("listed above");
-            (k[extra_prefix.len()..].to_string(), t)
+            (k, t)
         })
         .collect();
     let model = from_parts(&file, tensors)?;

@@ -66,6 +66,8 @@ fn config(epochs: usize, schedule: Schedule) -> TrainConfig {
             hflip: true,
         }),
         seed: 5,
+        prune: None,
+        bn_l1: 0.0,
     }
 }
 

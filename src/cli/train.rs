@@ -7,6 +7,10 @@ use slimcandle::checkpoint;
 use slimcandle::data::{Augment, DataSpec, LoadOptions};
 use slimcandle::model::{Model, Preprocessing, Provenance};
 use slimcandle::models::ArchSpec;
+use slimcandle::prune::magnitude::{
+    Exclusion, GradualPruning, MagnitudeConfig, MaskScope, layer_choices,
+};
+use slimcandle::prune::pattern;
 use slimcandle::train::optimizer::OptimizerKind;
 use slimcandle::train::schedule::Schedule;
 use slimcandle::train::{EpochMetrics, Observer, Outcome, Run, TrainConfig};
@@ -25,6 +29,20 @@ enum ScheduleName {
     Cosine,
     Step,
     OneCycle,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum PruneMethod {
+    /// Unstructured: zero the conv and linear weights of smallest magnitude.
+    Magnitude,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum ScopeName {
+    /// One magnitude threshold over all pruned layers.
+    Global,
+    /// Every pruned layer gets the sparsity.
+    Layer,
 }
 
 #[derive(Args)]
@@ -93,6 +111,39 @@ pub struct TrainArgs {
     /// Run folder: config.json, metrics.jsonl, last/best/resume .safetensors.
     #[arg(short, long, required_unless_present = "resume")]
     output: Option<PathBuf>,
+    /// Prune gradually during training (see docs/pruning.md).
+    #[arg(long, value_enum, help_heading = "Pruning")]
+    prune: Option<PruneMethod>,
+    /// Final fraction of zeros in the pruned weights, in [0, 1) (0.8: 80%).
+    #[arg(long, help_heading = "Pruning")]
+    sparsity: Option<f64>,
+    /// global: one magnitude threshold over all pruned layers [default]; layer: each layer gets
+    /// the sparsity.
+    #[arg(long, value_enum, help_heading = "Pruning")]
+    prune_scope: Option<ScopeName>,
+    /// Comma-separated layer name globs to spare, in addition to the first layer, the
+    /// classifier and the depthwise convs, which are always spared.
+    #[arg(long, value_name = "PATTERNS", help_heading = "Pruning")]
+    prune_exclude: Option<String>,
+    /// Prune depthwise conv filters too (spared by default).
+    #[arg(long, help_heading = "Pruning")]
+    prune_depthwise: bool,
+    /// Sparsity when pruning starts [default: 0].
+    #[arg(long, help_heading = "Pruning")]
+    initial_sparsity: Option<f64>,
+    /// Epoch at which pruning starts, fractions allowed [default: 0].
+    #[arg(long, value_name = "EPOCH", help_heading = "Pruning")]
+    prune_start_epoch: Option<f64>,
+    /// Epoch at which the final sparsity is reached, fractions allowed [default: 75% of
+    /// --epochs, so the last quarter fine-tunes the pruned network].
+    #[arg(long, value_name = "EPOCH", help_heading = "Pruning")]
+    prune_end_epoch: Option<f64>,
+    /// Optimizer steps between mask updates [default: 50].
+    #[arg(long, value_name = "STEPS", help_heading = "Pruning")]
+    prune_frequency: Option<usize>,
+    /// Network slimming: L1 penalty on batch-norm scales (gamma), e.g. 1e-4.
+    #[arg(long, default_value_t = 0.0, value_name = "LAMBDA")]
+    bn_l1: f64,
     /// Stop after this many steps as if interrupted (for tests of resume).
     #[arg(long, hide = true)]
     stop_after_steps: Option<usize>,
@@ -152,14 +203,68 @@ impl Observer for Bars {
             (Some(t1), Some(t5)) => format!(", test top-1 {t1:.2}% top-5 {t5:.2}%"),
             _ => String::new(),
         };
+        let sparsity = m
+            .sparsity
+            .map(|s| format!(", sparsity {:.1}%", 100.0 * s))
+            .unwrap_or_default();
         eprintln!(
-            "epoch {}: train loss {:.4} top-1 {:.2}%{test}, lr {:.4}, {:.0} img/s, {:.1}s",
+            "epoch {}: train loss {:.4} top-1 {:.2}%{test}{sparsity}, lr {:.4}, {:.0} img/s, {:.1}s",
             m.epoch, m.train_loss, m.train_top1, m.lr, m.images_per_s, m.seconds
         );
     }
 }
 
-fn config_from(args: &TrainArgs) -> TrainConfig {
+/// The pruning settings from the flags; flags of a pruning run without `--prune` are refused.
+fn pruning_from(args: &TrainArgs) -> Result<Option<GradualPruning>> {
+    let Some(PruneMethod::Magnitude) = args.prune else {
+        let given = [
+            ("--sparsity", args.sparsity.is_some()),
+            ("--prune-scope", args.prune_scope.is_some()),
+            ("--prune-exclude", args.prune_exclude.is_some()),
+            ("--prune-depthwise", args.prune_depthwise),
+            ("--initial-sparsity", args.initial_sparsity.is_some()),
+            ("--prune-start-epoch", args.prune_start_epoch.is_some()),
+            ("--prune-end-epoch", args.prune_end_epoch.is_some()),
+            ("--prune-frequency", args.prune_frequency.is_some()),
+        ];
+        if let Some((flag, _)) = given.iter().find(|(_, g)| *g) {
+            bail!("{flag} only applies to a pruning run: add --prune magnitude");
+        }
+        return Ok(None);
+    };
+    let Some(sparsity) = args.sparsity else {
+        bail!("--prune magnitude needs the target --sparsity (for example --sparsity 0.8)");
+    };
+    let exclude = pattern::parse_list(args.prune_exclude.as_deref().unwrap_or(""))?
+        .iter()
+        .map(|p| p.as_str().to_string())
+        .collect();
+    let magnitude = MagnitudeConfig {
+        sparsity,
+        scope: match args.prune_scope {
+            Some(ScopeName::Layer) => MaskScope::Layer,
+            Some(ScopeName::Global) | None => MaskScope::Global,
+        },
+        exclude,
+        include_depthwise: args.prune_depthwise,
+    };
+    let pruning = GradualPruning {
+        magnitude,
+        initial_sparsity: args.initial_sparsity.unwrap_or(0.0),
+        start_epoch: args.prune_start_epoch.unwrap_or(0.0),
+        end_epoch: args.prune_end_epoch.unwrap_or(0.75 * args.epochs as f64),
+        frequency: args.prune_frequency.unwrap_or(50),
+    };
+    let flags = |e: anyhow::Error| {
+        anyhow::anyhow!(
+            "{e} (pruning flags: --sparsity, --initial-sparsity, --prune-start-epoch, --prune-end-epoch, --prune-frequency)"
+        )
+    };
+    pruning.validate(args.epochs).map_err(flags)?;
+    Ok(Some(pruning))
+}
+
+fn config_from(args: &TrainArgs) -> Result<TrainConfig> {
     let optimizer = match args.optimizer {
         OptimizerName::Sgd => OptimizerKind::Sgd {
             momentum: args.momentum,
@@ -184,7 +289,7 @@ fn config_from(args: &TrainArgs) -> TrainConfig {
         crop_padding: args.crop_padding,
         hflip: !args.no_flip,
     });
-    TrainConfig {
+    let config = TrainConfig {
         data: args.data.clone(),
         train_limit: args.train_limit,
         test_limit: args.test_limit,
@@ -198,7 +303,65 @@ fn config_from(args: &TrainArgs) -> TrainConfig {
         label_smoothing: args.label_smoothing,
         augment,
         seed: args.seed,
+        prune: pruning_from(args)?,
+        bn_l1: args.bn_l1,
+    };
+    config.validate()?;
+    Ok(config)
+}
+
+/// One line on what a pruning run prunes and spares.
+fn describe_pruning(model: &Model, p: &GradualPruning) -> Result<String> {
+    let choices = layer_choices(&model.graph, &p.magnitude)?;
+    let pruned: Vec<_> = choices.iter().filter(|c| c.excluded.is_none()).collect();
+    let weights: usize = pruned.iter().map(|c| c.numel).sum();
+    let name =
+        |c: &&slimcandle::prune::magnitude::LayerChoice| model.graph.nodes[c.node].name.clone();
+    let mut spared = Vec::new();
+    for (kind, label) in [
+        (Exclusion::FirstLayer, "first layer"),
+        (Exclusion::Classifier, "classifier"),
+    ] {
+        let names: Vec<String> = choices
+            .iter()
+            .filter(|c| c.excluded.as_ref() == Some(&kind))
+            .map(|c| name(&c))
+            .collect();
+        if !names.is_empty() {
+            spared.push(format!("{label} {}", names.join(", ")));
+        }
     }
+    let depthwise = choices
+        .iter()
+        .filter(|c| c.excluded == Some(Exclusion::Depthwise))
+        .count();
+    if depthwise > 0 {
+        spared.push(format!("{depthwise} depthwise convs"));
+    }
+    let by_pattern = choices
+        .iter()
+        .filter(|c| matches!(c.excluded, Some(Exclusion::Pattern(_))))
+        .count();
+    if by_pattern > 0 {
+        spared.push(format!("{by_pattern} layers by --prune-exclude"));
+    }
+    let scope = match p.magnitude.scope {
+        MaskScope::Global => "one global threshold",
+        MaskScope::Layer => "per layer",
+    };
+    Ok(format!(
+        "pruning {} layers ({weights} weights) to {:.1}% sparsity ({scope}) between epochs {} and {}, masks updated every {} steps; spared: {}",
+        pruned.len(),
+        100.0 * p.magnitude.sparsity,
+        p.start_epoch,
+        p.end_epoch,
+        p.frequency,
+        if spared.is_empty() {
+            "nothing".to_string()
+        } else {
+            spared.join("; ")
+        }
+    ))
 }
 
 /// The model a new run starts from, with the dataset's classes and preprocessing.
@@ -243,7 +406,7 @@ pub fn run(args: TrainArgs) -> Result<()> {
     let mut run = match &args.resume {
         Some(dir) => Run::open(dir)?,
         None => {
-            let config = config_from(&args);
+            let config = config_from(&args)?;
             let spec: DataSpec = config.data.parse()?;
             // Images are loaded at the model's input size.
             let size = match (&args.init, &args.arch.arch) {
@@ -312,6 +475,15 @@ fn train_and_report(
         run.config.epochs,
         run.paths.dir.display()
     );
+    if let Some(p) = &run.config.prune {
+        eprintln!("{}", describe_pruning(&run.model, p)?);
+    }
+    if run.config.bn_l1 > 0.0 {
+        eprintln!(
+            "network slimming: L1 penalty {} on batch-norm scales",
+            run.config.bn_l1
+        );
+    }
     let mut observer = Bars {
         bar: None,
         stop_after: args.stop_after_steps,
@@ -321,11 +493,35 @@ fn train_and_report(
     let dir = run.paths.dir.display().to_string();
     match outcome {
         Outcome::Finished { best_top1, last } => {
+            let sparsity = run.sparsity()?;
             if args.json {
-                super::print_json(
-                    &json!({ "run_dir": dir, "finished": true, "best_top1": best_top1, "last": last }),
-                );
+                let sparsity = sparsity.as_ref().map(|s| {
+                    json!({
+                        "prunable_weights": s.selected,
+                        "zeros": s.selected_zeros,
+                        "sparsity": s.sparsity(),
+                        "params": s.params,
+                        "nonzero_params": s.nonzero_params,
+                    })
+                });
+                super::print_json(&json!({
+                    "run_dir": dir,
+                    "finished": true,
+                    "best_top1": best_top1,
+                    "last": last,
+                    "sparsity": sparsity,
+                }));
             } else {
+                if let Some(s) = &sparsity {
+                    println!(
+                        "sparsity: {:.2}% of the {} prunable weights are zero; {} of {} parameters are non-zero ({:.2}%)",
+                        100.0 * s.sparsity(),
+                        s.selected,
+                        s.nonzero_params,
+                        s.params,
+                        100.0 * s.nonzero_params as f64 / s.params.max(1) as f64
+                    );
+                }
                 let last_top1 = last
                     .and_then(|m| m.test_top1)
                     .map(|t| format!("{t:.2}%"))

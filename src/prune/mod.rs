@@ -9,11 +9,15 @@
 //! knowledge of the architecture; [`importance`] scores them, [`plan`] picks which go, and
 //! [`remove_channels`] removes them, giving a physically smaller graph and weights that save
 //! as a self-describing checkpoint. [`prune_channels`] runs the whole pass.
+//!
+//! Unstructured pruning: [`magnitude`] zeroes individual conv and linear weights of smallest
+//! magnitude, behind masks that training keeps applied, on a cubic schedule.
 
 pub mod channel;
 mod groups;
 pub mod importance;
 mod lp;
+pub mod magnitude;
 pub mod pattern;
 pub mod plan;
 mod remove;

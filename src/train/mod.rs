@@ -4,6 +4,12 @@
 //! `last.safetensors` and `best.safetensors` (lean, deployable checkpoints) and
 //! `resume.safetensors` (model, optimizer buffers and progress: everything needed to continue
 //! so that the result equals an uninterrupted run). All are written atomically.
+//!
+//! Two compression aids act during training: gradual magnitude pruning
+//! ([`TrainConfig::prune`], masks recomputed on a cubic schedule and re-applied after every
+//! optimizer step, so pruned weights stay exactly zero) and the network-slimming penalty
+//! ([`TrainConfig::bn_l1`], an L1 pull of the batch-norm scales towards zero that marks whole
+//! channels for structured pruning).
 
 pub mod loss;
 pub mod optimizer;
@@ -13,10 +19,15 @@ use crate::checkpoint;
 use crate::data::{Augment, BatchLoader, Dataset, EpochPlan};
 use crate::eval::{EvalReport, evaluate};
 use crate::exec::forward_train;
+use crate::graph::ParamRole;
 use crate::model::{Model, Provenance};
+use crate::prune::magnitude::{
+    CubicSchedule, GradualPruning, Masks, SparsityReport, magnitude_masks, prunable_layers,
+};
 use crate::rng::Rng;
 use crate::tensor_file::write_bytes_atomic;
 use anyhow::{Context, Result, bail};
+use candle_core::Var;
 use loss::{cross_entropy, top_k};
 use optimizer::{Optimizer, OptimizerKind};
 use schedule::{LrPlan, Schedule};
@@ -43,6 +54,32 @@ pub struct TrainConfig {
     pub label_smoothing: f64,
     pub augment: Option<Augment>,
     pub seed: u64,
+    /// Gradual magnitude pruning (none: dense training). The `best` checkpoint of a pruning
+    /// run is chosen only among epochs that end at or after the schedule's end, when the
+    /// final sparsity is reached: an earlier, denser epoch would otherwise win.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub prune: Option<GradualPruning>,
+    /// Network slimming (Liu et al. 2017): adds `bn_l1 * sum |gamma|` over every batch-norm
+    /// weight to the objective, as `bn_l1 * sign(gamma)` added to the gradient (the reported
+    /// training loss stays the cross-entropy). 0 disables it.
+    #[serde(default)]
+    pub bn_l1: f64,
+}
+
+impl TrainConfig {
+    /// Checks the settings that do not depend on the data or the model.
+    pub fn validate(&self) -> Result<()> {
+        if self.epochs == 0 || self.batch_size == 0 {
+            bail!("--epochs and --batch-size must be at least 1");
+        }
+        if !self.bn_l1.is_finite() || self.bn_l1 < 0.0 {
+            bail!("--bn-l1 must be 0 or a positive number, got {}", self.bn_l1);
+        }
+        if let Some(p) = &self.prune {
+            p.validate(self.epochs)?;
+        }
+        Ok(())
+    }
 }
 
 /// Progress of a run, saved with the resume state.
@@ -71,6 +108,12 @@ pub struct EpochMetrics {
     pub lr: f64,
     pub images_per_s: f64,
     pub seconds: f64,
+    /// Pruning runs: fraction of zeros among the prunable weights at the end of the epoch.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sparsity: Option<f64>,
+    /// Pruning runs: non-zero trainable parameters of the whole model.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub nonzero_params: Option<usize>,
 }
 
 /// What the caller sees while training runs (the CLI draws progress bars with it).
@@ -120,6 +163,10 @@ impl RunPaths {
     }
 }
 
+/// Tensor name prefixes of the resume state besides the model's parameters.
+const OPTIMIZER_PREFIX: &str = "optimizer.";
+const MASK_PREFIX: &str = "mask.";
+
 /// A run in a directory: the model being trained, its optimizer and progress.
 pub struct Run {
     pub paths: RunPaths,
@@ -127,6 +174,8 @@ pub struct Run {
     pub model: Model,
     optimizer: Optimizer,
     pub progress: Progress,
+    /// Pruning masks in force (none before pruning starts).
+    masks: Option<Masks>,
 }
 
 impl Run {
@@ -139,11 +188,12 @@ impl Run {
                 dir.display()
             );
         }
+        config.validate()?;
+        if let Some(p) = &config.prune {
+            prunable_layers(&model.graph, &p.magnitude)?;
+        }
         std::fs::create_dir_all(dir)
             .with_context(|| format!("cannot create run folder `{}`", dir.display()))?;
-        if config.epochs == 0 || config.batch_size == 0 {
-            bail!("--epochs and --batch-size must be at least 1");
-        }
         write_bytes_atomic(
             &paths.config(),
             serde_json::to_string_pretty(&config)?.as_bytes(),
@@ -160,6 +210,7 @@ impl Run {
             model,
             optimizer,
             progress: Progress::default(),
+            masks: None,
         })
     }
 
@@ -174,7 +225,27 @@ impl Run {
         })?;
         let config: TrainConfig = serde_json::from_str(&text)
             .map_err(|e| anyhow::anyhow!("`{}`: {e}", paths.config().display()))?;
-        let (model, extras) = checkpoint::load_with_extras(&paths.resume(), "optimizer.")?;
+        let (model, extras) = checkpoint::load_with_extra_prefixes(
+            &paths.resume(),
+            &[OPTIMIZER_PREFIX, MASK_PREFIX],
+        )?;
+        let mut optimizer_state = std::collections::HashMap::new();
+        let mut mask_state = std::collections::HashMap::new();
+        for (name, t) in extras.tensors {
+            if let Some(n) = name.strip_prefix(OPTIMIZER_PREFIX) {
+                optimizer_state.insert(n.to_string(), t);
+            } else if let Some(n) = name.strip_prefix(MASK_PREFIX) {
+                mask_state.insert(n.to_string(), t);
+            }
+        }
+        let masks = if mask_state.is_empty() {
+            None
+        } else {
+            Some(
+                Masks::from_tensors(&model, mask_state)
+                    .with_context(|| format!("`{}`", paths.resume().display()))?,
+            )
+        };
         let progress: Progress = serde_json::from_str(
             extras
                 .metadata
@@ -188,13 +259,14 @@ impl Run {
             &model.graph,
             &model.weights,
         );
-        optimizer.load_state(extras.tensors, progress.global_step as u64)?;
+        optimizer.load_state(optimizer_state, progress.global_step as u64)?;
         let run = Run {
             paths,
             config,
             model,
             optimizer,
             progress,
+            masks,
         };
         run.drop_metrics_after(run.progress.epoch)?;
         Ok(run)
@@ -231,19 +303,52 @@ impl Run {
     }
 
     fn save_resume(&self) -> Result<()> {
-        let optimizer: Vec<(String, candle_core::Tensor)> = self
+        let mut extras: Vec<(String, candle_core::Tensor)> = self
             .optimizer
             .state()
             .into_iter()
-            .map(|(n, t)| (format!("optimizer.{n}"), t))
+            .map(|(n, t)| (format!("{OPTIMIZER_PREFIX}{n}"), t))
             .collect();
+        if let Some(masks) = &self.masks {
+            for (n, t) in masks.to_tensors()? {
+                extras.push((format!("{MASK_PREFIX}{n}"), t));
+            }
+        }
         let progress = serde_json::to_string(&self.progress)?;
         checkpoint::save_with_extras(
             &self.model,
             &self.paths.resume(),
-            optimizer,
+            extras,
             vec![("progress".into(), progress)],
         )
+    }
+
+    /// The pruning masks in force, if pruning has started.
+    pub fn masks(&self) -> Option<&Masks> {
+        self.masks.as_ref()
+    }
+
+    /// Zeros of the prunable weights and non-zero parameters now, for a pruning run.
+    pub fn sparsity(&self) -> Result<Option<SparsityReport>> {
+        self.config
+            .prune
+            .as_ref()
+            .map(|p| SparsityReport::measure(&self.model, &p.magnitude))
+            .transpose()
+    }
+
+    /// Recomputes the masks from the current weights at the schedule's sparsity for `step`
+    /// and applies them.
+    fn update_masks(&mut self, schedule: &CubicSchedule, step: usize) -> Result<()> {
+        let prune = self
+            .config
+            .prune
+            .as_ref()
+            .expect("a schedule implies pruning");
+        let masks = magnitude_masks(&self.model, &prune.magnitude, schedule.sparsity_at(step))?;
+        masks.apply(&self.model.weights)?;
+        self.masks = Some(masks);
+        Ok(())
     }
 
     fn save_model(&mut self, path: &Path, what: &str) -> Result<()> {
@@ -274,6 +379,25 @@ impl Run {
             bail!("{}: the training split is empty", data.source);
         }
         let plan = self.lr_plan(steps_per_epoch);
+        let schedule = cfg.prune.as_ref().map(|p| p.schedule(steps_per_epoch));
+        if let Some(s) = &schedule {
+            // Masks are updated after the step that reaches an update step; step 0 (pruning
+            // from the start, an initial sparsity) has no step before it.
+            if self.progress.global_step == 0 && s.is_update(0) {
+                self.update_masks(s, 0)?;
+            }
+        }
+        let bn_weights: Vec<Var> = if cfg.bn_l1 > 0.0 {
+            self.model
+                .weights
+                .trainable(&self.model.graph)
+                .into_iter()
+                .filter(|(_, role, _)| *role == ParamRole::BnWeight)
+                .map(|(_, _, v)| v)
+                .collect()
+        } else {
+            Vec::new()
+        };
         let mut last = None;
         while self.progress.epoch < cfg.epochs {
             let epoch = self.progress.epoch;
@@ -320,8 +444,20 @@ impl Run {
                         batch.index
                     );
                 }
-                let grads = loss.backward()?;
+                let mut grads = loss.backward()?;
+                for gamma in &bn_weights {
+                    if let Some(g) = grads.get(gamma.as_tensor()) {
+                        let pull = (gamma.as_detached_tensor().sign()? * cfg.bn_l1)?;
+                        let g = (g.detach() + pull)?;
+                        grads.insert(gamma.as_tensor(), g);
+                    }
+                }
                 self.optimizer.step(&grads, lr, momentum)?;
+                // Momentum, Adam moments and weight decay move pruned weights off zero: the
+                // masks go back on after every update.
+                if let Some(masks) = &self.masks {
+                    masks.apply(&self.model.weights)?;
+                }
                 let n = batch.labels.len();
                 let correct = top_k(&logits.detach(), 1)?
                     .iter()
@@ -333,6 +469,11 @@ impl Run {
                 self.progress.seen += n;
                 self.progress.global_step += 1;
                 self.progress.next_batch = batch.index + 1;
+                if let Some(s) = &schedule
+                    && s.is_update(self.progress.global_step)
+                {
+                    self.update_masks(s, self.progress.global_step)?;
+                }
                 images_this_session += n;
                 let rate = images_this_session as f64 / started.elapsed().as_secs_f64().max(1e-9);
                 observer.step(
@@ -357,6 +498,7 @@ impl Run {
                 }
             }
             let seconds = started.elapsed().as_secs_f64();
+            let sparsity = self.sparsity()?;
             let test: Option<EvalReport> = if data.test.is_empty() {
                 None
             } else {
@@ -372,6 +514,8 @@ impl Run {
                 lr,
                 images_per_s: images_this_session as f64 / seconds.max(1e-9),
                 seconds,
+                sparsity: sparsity.as_ref().map(SparsityReport::sparsity),
+                nonzero_params: sparsity.as_ref().map(|s| s.nonzero_params),
             };
             self.append_metrics(&metrics)?;
             self.progress = Progress {
@@ -382,7 +526,11 @@ impl Run {
             };
             self.save_model(&self.paths.last(), &format!("epoch {}", epoch + 1))?;
             let score = metrics.test_top1.unwrap_or(metrics.train_top1);
-            if self.progress.best_top1.is_none_or(|b| score > b) {
+            // A pruning run's best model must have the final sparsity.
+            let eligible = schedule
+                .as_ref()
+                .is_none_or(|s| self.progress.global_step >= s.end_step);
+            if eligible && self.progress.best_top1.is_none_or(|b| score > b) {
                 self.progress.best_top1 = Some(score);
                 self.save_model(
                     &self.paths.best(),
