@@ -157,4 +157,16 @@ impl Weights {
     pub fn remove(&mut self, name: &str) -> Option<Var> {
         self.vars.remove(name)
     }
+
+    /// A copy with storage of its own. `clone` shares the Vars (an optimizer and the model
+    /// must see the same values); a pass that zeroes weights or a train-mode forward that
+    /// updates running statistics on a scratch copy needs this instead.
+    pub fn deep_copy(&self) -> Result<Weights> {
+        let vars = self
+            .vars
+            .iter()
+            .map(|(name, v)| Ok((name.clone(), Var::from_tensor(&v.as_tensor().copy()?)?)))
+            .collect::<Result<BTreeMap<_, _>>>()?;
+        Ok(Weights { vars })
+    }
 }

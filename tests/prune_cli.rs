@@ -135,6 +135,117 @@ fn prune_then_fine_tune_then_inspect() {
     assert_eq!(tuned.graph, checkpoint::load(&out).unwrap().graph);
 }
 
+/// One-shot magnitude pruning: the requested share of the prunable weights is zero, the
+/// first layer, classifier and depthwise filters are spared, and the file shrinks.
+#[test]
+fn magnitude_prune_zeroes_weights_and_shrinks_the_file() {
+    let dir = common::temp_dir("prune-magnitude-cli");
+    let ckpt = small_checkpoint(&dir);
+    let out = dir.join("sparse.safetensors");
+    let report: Value = serde_json::from_str(&ok(&[
+        "prune",
+        s(&ckpt),
+        "--method",
+        "magnitude",
+        "--sparsity",
+        "0.8",
+        "-o",
+        s(&out),
+        "--json",
+    ]))
+    .unwrap();
+    assert_eq!(report["method"], "magnitude");
+    let (before, after) = (&report["before"], &report["after"]);
+    assert_eq!(before["params"], after["params"]);
+    assert_eq!(before["macs"], after["macs"]);
+    let (zeros, total) =
+        report["details"]["layers"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .fold((0, 0), |(z, n), l| {
+                (
+                    z + l["zeros"].as_u64().unwrap(),
+                    n + l["numel"].as_u64().unwrap(),
+                )
+            });
+    assert_eq!(zeros, (0.8 * total as f64).round() as u64);
+    let removed =
+        before["nonzero_params"].as_u64().unwrap() - after["nonzero_params"].as_u64().unwrap();
+    assert!(removed >= zeros * 99 / 100, "{removed} vs {zeros}");
+    let size = after["file_size"].as_f64().unwrap() / before["file_size"].as_f64().unwrap();
+    assert!(size < 0.45, "file size ratio {size}");
+    let pruned = checkpoint::load(&out).unwrap();
+    let names: Vec<String> = report["details"]["layers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|l| l["name"].as_str().unwrap().to_string())
+        .collect();
+    assert!(!names.contains(&"features.0.0.weight".to_string()));
+    assert!(!names.contains(&"classifier.1.weight".to_string()));
+    assert!(
+        !names.contains(&"features.1.conv.0.0.weight".to_string()),
+        "depthwise spared"
+    );
+    let stem = pruned.weights.get("features.0.0.weight").unwrap();
+    assert_eq!(
+        slimcandle::sparse::count_nonzero(&stem).unwrap(),
+        stem.elem_count()
+    );
+    fails(
+        &["prune", s(&ckpt), "--method", "magnitude", "-o", s(&out)],
+        &["--sparsity"],
+    );
+    fails(
+        &[
+            "prune",
+            s(&ckpt),
+            "--method",
+            "magnitude",
+            "--sparsity",
+            "0.5",
+            "--ratio",
+            "0.5",
+            "-o",
+            s(&out),
+        ],
+        &["not --ratio"],
+    );
+}
+
+#[test]
+fn magnitude_sensitivity_scans_each_layer() {
+    let dir = common::temp_dir("sensitivity-magnitude-cli");
+    let ckpt = small_checkpoint(&dir);
+    let csv = dir.join("sens.csv");
+    let result: Value = serde_json::from_str(&ok(&[
+        "sensitivity",
+        s(&ckpt),
+        "--method",
+        "magnitude",
+        "--data",
+        "shapes",
+        "--test-limit",
+        "20",
+        "--ratios",
+        "0.5,0.9",
+        "--csv",
+        s(&csv),
+        "--json",
+    ]))
+    .unwrap();
+    let rows = result["rows"].as_array().unwrap();
+    assert!(rows.len() >= 2 * 10);
+    for pair in rows.chunks(2) {
+        assert_eq!(pair[0]["layers"], pair[1]["layers"]);
+        let size = pair[0]["size"].as_f64().unwrap();
+        let kept = pair[1]["kept"].as_f64().unwrap();
+        assert!((kept - 0.1 * size).abs() <= 1.0, "{kept} of {size}");
+        assert!(pair[1]["params"].as_u64() < pair[0]["params"].as_u64());
+    }
+}
+
 #[test]
 fn sensitivity_writes_a_row_per_layer_group_and_ratio() {
     let dir = common::temp_dir("sensitivity-cli");

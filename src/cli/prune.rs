@@ -5,8 +5,9 @@ use slimcandle::checkpoint;
 use slimcandle::data::{DataSpec, Dataset, LoadOptions};
 use slimcandle::eval::{check_classes, evaluate};
 use slimcandle::footprint::Footprint;
-use slimcandle::model::Model;
+use slimcandle::model::{Model, Provenance};
 use slimcandle::prune::importance::{Criterion, TaylorData};
+use slimcandle::prune::magnitude::{MagnitudeConfig, MaskScope, prune_one_shot};
 use slimcandle::prune::pattern::{NamePattern, parse_list};
 use slimcandle::prune::plan::{PlanConfig, Scope, Target};
 use slimcandle::prune::{ChannelPruneConfig, prune_channels};
@@ -18,6 +19,8 @@ use std::path::PathBuf;
 pub enum Method {
     /// Remove whole channels with everything coupled to them: a smaller, faster network.
     Channel,
+    /// Zero the weights of smallest magnitude: a smaller (sparse) file, same shapes.
+    Magnitude,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -38,12 +41,18 @@ pub struct PruneArgs {
     /// Channel importance: l1, l2, bn-scale, taylor (needs --data), random.
     #[arg(long, default_value = "l1")]
     criterion: Criterion,
-    /// Ranking scope (default: uniform).
+    /// Ranking scope (default: uniform for channel, global for magnitude).
     #[arg(long, value_enum)]
     scope: Option<ScopeArg>,
     /// Fraction of the prunable channels to remove.
     #[arg(long, conflicts_with_all = ["target_macs", "target_params"])]
     ratio: Option<f64>,
+    /// Magnitude: fraction of the prunable weights to zero.
+    #[arg(long)]
+    sparsity: Option<f64>,
+    /// Magnitude: prune depthwise conv filters too (spared by default).
+    #[arg(long)]
+    prune_depthwise: bool,
     /// Keep this fraction of the MACs (0.5 halves them), reached by searching the ratio.
     #[arg(long, conflicts_with = "target_params")]
     target_macs: Option<f64>,
@@ -59,7 +68,8 @@ pub struct PruneArgs {
     /// Never remove more than this fraction of one layer's channels (global scope, targets).
     #[arg(long, default_value_t = 0.9)]
     max_ratio: f64,
-    /// Layers never to prune: comma-separated globs over layer or parameter names.
+    /// Layers never to prune: comma-separated globs over layer or parameter names (magnitude:
+    /// in addition to the first layer and the classifier).
     #[arg(long, default_value = "")]
     exclude: String,
     /// Per-layer ratio, PATTERN=RATIO (repeatable; first match wins).
@@ -138,6 +148,60 @@ pub fn run(args: PruneArgs) -> Result<()> {
     };
     let before = Footprint::of(&model, Some(file.file_size() as u64))?;
     let acc_before = accuracy(&model, data.as_ref())?;
+    let (pruned, details) = match args.method {
+        Method::Channel => channel(&args, &model, data.as_ref())?,
+        Method::Magnitude => magnitude(&args, &model)?,
+    };
+    checkpoint::save(&pruned, &args.output)?;
+    let size_after = std::fs::metadata(&args.output)?.len();
+    let after = Footprint::of(&pruned, Some(size_after))?;
+    let acc_after = accuracy(&pruned, data.as_ref())?;
+    if args.json {
+        super::print_json(&json!({
+            "checkpoint": args.checkpoint,
+            "output": args.output,
+            "method": details.method,
+            "details": details.json,
+            "before": before,
+            "after": after,
+            "top1_before": acc_before.map(|a| a.0),
+            "top1_after": acc_after.map(|a| a.0),
+            "top5_before": acc_before.map(|a| a.1),
+            "top5_after": acc_after.map(|a| a.1),
+            "data": data.as_ref().map(|d| &d.source),
+        }));
+        return Ok(());
+    }
+    print!("{}", details.table.render());
+    println!();
+    print!(
+        "{}",
+        comparison(&before, &after, acc_before, acc_after).render()
+    );
+    let out = args.output.display();
+    match args.method {
+        Method::Channel => {
+            println!("\nwrote {out} (fine-tune it with `slimcandle train --init {out} ...`)")
+        }
+        Method::Magnitude => println!(
+            "\nwrote {out} (fine-tune it keeping the zeros with `slimcandle train --init {out} --prune magnitude \
+             --sparsity S --initial-sparsity S ...`)"
+        ),
+    }
+    Ok(())
+}
+
+/// What one pruning method did, for the report.
+struct Details {
+    method: &'static str,
+    json: serde_json::Value,
+    table: Table,
+}
+
+fn channel(args: &PruneArgs, model: &Model, data: Option<&Dataset>) -> Result<(Model, Details)> {
+    if args.sparsity.is_some() || args.prune_depthwise {
+        bail!("--sparsity and --prune-depthwise are for --method magnitude");
+    }
     let target = match (args.ratio, args.target_macs, args.target_params) {
         (Some(r), None, None) => Target::ChannelRatio(r),
         (None, Some(f), None) => Target::Macs(f),
@@ -165,69 +229,108 @@ pub fn run(args: PruneArgs) -> Result<()> {
         },
         seed: args.seed,
     };
-    let taylor = data.as_ref().map(|d| TaylorData {
+    let taylor = data.map(|d| TaylorData {
         images: d.train.clone(),
         batch_size: args.batch_size,
         batches: args.taylor_batches,
     });
-    let (pruned, plan) = prune_channels(&model, &cfg, taylor.as_ref())?;
-    checkpoint::save(&pruned, &args.output)?;
-    let size_after = std::fs::metadata(&args.output)?.len();
-    let after = Footprint::of(&pruned, Some(size_after))?;
-    let acc_after = accuracy(&pruned, data.as_ref())?;
-    if args.json {
-        super::print_json(&json!({
-            "checkpoint": args.checkpoint,
-            "output": args.output,
-            "method": "channel",
-            "criterion": args.criterion.name(),
-            "ratio": plan.ratio,
-            "before": before,
-            "after": after,
-            "top1_before": acc_before.map(|a| a.0),
-            "top1_after": acc_after.map(|a| a.0),
-            "top5_before": acc_before.map(|a| a.1),
-            "top5_after": acc_after.map(|a| a.1),
-            "data": data.as_ref().map(|d| &d.source),
-            "layer_groups": plan.groups,
-        }));
-        return Ok(());
-    }
-    let mut groups = Table::new(&["layers", "channels", "kept", "rule"], &[0, 3]);
+    let (pruned, plan) = prune_channels(model, &cfg, taylor.as_ref())?;
+    let mut table = Table::new(&["layers", "channels", "kept", "rule"], &[0, 3]);
     for g in plan
         .groups
         .iter()
         .filter(|g| g.kept < g.width || g.rule.is_some())
     {
-        let layers = if g.layers.len() > 3 {
-            format!(
-                "{} ... {} ({} layers)",
-                g.layers[0],
-                g.layers[g.layers.len() - 1],
-                g.layers.len()
-            )
-        } else {
-            g.layers.join(" ")
+        let layers = match g.layers.as_slice() {
+            [first, .., last] if g.layers.len() > 3 => {
+                format!("{first} ... {last} ({} layers)", g.layers.len())
+            }
+            all => all.join(" "),
         };
-        groups.row(vec![
+        table.row(vec![
             layers,
             g.width.to_string(),
             g.kept.to_string(),
             g.rule.clone().unwrap_or_default(),
         ]);
     }
-    print!("{}", groups.render());
-    println!();
-    print!(
-        "{}",
-        comparison(&before, &after, acc_before, acc_after).render()
+    let json = json!({
+        "criterion": args.criterion.name(),
+        "scope": if cfg.plan.scope == Scope::Global { "global" } else { "uniform" },
+        "ratio": plan.ratio,
+        "layer_groups": plan.groups,
+    });
+    Ok((
+        pruned,
+        Details {
+            method: "channel",
+            json,
+            table,
+        },
+    ))
+}
+
+fn magnitude(args: &PruneArgs, model: &Model) -> Result<(Model, Details)> {
+    if args.ratio.is_some() || args.target_macs.is_some() || args.target_params.is_some() {
+        bail!("--method magnitude takes --sparsity S, not --ratio or --target-*");
+    }
+    if !args.layer_ratios.is_empty() {
+        bail!("--layer-ratio is for --method channel");
+    }
+    let Some(sparsity) = args.sparsity else {
+        bail!("--method magnitude needs --sparsity S (the fraction of prunable weights to zero)");
+    };
+    let cfg = MagnitudeConfig {
+        scope: match args.scope.unwrap_or(ScopeArg::Global) {
+            ScopeArg::Uniform => MaskScope::Layer,
+            ScopeArg::Global => MaskScope::Global,
+        },
+        exclude: parse_list(&args.exclude)?
+            .iter()
+            .map(|p| p.as_str().to_string())
+            .collect(),
+        include_depthwise: args.prune_depthwise,
+        ..MagnitudeConfig::new(sparsity)
+    };
+    let pruned = Model {
+        graph: model.graph.clone(),
+        weights: model.weights.deep_copy()?,
+        meta: model.meta.clone(),
+    };
+    let masks = prune_one_shot(&pruned, &cfg)?;
+    let stats = masks.stats()?;
+    let mut table = Table::new(&["layer", "weights", "zero", "sparsity"], &[0]);
+    for l in &stats {
+        table.row(vec![
+            l.name.clone(),
+            l.numel.to_string(),
+            l.zeros.to_string(),
+            format!("{:.1}%", 100.0 * l.sparsity()),
+        ]);
+    }
+    let mut pruned = pruned;
+    pruned.meta.provenance = Provenance::derived_from(
+        &model.meta.provenance,
+        format!(
+            "{}; magnitude pruning to {:.1}% sparsity of {} layers",
+            model.meta.provenance.source,
+            100.0 * masks.sparsity()?,
+            stats.len()
+        ),
     );
-    println!(
-        "\nwrote {} (fine-tune it with `slimcandle train --init {} ...`)",
-        args.output.display(),
-        args.output.display()
-    );
-    Ok(())
+    let json = json!({
+        "scope": if cfg.scope == MaskScope::Global { "global" } else { "layer" },
+        "sparsity": masks.sparsity()?,
+        "layers": stats,
+    });
+    Ok((
+        pruned,
+        Details {
+            method: "magnitude",
+            json,
+            table,
+        },
+    ))
 }
 
 /// The before/after table every pruning command prints.

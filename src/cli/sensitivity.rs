@@ -5,9 +5,10 @@ use slimcandle::checkpoint;
 use slimcandle::data::{DataSpec, LoadOptions};
 use slimcandle::eval::check_classes;
 use slimcandle::prune::importance::Criterion;
+use slimcandle::prune::magnitude::MagnitudeConfig;
 use slimcandle::prune::pattern::parse_list;
 use slimcandle::prune::plan::PlanConfig;
-use slimcandle::prune::sensitivity::{Sensitivity, channel_sensitivity};
+use slimcandle::prune::sensitivity::{Sensitivity, channel_sensitivity, magnitude_sensitivity};
 use slimcandle::report::{Table, human_count};
 use slimcandle::tensor_file::write_bytes_atomic;
 use std::path::PathBuf;
@@ -16,6 +17,8 @@ use std::path::PathBuf;
 pub enum SensitivityMethod {
     /// Remove each layer group's least important channels.
     Channel,
+    /// Zero each layer's smallest weights.
+    Magnitude,
 }
 
 #[derive(Args)]
@@ -39,6 +42,9 @@ pub struct SensitivityArgs {
     /// Never cut a layer below this many channels.
     #[arg(long, default_value_t = 1)]
     min_channels: usize,
+    /// Magnitude scans: include depthwise convs (spared by default, as in pruning).
+    #[arg(long)]
+    prune_depthwise: bool,
     /// Layers to leave out of the scan: comma-separated globs.
     #[arg(long, default_value = "")]
     exclude: String,
@@ -95,6 +101,17 @@ pub fn run(args: SensitivityArgs) -> Result<()> {
                 &mut progress,
             )?
         }
+        SensitivityMethod::Magnitude => {
+            let cfg = MagnitudeConfig {
+                exclude: parse_list(&args.exclude)?
+                    .iter()
+                    .map(|p| p.as_str().to_string())
+                    .collect(),
+                include_depthwise: args.prune_depthwise,
+                ..MagnitudeConfig::new(0.5)
+            };
+            magnitude_sensitivity(&model, &cfg, &args.ratios, data.test.clone(), &mut progress)?
+        }
     };
     bar.finish_and_clear();
     write_bytes_atomic(&args.csv, csv(&result).as_bytes())?;
@@ -115,17 +132,25 @@ pub fn run(args: SensitivityArgs) -> Result<()> {
         human_count(result.params as u64),
         human_count(result.macs)
     );
-    print!("{}", table(&result, &args.ratios).render());
+    let magnitude = args.method == SensitivityMethod::Magnitude;
+    print!("{}", table(&result, &args.ratios, magnitude).render());
     eprintln!("wrote {}", args.csv.display());
     Ok(())
 }
 
-/// One row per layer group, one column per ratio: the top-1 change in points, and the MACs
-/// that pruning saves at the largest ratio.
-fn table(result: &Sensitivity, ratios: &[f64]) -> Table {
+/// One row per layer group (or layer), one column per ratio: the top-1 change in points, and
+/// what pruning it at the largest ratio saves (MACs, or non-zero parameters for magnitude).
+fn table(result: &Sensitivity, ratios: &[f64], magnitude: bool) -> Table {
     let mut header = vec!["layers".to_string(), "size".to_string()];
     header.extend(ratios.iter().map(|r| format!("{:.0}%", 100.0 * r)));
-    header.push("MACs saved at max".to_string());
+    header.push(
+        if magnitude {
+            "params saved at max"
+        } else {
+            "MACs saved at max"
+        }
+        .to_string(),
+    );
     let refs: Vec<&str> = header.iter().map(String::as_str).collect();
     let mut t = Table::new(&refs, &[0]);
     for chunk in result.rows.chunks(ratios.len()) {
@@ -138,10 +163,12 @@ fn table(result: &Sensitivity, ratios: &[f64]) -> Table {
         let mut row = vec![name, chunk[0].size.to_string()];
         row.extend(chunk.iter().map(|r| format!("{:+.2}", r.top1_change)));
         let last = chunk.last().expect("one row per ratio");
-        row.push(format!(
-            "{:.1}%",
-            100.0 * (result.macs - last.macs) as f64 / result.macs.max(1) as f64
-        ));
+        let saved = if magnitude {
+            (result.params - last.params) as f64 / result.params.max(1) as f64
+        } else {
+            (result.macs - last.macs) as f64 / result.macs.max(1) as f64
+        };
+        row.push(format!("{:.1}%", 100.0 * saved));
         t.row(row);
     }
     t

@@ -9,13 +9,12 @@
 use super::groups::{PruneUnit, Role};
 use crate::data::{BatchLoader, EpochPlan, Images};
 use crate::exec::forward_train;
-use crate::graph::{Graph, NodeId, Op};
+use crate::graph::{NodeId, Op};
 use crate::model::Model;
 use crate::rng::Rng;
 use crate::train::loss::cross_entropy;
-use crate::weights::Weights;
 use anyhow::{Result, bail};
-use candle_core::{DType, Tensor};
+use candle_core::DType;
 use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -229,7 +228,8 @@ fn taylor_scores(
         bail!("criterion taylor: no images to take gradients on");
     }
     let graph = &model.graph;
-    let weights = detached_copy(graph, &model.weights)?;
+    // A copy, so the train-mode forward leaves the model's running statistics alone.
+    let weights = model.weights.deep_copy()?;
     let plan = EpochPlan {
         batch_size: data.batch_size,
         mean: model.meta.preprocessing.mean,
@@ -297,14 +297,4 @@ fn taylor_scores(
         batches += 1;
     }
     Ok(totals.into_iter().map(|t| t / batches as f64).collect())
-}
-
-/// Weights with their own storage, so a train-mode forward cannot touch the original's
-/// running statistics.
-fn detached_copy(graph: &Graph, weights: &Weights) -> Result<Weights> {
-    let tensors = weights
-        .tensors()
-        .map(|(name, t)| Ok((name.to_string(), t.copy()?)))
-        .collect::<Result<HashMap<String, Tensor>>>()?;
-    Weights::from_state_dict(graph, tensors)
 }

@@ -314,6 +314,24 @@ pub fn magnitude_masks(model: &Model, cfg: &MagnitudeConfig, sparsity: f64) -> R
     Ok(Masks { layers: out })
 }
 
+/// A mask for one weight alone: its `round(sparsity * n)` smallest weights. What a
+/// sensitivity scan applies, one layer at a time.
+pub fn single_layer_mask(model: &Model, weight: &str, sparsity: f64) -> Result<Masks> {
+    check_sparsity(sparsity, "the sparsity")?;
+    let t = model.weights.get(weight)?;
+    let v = values(&t)?;
+    let mut keep = vec![1u8; v.len()];
+    for i in smallest(&v, (sparsity * v.len() as f64).round() as usize) {
+        keep[i] = 0;
+    }
+    Ok(Masks {
+        layers: vec![(
+            weight.to_string(),
+            Tensor::from_vec(keep, t.dims(), t.device())?,
+        )],
+    })
+}
+
 /// Computes masks at `cfg.sparsity` and applies them: one-shot pruning.
 pub fn prune_one_shot(model: &Model, cfg: &MagnitudeConfig) -> Result<Masks> {
     cfg.validate()?;

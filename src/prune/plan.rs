@@ -44,7 +44,8 @@ pub struct PlanConfig {
     /// Fixed pruning ratios for the layer groups whose layers match, first match wins; these
     /// groups stay out of the global ranking and the target search.
     pub overrides: Vec<(NamePattern, f64)>,
-    /// Layer groups touching a matching layer are never pruned.
+    /// Layers whose output channels are never removed (their input channels may be): the
+    /// layer groups whose filters include a matching layer are left whole.
     pub exclude: Vec<NamePattern>,
     /// No layer group is cut below this many channels.
     pub min_channels: usize,
@@ -277,15 +278,11 @@ fn layer_groups(
                 .iter()
                 .map(|&n| graph.nodes[n].name.clone())
                 .collect();
-            let touched: Vec<&str> = unit
-                .members
-                .iter()
-                .map(|m| graph.nodes[m.node].name.as_str())
-                .collect();
+            // Excluding a layer keeps its output channels; its inputs may still shrink.
             let excluded = cfg
                 .exclude
                 .iter()
-                .any(|p| touched.iter().any(|n| p.selects_layer(n)));
+                .any(|p| names.iter().any(|n| p.selects_layer(n)));
             let fixed_ratio = cfg
                 .overrides
                 .iter()

@@ -3,10 +3,12 @@
 
 use super::groups::analyze;
 use super::importance::{Criterion, unit_scores};
+use super::magnitude::{MagnitudeConfig, prunable_layers, single_layer_mask};
 use super::plan::{CostModel, PlanConfig, single_group_plans};
 use super::remove::remove_channels;
 use crate::data::Images;
 use crate::eval::evaluate;
+use crate::footprint::Footprint;
 use crate::model::Model;
 use anyhow::{Result, bail};
 use serde::Serialize;
@@ -22,7 +24,8 @@ pub struct SensitivityRow {
     pub ratio: f64,
     /// Channels or non-zero weights left in the lead layer.
     pub kept: usize,
-    /// Parameters and MACs of the whole network with this pruning alone.
+    /// Parameters (non-zero parameters, for magnitude scans) and MACs of the whole network
+    /// with this pruning alone.
     pub params: usize,
     pub macs: u64,
     pub top1: f64,
@@ -110,6 +113,53 @@ pub fn channel_sensitivity(
         baseline_top1: baseline,
         params: before.params,
         macs: before.macs,
+        rows,
+    })
+}
+
+/// Magnitude scan: for each prunable layer (as `cfg` selects them) and ratio, zero that
+/// layer's smallest weights alone and evaluate on `images`.
+pub fn magnitude_sensitivity(
+    model: &Model,
+    cfg: &MagnitudeConfig,
+    ratios: &[f64],
+    images: Arc<Images>,
+    progress: &mut dyn FnMut(usize, usize),
+) -> Result<Sensitivity> {
+    check_ratios(ratios)?;
+    let baseline = evaluate(model, images.clone(), 256)?.top1;
+    let dense = Footprint::of(model, None)?;
+    let layers = prunable_layers(&model.graph, cfg)?;
+    let total = layers.len() * ratios.len();
+    let mut rows = Vec::with_capacity(total);
+    for layer in &layers {
+        for &ratio in ratios {
+            let copy = Model {
+                graph: model.graph.clone(),
+                weights: model.weights.deep_copy()?,
+                meta: model.meta.clone(),
+            };
+            single_layer_mask(model, &layer.weight, ratio)?.apply(&copy.weights)?;
+            let after = Footprint::of(&copy, None)?;
+            let kept = crate::sparse::count_nonzero(&copy.weights.get(&layer.weight)?)?;
+            let top1 = evaluate(&copy, images.clone(), 256)?.top1;
+            rows.push(SensitivityRow {
+                layers: vec![model.graph.nodes[layer.node].name.clone()],
+                size: layer.numel,
+                ratio,
+                kept,
+                params: after.nonzero_params,
+                macs: after.macs,
+                top1,
+                top1_change: top1 - baseline,
+            });
+            progress(rows.len(), total);
+        }
+    }
+    Ok(Sensitivity {
+        baseline_top1: baseline,
+        params: dense.nonzero_params,
+        macs: dense.macs,
         rows,
     })
 }
