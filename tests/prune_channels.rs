@@ -243,3 +243,29 @@ fn bn_scale_needs_batch_norm() {
         .to_string();
     assert!(err.contains("have no batch norm"), "{err}");
 }
+
+/// Residual streams (channels joined by an add) are spared unless asked for, found from the
+/// graph: on MobileNet V2 they are the groups of the block projections.
+#[test]
+fn residual_streams_are_spared_by_default() {
+    let model = cifar_model("mobilenet_v2", None, None);
+    let mut cfg = config(Criterion::L1, Scope::Uniform, Target::ChannelRatio(0.5));
+    let (_, plan) = prune_channels(&model, &cfg, None).unwrap();
+    let streams: Vec<_> = plan
+        .groups
+        .iter()
+        .filter(|g| g.rule.as_deref() == Some("residual stream"))
+        .collect();
+    // 24, 32, 64, 96 and 160 channel streams.
+    assert_eq!(streams.len(), 5, "{streams:?}");
+    assert!(streams.iter().all(|g| g.kept == g.width));
+    assert!(streams.iter().all(|g| g.layers.len() >= 2));
+    cfg.plan.prune_residual = true;
+    let (_, plan) = prune_channels(&model, &cfg, None).unwrap();
+    let stream = plan
+        .groups
+        .iter()
+        .find(|g| g.layers.contains(&"features.14.conv.2".to_string()))
+        .unwrap();
+    assert_eq!((stream.width, stream.kept), (160, 80));
+}

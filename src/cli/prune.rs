@@ -68,6 +68,9 @@ pub struct PruneArgs {
     /// Never remove more than this fraction of one layer's channels (global scope, targets).
     #[arg(long, default_value_t = 0.9)]
     max_ratio: f64,
+    /// Channel: prune residual streams (channels joined by an add) too; spared by default.
+    #[arg(long)]
+    prune_residual: bool,
     /// Layers never to prune: comma-separated globs over layer or parameter names (magnitude:
     /// in addition to the first layer and the classifier).
     #[arg(long, default_value = "")]
@@ -226,6 +229,7 @@ fn channel(args: &PruneArgs, model: &Model, data: Option<&Dataset>) -> Result<(M
             min_channels: args.min_channels,
             round_to: args.round_to.max(1),
             max_ratio: args.max_ratio,
+            prune_residual: args.prune_residual,
         },
         seed: args.seed,
     };

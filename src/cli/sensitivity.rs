@@ -89,6 +89,7 @@ pub fn run(args: SensitivityArgs) -> Result<()> {
                 exclude: parse_list(&args.exclude)?,
                 min_channels: args.min_channels,
                 round_to: args.round_to.max(1),
+                prune_residual: true,
                 ..Default::default()
             };
             channel_sensitivity(
