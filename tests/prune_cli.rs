@@ -95,6 +95,12 @@ fn prune_then_fine_tune_then_inspect() {
     let inspect: Value = serde_json::from_str(&ok(&["inspect", s(&out), "--json"])).unwrap();
     assert_eq!(inspect["params"], after["params"]);
     assert_eq!(inspect["macs"], after["macs"]);
+    assert_eq!(
+        inspect["reshaped"], true,
+        "a pruned model says it differs from its arch"
+    );
+    let original: Value = serde_json::from_str(&ok(&["inspect", s(&ckpt), "--json"])).unwrap();
+    assert_eq!(original["reshaped"], false);
     // The text report names what was kept and prints the before/after table.
     let text = ok(&[
         "prune",

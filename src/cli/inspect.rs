@@ -35,7 +35,12 @@ pub fn run(args: InspectArgs) -> Result<()> {
         None => meta.preprocessing.input_size,
     };
     let summary = model.graph.summary(h, w)?;
+    // A pruned model keeps the `arch` it was derived from; say so when its graph has changed.
     let arch_name = meta.arch.as_ref().map(|a| a.variant_name());
+    let reshaped = meta
+        .arch
+        .as_ref()
+        .map(|a| !a.build().is_ok_and(|g| g == model.graph));
     if args.json {
         super::print_json(&json!({
             "file": args.checkpoint,
@@ -43,6 +48,7 @@ pub fn run(args: InspectArgs) -> Result<()> {
             "format_version": format_version,
             "arch": meta.arch,
             "variant": arch_name,
+            "reshaped": reshaped,
             "class_names": meta.class_names,
             "preprocessing": meta.preprocessing,
             "provenance": meta.provenance,
@@ -100,7 +106,12 @@ pub fn run(args: InspectArgs) -> Result<()> {
     );
     println!(
         "architecture  {}",
-        arch_name.as_deref().unwrap_or("custom graph")
+        match (&arch_name, reshaped) {
+            (Some(name), Some(true)) =>
+                format!("derived from {name}, with other layer shapes (pruned)"),
+            (Some(name), _) => name.clone(),
+            (None, _) => "custom graph".to_string(),
+        }
     );
     println!(
         "classes       {}: {}{more}",
