@@ -241,7 +241,7 @@ fn bn_scale_needs_batch_norm() {
         .err()
         .unwrap()
         .to_string();
-    assert!(err.contains("have no batch norm"), "{err}");
+    assert!(err.contains("no batch norm there"), "{err}");
 }
 
 /// Residual streams (channels joined by an add) are spared unless asked for, found from the
@@ -268,4 +268,62 @@ fn residual_streams_are_spared_by_default() {
         .find(|g| g.layers.contains(&"features.14.conv.2".to_string()))
         .unwrap();
     assert_eq!((stream.width, stream.kept), (160, 80));
+}
+
+/// A ratio of 0 keeps a group whole even when its width is not a multiple of the rounding,
+/// and rounding never takes a group past --max-ratio.
+#[test]
+fn rounding_respects_zero_ratios_and_the_max_ratio() {
+    let model = cifar_model("shufflenet_v2", None, None);
+    let mut cfg = config(Criterion::L1, Scope::Uniform, Target::ChannelRatio(0.0));
+    let (_, plan) = prune_channels(&model, &cfg, None).unwrap();
+    assert_eq!(plan.after, plan.before, "ratio 0 removes nothing");
+    cfg.plan.target = Target::ChannelRatio(0.5);
+    cfg.plan.overrides = vec![(NamePattern::parse("stage2.*").unwrap(), 0.0)];
+    let (_, plan) = prune_channels(&model, &cfg, None).unwrap();
+    for g in plan
+        .groups
+        .iter()
+        .filter(|g| g.layers[0].starts_with("stage2."))
+    {
+        assert_eq!(g.kept, g.width, "{:?}", g.layers);
+    }
+    let model = cifar_model("mobilenet_v2", None, None);
+    let mut cfg = config(Criterion::L1, Scope::Global, Target::Macs(0.45));
+    cfg.plan.max_ratio = 0.6;
+    let (_, plan) = prune_channels(&model, &cfg, None).unwrap();
+    for g in &plan.groups {
+        let removed = (g.width - g.kept) as f64 / g.width as f64;
+        assert!(removed <= 0.6 + 1e-9, "{:?}: {removed}", g.layers);
+    }
+}
+
+/// bn-scale ranks what has a batch norm and leaves the rest (MobileNet V3's
+/// squeeze-and-excitation hidden units) whole; an override prunes a residual stream.
+#[test]
+fn bn_scale_skips_layers_without_batch_norm_and_overrides_reach_residuals() {
+    let model = cifar_model("mobilenet_v3_small", None, None);
+    let cfg = config(
+        Criterion::BnScale,
+        Scope::Uniform,
+        Target::ChannelRatio(0.5),
+    );
+    let (pruned, plan) = prune_channels(&model, &cfg, None).unwrap();
+    assert!(
+        plan.groups
+            .iter()
+            .any(|g| g.rule.as_deref() == Some("no score"))
+    );
+    assert!(plan.after.macs < plan.before.macs);
+    pruned.forward(&input(), Mode::Eval).unwrap();
+    let mnv2 = cifar_model("mobilenet_v2", None, None);
+    let mut cfg = config(Criterion::L1, Scope::Uniform, Target::ChannelRatio(0.5));
+    cfg.plan.overrides = vec![(NamePattern::parse("features.14.conv.2").unwrap(), 0.25)];
+    let (_, plan) = prune_channels(&mnv2, &cfg, None).unwrap();
+    let stream = plan
+        .groups
+        .iter()
+        .find(|g| g.layers.contains(&"features.14.conv.2".to_string()))
+        .unwrap();
+    assert_eq!((stream.width, stream.kept), (160, 120));
 }

@@ -363,4 +363,17 @@ fn bad_prune_requests_get_clear_errors() {
         &["sensitivity", c, "--data", "shapes", "--ratios", "0.5,1.2"],
         &["ratio 1.2 is outside [0, 1)"],
     );
+    fails(
+        &[
+            "sensitivity",
+            c,
+            "--data",
+            "shapes",
+            "--test-limit",
+            "10",
+            "--exclude",
+            "featurse.1.*",
+        ],
+        &["`featurse.1.*` matches no conv or linear layer"],
+    );
 }

@@ -2,6 +2,7 @@ use anyhow::Result;
 use clap::Args;
 use serde_json::json;
 use slimcandle::checkpoint;
+use slimcandle::footprint::Footprint;
 use slimcandle::report::{Table, human_bytes, human_count};
 use slimcandle::sparse;
 use slimcandle::tensor_file::TensorFile;
@@ -24,11 +25,7 @@ pub fn run(args: InspectArgs) -> Result<()> {
     let model = checkpoint::from_file(&file)?;
     let format_version = checkpoint::check_format(&file)?;
     let sparse_tensors = sparse::sparse_shapes(&file)?.len();
-    // Parameters as `params` counts them (running statistics excluded) that are not +0.0.
-    let mut nonzero_params = 0;
-    for (_, _, var) in model.weights.trainable(&model.graph) {
-        nonzero_params += sparse::count_nonzero(var.as_tensor())?;
-    }
+    let nonzero_params = Footprint::of(&model, None)?.nonzero_params;
     let meta = &model.meta;
     let [h, w] = match args.input_size {
         Some(s) => [s, s],
@@ -37,10 +34,12 @@ pub fn run(args: InspectArgs) -> Result<()> {
     let summary = model.graph.summary(h, w)?;
     // A pruned model keeps the `arch` it was derived from; say so when its graph has changed.
     let arch_name = meta.arch.as_ref().map(|a| a.variant_name());
+    // None when there is no arch, or it no longer builds (then nothing is claimed).
     let reshaped = meta
         .arch
         .as_ref()
-        .map(|a| !a.build().is_ok_and(|g| g == model.graph));
+        .and_then(|a| a.build().ok())
+        .map(|g| g != model.graph);
     if args.json {
         super::print_json(&json!({
             "file": args.checkpoint,

@@ -163,7 +163,10 @@ fn table(result: &Sensitivity, ratios: &[f64], magnitude: bool) -> Table {
         };
         let mut row = vec![name, chunk[0].size.to_string()];
         row.extend(chunk.iter().map(|r| format!("{:+.2}", r.top1_change)));
-        let last = chunk.last().expect("one row per ratio");
+        let last = chunk
+            .iter()
+            .max_by(|a, b| a.ratio.total_cmp(&b.ratio))
+            .expect("one row per ratio");
         let saved = if magnitude {
             (result.params - last.params) as f64 / result.params.max(1) as f64
         } else {

@@ -105,19 +105,25 @@ pub enum Op {
 }
 
 impl Op {
+    /// A conv whose every channel is its own group (input and output channel go together).
+    pub fn is_depthwise(&self) -> bool {
+        matches!(self, Op::Conv2d { groups, in_channels, out_channels, .. }
+            if *groups > 1 && groups == in_channels && groups == out_channels)
+    }
+
+    /// A conv or linear layer: the ops with weight matrices that pruning ranks.
+    pub fn has_weight_matrix(&self) -> bool {
+        matches!(self, Op::Conv2d { .. } | Op::Linear { .. })
+    }
+
     /// Short name used in tables and reports.
     pub fn kind(&self) -> &'static str {
         match self {
             Op::Input { .. } => "input",
-            Op::Conv2d {
-                groups,
-                in_channels,
-                out_channels,
-                ..
-            } => {
+            Op::Conv2d { groups, .. } => {
                 if *groups == 1 {
                     "conv2d"
-                } else if *groups == *in_channels && *groups == *out_channels {
+                } else if self.is_depthwise() {
                     "conv2d_dw"
                 } else {
                     "conv2d_grouped"

@@ -85,7 +85,8 @@ pub struct TaylorData {
 }
 
 /// One score per unit, normalised so that the units of each layer group (units touching the
-/// same nodes) average 1. Higher means more important.
+/// same nodes) average 1. Higher means more important; NaN where the criterion has nothing to
+/// score (bn-scale without a batch norm), which the plan leaves whole.
 pub fn unit_scores(
     model: &Model,
     units: &[PruneUnit],
@@ -103,18 +104,12 @@ pub fn unit_scores(
             })
         }
         Criterion::BnScale => {
+            // Units without a batch norm get no score (NaN); the plan leaves them whole.
             let gammas = bn_scales(model)?;
-            let scores = per_filter_mean(units, |m| {
+            per_filter_mean(units, |m| {
                 (m.role == Role::Norm)
                     .then(|| gammas[&m.node][m.channel] / norms_mean(&gammas[&m.node]))
-            });
-            if let Some(i) = scores.iter().position(|s| s.is_nan()) {
-                bail!(
-                    "criterion bn-scale: the channels of `{}` have no batch norm; use l1, l2 or taylor",
-                    units[i].describe(&model.graph)
-                );
-            }
-            scores
+            })
         }
         Criterion::Taylor => {
             let Some(data) = taylor else {
@@ -154,15 +149,10 @@ fn norms_mean(values: &[f64]) -> f64 {
     if mean > 0.0 { mean } else { 1.0 }
 }
 
-/// The nodes of a unit, as the key of its layer group.
-pub fn layer_group_key(unit: &PruneUnit) -> Vec<NodeId> {
-    unit.nodes()
-}
-
 fn normalise_per_layer_group(units: &[PruneUnit], raw: Vec<f64>) -> Vec<f64> {
     let mut sums: HashMap<Vec<NodeId>, (f64, usize)> = HashMap::new();
-    for (u, &s) in units.iter().zip(&raw) {
-        let e = sums.entry(layer_group_key(u)).or_default();
+    for (u, &s) in units.iter().zip(&raw).filter(|(_, s)| s.is_finite()) {
+        let e = sums.entry(u.nodes()).or_default();
         e.0 += s;
         e.1 += 1;
     }
@@ -170,7 +160,9 @@ fn normalise_per_layer_group(units: &[PruneUnit], raw: Vec<f64>) -> Vec<f64> {
         .iter()
         .zip(raw)
         .map(|(u, s)| {
-            let (sum, n) = sums[&layer_group_key(u)];
+            let Some(&(sum, n)) = sums.get(&u.nodes()) else {
+                return s;
+            };
             let mean = sum / n as f64;
             if mean > 0.0 { s / mean } else { s }
         })
@@ -209,6 +201,12 @@ fn bn_scales(model: &Model) -> Result<HashMap<NodeId, Vec<f64>>> {
                 .into_iter()
                 .map(f64::abs)
                 .collect();
+            if g.iter().any(|v| !v.is_finite()) {
+                bail!(
+                    "criterion bn-scale: batch norm `{}` has non-finite scales (a diverged model?)",
+                    node.name
+                );
+            }
             out.insert(id, g);
         }
     }

@@ -132,15 +132,6 @@ pub struct PrunableLayer {
     pub numel: usize,
 }
 
-fn is_weight_layer(op: &Op) -> bool {
-    matches!(op, Op::Conv2d { .. } | Op::Linear { .. })
-}
-
-fn is_depthwise(op: &Op) -> bool {
-    matches!(op, Op::Conv2d { groups, in_channels, out_channels, .. }
-        if *groups > 1 && groups == in_channels && groups == out_channels)
-}
-
 /// Every conv and linear layer of `graph` in graph order, with the reason it is spared, if any.
 /// Fails if an `exclude` pattern selects no conv or linear layer.
 pub fn layer_choices(graph: &Graph, cfg: &MagnitudeConfig) -> Result<Vec<LayerChoice>> {
@@ -151,7 +142,7 @@ pub fn layer_choices(graph: &Graph, cfg: &MagnitudeConfig) -> Result<Vec<LayerCh
     for (id, node) in graph.nodes.iter().enumerate() {
         raw[id] = match node.op {
             Op::Input { .. } => true,
-            ref op if is_weight_layer(op) => false,
+            ref op if op.has_weight_matrix() => false,
             _ => node.inputs.iter().any(|&i| raw[i]),
         };
     }
@@ -159,7 +150,7 @@ pub fn layer_choices(graph: &Graph, cfg: &MagnitudeConfig) -> Result<Vec<LayerCh
     let mut to_output = vec![false; n];
     to_output[graph.output] = true;
     for id in (0..n).rev() {
-        if to_output[id] && !is_weight_layer(&graph.nodes[id].op) {
+        if to_output[id] && !graph.nodes[id].op.has_weight_matrix() {
             for &i in &graph.nodes[id].inputs {
                 to_output[i] = true;
             }
@@ -184,7 +175,7 @@ pub fn layer_choices(graph: &Graph, cfg: &MagnitudeConfig) -> Result<Vec<LayerCh
             Some(Exclusion::FirstLayer)
         } else if to_output[spec.node] {
             Some(Exclusion::Classifier)
-        } else if is_depthwise(&node.op) && !cfg.include_depthwise {
+        } else if node.op.is_depthwise() && !cfg.include_depthwise {
             Some(Exclusion::Depthwise)
         } else {
             matched.map(Exclusion::Pattern)
@@ -451,21 +442,15 @@ impl SparsityReport {
     pub fn measure(model: &Model, cfg: &MagnitudeConfig) -> Result<SparsityReport> {
         let mut layers = Vec::new();
         for l in prunable_layers(&model.graph, cfg)? {
-            let v = values(&model.weights.get(&l.weight)?)?;
+            let nonzero = crate::sparse::count_nonzero(&model.weights.get(&l.weight)?)?;
             layers.push(LayerStats {
                 name: l.weight,
-                numel: v.len(),
-                zeros: v.iter().filter(|&&x| x == 0.0).count(),
+                numel: l.numel,
+                zeros: l.numel - nonzero,
             });
         }
-        let (mut params, mut nonzero_params) = (0, 0);
-        for spec in model.graph.param_specs() {
-            if spec.role.is_trainable() {
-                let v = values(&model.weights.get(&spec.name)?)?;
-                params += v.len();
-                nonzero_params += v.iter().filter(|&&x| x != 0.0).count();
-            }
-        }
+        let footprint = crate::footprint::Footprint::of(model, None)?;
+        let (params, nonzero_params) = (footprint.params, footprint.nonzero_params);
         Ok(SparsityReport {
             selected: layers.iter().map(|l| l.numel).sum(),
             selected_zeros: layers.iter().map(|l| l.zeros).sum(),

@@ -11,7 +11,6 @@
 //! to be built.
 
 use super::groups::{PruneUnit, Role};
-use super::importance::layer_group_key;
 use super::pattern::NamePattern;
 use crate::graph::{ChannelMap, Graph, NodeId, Op};
 use anyhow::{Result, bail};
@@ -137,21 +136,21 @@ pub fn plan(
     }
     let cost = CostModel::new(graph, input_size)?;
     let mut groups = layer_groups(graph, units, scores, cfg)?;
-    for pattern in cfg
-        .exclude
-        .iter()
-        .chain(cfg.overrides.iter().map(|(p, _)| p))
-    {
-        if !graph
-            .nodes
-            .iter()
-            .any(|n| is_layer(&n.op) && pattern.selects_layer(&n.name))
-        {
-            bail!(
-                "prune: the pattern `{}` matches no conv or linear layer; `slimcandle inspect CKPT` lists their names",
-                pattern.as_str()
-            );
-        }
+    if groups.iter().all(|g| g.excluded) {
+        let count = |rule: &str| {
+            groups
+                .iter()
+                .filter(|g| g.rule.as_deref() == Some(rule))
+                .count()
+        };
+        bail!(
+            "prune: no layer group can be pruned: {} excluded by --exclude, {} residual streams \
+             (--prune-residual prunes them), {} without a score (bn-scale needs a batch norm after \
+             the layer: no batch norm there; use l1, l2 or taylor)",
+            count("excluded"),
+            count("residual stream"),
+            count("no score")
+        );
     }
     let before = cost.of(units, &[]);
     let removals = Removals::new(graph, units)?;
@@ -255,21 +254,33 @@ pub fn single_group_plans(
         .collect())
 }
 
-fn is_layer(op: &Op) -> bool {
-    matches!(op, Op::Conv2d { .. } | Op::Linear { .. })
-}
-
 fn layer_groups(
     graph: &Graph,
     units: &[PruneUnit],
     scores: &[f64],
     cfg: &PlanConfig,
 ) -> Result<Vec<LayerGroup>> {
+    for pattern in cfg
+        .exclude
+        .iter()
+        .chain(cfg.overrides.iter().map(|(p, _)| p))
+    {
+        if !graph
+            .nodes
+            .iter()
+            .any(|n| n.op.has_weight_matrix() && pattern.selects_layer(&n.name))
+        {
+            bail!(
+                "prune: the pattern `{}` matches no conv or linear layer; `slimcandle inspect CKPT` lists their names",
+                pattern.as_str()
+            );
+        }
+    }
     let mut index: std::collections::HashMap<Vec<NodeId>, usize> = Default::default();
     let mut groups: Vec<LayerGroup> = Vec::new();
     let counts = graph.channel_counts()?;
     for (i, unit) in units.iter().enumerate() {
-        let key = layer_group_key(unit);
+        let key = unit.nodes();
         let g = *index.entry(key).or_insert_with(|| {
             let mut layers: Vec<NodeId> = unit
                 .members
@@ -292,17 +303,22 @@ fn layer_groups(
                 .slots
                 .iter()
                 .any(|&(n, _)| matches!(graph.nodes[n].op, Op::Add));
-            let spared_residual = residual && !cfg.prune_residual;
-            let excluded = excluded_by_pattern || spared_residual;
             let fixed_ratio = cfg
                 .overrides
                 .iter()
                 .find(|(p, _)| names.iter().any(|n| p.selects_layer(n)))
                 .map(|(_, r)| *r);
+            // An explicit ratio prunes a residual stream; an exclusion beats both.
+            let spared_residual = residual && !cfg.prune_residual && fixed_ratio.is_none();
+            // Units without a score (bn-scale on a layer with no batch norm) cannot be ranked.
+            let unscored = !scores[i].is_finite();
+            let excluded = excluded_by_pattern || spared_residual || unscored;
             let rule = if excluded_by_pattern {
                 Some("excluded".to_string())
             } else if spared_residual {
                 Some("residual stream".to_string())
+            } else if unscored {
+                Some("no score".to_string())
             } else {
                 fixed_ratio.map(|r| format!("override {r}"))
             };
@@ -372,9 +388,14 @@ fn units_for_ratio(
     kept: &mut [usize],
 ) -> usize {
     let width = group.width;
+    if ratio <= 0.0 {
+        return 0;
+    }
     let floor = |n: NodeId| cfg.min_channels.max(1).min(removals.counts[n]);
+    // Rounding may not take the group past --max-ratio.
+    let cap = (width as f64 * (1.0 - cfg.max_ratio)).ceil() as usize;
     let desired = width as f64 * (1.0 - ratio);
-    let lead_kept = rounded_kept(desired, width, cfg.round_to, floor(group.lead));
+    let lead_kept = rounded_kept(desired, width, cfg.round_to, floor(group.lead).max(cap));
     let mut n = 0;
     for &u in &group.units {
         let unit = &removals.per_unit[u];

@@ -526,10 +526,11 @@ impl Run {
             };
             self.save_model(&self.paths.last(), &format!("epoch {}", epoch + 1))?;
             let score = metrics.test_top1.unwrap_or(metrics.train_top1);
-            // A pruning run's best model must have the final sparsity.
-            let eligible = schedule
-                .as_ref()
-                .is_none_or(|s| self.progress.global_step >= s.end_step);
+            // A pruning run's best model must have the final sparsity (from the start when
+            // the schedule begins at it: fine-tuning an already pruned model).
+            let eligible = schedule.as_ref().is_none_or(|s| {
+                self.progress.global_step >= s.end_step || s.initial >= s.final_sparsity
+            });
             if eligible && self.progress.best_top1.is_none_or(|b| score > b) {
                 self.progress.best_top1 = Some(score);
                 self.save_model(
