@@ -62,10 +62,45 @@ fn batch_parallel(n: usize) -> bool {
 }
 
 fn forward(g: &ConvGeom, x: &[f32], w: &[f32]) -> Vec<f32> {
+    let mut y = vec![0f32; g.y_shape().iter().product()];
+    forward_into(g, x, w, &mut y, true, &|_, _, _| {});
+    y
+}
+
+/// Writes the convolution of `x` with `w` into `y` (N x C_out x H_out x W_out, every value
+/// overwritten), calling `post(sample, first_channel, block)` on each block of whole output
+/// planes right after its GEMM, while it is in cache (the eval executor's fused epilogue).
+/// With `parallel`, samples (or else the GEMMs) use the rayon pool; without, one thread.
+///
+/// A 1x1 convolution of 1x1 planes (squeeze-and-excitation, classifier heads) runs as one
+/// GEMM over the batch instead of one matrix-vector product per sample.
+pub(crate) fn forward_into(
+    g: &ConvGeom,
+    x: &[f32],
+    w: &[f32],
+    y: &mut [f32],
+    parallel: bool,
+    post: &(dyn Fn(usize, usize, &mut [f32]) + Sync),
+) {
     let d = Dims::of(g);
     let x_sample = g.c_in * d.hw;
     let y_sample = g.c_out * d.p;
-    let mut y = vec![0f32; g.n * y_sample];
+    assert_eq!(y.len(), g.n * y_sample, "conv2d: output buffer size");
+    if d.direct && d.hw == 1 && g.groups == 1 {
+        let par = if parallel {
+            parallelism(false)
+        } else {
+            Parallelism::None
+        };
+        let dst = MatMut::rows(y, g.n, g.c_out);
+        let a = MatRef::rows(x, g.n, g.c_in);
+        let b = MatRef::rows(w, g.c_out, g.c_in).t();
+        matmul(dst, false, a, b, par);
+        for (n, row) in y.chunks_mut(g.c_out).enumerate() {
+            post(n, 0, row);
+        }
+        return;
+    }
     let sample = |n: usize, yn: &mut [f32], cols: &mut [f32], par: Parallelism| {
         let xn = &x[n * x_sample..(n + 1) * x_sample];
         for gi in 0..g.groups {
@@ -77,22 +112,27 @@ fn forward(g: &ConvGeom, x: &[f32], w: &[f32]) -> Vec<f32> {
                 MatRef::rows(cols, d.kdim, d.p)
             };
             let a = MatRef::rows(&w[gi * d.cog * d.kdim..], d.cog, d.kdim);
-            let dst = MatMut::rows(&mut yn[gi * d.cog * d.p..], d.cog, d.p);
-            matmul(dst, false, a, b, par);
+            let block = &mut yn[gi * d.cog * d.p..(gi + 1) * d.cog * d.p];
+            matmul(MatMut::rows(block, d.cog, d.p), false, a, b, par);
+            post(n, gi * d.cog, block);
         }
     };
-    if batch_parallel(g.n) {
+    if parallel && batch_parallel(g.n) {
         y.par_chunks_mut(y_sample).enumerate().for_each_init(
             || vec![0f32; d.cols_len()],
             |cols, (n, yn)| sample(n, yn, cols, Parallelism::None),
         );
     } else {
+        let par = if parallel {
+            parallelism(false)
+        } else {
+            Parallelism::None
+        };
         let mut cols = vec![0f32; d.cols_len()];
         for (n, yn) in y.chunks_mut(y_sample).enumerate() {
-            sample(n, yn, &mut cols, parallelism(false));
+            sample(n, yn, &mut cols, par);
         }
     }
-    y
 }
 
 /// Returns `[dX | dW]` (each part only when requested).

@@ -391,27 +391,55 @@ simd_dispatch!(fn dw(k: usize, s: usize, p: PlaneRef, d: &[f32], ho: usize, wo: 
 simd_dispatch!(fn dw_flat(k: usize, p: PlaneRef, d: &[f32], acc: &mut [Lanes]) => dw_flat_any);
 
 fn forward(g: &ConvGeom, x: &[f32], w: &[f32]) -> Vec<f32> {
+    let mut y = vec![0f32; g.y_shape().iter().product()];
+    forward_into(g, x, w, &mut y, true, &|_, _| {});
+    y
+}
+
+/// Writes the convolution into `y` (every value overwritten), calling `post(plane, values)`
+/// on each output plane (`plane` = sample * C + channel) right after it is computed, while it
+/// is in cache (the eval executor's fused epilogue). With `parallel`, planes run on the rayon
+/// pool; without, on the calling thread.
+pub(crate) fn forward_into(
+    g: &ConvGeom,
+    x: &[f32],
+    w: &[f32],
+    y: &mut [f32],
+    parallel: bool,
+    post: &(dyn Fn(usize, &mut [f32]) + Sync),
+) {
     let (kk, plane_in, plane_out) = (g.k * g.k, g.h * g.w, g.ho * g.wo);
     let pd = Padded::input(g);
-    let mut y = vec![0f32; g.n * g.c_out * plane_out];
-    y.par_chunks_mut(plane_out).enumerate().for_each_init(
-        || vec![0f32; pd.len()],
-        |buf, (i, out)| {
-            let c = i % g.c_in;
-            let src = &x[i * plane_in..(i + 1) * plane_in];
-            fill(buf, &pd, src, (g.h, g.w), g.pad as isize, 1);
-            corr(
-                g.k,
-                g.stride,
-                pd.view(buf),
-                &w[c * kk..(c + 1) * kk],
-                out,
-                g.ho,
-                g.wo,
-            );
-        },
+    assert_eq!(
+        y.len(),
+        g.n * g.c_out * plane_out,
+        "conv2d: output buffer size"
     );
-    y
+    let one = |buf: &mut Vec<f32>, (i, out): (usize, &mut [f32])| {
+        let c = i % g.c_in;
+        let src = &x[i * plane_in..(i + 1) * plane_in];
+        fill(buf, &pd, src, (g.h, g.w), g.pad as isize, 1);
+        corr(
+            g.k,
+            g.stride,
+            pd.view(buf),
+            &w[c * kk..(c + 1) * kk],
+            out,
+            g.ho,
+            g.wo,
+        );
+        post(i, out);
+    };
+    if parallel {
+        y.par_chunks_mut(plane_out)
+            .enumerate()
+            .for_each_init(|| vec![0f32; pd.len()], one);
+    } else {
+        let mut buf = vec![0f32; pd.len()];
+        for item in y.chunks_mut(plane_out).enumerate() {
+            one(&mut buf, item);
+        }
+    }
 }
 
 /// Returns `[dX | dW]` (each part only when requested).
