@@ -122,23 +122,34 @@ fn fill_body<M: Madd>(
     let first = (off + (cols.start * up) as isize) as usize;
     // Phase ph holds padded columns j = t * s + ph, i.e. source columns j - off: per phase,
     // the destination range in the row and the first source column.
-    let phases: Vec<(std::ops::Range<usize>, usize)> = (0..pd.s)
-        .filter_map(|ph| {
-            let ts = valid_range(pd.wp, cols.end, pd.s, ph as isize - off);
-            let c0 = ((ts.start * pd.s + ph) as isize - off) as usize;
-            (!ts.is_empty()).then(|| (ph * pd.wp + ts.start..ph * pd.wp + ts.end, c0))
-        })
-        .collect();
-    for r in valid_range(sh, pd.rows, up, off) {
-        let i = (off + (r * up) as isize) as usize;
-        let drow = &mut dst[i * row_len..(i + 1) * row_len];
-        let srow = &src[r * sw..(r + 1) * sw];
-        if up > 1 {
-            spread(&mut drow[first..], &srow[cols.clone()], up);
-        } else {
-            for (range, c0) in &phases {
-                gather(&mut drow[range.clone()], &srow[*c0..], pd.s);
-            }
+    let rows = valid_range(sh, pd.rows, up, off);
+    let dst_row = |r: usize| (off + (r * up) as isize) as usize * row_len;
+    if up > 1 {
+        for r in rows {
+            let i = dst_row(r);
+            spread(
+                &mut dst[i + first..i + row_len],
+                &src[r * sw..(r + 1) * sw][cols.clone()],
+                up,
+            );
+        }
+        return;
+    }
+    // Phase by phase (no per-call allocation for the phase table).
+    for ph in 0..pd.s {
+        let ts = valid_range(pd.wp, cols.end, pd.s, ph as isize - off);
+        if ts.is_empty() {
+            continue;
+        }
+        let c0 = ((ts.start * pd.s + ph) as isize - off) as usize;
+        let range = ph * pd.wp + ts.start..ph * pd.wp + ts.end;
+        for r in rows.clone() {
+            let i = dst_row(r);
+            gather(
+                &mut dst[i + range.start..i + range.end],
+                &src[r * sw + c0..(r + 1) * sw],
+                pd.s,
+            );
         }
     }
 }
@@ -212,7 +223,9 @@ fn corr_body<M: Madd>(
                 corr_block::<M, 8>(k, s, win, p, f, wo - 8, out_row);
             } else if wo >= 4 {
                 corr_block::<M, 4>(k, s, win, p, f, 0, out_row);
-                corr_block::<M, 4>(k, s, win, p, f, wo - 4, out_row);
+                if wo > 4 {
+                    corr_block::<M, 4>(k, s, win, p, f, wo - 4, out_row);
+                }
             } else {
                 for ox in 0..wo {
                     corr_block::<M, 1>(k, s, win, p, f, ox, out_row);
@@ -415,9 +428,17 @@ pub(crate) fn forward_into(
         g.n * g.c_out * plane_out,
         "conv2d: output buffer size"
     );
+    // Rows narrower than one 4-wide block: the taps that meet the input, read in place.
+    let narrow = g.wo < 4;
+    let pd_len = if narrow { 0 } else { pd.len() };
     let one = |buf: &mut Vec<f32>, (i, out): (usize, &mut [f32])| {
         let c = i % g.c_in;
         let src = &x[i * plane_in..(i + 1) * plane_in];
+        if narrow {
+            corr_narrow(g, src, &w[c * kk..(c + 1) * kk], out);
+            post(i, out);
+            return;
+        }
         fill(buf, &pd, src, (g.h, g.w), g.pad as isize, 1);
         corr(
             g.k,
@@ -433,11 +454,34 @@ pub(crate) fn forward_into(
     if parallel {
         y.par_chunks_mut(plane_out)
             .enumerate()
-            .for_each_init(|| vec![0f32; pd.len()], one);
+            .for_each_init(|| vec![0f32; pd_len], one);
     } else {
-        let mut buf = vec![0f32; pd.len()];
+        let mut buf = vec![0f32; pd_len];
         for item in y.chunks_mut(plane_out).enumerate() {
             one(&mut buf, item);
+        }
+    }
+}
+
+/// The plane `src` correlated with filter `f` into `out` (`ho x wo`), visiting only the taps
+/// that fall inside the input: for planes whose rows are too short to vectorise, where with
+/// padding most taps of a padded plane would multiply zeros.
+fn corr_narrow(g: &ConvGeom, src: &[f32], f: &[f32], out: &mut [f32]) {
+    let (k, s, pad) = (g.k, g.stride, g.pad as isize);
+    for oy in 0..g.ho {
+        let y0 = (oy * s) as isize - pad;
+        let kys = valid_range(k, g.h, 1, y0);
+        for ox in 0..g.wo {
+            let x0 = (ox * s) as isize - pad;
+            let kxs = valid_range(k, g.w, 1, x0);
+            let mut acc = 0f32;
+            for ky in kys.clone() {
+                let row = (y0 + ky as isize) as usize * g.w;
+                for kx in kxs.clone() {
+                    acc += f[ky * k + kx] * src[row + (x0 + kx as isize) as usize];
+                }
+            }
+            out[oy * g.wo + ox] = acc;
         }
     }
 }
