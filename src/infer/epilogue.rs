@@ -84,6 +84,19 @@ type Args<'a, 'b> = (
 /// The loop over channels, monomorphic in the activation so that it vectorises.
 #[inline(always)]
 fn channels<M: Madd>((block, c0, plane, scale, shift, res): Args, f: impl Fn(f32) -> f32) {
+    if plane == 1 {
+        // One value per channel (flat features, 1x1 planes): vectorise across channels.
+        let len = block.len();
+        let scale = scale.map(|s| &s[c0..c0 + len]);
+        let shift = shift.map(|b| &b[c0..c0 + len]);
+        for i in 0..len {
+            let s = scale.map_or(1.0, |s| s[i]);
+            let b = shift.map_or(0.0, |b| b[i]);
+            let r = res.map_or(0.0, |r| r[i]);
+            block[i] = f(M::madd(block[i], s, b)) + r;
+        }
+        return;
+    }
     for (i, vals) in block.chunks_exact_mut(plane).enumerate() {
         let c = c0 + i;
         let s = scale.map_or(1.0, |s| s[c]);

@@ -101,6 +101,15 @@ pub(crate) fn forward_into(
         }
         return;
     }
+    if d.direct && g.groups == 1 && g.n > 1 && d.p <= SMALL_PLANE {
+        let par = if parallel {
+            parallelism(false)
+        } else {
+            Parallelism::None
+        };
+        pointwise_batched(g, x, w, y, par, post);
+        return;
+    }
     let sample = |n: usize, yn: &mut [f32], cols: &mut [f32], par: Parallelism| {
         let xn = &x[n * x_sample..(n + 1) * x_sample];
         for gi in 0..g.groups {
@@ -132,6 +141,45 @@ pub(crate) fn forward_into(
         for (n, yn) in y.chunks_mut(y_sample).enumerate() {
             sample(n, yn, &mut cols, par);
         }
+    }
+}
+
+/// Output planes up to this size make a 1x1 convolution one GEMM over the batch.
+const SMALL_PLANE: usize = 64;
+
+/// A 1x1 stride-1 convolution of small planes as one GEMM over the batch: per sample the
+/// GEMM would be C_out x P with a P of a few columns (poor use of the micro-kernel, and the
+/// weights packed again for every sample). The input is gathered into C_in x (N P), the
+/// product written to a C_out x (N P) scratch, and scattered back into NCHW per sample.
+fn pointwise_batched(
+    g: &ConvGeom,
+    x: &[f32],
+    w: &[f32],
+    y: &mut [f32],
+    par: Parallelism,
+    post: &(dyn Fn(usize, usize, &mut [f32]) + Sync),
+) {
+    let (n, ci, co, p) = (g.n, g.c_in, g.c_out, g.ho * g.wo);
+    let cols = n * p;
+    let mut xb = vec![0f32; ci * cols];
+    for (s, xs) in x.chunks_exact(ci * p).enumerate() {
+        for (c, plane) in xs.chunks_exact(p).enumerate() {
+            xb[c * cols + s * p..c * cols + (s + 1) * p].copy_from_slice(plane);
+        }
+    }
+    let mut yb = vec![0f32; co * cols];
+    matmul(
+        MatMut::rows(&mut yb, co, cols),
+        false,
+        MatRef::rows(w, co, ci),
+        MatRef::rows(&xb, ci, cols),
+        par,
+    );
+    for (s, ys) in y.chunks_exact_mut(co * p).enumerate() {
+        for (c, plane) in ys.chunks_exact_mut(p).enumerate() {
+            plane.copy_from_slice(&yb[c * cols + s * p..c * cols + (s + 1) * p]);
+        }
+        post(s, 0, ys);
     }
 }
 
