@@ -180,9 +180,9 @@ fn run_step(
             let e = epilogue(plan, ws, epi);
             let (c_out, w) = (dout.c, ws[*weight]);
             if depthwise::supports(&g) {
-                depthwise::forward_into(&g, x, w, &mut y, parallel, &|i, plane| {
-                    let r = res.map(|r| &r[i * p_out..(i + 1) * p_out]);
-                    e.apply(plane, i % c_out, p_out, r);
+                depthwise::forward_into(&g, x, w, &mut y, parallel, &|i, planes| {
+                    let r = res.map(|r| &r[i * p_out..i * p_out + planes.len()]);
+                    e.apply(planes, i % c_out, p_out, r);
                 });
             } else {
                 conv_gemm::forward_into(&g, x, w, &mut y, parallel, &|s, c0, block| {

@@ -410,9 +410,10 @@ fn forward(g: &ConvGeom, x: &[f32], w: &[f32]) -> Vec<f32> {
 }
 
 /// Writes the convolution into `y` (every value overwritten), calling `post(plane, values)`
-/// on each output plane (`plane` = sample * C + channel) right after it is computed, while it
-/// is in cache (the eval executor's fused epilogue). With `parallel`, planes run on the rayon
-/// pool; without, on the calling thread.
+/// on each run of whole output planes right after it is computed, while it is in cache (the
+/// eval executor's fused epilogue): `values` starts at plane `plane` (= sample * C + channel)
+/// and never spans two samples (one plane, or for rows under 4 outputs a whole sample). With
+/// `parallel`, planes (or samples) run on the rayon pool; without, on the calling thread.
 pub(crate) fn forward_into(
     g: &ConvGeom,
     x: &[f32],
@@ -428,17 +429,37 @@ pub(crate) fn forward_into(
         g.n * g.c_out * plane_out,
         "conv2d: output buffer size"
     );
-    // Rows narrower than one 4-wide block: the taps that meet the input, read in place.
-    let narrow = g.wo < 4;
-    let pd_len = if narrow { 0 } else { pd.len() };
+    // Rows narrower than one 4-wide block: one sample at a time, channels last.
+    if g.wo < 4 {
+        let (rows, cols) = (narrow_taps(g.ho, g.h, g), narrow_taps(g.wo, g.w, g));
+        let mut ft = vec![0f32; kk * g.c_in];
+        for (ch, f) in w.chunks_exact(kk).enumerate() {
+            for (t, &v) in f.iter().enumerate() {
+                ft[t * g.c_in + ch] = v;
+            }
+        }
+        let sample_in = g.c_in * plane_in;
+        let one = |scratch: &mut NarrowScratch, (n, out): (usize, &mut [f32])| {
+            let xs = &x[n * sample_in..(n + 1) * sample_in];
+            narrow(g, (&rows, &cols), &ft, xs, out, scratch);
+            post(n * g.c_out, out);
+        };
+        let sample_out = g.c_out * plane_out;
+        if parallel {
+            y.par_chunks_mut(sample_out)
+                .enumerate()
+                .for_each_init(NarrowScratch::default, one);
+        } else {
+            let mut scratch = NarrowScratch::default();
+            for item in y.chunks_mut(sample_out).enumerate() {
+                one(&mut scratch, item);
+            }
+        }
+        return;
+    }
     let one = |buf: &mut Vec<f32>, (i, out): (usize, &mut [f32])| {
         let c = i % g.c_in;
         let src = &x[i * plane_in..(i + 1) * plane_in];
-        if narrow {
-            corr_narrow(g, src, &w[c * kk..(c + 1) * kk], out);
-            post(i, out);
-            return;
-        }
         fill(buf, &pd, src, (g.h, g.w), g.pad as isize, 1);
         corr(
             g.k,
@@ -454,37 +475,85 @@ pub(crate) fn forward_into(
     if parallel {
         y.par_chunks_mut(plane_out)
             .enumerate()
-            .for_each_init(|| vec![0f32; pd_len], one);
+            .for_each_init(|| vec![0f32; pd.len()], one);
     } else {
-        let mut buf = vec![0f32; pd_len];
+        let mut buf = vec![0f32; pd.len()];
         for item in y.chunks_mut(plane_out).enumerate() {
             one(&mut buf, item);
         }
     }
 }
 
-/// The plane `src` correlated with filter `f` into `out` (`ho x wo`), visiting only the taps
-/// that fall inside the input: for planes whose rows are too short to vectorise, where with
-/// padding most taps of a padded plane would multiply zeros.
-fn corr_narrow(g: &ConvGeom, src: &[f32], f: &[f32], out: &mut [f32]) {
-    let (k, s, pad) = (g.k, g.stride, g.pad as isize);
-    for oy in 0..g.ho {
-        let y0 = (oy * s) as isize - pad;
-        let kys = valid_range(k, g.h, 1, y0);
-        for ox in 0..g.wo {
-            let x0 = (ox * s) as isize - pad;
-            let kxs = valid_range(k, g.w, 1, x0);
-            let mut acc = 0f32;
-            for ky in kys.clone() {
-                let row = (y0 + ky as isize) as usize * g.w;
-                for kx in kxs.clone() {
-                    acc += f[ky * k + kx] * src[row + (x0 + kx as isize) as usize];
+/// `taps[o]`: the taps of output row (or column) `o` that fall inside the input, and the
+/// input position of the first of them.
+fn narrow_taps(
+    out_len: usize,
+    in_len: usize,
+    g: &ConvGeom,
+) -> Vec<(std::ops::Range<usize>, usize)> {
+    (0..out_len)
+        .map(|o| {
+            let start = (o * g.stride) as isize - g.pad as isize;
+            let taps = valid_range(g.k, in_len, 1, start);
+            let first = (start + taps.start as isize) as usize;
+            (taps, first)
+        })
+        .collect()
+}
+
+/// Scratch of the narrow path: one sample's input, filters and output, channels last.
+#[derive(Default)]
+struct NarrowScratch {
+    xt: Vec<f32>,
+    yt: Vec<f32>,
+}
+
+type Taps = [(std::ops::Range<usize>, usize)];
+
+/// One sample of a depthwise conv whose output rows are too short to vectorise along: with
+/// channels last, every tap is a vector operation across channels, and only the taps that
+/// meet the input are visited. `ft` holds the filters as (k k) x C.
+#[inline(always)]
+fn narrow_body<M: Madd>(
+    g: &ConvGeom,
+    (rows, cols): (&Taps, &Taps),
+    ft: &[f32],
+    x: &[f32],
+    out: &mut [f32],
+    scratch: &mut NarrowScratch,
+) {
+    let (c, hw, p) = (g.c_in, g.h * g.w, g.ho * g.wo);
+    let NarrowScratch { xt, yt } = scratch;
+    xt.resize(hw * c, 0.0);
+    for (ch, plane) in x.chunks_exact(hw).enumerate() {
+        for (q, &v) in plane.iter().enumerate() {
+            xt[q * c + ch] = v;
+        }
+    }
+    yt.clear();
+    yt.resize(p * c, 0.0);
+    for (oy, (kys, iy)) in rows.iter().enumerate() {
+        for (ox, (kxs, ix)) in cols.iter().enumerate() {
+            let acc = &mut yt[(oy * g.wo + ox) * c..][..c];
+            for (dy, ky) in kys.clone().enumerate() {
+                for (dx, kx) in kxs.clone().enumerate() {
+                    let f = &ft[(ky * g.k + kx) * c..][..c];
+                    let v = &xt[((iy + dy) * g.w + ix + dx) * c..][..c];
+                    for j in 0..c {
+                        acc[j] = M::madd(f[j], v[j], acc[j]);
+                    }
                 }
             }
-            out[oy * g.wo + ox] = acc;
+        }
+    }
+    for (ch, plane) in out.chunks_exact_mut(p).enumerate() {
+        for (q, o) in plane.iter_mut().enumerate() {
+            *o = yt[q * c + ch];
         }
     }
 }
+
+simd_dispatch!(fn narrow(g: &ConvGeom, taps: (&Taps, &Taps), ft: &[f32], x: &[f32], out: &mut [f32], scratch: &mut NarrowScratch) => narrow_body);
 
 /// Returns `[dX | dW]` (each part only when requested).
 fn backward(
