@@ -429,8 +429,8 @@ pub(crate) fn forward_into(
         g.n * g.c_out * plane_out,
         "conv2d: output buffer size"
     );
-    // Rows narrower than one 4-wide block: one sample at a time, channels last.
-    if g.wo < 4 {
+    // Short rows: one sample at a time, channels last.
+    if g.wo < NARROW {
         let (rows, cols) = (narrow_taps(g.ho, g.h, g), narrow_taps(g.wo, g.w, g));
         let mut ft = vec![0f32; kk * g.c_in];
         for (ch, f) in w.chunks_exact(kk).enumerate() {
@@ -500,6 +500,9 @@ fn narrow_taps(
         })
         .collect()
 }
+
+/// Output rows shorter than this run channels last ([`narrow_body`]).
+const NARROW: usize = 8;
 
 /// Scratch of the narrow path: one sample's input, filters and output, channels last.
 #[derive(Default)]
