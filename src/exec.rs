@@ -1,4 +1,7 @@
-//! Runs a [`Graph`] on Candle tensors, in eval mode or in train mode with autograd.
+//! Runs a [`Graph`] on Candle tensors, in train mode with autograd. Eval mode on f32 CPU
+//! tensors goes to the fused executor in [`crate::infer`]; [`forward_candle`] keeps the
+//! Candle eval path (other dtypes and devices, and the reference the executor is tested
+//! against).
 
 use crate::graph::{Activation, Graph, Op};
 use crate::kernels;

@@ -8,7 +8,8 @@
 //! - weight gradient: `dW_g += dY_g cols^T`, summed over the batch
 //!
 //! A 1x1 stride-1 unpadded convolution needs no im2col at all: `cols` is the input itself, and
-//! `dcols` is the input gradient. Everything is one op per convolution (no
+//! `dcols` is the input gradient. Forward, such a convolution of small planes (up to 64
+//! values) runs as one GEMM over the whole batch (`pointwise_batched`). Everything is one op per convolution (no
 //! chunk-and-concatenate). Samples run in parallel with single-threaded GEMMs when the batch
 //! has at least one sample per thread; otherwise each GEMM uses all threads.
 

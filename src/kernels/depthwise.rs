@@ -11,7 +11,10 @@
 //! `ox` for every stride, so the loops over 16 (then 8 or 4) output columns vectorise with all
 //! k x k taps unrolled (k = 1, 3, 5, 7 and strides 1, 2 are compiled as constants).
 //!
-//! - forward: `y = corr(pad(x), w)` per (sample, channel), in parallel;
+//! - forward: `y = corr(pad(x), w)` per (sample, channel), in parallel; output rows shorter
+//!   than 8 (the 4x4 and 2x2 planes of small inputs) instead run one sample at a time with
+//!   channels last, where each tap is a vector operation across channels and taps that only
+//!   meet padding are skipped (`narrow_body`);
 //! - input gradient: the same correlation with the flipped filter over the output gradient
 //!   spread out by the stride (zeros between) and padded by k - 1 - p;
 //! - weight gradient: per tap, the dot product of the output gradient with the shifted padded

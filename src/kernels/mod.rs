@@ -16,6 +16,10 @@
 //! | [`max_pool2d`], [`avg_pool2d`] | PyTorch's padding and ceil-mode rules, with backward (`pool.rs`) |
 //! | [`channel_shuffle`] | one plane permutation each way (`shuffle.rs`) |
 //!
+//! The eval executor (`crate::infer`) calls the slice-level forward functions
+//! (`conv_gemm::forward_into`, `depthwise::forward_into`, `pool::pool_into`) directly, with a
+//! callback that fuses bias, batch norm, activation and residual add into the output.
+//!
 //! [`reuse_freed_memory`] is an opt-in, process-wide glibc setting that removes the page
 //! faults which otherwise dominate large-tensor steps on the CPU (`alloc.rs`).
 
