@@ -16,6 +16,8 @@
 //!
 //! Parameters are borrowed from the weights for the call, not copied. Only f32 CPU tensors
 //! run here; `exec::forward` sends anything else down the Candle path.
+//!
+//! `SLIMCANDLE_INFER_CHUNK=n` overrides the chunk size (samples), for timing experiments.
 
 mod epilogue;
 mod plan;
