@@ -1,4 +1,7 @@
-//! Runs a [`Graph`] on Candle tensors, in eval mode or in train mode with autograd.
+//! Runs a [`Graph`] on Candle tensors, in train mode with autograd. Eval mode on f32 CPU
+//! tensors goes to the fused executor in [`crate::infer`]; [`forward_candle`] keeps the
+//! Candle eval path (other dtypes and devices, and the reference the executor is tested
+//! against).
 
 use crate::graph::{Activation, Graph, Op};
 use crate::kernels;
@@ -24,10 +27,23 @@ pub fn check_input(graph: &Graph, dims: &[usize]) -> Result<()> {
     }
 }
 
-/// Forward pass. In train mode the batch norm running statistics in `weights` are updated
-/// (PyTorch semantics: biased variance normalises, unbiased variance updates, with momentum)
-/// and dropout masks are drawn from an unseeded source; see [`forward_train`] for seeded ones.
+/// Forward pass. In eval mode, f32 CPU tensors run the fused executor ([`crate::infer`]),
+/// anything else the Candle ops. In train mode the batch norm running statistics in
+/// `weights` are updated (PyTorch semantics: biased variance normalises, unbiased variance
+/// updates, with momentum) and dropout masks are drawn from an unseeded source; see
+/// [`forward_train`] for seeded ones.
 pub fn forward(graph: &Graph, weights: &Weights, x: &Tensor, mode: Mode) -> Result<Tensor> {
+    if mode == Mode::Eval
+        && let Some(y) = crate::infer::forward(graph, weights, x)?
+    {
+        return Ok(y);
+    }
+    forward_candle(graph, weights, x, mode)
+}
+
+/// [`forward`] on Candle ops in both modes (no fused eval executor): the reference the
+/// executor is tested against.
+pub fn forward_candle(graph: &Graph, weights: &Weights, x: &Tensor, mode: Mode) -> Result<Tensor> {
     let seed = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_nanos() as u64)

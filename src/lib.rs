@@ -8,6 +8,7 @@ pub mod exec;
 pub mod footprint;
 pub mod graph;
 pub mod import;
+pub mod infer;
 pub mod kernels;
 pub mod model;
 pub mod models;

@@ -25,7 +25,7 @@ use rayon::prelude::*;
 const CHUNK: usize = 1 << 14;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Kind {
+pub(crate) enum Kind {
     Relu,
     Relu6,
     Hardsigmoid,
@@ -76,7 +76,7 @@ impl Kind {
     }
 
     #[inline(always)]
-    fn forward(self, x: f32) -> f32 {
+    pub(crate) fn forward(self, x: f32) -> f32 {
         match self {
             Kind::Relu => clamp(x, 0.0, f32::INFINITY),
             Kind::Relu6 => clamp(x, 0.0, 6.0),

@@ -8,7 +8,8 @@
 //! - weight gradient: `dW_g += dY_g cols^T`, summed over the batch
 //!
 //! A 1x1 stride-1 unpadded convolution needs no im2col at all: `cols` is the input itself, and
-//! `dcols` is the input gradient. Everything is one op per convolution (no
+//! `dcols` is the input gradient. Forward, such a convolution of small planes (up to 64
+//! values) runs as one GEMM over the whole batch (`pointwise_batched`). Everything is one op per convolution (no
 //! chunk-and-concatenate). Samples run in parallel with single-threaded GEMMs when the batch
 //! has at least one sample per thread; otherwise each GEMM uses all threads.
 
@@ -62,10 +63,54 @@ fn batch_parallel(n: usize) -> bool {
 }
 
 fn forward(g: &ConvGeom, x: &[f32], w: &[f32]) -> Vec<f32> {
+    let mut y = vec![0f32; g.y_shape().iter().product()];
+    forward_into(g, x, w, &mut y, true, &|_, _, _| {});
+    y
+}
+
+/// Writes the convolution of `x` with `w` into `y` (N x C_out x H_out x W_out, every value
+/// overwritten), calling `post(sample, first_channel, block)` on each block of whole output
+/// planes right after its GEMM, while it is in cache (the eval executor's fused epilogue).
+/// With `parallel`, samples (or else the GEMMs) use the rayon pool; without, one thread.
+///
+/// A 1x1 convolution of 1x1 planes (squeeze-and-excitation, classifier heads) runs as one
+/// GEMM over the batch instead of one matrix-vector product per sample.
+pub(crate) fn forward_into(
+    g: &ConvGeom,
+    x: &[f32],
+    w: &[f32],
+    y: &mut [f32],
+    parallel: bool,
+    post: &(dyn Fn(usize, usize, &mut [f32]) + Sync),
+) {
     let d = Dims::of(g);
     let x_sample = g.c_in * d.hw;
     let y_sample = g.c_out * d.p;
-    let mut y = vec![0f32; g.n * y_sample];
+    assert_eq!(y.len(), g.n * y_sample, "conv2d: output buffer size");
+    if d.direct && d.hw == 1 && g.groups == 1 {
+        let par = if parallel {
+            parallelism(false)
+        } else {
+            Parallelism::None
+        };
+        let dst = MatMut::rows(y, g.n, g.c_out);
+        let a = MatRef::rows(x, g.n, g.c_in);
+        let b = MatRef::rows(w, g.c_out, g.c_in).t();
+        matmul(dst, false, a, b, par);
+        for (n, row) in y.chunks_mut(g.c_out).enumerate() {
+            post(n, 0, row);
+        }
+        return;
+    }
+    if d.direct && g.groups == 1 && g.n > 1 && d.p <= SMALL_PLANE {
+        let par = if parallel {
+            parallelism(false)
+        } else {
+            Parallelism::None
+        };
+        pointwise_batched(g, x, w, y, par, post);
+        return;
+    }
     let sample = |n: usize, yn: &mut [f32], cols: &mut [f32], par: Parallelism| {
         let xn = &x[n * x_sample..(n + 1) * x_sample];
         for gi in 0..g.groups {
@@ -77,22 +122,66 @@ fn forward(g: &ConvGeom, x: &[f32], w: &[f32]) -> Vec<f32> {
                 MatRef::rows(cols, d.kdim, d.p)
             };
             let a = MatRef::rows(&w[gi * d.cog * d.kdim..], d.cog, d.kdim);
-            let dst = MatMut::rows(&mut yn[gi * d.cog * d.p..], d.cog, d.p);
-            matmul(dst, false, a, b, par);
+            let block = &mut yn[gi * d.cog * d.p..(gi + 1) * d.cog * d.p];
+            matmul(MatMut::rows(block, d.cog, d.p), false, a, b, par);
+            post(n, gi * d.cog, block);
         }
     };
-    if batch_parallel(g.n) {
+    if parallel && batch_parallel(g.n) {
         y.par_chunks_mut(y_sample).enumerate().for_each_init(
             || vec![0f32; d.cols_len()],
             |cols, (n, yn)| sample(n, yn, cols, Parallelism::None),
         );
     } else {
+        let par = if parallel {
+            parallelism(false)
+        } else {
+            Parallelism::None
+        };
         let mut cols = vec![0f32; d.cols_len()];
         for (n, yn) in y.chunks_mut(y_sample).enumerate() {
-            sample(n, yn, &mut cols, parallelism(false));
+            sample(n, yn, &mut cols, par);
         }
     }
-    y
+}
+
+/// Output planes up to this size make a 1x1 convolution one GEMM over the batch.
+const SMALL_PLANE: usize = 64;
+
+/// A 1x1 stride-1 convolution of small planes as one GEMM over the batch: per sample the
+/// GEMM would be C_out x P with a P of a few columns (poor use of the micro-kernel, and the
+/// weights packed again for every sample). The input is gathered into C_in x (N P), the
+/// product written to a C_out x (N P) scratch, and scattered back into NCHW per sample.
+fn pointwise_batched(
+    g: &ConvGeom,
+    x: &[f32],
+    w: &[f32],
+    y: &mut [f32],
+    par: Parallelism,
+    post: &(dyn Fn(usize, usize, &mut [f32]) + Sync),
+) {
+    let (n, ci, co, p) = (g.n, g.c_in, g.c_out, g.ho * g.wo);
+    let cols = n * p;
+    let mut xb = vec![0f32; ci * cols];
+    for (s, xs) in x.chunks_exact(ci * p).enumerate() {
+        for (c, plane) in xs.chunks_exact(p).enumerate() {
+            xb[c * cols + s * p..c * cols + (s + 1) * p].copy_from_slice(plane);
+        }
+    }
+    let mut yb = vec![0f32; co * cols];
+    matmul(
+        MatMut::rows(&mut yb, co, cols),
+        false,
+        MatRef::rows(w, co, ci),
+        MatRef::rows(&xb, ci, cols),
+        par,
+    );
+    for (s, ys) in y.chunks_exact_mut(co * p).enumerate() {
+        for (c, plane) in ys.chunks_exact_mut(p).enumerate() {
+            plane.copy_from_slice(&yb[c * cols + s * p..c * cols + (s + 1) * p]);
+        }
+        post(s, 0, ys);
+    }
 }
 
 /// Returns `[dX | dW]` (each part only when requested).

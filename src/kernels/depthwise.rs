@@ -11,7 +11,10 @@
 //! `ox` for every stride, so the loops over 16 (then 8 or 4) output columns vectorise with all
 //! k x k taps unrolled (k = 1, 3, 5, 7 and strides 1, 2 are compiled as constants).
 //!
-//! - forward: `y = corr(pad(x), w)` per (sample, channel), in parallel;
+//! - forward: `y = corr(pad(x), w)` per (sample, channel), in parallel; output rows shorter
+//!   than 8 (the 4x4 and 2x2 planes of small inputs) instead run one sample at a time with
+//!   channels last, where each tap is a vector operation across channels and taps that only
+//!   meet padding are skipped (`narrow_body`);
 //! - input gradient: the same correlation with the flipped filter over the output gradient
 //!   spread out by the stride (zeros between) and padded by k - 1 - p;
 //! - weight gradient: per tap, the dot product of the output gradient with the shifted padded
@@ -122,23 +125,34 @@ fn fill_body<M: Madd>(
     let first = (off + (cols.start * up) as isize) as usize;
     // Phase ph holds padded columns j = t * s + ph, i.e. source columns j - off: per phase,
     // the destination range in the row and the first source column.
-    let phases: Vec<(std::ops::Range<usize>, usize)> = (0..pd.s)
-        .filter_map(|ph| {
-            let ts = valid_range(pd.wp, cols.end, pd.s, ph as isize - off);
-            let c0 = ((ts.start * pd.s + ph) as isize - off) as usize;
-            (!ts.is_empty()).then(|| (ph * pd.wp + ts.start..ph * pd.wp + ts.end, c0))
-        })
-        .collect();
-    for r in valid_range(sh, pd.rows, up, off) {
-        let i = (off + (r * up) as isize) as usize;
-        let drow = &mut dst[i * row_len..(i + 1) * row_len];
-        let srow = &src[r * sw..(r + 1) * sw];
-        if up > 1 {
-            spread(&mut drow[first..], &srow[cols.clone()], up);
-        } else {
-            for (range, c0) in &phases {
-                gather(&mut drow[range.clone()], &srow[*c0..], pd.s);
-            }
+    let rows = valid_range(sh, pd.rows, up, off);
+    let dst_row = |r: usize| (off + (r * up) as isize) as usize * row_len;
+    if up > 1 {
+        for r in rows {
+            let i = dst_row(r);
+            spread(
+                &mut dst[i + first..i + row_len],
+                &src[r * sw..(r + 1) * sw][cols.clone()],
+                up,
+            );
+        }
+        return;
+    }
+    // Phase by phase (no per-call allocation for the phase table).
+    for ph in 0..pd.s {
+        let ts = valid_range(pd.wp, cols.end, pd.s, ph as isize - off);
+        if ts.is_empty() {
+            continue;
+        }
+        let c0 = ((ts.start * pd.s + ph) as isize - off) as usize;
+        let range = ph * pd.wp + ts.start..ph * pd.wp + ts.end;
+        for r in rows.clone() {
+            let i = dst_row(r);
+            gather(
+                &mut dst[i + range.start..i + range.end],
+                &src[r * sw + c0..(r + 1) * sw],
+                pd.s,
+            );
         }
     }
 }
@@ -212,7 +226,9 @@ fn corr_body<M: Madd>(
                 corr_block::<M, 8>(k, s, win, p, f, wo - 8, out_row);
             } else if wo >= 4 {
                 corr_block::<M, 4>(k, s, win, p, f, 0, out_row);
-                corr_block::<M, 4>(k, s, win, p, f, wo - 4, out_row);
+                if wo > 4 {
+                    corr_block::<M, 4>(k, s, win, p, f, wo - 4, out_row);
+                }
             } else {
                 for ox in 0..wo {
                     corr_block::<M, 1>(k, s, win, p, f, ox, out_row);
@@ -391,28 +407,159 @@ simd_dispatch!(fn dw(k: usize, s: usize, p: PlaneRef, d: &[f32], ho: usize, wo: 
 simd_dispatch!(fn dw_flat(k: usize, p: PlaneRef, d: &[f32], acc: &mut [Lanes]) => dw_flat_any);
 
 fn forward(g: &ConvGeom, x: &[f32], w: &[f32]) -> Vec<f32> {
-    let (kk, plane_in, plane_out) = (g.k * g.k, g.h * g.w, g.ho * g.wo);
-    let pd = Padded::input(g);
-    let mut y = vec![0f32; g.n * g.c_out * plane_out];
-    y.par_chunks_mut(plane_out).enumerate().for_each_init(
-        || vec![0f32; pd.len()],
-        |buf, (i, out)| {
-            let c = i % g.c_in;
-            let src = &x[i * plane_in..(i + 1) * plane_in];
-            fill(buf, &pd, src, (g.h, g.w), g.pad as isize, 1);
-            corr(
-                g.k,
-                g.stride,
-                pd.view(buf),
-                &w[c * kk..(c + 1) * kk],
-                out,
-                g.ho,
-                g.wo,
-            );
-        },
-    );
+    let mut y = vec![0f32; g.y_shape().iter().product()];
+    forward_into(g, x, w, &mut y, true, &|_, _| {});
     y
 }
+
+/// Writes the convolution into `y` (every value overwritten), calling `post(plane, values)`
+/// on each run of whole output planes right after it is computed, while it is in cache (the
+/// eval executor's fused epilogue): `values` starts at plane `plane` (= sample * C + channel)
+/// and never spans two samples (one plane, or for rows under 4 outputs a whole sample). With
+/// `parallel`, planes (or samples) run on the rayon pool; without, on the calling thread.
+pub(crate) fn forward_into(
+    g: &ConvGeom,
+    x: &[f32],
+    w: &[f32],
+    y: &mut [f32],
+    parallel: bool,
+    post: &(dyn Fn(usize, &mut [f32]) + Sync),
+) {
+    let (kk, plane_in, plane_out) = (g.k * g.k, g.h * g.w, g.ho * g.wo);
+    let pd = Padded::input(g);
+    assert_eq!(
+        y.len(),
+        g.n * g.c_out * plane_out,
+        "conv2d: output buffer size"
+    );
+    // Short rows: one sample at a time, channels last.
+    if g.wo < NARROW {
+        let (rows, cols) = (narrow_taps(g.ho, g.h, g), narrow_taps(g.wo, g.w, g));
+        let mut ft = vec![0f32; kk * g.c_in];
+        for (ch, f) in w.chunks_exact(kk).enumerate() {
+            for (t, &v) in f.iter().enumerate() {
+                ft[t * g.c_in + ch] = v;
+            }
+        }
+        let sample_in = g.c_in * plane_in;
+        let one = |scratch: &mut NarrowScratch, (n, out): (usize, &mut [f32])| {
+            let xs = &x[n * sample_in..(n + 1) * sample_in];
+            narrow(g, (&rows, &cols), &ft, xs, out, scratch);
+            post(n * g.c_out, out);
+        };
+        let sample_out = g.c_out * plane_out;
+        if parallel {
+            y.par_chunks_mut(sample_out)
+                .enumerate()
+                .for_each_init(NarrowScratch::default, one);
+        } else {
+            let mut scratch = NarrowScratch::default();
+            for item in y.chunks_mut(sample_out).enumerate() {
+                one(&mut scratch, item);
+            }
+        }
+        return;
+    }
+    let one = |buf: &mut Vec<f32>, (i, out): (usize, &mut [f32])| {
+        let c = i % g.c_in;
+        let src = &x[i * plane_in..(i + 1) * plane_in];
+        fill(buf, &pd, src, (g.h, g.w), g.pad as isize, 1);
+        corr(
+            g.k,
+            g.stride,
+            pd.view(buf),
+            &w[c * kk..(c + 1) * kk],
+            out,
+            g.ho,
+            g.wo,
+        );
+        post(i, out);
+    };
+    if parallel {
+        y.par_chunks_mut(plane_out)
+            .enumerate()
+            .for_each_init(|| vec![0f32; pd.len()], one);
+    } else {
+        let mut buf = vec![0f32; pd.len()];
+        for item in y.chunks_mut(plane_out).enumerate() {
+            one(&mut buf, item);
+        }
+    }
+}
+
+/// `taps[o]`: the taps of output row (or column) `o` that fall inside the input, and the
+/// input position of the first of them.
+fn narrow_taps(
+    out_len: usize,
+    in_len: usize,
+    g: &ConvGeom,
+) -> Vec<(std::ops::Range<usize>, usize)> {
+    (0..out_len)
+        .map(|o| {
+            let start = (o * g.stride) as isize - g.pad as isize;
+            let taps = valid_range(g.k, in_len, 1, start);
+            let first = (start + taps.start as isize) as usize;
+            (taps, first)
+        })
+        .collect()
+}
+
+/// Output rows shorter than this run channels last ([`narrow_body`]).
+const NARROW: usize = 8;
+
+/// Scratch of the narrow path: one sample's input, filters and output, channels last.
+#[derive(Default)]
+struct NarrowScratch {
+    xt: Vec<f32>,
+    yt: Vec<f32>,
+}
+
+type Taps = [(std::ops::Range<usize>, usize)];
+
+/// One sample of a depthwise conv whose output rows are too short to vectorise along: with
+/// channels last, every tap is a vector operation across channels, and only the taps that
+/// meet the input are visited. `ft` holds the filters as (k k) x C.
+#[inline(always)]
+fn narrow_body<M: Madd>(
+    g: &ConvGeom,
+    (rows, cols): (&Taps, &Taps),
+    ft: &[f32],
+    x: &[f32],
+    out: &mut [f32],
+    scratch: &mut NarrowScratch,
+) {
+    let (c, hw, p) = (g.c_in, g.h * g.w, g.ho * g.wo);
+    let NarrowScratch { xt, yt } = scratch;
+    xt.resize(hw * c, 0.0);
+    for (ch, plane) in x.chunks_exact(hw).enumerate() {
+        for (q, &v) in plane.iter().enumerate() {
+            xt[q * c + ch] = v;
+        }
+    }
+    yt.clear();
+    yt.resize(p * c, 0.0);
+    for (oy, (kys, iy)) in rows.iter().enumerate() {
+        for (ox, (kxs, ix)) in cols.iter().enumerate() {
+            let acc = &mut yt[(oy * g.wo + ox) * c..][..c];
+            for (dy, ky) in kys.clone().enumerate() {
+                for (dx, kx) in kxs.clone().enumerate() {
+                    let f = &ft[(ky * g.k + kx) * c..][..c];
+                    let v = &xt[((iy + dy) * g.w + ix + dx) * c..][..c];
+                    for j in 0..c {
+                        acc[j] = M::madd(f[j], v[j], acc[j]);
+                    }
+                }
+            }
+        }
+    }
+    for (ch, plane) in out.chunks_exact_mut(p).enumerate() {
+        for (q, o) in plane.iter_mut().enumerate() {
+            *o = yt[q * c + ch];
+        }
+    }
+}
+
+simd_dispatch!(fn narrow(g: &ConvGeom, taps: (&Taps, &Taps), ft: &[f32], x: &[f32], out: &mut [f32], scratch: &mut NarrowScratch) => narrow_body);
 
 /// Returns `[dX | dW]` (each part only when requested).
 fn backward(

@@ -16,23 +16,27 @@
 //! | [`max_pool2d`], [`avg_pool2d`] | PyTorch's padding and ceil-mode rules, with backward (`pool.rs`) |
 //! | [`channel_shuffle`] | one plane permutation each way (`shuffle.rs`) |
 //!
+//! The eval executor (`crate::infer`) calls the slice-level forward functions
+//! (`conv_gemm::forward_into`, `depthwise::forward_into`, `pool::pool_into`) directly, with a
+//! callback that fuses bias, batch norm, activation and residual add into the output.
+//!
 //! [`reuse_freed_memory`] is an opt-in, process-wide glibc setting that removes the page
 //! faults which otherwise dominate large-tensor steps on the CPU (`alloc.rs`).
 
-mod activation;
+pub(crate) mod activation;
 mod alloc;
 mod batch_norm;
 mod bias;
-mod conv;
-mod conv_gemm;
+pub(crate) mod conv;
+pub(crate) mod conv_gemm;
 mod cpu;
-mod depthwise;
-mod gemm;
-mod im2col;
-mod pool;
+pub(crate) mod depthwise;
+pub(crate) mod gemm;
+pub(crate) mod im2col;
+pub(crate) mod pool;
 pub mod reference;
 mod shuffle;
-mod simd;
+pub(crate) mod simd;
 
 pub use activation::{hardsigmoid, hardswish, relu, relu6};
 pub use alloc::reuse_freed_memory;

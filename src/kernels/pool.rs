@@ -109,27 +109,30 @@ impl Pool {
         let mut out = vec![T::ZERO; self.n * self.c * plane_out];
         out.par_chunks_mut(plane_out)
             .zip(x.par_chunks(plane_in))
-            .for_each(|(o, plane)| {
-                for oy in 0..self.oh {
-                    for ox in 0..self.ow {
-                        let (ys, xs, area) = self.window(oy, ox);
-                        o[oy * self.ow + ox] = match self.kind {
-                            Kind::Max => plane[self.argmax(plane, ys, xs)],
-                            Kind::Avg => {
-                                let mut sum = T::ZERO;
-                                for y in ys {
-                                    sum += plane[y * self.w + xs.start..y * self.w + xs.end]
-                                        .iter()
-                                        .copied()
-                                        .sum::<T>();
-                                }
-                                sum / T::from_usize(area)
-                            }
-                        };
-                    }
-                }
-            });
+            .for_each(|(o, plane)| self.plane(plane, o));
         out
+    }
+
+    /// One output plane `o` from one input plane.
+    fn plane<T: Float>(&self, plane: &[T], o: &mut [T]) {
+        for oy in 0..self.oh {
+            for ox in 0..self.ow {
+                let (ys, xs, area) = self.window(oy, ox);
+                o[oy * self.ow + ox] = match self.kind {
+                    Kind::Max => plane[self.argmax(plane, ys, xs)],
+                    Kind::Avg => {
+                        let mut sum = T::ZERO;
+                        for y in ys {
+                            sum += plane[y * self.w + xs.start..y * self.w + xs.end]
+                                .iter()
+                                .copied()
+                                .sum::<T>();
+                        }
+                        sum / T::from_usize(area)
+                    }
+                };
+            }
+        }
     }
 
     /// Input gradient from the input `x` and the output gradient `g`.
@@ -220,15 +223,15 @@ impl CustomOp2 for PoolBackward {
     }
 }
 
-fn pool(
-    x: &Tensor,
+/// The pooling op for an N x C x H x W input, with the output size checked.
+fn geometry(
+    (n, c, h, w): (usize, usize, usize, usize),
     kind: Kind,
     kernel: usize,
     stride: usize,
     padding: usize,
     ceil: bool,
-) -> Result<Tensor> {
-    let (n, c, h, w) = x.dims4()?;
+) -> Result<Pool> {
     if 2 * padding > kernel {
         bail!("pool padding {padding} must be at most half the kernel {kernel}");
     }
@@ -238,7 +241,7 @@ fn pool(
     ) else {
         bail!("a {h}x{w} input is too small for a {kernel}x{kernel} pooling window")
     };
-    let op = Pool {
+    Ok(Pool {
         kind,
         kernel,
         stride,
@@ -249,8 +252,45 @@ fn pool(
         w,
         oh,
         ow,
-    };
+    })
+}
+
+fn pool(
+    x: &Tensor,
+    kind: Kind,
+    kernel: usize,
+    stride: usize,
+    padding: usize,
+    ceil: bool,
+) -> Result<Tensor> {
+    let op = geometry(x.dims4()?, kind, kernel, stride, padding, ceil)?;
     x.contiguous()?.apply_op1(op)
+}
+
+/// Max pooling (`max`, ceil mode as given) or average pooling (zero padding counted) of the
+/// H x W planes in `x` into `y` on the calling thread; `y` must hold every output plane.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn pool_into(
+    max: bool,
+    kernel: usize,
+    stride: usize,
+    padding: usize,
+    ceil: bool,
+    (h, w): (usize, usize),
+    x: &[f32],
+    y: &mut [f32],
+) -> Result<()> {
+    let kind = if max { Kind::Max } else { Kind::Avg };
+    let planes = x.len() / (h * w).max(1);
+    let p = geometry((planes, 1, h, w), kind, kernel, stride, padding, ceil)?;
+    let plane_out = p.oh * p.ow;
+    if y.len() != planes * plane_out {
+        bail!("pooling: output buffer size");
+    }
+    for (o, plane) in y.chunks_mut(plane_out).zip(x.chunks(h * w)) {
+        p.plane(plane, o);
+    }
+    Ok(())
 }
 
 /// PyTorch's `max_pool2d` (padding never selected; ceil mode supported).

@@ -1,0 +1,382 @@
+//! The eval executor's plan: which nodes run as one fused step, read from the graph alone.
+//!
+//! A conv or linear layer absorbs the chain of nodes after it while each link is the only
+//! reader of the previous one: a batch norm (as a per-channel scale and shift), an
+//! activation, a residual add whose other input is already computed when the conv runs, one
+//! more activation after the add, and dropout (the identity in eval mode). A batch norm,
+//! activation or add that does not follow such a producer starts a chain of its own, run in
+//! place over its input. Flatten and dropout outside a chain are aliases of their input and
+//! cost nothing.
+//!
+//! Values are identified by the id of the node that produces them (the last node of a fused
+//! chain). The steps from the first fully connected layer on (`tail`) run on the whole batch,
+//! the ones before it chunk by chunk.
+
+use crate::graph::{Activation, Dims, Graph, NodeId, Op};
+use crate::weights::Weights;
+use anyhow::{Result, bail};
+use candle_core::{DType, Tensor};
+
+/// Where an epilogue's per-channel vector lives.
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum Src {
+    /// A parameter tensor of the model, borrowed for the call (`Plan::params`).
+    Param(usize),
+    /// A vector computed for the plan (folded batch norm, `Plan::consts`).
+    Const(usize),
+}
+
+/// An epilogue (see `epilogue.rs`) with its vectors and residual still unresolved.
+#[derive(Debug, Clone, Copy, Default)]
+pub(crate) struct EpiSpec {
+    pub scale: Option<Src>,
+    pub shift: Option<Src>,
+    pub act: Option<Activation>,
+    pub residual: Option<NodeId>,
+    pub act_after: Option<Activation>,
+}
+
+#[derive(Debug, Clone)]
+pub(crate) enum StepKind {
+    Conv {
+        weight: usize,
+        kernel: usize,
+        stride: usize,
+        padding: usize,
+        dilation: usize,
+        groups: usize,
+        epi: EpiSpec,
+    },
+    Linear {
+        weight: usize,
+        epi: EpiSpec,
+    },
+    /// The epilogue alone, over the first input (in place when this is its last reader).
+    Pointwise {
+        epi: EpiSpec,
+    },
+    GlobalAvgPool,
+    Pool {
+        max: bool,
+        kernel: usize,
+        stride: usize,
+        padding: usize,
+        ceil: bool,
+    },
+    Concat,
+    Slice {
+        start: usize,
+        end: usize,
+    },
+    Shuffle {
+        groups: usize,
+    },
+    ChannelMul,
+}
+
+#[derive(Debug, Clone)]
+pub(crate) struct Step {
+    /// The first node of the step, for error messages.
+    pub node: NodeId,
+    /// The value this step produces (the last node it covers).
+    pub out: NodeId,
+    /// The values it reads (besides an epilogue's residual).
+    pub inputs: Vec<NodeId>,
+    pub kind: StepKind,
+}
+
+impl Step {
+    /// Every value the step reads, the residual included.
+    pub fn reads(&self) -> impl Iterator<Item = NodeId> + '_ {
+        let residual = match &self.kind {
+            StepKind::Conv { epi, .. } | StepKind::Linear { epi, .. } => epi.residual,
+            StepKind::Pointwise { epi } => epi.residual,
+            _ => None,
+        };
+        self.inputs.iter().copied().chain(residual)
+    }
+}
+
+pub(crate) struct Plan {
+    pub steps: Vec<Step>,
+    /// Per node: the shape of one sample's value.
+    pub dims: Vec<Dims>,
+    /// The first fully connected step: from there on the steps run on the whole batch at
+    /// once (a classifier's weights are read once per batch instead of once per chunk).
+    pub tail: usize,
+    /// The value the network returns.
+    pub output: NodeId,
+    /// Parameter tensors (f32, on the CPU), borrowed at run time.
+    pub params: Vec<Tensor>,
+    pub consts: Vec<Vec<f32>>,
+}
+
+/// Builds the plan; `None` when a parameter is not an f32 CPU tensor (the Candle path runs
+/// those).
+pub(crate) fn build(graph: &Graph, weights: &Weights, dims: Vec<Dims>) -> Result<Option<Plan>> {
+    let mut b = Builder {
+        graph,
+        weights,
+        consumers: graph.consumers(),
+        claimed: vec![false; graph.nodes.len()],
+        params: Vec::new(),
+        consts: Vec::new(),
+    };
+    let mut value_of: Vec<NodeId> = (0..graph.nodes.len()).collect();
+    let mut steps = Vec::new();
+    for (id, node) in graph.nodes.iter().enumerate() {
+        if b.claimed[id] {
+            continue;
+        }
+        let inp: Vec<NodeId> = node.inputs.iter().map(|&i| value_of[i]).collect();
+        let mut epi = EpiSpec::default();
+        let kind = match &node.op {
+            Op::Input { .. } => continue,
+            Op::Flatten | Op::Dropout { .. } => {
+                value_of[id] = inp[0];
+                continue;
+            }
+            Op::Conv2d {
+                kernel,
+                stride,
+                padding,
+                dilation,
+                groups,
+                bias,
+                ..
+            } => {
+                let Some(weight) = b.param(&node.name, "weight")? else {
+                    return Ok(None);
+                };
+                if *bias {
+                    let Some(bias) = b.param(&node.name, "bias")? else {
+                        return Ok(None);
+                    };
+                    epi.shift = Some(Src::Param(bias));
+                }
+                StepKind::Conv {
+                    weight,
+                    kernel: *kernel,
+                    stride: *stride,
+                    padding: *padding,
+                    dilation: *dilation,
+                    groups: *groups,
+                    epi,
+                }
+            }
+            Op::Linear { bias, .. } => {
+                let Some(weight) = b.param(&node.name, "weight")? else {
+                    return Ok(None);
+                };
+                if *bias {
+                    let Some(bias) = b.param(&node.name, "bias")? else {
+                        return Ok(None);
+                    };
+                    epi.shift = Some(Src::Param(bias));
+                }
+                StepKind::Linear { weight, epi }
+            }
+            Op::BatchNorm { eps, .. } => {
+                let (scale, shift) = b.bn_affine(&node.name, *eps)?;
+                epi.scale = Some(b.constant(scale));
+                epi.shift = Some(b.constant(shift));
+                StepKind::Pointwise { epi }
+            }
+            Op::Act { act } => {
+                epi.act = Some(*act);
+                StepKind::Pointwise { epi }
+            }
+            Op::Add => {
+                epi.residual = Some(inp[1]);
+                StepKind::Pointwise { epi }
+            }
+            Op::ChannelMul => StepKind::ChannelMul,
+            Op::Concat => StepKind::Concat,
+            Op::Slice { start, end } => StepKind::Slice {
+                start: *start,
+                end: *end,
+            },
+            Op::ChannelShuffle { groups } => StepKind::Shuffle { groups: *groups },
+            Op::MaxPool {
+                kernel,
+                stride,
+                padding,
+                ceil_mode,
+            } => StepKind::Pool {
+                max: true,
+                kernel: *kernel,
+                stride: *stride,
+                padding: *padding,
+                ceil: *ceil_mode,
+            },
+            Op::AvgPool {
+                kernel,
+                stride,
+                padding,
+            } => StepKind::Pool {
+                max: false,
+                kernel: *kernel,
+                stride: *stride,
+                padding: *padding,
+                ceil: false,
+            },
+            Op::GlobalAvgPool => StepKind::GlobalAvgPool,
+        };
+        let mut kind = kind;
+        let out = match &mut kind {
+            StepKind::Conv { epi, .. }
+            | StepKind::Linear { epi, .. }
+            | StepKind::Pointwise { epi } => b.extend(id, epi, &value_of)?,
+            _ => id,
+        };
+        let inputs = match kind {
+            // An add's second input is its residual.
+            StepKind::Pointwise { .. } if matches!(node.op, Op::Add) => vec![inp[0]],
+            _ => inp,
+        };
+        value_of[id] = out;
+        value_of[out] = out;
+        steps.push(Step {
+            node: id,
+            out,
+            inputs,
+            kind,
+        });
+    }
+    let output = value_of[graph.output];
+    let tail = steps
+        .iter()
+        .position(|s| matches!(s.kind, StepKind::Linear { .. }))
+        .unwrap_or(steps.len());
+    Ok(Some(Plan {
+        steps,
+        dims,
+        tail,
+        output,
+        params: b.params,
+        consts: b.consts,
+    }))
+}
+
+struct Builder<'a> {
+    graph: &'a Graph,
+    weights: &'a Weights,
+    consumers: Vec<Vec<NodeId>>,
+    claimed: Vec<bool>,
+    params: Vec<Tensor>,
+    consts: Vec<Vec<f32>>,
+}
+
+impl Builder<'_> {
+    /// The parameter `{node}.{suffix}`, or `None` if it is not f32 on the CPU.
+    fn param(&mut self, node: &str, suffix: &str) -> Result<Option<usize>> {
+        let t = self.weights.get(&format!("{node}.{suffix}"))?;
+        if !t.device().is_cpu() || t.dtype() != DType::F32 {
+            return Ok(None);
+        }
+        self.params.push(t);
+        Ok(Some(self.params.len() - 1))
+    }
+
+    fn constant(&mut self, v: Vec<f32>) -> Src {
+        self.consts.push(v);
+        Src::Const(self.consts.len() - 1)
+    }
+
+    fn values(&self, name: &str) -> Result<Vec<f32>> {
+        let t = self.weights.get(name)?;
+        Ok(t.flatten_all()?.to_dtype(DType::F32)?.to_vec1()?)
+    }
+
+    fn src_values(&self, src: Src) -> Result<Vec<f32>> {
+        Ok(match src {
+            Src::Param(i) => self.params[i].flatten_all()?.to_vec1()?,
+            Src::Const(i) => self.consts[i].clone(),
+        })
+    }
+
+    /// Eval-mode batch norm as `x * scale + shift` (as `exec` computes it).
+    fn bn_affine(&self, name: &str, eps: f64) -> Result<(Vec<f32>, Vec<f32>)> {
+        let get = |s: &str| self.values(&format!("{name}.{s}"));
+        let (gamma, beta, mean, var) = (
+            get("weight")?,
+            get("bias")?,
+            get("running_mean")?,
+            get("running_var")?,
+        );
+        if [&beta, &mean, &var].iter().any(|v| v.len() != gamma.len()) {
+            bail!("batch norm `{name}`: parameters of different lengths");
+        }
+        let scale: Vec<f32> = gamma
+            .iter()
+            .zip(&var)
+            .map(|(g, v)| g / (v + eps as f32).sqrt())
+            .collect();
+        let shift = beta
+            .iter()
+            .zip(&mean)
+            .zip(&scale)
+            .map(|((b, m), s)| b - m * s)
+            .collect();
+        Ok((scale, shift))
+    }
+
+    /// Fuses the chain after `root` into `epi` and returns the last node fused (the value the
+    /// step produces).
+    fn extend(&mut self, root: NodeId, epi: &mut EpiSpec, value_of: &[NodeId]) -> Result<NodeId> {
+        let graph = self.graph;
+        let mut last = root;
+        loop {
+            if last == graph.output || self.consumers[last].len() != 1 {
+                return Ok(last);
+            }
+            let next = self.consumers[last][0];
+            if self.claimed[next] {
+                return Ok(last);
+            }
+            let node = &graph.nodes[next];
+            match &node.op {
+                Op::Dropout { .. } => {}
+                Op::BatchNorm { eps, .. }
+                    if epi.scale.is_none()
+                        && epi.act.is_none()
+                        && epi.residual.is_none()
+                        && epi.act_after.is_none() =>
+                {
+                    let (scale, mut shift) = self.bn_affine(&node.name, *eps)?;
+                    // (v + bias) * scale + shift
+                    if let Some(bias) = epi.shift {
+                        let bias = self.src_values(bias)?;
+                        for ((t, b), s) in shift.iter_mut().zip(bias).zip(&scale) {
+                            *t += b * s;
+                        }
+                    }
+                    epi.scale = Some(self.constant(scale));
+                    epi.shift = Some(self.constant(shift));
+                }
+                Op::Act { act } if epi.act.is_none() && epi.residual.is_none() => {
+                    epi.act = Some(*act);
+                }
+                Op::Act { act } if epi.residual.is_some() && epi.act_after.is_none() => {
+                    epi.act_after = Some(*act);
+                }
+                Op::Add if epi.residual.is_none() && epi.act_after.is_none() => {
+                    let other = if node.inputs[0] == last {
+                        node.inputs[1]
+                    } else {
+                        node.inputs[0]
+                    };
+                    // The other operand must exist before the root runs (and not be `last`).
+                    let other = value_of[other];
+                    if other >= root {
+                        return Ok(last);
+                    }
+                    epi.residual = Some(other);
+                }
+                _ => return Ok(last),
+            }
+            self.claimed[next] = true;
+            last = next;
+        }
+    }
+}

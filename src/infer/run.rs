@@ -1,0 +1,325 @@
+//! Runs a plan on one chunk of the batch, on plain f32 buffers (NCHW), step by step.
+//!
+//! Buffers come from a pool and go back to it after their value's last reader, so a chunk
+//! touches a small working set and, once warm, allocates nothing. Element-wise steps
+//! overwrite their input when they are its last reader.
+
+use super::epilogue::Epilogue;
+use super::plan::{EpiSpec, Plan, Src, Step, StepKind};
+use crate::graph::NodeId;
+use crate::kernels::conv::ConvGeom;
+use crate::kernels::gemm::{MatMut, MatRef, Parallelism, matmul, parallelism};
+use crate::kernels::{conv_gemm, depthwise, pool};
+use anyhow::{Context, Result};
+
+/// The values of one chunk, indexed by node id; the network input is borrowed.
+struct Values<'a> {
+    x: &'a [f32],
+    vals: Vec<Option<Vec<f32>>>,
+    uses: Vec<usize>,
+    pool: &'a mut Vec<Vec<f32>>,
+}
+
+impl Values<'_> {
+    fn get(&self, v: NodeId) -> &[f32] {
+        if v == 0 {
+            self.x
+        } else {
+            self.vals[v]
+                .as_deref()
+                .expect("values are computed before use")
+        }
+    }
+
+    /// A buffer of `len` values with arbitrary contents (the step overwrites all of them):
+    /// the smallest pooled buffer that is long enough, shortened, so nothing is cleared.
+    fn alloc(&mut self, len: usize) -> Vec<f32> {
+        let best = (0..self.pool.len())
+            .filter(|&i| self.pool[i].len() >= len)
+            .min_by_key(|&i| self.pool[i].len());
+        let mut buf = match best {
+            Some(i) => self.pool.swap_remove(i),
+            // Otherwise the longest one (which will grow), or a new one.
+            None => (0..self.pool.len())
+                .max_by_key(|&i| self.pool[i].len())
+                .map(|i| self.pool.swap_remove(i))
+                .unwrap_or_default(),
+        };
+        if buf.len() >= len {
+            buf.truncate(len);
+        } else {
+            buf.resize(len, 0.0);
+        }
+        buf
+    }
+
+    /// The buffer of `v` to overwrite when this step is its last reader, else a copy.
+    fn take_or_copy(&mut self, v: NodeId) -> Vec<f32> {
+        if v != 0 && self.uses[v] == 1 {
+            return self.vals[v].take().expect("values are computed before use");
+        }
+        let len = self.get(v).len();
+        let mut buf = self.alloc(len);
+        buf.copy_from_slice(self.get(v));
+        buf
+    }
+
+    /// Counts the step's reads and recycles the buffers nobody reads any more.
+    fn release(&mut self, step: &Step) {
+        for v in step.reads() {
+            self.uses[v] -= 1;
+            if self.uses[v] == 0
+                && let Some(buf) = self.vals[v].take()
+            {
+                self.pool.push(buf);
+            }
+        }
+    }
+}
+
+/// Runs `plan.steps[steps]` on `n` samples. `x` is the network input (node 0); `given` are
+/// values computed earlier (by an earlier range of steps). Returns the values in `export`,
+/// in that order. `ws` are the plan's parameters as slices. With `parallel`, the kernels may
+/// use the rayon pool.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn steps(
+    plan: &Plan,
+    ws: &[&[f32]],
+    x: &[f32],
+    given: Vec<(NodeId, Vec<f32>)>,
+    steps: std::ops::Range<usize>,
+    n: usize,
+    parallel: bool,
+    pool: &mut Vec<Vec<f32>>,
+    export: &[NodeId],
+) -> Result<Vec<Vec<f32>>> {
+    let steps = &plan.steps[steps];
+    let mut uses = vec![0; plan.dims.len()];
+    for v in steps
+        .iter()
+        .flat_map(Step::reads)
+        .chain(export.iter().copied())
+    {
+        uses[v] += 1;
+    }
+    let mut values = Values {
+        x,
+        vals: vec![None; plan.dims.len()],
+        uses,
+        pool,
+    };
+    for (v, buf) in given {
+        values.vals[v] = Some(buf);
+    }
+    for step in steps {
+        let y = run_step(plan, ws, step, &mut values, n, parallel)
+            .with_context(|| format!("eval step at node {}", step.node))?;
+        values.release(step);
+        values.vals[step.out] = Some(y);
+    }
+    let out = export
+        .iter()
+        .map(|&v| match values.vals[v].take() {
+            Some(buf) => buf,
+            None => values.get(v).to_vec(),
+        })
+        .collect();
+    let rest: Vec<Vec<f32>> = values.vals.into_iter().flatten().collect();
+    values.pool.extend(rest);
+    Ok(out)
+}
+
+fn epilogue<'a>(plan: &'a Plan, ws: &[&'a [f32]], spec: &EpiSpec) -> Epilogue<'a> {
+    let src = |s: Option<Src>| {
+        s.map(|s| match s {
+            Src::Param(i) => ws[i],
+            Src::Const(i) => plan.consts[i].as_slice(),
+        })
+    };
+    Epilogue {
+        scale: src(spec.scale),
+        shift: src(spec.shift),
+        act: spec.act,
+        residual: spec.residual.is_some(),
+        act_after: spec.act_after,
+    }
+}
+
+fn run_step(
+    plan: &Plan,
+    ws: &[&[f32]],
+    step: &Step,
+    values: &mut Values,
+    n: usize,
+    parallel: bool,
+) -> Result<Vec<f32>> {
+    let din = plan.dims[step.inputs[0]];
+    let dout = plan.dims[step.out];
+    let (p_in, p_out) = (din.h * din.w, dout.h * dout.w);
+    Ok(match &step.kind {
+        StepKind::Conv {
+            weight,
+            kernel,
+            stride,
+            padding,
+            dilation,
+            groups,
+            epi,
+        } => {
+            let mut y = values.alloc(n * dout.elements());
+            let g = ConvGeom::new(
+                &[n, din.c, din.h, din.w],
+                &[dout.c, din.c / groups, *kernel, *kernel],
+                *stride,
+                *padding,
+                *dilation,
+                *groups,
+            )?;
+            let x = values.get(step.inputs[0]);
+            let res = epi.residual.map(|r| values.get(r));
+            let e = epilogue(plan, ws, epi);
+            let (c_out, w) = (dout.c, ws[*weight]);
+            if depthwise::supports(&g) {
+                depthwise::forward_into(&g, x, w, &mut y, parallel, &|i, planes| {
+                    let r = res.map(|r| &r[i * p_out..i * p_out + planes.len()]);
+                    e.apply(planes, i % c_out, p_out, r);
+                });
+            } else {
+                conv_gemm::forward_into(&g, x, w, &mut y, parallel, &|s, c0, block| {
+                    let start = (s * c_out + c0) * p_out;
+                    let r = res.map(|r| &r[start..start + block.len()]);
+                    e.apply(block, c0, p_out, r);
+                });
+            }
+            y
+        }
+        StepKind::Linear { weight, epi } => {
+            let (fin, fout) = (din.elements(), dout.c);
+            let mut y = values.alloc(n * fout);
+            let x = values.get(step.inputs[0]);
+            let par = if parallel {
+                parallelism(false)
+            } else {
+                Parallelism::None
+            };
+            matmul(
+                MatMut::rows(&mut y, n, fout),
+                false,
+                MatRef::rows(x, n, fin),
+                MatRef::rows(ws[*weight], fout, fin).t(),
+                par,
+            );
+            let res = epi.residual.map(|r| values.get(r));
+            let e = epilogue(plan, ws, epi);
+            for (i, row) in y.chunks_mut(fout).enumerate() {
+                e.apply(row, 0, 1, res.map(|r| &r[i * fout..(i + 1) * fout]));
+            }
+            y
+        }
+        StepKind::Pointwise { epi } => {
+            let mut y = values.take_or_copy(step.inputs[0]);
+            let res = epi.residual.map(|r| values.get(r));
+            let e = epilogue(plan, ws, epi);
+            let sample = dout.elements();
+            for (i, block) in y.chunks_mut(sample).enumerate() {
+                let r = res.map(|r| &r[i * sample..(i + 1) * sample]);
+                e.apply(block, 0, p_out, r);
+            }
+            y
+        }
+        StepKind::GlobalAvgPool => {
+            let mut y = values.alloc(n * din.c);
+            let x = values.get(step.inputs[0]);
+            let inv = 1.0 / p_in as f32;
+            for (v, plane) in y.iter_mut().zip(x.chunks_exact(p_in)) {
+                *v = sum(plane) * inv;
+            }
+            y
+        }
+        StepKind::Pool {
+            max,
+            kernel,
+            stride,
+            padding,
+            ceil,
+        } => {
+            let mut y = values.alloc(n * dout.elements());
+            let x = values.get(step.inputs[0]);
+            pool::pool_into(
+                *max,
+                *kernel,
+                *stride,
+                *padding,
+                *ceil,
+                (din.h, din.w),
+                x,
+                &mut y,
+            )?;
+            y
+        }
+        StepKind::Concat => {
+            let total = dout.elements();
+            let mut y = values.alloc(n * total);
+            let mut offset = 0;
+            for &v in &step.inputs {
+                let len = plan.dims[v].elements();
+                let x = values.get(v);
+                for s in 0..n {
+                    y[s * total + offset..s * total + offset + len]
+                        .copy_from_slice(&x[s * len..(s + 1) * len]);
+                }
+                offset += len;
+            }
+            y
+        }
+        StepKind::Slice { start, end } => {
+            let mut y = values.alloc(n * dout.elements());
+            let x = values.get(step.inputs[0]);
+            let (sample_in, sample_out) = (din.elements(), dout.elements());
+            for (s, dst) in y.chunks_mut(sample_out).enumerate() {
+                let from = s * sample_in + start * p_in;
+                dst.copy_from_slice(&x[from..from + (end - start) * p_in]);
+            }
+            y
+        }
+        StepKind::Shuffle { groups } => {
+            let mut y = values.alloc(n * dout.elements());
+            let x = values.get(step.inputs[0]);
+            let (c, per_group) = (din.c, din.c / groups);
+            if p_in > 0 {
+                for (j, dst) in y.chunks_mut(p_in).enumerate() {
+                    // Output plane (s, o) with o = i * g + gi is input plane (s, gi * C/g + i).
+                    let (s, o) = (j / c, j % c);
+                    let src = s * c + (o % groups) * per_group + o / groups;
+                    dst.copy_from_slice(&x[src * p_in..(src + 1) * p_in]);
+                }
+            }
+            y
+        }
+        StepKind::ChannelMul => {
+            let mut y = values.take_or_copy(step.inputs[0]);
+            let scale = values.get(step.inputs[1]);
+            if p_in > 0 {
+                for (plane, &s) in y.chunks_mut(p_in).zip(scale) {
+                    for v in plane {
+                        *v *= s;
+                    }
+                }
+            }
+            y
+        }
+    })
+}
+
+/// The sum of `v` in eight lanes (so that it vectorises).
+fn sum(v: &[f32]) -> f32 {
+    let mut lanes = [0f32; 8];
+    let chunks = v.chunks_exact(8);
+    let rest: f32 = chunks.remainder().iter().sum();
+    for c in chunks {
+        for i in 0..8 {
+            lanes[i] += c[i];
+        }
+    }
+    lanes.iter().sum::<f32>() + rest
+}

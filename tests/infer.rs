@@ -1,0 +1,227 @@
+//! The fused eval executor (`slimcandle::infer`) against the Candle eval path, for every
+//! family, with random weights and batch norm statistics, odd input sizes, batch 1 (one
+//! chunk, multi-threaded kernels) and batch 3 (chunks across threads).
+
+use candle_core::{Device, Tensor};
+use slimcandle::exec::{self, Mode};
+use slimcandle::graph::Op;
+use slimcandle::model::Model;
+use slimcandle::models::{ArchOptions, ArchSpec, Stem};
+use slimcandle::passes::fold_batch_norm;
+use slimcandle::rng::Rng;
+
+/// Random affine parameters and running statistics, so that batch norm has work to do.
+fn randomise_bn(model: &mut Model, seed: u64) {
+    let mut rng = Rng::new(seed);
+    let names: Vec<String> = model
+        .weights
+        .names()
+        .filter(|n| n.contains("running") || n.ends_with(".bias") || n.ends_with(".weight"))
+        .map(String::from)
+        .collect();
+    for name in names {
+        let t = model.weights.get(&name).unwrap();
+        if t.rank() != 1 {
+            continue;
+        }
+        let v: Vec<f32> = (0..t.elem_count())
+            .map(|_| {
+                if name.ends_with("running_var") {
+                    0.5 + rng.uniform() as f32
+                } else {
+                    (rng.normal() * 0.3) as f32 + if name.ends_with(".weight") { 1.0 } else { 0.0 }
+                }
+            })
+            .collect();
+        let t = Tensor::from_vec(v, t.dims(), &Device::Cpu).unwrap();
+        model.weights.insert(&name, &t).unwrap();
+    }
+}
+
+fn input(n: usize, h: usize, w: usize, seed: u64) -> Tensor {
+    let mut rng = Rng::new(seed);
+    let v: Vec<f32> = (0..n * 3 * h * w).map(|_| rng.normal() as f32).collect();
+    Tensor::from_vec(v, (n, 3, h, w), &Device::Cpu).unwrap()
+}
+
+/// Largest absolute difference over the largest absolute reference value.
+fn relative_error(got: &Tensor, want: &Tensor) -> f32 {
+    assert_eq!(got.dims(), want.dims());
+    let a: Vec<f32> = got.flatten_all().unwrap().to_vec1().unwrap();
+    let b: Vec<f32> = want.flatten_all().unwrap().to_vec1().unwrap();
+    let scale = b.iter().fold(1e-6f32, |m, v| m.max(v.abs()));
+    let diff = a
+        .iter()
+        .zip(&b)
+        .map(|(p, q)| (p - q).abs())
+        .fold(
+            0f32,
+            |m, d| if d.is_nan() { f32::INFINITY } else { m.max(d) },
+        );
+    diff / scale
+}
+
+fn check(model: &Model, x: &Tensor, what: &str) {
+    let want = exec::forward_candle(&model.graph, &model.weights, x, Mode::Eval).unwrap();
+    let got = slimcandle::infer::forward(&model.graph, &model.weights, x)
+        .unwrap()
+        .expect("f32 CPU tensors run the fused executor");
+    let err = relative_error(&got, &want);
+    assert!(err < 1e-4, "{what}: fused eval differs by {err} (relative)");
+    // The public entry point takes the same route.
+    let routed = model.forward(x, Mode::Eval).unwrap();
+    assert_eq!(relative_error(&routed, &got), 0.0, "{what}: routing");
+}
+
+/// Architectures and widths (narrow, to keep the test quick).
+const FAMILIES: [(&str, Option<f64>); 8] = [
+    ("squeezenet1_0", None),
+    ("squeezenet1_1", None),
+    ("mobilenet_v1", Some(0.5)),
+    ("mobilenet_v2", Some(0.5)),
+    ("mobilenet_v3_small", Some(0.5)),
+    ("mobilenet_v3_large", Some(0.5)),
+    ("shufflenet_v1_g3", Some(0.5)),
+    ("shufflenet_v2_x0_5", None),
+];
+
+fn run_family(arch: &str, width: Option<f64>) {
+    for (stem, (h, w)) in [(Stem::Cifar, (33, 35)), (Stem::Imagenet, (71, 65))] {
+        let spec = ArchSpec::parse(
+            arch,
+            &ArchOptions {
+                width,
+                num_classes: Some(7),
+                stem: Some(stem),
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        let mut model = Model::init(&spec, 11).unwrap();
+        randomise_bn(&mut model, 12);
+        let folded = fold_batch_norm(&model).unwrap();
+        for n in [1, 3] {
+            let x = input(n, h, w, 13 + n as u64);
+            let what = format!("{} {stem:?} batch {n} {h}x{w}", spec.variant_name());
+            check(&model, &x, &what);
+            check(&folded, &x, &format!("{what} (batch norm folded)"));
+        }
+    }
+}
+
+#[test]
+fn fused_eval_matches_candle_for_every_family() {
+    for (arch, width) in FAMILIES {
+        run_family(arch, width);
+    }
+}
+
+/// Batch norms and activations that follow no conv, an add whose operands both come before,
+/// a conv read twice (no fusion) and a graph whose output is an activation.
+#[test]
+fn standalone_nodes_run_in_place_or_copied() {
+    use slimcandle::graph::{Activation, Graph, Node};
+    let node = |name: &str, op: Op, inputs: Vec<usize>| Node {
+        name: name.into(),
+        op,
+        inputs,
+    };
+    let conv = |i, o, k, p, groups| Op::Conv2d {
+        in_channels: i,
+        out_channels: o,
+        kernel: k,
+        stride: 1,
+        padding: p,
+        dilation: 1,
+        groups,
+        bias: true,
+    };
+    let bn = Op::BatchNorm {
+        channels: 4,
+        eps: 1e-5,
+        momentum: 0.1,
+    };
+    let graph = Graph {
+        nodes: vec![
+            node("input", Op::Input { channels: 3 }, vec![]),
+            node(
+                "bn0",
+                Op::BatchNorm {
+                    channels: 3,
+                    eps: 1e-3,
+                    momentum: 0.1,
+                },
+                vec![0],
+            ),
+            node("c1", conv(3, 4, 3, 1, 1), vec![1]),
+            node(
+                "a1",
+                Op::Act {
+                    act: Activation::Hardswish,
+                },
+                vec![2],
+            ),
+            node("c2", conv(4, 4, 3, 1, 4), vec![3]),
+            node("bn2", bn.clone(), vec![4]),
+            node(
+                "a2",
+                Op::Act {
+                    act: Activation::Relu6,
+                },
+                vec![4],
+            ),
+            node("add", Op::Add, vec![5, 6]),
+            node(
+                "a3",
+                Op::Act {
+                    act: Activation::Sigmoid,
+                },
+                vec![7],
+            ),
+            node("add2", Op::Add, vec![8, 3]),
+            node(
+                "a4",
+                Op::Act {
+                    act: Activation::Relu,
+                },
+                vec![9],
+            ),
+        ],
+        output: 10,
+    };
+    graph.validate().unwrap();
+    let weights = slimcandle::weights::Weights::init(&graph, 3).unwrap();
+    let mut model = Model {
+        graph,
+        weights,
+        meta: Model::init(
+            &ArchSpec::parse("mobilenet_v2", &Default::default()).unwrap(),
+            1,
+        )
+        .unwrap()
+        .meta,
+    };
+    randomise_bn(&mut model, 4);
+    for n in [1, 2, 5] {
+        check(&model, &input(n, 9, 7, n as u64), &format!("batch {n}"));
+    }
+}
+
+/// Train mode still runs on Candle (with autograd).
+#[test]
+fn train_mode_keeps_the_candle_path() {
+    let spec = ArchSpec::parse(
+        "mobilenet_v3_small",
+        &ArchOptions {
+            width: Some(0.5),
+            num_classes: Some(5),
+            stem: Some(Stem::Cifar),
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    let model = Model::init(&spec, 1).unwrap();
+    let x = input(2, 16, 16, 1);
+    let y = model.forward(&x, Mode::Train).unwrap();
+    assert!(y.backward().is_ok());
+}
