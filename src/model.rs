@@ -123,7 +123,7 @@ impl Model {
     /// A freshly initialised model of `spec`.
     pub fn init(spec: &ArchSpec, seed: u64) -> Result<Model> {
         let graph = spec.build()?;
-        let weights = Weights::init(&graph, seed)?;
+        let weights = Weights::init_with(&graph, seed, spec.family.init_scheme())?;
         Ok(Model {
             graph,
             weights,
@@ -161,7 +161,13 @@ impl Model {
         if counts[self.graph.output] != classes {
             bail!("the last weight layer does not determine the number of outputs");
         }
-        self.weights.init_node(&self.graph, node, seed)?;
+        let scheme = self
+            .meta
+            .arch
+            .as_ref()
+            .map(|a| a.family.init_scheme())
+            .unwrap_or_default();
+        self.weights.init_node(&self.graph, node, seed, scheme)?;
         self.meta.class_names = default_class_names(classes);
         if let Some(arch) = &mut self.meta.arch {
             arch.num_classes = classes;

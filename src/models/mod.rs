@@ -55,6 +55,16 @@ impl Family {
         }
     }
 
+    /// The initialisation torchvision's constructor for this family uses.
+    pub fn init_scheme(self) -> crate::weights::InitScheme {
+        match self {
+            Family::Squeezenet1_0 | Family::Squeezenet1_1 => {
+                crate::weights::InitScheme::KaimingUniformFanIn
+            }
+            _ => crate::weights::InitScheme::KaimingNormalFanOut,
+        }
+    }
+
     fn has_width(self) -> bool {
         !matches!(self, Family::Squeezenet1_0 | Family::Squeezenet1_1)
     }
