@@ -14,6 +14,7 @@
 //! with each plane's sums taken in f32 lanes and combined across planes in f64.
 
 use super::{
+    activation::Kind,
     cpu::{SharedMut, all_cpu_f32, f32_slice, unpack},
     reference,
 };
@@ -146,7 +147,7 @@ impl CustomOp3 for BatchNormTrain {
         let beta = f32_slice(s3, l3, self.name())?;
         let (n, c, plane) = nc_plane(l1.dims())?;
         let mut y = vec![0f32; x.len()];
-        let stats = train_forward_into(x, gamma, beta, self.eps, (n, c, plane), &mut y);
+        let stats = train_forward_into(x, gamma, beta, self.eps, (n, c, plane), None, &mut y);
         // A second evaluation of the same op (not done by Candle) would keep the first stats.
         let _ = self.stats.set(stats);
         Ok((CpuStorage::F32(y), l1.shape().clone()))
@@ -214,13 +215,15 @@ impl CustomOp3 for BatchNormBackward {
 }
 
 /// Train-mode batch norm on slices: writes `y` (same layout as `x`, NCHW with `dims` =
-/// (N, C, H * W)) and returns the batch statistics.
+/// (N, C, H * W)), followed by the activation `act` if given, and returns the batch
+/// statistics.
 pub(crate) fn train_forward_into(
     x: &[f32],
     gamma: &[f32],
     beta: &[f32],
     eps: f64,
     (n, c, plane): (usize, usize, usize),
+    act: Option<Kind>,
     y: &mut [f32],
 ) -> Stats {
     let count = (n * plane) as f64;
@@ -243,6 +246,12 @@ pub(crate) fn train_forward_into(
                 let dst = unsafe { out.part(o, plane) };
                 for (d, v) in dst.iter_mut().zip(&x[o..o + plane]) {
                     *d = v * scale + shift;
+                }
+                match act {
+                    Some(Kind::Relu) => dst.iter_mut().for_each(|v| *v = Kind::Relu.forward(*v)),
+                    Some(Kind::Relu6) => dst.iter_mut().for_each(|v| *v = Kind::Relu6.forward(*v)),
+                    Some(k) => dst.iter_mut().for_each(|v| *v = k.forward(*v)),
+                    None => {}
                 }
             }
             (m, var as f32, invstd as f32)

@@ -11,6 +11,10 @@
 //!   linear layer, activation, channel multiply or pooling), plus what a backward needs
 //!   beyond the inputs (batch norm's batch statistics, dropout's mask, drawn from the same
 //!   seeded source as [`crate::exec::forward_train`]);
+//! - a conv or batch norm whose only reader is a ReLU or ReLU6 applies it to its output as
+//!   it writes it (the conv in its kernel's epilogue, with the bias), and that activation's
+//!   backward reads the output (which tells the same as the input for these two), so the
+//!   pre-activation value is never stored;
 //! - the loss (mean softmax cross-entropy with label smoothing, as `loss::cross_entropy`) and
 //!   its gradient are one pass over the logits;
 //! - the backward pass runs in reverse graph order, calling the kernels' slice-level backward
@@ -23,14 +27,14 @@
 //! [`super::optimizer::Optimizer::step`] takes as it takes Candle's `GradStore`.
 //!
 //! Only f32 CPU tensors run here ([`train_step`] returns `None` otherwise). The executor is
-//! used by `Run::train` and `bench --mode train` with `SLIMCANDLE_TRAIN_EXEC=1`.
+//! used by `Run::train` and `bench --mode train` unless `SLIMCANDLE_TRAIN_EXEC=0`.
 
 use crate::exec::check_input;
 use crate::graph::{Activation, Graph, Op};
 use crate::kernels::activation::Kind;
 use crate::kernels::batch_norm::{Stats, train_backward, train_forward_into};
 use crate::kernels::conv::ConvGeom;
-use crate::kernels::gemm::{MatMut, MatRef, Parallelism, matmul, parallelism};
+use crate::kernels::gemm::{MatMut, MatRef, matmul, parallelism};
 use crate::kernels::{conv_gemm, depthwise, pool};
 use crate::rng::Rng;
 use crate::weights::Weights;
@@ -38,10 +42,10 @@ use anyhow::{Context, Result, bail};
 use candle_core::{DType, Device, Tensor};
 use std::collections::HashMap;
 
-/// Whether training steps use this executor: only with `SLIMCANDLE_TRAIN_EXEC=1` (off by
-/// default until it is measured faster than the autograd path).
+/// Whether training steps use this executor: yes unless `SLIMCANDLE_TRAIN_EXEC=0` (which
+/// runs the Candle autograd path instead).
 pub fn enabled() -> bool {
-    std::env::var("SLIMCANDLE_TRAIN_EXEC").is_ok_and(|v| v == "1")
+    std::env::var("SLIMCANDLE_TRAIN_EXEC").map_or(true, |v| v != "0")
 }
 
 /// What one step produced.
@@ -167,21 +171,39 @@ pub fn train_step(
         bail!("{} labels for a batch of {n}", labels.len());
     }
     let dims = graph.infer_shapes(h, w)?;
-    let parallel = rayon::current_num_threads() > 1;
-    let par = if parallel {
-        parallelism(false)
-    } else {
-        Parallelism::None
-    };
+    // As the Candle path runs the kernels (on one thread, rayon runs the work inline).
+    let parallel = true;
+    let par = parallelism(false);
     let consumers = graph.consumers();
     let count = graph.nodes.len();
-    // Values a backward reads stay until that backward ran.
+    // Values a backward reads stay until that backward ran (see `fused` below).
+    // A conv or batch norm whose only reader is a ReLU or ReLU6 applies it to its output
+    // (one pass and one buffer less); the activation's backward reads its own output, which
+    // tells the same as its input for these two (y > 0 iff x > 0; 0 < y < 6 iff 0 < x < 6).
+    let mut fused_act: Vec<Option<Kind>> = vec![None; count];
+    let mut fused: Vec<bool> = vec![false; count];
+    for (id, node) in graph.nodes.iter().enumerate() {
+        if matches!(node.op, Op::Conv2d { .. } | Op::BatchNorm { .. })
+            && id != graph.output
+            && consumers[id].len() == 1
+        {
+            let c = consumers[id][0];
+            if let Op::Act {
+                act: act @ (Activation::Relu | Activation::Relu6),
+            } = graph.nodes[c].op
+            {
+                fused_act[id] = kind_of(act);
+                fused[c] = true;
+            }
+        }
+    }
     let kept: Vec<bool> = (0..count)
         .map(|v| {
-            v == graph.output
+            fused[v]
+                || v == graph.output
                 || consumers[v]
                     .iter()
-                    .any(|&c| keeps_inputs(&graph.nodes[c].op))
+                    .any(|&c| !fused[c] && keeps_inputs(&graph.nodes[c].op))
         })
         .collect();
     let mut uses: Vec<usize> = consumers.iter().map(Vec::len).collect();
@@ -200,6 +222,14 @@ pub fn train_step(
 
     // Forward.
     for (id, node) in graph.nodes.iter().enumerate() {
+        if fused[id] {
+            // Applied by its producer, whose only reader it is.
+            let i = node.inputs[0];
+            uses[i] -= 1;
+            vals[id] = vals[i].take();
+            continue;
+        }
+        let act = fused_act[id];
         let dout = dims[id];
         let input = |k: usize| -> &[f32] {
             vals[node.inputs[k]]
@@ -217,24 +247,33 @@ pub fn train_step(
                 let mut y = vec![0f32; n * dout.elements()];
                 let plane = dout.h * dout.w;
                 let xs = input(0);
-                if depthwise::supports(&g) {
-                    let c_out = dout.c;
-                    depthwise::forward_into(&g, xs, &wt, &mut y, parallel, &|i, vs| {
-                        if let Some(b) = &b {
-                            for (j, pl) in vs.chunks_mut(plane).enumerate() {
-                                let bv = b[(i + j) % c_out];
-                                pl.iter_mut().for_each(|v| *v += bv);
-                            }
+                // Bias, then the fused activation, on each block right after it is computed.
+                let epilogue = |c0: usize, c_out: usize, block: &mut [f32]| {
+                    if let Some(b) = &b {
+                        for (j, pl) in block.chunks_mut(plane).enumerate() {
+                            let bv = b[(c0 + j) % c_out];
+                            pl.iter_mut().for_each(|v| *v += bv);
                         }
+                    }
+                    match act {
+                        Some(Kind::Relu) => {
+                            block.iter_mut().for_each(|v| *v = Kind::Relu.forward(*v))
+                        }
+                        Some(Kind::Relu6) => {
+                            block.iter_mut().for_each(|v| *v = Kind::Relu6.forward(*v))
+                        }
+                        Some(k) => block.iter_mut().for_each(|v| *v = k.forward(*v)),
+                        None => {}
+                    }
+                };
+                let c_out = dout.c;
+                if depthwise::supports(&g) {
+                    depthwise::forward_into(&g, xs, &wt, &mut y, parallel, &|i, vs| {
+                        epilogue(i % c_out, c_out, vs)
                     });
                 } else {
                     conv_gemm::forward_into(&g, xs, &wt, &mut y, parallel, &|_, c0, block| {
-                        if let Some(b) = &b {
-                            for (j, pl) in block.chunks_mut(plane).enumerate() {
-                                let bv = b[c0 + j];
-                                pl.iter_mut().for_each(|v| *v += bv);
-                            }
-                        }
+                        epilogue(c0, c_out, block)
                     });
                 }
                 y
@@ -250,8 +289,15 @@ pub fn train_step(
                 }
                 let (gamma, beta) = (get(p("weight"))?, get(p("bias"))?);
                 let mut y = vec![0f32; n * dout.elements()];
-                let stats =
-                    train_forward_into(input(0), &gamma, &beta, *eps, (n, dout.c, plane), &mut y);
+                let stats = train_forward_into(
+                    input(0),
+                    &gamma,
+                    &beta,
+                    *eps,
+                    (n, dout.c, plane),
+                    act,
+                    &mut y,
+                );
                 update_running(weights, &node.name, &stats, n * plane, *momentum)?;
                 saved[id] = Saved::Bn(stats);
                 y
@@ -430,7 +476,9 @@ pub fn train_step(
     grads[graph.output] = Some(dlogits);
     for id in (0..count).rev() {
         let node = &graph.nodes[id];
-        vals[id] = None;
+        // A fused activation's backward reads its own output; nothing else reads a value
+        // once its readers' backward ran.
+        let own = vals[id].take();
         let Some(mut g) = grads[id].take() else {
             continue;
         };
@@ -517,6 +565,16 @@ pub fn train_step(
                         par,
                     );
                     acc_owned(&mut grads[inp0], dx);
+                }
+            }
+            Op::Act { act } if fused[id] => {
+                let k = kind_of(*act).expect("only ReLU and ReLU6 are fused");
+                let ys = own.as_deref().expect("kept for the backward pass");
+                g.iter_mut()
+                    .zip(ys)
+                    .for_each(|(d, &v)| *d = k.backward(v, *d));
+                if need_grad[inp0] {
+                    acc_owned(&mut grads[inp0], g);
                 }
             }
             Op::Act { act } => {
@@ -702,7 +760,8 @@ pub fn train_step(
         saved[id] = Saved::None;
         for &i in &node.inputs {
             left[i] -= 1;
-            if left[i] == 0 {
+            // (A fused activation's output is dropped by its own backward.)
+            if left[i] == 0 && !fused[i] {
                 vals[i] = None;
             }
         }
