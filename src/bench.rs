@@ -59,6 +59,7 @@ pub fn run(
         .map(|i| (i % model.num_classes()) as u32)
         .collect();
     let labels = Tensor::new(labels.as_slice(), &Device::Cpu)?;
+    let label_values: Vec<u32> = labels.to_vec1()?;
     let folded;
     let model = if mode == BenchMode::Infer {
         folded = crate::passes::fold_batch_norm(model)?;
@@ -81,9 +82,26 @@ pub fn run(
                 model.forward(&x, Mode::Eval)?;
             }
             BenchMode::Train => {
-                let logits = forward_train(&model.graph, &model.weights, &x, i as u64)?;
-                let grads = cross_entropy(&logits, &labels, 0.0)?.backward()?;
-                optimizer.step(&grads, 1e-3, None)?;
+                let fast = if crate::train::step::enabled() {
+                    crate::train::step::train_step(
+                        &model.graph,
+                        &model.weights,
+                        &x,
+                        &label_values,
+                        0.0,
+                        i as u64,
+                    )?
+                } else {
+                    None
+                };
+                match fast {
+                    Some(out) => optimizer.step(&out.grads, 1e-3, None)?,
+                    None => {
+                        let logits = forward_train(&model.graph, &model.weights, &x, i as u64)?;
+                        let grads = cross_entropy(&logits, &labels, 0.0)?.backward()?;
+                        optimizer.step(&grads, 1e-3, None)?;
+                    }
+                }
             }
         }
         Ok(())

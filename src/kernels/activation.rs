@@ -87,7 +87,7 @@ impl Kind {
 
     /// `dy * f'(x)`.
     #[inline(always)]
-    fn backward(self, x: f32, dy: f32) -> f32 {
+    pub(crate) fn backward(self, x: f32, dy: f32) -> f32 {
         match self {
             Kind::Relu => {
                 if x > 0.0 {

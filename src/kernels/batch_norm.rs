@@ -14,6 +14,7 @@
 //! with each plane's sums taken in f32 lanes and combined across planes in f64.
 
 use super::{
+    activation::Kind,
     cpu::{SharedMut, all_cpu_f32, f32_slice, unpack},
     reference,
 };
@@ -57,11 +58,11 @@ fn dot_centered(a: &[f32], ca: f32, b: &[f32], cb: f32) -> f64 {
 
 /// Per-channel batch statistics of one forward pass.
 #[derive(Debug)]
-struct Stats {
-    mean: Vec<f32>,
+pub(crate) struct Stats {
+    pub mean: Vec<f32>,
     /// Biased (divided by N H W).
-    var: Vec<f32>,
-    invstd: Vec<f32>,
+    pub var: Vec<f32>,
+    pub invstd: Vec<f32>,
 }
 
 /// `(n, c, h * w)` of an NCHW tensor.
@@ -145,37 +146,8 @@ impl CustomOp3 for BatchNormTrain {
         let gamma = f32_slice(s2, l2, self.name())?;
         let beta = f32_slice(s3, l3, self.name())?;
         let (n, c, plane) = nc_plane(l1.dims())?;
-        let count = (n * plane) as f64;
         let mut y = vec![0f32; x.len()];
-        let out = SharedMut::new(&mut y);
-        let per_channel: Vec<(f32, f32, f32)> = (0..c)
-            .into_par_iter()
-            .map(|ch| {
-                let planes = || (0..n).map(move |i| (i * c + ch) * plane);
-                let mean = planes().map(|o| sum(&x[o..o + plane])).sum::<f64>() / count;
-                let m = mean as f32;
-                let var = planes()
-                    .map(|o| dot_centered(&x[o..o + plane], m, &x[o..o + plane], m))
-                    .sum::<f64>()
-                    / count;
-                let invstd = 1.0 / (var + self.eps).sqrt();
-                let scale = (gamma[ch] as f64 * invstd) as f32;
-                let shift = (beta[ch] as f64 - mean * gamma[ch] as f64 * invstd) as f32;
-                for o in planes() {
-                    // SAFETY: plane (n, ch) is written by this task only; `y` outlives it.
-                    let dst = unsafe { out.part(o, plane) };
-                    for (d, v) in dst.iter_mut().zip(&x[o..o + plane]) {
-                        *d = v * scale + shift;
-                    }
-                }
-                (m, var as f32, invstd as f32)
-            })
-            .collect();
-        let stats = Stats {
-            mean: per_channel.iter().map(|s| s.0).collect(),
-            var: per_channel.iter().map(|s| s.1).collect(),
-            invstd: per_channel.iter().map(|s| s.2).collect(),
-        };
+        let stats = train_forward_into(x, gamma, beta, self.eps, (n, c, plane), None, &mut y);
         // A second evaluation of the same op (not done by Candle) would keep the first stats.
         let _ = self.stats.set(stats);
         Ok((CpuStorage::F32(y), l1.shape().clone()))
@@ -233,46 +205,110 @@ impl CustomOp3 for BatchNormBackward {
         if dy.len() != x.len() {
             bail!("{}: gradient and input sizes differ", self.name())
         }
-        let Some(Stats { mean, invstd, .. }) = self.stats.get() else {
+        let Some(stats) = self.stats.get() else {
             bail!("{}: backward before the forward pass", self.name())
         };
-        let count = (n * plane) as f64;
-        let dx_len = if self.need_x { x.len() } else { 0 };
-        let mut out = vec![0f32; dx_len + 2 * c];
-        let shared = SharedMut::new(&mut out);
-        (0..c).into_par_iter().for_each(|ch| {
-            let planes = || (0..n).map(move |i| (i * c + ch) * plane);
-            let m = mean[ch];
-            let sum_dy: f64 = planes().map(|o| sum(&dy[o..o + plane])).sum();
-            let sum_dy_xc: f64 = planes()
-                .map(|o| dot_centered(&dy[o..o + plane], 0.0, &x[o..o + plane], m))
-                .sum();
-            let is = invstd[ch] as f64;
-            let g = gamma[ch] as f64;
-            if self.need_x {
-                // dx = k1 dy + k2 (x - mean) + k3
-                let k1 = (g * is) as f32;
-                let k2 = (-g * is * is * is * sum_dy_xc / count) as f32;
-                let k3 = (-g * is * sum_dy / count) as f32;
-                let bias = k3 - k2 * m;
-                for o in planes() {
-                    // SAFETY: plane (n, ch) is written by this task only.
-                    let dst = unsafe { shared.part(o, plane) };
-                    for ((d, gy), v) in dst.iter_mut().zip(&dy[o..o + plane]).zip(&x[o..o + plane])
-                    {
-                        *d = k1 * gy + k2 * v + bias;
-                    }
-                }
-            }
-            // SAFETY: entries ch of dgamma and dbeta are written by this task only.
-            unsafe {
-                shared.part(dx_len + ch, 1)[0] = (sum_dy_xc * is) as f32;
-                shared.part(dx_len + c + ch, 1)[0] = sum_dy as f32;
-            }
-        });
+        let out = train_backward(x, gamma, dy, stats, (n, c, plane), self.need_x);
         let len = out.len();
         Ok((CpuStorage::F32(out), Shape::from_dims(&[len])))
     }
+}
+
+/// Train-mode batch norm on slices: writes `y` (same layout as `x`, NCHW with `dims` =
+/// (N, C, H * W)), followed by the activation `act` if given, and returns the batch
+/// statistics.
+pub(crate) fn train_forward_into(
+    x: &[f32],
+    gamma: &[f32],
+    beta: &[f32],
+    eps: f64,
+    (n, c, plane): (usize, usize, usize),
+    act: Option<Kind>,
+    y: &mut [f32],
+) -> Stats {
+    let count = (n * plane) as f64;
+    let out = SharedMut::new(y);
+    let per_channel: Vec<(f32, f32, f32)> = (0..c)
+        .into_par_iter()
+        .map(|ch| {
+            let planes = || (0..n).map(move |i| (i * c + ch) * plane);
+            let mean = planes().map(|o| sum(&x[o..o + plane])).sum::<f64>() / count;
+            let m = mean as f32;
+            let var = planes()
+                .map(|o| dot_centered(&x[o..o + plane], m, &x[o..o + plane], m))
+                .sum::<f64>()
+                / count;
+            let invstd = 1.0 / (var + eps).sqrt();
+            let scale = (gamma[ch] as f64 * invstd) as f32;
+            let shift = (beta[ch] as f64 - mean * gamma[ch] as f64 * invstd) as f32;
+            for o in planes() {
+                // SAFETY: plane (n, ch) is written by this task only; `y` outlives it.
+                let dst = unsafe { out.part(o, plane) };
+                for (d, v) in dst.iter_mut().zip(&x[o..o + plane]) {
+                    *d = v * scale + shift;
+                }
+                match act {
+                    Some(Kind::Relu) => dst.iter_mut().for_each(|v| *v = Kind::Relu.forward(*v)),
+                    Some(Kind::Relu6) => dst.iter_mut().for_each(|v| *v = Kind::Relu6.forward(*v)),
+                    Some(k) => dst.iter_mut().for_each(|v| *v = k.forward(*v)),
+                    None => {}
+                }
+            }
+            (m, var as f32, invstd as f32)
+        })
+        .collect();
+    Stats {
+        mean: per_channel.iter().map(|s| s.0).collect(),
+        var: per_channel.iter().map(|s| s.1).collect(),
+        invstd: per_channel.iter().map(|s| s.2).collect(),
+    }
+}
+
+/// The closed-form backward on slices: `[dx | dgamma | dbeta]` (dx only with `need_x`), from
+/// the forward's input, `gamma`, the output gradient and the forward's statistics.
+pub(crate) fn train_backward(
+    x: &[f32],
+    gamma: &[f32],
+    dy: &[f32],
+    stats: &Stats,
+    (n, c, plane): (usize, usize, usize),
+    need_x: bool,
+) -> Vec<f32> {
+    let Stats { mean, invstd, .. } = stats;
+    let count = (n * plane) as f64;
+    let dx_len = if need_x { x.len() } else { 0 };
+    let mut out = vec![0f32; dx_len + 2 * c];
+    let shared = SharedMut::new(&mut out);
+    (0..c).into_par_iter().for_each(|ch| {
+        let planes = || (0..n).map(move |i| (i * c + ch) * plane);
+        let m = mean[ch];
+        let sum_dy: f64 = planes().map(|o| sum(&dy[o..o + plane])).sum();
+        let sum_dy_xc: f64 = planes()
+            .map(|o| dot_centered(&dy[o..o + plane], 0.0, &x[o..o + plane], m))
+            .sum();
+        let is = invstd[ch] as f64;
+        let g = gamma[ch] as f64;
+        if need_x {
+            // dx = k1 dy + k2 (x - mean) + k3
+            let k1 = (g * is) as f32;
+            let k2 = (-g * is * is * is * sum_dy_xc / count) as f32;
+            let k3 = (-g * is * sum_dy / count) as f32;
+            let bias = k3 - k2 * m;
+            for o in planes() {
+                // SAFETY: plane (n, ch) is written by this task only.
+                let dst = unsafe { shared.part(o, plane) };
+                for ((d, gy), v) in dst.iter_mut().zip(&dy[o..o + plane]).zip(&x[o..o + plane]) {
+                    *d = k1 * gy + k2 * v + bias;
+                }
+            }
+        }
+        // SAFETY: entries ch of dgamma and dbeta are written by this task only.
+        unsafe {
+            shared.part(dx_len + ch, 1)[0] = (sum_dy_xc * is) as f32;
+            shared.part(dx_len + c + ch, 1)[0] = sum_dy as f32;
+        }
+    });
+    out
 }
 
 /// Eval-mode batch norm folded into `y = x * scale[c] + shift[c]` (`scale = gamma / sqrt(var +

@@ -185,7 +185,7 @@ fn pointwise_batched(
 }
 
 /// Returns `[dX | dW]` (each part only when requested).
-fn backward(
+pub(crate) fn backward(
     g: &ConvGeom,
     x: &[f32],
     w: &[f32],

@@ -562,7 +562,7 @@ fn narrow_body<M: Madd>(
 simd_dispatch!(fn narrow(g: &ConvGeom, taps: (&Taps, &Taps), ft: &[f32], x: &[f32], out: &mut [f32], scratch: &mut NarrowScratch) => narrow_body);
 
 /// Returns `[dX | dW]` (each part only when requested).
-fn backward(
+pub(crate) fn backward(
     g: &ConvGeom,
     x: &[f32],
     w: &[f32],

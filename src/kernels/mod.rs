@@ -25,7 +25,7 @@
 
 pub(crate) mod activation;
 mod alloc;
-mod batch_norm;
+pub(crate) mod batch_norm;
 mod bias;
 pub(crate) mod conv;
 pub(crate) mod conv_gemm;

@@ -293,6 +293,27 @@ pub(crate) fn pool_into(
     Ok(())
 }
 
+/// The input gradient of [`pool_into`] from its input `x` and the output gradient `dy`.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn pool_backward(
+    max: bool,
+    kernel: usize,
+    stride: usize,
+    padding: usize,
+    ceil: bool,
+    (h, w): (usize, usize),
+    x: &[f32],
+    dy: &[f32],
+) -> Result<Vec<f32>> {
+    let kind = if max { Kind::Max } else { Kind::Avg };
+    let planes = x.len() / (h * w).max(1);
+    let p = geometry((planes, 1, h, w), kind, kernel, stride, padding, ceil)?;
+    if dy.len() != planes * p.oh * p.ow {
+        bail!("pooling backward: gradient buffer size");
+    }
+    Ok(p.backward(x, dy))
+}
+
 /// PyTorch's `max_pool2d` (padding never selected; ceil mode supported).
 pub fn max_pool2d(
     x: &Tensor,

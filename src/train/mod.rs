@@ -14,6 +14,7 @@
 pub mod loss;
 pub mod optimizer;
 pub mod schedule;
+pub mod step;
 
 use crate::checkpoint;
 use crate::data::{Augment, BatchLoader, Dataset, EpochPlan};
@@ -27,9 +28,9 @@ use crate::prune::magnitude::{
 use crate::rng::Rng;
 use crate::tensor_file::write_bytes_atomic;
 use anyhow::{Context, Result, bail};
-use candle_core::Var;
+use candle_core::{Tensor, Var};
 use loss::{cross_entropy, top_k};
-use optimizer::{Optimizer, OptimizerKind};
+use optimizer::{Gradients, Optimizer, OptimizerKind};
 use schedule::{LrPlan, Schedule};
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
@@ -387,13 +388,13 @@ impl Run {
                 self.update_masks(s, 0)?;
             }
         }
-        let bn_weights: Vec<Var> = if cfg.bn_l1 > 0.0 {
+        let bn_weights: Vec<(String, Var)> = if cfg.bn_l1 > 0.0 {
             self.model
                 .weights
                 .trainable(&self.model.graph)
                 .into_iter()
                 .filter(|(_, role, _)| *role == ParamRole::BnWeight)
-                .map(|(_, _, v)| v)
+                .map(|(name, _, v)| (name, v))
                 .collect()
         } else {
             Vec::new()
@@ -427,15 +428,40 @@ impl Run {
                 lr = step_lr;
                 let dropout_seed =
                     Rng::new(cfg.seed ^ 0xd1 ^ (self.progress.global_step as u64) << 20).next_u64();
-                let logits = forward_train(
-                    &self.model.graph,
-                    &self.model.weights,
-                    &batch.x,
-                    dropout_seed,
-                )?;
-                let labels = batch.label_tensor()?;
-                let loss = cross_entropy(&logits, &labels, cfg.label_smoothing)?;
-                let loss_value = loss.to_scalar::<f32>()? as f64;
+                let fast = if step::enabled() {
+                    step::train_step(
+                        &self.model.graph,
+                        &self.model.weights,
+                        &batch.x,
+                        &batch.labels,
+                        cfg.label_smoothing,
+                        dropout_seed,
+                    )?
+                } else {
+                    None
+                };
+                let (logits, loss_value, mut grads): (Tensor, f64, Box<dyn Gradients>) = match fast
+                {
+                    Some(out) => (out.logits, out.loss as f64, Box::new(out.grads)),
+                    None => {
+                        let logits = forward_train(
+                            &self.model.graph,
+                            &self.model.weights,
+                            &batch.x,
+                            dropout_seed,
+                        )?;
+                        let labels = batch.label_tensor()?;
+                        let loss = cross_entropy(&logits, &labels, cfg.label_smoothing)?;
+                        let loss_value = loss.to_scalar::<f32>()? as f64;
+                        // No backward through a non-finite loss (the step fails below).
+                        let grads: Box<dyn Gradients> = if loss_value.is_finite() {
+                            Box::new(loss.backward()?)
+                        } else {
+                            Box::new(std::collections::HashMap::new())
+                        };
+                        (logits, loss_value, grads)
+                    }
+                };
                 if !loss_value.is_finite() {
                     bail!(
                         "the loss became {loss_value} at epoch {} batch {} (learning rate {lr:.4}): lower --lr or \
@@ -444,15 +470,14 @@ impl Run {
                         batch.index
                     );
                 }
-                let mut grads = loss.backward()?;
-                for gamma in &bn_weights {
-                    if let Some(g) = grads.get(gamma.as_tensor()) {
+                for (name, gamma) in &bn_weights {
+                    if let Some(g) = grads.gradient(name, gamma) {
                         let pull = (gamma.as_detached_tensor().sign()? * cfg.bn_l1)?;
-                        let g = (g.detach() + pull)?;
-                        grads.insert(gamma.as_tensor(), g);
+                        let g = (g + pull)?;
+                        grads.set_gradient(name, gamma, g);
                     }
                 }
-                self.optimizer.step(&grads, lr, momentum)?;
+                self.optimizer.step(&*grads, lr, momentum)?;
                 // Momentum, Adam moments and weight decay move pruned weights off zero: the
                 // masks go back on after every update.
                 if let Some(masks) = &self.masks {

@@ -7,6 +7,7 @@ use anyhow::{Result, bail};
 use candle_core::backprop::GradStore;
 use candle_core::{Tensor, Var};
 use serde::{Deserialize, Serialize};
+use std::collections::HashMap;
 
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "kind", rename_all = "snake_case")]
@@ -23,6 +24,38 @@ struct ParamState {
     m: Option<Tensor>,
     /// Second moment (AdamW).
     v: Option<Tensor>,
+}
+
+/// Where [`Optimizer::step`] finds each parameter's gradient: Candle's `GradStore` (the
+/// autograd path) or a map from parameter name to gradient (the train-step executor,
+/// [`super::step`]).
+pub trait Gradients {
+    /// The gradient of the parameter `name` held in `var`, detached, if it has one.
+    fn gradient(&self, name: &str, var: &Var) -> Option<Tensor>;
+    /// Replaces (or sets) that gradient.
+    fn set_gradient(&mut self, name: &str, var: &Var, g: Tensor);
+}
+
+impl Gradients for GradStore {
+    fn gradient(&self, _name: &str, var: &Var) -> Option<Tensor> {
+        // Candle's variable gradients can still reference the forward graph; detached, the
+        // stored buffers do not keep a step's activations alive.
+        self.get(var.as_tensor()).map(Tensor::detach)
+    }
+
+    fn set_gradient(&mut self, _name: &str, var: &Var, g: Tensor) {
+        self.insert(var.as_tensor(), g);
+    }
+}
+
+impl Gradients for HashMap<String, Tensor> {
+    fn gradient(&self, name: &str, _var: &Var) -> Option<Tensor> {
+        self.get(name).cloned()
+    }
+
+    fn set_gradient(&mut self, name: &str, _var: &Var, g: Tensor) {
+        self.insert(name.to_string(), g);
+    }
 }
 
 pub struct Optimizer {
@@ -61,16 +94,19 @@ impl Optimizer {
 
     /// One update with learning rate `lr`; `momentum` overrides SGD's (one-cycle) or AdamW's
     /// beta1. Parameters without a gradient are left alone.
-    pub fn step(&mut self, grads: &GradStore, lr: f64, momentum: Option<f64>) -> Result<()> {
+    pub fn step<G: Gradients + ?Sized>(
+        &mut self,
+        grads: &G,
+        lr: f64,
+        momentum: Option<f64>,
+    ) -> Result<()> {
         self.steps += 1;
         let t = self.steps as i32;
         for p in &mut self.params {
-            let Some(g) = grads.get(p.var.as_tensor()) else {
+            let Some(g) = grads.gradient(&p.name, &p.var) else {
                 continue;
             };
-            // Candle's variable gradients can still reference the forward graph; detached, the
-            // stored buffers do not keep a step's activations alive.
-            let g = &g.detach();
+            let g = &g;
             // Detached: the update must not extend the autograd graph from step to step.
             let w = &p.var.as_detached_tensor();
             match self.kind {

@@ -1,0 +1,853 @@
+//! The train-step executor: one training step (train-mode forward, softmax cross-entropy,
+//! backward) over the graph on plain f32 buffers, without Candle's autograd.
+//!
+//! Why: on the Candle path the kernels are fast but the autograd around them is not: every
+//! gradient that reaches a tensor is accumulated as `zeros + grad` (a fresh zeroed buffer and
+//! a full pass), element-wise ops (residual add, gradient sums, concat's backward) run through
+//! Candle's spinning thread pool, and every op's backward allocates fresh buffers. Here:
+//!
+//! - the forward pass runs node by node in train mode, keeping each value only while a
+//!   forward reader still needs it or a backward needs it (the input of a conv, batch norm,
+//!   linear layer, activation, channel multiply or pooling), plus what a backward needs
+//!   beyond the inputs (batch norm's batch statistics, dropout's mask, drawn from the same
+//!   seeded source as [`crate::exec::forward_train`]);
+//! - a conv or batch norm whose only reader is a ReLU or ReLU6 applies it to its output as
+//!   it writes it (the conv in its kernel's epilogue, with the bias), and that activation's
+//!   backward reads the output (which tells the same as the input for these two), so the
+//!   pre-activation value is never stored;
+//! - the loss (mean softmax cross-entropy with label smoothing, as `loss::cross_entropy`) and
+//!   its gradient are one pass over the logits;
+//! - the backward pass runs in reverse graph order, calling the kernels' slice-level backward
+//!   functions directly; each node's gradient is accumulated in place (the first contribution
+//!   is moved in, later ones added), activation and dropout backward run in place over the
+//!   incoming gradient, and a value is freed as soon as the last backward that reads it ran;
+//! - batch norm running statistics are updated as `exec` does (PyTorch semantics).
+//!
+//! Parameter gradients come back as a map from parameter name to tensor, which
+//! [`super::optimizer::Optimizer::step`] takes as it takes Candle's `GradStore`.
+//!
+//! Only f32 CPU tensors run here ([`train_step`] returns `None` otherwise). The executor is
+//! used by `Run::train` and `bench --mode train` unless `SLIMCANDLE_TRAIN_EXEC=0`.
+
+use crate::exec::check_input;
+use crate::graph::{Activation, Graph, Op};
+use crate::kernels::activation::Kind;
+use crate::kernels::batch_norm::{Stats, train_backward, train_forward_into};
+use crate::kernels::conv::ConvGeom;
+use crate::kernels::gemm::{MatMut, MatRef, matmul, parallelism};
+use crate::kernels::{conv_gemm, depthwise, pool};
+use crate::rng::Rng;
+use crate::weights::Weights;
+use anyhow::{Context, Result, bail};
+use candle_core::{DType, Device, Tensor};
+use std::collections::HashMap;
+
+/// Whether training steps use this executor: yes unless `SLIMCANDLE_TRAIN_EXEC=0` (which
+/// runs the Candle autograd path instead).
+pub fn enabled() -> bool {
+    std::env::var("SLIMCANDLE_TRAIN_EXEC").map_or(true, |v| v != "0")
+}
+
+/// What one step produced.
+pub struct StepOutput {
+    /// The logits of the batch (N x K), detached.
+    pub logits: Tensor,
+    /// The mean loss.
+    pub loss: f32,
+    /// The gradient of the loss for every parameter that has one, by parameter name.
+    pub grads: HashMap<String, Tensor>,
+}
+
+/// What a node's backward needs besides its inputs.
+enum Saved {
+    None,
+    Bn(Stats),
+    Mask(Vec<f32>),
+}
+
+/// Whether a node's backward reads its inputs' values.
+fn keeps_inputs(op: &Op) -> bool {
+    matches!(
+        op,
+        Op::Conv2d { .. }
+            | Op::BatchNorm { .. }
+            | Op::Linear { .. }
+            | Op::Act { .. }
+            | Op::ChannelMul
+            | Op::MaxPool { .. }
+            | Op::AvgPool { .. }
+    )
+}
+
+fn kind_of(act: Activation) -> Option<Kind> {
+    match act {
+        Activation::Relu => Some(Kind::Relu),
+        Activation::Relu6 => Some(Kind::Relu6),
+        Activation::Hardsigmoid => Some(Kind::Hardsigmoid),
+        Activation::Hardswish => Some(Kind::Hardswish),
+        Activation::Sigmoid => None,
+    }
+}
+
+fn sigmoid(v: f32) -> f32 {
+    1.0 / (1.0 + (-v).exp())
+}
+
+/// `a += b`.
+fn add_into(a: &mut [f32], b: &[f32]) {
+    for (a, b) in a.iter_mut().zip(b) {
+        *a += b;
+    }
+}
+
+/// Adds the owned gradient `g` into `slot` (moved in if the slot is empty).
+fn acc_owned(slot: &mut Option<Vec<f32>>, g: Vec<f32>) {
+    match slot {
+        Some(a) => add_into(a, &g),
+        None => *slot = Some(g),
+    }
+}
+
+/// Adds the borrowed gradient `g` into `slot` (copied if the slot is empty).
+fn acc_ref(slot: &mut Option<Vec<f32>>, g: &[f32]) {
+    match slot {
+        Some(a) => add_into(a, g),
+        None => *slot = Some(g.to_vec()),
+    }
+}
+
+/// A parameter's values (copied out of the weights).
+fn param(weights: &Weights, name: &str) -> Result<Vec<f32>> {
+    let t = weights.get(name)?;
+    Ok(t.flatten_all()?.to_vec1::<f32>()?)
+}
+
+fn conv_geom(op: &Op, n: usize, din: crate::graph::Dims, c_out: usize) -> Result<ConvGeom> {
+    let Op::Conv2d {
+        kernel,
+        stride,
+        padding,
+        dilation,
+        groups,
+        ..
+    } = op
+    else {
+        unreachable!("called for convolutions")
+    };
+    Ok(ConvGeom::new(
+        &[n, din.c, din.h, din.w],
+        &[c_out, din.c / groups, *kernel, *kernel],
+        *stride,
+        *padding,
+        *dilation,
+        *groups,
+    )?)
+}
+
+/// One training step on `x` (N x C x H x W) with class `labels`: the train-mode forward pass
+/// (updating the batch norm running statistics in `weights`, dropout masks drawn from
+/// `dropout_seed` as [`crate::exec::forward_train`] draws them), the mean cross-entropy with
+/// label smoothing `smoothing`, and every parameter's gradient. `None` when the input or a
+/// parameter is not an f32 CPU tensor.
+pub fn train_step(
+    graph: &Graph,
+    weights: &Weights,
+    x: &Tensor,
+    labels: &[u32],
+    smoothing: f64,
+    dropout_seed: u64,
+) -> Result<Option<StepOutput>> {
+    check_input(graph, x.dims())?;
+    if !x.device().is_cpu() || x.dtype() != DType::F32 {
+        return Ok(None);
+    }
+    for (_, t) in weights.tensors() {
+        if !t.device().is_cpu() || t.dtype() != DType::F32 {
+            return Ok(None);
+        }
+    }
+    let (n, _, h, w) = x.dims4()?;
+    if labels.len() != n {
+        bail!("{} labels for a batch of {n}", labels.len());
+    }
+    let dims = graph.infer_shapes(h, w)?;
+    // As the Candle path runs the kernels (on one thread, rayon runs the work inline).
+    let parallel = true;
+    let par = parallelism(false);
+    let consumers = graph.consumers();
+    let count = graph.nodes.len();
+    // Values a backward reads stay until that backward ran (see `fused` below).
+    // A conv or batch norm whose only reader is a ReLU or ReLU6 applies it to its output
+    // (one pass and one buffer less); the activation's backward reads its own output, which
+    // tells the same as its input for these two (y > 0 iff x > 0; 0 < y < 6 iff 0 < x < 6).
+    let mut fused_act: Vec<Option<Kind>> = vec![None; count];
+    let mut fused: Vec<bool> = vec![false; count];
+    for (id, node) in graph.nodes.iter().enumerate() {
+        if matches!(node.op, Op::Conv2d { .. } | Op::BatchNorm { .. })
+            && id != graph.output
+            && consumers[id].len() == 1
+        {
+            let c = consumers[id][0];
+            if let Op::Act {
+                act: act @ (Activation::Relu | Activation::Relu6),
+            } = graph.nodes[c].op
+            {
+                fused_act[id] = kind_of(act);
+                fused[c] = true;
+            }
+        }
+    }
+    let kept: Vec<bool> = (0..count)
+        .map(|v| {
+            fused[v]
+                || v == graph.output
+                || consumers[v]
+                    .iter()
+                    .any(|&c| !fused[c] && keeps_inputs(&graph.nodes[c].op))
+        })
+        .collect();
+    let mut uses: Vec<usize> = consumers.iter().map(Vec::len).collect();
+    let mut vals: Vec<Option<Vec<f32>>> = vec![None; count];
+    let mut saved: Vec<Saved> = (0..count).map(|_| Saved::None).collect();
+    // Parameters read in the forward pass, reused by the backward one.
+    let mut params: HashMap<String, Vec<f32>> = HashMap::new();
+    let mut get = |name: String| -> Result<Vec<f32>> {
+        if let Some(p) = params.get(&name) {
+            return Ok(p.clone());
+        }
+        let p = param(weights, &name)?;
+        params.insert(name, p.clone());
+        Ok(p)
+    };
+
+    // Forward.
+    for (id, node) in graph.nodes.iter().enumerate() {
+        if fused[id] {
+            // Applied by its producer, whose only reader it is.
+            let i = node.inputs[0];
+            uses[i] -= 1;
+            vals[id] = vals[i].take();
+            continue;
+        }
+        let act = fused_act[id];
+        let dout = dims[id];
+        let input = |k: usize| -> &[f32] {
+            vals[node.inputs[k]]
+                .as_deref()
+                .expect("topological order guarantees inputs")
+        };
+        let p = |suffix: &str| format!("{}.{suffix}", node.name);
+        let y: Vec<f32> = match &node.op {
+            Op::Input { .. } => x.flatten_all()?.to_vec1::<f32>()?,
+            Op::Conv2d { bias, .. } => {
+                let din = dims[node.inputs[0]];
+                let g = conv_geom(&node.op, n, din, dout.c)?;
+                let wt = get(p("weight"))?;
+                let b = if *bias { Some(get(p("bias"))?) } else { None };
+                let mut y = vec![0f32; n * dout.elements()];
+                let plane = dout.h * dout.w;
+                let xs = input(0);
+                // Bias, then the fused activation, on each block right after it is computed.
+                let epilogue = |c0: usize, c_out: usize, block: &mut [f32]| {
+                    if let Some(b) = &b {
+                        for (j, pl) in block.chunks_mut(plane).enumerate() {
+                            let bv = b[(c0 + j) % c_out];
+                            pl.iter_mut().for_each(|v| *v += bv);
+                        }
+                    }
+                    match act {
+                        Some(Kind::Relu) => {
+                            block.iter_mut().for_each(|v| *v = Kind::Relu.forward(*v))
+                        }
+                        Some(Kind::Relu6) => {
+                            block.iter_mut().for_each(|v| *v = Kind::Relu6.forward(*v))
+                        }
+                        Some(k) => block.iter_mut().for_each(|v| *v = k.forward(*v)),
+                        None => {}
+                    }
+                };
+                let c_out = dout.c;
+                if depthwise::supports(&g) {
+                    depthwise::forward_into(&g, xs, &wt, &mut y, parallel, &|i, vs| {
+                        epilogue(i % c_out, c_out, vs)
+                    });
+                } else {
+                    conv_gemm::forward_into(&g, xs, &wt, &mut y, parallel, &|_, c0, block| {
+                        epilogue(c0, c_out, block)
+                    });
+                }
+                y
+            }
+            Op::BatchNorm { eps, momentum, .. } => {
+                let plane = dout.h * dout.w;
+                if n * plane < 2 {
+                    bail!(
+                        "batch norm in train mode needs more than one value per channel (batch {n}, {}x{})",
+                        dout.h,
+                        dout.w
+                    );
+                }
+                let (gamma, beta) = (get(p("weight"))?, get(p("bias"))?);
+                let mut y = vec![0f32; n * dout.elements()];
+                let stats = train_forward_into(
+                    input(0),
+                    &gamma,
+                    &beta,
+                    *eps,
+                    (n, dout.c, plane),
+                    act,
+                    &mut y,
+                );
+                update_running(weights, &node.name, &stats, n * plane, *momentum)?;
+                saved[id] = Saved::Bn(stats);
+                y
+            }
+            Op::Linear { bias, .. } => {
+                let fin = dims[node.inputs[0]].elements();
+                let fout = dout.c;
+                let wt = get(p("weight"))?;
+                let mut y = vec![0f32; n * fout];
+                matmul(
+                    MatMut::rows(&mut y, n, fout),
+                    false,
+                    MatRef::rows(input(0), n, fin),
+                    MatRef::rows(&wt, fout, fin).t(),
+                    par,
+                );
+                if *bias {
+                    let b = get(p("bias"))?;
+                    for row in y.chunks_mut(fout) {
+                        add_into(row, &b);
+                    }
+                }
+                y
+            }
+            Op::Act { act } => {
+                let xs = input(0);
+                match kind_of(*act) {
+                    Some(k) => xs.iter().map(|&v| k.forward(v)).collect(),
+                    None => xs.iter().map(|&v| sigmoid(v)).collect(),
+                }
+            }
+            Op::Add => input(0).iter().zip(input(1)).map(|(a, b)| a + b).collect(),
+            Op::ChannelMul => {
+                let (xs, s) = (input(0), input(1));
+                let plane = dout.h * dout.w;
+                let mut y = xs.to_vec();
+                if plane > 0 {
+                    for (pl, &sv) in y.chunks_mut(plane).zip(s) {
+                        pl.iter_mut().for_each(|v| *v *= sv);
+                    }
+                }
+                y
+            }
+            Op::Concat => {
+                let total = dout.elements();
+                let mut y = vec![0f32; n * total];
+                let mut offset = 0;
+                for (k, &v) in node.inputs.iter().enumerate() {
+                    let len = dims[v].elements();
+                    let xs = input(k);
+                    for s in 0..n {
+                        y[s * total + offset..s * total + offset + len]
+                            .copy_from_slice(&xs[s * len..(s + 1) * len]);
+                    }
+                    offset += len;
+                }
+                y
+            }
+            Op::Slice { start, end } => {
+                let din = dims[node.inputs[0]];
+                let plane = din.h * din.w;
+                let (sin, sout) = (din.elements(), dout.elements());
+                let xs = input(0);
+                let mut y = vec![0f32; n * sout];
+                for (s, dst) in y.chunks_mut(sout.max(1)).enumerate() {
+                    let from = s * sin + start * plane;
+                    dst.copy_from_slice(&xs[from..from + (end - start) * plane]);
+                }
+                y
+            }
+            Op::ChannelShuffle { groups } => {
+                let plane = dout.h * dout.w;
+                let c = dout.c;
+                let per = c / groups;
+                let xs = input(0);
+                let mut y = vec![0f32; xs.len()];
+                if plane > 0 {
+                    for (j, dst) in y.chunks_mut(plane).enumerate() {
+                        let (s, o) = (j / c, j % c);
+                        let src = s * c + (o % groups) * per + o / groups;
+                        dst.copy_from_slice(&xs[src * plane..(src + 1) * plane]);
+                    }
+                }
+                y
+            }
+            Op::MaxPool {
+                kernel,
+                stride,
+                padding,
+                ceil_mode,
+            } => {
+                let din = dims[node.inputs[0]];
+                let mut y = vec![0f32; n * dout.elements()];
+                pool::pool_into(
+                    true,
+                    *kernel,
+                    *stride,
+                    *padding,
+                    *ceil_mode,
+                    (din.h, din.w),
+                    input(0),
+                    &mut y,
+                )?;
+                y
+            }
+            Op::AvgPool {
+                kernel,
+                stride,
+                padding,
+            } => {
+                let din = dims[node.inputs[0]];
+                let mut y = vec![0f32; n * dout.elements()];
+                pool::pool_into(
+                    false,
+                    *kernel,
+                    *stride,
+                    *padding,
+                    false,
+                    (din.h, din.w),
+                    input(0),
+                    &mut y,
+                )?;
+                y
+            }
+            Op::GlobalAvgPool => {
+                let din = dims[node.inputs[0]];
+                let plane = din.h * din.w;
+                let inv = 1.0 / plane as f32;
+                input(0)
+                    .chunks_exact(plane)
+                    .map(|pl| pl.iter().sum::<f32>() * inv)
+                    .collect()
+            }
+            Op::Flatten => input(0).to_vec(),
+            Op::Dropout { p: rate } => {
+                let xs = input(0);
+                if *rate > 0.0 {
+                    let seed = dropout_seed ^ (id as u64).wrapping_mul(0xD6E8_FEB8_6659_FD93);
+                    let mut rng = Rng::new(seed);
+                    let keep = (1.0 / (1.0 - rate)) as f32;
+                    let mask: Vec<f32> = (0..xs.len())
+                        .map(|_| if rng.uniform() < *rate { 0.0 } else { keep })
+                        .collect();
+                    let y = xs.iter().zip(&mask).map(|(a, m)| a * m).collect();
+                    saved[id] = Saved::Mask(mask);
+                    y
+                } else {
+                    xs.to_vec()
+                }
+            }
+        };
+        for &i in &node.inputs {
+            uses[i] -= 1;
+            if uses[i] == 0 && !kept[i] {
+                vals[i] = None;
+            }
+        }
+        vals[id] = Some(y);
+    }
+
+    // Loss and its gradient.
+    let classes = dims[graph.output].elements();
+    let logits = vals[graph.output].as_deref().expect("output computed");
+    let (loss, dlogits) = cross_entropy_grad(logits, labels, classes, smoothing)?;
+    let logits_t = Tensor::from_slice(logits, (n, classes), &Device::Cpu)?;
+
+    // Backward.
+    let mut grads: Vec<Option<Vec<f32>>> = vec![None; count];
+    let mut pgrads: HashMap<String, Vec<f32>> = HashMap::new();
+    let need_grad: Vec<bool> = graph
+        .nodes
+        .iter()
+        .map(|nd| !matches!(nd.op, Op::Input { .. }))
+        .collect();
+    let mut left: Vec<usize> = consumers.iter().map(Vec::len).collect();
+    grads[graph.output] = Some(dlogits);
+    for id in (0..count).rev() {
+        let node = &graph.nodes[id];
+        // A fused activation's backward reads its own output; nothing else reads a value
+        // once its readers' backward ran.
+        let own = vals[id].take();
+        let Some(mut g) = grads[id].take() else {
+            continue;
+        };
+        let dout = dims[id];
+        let p = |suffix: &str| format!("{}.{suffix}", node.name);
+        let get = |name: &str| params.get(name).expect("read in the forward pass");
+        let val = |k: usize| -> &[f32] {
+            vals[node.inputs[k]]
+                .as_deref()
+                .expect("kept for the backward pass")
+        };
+        let inp0 = node.inputs.first().copied().unwrap_or(0);
+        match &node.op {
+            Op::Input { .. } => {}
+            Op::Conv2d { bias, .. } => {
+                let din = dims[inp0];
+                let gm = conv_geom(&node.op, n, din, dout.c)?;
+                let plane = dout.h * dout.w;
+                if *bias {
+                    let mut db = vec![0f32; dout.c];
+                    for (j, pl) in g.chunks_exact(plane).enumerate() {
+                        db[j % dout.c] += pl.iter().sum::<f32>();
+                    }
+                    acc_param(&mut pgrads, p("bias"), db);
+                }
+                let need_x = need_grad[inp0];
+                let wt = get(&p("weight"));
+                let mut out = if depthwise::supports(&gm) {
+                    depthwise::backward(&gm, val(0), wt, &g, need_x, true)
+                } else {
+                    conv_gemm::backward(&gm, val(0), wt, &g, need_x, true)
+                };
+                let dx_len = if need_x { n * din.elements() } else { 0 };
+                acc_param(&mut pgrads, p("weight"), out[dx_len..].to_vec());
+                if need_x {
+                    out.truncate(dx_len);
+                    acc_owned(&mut grads[inp0], out);
+                }
+            }
+            Op::BatchNorm { .. } => {
+                let Saved::Bn(stats) = &saved[id] else {
+                    unreachable!("saved by the forward pass")
+                };
+                let need_x = need_grad[inp0];
+                let plane = dout.h * dout.w;
+                let c = dout.c;
+                let gamma = get(&p("weight"));
+                let mut out = train_backward(val(0), gamma, &g, stats, (n, c, plane), need_x);
+                let dx_len = if need_x { n * dout.elements() } else { 0 };
+                acc_param(&mut pgrads, p("weight"), out[dx_len..dx_len + c].to_vec());
+                acc_param(&mut pgrads, p("bias"), out[dx_len + c..].to_vec());
+                if need_x {
+                    out.truncate(dx_len);
+                    acc_owned(&mut grads[inp0], out);
+                }
+            }
+            Op::Linear { bias, .. } => {
+                let fin = dims[inp0].elements();
+                let fout = dout.c;
+                let wt = get(&p("weight"));
+                let mut dw = vec![0f32; fout * fin];
+                matmul(
+                    MatMut::rows(&mut dw, fout, fin),
+                    false,
+                    MatRef::rows(&g, n, fout).t(),
+                    MatRef::rows(val(0), n, fin),
+                    par,
+                );
+                acc_param(&mut pgrads, p("weight"), dw);
+                if *bias {
+                    let mut db = vec![0f32; fout];
+                    for row in g.chunks_exact(fout) {
+                        add_into(&mut db, row);
+                    }
+                    acc_param(&mut pgrads, p("bias"), db);
+                }
+                if need_grad[inp0] {
+                    let mut dx = vec![0f32; n * fin];
+                    matmul(
+                        MatMut::rows(&mut dx, n, fin),
+                        false,
+                        MatRef::rows(&g, n, fout),
+                        MatRef::rows(wt, fout, fin),
+                        par,
+                    );
+                    acc_owned(&mut grads[inp0], dx);
+                }
+            }
+            Op::Act { act } if fused[id] => {
+                let k = kind_of(*act).expect("only ReLU and ReLU6 are fused");
+                let ys = own.as_deref().expect("kept for the backward pass");
+                g.iter_mut()
+                    .zip(ys)
+                    .for_each(|(d, &v)| *d = k.backward(v, *d));
+                if need_grad[inp0] {
+                    acc_owned(&mut grads[inp0], g);
+                }
+            }
+            Op::Act { act } => {
+                let xs = val(0);
+                match kind_of(*act) {
+                    Some(k) => g
+                        .iter_mut()
+                        .zip(xs)
+                        .for_each(|(d, &v)| *d = k.backward(v, *d)),
+                    None => g.iter_mut().zip(xs).for_each(|(d, &v)| {
+                        let s = sigmoid(v);
+                        *d *= s * (1.0 - s);
+                    }),
+                }
+                if need_grad[inp0] {
+                    acc_owned(&mut grads[inp0], g);
+                }
+            }
+            Op::Add => {
+                let (a, b) = (node.inputs[0], node.inputs[1]);
+                if need_grad[b] {
+                    acc_ref(&mut grads[b], &g);
+                }
+                if need_grad[a] {
+                    acc_owned(&mut grads[a], g);
+                }
+            }
+            Op::ChannelMul => {
+                let (a, b) = (node.inputs[0], node.inputs[1]);
+                let plane = dout.h * dout.w;
+                let (xs, s) = (val(0), val(1));
+                if need_grad[b] {
+                    let ds: Vec<f32> = g
+                        .chunks_exact(plane)
+                        .zip(xs.chunks_exact(plane))
+                        .map(|(gp, xp)| gp.iter().zip(xp).map(|(u, v)| u * v).sum())
+                        .collect();
+                    acc_owned(&mut grads[b], ds);
+                }
+                if need_grad[a] {
+                    for (pl, &sv) in g.chunks_mut(plane).zip(s) {
+                        pl.iter_mut().for_each(|v| *v *= sv);
+                    }
+                    acc_owned(&mut grads[a], g);
+                }
+            }
+            Op::Concat => {
+                let total = dout.elements();
+                let mut offset = 0;
+                for &v in &node.inputs {
+                    let len = dims[v].elements();
+                    if need_grad[v] {
+                        let slot = &mut grads[v];
+                        match slot {
+                            Some(acc) => {
+                                for s in 0..n {
+                                    add_into(
+                                        &mut acc[s * len..(s + 1) * len],
+                                        &g[s * total + offset..s * total + offset + len],
+                                    );
+                                }
+                            }
+                            None => {
+                                let mut d = Vec::with_capacity(n * len);
+                                for s in 0..n {
+                                    d.extend_from_slice(
+                                        &g[s * total + offset..s * total + offset + len],
+                                    );
+                                }
+                                *slot = Some(d);
+                            }
+                        }
+                    }
+                    offset += len;
+                }
+            }
+            Op::Slice { start, .. } => {
+                if need_grad[inp0] {
+                    let din = dims[inp0];
+                    let plane = din.h * din.w;
+                    let (sin, sout) = (din.elements(), dout.elements());
+                    let slot = &mut grads[inp0];
+                    let acc = slot.get_or_insert_with(|| vec![0f32; n * sin]);
+                    for s in 0..n {
+                        let from = s * sin + start * plane;
+                        add_into(&mut acc[from..from + sout], &g[s * sout..(s + 1) * sout]);
+                    }
+                }
+            }
+            Op::ChannelShuffle { groups } => {
+                if need_grad[inp0] {
+                    let plane = dout.h * dout.w;
+                    let c = dout.c;
+                    let per = c / groups;
+                    let mut dx = vec![0f32; g.len()];
+                    if plane > 0 {
+                        for (j, src) in g.chunks(plane).enumerate() {
+                            let (s, o) = (j / c, j % c);
+                            let to = s * c + (o % groups) * per + o / groups;
+                            dx[to * plane..(to + 1) * plane].copy_from_slice(src);
+                        }
+                    }
+                    acc_owned(&mut grads[inp0], dx);
+                }
+            }
+            Op::MaxPool {
+                kernel,
+                stride,
+                padding,
+                ceil_mode,
+            } => {
+                if need_grad[inp0] {
+                    let din = dims[inp0];
+                    let dx = pool::pool_backward(
+                        true,
+                        *kernel,
+                        *stride,
+                        *padding,
+                        *ceil_mode,
+                        (din.h, din.w),
+                        val(0),
+                        &g,
+                    )?;
+                    acc_owned(&mut grads[inp0], dx);
+                }
+            }
+            Op::AvgPool {
+                kernel,
+                stride,
+                padding,
+            } => {
+                if need_grad[inp0] {
+                    let din = dims[inp0];
+                    let dx = pool::pool_backward(
+                        false,
+                        *kernel,
+                        *stride,
+                        *padding,
+                        false,
+                        (din.h, din.w),
+                        val(0),
+                        &g,
+                    )?;
+                    acc_owned(&mut grads[inp0], dx);
+                }
+            }
+            Op::GlobalAvgPool => {
+                if need_grad[inp0] {
+                    let din = dims[inp0];
+                    let plane = din.h * din.w;
+                    let inv = 1.0 / plane as f32;
+                    let slot = &mut grads[inp0];
+                    match slot {
+                        Some(acc) => {
+                            for (pl, &d) in acc.chunks_mut(plane).zip(&g) {
+                                pl.iter_mut().for_each(|v| *v += d * inv);
+                            }
+                        }
+                        None => {
+                            let mut dx = vec![0f32; n * din.elements()];
+                            for (pl, &d) in dx.chunks_mut(plane).zip(&g) {
+                                pl.fill(d * inv);
+                            }
+                            *slot = Some(dx);
+                        }
+                    }
+                }
+            }
+            Op::Flatten => {
+                if need_grad[inp0] {
+                    acc_owned(&mut grads[inp0], g);
+                }
+            }
+            Op::Dropout { .. } => {
+                if let Saved::Mask(mask) = &saved[id] {
+                    g.iter_mut().zip(mask).for_each(|(d, m)| *d *= m);
+                }
+                if need_grad[inp0] {
+                    acc_owned(&mut grads[inp0], g);
+                }
+            }
+        }
+        saved[id] = Saved::None;
+        for &i in &node.inputs {
+            left[i] -= 1;
+            // (A fused activation's output is dropped by its own backward.)
+            if left[i] == 0 && !fused[i] {
+                vals[i] = None;
+            }
+        }
+        let _ = &node.name;
+    }
+
+    let mut out = HashMap::with_capacity(pgrads.len());
+    for (name, g) in pgrads {
+        let shape = weights
+            .get(&name)
+            .with_context(|| format!("gradient of `{name}`"))?
+            .dims()
+            .to_vec();
+        out.insert(name, Tensor::from_vec(g, shape, &Device::Cpu)?);
+    }
+    Ok(Some(StepOutput {
+        logits: logits_t,
+        loss,
+        grads: out,
+    }))
+}
+
+fn acc_param(map: &mut HashMap<String, Vec<f32>>, name: String, g: Vec<f32>) {
+    match map.get_mut(&name) {
+        Some(a) => add_into(a, &g),
+        None => {
+            map.insert(name, g);
+        }
+    }
+}
+
+/// Running statistics updated as `exec` does it (same Candle ops, so the same rounding).
+fn update_running(
+    weights: &Weights,
+    name: &str,
+    stats: &Stats,
+    count: usize,
+    momentum: f64,
+) -> Result<()> {
+    let c = stats.mean.len();
+    let mean = Tensor::from_slice(&stats.mean, c, &Device::Cpu)?;
+    let var = Tensor::from_slice(&stats.var, c, &Device::Cpu)?;
+    let running_mean = weights.var(&format!("{name}.running_mean"))?;
+    let running_var = weights.var(&format!("{name}.running_var"))?;
+    let unbiased = (var * (count as f64 / (count - 1) as f64))?;
+    let update = |running: &candle_core::Var, batch: &Tensor| -> Result<()> {
+        let old = running.as_detached_tensor();
+        Ok(running.set(&(old.affine(1.0 - momentum, 0.0)? + batch.affine(momentum, 0.0)?)?)?)
+    };
+    update(running_mean, &mean)?;
+    update(running_var, &unbiased)?;
+    Ok(())
+}
+
+/// Mean softmax cross-entropy of `logits` (N x K) with label smoothing `eps` (PyTorch's
+/// definition, as `loss::cross_entropy`), and its gradient with respect to the logits.
+pub fn cross_entropy_grad(
+    logits: &[f32],
+    labels: &[u32],
+    classes: usize,
+    eps: f64,
+) -> Result<(f32, Vec<f32>)> {
+    let n = labels.len();
+    let mut grad = vec![0f32; logits.len()];
+    let mut total = 0f64;
+    let inv_n = 1.0 / n as f64;
+    for ((row, d), &label) in logits
+        .chunks_exact(classes)
+        .zip(grad.chunks_exact_mut(classes))
+        .zip(labels)
+    {
+        let label = label as usize;
+        if label >= classes {
+            bail!("label {label} out of range for {classes} classes");
+        }
+        let max = row.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v)) as f64;
+        let sum: f64 = row.iter().map(|&v| (v as f64 - max).exp()).sum();
+        let lse = max + sum.ln();
+        let nll = lse - row[label] as f64;
+        let smooth = lse - row.iter().map(|&v| v as f64).sum::<f64>() / classes as f64;
+        total += (1.0 - eps) * nll + eps * smooth;
+        for (k, (dv, &v)) in d.iter_mut().zip(row).enumerate() {
+            let p = (v as f64 - lse).exp();
+            let target = if k == label { 1.0 - eps } else { 0.0 } + eps / classes as f64;
+            *dv = ((p - target) * inv_n) as f32;
+        }
+    }
+    Ok(((total * inv_n) as f32, grad))
+}
