@@ -136,6 +136,16 @@ impl Model {
         })
     }
 
+    /// A copy whose weights have storage of their own (see [`Weights::deep_copy`]), for
+    /// passes that zero weights while the original stays usable.
+    pub fn deep_copy(&self) -> Result<Model> {
+        Ok(Model {
+            graph: self.graph.clone(),
+            weights: self.weights.deep_copy()?,
+            meta: self.meta.clone(),
+        })
+    }
+
     pub fn forward(&self, x: &Tensor, mode: Mode) -> Result<Tensor> {
         exec::forward(&self.graph, &self.weights, x, mode)
     }

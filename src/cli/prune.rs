@@ -296,11 +296,7 @@ fn magnitude(args: &PruneArgs, model: &Model) -> Result<(Model, Details)> {
         include_depthwise: args.prune_depthwise,
         ..MagnitudeConfig::new(sparsity)
     };
-    let pruned = Model {
-        graph: model.graph.clone(),
-        weights: model.weights.deep_copy()?,
-        meta: model.meta.clone(),
-    };
+    let mut pruned = model.deep_copy()?;
     let masks = prune_one_shot(&pruned, &cfg)?;
     let stats = masks.stats()?;
     let mut table = Table::new(&["layer", "weights", "zero", "sparsity"], &[0]);
@@ -312,7 +308,6 @@ fn magnitude(args: &PruneArgs, model: &Model) -> Result<(Model, Details)> {
             format!("{:.1}%", 100.0 * l.sparsity()),
         ]);
     }
-    let mut pruned = pruned;
     pruned.meta.provenance = Provenance::derived_from(
         &model.meta.provenance,
         format!(

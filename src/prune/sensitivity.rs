@@ -134,11 +134,7 @@ pub fn magnitude_sensitivity(
     let mut rows = Vec::with_capacity(total);
     for layer in &layers {
         for &ratio in ratios {
-            let copy = Model {
-                graph: model.graph.clone(),
-                weights: model.weights.deep_copy()?,
-                meta: model.meta.clone(),
-            };
+            let copy = model.deep_copy()?;
             single_layer_mask(model, &layer.weight, ratio)?.apply(&copy.weights)?;
             let after = Footprint::of(&copy, None)?;
             let kept = crate::sparse::count_nonzero(&copy.weights.get(&layer.weight)?)?;
