@@ -97,18 +97,16 @@ pub fn unit_scores(
     let raw = match criterion {
         Criterion::L1 | Criterion::L2 => {
             let power = if criterion == Criterion::L1 { 1 } else { 2 };
-            let norms = filter_norms(model, power)?;
+            let norms = relative_to_layer_mean(filter_norms(model, power)?);
             per_filter_mean(units, |m| {
-                matches!(m.role, Role::Filter | Role::Depthwise)
-                    .then(|| norms[&m.node][m.channel] / norms_mean(&norms[&m.node]))
+                matches!(m.role, Role::Filter | Role::Depthwise).then(|| norms[&m.node][m.channel])
             })
         }
         Criterion::BnScale => {
             // Units without a batch norm get no score (NaN); the plan leaves them whole.
-            let gammas = bn_scales(model)?;
+            let gammas = relative_to_layer_mean(bn_scales(model)?);
             per_filter_mean(units, |m| {
-                (m.role == Role::Norm)
-                    .then(|| gammas[&m.node][m.channel] / norms_mean(&gammas[&m.node]))
+                (m.role == Role::Norm).then(|| gammas[&m.node][m.channel])
             })
         }
         Criterion::Taylor => {
@@ -144,9 +142,14 @@ fn per_filter_mean(
         .collect()
 }
 
-fn norms_mean(values: &[f64]) -> f64 {
-    let mean = values.iter().sum::<f64>() / values.len().max(1) as f64;
-    if mean > 0.0 { mean } else { 1.0 }
+/// Each layer's scores divided by that layer's mean score (computed once per layer).
+fn relative_to_layer_mean(mut per_layer: HashMap<NodeId, Vec<f64>>) -> HashMap<NodeId, Vec<f64>> {
+    for values in per_layer.values_mut() {
+        let mean = values.iter().sum::<f64>() / values.len().max(1) as f64;
+        let mean = if mean > 0.0 { mean } else { 1.0 };
+        values.iter_mut().for_each(|v| *v /= mean);
+    }
+    per_layer
 }
 
 fn normalise_per_layer_group(units: &[PruneUnit], raw: Vec<f64>) -> Vec<f64> {
