@@ -3,33 +3,9 @@
 
 mod common;
 
+use common::{ok, s, slimcandle, stderr};
+
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
-
-fn slimcandle(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_slimcandle"))
-        .args(args)
-        .output()
-        .expect("binary runs")
-}
-
-fn stdout(o: &Output) -> String {
-    String::from_utf8_lossy(&o.stdout).into_owned()
-}
-
-fn stderr(o: &Output) -> String {
-    String::from_utf8_lossy(&o.stderr).into_owned()
-}
-
-fn ok(args: &[&str]) -> String {
-    let o = slimcandle(args);
-    assert!(
-        o.status.success(),
-        "slimcandle {args:?} failed:\n{}",
-        stderr(&o)
-    );
-    stdout(&o)
-}
 
 /// Runs a command that must fail cleanly; returns its stderr.
 fn fails(args: &[&str], mentions: &[&str]) -> String {
@@ -52,10 +28,6 @@ fn fixture(name: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
         .join("tests/fixtures")
         .join(name)
-}
-
-fn s(p: &Path) -> &str {
-    p.to_str().unwrap()
 }
 
 #[test]

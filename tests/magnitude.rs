@@ -18,7 +18,6 @@ use slimcandle::train::schedule::Schedule;
 use slimcandle::train::{EpochMetrics, NoObserver, Observer, Outcome, Run, TrainConfig};
 use std::collections::HashMap;
 use std::path::Path;
-use std::process::Command;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 const SIZE: usize = 16;
@@ -638,13 +637,6 @@ fn bn_l1_shrinks_batch_norm_scales() {
     std::fs::remove_dir_all(&root).ok();
 }
 
-fn cli(args: &[&str]) -> std::process::Output {
-    Command::new(env!("CARGO_BIN_EXE_slimcandle"))
-        .args(args)
-        .output()
-        .unwrap()
-}
-
 #[test]
 fn cli_prunes_gradually_and_refuses_bad_flags() {
     let root = common::temp_dir("magnitude-cli");
@@ -686,7 +678,7 @@ fn cli_prunes_gradually_and_refuses_bad_flags() {
         dir.to_str().unwrap(),
     ]);
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
-    let out = cli(&args);
+    let out = common::slimcandle(&args);
     assert!(
         out.status.success(),
         "{}",
@@ -767,7 +759,7 @@ fn cli_prunes_gradually_and_refuses_bad_flags() {
         extra.extend(["-o", o]);
         let args = with(&extra);
         let args: Vec<&str> = args.iter().map(String::as_str).collect();
-        let out = cli(&args);
+        let out = common::slimcandle(&args);
         let stderr = String::from_utf8_lossy(&out.stderr);
         assert_eq!(out.status.code(), Some(1), "{extra:?}: {stderr}");
         assert!(stderr.contains(message), "{extra:?}: {stderr}");

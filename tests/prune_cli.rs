@@ -3,34 +3,18 @@
 
 mod common;
 
+use common::{ok, s, slimcandle, stderr};
+
 use serde_json::Value;
 use slimcandle::checkpoint;
 use slimcandle::model::Model;
 use slimcandle::models::{ArchOptions, ArchSpec, Stem};
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
-
-fn slimcandle(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_slimcandle"))
-        .args(args)
-        .output()
-        .expect("binary runs")
-}
-
-fn ok(args: &[&str]) -> String {
-    let o = slimcandle(args);
-    assert!(
-        o.status.success(),
-        "slimcandle {args:?} failed:\n{}",
-        String::from_utf8_lossy(&o.stderr)
-    );
-    String::from_utf8_lossy(&o.stdout).into_owned()
-}
 
 /// A command that must fail cleanly: exit 1, or 2 for what the argument parser refuses.
 fn fails(args: &[&str], mentions: &[&str]) {
     let o = slimcandle(args);
-    let err = String::from_utf8_lossy(&o.stderr).into_owned();
+    let err = stderr(&o);
     let usage = err.contains("For more information, try '--help'");
     let code = if usage { 2 } else { 1 };
     assert_eq!(o.status.code(), Some(code), "{args:?} should fail:\n{err}");
@@ -38,10 +22,6 @@ fn fails(args: &[&str], mentions: &[&str]) {
     for m in mentions {
         assert!(err.contains(m), "expected `{m}` in:\n{err}");
     }
-}
-
-fn s(p: &Path) -> &str {
-    p.to_str().unwrap()
 }
 
 /// A small MobileNet V2 for 32x32 inputs with 10 classes, saved as a checkpoint.

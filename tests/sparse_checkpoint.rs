@@ -15,7 +15,6 @@ use slimcandle::sparse;
 use slimcandle::tensor_file::{RawTensor, TensorFile, write_atomic};
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
-use std::process::Command;
 
 /// MobileNet V1 x0.25 for 10 classes at 32x32 (215k parameters), with every tensor made free
 /// of exact zeros, as in a trained model (a fresh init has zero biases and running means).
@@ -520,12 +519,7 @@ fn corrupt_sparse_data_gives_one_clear_error() {
 fn inspect_reports_sparse_storage() {
     let dir = common::temp_dir("sparse-inspect");
     let (pruned, name, _) = sparse_files(&dir);
-    let run = |args: &[&str]| {
-        Command::new(env!("CARGO_BIN_EXE_slimcandle"))
-            .args(args)
-            .output()
-            .unwrap()
-    };
+    let run = common::slimcandle;
     let path = pruned.to_str().unwrap();
     let out = run(&["inspect", path, "--json"]);
     assert!(

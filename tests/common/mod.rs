@@ -64,3 +64,35 @@ pub fn arch_of(name: &str) -> (String, ArchOptions) {
         _ => (name.to_string(), ArchOptions::default()),
     }
 }
+
+/// Runs the `slimcandle` binary built for these tests.
+pub fn slimcandle(args: &[&str]) -> std::process::Output {
+    std::process::Command::new(env!("CARGO_BIN_EXE_slimcandle"))
+        .args(args)
+        .output()
+        .expect("binary runs")
+}
+
+pub fn stdout(o: &std::process::Output) -> String {
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+pub fn stderr(o: &std::process::Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+/// Runs a command that must succeed; returns its stdout.
+pub fn ok(args: &[&str]) -> String {
+    let o = slimcandle(args);
+    assert!(
+        o.status.success(),
+        "slimcandle {args:?} failed:\n{}",
+        stderr(&o)
+    );
+    stdout(&o)
+}
+
+/// A path as a command-line argument.
+pub fn s(p: &std::path::Path) -> &str {
+    p.to_str().unwrap()
+}
