@@ -95,7 +95,13 @@ pub fn run(
                     None
                 };
                 match fast {
-                    Some(out) => optimizer.step(&out.grads, 1e-3, None)?,
+                    Some(out) => {
+                        let t = Instant::now();
+                        optimizer.step(&out.grads, 1e-3, None)?;
+                        if crate::profile::enabled() {
+                            crate::profile::record("optimizer step", t.elapsed());
+                        }
+                    }
                     None => {
                         let logits = forward_train(&model.graph, &model.weights, &x, i as u64)?;
                         let grads = cross_entropy(&logits, &labels, 0.0)?.backward()?;
@@ -109,11 +115,15 @@ pub fn run(
     for i in 0..warmup {
         step(i)?;
     }
+    crate::profile::reset();
     let start = Instant::now();
     for i in 0..iterations {
         step(warmup + i)?;
     }
     let seconds = start.elapsed().as_secs_f64();
+    if crate::profile::enabled() {
+        eprint!("{}", crate::profile::report());
+    }
     Ok(BenchResult {
         mode,
         batch,

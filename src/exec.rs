@@ -5,7 +5,6 @@
 
 use crate::graph::{Activation, Graph, Op};
 use crate::kernels;
-use crate::rng::Rng;
 use crate::weights::Weights;
 use anyhow::{Context, Result, bail};
 use candle_core::{D, Tensor};
@@ -180,11 +179,7 @@ fn run_op(
 
 /// Inverted dropout with a mask drawn from `seed`.
 fn dropout(x: &Tensor, rate: f64, seed: u64) -> Result<Tensor> {
-    let mut rng = Rng::new(seed);
-    let keep = (1.0 / (1.0 - rate)) as f32;
-    let mask: Vec<f32> = (0..x.elem_count())
-        .map(|_| if rng.uniform() < rate { 0.0 } else { keep })
-        .collect();
+    let mask = crate::rng::dropout_mask(seed, x.elem_count(), rate);
     Ok((x * Tensor::from_vec(mask, x.dims(), x.device())?)?)
 }
 

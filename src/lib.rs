@@ -14,6 +14,7 @@ pub mod model;
 pub mod models;
 pub mod passes;
 pub mod predict;
+pub mod profile;
 pub mod prune;
 pub mod report;
 pub mod rng;

@@ -1,6 +1,17 @@
 //! A small seeded generator (SplitMix64). Our own rather than a crate's so that a seed gives
 //! the same initialisation and data order across dependency upgrades.
 
+/// SplitMix64's state increment.
+const GAMMA: u64 = 0x9E37_79B9_7F4A_7C15;
+
+/// SplitMix64's output function of a state.
+#[inline]
+fn mix(mut z: u64) -> u64 {
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^ (z >> 31)
+}
+
 #[derive(Debug, Clone)]
 pub struct Rng {
     state: u64,
@@ -22,11 +33,8 @@ impl Rng {
     }
 
     pub fn next_u64(&mut self) -> u64 {
-        self.state = self.state.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.state;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
+        self.state = self.state.wrapping_add(GAMMA);
+        mix(self.state)
     }
 
     /// Uniform in [0, 1).
@@ -53,6 +61,31 @@ impl Rng {
     }
 }
 
+/// Inverted-dropout mask of `len` values: 0 where `Rng::new(seed)`'s i-th `uniform()` draw is
+/// below `rate`, `1 / (1 - rate)` elsewhere; the same mask as drawing them one by one.
+///
+/// Why not a loop over `uniform()`: SplitMix64's i-th output is a pure function of
+/// `seed` and `i`, so the draws are computed independently, in parallel and without the
+/// float division (`u / 2^53 < rate` is exactly `u < rate * 2^53`: both sides are exact).
+pub fn dropout_mask(seed: u64, len: usize, rate: f64) -> Vec<f32> {
+    use rayon::prelude::*;
+    let keep = (1.0 / (1.0 - rate)) as f32;
+    let threshold = rate * (1u64 << 53) as f64;
+    let start = Rng::new(seed).state;
+    let mut mask = vec![0f32; len];
+    mask.par_chunks_mut(1 << 14)
+        .enumerate()
+        .for_each(|(chunk, part)| {
+            let first = (chunk << 14) as u64;
+            for (i, m) in part.iter_mut().enumerate() {
+                let state = start.wrapping_add(GAMMA.wrapping_mul(first + i as u64 + 1));
+                let u = (mix(state) >> 11) as f64;
+                *m = if u < threshold { 0.0 } else { keep };
+            }
+        });
+    mask
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -71,5 +104,22 @@ mod tests {
             "mean {mean} var {var}"
         );
         assert!((0..1000).all(|_| a.below(10) < 10));
+    }
+
+    #[test]
+    fn dropout_mask_is_the_sequential_draws() {
+        for (seed, len, rate) in [
+            (7u64, 40_000usize, 0.5),
+            (3, 17, 0.2),
+            (0, 1, 0.9),
+            (1, 0, 0.5),
+        ] {
+            let mut rng = Rng::new(seed);
+            let keep = (1.0 / (1.0 - rate)) as f32;
+            let want: Vec<f32> = (0..len)
+                .map(|_| if rng.uniform() < rate { 0.0 } else { keep })
+                .collect();
+            assert_eq!(dropout_mask(seed, len, rate), want, "seed {seed} len {len}");
+        }
     }
 }

@@ -265,6 +265,8 @@ fn shufflenet_v1_matches_autograd() {
 fn shufflenet_v2_matches_autograd() {
     check("shufflenet_v2_x0_5", None, Stem::Cifar, 3, 19);
     check("shufflenet_v2_x0_5", None, Stem::Imagenet, 2, 45);
+    // Large enough that split, concat and shuffle copy in parallel (train::elementwise).
+    check("shufflenet_v2_x0_5", None, Stem::Cifar, 8, 24);
 }
 
 #[test]

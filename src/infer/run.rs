@@ -254,6 +254,7 @@ fn run_step(
                 (din.h, din.w),
                 x,
                 &mut y,
+                false,
             )?;
             y
         }

@@ -15,6 +15,7 @@
 //! | [`add_channel_bias`] | one pass forward; per-channel sums backward (`bias.rs`) |
 //! | [`max_pool2d`], [`avg_pool2d`] | PyTorch's padding and ceil-mode rules, with backward (`pool.rs`) |
 //! | [`channel_shuffle`] | one plane permutation each way (`shuffle.rs`) |
+//! | `sgd::sgd_step` | the optimizer's SGD update, in place, two passes (`sgd.rs`) |
 //!
 //! The eval executor (`crate::infer`) calls the slice-level forward functions
 //! (`conv_gemm::forward_into`, `depthwise::forward_into`, `pool::pool_into`) directly, with a
@@ -35,6 +36,7 @@ pub(crate) mod gemm;
 pub(crate) mod im2col;
 pub(crate) mod pool;
 pub mod reference;
+pub(crate) mod sgd;
 mod shuffle;
 pub(crate) mod simd;
 

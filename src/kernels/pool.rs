@@ -268,7 +268,9 @@ fn pool(
 }
 
 /// Max pooling (`max`, ceil mode as given) or average pooling (zero padding counted) of the
-/// H x W planes in `x` into `y` on the calling thread; `y` must hold every output plane.
+/// H x W planes in `x` into `y`; `y` must hold every output plane. With `parallel` the planes
+/// are shared out over the rayon pool, otherwise they run on the calling thread (the eval
+/// executor, which already runs chunks of the batch in parallel).
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn pool_into(
     max: bool,
@@ -279,6 +281,7 @@ pub(crate) fn pool_into(
     (h, w): (usize, usize),
     x: &[f32],
     y: &mut [f32],
+    parallel: bool,
 ) -> Result<()> {
     let kind = if max { Kind::Max } else { Kind::Avg };
     let planes = x.len() / (h * w).max(1);
@@ -287,8 +290,14 @@ pub(crate) fn pool_into(
     if y.len() != planes * plane_out {
         bail!("pooling: output buffer size");
     }
-    for (o, plane) in y.chunks_mut(plane_out).zip(x.chunks(h * w)) {
-        p.plane(plane, o);
+    if parallel {
+        y.par_chunks_mut(plane_out)
+            .zip(x.par_chunks(h * w))
+            .for_each(|(o, plane)| p.plane(plane, o));
+    } else {
+        for (o, plane) in y.chunks_mut(plane_out).zip(x.chunks(h * w)) {
+            p.plane(plane, o);
+        }
     }
     Ok(())
 }

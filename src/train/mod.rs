@@ -11,6 +11,7 @@
 //! ([`TrainConfig::bn_l1`], an L1 pull of the batch-norm scales towards zero that marks whole
 //! channels for structured pruning).
 
+mod elementwise;
 pub mod loss;
 pub mod optimizer;
 pub mod schedule;

@@ -2,6 +2,7 @@
 //! and linear weights only: batch-norm parameters and biases are exempt.
 
 use crate::graph::{Graph, ParamRole};
+use crate::kernels::sgd::{Sgd, sgd_step};
 use crate::weights::Weights;
 use anyhow::{Result, bail};
 use candle_core::backprop::GradStore;
@@ -115,6 +116,17 @@ impl Optimizer {
                     nesterov,
                 } => {
                     let mu = momentum.unwrap_or(base);
+                    let hp = Sgd {
+                        lr: lr as f32,
+                        momentum: mu as f32,
+                        nesterov,
+                        weight_decay: (p.decay && self.weight_decay > 0.0)
+                            .then_some(self.weight_decay as f32),
+                    };
+                    if let Some(buf) = sgd_step(w, g, p.m.as_ref(), hp)? {
+                        p.m = buf;
+                        continue;
+                    }
                     let mut d = if p.decay && self.weight_decay > 0.0 {
                         (g + (w * self.weight_decay)?)?
                     } else {

@@ -29,6 +29,7 @@
 //! Only f32 CPU tensors run here ([`train_step`] returns `None` otherwise). The executor is
 //! used by `Run::train` and `bench --mode train` unless `SLIMCANDLE_TRAIN_EXEC=0`.
 
+use super::elementwise::{add_into, map, per_sample, zip_map};
 use crate::exec::check_input;
 use crate::graph::{Activation, Graph, Op};
 use crate::kernels::activation::Kind;
@@ -36,7 +37,6 @@ use crate::kernels::batch_norm::{Stats, train_backward, train_forward_into};
 use crate::kernels::conv::ConvGeom;
 use crate::kernels::gemm::{MatMut, MatRef, matmul, parallelism};
 use crate::kernels::{conv_gemm, depthwise, pool};
-use crate::rng::Rng;
 use crate::weights::Weights;
 use anyhow::{Context, Result, bail};
 use candle_core::{DType, Device, Tensor};
@@ -91,13 +91,6 @@ fn kind_of(act: Activation) -> Option<Kind> {
 
 fn sigmoid(v: f32) -> f32 {
     1.0 / (1.0 + (-v).exp())
-}
-
-/// `a += b`.
-fn add_into(a: &mut [f32], b: &[f32]) {
-    for (a, b) in a.iter_mut().zip(b) {
-        *a += b;
-    }
 }
 
 /// Adds the owned gradient `g` into `slot` (moved in if the slot is empty).
@@ -220,6 +213,17 @@ pub fn train_step(
         Ok(p)
     };
 
+    // With `SLIMCANDLE_PROFILE=1`, each node's forward and backward time by op kind.
+    let profiling = crate::profile::enabled();
+    let mut clock = std::time::Instant::now();
+    let mut lap = |label: &dyn Fn() -> String| {
+        if profiling {
+            let now = std::time::Instant::now();
+            crate::profile::record(&label(), now - clock);
+            clock = now;
+        }
+    };
+
     // Forward.
     for (id, node) in graph.nodes.iter().enumerate() {
         if fused[id] {
@@ -325,11 +329,15 @@ pub fn train_step(
             Op::Act { act } => {
                 let xs = input(0);
                 match kind_of(*act) {
-                    Some(k) => xs.iter().map(|&v| k.forward(v)).collect(),
-                    None => xs.iter().map(|&v| sigmoid(v)).collect(),
+                    Some(k) => map(xs, |v| k.forward(v)),
+                    None => map(xs, sigmoid),
                 }
             }
-            Op::Add => input(0).iter().zip(input(1)).map(|(a, b)| a + b).collect(),
+            Op::Add => {
+                let mut y = input(0).to_vec();
+                add_into(&mut y, input(1));
+                y
+            }
             Op::ChannelMul => {
                 let (xs, s) = (input(0), input(1));
                 let plane = dout.h * dout.w;
@@ -343,17 +351,17 @@ pub fn train_step(
             }
             Op::Concat => {
                 let total = dout.elements();
+                let parts: Vec<(&[f32], usize)> = (0..node.inputs.len())
+                    .map(|k| (input(k), dims[node.inputs[k]].elements()))
+                    .collect();
                 let mut y = vec![0f32; n * total];
-                let mut offset = 0;
-                for (k, &v) in node.inputs.iter().enumerate() {
-                    let len = dims[v].elements();
-                    let xs = input(k);
-                    for s in 0..n {
-                        y[s * total + offset..s * total + offset + len]
-                            .copy_from_slice(&xs[s * len..(s + 1) * len]);
+                per_sample(&mut y, total, |s, ys| {
+                    let mut offset = 0;
+                    for &(xs, len) in &parts {
+                        ys[offset..offset + len].copy_from_slice(&xs[s * len..(s + 1) * len]);
+                        offset += len;
                     }
-                    offset += len;
-                }
+                });
                 y
             }
             Op::Slice { start, end } => {
@@ -362,10 +370,10 @@ pub fn train_step(
                 let (sin, sout) = (din.elements(), dout.elements());
                 let xs = input(0);
                 let mut y = vec![0f32; n * sout];
-                for (s, dst) in y.chunks_mut(sout.max(1)).enumerate() {
+                per_sample(&mut y, sout, |s, dst| {
                     let from = s * sin + start * plane;
                     dst.copy_from_slice(&xs[from..from + (end - start) * plane]);
-                }
+                });
                 y
             }
             Op::ChannelShuffle { groups } => {
@@ -374,13 +382,12 @@ pub fn train_step(
                 let per = c / groups;
                 let xs = input(0);
                 let mut y = vec![0f32; xs.len()];
-                if plane > 0 {
-                    for (j, dst) in y.chunks_mut(plane).enumerate() {
-                        let (s, o) = (j / c, j % c);
+                per_sample(&mut y, c * plane, |s, ys| {
+                    for (o, dst) in ys.chunks_mut(plane).enumerate() {
                         let src = s * c + (o % groups) * per + o / groups;
                         dst.copy_from_slice(&xs[src * plane..(src + 1) * plane]);
                     }
-                }
+                });
                 y
             }
             Op::MaxPool {
@@ -400,6 +407,7 @@ pub fn train_step(
                     (din.h, din.w),
                     input(0),
                     &mut y,
+                    true,
                 )?;
                 y
             }
@@ -419,6 +427,7 @@ pub fn train_step(
                     (din.h, din.w),
                     input(0),
                     &mut y,
+                    true,
                 )?;
                 y
             }
@@ -436,12 +445,9 @@ pub fn train_step(
                 let xs = input(0);
                 if *rate > 0.0 {
                     let seed = dropout_seed ^ (id as u64).wrapping_mul(0xD6E8_FEB8_6659_FD93);
-                    let mut rng = Rng::new(seed);
-                    let keep = (1.0 / (1.0 - rate)) as f32;
-                    let mask: Vec<f32> = (0..xs.len())
-                        .map(|_| if rng.uniform() < *rate { 0.0 } else { keep })
-                        .collect();
-                    let y = xs.iter().zip(&mask).map(|(a, m)| a * m).collect();
+                    let mask = crate::rng::dropout_mask(seed, xs.len(), *rate);
+                    let mut y = xs.to_vec();
+                    zip_map(&mut y, &mask, |a, m| a * m);
                     saved[id] = Saved::Mask(mask);
                     y
                 } else {
@@ -456,6 +462,7 @@ pub fn train_step(
             }
         }
         vals[id] = Some(y);
+        lap(&|| format!("fwd {} {}x{}", node.op.kind(), dout.h, dout.w));
     }
 
     // Loss and its gradient.
@@ -463,6 +470,7 @@ pub fn train_step(
     let logits = vals[graph.output].as_deref().expect("output computed");
     let (loss, dlogits) = cross_entropy_grad(logits, labels, classes, smoothing)?;
     let logits_t = Tensor::from_slice(logits, (n, classes), &Device::Cpu)?;
+    lap(&|| "loss".into());
 
     // Backward.
     let mut grads: Vec<Option<Vec<f32>>> = vec![None; count];
@@ -570,9 +578,7 @@ pub fn train_step(
             Op::Act { act } if fused[id] => {
                 let k = kind_of(*act).expect("only ReLU and ReLU6 are fused");
                 let ys = own.as_deref().expect("kept for the backward pass");
-                g.iter_mut()
-                    .zip(ys)
-                    .for_each(|(d, &v)| *d = k.backward(v, *d));
+                zip_map(&mut g, ys, |d, v| k.backward(v, d));
                 if need_grad[inp0] {
                     acc_owned(&mut grads[inp0], g);
                 }
@@ -580,13 +586,10 @@ pub fn train_step(
             Op::Act { act } => {
                 let xs = val(0);
                 match kind_of(*act) {
-                    Some(k) => g
-                        .iter_mut()
-                        .zip(xs)
-                        .for_each(|(d, &v)| *d = k.backward(v, *d)),
-                    None => g.iter_mut().zip(xs).for_each(|(d, &v)| {
+                    Some(k) => zip_map(&mut g, xs, |d, v| k.backward(v, d)),
+                    None => zip_map(&mut g, xs, |d, v| {
                         let s = sigmoid(v);
-                        *d *= s * (1.0 - s);
+                        d * (s * (1.0 - s))
                     }),
                 }
                 if need_grad[inp0] {
@@ -627,23 +630,13 @@ pub fn train_step(
                 for &v in &node.inputs {
                     let len = dims[v].elements();
                     if need_grad[v] {
+                        let part = |s: usize| &g[s * total + offset..s * total + offset + len];
                         let slot = &mut grads[v];
                         match slot {
-                            Some(acc) => {
-                                for s in 0..n {
-                                    add_into(
-                                        &mut acc[s * len..(s + 1) * len],
-                                        &g[s * total + offset..s * total + offset + len],
-                                    );
-                                }
-                            }
+                            Some(acc) => per_sample(acc, len, |s, a| add_into(a, part(s))),
                             None => {
-                                let mut d = Vec::with_capacity(n * len);
-                                for s in 0..n {
-                                    d.extend_from_slice(
-                                        &g[s * total + offset..s * total + offset + len],
-                                    );
-                                }
+                                let mut d = vec![0f32; n * len];
+                                per_sample(&mut d, len, |s, a| a.copy_from_slice(part(s)));
                                 *slot = Some(d);
                             }
                         }
@@ -658,10 +651,10 @@ pub fn train_step(
                     let (sin, sout) = (din.elements(), dout.elements());
                     let slot = &mut grads[inp0];
                     let acc = slot.get_or_insert_with(|| vec![0f32; n * sin]);
-                    for s in 0..n {
-                        let from = s * sin + start * plane;
-                        add_into(&mut acc[from..from + sout], &g[s * sout..(s + 1) * sout]);
-                    }
+                    per_sample(acc, sin, |s, a| {
+                        let from = start * plane;
+                        add_into(&mut a[from..from + sout], &g[s * sout..(s + 1) * sout]);
+                    });
                 }
             }
             Op::ChannelShuffle { groups } => {
@@ -670,13 +663,14 @@ pub fn train_step(
                     let c = dout.c;
                     let per = c / groups;
                     let mut dx = vec![0f32; g.len()];
-                    if plane > 0 {
-                        for (j, src) in g.chunks(plane).enumerate() {
-                            let (s, o) = (j / c, j % c);
-                            let to = s * c + (o % groups) * per + o / groups;
-                            dx[to * plane..(to + 1) * plane].copy_from_slice(src);
+                    per_sample(&mut dx, c * plane, |s, ds| {
+                        for o in 0..c {
+                            let to = (o % groups) * per + o / groups;
+                            let from = (s * c + o) * plane;
+                            ds[to * plane..(to + 1) * plane]
+                                .copy_from_slice(&g[from..from + plane]);
                         }
-                    }
+                    });
                     acc_owned(&mut grads[inp0], dx);
                 }
             }
@@ -726,18 +720,25 @@ pub fn train_step(
                     let din = dims[inp0];
                     let plane = din.h * din.w;
                     let inv = 1.0 / plane as f32;
-                    let slot = &mut grads[inp0];
-                    match slot {
-                        Some(acc) => {
-                            for (pl, &d) in acc.chunks_mut(plane).zip(&g) {
-                                pl.iter_mut().for_each(|v| *v += d * inv);
+                    let c = din.c;
+                    // Each plane gets its gradient / plane size, added or written.
+                    let spread = |add: bool| {
+                        move |s: usize, part: &mut [f32]| {
+                            for (pl, &d) in part.chunks_mut(plane).zip(&g[s * c..(s + 1) * c]) {
+                                if add {
+                                    pl.iter_mut().for_each(|v| *v += d * inv);
+                                } else {
+                                    pl.fill(d * inv);
+                                }
                             }
                         }
+                    };
+                    let slot = &mut grads[inp0];
+                    match slot {
+                        Some(acc) => per_sample(acc, c * plane, spread(true)),
                         None => {
                             let mut dx = vec![0f32; n * din.elements()];
-                            for (pl, &d) in dx.chunks_mut(plane).zip(&g) {
-                                pl.fill(d * inv);
-                            }
+                            per_sample(&mut dx, c * plane, spread(false));
                             *slot = Some(dx);
                         }
                     }
@@ -750,7 +751,7 @@ pub fn train_step(
             }
             Op::Dropout { .. } => {
                 if let Saved::Mask(mask) = &saved[id] {
-                    g.iter_mut().zip(mask).for_each(|(d, m)| *d *= m);
+                    zip_map(&mut g, mask, |d, m| d * m);
                 }
                 if need_grad[inp0] {
                     acc_owned(&mut grads[inp0], g);
@@ -765,7 +766,7 @@ pub fn train_step(
                 vals[i] = None;
             }
         }
-        let _ = &node.name;
+        lap(&|| format!("bwd {} {}x{}", node.op.kind(), dout.h, dout.w));
     }
 
     let mut out = HashMap::with_capacity(pgrads.len());
@@ -777,6 +778,7 @@ pub fn train_step(
             .to_vec();
         out.insert(name, Tensor::from_vec(g, shape, &Device::Cpu)?);
     }
+    lap(&|| "gradients to tensors".into());
     Ok(Some(StepOutput {
         logits: logits_t,
         loss,
