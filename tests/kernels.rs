@@ -272,6 +272,12 @@ fn dense_conv() {
     }
     Conv::new(1, 3, 4, (7, 9), 1).check();
     Conv::new(3, 5, 2, (6, 5), 1).kernel(1, 1, 0).check();
+    // Output planes of more than 256 values run one sample per GEMM; smaller ones put
+    // several samples side by side (conv_gemm::forward_batched), up to the boundary.
+    Conv::new(3, 3, 4, (17, 19), 1).check();
+    Conv::new(3, 3, 4, (17, 19), 1).kernel(1, 1, 0).check();
+    Conv::new(3, 3, 4, (16, 16), 1).kernel(1, 1, 0).check();
+    Conv::new(3, 3, 4, (31, 33), 1).kernel(3, 2, 1).check();
     Conv {
         dil: 2,
         ..Conv::new(2, 3, 4, (9, 7), 1).kernel(3, 1, 2)

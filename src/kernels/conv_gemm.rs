@@ -8,16 +8,16 @@
 //! - weight gradient: `dW_g += dY_g cols^T`, summed over the batch
 //!
 //! A 1x1 stride-1 unpadded convolution needs no im2col at all: `cols` is the input itself, and
-//! `dcols` is the input gradient. Forward, such a convolution of small planes (up to 64
-//! values) runs as one GEMM over the whole batch (`pointwise_batched`). Everything is one op per convolution (no
-//! chunk-and-concatenate). Samples run in parallel with single-threaded GEMMs when the batch
+//! `dcols` is the input gradient. A dense convolution of small output planes (up to 256
+//! values) puts several samples side by side in one GEMM, forward and backward
+//! (`forward_batched`). Everything is one op per convolution (no chunk-and-concatenate). Samples run in parallel with single-threaded GEMMs when the batch
 //! has at least one sample per thread; otherwise each GEMM uses all threads.
 
 use super::{
     conv::{ConvGeom, conv_backward},
     cpu::{SharedMut, f32_slice},
     gemm::{MatMut, MatRef, Parallelism, matmul, parallelism},
-    im2col::{col2im, im2col},
+    im2col::{col2im, col2im_strided, im2col, im2col_strided},
 };
 use candle_core::{CpuStorage, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
@@ -102,13 +102,8 @@ pub(crate) fn forward_into(
         }
         return;
     }
-    if d.direct && g.groups == 1 && g.n > 1 && d.p <= SMALL_PLANE {
-        let par = if parallel {
-            parallelism(false)
-        } else {
-            Parallelism::None
-        };
-        pointwise_batched(g, x, w, y, par, post);
+    if batched(g, &d) {
+        forward_batched(g, &d, x, w, y, parallel, post);
         return;
     }
     let sample = |n: usize, yn: &mut [f32], cols: &mut [f32], par: Parallelism| {
@@ -145,43 +140,166 @@ pub(crate) fn forward_into(
     }
 }
 
-/// Output planes up to this size make a 1x1 convolution one GEMM over the batch.
-const SMALL_PLANE: usize = 64;
+/// Output planes up to this size run several samples per GEMM ([`forward_batched`]).
+const SMALL_PLANE: usize = 256;
 
-/// A 1x1 stride-1 convolution of small planes as one GEMM over the batch: per sample the
-/// GEMM would be C_out x P with a P of a few columns (poor use of the micro-kernel, and the
-/// weights packed again for every sample). The input is gathered into C_in x (N P), the
-/// product written to a C_out x (N P) scratch, and scattered back into NCHW per sample.
-fn pointwise_batched(
+/// Whether a convolution runs several samples per GEMM: a dense one whose output planes are
+/// small, so that one sample's GEMM would have only a few columns.
+fn batched(g: &ConvGeom, d: &Dims) -> bool {
+    g.groups == 1 && g.n > 1 && d.p <= SMALL_PLANE
+}
+
+/// The batch split into runs of samples: one run per thread with `parallel` (each GEMM then
+/// single-threaded), else one run of the whole batch.
+fn sample_runs(n: usize, parallel: bool) -> usize {
+    let threads = if parallel {
+        rayon::current_num_threads()
+    } else {
+        1
+    };
+    n.div_ceil(threads.clamp(1, n.max(1)))
+}
+
+/// The column matrix of `m` consecutive samples of `x`: (C_in k k) x (m P), each sample's
+/// P columns side by side (for a 1x1 stride-1 convolution, just its planes).
+fn batch_cols(g: &ConvGeom, d: &Dims, x: &[f32], m: usize) -> Vec<f32> {
+    let width = m * d.p;
+    let mut cols = vec![0f32; d.kdim * width];
+    for (s, xs) in x.chunks_exact(g.c_in * d.hw).take(m).enumerate() {
+        if d.direct {
+            for (c, plane) in xs.chunks_exact(d.p).enumerate() {
+                cols[c * width + s * d.p..c * width + (s + 1) * d.p].copy_from_slice(plane);
+            }
+        } else {
+            im2col_strided(g, g.c_in, xs, &mut cols[s * d.p..], width);
+        }
+    }
+    cols
+}
+
+/// `m` samples of an NCHW tensor with `c` channels of `p` values, as C x (m P).
+fn channel_major(t: &[f32], c: usize, p: usize, m: usize) -> Vec<f32> {
+    let width = m * p;
+    let mut out = vec![0f32; c * width];
+    for (s, ts) in t.chunks_exact(c * p).take(m).enumerate() {
+        for (ch, plane) in ts.chunks_exact(p).enumerate() {
+            out[ch * width + s * p..ch * width + (s + 1) * p].copy_from_slice(plane);
+        }
+    }
+    out
+}
+
+/// A dense convolution of small output planes with several samples per GEMM: per run of
+/// samples (one run per thread), `Y = W cols` with the run's column matrices side by side,
+/// then scattered back to NCHW. One sample's GEMM would be C_out x P with a P of 16 to 256
+/// columns, which wastes most of the micro-kernel and packs the weights again per sample.
+fn forward_batched(
     g: &ConvGeom,
+    d: &Dims,
     x: &[f32],
     w: &[f32],
     y: &mut [f32],
-    par: Parallelism,
+    parallel: bool,
     post: &(dyn Fn(usize, usize, &mut [f32]) + Sync),
 ) {
-    let (n, ci, co, p) = (g.n, g.c_in, g.c_out, g.ho * g.wo);
-    let cols = n * p;
-    let mut xb = vec![0f32; ci * cols];
-    for (s, xs) in x.chunks_exact(ci * p).enumerate() {
-        for (c, plane) in xs.chunks_exact(p).enumerate() {
-            xb[c * cols + s * p..c * cols + (s + 1) * p].copy_from_slice(plane);
+    let (x_sample, y_sample) = (g.c_in * d.hw, g.c_out * d.p);
+    let run = sample_runs(g.n, parallel);
+    let one = |r: usize, yr: &mut [f32]| {
+        let m = yr.len() / y_sample;
+        let cols = batch_cols(g, d, &x[r * run * x_sample..], m);
+        let width = m * d.p;
+        let mut yb = vec![0f32; g.c_out * width];
+        matmul(
+            MatMut::rows(&mut yb, g.c_out, width),
+            false,
+            MatRef::rows(w, g.c_out, d.kdim),
+            MatRef::rows(&cols, d.kdim, width),
+            Parallelism::None,
+        );
+        for (s, ys) in yr.chunks_exact_mut(y_sample).enumerate() {
+            for (c, plane) in ys.chunks_exact_mut(d.p).enumerate() {
+                plane.copy_from_slice(&yb[c * width + s * d.p..c * width + (s + 1) * d.p]);
+            }
+            post(r * run + s, 0, ys);
+        }
+    };
+    if run < g.n {
+        y.par_chunks_mut(run * y_sample)
+            .enumerate()
+            .for_each(|(r, yr)| one(r, yr));
+    } else {
+        one(0, y);
+    }
+}
+
+/// The backward of [`forward_batched`]: per run of samples, `dW += dY cols^T` (the run's
+/// columns as the inner dimension) and `dcols = W^T dY`, then col2im per sample.
+fn backward_batched(
+    g: &ConvGeom,
+    d: &Dims,
+    x: &[f32],
+    w: &[f32],
+    dy: &[f32],
+    need_x: bool,
+    need_w: bool,
+) -> Vec<f32> {
+    let (x_sample, y_sample) = (g.c_in * d.hw, g.c_out * d.p);
+    let dx_len = if need_x { g.n * x_sample } else { 0 };
+    let dw_len = if need_w { g.c_out * d.kdim } else { 0 };
+    let mut out = vec![0f32; dx_len + dw_len];
+    let (dx, dw) = out.split_at_mut(dx_len);
+    let dx = SharedMut::new(dx);
+    let run = sample_runs(g.n, true);
+    let one = |r: usize| -> Vec<f32> {
+        let first = r * run;
+        let m = run.min(g.n - first);
+        let width = m * d.p;
+        let dyb = channel_major(&dy[first * y_sample..], g.c_out, d.p, m);
+        let mut dw_part = vec![0f32; dw_len];
+        if need_w {
+            let cols = batch_cols(g, d, &x[first * x_sample..], m);
+            matmul(
+                MatMut::rows(&mut dw_part, g.c_out, d.kdim),
+                false,
+                MatRef::rows(&dyb, g.c_out, width),
+                MatRef::rows(&cols, d.kdim, width).t(),
+                Parallelism::None,
+            );
+        }
+        if need_x {
+            let mut dcols = vec![0f32; d.kdim * width];
+            matmul(
+                MatMut::rows(&mut dcols, d.kdim, width),
+                false,
+                MatRef::rows(w, g.c_out, d.kdim).t(),
+                MatRef::rows(&dyb, g.c_out, width),
+                Parallelism::None,
+            );
+            for s in 0..m {
+                // SAFETY: each sample's input gradient is written by exactly one run, and
+                // `out` outlives the parallel loop below.
+                let dxs = unsafe { dx.part((first + s) * x_sample, x_sample) };
+                if d.direct {
+                    for (c, plane) in dxs.chunks_exact_mut(d.p).enumerate() {
+                        plane.copy_from_slice(
+                            &dcols[c * width + s * d.p..c * width + (s + 1) * d.p],
+                        );
+                    }
+                } else {
+                    col2im_strided(g, g.c_in, &dcols[s * d.p..], dxs, width);
+                }
+            }
+        }
+        dw_part
+    };
+    let runs = g.n.div_ceil(run);
+    let partials: Vec<Vec<f32>> = (0..runs).into_par_iter().map(one).collect();
+    for part in partials {
+        for (a, b) in dw.iter_mut().zip(part) {
+            *a += b;
         }
     }
-    let mut yb = vec![0f32; co * cols];
-    matmul(
-        MatMut::rows(&mut yb, co, cols),
-        false,
-        MatRef::rows(w, co, ci),
-        MatRef::rows(&xb, ci, cols),
-        par,
-    );
-    for (s, ys) in y.chunks_exact_mut(co * p).enumerate() {
-        for (c, plane) in ys.chunks_exact_mut(p).enumerate() {
-            plane.copy_from_slice(&yb[c * cols + s * p..c * cols + (s + 1) * p]);
-        }
-        post(s, 0, ys);
-    }
+    out
 }
 
 /// Returns `[dX | dW]` (each part only when requested).
@@ -194,6 +312,9 @@ pub(crate) fn backward(
     need_w: bool,
 ) -> Vec<f32> {
     let d = Dims::of(g);
+    if batched(g, &d) {
+        return backward_batched(g, &d, x, w, dy, need_x, need_w);
+    }
     let x_sample = g.c_in * d.hw;
     let y_sample = g.c_out * d.p;
     let dx_len = if need_x { g.n * x_sample } else { 0 };

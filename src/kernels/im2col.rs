@@ -31,6 +31,18 @@ pub(crate) fn valid_range(
 /// Fills `cols` ((`cig` k k) x (ho wo), row-major) from `x`, the `cig` input planes of one
 /// group of one sample.
 pub(crate) fn im2col(g: &ConvGeom, cig: usize, x: &[f32], cols: &mut [f32]) {
+    im2col_strided(g, cig, x, cols, g.ho * g.wo);
+}
+
+/// [`im2col`] into rows `row_len` values apart (the sample's ho wo columns of a column
+/// matrix shared by several samples, which `cols` starts at).
+pub(crate) fn im2col_strided(
+    g: &ConvGeom,
+    cig: usize,
+    x: &[f32],
+    cols: &mut [f32],
+    row_len: usize,
+) {
     let (k, s, p, d) = (g.k, g.stride, g.pad as isize, g.dil);
     let (h, w, ho, wo) = (g.h, g.w, g.ho, g.wo);
     let plane = ho * wo;
@@ -40,7 +52,7 @@ pub(crate) fn im2col(g: &ConvGeom, cig: usize, x: &[f32], cols: &mut [f32]) {
             let rows = valid_range(ho, h, s, (ky * d) as isize - p);
             for kx in 0..k {
                 let row = (ci * k + ky) * k + kx;
-                let dst = &mut cols[row * plane..(row + 1) * plane];
+                let dst = &mut cols[row * row_len..row * row_len + plane];
                 let x0 = (kx * d) as isize - p;
                 let cs = valid_range(wo, w, s, x0);
                 for oy in 0..ho {
@@ -74,16 +86,26 @@ pub(crate) fn im2col(g: &ConvGeom, cig: usize, x: &[f32], cols: &mut [f32]) {
 /// Adds every entry of `cols` (laid out as by [`im2col`]) onto the input position it was
 /// taken from in `dx`, the `cig` input-gradient planes of one group of one sample.
 pub(crate) fn col2im(g: &ConvGeom, cig: usize, cols: &[f32], dx: &mut [f32]) {
+    col2im_strided(g, cig, cols, dx, g.ho * g.wo);
+}
+
+/// [`col2im`] from rows `row_len` values apart (as [`im2col_strided`] writes them).
+pub(crate) fn col2im_strided(
+    g: &ConvGeom,
+    cig: usize,
+    cols: &[f32],
+    dx: &mut [f32],
+    row_len: usize,
+) {
     let (k, s, p, d) = (g.k, g.stride, g.pad as isize, g.dil);
     let (h, w, ho, wo) = (g.h, g.w, g.ho, g.wo);
-    let plane = ho * wo;
     for ci in 0..cig {
         let dst = &mut dx[ci * h * w..(ci + 1) * h * w];
         for ky in 0..k {
             let rows = valid_range(ho, h, s, (ky * d) as isize - p);
             for kx in 0..k {
                 let row = (ci * k + ky) * k + kx;
-                let src = &cols[row * plane..(row + 1) * plane];
+                let src = &cols[row * row_len..];
                 let x0 = (kx * d) as isize - p;
                 let cs = valid_range(wo, w, s, x0);
                 if cs.is_empty() {

@@ -66,3 +66,30 @@ pub(super) fn per_sample(
             .for_each(|(s, p)| f(s, p));
     }
 }
+
+/// Per-channel sums of NCHW values (`c` channels of `plane` values per sample): each
+/// sample's plane sums in parallel, then added in sample order, which is the serial loop's
+/// order and rounding.
+pub(super) fn channel_sums(g: &[f32], c: usize, plane: usize) -> Vec<f32> {
+    let sample = c * plane;
+    let mut sums = vec![0f32; c];
+    if sample == 0 {
+        return sums;
+    }
+    let per_sample = |gs: &[f32]| -> Vec<f32> {
+        gs.chunks_exact(plane)
+            .map(|pl| pl.iter().sum::<f32>())
+            .collect()
+    };
+    let parts: Vec<Vec<f32>> = if g.len() < PAR_MIN {
+        g.chunks_exact(sample).map(per_sample).collect()
+    } else {
+        g.par_chunks_exact(sample).map(per_sample).collect()
+    };
+    for part in parts {
+        for (s, v) in sums.iter_mut().zip(part) {
+            *s += v;
+        }
+    }
+    sums
+}

@@ -29,7 +29,7 @@
 //! Only f32 CPU tensors run here ([`train_step`] returns `None` otherwise). The executor is
 //! used by `Run::train` and `bench --mode train` unless `SLIMCANDLE_TRAIN_EXEC=0`.
 
-use super::elementwise::{add_into, map, per_sample, zip_map};
+use super::elementwise::{add_into, channel_sums, map, per_sample, zip_map};
 use crate::exec::check_input;
 use crate::graph::{Activation, Graph, Op};
 use crate::kernels::activation::Kind;
@@ -506,11 +506,7 @@ pub fn train_step(
                 let gm = conv_geom(&node.op, n, din, dout.c)?;
                 let plane = dout.h * dout.w;
                 if *bias {
-                    let mut db = vec![0f32; dout.c];
-                    for (j, pl) in g.chunks_exact(plane).enumerate() {
-                        db[j % dout.c] += pl.iter().sum::<f32>();
-                    }
-                    acc_param(&mut pgrads, p("bias"), db);
+                    acc_param(&mut pgrads, p("bias"), channel_sums(&g, dout.c, plane));
                 }
                 let need_x = need_grad[inp0];
                 let wt = get(&p("weight"));
