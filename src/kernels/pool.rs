@@ -323,6 +323,70 @@ pub(crate) fn pool_backward(
     Ok(p.backward(x, dy))
 }
 
+/// Train-mode max pooling of the H x W planes in `x` into `y` (planes in parallel), also
+/// writing each output's window maximum position within its input plane to `argmax`, so
+/// the backward pass is a scatter ([`max_pool_backward_from`]) instead of a second search
+/// of every window (PyTorch keeps these indices too).
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn max_pool_with_argmax(
+    kernel: usize,
+    stride: usize,
+    padding: usize,
+    ceil: bool,
+    (h, w): (usize, usize),
+    x: &[f32],
+    y: &mut [f32],
+    argmax: &mut [u32],
+) -> Result<()> {
+    let planes = x.len() / (h * w).max(1);
+    let p = geometry((planes, 1, h, w), Kind::Max, kernel, stride, padding, ceil)?;
+    let plane_out = p.oh * p.ow;
+    if y.len() != planes * plane_out || argmax.len() != y.len() {
+        bail!("max pooling: output buffer size");
+    }
+    if plane_out == 0 {
+        return Ok(());
+    }
+    y.par_chunks_mut(plane_out)
+        .zip(argmax.par_chunks_mut(plane_out))
+        .zip(x.par_chunks(h * w))
+        .for_each(|((o, idx), plane)| {
+            for oy in 0..p.oh {
+                for ox in 0..p.ow {
+                    let (ys, xs, _) = p.window(oy, ox);
+                    let at = p.argmax(plane, ys, xs);
+                    o[oy * p.ow + ox] = plane[at];
+                    idx[oy * p.ow + ox] = at as u32;
+                }
+            }
+        });
+    Ok(())
+}
+
+/// The input gradient (planes of `plane_in` values) of [`max_pool_with_argmax`] from its
+/// `argmax` and the output gradient `dy` (planes of `plane_out` values).
+pub(crate) fn max_pool_backward_from(
+    argmax: &[u32],
+    dy: &[f32],
+    plane_in: usize,
+    plane_out: usize,
+) -> Vec<f32> {
+    if plane_out == 0 {
+        return Vec::new();
+    }
+    let planes = dy.len() / plane_out;
+    let mut dx = vec![0f32; planes * plane_in];
+    dx.par_chunks_mut(plane_in)
+        .zip(argmax.par_chunks(plane_out))
+        .zip(dy.par_chunks(plane_out))
+        .for_each(|((d, idx), g)| {
+            for (&i, &gv) in idx.iter().zip(g) {
+                d[i as usize] += gv;
+            }
+        });
+    dx
+}
+
 /// PyTorch's `max_pool2d` (padding never selected; ceil mode supported).
 pub fn max_pool2d(
     x: &Tensor,
@@ -466,5 +530,33 @@ mod tests {
             b.flatten_all().unwrap().to_vec1::<f32>().unwrap()
         );
         assert!(max_pool2d(&input(1, 1, 2, 2, 1), 3, 2, 0, false).is_err());
+    }
+
+    /// The train step's argmax-saving max pooling against the searching forward and
+    /// backward, with ties (rounded inputs) and a NaN, for overlapping, padded and
+    /// ceil-mode windows.
+    #[test]
+    fn argmax_pooling_matches_search() {
+        for (k, st, pad, ceil, h, w) in [
+            (3, 2, 0, true, 9, 8),
+            (3, 2, 1, false, 7, 7),
+            (2, 2, 0, false, 6, 5),
+        ] {
+            let mut x: Vec<f32> = (0..3 * h * w).map(|i| ((i * 7919) % 13) as f32).collect();
+            x[5] = f32::NAN;
+            let dy_len = 3
+                * pooled_len(h, k, st, pad, 1, ceil).unwrap()
+                * pooled_len(w, k, st, pad, 1, ceil).unwrap();
+            let dy: Vec<f32> = (0..dy_len).map(|i| i as f32 * 0.5 - 3.0).collect();
+            let mut want = vec![0f32; dy_len];
+            pool_into(true, k, st, pad, ceil, (h, w), &x, &mut want, false).unwrap();
+            let (mut got, mut argmax) = (vec![0f32; dy_len], vec![0u32; dy_len]);
+            max_pool_with_argmax(k, st, pad, ceil, (h, w), &x, &mut got, &mut argmax).unwrap();
+            let bits = |v: &[f32]| v.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
+            assert_eq!(bits(&got), bits(&want), "forward k{k} s{st} p{pad}");
+            let want_dx = pool_backward(true, k, st, pad, ceil, (h, w), &x, &dy).unwrap();
+            let got_dx = max_pool_backward_from(&argmax, &dy, h * w, dy_len / 3);
+            assert_eq!(got_dx, want_dx, "backward k{k} s{st} p{pad}");
+        }
     }
 }

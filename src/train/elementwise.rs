@@ -86,10 +86,56 @@ pub(super) fn channel_sums(g: &[f32], c: usize, plane: usize) -> Vec<f32> {
     } else {
         g.par_chunks_exact(sample).map(per_sample).collect()
     };
+    add_in_order(&mut sums, parts);
+    sums
+}
+
+/// `g[i] = f(g[i], y[i])`, and the per-channel sums of the new `g` as [`channel_sums`]
+/// gives them, in one pass (an activation's backward fused with its conv's bias gradient).
+pub(super) fn masked_channel_sums(
+    g: &mut [f32],
+    y: &[f32],
+    f: impl Fn(f32, f32) -> f32 + Sync,
+    c: usize,
+    plane: usize,
+) -> Vec<f32> {
+    let sample = c * plane;
+    let mut sums = vec![0f32; c];
+    if sample == 0 {
+        return sums;
+    }
+    let per_sample = |(gs, ys): (&mut [f32], &[f32])| -> Vec<f32> {
+        gs.chunks_exact_mut(plane)
+            .zip(ys.chunks_exact(plane))
+            .map(|(gp, yp)| {
+                let mut sum = 0f32;
+                for (d, &v) in gp.iter_mut().zip(yp) {
+                    *d = f(*d, v);
+                    sum += *d;
+                }
+                sum
+            })
+            .collect()
+    };
+    let parts: Vec<Vec<f32>> = if g.len() < PAR_MIN {
+        g.chunks_exact_mut(sample)
+            .zip(y.chunks_exact(sample))
+            .map(per_sample)
+            .collect()
+    } else {
+        g.par_chunks_exact_mut(sample)
+            .zip(y.par_chunks_exact(sample))
+            .map(per_sample)
+            .collect()
+    };
+    add_in_order(&mut sums, parts);
+    sums
+}
+
+fn add_in_order(sums: &mut [f32], parts: Vec<Vec<f32>>) {
     for part in parts {
         for (s, v) in sums.iter_mut().zip(part) {
             *s += v;
         }
     }
-    sums
 }

@@ -8,9 +8,9 @@
 //!
 //! - the forward pass runs node by node in train mode, keeping each value only while a
 //!   forward reader still needs it or a backward needs it (the input of a conv, batch norm,
-//!   linear layer, activation, channel multiply or pooling), plus what a backward needs
-//!   beyond the inputs (batch norm's batch statistics, dropout's mask, drawn from the same
-//!   seeded source as [`crate::exec::forward_train`]);
+//!   linear layer, activation, channel multiply or average pooling), plus what a backward
+//!   needs beyond the inputs (batch norm's batch statistics, dropout's mask, drawn from the
+//!   same seeded source as [`crate::exec::forward_train`], max pooling's window maxima);
 //! - a conv or batch norm whose only reader is a ReLU or ReLU6 applies it to its output as
 //!   it writes it (the conv in its kernel's epilogue, with the bias), and that activation's
 //!   backward reads the output (which tells the same as the input for these two), so the
@@ -29,7 +29,7 @@
 //! Only f32 CPU tensors run here ([`train_step`] returns `None` otherwise). The executor is
 //! used by `Run::train` and `bench --mode train` unless `SLIMCANDLE_TRAIN_EXEC=0`.
 
-use super::elementwise::{add_into, channel_sums, map, per_sample, zip_map};
+use super::elementwise::{add_into, channel_sums, map, masked_channel_sums, per_sample, zip_map};
 use crate::exec::check_input;
 use crate::graph::{Activation, Graph, Op};
 use crate::kernels::activation::Kind;
@@ -63,6 +63,8 @@ enum Saved {
     None,
     Bn(Stats),
     Mask(Vec<f32>),
+    /// Max pooling's window maxima, by position in the input plane.
+    Argmax(Vec<u32>),
 }
 
 /// Whether a node's backward reads its inputs' values.
@@ -74,7 +76,6 @@ fn keeps_inputs(op: &Op) -> bool {
             | Op::Linear { .. }
             | Op::Act { .. }
             | Op::ChannelMul
-            | Op::MaxPool { .. }
             | Op::AvgPool { .. }
     )
 }
@@ -398,8 +399,8 @@ pub fn train_step(
             } => {
                 let din = dims[node.inputs[0]];
                 let mut y = vec![0f32; n * dout.elements()];
-                pool::pool_into(
-                    true,
+                let mut argmax = vec![0u32; y.len()];
+                pool::max_pool_with_argmax(
                     *kernel,
                     *stride,
                     *padding,
@@ -407,8 +408,9 @@ pub fn train_step(
                     (din.h, din.w),
                     input(0),
                     &mut y,
-                    true,
+                    &mut argmax,
                 )?;
+                saved[id] = Saved::Argmax(argmax);
                 y
             }
             Op::AvgPool {
@@ -481,6 +483,8 @@ pub fn train_step(
         .map(|nd| !matches!(nd.op, Op::Input { .. }))
         .collect();
     let mut left: Vec<usize> = consumers.iter().map(Vec::len).collect();
+    // A fused activation's kind and output, for its producer's backward to apply.
+    let mut deferred: Vec<Option<(Kind, Vec<f32>)>> = (0..count).map(|_| None).collect();
     grads[graph.output] = Some(dlogits);
     for id in (0..count).rev() {
         let node = &graph.nodes[id];
@@ -505,8 +509,18 @@ pub fn train_step(
                 let din = dims[inp0];
                 let gm = conv_geom(&node.op, n, din, dout.c)?;
                 let plane = dout.h * dout.w;
+                let act = deferred[id].take();
                 if *bias {
-                    acc_param(&mut pgrads, p("bias"), channel_sums(&g, dout.c, plane));
+                    let db = match &act {
+                        Some((k, ys)) => {
+                            let k = *k;
+                            masked_channel_sums(&mut g, ys, |d, v| k.backward(v, d), dout.c, plane)
+                        }
+                        None => channel_sums(&g, dout.c, plane),
+                    };
+                    acc_param(&mut pgrads, p("bias"), db);
+                } else if let Some((k, ys)) = act {
+                    zip_map(&mut g, &ys, |d, v| k.backward(v, d));
                 }
                 let need_x = need_grad[inp0];
                 let wt = get(&p("weight"));
@@ -526,6 +540,9 @@ pub fn train_step(
                 let Saved::Bn(stats) = &saved[id] else {
                     unreachable!("saved by the forward pass")
                 };
+                if let Some((k, ys)) = deferred[id].take() {
+                    zip_map(&mut g, &ys, |d, v| k.backward(v, d));
+                }
                 let need_x = need_grad[inp0];
                 let plane = dout.h * dout.w;
                 let c = dout.c;
@@ -572,12 +589,12 @@ pub fn train_step(
                 }
             }
             Op::Act { act } if fused[id] => {
+                // Its producer (whose only reader it is) applies it, in its first pass over
+                // the gradient.
                 let k = kind_of(*act).expect("only ReLU and ReLU6 are fused");
-                let ys = own.as_deref().expect("kept for the backward pass");
-                zip_map(&mut g, ys, |d, v| k.backward(v, d));
-                if need_grad[inp0] {
-                    acc_owned(&mut grads[inp0], g);
-                }
+                let ys = own.expect("kept for the backward pass");
+                deferred[inp0] = Some((k, ys));
+                acc_owned(&mut grads[inp0], g);
             }
             Op::Act { act } => {
                 let xs = val(0);
@@ -670,24 +687,14 @@ pub fn train_step(
                     acc_owned(&mut grads[inp0], dx);
                 }
             }
-            Op::MaxPool {
-                kernel,
-                stride,
-                padding,
-                ceil_mode,
-            } => {
+            Op::MaxPool { .. } => {
                 if need_grad[inp0] {
+                    let Saved::Argmax(argmax) = &saved[id] else {
+                        unreachable!("saved by the forward pass")
+                    };
                     let din = dims[inp0];
-                    let dx = pool::pool_backward(
-                        true,
-                        *kernel,
-                        *stride,
-                        *padding,
-                        *ceil_mode,
-                        (din.h, din.w),
-                        val(0),
-                        &g,
-                    )?;
+                    let plane_out = dout.h * dout.w;
+                    let dx = pool::max_pool_backward_from(argmax, &g, din.h * din.w, plane_out);
                     acc_owned(&mut grads[inp0], dx);
                 }
             }
