@@ -151,6 +151,33 @@ pub fn train_step(
     smoothing: f64,
     dropout_seed: u64,
 ) -> Result<Option<StepOutput>> {
+    on_worker(|| step(graph, weights, x, labels, smoothing, dropout_seed))
+}
+
+/// Runs `f` on a thread of the rayon pool, the calling thread waiting (asleep) for it.
+///
+/// Why: the step's serial parts run between parallel kernels, on the calling thread. Called
+/// from outside the pool, that makes one thread more than there are cores, and the pool's
+/// workers, spinning for a moment after each kernel, take turns with the calling thread on
+/// the cores: a 40 KB copy between two kernels took 0.4 to 10 ms. On a worker, the step's
+/// serial parts and the kernels share the pool's threads (ShuffleNet V2 training steps
+/// 5-20% faster with 2 threads).
+fn on_worker<R: Send>(f: impl FnOnce() -> R + Send) -> R {
+    if rayon::current_thread_index().is_some() {
+        f()
+    } else {
+        rayon::scope(|_| f())
+    }
+}
+
+fn step(
+    graph: &Graph,
+    weights: &Weights,
+    x: &Tensor,
+    labels: &[u32],
+    smoothing: f64,
+    dropout_seed: u64,
+) -> Result<Option<StepOutput>> {
     check_input(graph, x.dims())?;
     if !x.device().is_cpu() || x.dtype() != DType::F32 {
         return Ok(None);
