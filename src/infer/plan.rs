@@ -145,15 +145,9 @@ pub(crate) fn build(graph: &Graph, weights: &Weights, dims: Vec<Dims>) -> Result
                 bias,
                 ..
             } => {
-                let Some(weight) = b.param(&node.name, "weight")? else {
+                let Some(weight) = b.weight_and_bias(&node.name, *bias, &mut epi)? else {
                     return Ok(None);
                 };
-                if *bias {
-                    let Some(bias) = b.param(&node.name, "bias")? else {
-                        return Ok(None);
-                    };
-                    epi.shift = Some(Src::Param(bias));
-                }
                 StepKind::Conv {
                     weight,
                     kernel: *kernel,
@@ -165,15 +159,9 @@ pub(crate) fn build(graph: &Graph, weights: &Weights, dims: Vec<Dims>) -> Result
                 }
             }
             Op::Linear { bias, .. } => {
-                let Some(weight) = b.param(&node.name, "weight")? else {
+                let Some(weight) = b.weight_and_bias(&node.name, *bias, &mut epi)? else {
                     return Ok(None);
                 };
-                if *bias {
-                    let Some(bias) = b.param(&node.name, "bias")? else {
-                        return Ok(None);
-                    };
-                    epi.shift = Some(Src::Param(bias));
-                }
                 StepKind::Linear { weight, epi }
             }
             Op::BatchNorm { eps, .. } => {
@@ -276,6 +264,26 @@ impl Builder<'_> {
         }
         self.params.push(t);
         Ok(Some(self.params.len() - 1))
+    }
+
+    /// A conv or linear layer's weight, its bias (if `bias`) becoming the epilogue's shift;
+    /// `None` as for [`Self::param`].
+    fn weight_and_bias(
+        &mut self,
+        node: &str,
+        bias: bool,
+        epi: &mut EpiSpec,
+    ) -> Result<Option<usize>> {
+        let Some(weight) = self.param(node, "weight")? else {
+            return Ok(None);
+        };
+        if bias {
+            let Some(b) = self.param(node, "bias")? else {
+                return Ok(None);
+            };
+            epi.shift = Some(Src::Param(b));
+        }
+        Ok(Some(weight))
     }
 
     fn constant(&mut self, v: Vec<f32>) -> Src {
