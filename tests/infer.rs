@@ -2,7 +2,10 @@
 //! family, with random weights and batch norm statistics, odd input sizes, batch 1 (one
 //! chunk, multi-threaded kernels) and batch 3 (chunks across threads).
 
+mod common;
+
 use candle_core::{Device, Tensor};
+use common::scaled_error;
 use slimcandle::exec::{self, Mode};
 use slimcandle::graph::Op;
 use slimcandle::model::Model;
@@ -44,33 +47,16 @@ fn input(n: usize, h: usize, w: usize, seed: u64) -> Tensor {
     Tensor::from_vec(v, (n, 3, h, w), &Device::Cpu).unwrap()
 }
 
-/// Largest absolute difference over the largest absolute reference value.
-fn relative_error(got: &Tensor, want: &Tensor) -> f32 {
-    assert_eq!(got.dims(), want.dims());
-    let a: Vec<f32> = got.flatten_all().unwrap().to_vec1().unwrap();
-    let b: Vec<f32> = want.flatten_all().unwrap().to_vec1().unwrap();
-    let scale = b.iter().fold(1e-6f32, |m, v| m.max(v.abs()));
-    let diff = a
-        .iter()
-        .zip(&b)
-        .map(|(p, q)| (p - q).abs())
-        .fold(
-            0f32,
-            |m, d| if d.is_nan() { f32::INFINITY } else { m.max(d) },
-        );
-    diff / scale
-}
-
 fn check(model: &Model, x: &Tensor, what: &str) {
     let want = exec::forward_candle(&model.graph, &model.weights, x, Mode::Eval).unwrap();
     let got = slimcandle::infer::forward(&model.graph, &model.weights, x)
         .unwrap()
         .expect("f32 CPU tensors run the fused executor");
-    let err = relative_error(&got, &want);
+    let err = scaled_error(&got, &want, 1e-6);
     assert!(err < 1e-4, "{what}: fused eval differs by {err} (relative)");
     // The public entry point takes the same route.
     let routed = model.forward(x, Mode::Eval).unwrap();
-    assert_eq!(relative_error(&routed, &got), 0.0, "{what}: routing");
+    assert_eq!(scaled_error(&routed, &got, 1e-6), 0.0, "{what}: routing");
 }
 
 /// Architectures and widths (narrow, to keep the test quick).

@@ -20,6 +20,7 @@
 mod common;
 
 use candle_core::{D, DType, Device, Tensor};
+use common::values_f64 as values;
 use slimcandle::exec::Mode;
 use slimcandle::graph::Op;
 use slimcandle::import::import_state_dict;
@@ -57,15 +58,6 @@ fn worst(a: f64, b: f64) -> f64 {
     } else {
         a.max(b)
     }
-}
-
-fn values(t: &Tensor) -> Vec<f64> {
-    t.to_dtype(DType::F64)
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .to_vec1()
-        .unwrap()
 }
 
 /// max |got - want| / max(1, |want|), elementwise.

@@ -7,7 +7,10 @@
 //! sides). Also: the executor is deterministic, and its loss gradient matches finite
 //! differences.
 
+mod common;
+
 use candle_core::{DType, Device, Tensor};
+use common::{scaled_error, values_f64 as values};
 use slimcandle::exec::forward_train;
 use slimcandle::graph::Op;
 use slimcandle::model::Model;
@@ -22,30 +25,6 @@ const TOL: f64 = 1e-4;
 /// `e <= tol`, false for NaN.
 fn within(e: f64, tol: f64) -> bool {
     e <= tol
-}
-
-fn values(t: &Tensor) -> Vec<f64> {
-    t.flatten_all()
-        .unwrap()
-        .to_dtype(DType::F64)
-        .unwrap()
-        .to_vec1()
-        .unwrap()
-}
-
-fn scaled_error(got: &Tensor, want: &Tensor, floor: f64) -> f64 {
-    assert_eq!(got.dims(), want.dims());
-    let (g, w) = (values(got), values(want));
-    let scale = w.iter().fold(floor.max(1e-12), |m, v| m.max(v.abs()));
-    let err = g
-        .iter()
-        .zip(&w)
-        .map(|(a, b)| (a - b).abs())
-        .fold(
-            0.0,
-            |m: f64, d| if d.is_nan() { f64::INFINITY } else { m.max(d) },
-        );
-    err / scale
 }
 
 /// The scaled error of each quantity (loss, logits, every parameter gradient, every running

@@ -96,3 +96,29 @@ pub fn ok(args: &[&str]) -> String {
 pub fn s(p: &std::path::Path) -> &str {
     p.to_str().unwrap()
 }
+
+/// A tensor's values in f64, flattened.
+pub fn values_f64(t: &candle_core::Tensor) -> Vec<f64> {
+    t.flatten_all()
+        .unwrap()
+        .to_dtype(candle_core::DType::F64)
+        .unwrap()
+        .to_vec1()
+        .unwrap()
+}
+
+/// max |got - want| / max(max |want|, floor), in f64; infinite if any difference is NaN.
+pub fn scaled_error(got: &candle_core::Tensor, want: &candle_core::Tensor, floor: f64) -> f64 {
+    assert_eq!(got.dims(), want.dims());
+    let (g, w) = (values_f64(got), values_f64(want));
+    let scale = w.iter().fold(floor.max(1e-12), |m, v| m.max(v.abs()));
+    let err = g
+        .iter()
+        .zip(&w)
+        .map(|(a, b)| (a - b).abs())
+        .fold(
+            0.0,
+            |m: f64, d| if d.is_nan() { f64::INFINITY } else { m.max(d) },
+        );
+    err / scale
+}
