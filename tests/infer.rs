@@ -1,6 +1,7 @@
 //! The fused eval executor (`slimcandle::infer`) against the Candle eval path, for every
 //! family, with random weights and batch norm statistics, odd input sizes, batch 1 (one
-//! chunk, multi-threaded kernels) and batch 3 (chunks across threads).
+//! chunk, multi-threaded kernels) and batch 3 (chunks across threads); and batch-norm folding,
+//! which keeps the logits of every family.
 
 mod common;
 
@@ -9,7 +10,7 @@ use common::scaled_error;
 use slimcandle::exec::{self, Mode};
 use slimcandle::graph::Op;
 use slimcandle::model::Model;
-use slimcandle::models::{ArchOptions, ArchSpec, Stem};
+use slimcandle::models::{ArchOptions, ArchSpec, Stem, catalog};
 use slimcandle::passes::fold_batch_norm;
 use slimcandle::rng::Rng;
 
@@ -210,4 +211,57 @@ fn train_mode_keeps_the_candle_path() {
     let x = input(2, 16, 16, 1);
     let y = model.forward(&x, Mode::Train).unwrap();
     assert!(y.backward().is_ok());
+}
+
+/// Batch-norm folding (`passes::fold_batch_norm`) leaves no batch norm behind a conv and
+/// keeps the logits, for every family.
+#[test]
+fn folded_models_compute_the_same_logits_for_every_family() {
+    let families: Vec<ArchSpec> = catalog()
+        .into_iter()
+        .map(|e| e.spec)
+        .filter(|s| s.width <= 1.0)
+        .collect();
+    let mut seen = std::collections::HashSet::new();
+    for spec in families {
+        if !seen.insert(spec.family) {
+            continue;
+        }
+        let spec = ArchSpec::parse(
+            spec.family.name(),
+            &ArchOptions {
+                width: Some(spec.width),
+                groups: Some(spec.groups).filter(|_| spec.groups > 1),
+                num_classes: Some(10),
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        let mut model = Model::init(&spec, 1).unwrap();
+        randomise_bn(&mut model, 2);
+        let folded = fold_batch_norm(&model).unwrap();
+        let bn_left = folded
+            .graph
+            .nodes
+            .iter()
+            .filter(|n| matches!(n.op, Op::BatchNorm { .. }))
+            .count();
+        assert_eq!(
+            bn_left,
+            0,
+            "{}: every batch norm follows a conv",
+            spec.variant_name()
+        );
+        let mut rng = Rng::new(3);
+        let x: Vec<f32> = (0..2 * 3 * 64 * 64).map(|_| rng.normal() as f32).collect();
+        let x = Tensor::from_vec(x, (2, 3, 64, 64), &Device::Cpu).unwrap();
+        let a = model.forward(&x, Mode::Eval).unwrap();
+        let b = folded.forward(&x, Mode::Eval).unwrap();
+        let err = scaled_error(&b, &a, 1.0);
+        assert!(
+            err < 1e-4,
+            "{}: folded logits differ by {err}",
+            spec.variant_name()
+        );
+    }
 }
