@@ -230,16 +230,23 @@ fn step(
     let mut uses: Vec<usize> = consumers.iter().map(Vec::len).collect();
     let mut vals: Vec<Option<Vec<f32>>> = vec![None; count];
     let mut saved: Vec<Saved> = (0..count).map(|_| Saved::None).collect();
-    // Parameters read in the forward pass, reused by the backward one.
+    // Every layer's parameters, copied out once for both passes.
     let mut params: HashMap<String, Vec<f32>> = HashMap::new();
-    let mut get = |name: String| -> Result<Vec<f32>> {
-        if let Some(p) = params.get(&name) {
-            return Ok(p.clone());
+    for node in &graph.nodes {
+        let suffixes: &[&str] = match node.op {
+            Op::Conv2d { bias: true, .. }
+            | Op::Linear { bias: true, .. }
+            | Op::BatchNorm { .. } => &["weight", "bias"],
+            Op::Conv2d { .. } | Op::Linear { .. } => &["weight"],
+            _ => &[],
+        };
+        for suffix in suffixes {
+            let name = format!("{}.{suffix}", node.name);
+            let values = param(weights, &name)?;
+            params.insert(name, values);
         }
-        let p = param(weights, &name)?;
-        params.insert(name, p.clone());
-        Ok(p)
-    };
+    }
+    let get = |name: String| -> &Vec<f32> { &params[&name] };
 
     // With `SLIMCANDLE_PROFILE=1`, each node's forward and backward time by op kind.
     let profiling = crate::profile::enabled();
@@ -274,8 +281,8 @@ fn step(
             Op::Conv2d { bias, .. } => {
                 let din = dims[node.inputs[0]];
                 let g = conv_geom(&node.op, n, din, dout.c)?;
-                let wt = get(p("weight"))?;
-                let b = if *bias { Some(get(p("bias"))?) } else { None };
+                let wt = get(p("weight"));
+                let b = bias.then(|| get(p("bias")));
                 let mut y = vec![0f32; n * dout.elements()];
                 let plane = dout.h * dout.w;
                 let xs = input(0);
@@ -300,11 +307,11 @@ fn step(
                 };
                 let c_out = dout.c;
                 if depthwise::supports(&g) {
-                    depthwise::forward_into(&g, xs, &wt, &mut y, parallel, &|i, vs| {
+                    depthwise::forward_into(&g, xs, wt, &mut y, parallel, &|i, vs| {
                         epilogue(i % c_out, c_out, vs)
                     });
                 } else {
-                    conv_gemm::forward_into(&g, xs, &wt, &mut y, parallel, &|_, c0, block| {
+                    conv_gemm::forward_into(&g, xs, wt, &mut y, parallel, &|_, c0, block| {
                         epilogue(c0, c_out, block)
                     });
                 }
@@ -319,12 +326,12 @@ fn step(
                         dout.w
                     );
                 }
-                let (gamma, beta) = (get(p("weight"))?, get(p("bias"))?);
+                let (gamma, beta) = (get(p("weight")), get(p("bias")));
                 let mut y = vec![0f32; n * dout.elements()];
                 let stats = train_forward_into(
                     input(0),
-                    &gamma,
-                    &beta,
+                    gamma,
+                    beta,
                     *eps,
                     (n, dout.c, plane),
                     act,
@@ -337,19 +344,19 @@ fn step(
             Op::Linear { bias, .. } => {
                 let fin = dims[node.inputs[0]].elements();
                 let fout = dout.c;
-                let wt = get(p("weight"))?;
+                let wt = get(p("weight"));
                 let mut y = vec![0f32; n * fout];
                 matmul(
                     MatMut::rows(&mut y, n, fout),
                     false,
                     MatRef::rows(input(0), n, fin),
-                    MatRef::rows(&wt, fout, fin).t(),
+                    MatRef::rows(wt, fout, fin).t(),
                     par,
                 );
                 if *bias {
-                    let b = get(p("bias"))?;
+                    let b = get(p("bias"));
                     for row in y.chunks_mut(fout) {
-                        add_into(row, &b);
+                        add_into(row, b);
                     }
                 }
                 y
@@ -523,7 +530,7 @@ fn step(
         };
         let dout = dims[id];
         let p = |suffix: &str| format!("{}.{suffix}", node.name);
-        let get = |name: &str| params.get(name).expect("read in the forward pass");
+        let get = |name: &str| params.get(name).expect("loaded before the forward pass");
         let val = |k: usize| -> &[f32] {
             vals[node.inputs[k]]
                 .as_deref()
