@@ -408,6 +408,7 @@ fn config(prune: Option<GradualPruning>, optimizer: OptimizerKind, bn_l1: f64) -
         seed: 5,
         prune,
         bn_l1,
+        distill: None,
     }
 }
 

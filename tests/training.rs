@@ -68,6 +68,7 @@ fn config(epochs: usize, schedule: Schedule) -> TrainConfig {
         seed: 5,
         prune: None,
         bn_l1: 0.0,
+        distill: None,
     }
 }
 

@@ -2,6 +2,7 @@
 //! prints one JSON document with stable snake_case keys.
 
 mod bench;
+mod distill_args;
 mod eval;
 mod forward;
 mod import;

@@ -1,4 +1,5 @@
 use super::ArchArgs;
+use super::distill_args::DistillArgs;
 use anyhow::{Result, bail};
 use clap::{Args, ValueEnum};
 use indicatif::{ProgressBar, ProgressStyle};
@@ -13,6 +14,7 @@ use slimcandle::prune::magnitude::{
 use slimcandle::prune::pattern;
 use slimcandle::train::optimizer::OptimizerKind;
 use slimcandle::train::schedule::Schedule;
+use slimcandle::train::teacher::CheckpointTeacher;
 use slimcandle::train::{EpochMetrics, Observer, Outcome, Run, TrainConfig};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -144,6 +146,8 @@ pub struct TrainArgs {
     /// Network slimming: L1 penalty on batch-norm scales (gamma), e.g. 1e-4.
     #[arg(long, default_value_t = 0.0, value_name = "LAMBDA")]
     bn_l1: f64,
+    #[command(flatten)]
+    distill: DistillArgs,
     /// Stop after this many steps as if interrupted (for tests of resume).
     #[arg(long, hide = true)]
     stop_after_steps: Option<usize>,
@@ -199,6 +203,10 @@ impl Observer for Bars {
         if let Some(bar) = self.bar.take() {
             bar.finish_and_clear();
         }
+        let parts = match (m.train_ce, m.train_kd) {
+            (Some(ce), Some(kd)) => format!(" (ce {ce:.4}, kd {kd:.4})"),
+            _ => String::new(),
+        };
         let test = match (m.test_top1, m.test_top5) {
             (Some(t1), Some(t5)) => format!(", test top-1 {t1:.2}% top-5 {t5:.2}%"),
             _ => String::new(),
@@ -208,7 +216,7 @@ impl Observer for Bars {
             .map(|s| format!(", sparsity {:.1}%", 100.0 * s))
             .unwrap_or_default();
         eprintln!(
-            "epoch {}: train loss {:.4} top-1 {:.2}%{test}{sparsity}, lr {:.4}, {:.0} img/s, {:.1}s",
+            "epoch {}: train loss {:.4}{parts} top-1 {:.2}%{test}{sparsity}, lr {:.4}, {:.0} img/s, {:.1}s",
             m.epoch, m.train_loss, m.train_top1, m.lr, m.images_per_s, m.seconds
         );
     }
@@ -305,6 +313,8 @@ fn config_from(args: &TrainArgs) -> Result<TrainConfig> {
         seed: args.seed,
         prune: pruning_from(args)?,
         bn_l1: args.bn_l1,
+        // Completed once the teacher is loaded and measured.
+        distill: None,
     };
     config.validate()?;
     Ok(config)
@@ -406,7 +416,13 @@ pub fn run(args: TrainArgs) -> Result<()> {
     let mut run = match &args.resume {
         Some(dir) => Run::open(dir)?,
         None => {
-            let config = config_from(&args)?;
+            let mut config = config_from(&args)?;
+            let kd = args.distill.weights()?;
+            // The teacher file is checked before the (possibly slow) data loading.
+            let mut teacher = match &args.distill.teacher {
+                Some(path) => Some(CheckpointTeacher::load(path)?),
+                None => None,
+            };
             let spec: DataSpec = config.data.parse()?;
             // Images are loaded at the model's input size.
             let size = match (&args.init, &args.arch.arch) {
@@ -428,15 +444,29 @@ pub fn run(args: TrainArgs) -> Result<()> {
                 mean: data.mean,
                 std: data.std,
             };
+            if let (Some(t), Some(kd)) = (&mut teacher, kd) {
+                t.prepare_for(&data.class_names, [size, size], data.mean, data.std)?;
+                eprintln!("measuring the teacher on the test split");
+                config.distill = Some(t.config(t.test_top1(data.test.clone())?, kd));
+            }
             let out = args
                 .output
                 .as_ref()
                 .expect("clap requires --output without --resume");
-            let run = Run::create(out, config, model)?;
+            let mut run = Run::create(out, config, model)?;
+            if let Some(t) = teacher {
+                run.attach_teacher(Box::new(t))?;
+            }
             return train_and_report(run, Some(data), &args);
         }
     };
     run.model.meta.provenance.command = std::env::args().collect::<Vec<_>>().join(" ");
+    if let Some(d) = &run.config.distill {
+        let mut teacher = CheckpointTeacher::reopen(&d.teacher)?;
+        let p = &run.model.meta.preprocessing;
+        teacher.prepare_for(&run.model.meta.class_names, p.input_size, p.mean, p.std)?;
+        run.attach_teacher(Box::new(teacher))?;
+    }
     train_and_report(run, None, &args)
 }
 
@@ -477,6 +507,22 @@ fn train_and_report(
     );
     if let Some(p) = &run.config.prune {
         eprintln!("{}", describe_pruning(&run.model, p)?);
+    }
+    if let Some(d) = &run.config.distill {
+        let t = &d.teacher;
+        eprintln!(
+            "distilling from teacher `{}`{}{} with alpha {}, temperature {}",
+            t.path.display(),
+            t.arch
+                .as_ref()
+                .map(|a| format!(" ({a})"))
+                .unwrap_or_default(),
+            t.test_top1
+                .map(|v| format!(", test top-1 {v:.2}%"))
+                .unwrap_or_default(),
+            d.weights.alpha,
+            d.weights.temperature
+        );
     }
     if run.config.bn_l1 > 0.0 {
         eprintln!(

@@ -10,12 +10,18 @@
 //! optimizer step, so pruned weights stay exactly zero) and the network-slimming penalty
 //! ([`TrainConfig::bn_l1`], an L1 pull of the batch-norm scales towards zero that marks whole
 //! channels for structured pruning).
+//!
+//! With a teacher ([`TrainConfig::distill`], [`Run::attach_teacher`]) the loss is knowledge
+//! distillation's (`distill.rs`): the teacher's logits of each augmented batch, computed in
+//! eval mode, soften the student's targets.
 
+pub mod distill;
 mod elementwise;
 pub mod loss;
 pub mod optimizer;
 pub mod schedule;
 pub mod step;
+pub mod teacher;
 
 use crate::checkpoint;
 use crate::data::{Augment, BatchLoader, Dataset, EpochPlan};
@@ -29,14 +35,16 @@ use crate::prune::magnitude::{
 use crate::rng::Rng;
 use crate::tensor_file::write_bytes_atomic;
 use anyhow::{Context, Result, bail};
-use candle_core::{Tensor, Var};
-use loss::{cross_entropy, top_k};
+use candle_core::{Device, Tensor, Var};
+pub use distill::{DistillConfig, KdWeights, LossParts};
+use loss::{cross_entropy, distillation_loss, top_k};
 use optimizer::{Gradients, Optimizer, OptimizerKind};
 use schedule::{LrPlan, Schedule};
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
+use teacher::Teacher;
 
 /// Everything that decides a run's result; stored in `config.json` and reused on resume.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -66,6 +74,10 @@ pub struct TrainConfig {
     /// training loss stays the cross-entropy). 0 disables it.
     #[serde(default)]
     pub bn_l1: f64,
+    /// Knowledge distillation from a teacher (none: the labels alone). The teacher itself is
+    /// attached to the run with [`Run::attach_teacher`].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub distill: Option<DistillConfig>,
 }
 
 impl TrainConfig {
@@ -79,6 +91,9 @@ impl TrainConfig {
         }
         if let Some(p) = &self.prune {
             p.validate(self.epochs)?;
+        }
+        if let Some(d) = &self.distill {
+            d.weights.validate()?;
         }
         Ok(())
     }
@@ -96,13 +111,26 @@ pub struct Progress {
     pub loss_sum: f64,
     pub correct: usize,
     pub seen: usize,
+    /// Distillation runs: running sums of the cross-entropy and distillation parts.
+    #[serde(default)]
+    pub ce_sum: f64,
+    #[serde(default)]
+    pub kd_sum: f64,
 }
 
 /// One line of `metrics.jsonl`.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct EpochMetrics {
     pub epoch: usize,
+    /// The loss minimised (with a teacher: `alpha * train_kd + (1 - alpha) * train_ce`).
     pub train_loss: f64,
+    /// Distillation runs: the cross-entropy part of the training loss (label smoothing
+    /// included).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub train_ce: Option<f64>,
+    /// Distillation runs: the distillation part, `T^2 * KL(teacher || student)`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub train_kd: Option<f64>,
     pub train_top1: f64,
     pub test_loss: Option<f64>,
     pub test_top1: Option<f64>,
@@ -178,6 +206,8 @@ pub struct Run {
     pub progress: Progress,
     /// Pruning masks in force (none before pruning starts).
     masks: Option<Masks>,
+    /// The teacher of a distillation run.
+    teacher: Option<Box<dyn Teacher>>,
 }
 
 impl Run {
@@ -213,6 +243,7 @@ impl Run {
             optimizer,
             progress: Progress::default(),
             masks: None,
+            teacher: None,
         })
     }
 
@@ -269,6 +300,7 @@ impl Run {
             optimizer,
             progress,
             masks,
+            teacher: None,
         };
         run.drop_metrics_after(run.progress.epoch)?;
         Ok(run)
@@ -325,6 +357,16 @@ impl Run {
         )
     }
 
+    /// Sets the teacher of a distillation run (`config.distill`): it must be the one the
+    /// configuration records (the CLI loads it with [`teacher::CheckpointTeacher::reopen`] on resume).
+    pub fn attach_teacher(&mut self, teacher: Box<dyn Teacher>) -> Result<()> {
+        if self.config.distill.is_none() {
+            bail!("this run's configuration has no distillation settings for a teacher");
+        }
+        self.teacher = Some(teacher);
+        Ok(())
+    }
+
     /// The pruning masks in force, if pruning has started.
     pub fn masks(&self) -> Option<&Masks> {
         self.masks.as_ref()
@@ -363,6 +405,9 @@ impl Run {
             ),
             ..previous.clone()
         };
+        if let Some(d) = &self.config.distill {
+            self.model.meta.provenance.history.push(d.history_entry());
+        }
         let result = checkpoint::save(&self.model, path);
         self.model.meta.provenance = previous;
         result
@@ -376,6 +421,14 @@ impl Run {
         observer: &mut dyn Observer,
     ) -> Result<Outcome> {
         let cfg = self.config.clone();
+        let distilling = match (&cfg.distill, &self.teacher) {
+            (Some(d), Some(_)) => Some(d.weights),
+            (None, _) => None,
+            (Some(d), None) => bail!(
+                "the run distils from `{}` but no teacher is attached",
+                d.teacher.path.display()
+            ),
+        };
         let steps_per_epoch = data.train.len().div_ceil(cfg.batch_size);
         if steps_per_epoch == 0 {
             bail!("{}: the training split is empty", data.source);
@@ -429,21 +482,34 @@ impl Run {
                 lr = step_lr;
                 let dropout_seed =
                     Rng::new(cfg.seed ^ 0xd1 ^ (self.progress.global_step as u64) << 20).next_u64();
+                // The teacher sees the same augmented batch, in eval mode.
+                let teacher_logits = match (&self.teacher, distilling) {
+                    (Some(t), Some(kd)) => Some((teacher_logits(&**t, &batch.x)?, kd)),
+                    _ => None,
+                };
                 let fast = if step::enabled() {
-                    step::train_step(
+                    let objective = step::Objective {
+                        smoothing: cfg.label_smoothing,
+                        teacher: teacher_logits.as_ref().map(|(t, kd)| (t.as_slice(), *kd)),
+                    };
+                    step::train_step_with(
                         &self.model.graph,
                         &self.model.weights,
                         &batch.x,
                         &batch.labels,
-                        cfg.label_smoothing,
+                        &objective,
                         dropout_seed,
                     )?
                 } else {
                     None
                 };
-                let (logits, loss_value, mut grads): (Tensor, f64, Box<dyn Gradients>) = match fast
-                {
-                    Some(out) => (out.logits, out.loss as f64, Box::new(out.grads)),
+                let (logits, loss_value, parts, mut grads): (
+                    Tensor,
+                    f64,
+                    Option<LossParts>,
+                    Box<dyn Gradients>,
+                ) = match fast {
+                    Some(out) => (out.logits, out.loss as f64, out.parts, Box::new(out.grads)),
                     None => {
                         let logits = forward_train(
                             &self.model.graph,
@@ -452,7 +518,24 @@ impl Run {
                             dropout_seed,
                         )?;
                         let labels = batch.label_tensor()?;
-                        let loss = cross_entropy(&logits, &labels, cfg.label_smoothing)?;
+                        let (loss, parts) = match &teacher_logits {
+                            None => (cross_entropy(&logits, &labels, cfg.label_smoothing)?, None),
+                            Some((t, kd)) => {
+                                let t = Tensor::from_slice(t, logits.dims(), &Device::Cpu)?;
+                                let l = distillation_loss(
+                                    &logits,
+                                    &t,
+                                    &labels,
+                                    cfg.label_smoothing,
+                                    *kd,
+                                )?;
+                                let parts = LossParts {
+                                    ce: l.ce.to_scalar::<f32>()? as f64,
+                                    kd: l.kd.to_scalar::<f32>()? as f64,
+                                };
+                                (l.total, Some(parts))
+                            }
+                        };
                         let loss_value = loss.to_scalar::<f32>()? as f64;
                         // No backward through a non-finite loss (the step fails below).
                         let grads: Box<dyn Gradients> = if loss_value.is_finite() {
@@ -460,7 +543,7 @@ impl Run {
                         } else {
                             Box::new(std::collections::HashMap::new())
                         };
-                        (logits, loss_value, grads)
+                        (logits, loss_value, parts, grads)
                     }
                 };
                 if !loss_value.is_finite() {
@@ -491,6 +574,10 @@ impl Run {
                     .filter(|(p, l)| p[0] == **l as usize)
                     .count();
                 self.progress.loss_sum += loss_value * n as f64;
+                if let Some(p) = parts {
+                    self.progress.ce_sum += p.ce * n as f64;
+                    self.progress.kd_sum += p.kd * n as f64;
+                }
                 self.progress.correct += correct;
                 self.progress.seen += n;
                 self.progress.global_step += 1;
@@ -533,6 +620,10 @@ impl Run {
             let metrics = EpochMetrics {
                 epoch: epoch + 1,
                 train_loss: self.progress.loss_sum / self.progress.seen.max(1) as f64,
+                train_ce: distilling
+                    .map(|_| self.progress.ce_sum / self.progress.seen.max(1) as f64),
+                train_kd: distilling
+                    .map(|_| self.progress.kd_sum / self.progress.seen.max(1) as f64),
                 train_top1: 100.0 * self.progress.correct as f64 / self.progress.seen.max(1) as f64,
                 test_loss: test.as_ref().map(|t| t.loss),
                 test_top1: test.as_ref().map(|t| t.top1),
@@ -590,4 +681,17 @@ impl Run {
         writeln!(f, "{}", serde_json::to_string(m)?)?;
         Ok(())
     }
+}
+
+/// The teacher's logits of `x`, as f32 values, refused when they are not N x K.
+fn teacher_logits(teacher: &dyn Teacher, x: &Tensor) -> Result<Vec<f32>> {
+    let logits = teacher.logits(x).context("the teacher's forward pass")?;
+    if logits.rank() != 2 || logits.dim(0)? != x.dim(0)? {
+        bail!(
+            "the teacher gave logits of shape {:?} for a batch of {}",
+            logits.dims(),
+            x.dim(0)?
+        );
+    }
+    Ok(logits.flatten_all()?.to_vec1::<f32>()?)
 }

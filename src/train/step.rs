@@ -15,8 +15,9 @@
 //!   it writes it (the conv in its kernel's epilogue, with the bias), and that activation's
 //!   backward reads the output (which tells the same as the input for these two), so the
 //!   pre-activation value is never stored;
-//! - the loss (mean softmax cross-entropy with label smoothing, as `loss::cross_entropy`) and
-//!   its gradient are one pass over the logits;
+//! - the loss (mean softmax cross-entropy with label smoothing, as `loss::cross_entropy`, or
+//!   with a teacher's logits the distillation loss, as `loss::distillation_loss`) and its
+//!   gradient are one pass over the logits ([`Objective`]);
 //! - the backward pass runs in reverse graph order, calling the kernels' slice-level backward
 //!   functions directly; each node's gradient is accumulated in place (the first contribution
 //!   is moved in, later ones added), activation and dropout backward run in place over the
@@ -29,7 +30,9 @@
 //! Only f32 CPU tensors run here ([`train_step`] returns `None` otherwise). The executor is
 //! used by `Run::train` and `bench --mode train` unless `SLIMCANDLE_TRAIN_EXEC=0`.
 
+use super::distill::{KdWeights, LossParts, distillation_loss_grad};
 use super::elementwise::{add_into, channel_sums, map, masked_channel_sums, per_sample, zip_map};
+use super::loss::{cross_entropy_row, log_sum_exp, smoothed_target};
 use crate::exec::check_input;
 use crate::graph::{Activation, Graph, Op};
 use crate::kernels::activation::Kind;
@@ -56,6 +59,49 @@ pub struct StepOutput {
     pub loss: f32,
     /// The gradient of the loss for every parameter that has one, by parameter name.
     pub grads: HashMap<String, Tensor>,
+    /// With a teacher: the cross-entropy and distillation parts of the loss.
+    pub parts: Option<LossParts>,
+}
+
+/// What the loss compares the logits with.
+#[derive(Clone, Copy)]
+pub struct Objective<'a> {
+    /// Label smoothing of the cross-entropy.
+    pub smoothing: f64,
+    /// Knowledge distillation: the teacher's logits of the same batch (N x K) and the
+    /// weights of the two terms.
+    pub teacher: Option<(&'a [f32], KdWeights)>,
+}
+
+impl Objective<'_> {
+    /// Cross-entropy against the labels only.
+    pub fn labels(smoothing: f64) -> Objective<'static> {
+        Objective {
+            smoothing,
+            teacher: None,
+        }
+    }
+
+    /// The mean loss of `logits` (N x `classes`), its parts with a teacher, and its gradient
+    /// with respect to the logits.
+    pub fn loss_grad(
+        &self,
+        logits: &[f32],
+        labels: &[u32],
+        classes: usize,
+    ) -> Result<(f32, Option<LossParts>, Vec<f32>)> {
+        Ok(match self.teacher {
+            None => {
+                let (loss, grad) = cross_entropy_grad(logits, labels, classes, self.smoothing)?;
+                (loss, None, grad)
+            }
+            Some((teacher, kd)) => {
+                let (loss, parts, grad) =
+                    distillation_loss_grad(logits, teacher, labels, classes, self.smoothing, kd)?;
+                (loss, Some(parts), grad)
+            }
+        })
+    }
 }
 
 /// What a node's backward needs besides its inputs.
@@ -151,7 +197,21 @@ pub fn train_step(
     smoothing: f64,
     dropout_seed: u64,
 ) -> Result<Option<StepOutput>> {
-    on_worker(|| step(graph, weights, x, labels, smoothing, dropout_seed))
+    let objective = Objective::labels(smoothing);
+    train_step_with(graph, weights, x, labels, &objective, dropout_seed)
+}
+
+/// [`train_step`] with any [`Objective`]: with a teacher's logits, the distillation loss,
+/// whose gradient goes into the logits' backward as the cross-entropy's does.
+pub fn train_step_with(
+    graph: &Graph,
+    weights: &Weights,
+    x: &Tensor,
+    labels: &[u32],
+    objective: &Objective,
+    dropout_seed: u64,
+) -> Result<Option<StepOutput>> {
+    on_worker(|| step(graph, weights, x, labels, objective, dropout_seed))
 }
 
 /// Runs `f` on a thread of the rayon pool, the calling thread waiting (asleep) for it.
@@ -175,7 +235,7 @@ fn step(
     weights: &Weights,
     x: &Tensor,
     labels: &[u32],
-    smoothing: f64,
+    objective: &Objective,
     dropout_seed: u64,
 ) -> Result<Option<StepOutput>> {
     check_input(graph, x.dims())?;
@@ -504,7 +564,7 @@ fn step(
     // Loss and its gradient.
     let classes = dims[graph.output].elements();
     let logits = vals[graph.output].as_deref().expect("output computed");
-    let (loss, dlogits) = cross_entropy_grad(logits, labels, classes, smoothing)?;
+    let (loss, parts, dlogits) = objective.loss_grad(logits, labels, classes)?;
     let logits_t = Tensor::from_slice(logits, (n, classes), &Device::Cpu)?;
     lap(&|| "loss".into());
 
@@ -820,6 +880,7 @@ fn step(
         logits: logits_t,
         loss,
         grads: out,
+        parts,
     }))
 }
 
@@ -872,21 +933,22 @@ pub fn cross_entropy_grad(
         .zip(grad.chunks_exact_mut(classes))
         .zip(labels)
     {
-        let label = label as usize;
-        if label >= classes {
-            bail!("label {label} out of range for {classes} classes");
-        }
-        let max = row.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v)) as f64;
-        let sum: f64 = row.iter().map(|&v| (v as f64 - max).exp()).sum();
-        let lse = max + sum.ln();
-        let nll = lse - row[label] as f64;
-        let smooth = lse - row.iter().map(|&v| v as f64).sum::<f64>() / classes as f64;
-        total += (1.0 - eps) * nll + eps * smooth;
+        let label = checked_label(label, classes)?;
+        let lse = log_sum_exp(row.iter().map(|&v| v as f64));
+        total += cross_entropy_row(row, label, lse, eps);
         for (k, (dv, &v)) in d.iter_mut().zip(row).enumerate() {
             let p = (v as f64 - lse).exp();
-            let target = if k == label { 1.0 - eps } else { 0.0 } + eps / classes as f64;
-            *dv = ((p - target) * inv_n) as f32;
+            *dv = ((p - smoothed_target(k, label, classes, eps)) * inv_n) as f32;
         }
     }
     Ok(((total * inv_n) as f32, grad))
+}
+
+/// A label as an index, refused when it is not one of `classes`.
+pub fn checked_label(label: u32, classes: usize) -> Result<usize> {
+    let label = label as usize;
+    if label >= classes {
+        bail!("label {label} out of range for {classes} classes");
+    }
+    Ok(label)
 }
