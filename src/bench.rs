@@ -4,9 +4,12 @@
 use crate::exec::{Mode, forward_train};
 use crate::model::Model;
 use crate::rng::Rng;
-use crate::train::loss::cross_entropy;
+use crate::train::KdWeights;
+use crate::train::loss::{cross_entropy, distillation_loss};
 use crate::train::optimizer::{Optimizer, OptimizerKind};
-use anyhow::Result;
+use crate::train::step::Objective;
+use crate::train::teacher::Teacher;
+use anyhow::{Result, bail};
 use candle_core::{Device, Tensor};
 use serde::Serialize;
 use std::time::Instant;
@@ -50,6 +53,24 @@ pub fn run(
     warmup: usize,
     iterations: usize,
 ) -> Result<BenchResult> {
+    run_with_teacher(model, mode, batch, size, warmup, iterations, None)
+}
+
+/// [`run`], with a teacher in train mode: each timed step includes the teacher's eval-mode
+/// forward pass and the distillation loss (alpha 0.9, T 4), as a distillation run's step does.
+pub fn run_with_teacher(
+    model: &Model,
+    mode: BenchMode,
+    batch: usize,
+    size: usize,
+    warmup: usize,
+    iterations: usize,
+    teacher: Option<&dyn Teacher>,
+) -> Result<BenchResult> {
+    if teacher.is_some() && mode != BenchMode::Train {
+        bail!("a teacher only takes part in training steps (--mode train)");
+    }
+    let kd = KdWeights::default();
     let mut rng = Rng::new(1);
     let data: Vec<f32> = (0..batch * 3 * size * size)
         .map(|_| rng.normal() as f32)
@@ -82,13 +103,29 @@ pub fn run(
                 model.forward(&x, Mode::Eval)?;
             }
             BenchMode::Train => {
+                let t = Instant::now();
+                let teacher_logits = match teacher {
+                    Some(t) => Some(t.logits(&x)?),
+                    None => None,
+                };
+                if teacher.is_some() && crate::profile::enabled() {
+                    crate::profile::record("teacher forward", t.elapsed());
+                }
+                let teacher_values = match &teacher_logits {
+                    Some(t) => Some(t.flatten_all()?.to_vec1::<f32>()?),
+                    None => None,
+                };
                 let fast = if crate::train::step::enabled() {
-                    crate::train::step::train_step(
+                    let objective = Objective {
+                        smoothing: 0.0,
+                        teacher: teacher_values.as_deref().map(|t| (t, kd)),
+                    };
+                    crate::train::step::train_step_with(
                         &model.graph,
                         &model.weights,
                         &x,
                         &label_values,
-                        0.0,
+                        &objective,
                         i as u64,
                     )?
                 } else {
@@ -104,7 +141,11 @@ pub fn run(
                     }
                     None => {
                         let logits = forward_train(&model.graph, &model.weights, &x, i as u64)?;
-                        let grads = cross_entropy(&logits, &labels, 0.0)?.backward()?;
+                        let loss = match &teacher_logits {
+                            Some(t) => distillation_loss(&logits, t, &labels, 0.0, kd)?.total,
+                            None => cross_entropy(&logits, &labels, 0.0)?,
+                        };
+                        let grads = loss.backward()?;
                         optimizer.step(&grads, 1e-3, None)?;
                     }
                 }
