@@ -114,15 +114,16 @@ impl CheckpointTeacher {
                 .enumerate()
                 .all(|(i, n)| *n == format!("class_{i}"))
         };
-        if !placeholders(theirs) && !placeholders(class_names) {
-            if let Some((i, (t, s))) = theirs
-                .iter()
-                .zip(class_names)
-                .enumerate()
-                .find(|(_, (t, s))| t != s)
-            {
-                bail!("{flag}: class {i} is `{t}`, but the student's class {i} is `{s}`");
-            }
+        let first_difference = theirs
+            .iter()
+            .zip(class_names)
+            .enumerate()
+            .find(|(_, (t, s))| t != s);
+        if let Some((i, (t, s))) = first_difference
+            && !placeholders(theirs)
+            && !placeholders(class_names)
+        {
+            bail!("{flag}: class {i} is `{t}`, but the student's class {i} is `{s}`");
         }
         let own = self.model.meta.preprocessing.input_size;
         if own != input_size {
