@@ -119,6 +119,7 @@ pub fn run_with_teacher(
                     let objective = Objective {
                         smoothing: 0.0,
                         teacher: teacher_values.as_deref().map(|t| (t, kd)),
+                        hints: None,
                     };
                     crate::train::step::train_step_with(
                         &model.graph,

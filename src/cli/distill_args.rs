@@ -2,8 +2,9 @@
 //! names are also the keys of training recipes.
 
 use anyhow::{Result, bail};
-use clap::Args;
+use clap::{Args, ValueEnum};
 use slimcandle::train::KdWeights;
+use slimcandle::train::feature_kd::{FeatureTap, HintLoss};
 use std::path::PathBuf;
 
 #[derive(Args, Debug, Clone, Default)]
@@ -24,6 +25,25 @@ pub struct DistillArgs {
     /// Softmax temperature of the distillation term, > 0 [default: 4].
     #[arg(long, value_name = "T", help_heading = "Distillation")]
     pub kd_temperature: Option<f64>,
+    /// Feature distillation: compare the student's map at STUDENT_NODE with the teacher's at
+    /// TEACHER_NODE (graph node names, as `slimcandle inspect` lists them); repeatable.
+    /// WEIGHT defaults to 1 (mse) or 500 (at).
+    #[arg(
+        long,
+        value_name = "STUDENT_NODE:TEACHER_NODE[:WEIGHT]",
+        help_heading = "Distillation"
+    )]
+    pub feature_kd: Vec<String>,
+    /// How feature maps are compared: mse (same shape) or at (attention transfer: channel
+    /// counts may differ) [default: mse].
+    #[arg(long, value_enum, value_name = "LOSS", help_heading = "Distillation")]
+    pub feature_kd_loss: Option<HintLossName>,
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+pub enum HintLossName {
+    Mse,
+    At,
 }
 
 impl DistillArgs {
@@ -34,6 +54,8 @@ impl DistillArgs {
             let given = [
                 ("--kd-alpha", self.kd_alpha.is_some()),
                 ("--kd-temperature", self.kd_temperature.is_some()),
+                ("--feature-kd", !self.feature_kd.is_empty()),
+                ("--feature-kd-loss", self.feature_kd_loss.is_some()),
             ];
             if let Some((flag, _)) = given.iter().find(|(_, g)| *g) {
                 bail!("{flag} only applies to distillation: add --teacher CKPT");
@@ -47,5 +69,23 @@ impl DistillArgs {
         };
         weights.validate()?;
         Ok(Some(weights))
+    }
+
+    /// The feature taps and their loss (no taps: none), with `--feature-kd-loss` refused
+    /// without taps.
+    pub fn feature_taps(&self) -> Result<(Vec<FeatureTap>, HintLoss)> {
+        let loss = match self.feature_kd_loss {
+            Some(HintLossName::At) => HintLoss::At,
+            Some(HintLossName::Mse) | None => HintLoss::Mse,
+        };
+        if self.feature_kd.is_empty() && self.feature_kd_loss.is_some() {
+            bail!("--feature-kd-loss needs at least one --feature-kd tap");
+        }
+        let taps = self
+            .feature_kd
+            .iter()
+            .map(|t| FeatureTap::parse(t, loss))
+            .collect::<Result<_>>()?;
+        Ok((taps, loss))
     }
 }

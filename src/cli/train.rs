@@ -12,6 +12,7 @@ use slimcandle::prune::magnitude::{
     Exclusion, GradualPruning, MagnitudeConfig, MaskScope, layer_choices,
 };
 use slimcandle::prune::pattern;
+use slimcandle::train::feature_kd::resolve_taps;
 use slimcandle::train::optimizer::OptimizerKind;
 use slimcandle::train::schedule::Schedule;
 use slimcandle::train::teacher::CheckpointTeacher;
@@ -203,8 +204,12 @@ impl Observer for Bars {
         if let Some(bar) = self.bar.take() {
             bar.finish_and_clear();
         }
+        let hint = m
+            .train_hint
+            .map(|h| format!(", hints {h:.4}"))
+            .unwrap_or_default();
         let parts = match (m.train_ce, m.train_kd) {
-            (Some(ce), Some(kd)) => format!(" (ce {ce:.4}, kd {kd:.4})"),
+            (Some(ce), Some(kd)) => format!(" (ce {ce:.4}, kd {kd:.4}{hint})"),
             _ => String::new(),
         };
         let test = match (m.test_top1, m.test_top5) {
@@ -418,6 +423,7 @@ pub fn run(args: TrainArgs) -> Result<()> {
         None => {
             let mut config = config_from(&args)?;
             let kd = args.distill.weights()?;
+            let (taps, hint_loss) = args.distill.feature_taps()?;
             // The teacher file is checked before the (possibly slow) data loading.
             let mut teacher = match &args.distill.teacher {
                 Some(path) => Some(CheckpointTeacher::load(path)?),
@@ -446,8 +452,14 @@ pub fn run(args: TrainArgs) -> Result<()> {
             };
             if let (Some(t), Some(kd)) = (&mut teacher, kd) {
                 t.prepare_for(&data.class_names, [size, size], data.mean, data.std)?;
+                let names: Vec<&str> = taps.iter().map(|f| f.teacher.as_str()).collect();
+                let teacher_dims = t.set_feature_taps(&names)?;
+                resolve_taps(&model.graph, [size, size], &taps, hint_loss, &teacher_dims)?;
                 eprintln!("measuring the teacher on the test split");
-                config.distill = Some(t.config(t.test_top1(data.test.clone())?, kd));
+                let mut distill = t.config(t.test_top1(data.test.clone())?, kd);
+                distill.features = taps;
+                distill.feature_loss = hint_loss;
+                config.distill = Some(distill);
             }
             let out = args
                 .output
@@ -465,6 +477,8 @@ pub fn run(args: TrainArgs) -> Result<()> {
         let mut teacher = CheckpointTeacher::reopen(&d.teacher)?;
         let p = &run.model.meta.preprocessing;
         teacher.prepare_for(&run.model.meta.class_names, p.input_size, p.mean, p.std)?;
+        let names: Vec<&str> = d.features.iter().map(|f| f.teacher.as_str()).collect();
+        teacher.set_feature_taps(&names)?;
         run.attach_teacher(Box::new(teacher))?;
     }
     train_and_report(run, None, &args)

@@ -13,6 +13,7 @@
 //! ([`distillation_loss_grad`]); `loss::distillation_loss` is the same loss on Candle tensors
 //! (the autograd path), and `teacher.rs` runs the teacher.
 
+use super::feature_kd::{FeatureTap, HintLoss};
 use super::loss::{cross_entropy_row, log_sum_exp, smoothed_target};
 use super::step::checked_label;
 use anyhow::{Result, bail};
@@ -73,6 +74,11 @@ pub struct DistillConfig {
     pub teacher: TeacherRecord,
     #[serde(flatten)]
     pub weights: KdWeights,
+    /// Feature distillation: student and teacher nodes whose maps are compared.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub features: Vec<FeatureTap>,
+    #[serde(default)]
+    pub feature_loss: HintLoss,
 }
 
 impl DistillConfig {
@@ -83,8 +89,22 @@ impl DistillConfig {
             .test_top1
             .map(|v| format!(", test top-1 {v:.2}%"))
             .unwrap_or_default();
+        let features = if self.features.is_empty() {
+            String::new()
+        } else {
+            let taps: Vec<String> = self
+                .features
+                .iter()
+                .map(|f| format!("{}:{}:{}", f.student, f.teacher, f.weight))
+                .collect();
+            let loss = match self.feature_loss {
+                HintLoss::Mse => "mse",
+                HintLoss::At => "attention transfer",
+            };
+            format!(", feature hints ({loss}) {}", taps.join(", "))
+        };
         format!(
-            "knowledge distillation from teacher `{}` ({}sha256 {}{top1}) with alpha {}, temperature {}",
+            "knowledge distillation from teacher `{}` ({}sha256 {}{top1}) with alpha {}, temperature {}{features}",
             t.path.display(),
             t.arch
                 .as_ref()

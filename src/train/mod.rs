@@ -17,6 +17,7 @@
 
 pub mod distill;
 mod elementwise;
+pub mod feature_kd;
 pub mod loss;
 pub mod optimizer;
 pub mod schedule;
@@ -116,6 +117,9 @@ pub struct Progress {
     pub ce_sum: f64,
     #[serde(default)]
     pub kd_sum: f64,
+    /// Feature distillation: running sum of the weighted hint losses.
+    #[serde(default)]
+    pub hint_sum: f64,
 }
 
 /// One line of `metrics.jsonl`.
@@ -131,6 +135,9 @@ pub struct EpochMetrics {
     /// Distillation runs: the distillation part, `T^2 * KL(teacher || student)`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub train_kd: Option<f64>,
+    /// Feature distillation: the weighted sum of the hint losses (included in `train_loss`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub train_hint: Option<f64>,
     pub train_top1: f64,
     pub test_loss: Option<f64>,
     pub test_top1: Option<f64>,
@@ -429,6 +436,25 @@ impl Run {
                 d.teacher.path.display()
             ),
         };
+        let hint_taps = cfg
+            .distill
+            .as_ref()
+            .map(|d| d.features.clone())
+            .unwrap_or_default();
+        let hint_loss = cfg
+            .distill
+            .as_ref()
+            .map(|d| d.feature_loss)
+            .unwrap_or_default();
+        let hint_nodes = hint_taps
+            .iter()
+            .map(|t| feature_kd::find_node(&self.model.graph, &t.student, "student"))
+            .collect::<Result<Vec<_>>>()?;
+        if !hint_nodes.is_empty() && !step::enabled() {
+            bail!(
+                "feature distillation runs on the train-step executor only: unset SLIMCANDLE_TRAIN_EXEC"
+            );
+        }
         let steps_per_epoch = data.train.len().div_ceil(cfg.batch_size);
         if steps_per_epoch == 0 {
             bail!("{}: the training split is empty", data.source);
@@ -487,10 +513,36 @@ impl Run {
                     (Some(t), Some(kd)) => Some((teacher_logits(&**t, &batch.x)?, kd)),
                     _ => None,
                 };
+                let teacher_maps = match &self.teacher {
+                    Some(t) if !hint_nodes.is_empty() => {
+                        let maps = t.features(&batch.x).context("the teacher's feature taps")?;
+                        maps.iter()
+                            .map(|m| -> Result<(usize, Vec<f32>)> {
+                                Ok((m.dim(1)?, m.flatten_all()?.to_vec1::<f32>()?))
+                            })
+                            .collect::<Result<Vec<_>>>()?
+                    }
+                    _ => Vec::new(),
+                };
+                let hint_targets: Option<Vec<step::HintTarget>> =
+                    (!hint_nodes.is_empty()).then(|| {
+                        hint_nodes
+                            .iter()
+                            .zip(&teacher_maps)
+                            .zip(&hint_taps)
+                            .map(|((&node, (channels, map)), tap)| step::HintTarget {
+                                node,
+                                teacher: map,
+                                channels: *channels,
+                                weight: tap.weight,
+                            })
+                            .collect()
+                    });
                 let fast = if step::enabled() {
                     let objective = step::Objective {
                         smoothing: cfg.label_smoothing,
                         teacher: teacher_logits.as_ref().map(|(t, kd)| (t.as_slice(), *kd)),
+                        hints: hint_targets.as_deref().map(|h| (h, hint_loss)),
                     };
                     step::train_step_with(
                         &self.model.graph,
@@ -503,13 +555,17 @@ impl Run {
                 } else {
                     None
                 };
+                let mut hint_value = None;
                 let (logits, loss_value, parts, mut grads): (
                     Tensor,
                     f64,
                     Option<LossParts>,
                     Box<dyn Gradients>,
                 ) = match fast {
-                    Some(out) => (out.logits, out.loss as f64, out.parts, Box::new(out.grads)),
+                    Some(out) => {
+                        hint_value = out.hint;
+                        (out.logits, out.loss as f64, out.parts, Box::new(out.grads))
+                    }
                     None => {
                         let logits = forward_train(
                             &self.model.graph,
@@ -578,6 +634,9 @@ impl Run {
                     self.progress.ce_sum += p.ce * n as f64;
                     self.progress.kd_sum += p.kd * n as f64;
                 }
+                if let Some(h) = hint_value {
+                    self.progress.hint_sum += h * n as f64;
+                }
                 self.progress.correct += correct;
                 self.progress.seen += n;
                 self.progress.global_step += 1;
@@ -624,6 +683,8 @@ impl Run {
                     .map(|_| self.progress.ce_sum / self.progress.seen.max(1) as f64),
                 train_kd: distilling
                     .map(|_| self.progress.kd_sum / self.progress.seen.max(1) as f64),
+                train_hint: (!hint_nodes.is_empty())
+                    .then(|| self.progress.hint_sum / self.progress.seen.max(1) as f64),
                 train_top1: 100.0 * self.progress.correct as f64 / self.progress.seen.max(1) as f64,
                 test_loss: test.as_ref().map(|t| t.loss),
                 test_top1: test.as_ref().map(|t| t.top1),

@@ -32,6 +32,7 @@
 
 use super::distill::{KdWeights, LossParts, distillation_loss_grad};
 use super::elementwise::{add_into, channel_sums, map, masked_channel_sums, per_sample, zip_map};
+use super::feature_kd::{HintLoss, hint_loss_grad};
 use super::loss::{cross_entropy_row, log_sum_exp, smoothed_target};
 use crate::exec::check_input;
 use crate::graph::{Activation, Graph, Op};
@@ -61,6 +62,18 @@ pub struct StepOutput {
     pub grads: HashMap<String, Tensor>,
     /// With a teacher: the cross-entropy and distillation parts of the loss.
     pub parts: Option<LossParts>,
+    /// With feature hints: their weighted sum (included in `loss`).
+    pub hint: Option<f64>,
+}
+
+/// A feature hint's target: the teacher's map (N x `channels` x the student map's plane) for
+/// the student's node `node`.
+#[derive(Clone, Copy)]
+pub struct HintTarget<'a> {
+    pub node: usize,
+    pub teacher: &'a [f32],
+    pub channels: usize,
+    pub weight: f64,
 }
 
 /// What the loss compares the logits with.
@@ -71,6 +84,9 @@ pub struct Objective<'a> {
     /// Knowledge distillation: the teacher's logits of the same batch (N x K) and the
     /// weights of the two terms.
     pub teacher: Option<(&'a [f32], KdWeights)>,
+    /// Feature distillation: hint losses on intermediate maps, their gradients added to the
+    /// tap nodes' (`feature_kd.rs`).
+    pub hints: Option<(&'a [HintTarget<'a>], HintLoss)>,
 }
 
 impl Objective<'_> {
@@ -79,6 +95,7 @@ impl Objective<'_> {
         Objective {
             smoothing,
             teacher: None,
+            hints: None,
         }
     }
 
@@ -261,11 +278,20 @@ fn step(
     // A conv or batch norm whose only reader is a ReLU or ReLU6 applies it to its output
     // (one pass and one buffer less); the activation's backward reads its own output, which
     // tells the same as its input for these two (y > 0 iff x > 0; 0 < y < 6 iff 0 < x < 6).
+    // A hint's tap keeps its own value (before any activation after it) for the loss.
+    let mut tapped = vec![false; count];
+    for h in objective.hints.iter().flat_map(|(h, _)| h.iter()) {
+        if h.node >= count {
+            bail!("feature tap node {} is not in the graph", h.node);
+        }
+        tapped[h.node] = true;
+    }
     let mut fused_act: Vec<Option<Kind>> = vec![None; count];
     let mut fused: Vec<bool> = vec![false; count];
     for (id, node) in graph.nodes.iter().enumerate() {
         if matches!(node.op, Op::Conv2d { .. } | Op::BatchNorm { .. })
             && id != graph.output
+            && !tapped[id]
             && consumers[id].len() == 1
         {
             let c = consumers[id][0];
@@ -281,6 +307,7 @@ fn step(
     let kept: Vec<bool> = (0..count)
         .map(|v| {
             fused[v]
+                || tapped[v]
                 || v == graph.output
                 || consumers[v]
                     .iter()
@@ -564,12 +591,34 @@ fn step(
     // Loss and its gradient.
     let classes = dims[graph.output].elements();
     let logits = vals[graph.output].as_deref().expect("output computed");
-    let (loss, parts, dlogits) = objective.loss_grad(logits, labels, classes)?;
+    let (mut loss, parts, dlogits) = objective.loss_grad(logits, labels, classes)?;
     let logits_t = Tensor::from_slice(logits, (n, classes), &Device::Cpu)?;
+    let mut grads: Vec<Option<Vec<f32>>> = vec![None; count];
+    let mut hint_total = None;
+    if let Some((hints, kind)) = objective.hints {
+        let mut sum = 0f64;
+        for h in hints {
+            let d = dims[h.node];
+            let value = vals[h.node].as_deref().expect("tap values are kept");
+            let (l, g) = hint_loss_grad(
+                kind,
+                value,
+                h.teacher,
+                n,
+                (d.c, h.channels),
+                d.h * d.w,
+                h.weight,
+            )
+            .with_context(|| format!("feature hint at `{}`", graph.nodes[h.node].name))?;
+            sum += l;
+            acc_owned(&mut grads[h.node], g);
+        }
+        loss = (loss as f64 + sum) as f32;
+        hint_total = Some(sum);
+    }
     lap(&|| "loss".into());
 
     // Backward.
-    let mut grads: Vec<Option<Vec<f32>>> = vec![None; count];
     let mut pgrads: HashMap<String, Vec<f32>> = HashMap::new();
     let need_grad: Vec<bool> = graph
         .nodes
@@ -579,7 +628,7 @@ fn step(
     let mut left: Vec<usize> = consumers.iter().map(Vec::len).collect();
     // A fused activation's kind and output, for its producer's backward to apply.
     let mut deferred: Vec<Option<(Kind, Vec<f32>)>> = (0..count).map(|_| None).collect();
-    grads[graph.output] = Some(dlogits);
+    acc_owned(&mut grads[graph.output], dlogits);
     for id in (0..count).rev() {
         let node = &graph.nodes[id];
         // A fused activation's backward reads its own output; nothing else reads a value
@@ -881,6 +930,7 @@ fn step(
         loss,
         grads: out,
         parts,
+        hint: hint_total,
     }))
 }
 

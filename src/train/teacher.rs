@@ -6,10 +6,12 @@
 //! its batch norms folded), and later an int8 engine, plug in the same way.
 
 use super::distill::{DistillConfig, KdWeights, TeacherRecord};
+use super::feature_kd::{find_node, truncated};
 use crate::checkpoint;
 use crate::data::Images;
 use crate::eval::evaluate;
 use crate::exec::Mode;
+use crate::graph::Dims;
 use crate::model::Model;
 use crate::passes::fold_batch_norm;
 use anyhow::{Context, Result, bail};
@@ -23,6 +25,12 @@ pub trait Teacher: Send + Sync {
     /// Logits (N x K, f32, CPU) of `x`, a batch (N x 3 x H x W) normalised as the student's
     /// input is.
     fn logits(&self, x: &Tensor) -> Result<Tensor>;
+
+    /// The feature maps (N x C x H x W) of the taps set up for feature distillation, in
+    /// their order.
+    fn features(&self, _x: &Tensor) -> Result<Vec<Tensor>> {
+        bail!("this teacher exposes no intermediate feature maps for --feature-kd")
+    }
 }
 
 /// SHA-256 of a file's contents, as lowercase hex.
@@ -46,6 +54,10 @@ pub struct CheckpointTeacher {
     pub sha256: String,
     /// The checkpoint with its batch norms folded into the convs (inference only).
     model: Model,
+    /// The checkpoint as stored, whose node names feature taps use.
+    stored: Model,
+    /// For each feature tap, the network up to the tap node, batch norms folded.
+    taps: Vec<Model>,
     /// Per-channel scale and shift that take the student's normalisation to the teacher's
     /// (`None` when they are the same): the teacher sees the student's augmented pixels as
     /// its own preprocessing would have presented them.
@@ -57,13 +69,15 @@ impl CheckpointTeacher {
     pub fn load(path: &Path) -> Result<CheckpointTeacher> {
         let flag = || format!("--teacher `{}`", path.display());
         let sha256 = sha256_file(path).with_context(flag)?;
-        let model = checkpoint::load(path).with_context(flag)?;
-        let model = fold_batch_norm(&model).with_context(flag)?;
+        let stored = checkpoint::load(path).with_context(flag)?;
+        let model = fold_batch_norm(&stored).with_context(flag)?;
         let path = std::fs::canonicalize(path).with_context(flag)?;
         Ok(CheckpointTeacher {
             path,
             sha256,
             model,
+            stored,
+            taps: Vec::new(),
             renormalise: None,
         })
     }
@@ -146,6 +160,28 @@ impl CheckpointTeacher {
         Ok(())
     }
 
+    /// Sets up feature taps at the teacher's nodes `names` (checked to exist) and returns
+    /// their map sizes at the teacher's input size.
+    pub fn set_feature_taps(&mut self, names: &[&str]) -> Result<Vec<Dims>> {
+        let graph = &self.stored.graph;
+        let [h, w] = self.stored.meta.preprocessing.input_size;
+        let dims = graph.infer_shapes(h, w)?;
+        let mut taps = Vec::new();
+        let mut sizes = Vec::new();
+        for name in names {
+            let id = find_node(graph, name, "teacher")?;
+            let prefix = Model {
+                graph: truncated(graph, id),
+                weights: self.stored.weights.clone(),
+                meta: self.stored.meta.clone(),
+            };
+            taps.push(fold_batch_norm(&prefix)?);
+            sizes.push(dims[id]);
+        }
+        self.taps = taps;
+        Ok(sizes)
+    }
+
     /// Top-1 (%) on `images` with the teacher's own preprocessing, or `None` without images.
     pub fn test_top1(&self, images: Arc<Images>) -> Result<Option<f64>> {
         if images.is_empty() {
@@ -166,13 +202,16 @@ impl CheckpointTeacher {
                 test_top1,
             },
             weights,
+            features: Vec::new(),
+            feature_loss: Default::default(),
         }
     }
 }
 
-impl Teacher for CheckpointTeacher {
-    fn logits(&self, x: &Tensor) -> Result<Tensor> {
-        let input = match &self.renormalise {
+impl CheckpointTeacher {
+    /// The student's batch as the teacher's preprocessing would have presented it.
+    fn input(&self, x: &Tensor) -> Result<Tensor> {
+        Ok(match &self.renormalise {
             None => x.clone(),
             Some((scale, shift)) => {
                 let (n, c, h, w) = x.dims4()?;
@@ -184,7 +223,20 @@ impl Teacher for CheckpointTeacher {
                 }
                 Tensor::from_vec(v, (n, c, h, w), &Device::Cpu)?
             }
-        };
-        self.model.forward(&input, Mode::Eval)
+        })
+    }
+}
+
+impl Teacher for CheckpointTeacher {
+    fn logits(&self, x: &Tensor) -> Result<Tensor> {
+        self.model.forward(&self.input(x)?, Mode::Eval)
+    }
+
+    fn features(&self, x: &Tensor) -> Result<Vec<Tensor>> {
+        let input = self.input(x)?;
+        self.taps
+            .iter()
+            .map(|m| m.forward(&input, Mode::Eval))
+            .collect()
     }
 }
