@@ -16,8 +16,9 @@ use slimcandle::model::{Model, Preprocessing};
 use slimcandle::models::{ArchOptions, ArchSpec, Stem};
 use slimcandle::rng::Rng;
 use slimcandle::train::KdWeights;
+use slimcandle::train::feature_kd::{HintLoss, hint_loss, truncated};
 use slimcandle::train::loss::{cross_entropy, distillation_loss};
-use slimcandle::train::step::{Objective, train_step, train_step_with};
+use slimcandle::train::step::{HintTarget, Objective, train_step, train_step_with};
 use std::path::Path;
 
 fn model(arch: &str, width: f64, classes: usize, seed: u64) -> Model {
@@ -86,6 +87,7 @@ fn executor(
     let objective = Objective {
         smoothing: SMOOTHING,
         teacher,
+        hints: None,
     };
     let out = train_step_with(&m.graph, &m.weights, x, labels, &objective, SEED)
         .unwrap()
@@ -166,6 +168,91 @@ fn alpha_zero_is_the_plain_step_bit_for_bit_on_both_paths() {
     }
 }
 
+/// Feature hints in the executor against Candle autograd: the tap's value comes from the
+/// same weights through the truncated graph (same node ids, so the same dropout masks), the
+/// hint's gradient flows back from the tap through the rest of the network. The taps are a
+/// batch norm whose ReLU the executor would otherwise fuse, and a block output.
+#[test]
+fn feature_hint_gradients_match_autograd() {
+    let (n, size, classes) = (4, 16, 5);
+    let x = random(5, &[n, 3, size, size], 1.0);
+    let labels = [0u32, 4, 2, 1];
+    let fresh = || model("shufflenet_v2", 0.5, classes, 4);
+    let m = fresh();
+    let dims = m.graph.infer_shapes(size, size).unwrap();
+    let id = |name: &str| m.graph.nodes.iter().position(|nd| nd.name == name).unwrap();
+    let bn = id("stage2.0.branch2.1");
+    let block = m.graph.nodes[id("stage3.0.branch1.0")].inputs[0];
+    for (loss, taps, extra_channels, weight) in [
+        (HintLoss::Mse, vec![bn], 0, 3.0),
+        (HintLoss::At, vec![bn, block], 3, 500.0),
+    ] {
+        let maps: Vec<Tensor> = taps
+            .iter()
+            .enumerate()
+            .map(|(k, &t)| {
+                let d = dims[t];
+                random(10 + k as u64, &[n, d.c + extra_channels, d.h, d.w], 1.0)
+            })
+            .collect();
+        let map_values: Vec<Vec<f32>> = maps.iter().map(values).collect();
+        let targets: Vec<HintTarget> = taps
+            .iter()
+            .zip(&map_values)
+            .map(|(&node, map)| HintTarget {
+                node,
+                teacher: map,
+                channels: dims[node].c + extra_channels,
+                weight,
+            })
+            .collect();
+        let objective = Objective {
+            smoothing: SMOOTHING,
+            teacher: None,
+            hints: Some((&targets, loss)),
+        };
+        let m = fresh();
+        let out = train_step_with(&m.graph, &m.weights, &x, &labels, &objective, SEED)
+            .unwrap()
+            .unwrap();
+
+        let m = fresh();
+        let label_t = Tensor::new(&labels, &Device::Cpu).unwrap();
+        let logits = forward_train(&m.graph, &m.weights, &x, SEED).unwrap();
+        let mut total = cross_entropy(&logits, &label_t, SMOOTHING).unwrap();
+        let mut hints = 0f32;
+        for (&t, map) in taps.iter().zip(&maps) {
+            let value = forward_train(&truncated(&m.graph, t), &m.weights, &x, SEED).unwrap();
+            let h = hint_loss(loss, &value, map, weight).unwrap();
+            hints += h.to_scalar::<f32>().unwrap();
+            total = (total + h).unwrap();
+        }
+        let want = total.to_scalar::<f32>().unwrap();
+        assert!(
+            (out.loss - want).abs() < 1e-5 * want,
+            "{loss:?}: {} vs {want}",
+            out.loss
+        );
+        assert!((out.hint.unwrap() as f32 - hints).abs() < 1e-5 * hints.max(1e-3));
+        let store = total.backward().unwrap();
+        let reference: Vec<(String, Tensor)> = m
+            .weights
+            .trainable(&m.graph)
+            .into_iter()
+            .filter_map(|(name, _, v)| store.get(v.as_tensor()).map(|g| (name, g.clone())))
+            .collect();
+        assert_eq!(reference.len(), out.grads.len());
+        let global = reference
+            .iter()
+            .flat_map(|(_, g)| values(g))
+            .fold(0f32, |a, v| a.max(v.abs())) as f64;
+        for (name, want) in &reference {
+            let err = scaled_error(&out.grads[name], want, 1e-3 * global);
+            assert!(err < 1e-4, "{loss:?} {name}: scaled error {err:.2e}");
+        }
+    }
+}
+
 const SIZE: usize = 32;
 
 /// A teacher checkpoint for the `shapes` data at 32x32 (random weights: the mechanics do not
@@ -220,9 +307,17 @@ fn train_args<'a>(teacher: &'a str, out: &'a str, extra: &[&'a str]) -> Vec<&'a 
         "-o",
         out,
     ];
-    // The run's own weights unless the caller gives some.
+    // The run's own weights and taps unless the caller gives some.
     if !extra.iter().any(|a| a.starts_with("--kd-")) {
         args.extend_from_slice(&["--kd-alpha", "0.7", "--kd-temperature", "3"]);
+    }
+    if !extra.iter().any(|a| a.starts_with("--feature-kd")) {
+        args.extend_from_slice(&[
+            "--feature-kd",
+            "stage2.0.branch2.6:features.3.conv.1.1",
+            "--feature-kd-loss",
+            "at",
+        ]);
     }
     args.extend_from_slice(extra);
     args
@@ -267,6 +362,10 @@ fn distils_from_another_architecture_records_the_teacher_and_resumes_exactly() {
     let d = &config["distill"];
     assert_eq!(d["alpha"], 0.7);
     assert_eq!(d["temperature"], 3.0);
+    assert_eq!(d["feature_loss"], "at");
+    assert_eq!(d["features"][0]["student"], "stage2.0.branch2.6");
+    assert_eq!(d["features"][0]["teacher"], "features.3.conv.1.1");
+    assert_eq!(d["features"][0]["weight"], 500.0);
     assert_eq!(d["teacher"]["sha256"], sha256_hex(&teacher));
     assert_eq!(d["teacher"]["arch"], "mobilenet_v2_w0_25");
     assert_eq!(
@@ -276,8 +375,8 @@ fn distils_from_another_architecture_records_the_teacher_and_resumes_exactly() {
     let top1 = d["teacher"]["test_top1"].as_f64().unwrap();
     assert!((0.0..=100.0).contains(&top1));
 
-    // Each epoch reports both parts; the loss is their weighted sum (each step's total is
-    // rounded to f32, the parts are not).
+    // Each epoch reports the parts; the loss is their weighted sum plus the hints (each
+    // step's total is rounded to f32, the parts are not).
     let metrics: Vec<serde_json::Value> = std::fs::read_to_string(full.join("metrics.jsonl"))
         .unwrap()
         .lines()
@@ -289,9 +388,13 @@ fn distils_from_another_architecture_records_the_teacher_and_resumes_exactly() {
             m["train_ce"].as_f64().unwrap(),
             m["train_kd"].as_f64().unwrap(),
         );
+        let hint = m["train_hint"].as_f64().unwrap();
         let total = m["train_loss"].as_f64().unwrap();
-        assert!(ce > 0.0 && kd >= 0.0);
-        assert!((total - (0.3 * ce + 0.7 * kd)).abs() < 1e-5 * total, "{m}");
+        assert!(ce > 0.0 && kd >= 0.0 && hint > 0.0);
+        assert!(
+            (total - (0.3 * ce + 0.7 * kd + hint)).abs() < 1e-5 * total,
+            "{m}"
+        );
         assert!(m["test_top1"].as_f64().is_some());
     }
 
@@ -390,6 +493,48 @@ fn bad_teachers_and_settings_are_refused_before_any_step() {
     refused(&large, &[], 1, &["--teacher", "takes 224x224"]);
 
     refused(&good, &["--kd-alpha", "1.5"], 1, &["--kd-alpha", "[0, 1]"]);
+    refused(
+        &good,
+        &["--feature-kd", "stage2.0.branch2.7:features.3.conv.1.1"],
+        1,
+        &[
+            "--feature-kd",
+            "no node `stage2.0.branch2.7`",
+            "`stage2.0.branch2.0`",
+        ],
+    );
+    refused(
+        &good,
+        &["--feature-kd", "stage2.0.branch2.6:features.3.conv.1.x"],
+        1,
+        &["the teacher has no node `features.3.conv.1.x`"],
+    );
+    refused(
+        &good,
+        &["--feature-kd", "stage2.0.branch2.6:features.3.conv.1.1"],
+        1,
+        &[
+            "24 student channels against 48 teacher channels",
+            "--feature-kd-loss at",
+        ],
+    );
+    refused(
+        &good,
+        &[
+            "--feature-kd",
+            "stage2.0.branch2.6:features.5.conv.1.1",
+            "--feature-kd-loss",
+            "at",
+        ],
+        1,
+        &["16x16 but the teacher's is 8x8"],
+    );
+    refused(
+        &good,
+        &["--feature-kd", "a:b:-2"],
+        1,
+        &["--feature-kd `a:b:-2`"],
+    );
     refused(&good, &["--kd-temperature", "0"], 1, &["--kd-temperature"]);
 
     // A resumed run keeps its own teacher: usage error.

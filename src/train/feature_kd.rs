@@ -209,7 +209,7 @@ pub fn hint_loss_grad(
             let scale = weight / (n * plane) as f64;
             let mut total = 0f64;
             let mut grad = vec![0f32; s.len()];
-            for smp in 0..n {
+            for (smp, norm) in norms.iter().enumerate() {
                 let range = smp * plane..(smp + 1) * plane;
                 let (q, r) = (&qs[range.clone()], &qt[range]);
                 // dL/dq, then through the normalisation: dL/da = (g - q (q . g)) / |a|.
@@ -225,7 +225,7 @@ pub fn hint_loss_grad(
                 let da: Vec<f64> = g
                     .iter()
                     .zip(q)
-                    .map(|(gv, qv)| (gv - qv * qg) / norms[smp])
+                    .map(|(gv, qv)| (gv - qv * qg) / norm)
                     .collect();
                 // a = mean_c F_c^2: dL/dF = dL/da * 2 F / C.
                 for ch in 0..cs {
