@@ -537,6 +537,12 @@ fn train_and_report(
             d.weights.alpha,
             d.weights.temperature
         );
+        for f in &d.features {
+            eprintln!(
+                "feature hint ({:?}): student `{}` against teacher `{}`, weight {}",
+                d.feature_loss, f.student, f.teacher, f.weight
+            );
+        }
     }
     if run.config.bn_l1 > 0.0 {
         eprintln!(

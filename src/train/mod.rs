@@ -126,7 +126,8 @@ pub struct Progress {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct EpochMetrics {
     pub epoch: usize,
-    /// The loss minimised (with a teacher: `alpha * train_kd + (1 - alpha) * train_ce`).
+    /// The loss minimised (with a teacher: `alpha * train_kd + (1 - alpha) * train_ce`, plus
+    /// `train_hint` with feature taps).
     pub train_loss: f64,
     /// Distillation runs: the cross-entropy part of the training loss (label smoothing
     /// included).
