@@ -515,14 +515,7 @@ impl Run {
                     _ => None,
                 };
                 let teacher_maps = match &self.teacher {
-                    Some(t) if !hint_nodes.is_empty() => {
-                        let maps = t.features(&batch.x).context("the teacher's feature taps")?;
-                        maps.iter()
-                            .map(|m| -> Result<(usize, Vec<f32>)> {
-                                Ok((m.dim(1)?, m.flatten_all()?.to_vec1::<f32>()?))
-                            })
-                            .collect::<Result<Vec<_>>>()?
-                    }
+                    Some(t) if !hint_nodes.is_empty() => teacher_maps(&**t, &batch.x)?,
                     _ => Vec::new(),
                 };
                 let hint_targets: Option<Vec<step::HintTarget>> =
@@ -756,4 +749,12 @@ fn teacher_logits(teacher: &dyn Teacher, x: &Tensor) -> Result<Vec<f32>> {
         );
     }
     Ok(logits.flatten_all()?.to_vec1::<f32>()?)
+}
+
+/// The teacher's feature maps of `x` at its taps, each as (channels, f32 values).
+fn teacher_maps(teacher: &dyn Teacher, x: &Tensor) -> Result<Vec<(usize, Vec<f32>)>> {
+    let maps = teacher.features(x).context("the teacher's feature taps")?;
+    maps.iter()
+        .map(|m| Ok((m.dim(1)?, m.flatten_all()?.to_vec1::<f32>()?)))
+        .collect()
 }

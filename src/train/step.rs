@@ -274,10 +274,6 @@ fn step(
     let par = parallelism(false);
     let consumers = graph.consumers();
     let count = graph.nodes.len();
-    // Values a backward reads stay until that backward ran (see `fused` below).
-    // A conv or batch norm whose only reader is a ReLU or ReLU6 applies it to its output
-    // (one pass and one buffer less); the activation's backward reads its own output, which
-    // tells the same as its input for these two (y > 0 iff x > 0; 0 < y < 6 iff 0 < x < 6).
     // A hint's tap keeps its own value (before any activation after it) for the loss.
     let mut tapped = vec![false; count];
     for h in objective.hints.iter().flat_map(|(h, _)| h.iter()) {
@@ -286,6 +282,10 @@ fn step(
         }
         tapped[h.node] = true;
     }
+    // Values a backward reads stay until that backward ran (see `fused` below).
+    // A conv or batch norm whose only reader is a ReLU or ReLU6 applies it to its output
+    // (one pass and one buffer less); the activation's backward reads its own output, which
+    // tells the same as its input for these two (y > 0 iff x > 0; 0 < y < 6 iff 0 < x < 6).
     let mut fused_act: Vec<Option<Kind>> = vec![None; count];
     let mut fused: Vec<bool> = vec![false; count];
     for (id, node) in graph.nodes.iter().enumerate() {
