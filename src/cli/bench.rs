@@ -16,11 +16,13 @@ enum ModeArg {
 pub struct BenchArgs {
     #[command(flatten)]
     arch: ArchArgs,
-    #[arg(long, default_value_t = 64)]
-    batch: usize,
+    /// Images per batch.
+    #[arg(long, alias = "batch", default_value_t = 64)]
+    batch_size: usize,
     /// Input height and width.
-    #[arg(long, default_value_t = 32)]
-    size: usize,
+    #[arg(long, alias = "size", default_value_t = 32)]
+    input_size: usize,
+    /// train: forward, backward and an SGD step; infer: eval-mode forward.
     #[arg(long, value_enum, default_value = "train")]
     mode: ModeArg,
     /// Untimed batches first.
@@ -29,6 +31,7 @@ pub struct BenchArgs {
     /// Timed batches.
     #[arg(long, default_value_t = 10)]
     iterations: usize,
+    /// Print JSON instead of text.
     #[arg(long)]
     json: bool,
 }
@@ -46,8 +49,8 @@ pub fn run(args: BenchArgs) -> Result<()> {
     let r = bench::run(
         &model,
         mode,
-        args.batch,
-        args.size,
+        args.batch_size,
+        args.input_size,
         args.warmup,
         args.iterations,
     )?;

@@ -61,7 +61,7 @@ enum Command {
     Predict(predict::PredictArgs),
     /// Measure training or inference throughput (images/s) and peak memory.
     #[command(
-        after_help = "Example: slimcandle bench --arch mobilenet_v2 --stem cifar --batch 64 --size 32 --mode train"
+        after_help = "Example: slimcandle bench --arch mobilenet_v2 --stem cifar --batch-size 64 --input-size 32 --mode train"
     )]
     Bench(bench::BenchArgs),
     /// Run every 4-D float tensor of a safetensors file through a checkpoint (eval mode).
@@ -153,4 +153,26 @@ pub fn print_json(value: &serde_json::Value) {
         "{}",
         serde_json::to_string_pretty(value).expect("JSON values serialise")
     );
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Cli;
+    use clap::CommandFactory;
+
+    /// Every option of every command explains itself in `--help` (issue #14).
+    #[test]
+    fn every_option_has_help_text() {
+        let cli = Cli::command();
+        let mut missing = Vec::new();
+        for sub in cli.get_subcommands() {
+            for arg in sub.get_arguments() {
+                let builtin = matches!(arg.get_id().as_str(), "help" | "version");
+                if !builtin && !arg.is_hide_set() && arg.get_help().is_none() {
+                    missing.push(format!("{} {}", sub.get_name(), arg.get_id()));
+                }
+            }
+        }
+        assert!(missing.is_empty(), "options without help: {missing:?}");
+    }
 }

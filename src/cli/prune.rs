@@ -36,13 +36,14 @@ pub enum ScopeArg {
 pub struct PruneArgs {
     /// Checkpoint to prune.
     checkpoint: PathBuf,
+    /// What to remove: whole channels, or single weights.
     #[arg(long, value_enum, default_value = "channel")]
     method: Method,
     /// Channel importance: l1, l2, bn-scale, taylor (needs --data), random.
     #[arg(long, default_value = "l1")]
     criterion: Criterion,
     /// Ranking scope (default: uniform for channel, global for magnitude).
-    #[arg(long, value_enum)]
+    #[arg(long = "prune-scope", alias = "scope", value_enum)]
     scope: Option<ScopeArg>,
     /// Fraction of the prunable channels to remove.
     #[arg(long, conflicts_with_all = ["target_macs", "target_params"])]
@@ -73,7 +74,7 @@ pub struct PruneArgs {
     prune_residual: bool,
     /// Layers never to prune: comma-separated globs over layer or parameter names (magnitude:
     /// in addition to the first layer and the classifier).
-    #[arg(long, default_value = "")]
+    #[arg(long = "prune-exclude", alias = "exclude", default_value = "")]
     exclude: String,
     /// Per-layer ratio, PATTERN=RATIO (repeatable; first match wins).
     #[arg(long = "layer-ratio", value_name = "PATTERN=RATIO")]
@@ -87,13 +88,16 @@ pub struct PruneArgs {
     /// Taylor criterion: batches of training images to accumulate gradients over.
     #[arg(long, default_value_t = 16)]
     taylor_batches: usize,
+    /// Images per batch for evaluation and the taylor criterion.
     #[arg(long, default_value_t = 64)]
     batch_size: usize,
+    /// Seed of the data subsets and the random criterion.
     #[arg(long, default_value_t = 0)]
     seed: u64,
     /// Output checkpoint.
     #[arg(short, long)]
     output: PathBuf,
+    /// Print JSON instead of text.
     #[arg(long)]
     json: bool,
 }

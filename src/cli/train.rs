@@ -42,6 +42,7 @@ enum ScopeName {
     /// One magnitude threshold over all pruned layers.
     Global,
     /// Every pruned layer gets the sparsity.
+    #[value(alias = "uniform")]
     Layer,
 }
 
@@ -67,10 +68,13 @@ pub struct TrainArgs {
     /// Evaluate on a seeded, class-balanced subset of this many images.
     #[arg(long)]
     test_limit: Option<usize>,
+    /// Passes over the training split.
     #[arg(long, default_value_t = 10)]
     epochs: usize,
+    /// Images per optimizer step.
     #[arg(long, default_value_t = 128)]
     batch_size: usize,
+    /// Optimizer: sgd (momentum) or adamw.
     #[arg(long, value_enum, default_value = "sgd")]
     optimizer: OptimizerName,
     /// Peak learning rate.
@@ -85,6 +89,7 @@ pub struct TrainArgs {
     /// Weight decay on conv and linear weights (batch-norm parameters and biases are exempt).
     #[arg(long, default_value_t = 5e-4)]
     weight_decay: f64,
+    /// Learning-rate schedule after the warm-up.
     #[arg(long, value_enum, default_value = "cosine")]
     schedule: ScheduleName,
     /// Linear warm-up length in epochs (cosine, step, constant).
@@ -96,8 +101,10 @@ pub struct TrainArgs {
     /// Step schedule: decay every this many epochs by --gamma.
     #[arg(long, default_value_t = 30)]
     step_epochs: usize,
+    /// Step schedule: factor applied to the learning rate at every decay.
     #[arg(long, default_value_t = 0.1)]
     gamma: f64,
+    /// Label smoothing of the cross-entropy, in [0, 1).
     #[arg(long, default_value_t = 0.0)]
     label_smoothing: f64,
     /// Random-crop padding in pixels (0 disables the crop).
@@ -106,6 +113,7 @@ pub struct TrainArgs {
     /// Disable horizontal flips.
     #[arg(long)]
     no_flip: bool,
+    /// Seed of initialisation, data order, augmentation and dropout (recorded in config.json).
     #[arg(long, default_value_t = 0)]
     seed: u64,
     /// Run folder: config.json, metrics.jsonl, last/best/resume .safetensors.
@@ -147,6 +155,7 @@ pub struct TrainArgs {
     /// Stop after this many steps as if interrupted (for tests of resume).
     #[arg(long, hide = true)]
     stop_after_steps: Option<usize>,
+    /// Print JSON instead of text.
     #[arg(long)]
     json: bool,
 }
