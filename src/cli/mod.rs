@@ -2,6 +2,7 @@
 //! prints one JSON document with stable snake_case keys.
 
 mod bench;
+mod compare;
 mod eval;
 mod forward;
 mod import;
@@ -9,6 +10,7 @@ mod inspect;
 mod models;
 mod predict;
 mod prune;
+mod run;
 mod sensitivity;
 mod train;
 
@@ -79,6 +81,16 @@ enum Command {
         after_help = "Example: slimcandle sensitivity model.safetensors --data cifar10:DIR --ratios 0.1,0.3,0.5,0.7 --test-limit 1000 --csv sens.csv"
     )]
     Sensitivity(sensitivity::SensitivityArgs),
+    /// Run a recipe: train, prune, evaluate ... stage by stage, with a report (docs/recipes.md).
+    #[command(
+        after_help = "Examples:\n  slimcandle run recipes/quickstart.toml\n  slimcandle run recipes/quickstart.toml --set train.epochs=2 --dry-run"
+    )]
+    Run(run::RunArgs),
+    /// Compare checkpoints: size, MACs, accuracy and speed in one table, and a plot.
+    #[command(
+        after_help = "Example: slimcandle compare base.safetensors pruned.safetensors --data cifar10:DIR --plot cmp.svg"
+    )]
+    Compare(compare::CompareArgs),
 }
 
 /// `--arch` and the options that complete it, shared by every command that builds a model.
@@ -130,6 +142,8 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Predict(a) => predict::run(a),
         Command::Prune(a) => prune::run(*a),
         Command::Sensitivity(a) => sensitivity::run(a),
+        Command::Run(a) => run::run(a),
+        Command::Compare(a) => compare::run(a),
     }
 }
 

@@ -273,7 +273,7 @@ fn pruning_from(args: &TrainArgs) -> Result<Option<GradualPruning>> {
     Ok(Some(pruning))
 }
 
-fn config_from(args: &TrainArgs) -> Result<TrainConfig> {
+pub(super) fn config_from(args: &TrainArgs) -> Result<TrainConfig> {
     let optimizer = match args.optimizer {
         OptimizerName::Sgd => OptimizerKind::Sgd {
             momentum: args.momentum,
