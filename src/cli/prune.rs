@@ -46,19 +46,19 @@ pub struct PruneArgs {
     #[arg(long = "prune-scope", alias = "scope", value_enum)]
     scope: Option<ScopeArg>,
     /// Fraction of the prunable channels to remove.
-    #[arg(long, conflicts_with_all = ["target_macs", "target_params"])]
+    #[arg(long, value_parser = removed_fraction, conflicts_with_all = ["target_macs", "target_params"])]
     ratio: Option<f64>,
     /// Magnitude: fraction of the prunable weights to zero.
-    #[arg(long)]
+    #[arg(long, value_parser = removed_fraction)]
     sparsity: Option<f64>,
     /// Magnitude: prune depthwise conv filters too (spared by default).
     #[arg(long)]
     prune_depthwise: bool,
     /// Keep this fraction of the MACs (0.5 halves them), reached by searching the ratio.
-    #[arg(long, conflicts_with = "target_params")]
+    #[arg(long, value_parser = kept_fraction, conflicts_with = "target_params")]
     target_macs: Option<f64>,
     /// Keep this fraction of the parameters, reached by searching the ratio.
-    #[arg(long)]
+    #[arg(long, value_parser = kept_fraction)]
     target_params: Option<f64>,
     /// Round kept channel counts to a multiple of this (1: no rounding).
     #[arg(long, default_value_t = 8)]
@@ -100,6 +100,26 @@ pub struct PruneArgs {
     /// Print JSON instead of text.
     #[arg(long)]
     json: bool,
+}
+
+/// A fraction of channels or weights to remove, in [0, 1).
+fn removed_fraction(text: &str) -> Result<f64, String> {
+    let v: f64 = text.parse().map_err(|e| format!("{e}"))?;
+    if (0.0..1.0).contains(&v) {
+        Ok(v)
+    } else {
+        Err(format!("{v} is outside [0, 1)"))
+    }
+}
+
+/// A fraction of the MACs or parameters to keep, in (0, 1].
+fn kept_fraction(text: &str) -> Result<f64, String> {
+    let v: f64 = text.parse().map_err(|e| format!("{e}"))?;
+    if v > 0.0 && v <= 1.0 {
+        Ok(v)
+    } else {
+        Err(format!("{v} is outside (0, 1]"))
+    }
 }
 
 fn parse_layer_ratio(text: &str) -> Result<(NamePattern, f64)> {

@@ -150,8 +150,16 @@ fn with_stdout_on_stderr<T>(f: impl FnOnce() -> T) -> T {
 /// Checks a recipe (with `--set` overrides) into a plan; every problem comes back at once.
 pub fn load_plan(recipe: &Path, sets: &[String], registry: &Registry) -> Result<Plan> {
     let mut doc = Document::read(recipe)?;
-    doc.apply_sets(sets)?;
-    Ok(validate(&doc, registry)?)
+    let set_problems = doc.apply_sets(sets).err();
+    match (validate(&doc, registry), set_problems) {
+        (Ok(plan), None) => Ok(plan),
+        (Ok(_), Some(p)) => Err(p.into()),
+        (Err(mut p), Some(set)) => {
+            p.list.extend(set.list);
+            Err(p.into())
+        }
+        (Err(p), None) => Err(p.into()),
+    }
 }
 
 pub fn run(args: RunArgs) -> Result<()> {

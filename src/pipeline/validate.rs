@@ -297,19 +297,6 @@ fn pieces(settings: &[(String, Setting<'_>)], skip: &[&str]) -> Vec<Piece> {
     out
 }
 
-/// A section's entries as (key, value) pairs, for inheritance.
-fn entries(table: Option<&Table>, keys: Option<&[&str]>) -> Vec<(String, Node)> {
-    table
-        .map(|t| {
-            t.entries
-                .iter()
-                .filter(|e| keys.is_none_or(|k| k.contains(&e.key.as_str())))
-                .map(|e| (e.key.clone(), e.node.clone()))
-                .collect()
-        })
-        .unwrap_or_default()
-}
-
 /// A name usable as a folder: letters, digits, `-` and `_`.
 fn is_folder_name(name: &str) -> bool {
     !name.is_empty()
@@ -346,22 +333,30 @@ pub fn validate(doc: &Document, registry: &Registry) -> Result<Plan, Problems> {
         .filter(|k| !ARCH_KEYS.contains(&k.as_str()) && !DATA_KEYS.contains(&k.as_str()))
         .collect();
     let train_key_refs: Vec<&str> = train_keys.iter().map(String::as_str).collect();
+    // Only values that passed their checks are inherited (a bad one is reported once).
+    let valid = |settings: Vec<(String, Setting<'_>)>| -> Vec<(String, Node)> {
+        settings
+            .into_iter()
+            .map(|(_, s)| (super::kinds::snake(s.arg.get_long().unwrap_or("")), s.node))
+            .collect()
+    };
+    let mut data_entries = Vec::new();
     if let Some(t) = data_table {
-        c.settings(train, t, &[], Some(DATA_KEYS), "in [data]");
+        data_entries = valid(c.settings(train, t, &[], Some(DATA_KEYS), "in [data]"));
         if let Some(e) = t.get("data") {
             c.check_data(&e.node);
         }
     }
     let train_table = section("train").and_then(|e| c.table(e, "[train]"));
+    let mut train_entries = Vec::new();
     if let Some(t) = train_table {
-        c.settings(train, t, &[], Some(&train_key_refs), "in [train]");
+        train_entries = valid(c.settings(train, t, &[], Some(&train_key_refs), "in [train]"));
     }
-    let data_entries = entries(data_table, Some(DATA_KEYS));
-    let train_entries = entries(train_table, None);
 
     // [model]: a fresh architecture, an init file or an import.
     let mut initial = None;
     let mut fresh_arch = Vec::new();
+    let mut model_entries = Vec::new();
     let model_origin;
     match section("model") {
         None => {
@@ -410,13 +405,10 @@ pub fn validate(doc: &Document, registry: &Registry) -> Result<Plan, Problems> {
                         })
                         .collect();
                 }
+                model_entries = valid(arch);
             }
         }
     }
-    let model_entries = entries(
-        section("model").and_then(|e| e.node.value.as_table()),
-        Some(ARCH_KEYS),
-    );
 
     // The stages.
     let stage_nodes: Vec<&Node> = match section("stage").map(|e| &e.node) {
@@ -514,11 +506,15 @@ pub fn validate(doc: &Document, registry: &Registry) -> Result<Plan, Problems> {
 
         // Input: `from`, or the previous stage; none for a fresh first training stage.
         let earlier = |n: &str| names[..index].iter().position(|x| x == n);
+        // Whether the input is known; if not, that was reported and the trial parse of the
+        // whole command line (which needs it) is skipped.
+        let mut input_known = !(index == 0 && initial.is_none());
         let input = match t.get("from") {
             Some(e) => match c.string(e, "`from`") {
                 Some(from) => match earlier(from) {
                     Some(i) => Some(Input::Stage(i)),
                     None => {
+                        input_known = false;
                         let hint = suggestion(from, &names[..index]);
                         c.problem(
                             &e.node.origin,
@@ -527,7 +523,10 @@ pub fn validate(doc: &Document, registry: &Registry) -> Result<Plan, Problems> {
                         None
                     }
                 },
-                None => None,
+                None => {
+                    input_known = false;
+                    None
+                }
             },
             None if index == 0 => match initial {
                 Some(Initial::Fresh) | None => None,
@@ -573,37 +572,33 @@ pub fn validate(doc: &Document, registry: &Registry) -> Result<Plan, Problems> {
             .find(|(_, s)| s.arg.get_long() == Some("teacher"))
             && let Some(text) = s.node.value.as_str()
         {
-            {
-                teacher = match earlier(text) {
-                    Some(i) => Some(Input::Stage(i)),
-                    None if names.contains(&text.to_string())
-                        || stage_nodes.iter().skip(index).any(|n| {
-                            n.value
-                                .as_table()
-                                .and_then(|t| t.get("name"))
-                                .and_then(|e| e.node.value.as_str())
-                                == Some(text)
-                        }) =>
-                    {
+            teacher = match earlier(text) {
+                Some(i) => Some(Input::Stage(i)),
+                None if names.contains(&text.to_string())
+                    || stage_nodes.iter().skip(index).any(|n| {
+                        n.value
+                            .as_table()
+                            .and_then(|t| t.get("name"))
+                            .and_then(|e| e.node.value.as_str())
+                            == Some(text)
+                    }) =>
+                {
+                    c.problem(
+                        &s.node.origin,
+                        format!("`teacher = \"{text}\"`: that stage does not run before this one"),
+                    );
+                    None
+                }
+                None => {
+                    if !Path::new(text).is_file() {
                         c.problem(
-                            &s.node.origin,
-                            format!(
-                                "`teacher = \"{text}\"`: that stage does not run before this one"
-                            ),
-                        );
-                        None
-                    }
-                    None => {
-                        if !Path::new(text).is_file() {
-                            c.problem(
                                 &s.node.origin,
                                 format!("`teacher = \"{text}\"` is neither an earlier stage nor an existing file"),
                             );
-                        }
-                        None
                     }
-                };
-            }
+                    None
+                }
+            };
         }
         let mut args = pieces(&settings, &["teacher"]);
         let mut hashed_args = pieces(&settings, kind.unhashed);
@@ -633,6 +628,7 @@ pub fn validate(doc: &Document, registry: &Registry) -> Result<Plan, Problems> {
             &|_| PathBuf::from(PLACEHOLDER),
         );
         match kind.command.clone().try_get_matches_from(&trial) {
+            _ if !input_known => {}
             Err(e) => c.problem(at, format!("stage `{name}`: {}", clap_message(&e))),
             Ok(m) => {
                 if let Err(e) = (kind.check)(&m) {
