@@ -425,3 +425,76 @@ kind = "eval"
         "{lines:#?}"
     );
 }
+
+#[test]
+fn a_teacher_is_an_earlier_stage_or_a_file() {
+    let mut registry = stand_in_registry();
+    // `distill` as it will plug in: the train command under another name, with --teacher.
+    let mut distill = stand_in_registry().kinds.remove(0);
+    distill.name = "distill";
+    distill.command = distill
+        .command
+        .arg(Arg::new("teacher").long("teacher").action(ArgAction::Set));
+    registry.kinds.push(distill);
+    let dir = temp_dir("recipe-teacher");
+    let file = dir.join("teacher.safetensors");
+    std::fs::write(&file, b"weights").unwrap();
+    let text = format!(
+        r#"[model]
+arch = "m"
+
+[[stage]]
+name = "big"
+kind = "train"
+
+[[stage]]
+name = "small"
+kind = "distill"
+teacher = "big"
+
+[[stage]]
+name = "file"
+kind = "distill"
+teacher = "{}"
+
+[[stage]]
+name = "early"
+kind = "distill"
+teacher = "late"
+
+[[stage]]
+name = "late"
+kind = "distill"
+teacher = "nothing.safetensors"
+"#,
+        file.display()
+    );
+    let doc = Document::parse(Path::new("t.toml"), &text).unwrap();
+    let lines = validate(&doc, &registry).unwrap_err().lines();
+    assert_eq!(
+        lines,
+        vec![
+            format!(
+                "t.toml:{}: `teacher = \"late\"`: that stage does not run before this one",
+                position(&text, "\"late\"")
+            ),
+            format!(
+                "t.toml:{}: `teacher = \"nothing.safetensors\"` is neither an earlier stage nor an existing file",
+                position(&text, "\"nothing")
+            ),
+        ]
+    );
+    // Without the two bad stages the plan gets the checkpoint of `big` and the file.
+    let good = text.split("[[stage]]\nname = \"early\"").next().unwrap();
+    let doc = Document::parse(Path::new("t.toml"), good).unwrap();
+    let plan = validate(&doc, &registry).unwrap();
+    use slimcandle::pipeline::plan::{Input, Piece};
+    assert!(plan.stages[1].args.contains(&Piece::Checkpoint {
+        flag: "teacher".into(),
+        input: Input::Stage(0)
+    }));
+    assert!(plan.stages[2].args.contains(&Piece::File {
+        flag: "teacher".into(),
+        path: file.clone()
+    }));
+}

@@ -252,7 +252,7 @@ fn describe(plan: &Plan, registry: &Registry) -> Result<String> {
         };
         let target = s.args.iter().find_map(|p| match p {
             Piece::Text(t) => t.strip_prefix("--target-macs=")?.parse::<f64>().ok(),
-            Piece::Checkpoint { .. } => None,
+            Piece::Checkpoint { .. } | Piece::File { .. } => None,
         });
         let after = match (s.effects.contains(&Effect::ChannelPruning), target) {
             (false, _) => before,

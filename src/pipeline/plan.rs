@@ -24,6 +24,11 @@ pub enum Piece {
         flag: String,
         input: Input,
     },
+    /// `--FLAG=PATH` with a file given in the recipe, hashed by its content (a teacher file).
+    File {
+        flag: String,
+        path: PathBuf,
+    },
 }
 
 /// The model the first stage starts from.
@@ -99,6 +104,7 @@ pub fn argv(
             Piece::Checkpoint { flag, input } => {
                 format!("--{flag}={}", resolve(*input).display())
             }
+            Piece::File { flag, path } => format!("--{flag}={}", path.display()),
         });
     }
     match (kind.output, output) {
@@ -153,6 +159,10 @@ pub fn stage_hash(
                 Piece::Checkpoint { flag, input } => {
                     put(flag);
                     put(&checkpoint_hash(*input)?);
+                }
+                Piece::File { flag, path } => {
+                    put(flag);
+                    put(&file_sha256(path)?);
                 }
             }
         }

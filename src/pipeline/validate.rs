@@ -401,7 +401,7 @@ pub fn validate(doc: &Document, registry: &Registry) -> Result<Plan, Problems> {
                         .into_iter()
                         .filter_map(|p| match p {
                             Piece::Text(t) => Some(t),
-                            Piece::Checkpoint { .. } => None,
+                            Piece::Checkpoint { .. } | Piece::File { .. } => None,
                         })
                         .collect();
                 }
@@ -614,7 +614,10 @@ pub fn validate(doc: &Document, registry: &Registry) -> Result<Plan, Problems> {
                 .find(|(_, s)| s.arg.get_long() == Some("teacher"))
             {
                 let text = s.node.value.as_arg_text().unwrap_or_default();
-                list.push(Piece::Text(format!("--teacher={text}")));
+                list.push(Piece::File {
+                    flag: "teacher".into(),
+                    path: PathBuf::from(text),
+                });
             }
         }
 
@@ -763,7 +766,7 @@ fn check_import(c: &mut Checker<'_>, entry: &Entry) -> Option<Initial> {
     let mut argv = vec![path.display().to_string()];
     argv.extend(pieces(&settings, &[]).into_iter().filter_map(|p| match p {
         Piece::Text(t) => Some(t),
-        Piece::Checkpoint { .. } => None,
+        Piece::Checkpoint { .. } | Piece::File { .. } => None,
     }));
     Some(Initial::Import(argv))
 }
