@@ -203,6 +203,18 @@ fn each_broken_recipe_is_refused_at_its_position() {
             "stage `train`: --sparsity only applies to a pruning run",
         ),
         (
+            "prune-without-amount",
+            BASE.replace("target_macs = 0.5\n", ""),
+            "[[stage]]\nname = \"prune\"",
+            "stage `prune`: say how much to prune: --ratio R, --target-macs F or --target-params F",
+        ),
+        (
+            "prune-flag-of-other-method",
+            BASE.replace("target_macs = 0.5", "target_macs = 0.5\nsparsity = 0.5"),
+            "[[stage]]\nname = \"prune\"",
+            "stage `prune`: --sparsity and --prune-depthwise are for --method magnitude",
+        ),
+        (
             "finetune-key",
             BASE.replace("{ epochs = 1 }", "{ epochs = 1, lr_max = 2 }"),
             "lr_max",

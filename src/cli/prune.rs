@@ -144,7 +144,50 @@ fn accuracy(model: &Model, data: Option<&Dataset>) -> Result<Option<(f64, f64)>>
     }
 }
 
+/// The checks that need no file: which flags go with which method, and that the method has
+/// its amount (a recipe runs them before any stage starts).
+pub fn check(args: &PruneArgs) -> Result<()> {
+    match args.method {
+        Method::Channel => {
+            if args.sparsity.is_some() || args.prune_depthwise {
+                bail!("--sparsity and --prune-depthwise are for --method magnitude");
+            }
+            if [args.ratio, args.target_macs, args.target_params]
+                .iter()
+                .all(Option::is_none)
+            {
+                bail!("say how much to prune: --ratio R, --target-macs F or --target-params F");
+            }
+            if args.criterion.needs_data() && args.data.is_none() {
+                bail!(
+                    "--criterion {} takes gradients on training images: pass --data",
+                    args.criterion.name()
+                );
+            }
+        }
+        Method::Magnitude => {
+            if args.ratio.is_some() || args.target_macs.is_some() || args.target_params.is_some() {
+                bail!("--method magnitude takes --sparsity S, not --ratio or --target-*");
+            }
+            if !args.layer_ratios.is_empty() {
+                bail!("--layer-ratio is for --method channel");
+            }
+            if args.sparsity.is_none() {
+                bail!(
+                    "--method magnitude needs --sparsity S (the fraction of prunable weights to zero)"
+                );
+            }
+        }
+    }
+    for text in &args.layer_ratios {
+        parse_layer_ratio(text)?;
+    }
+    parse_list(&args.exclude)?;
+    Ok(())
+}
+
 pub fn run(args: PruneArgs) -> Result<()> {
+    check(&args)?;
     super::check_output_is_not_input(&args.output, &[&args.checkpoint])?;
     let file = TensorFile::read(&args.checkpoint)?;
     let model = checkpoint::from_file(&file)?;
@@ -167,10 +210,6 @@ pub fn run(args: PruneArgs) -> Result<()> {
             check_classes(&model.meta.class_names, &d.class_names, &d.source)?;
             Some(d)
         }
-        None if needs_train => bail!(
-            "--criterion {} takes gradients on training images: pass --data",
-            args.criterion.name()
-        ),
         None => None,
     };
     let before = Footprint::of(&model, Some(file.file_size() as u64))?;
@@ -226,9 +265,6 @@ struct Details {
 }
 
 fn channel(args: &PruneArgs, model: &Model, data: Option<&Dataset>) -> Result<(Model, Details)> {
-    if args.sparsity.is_some() || args.prune_depthwise {
-        bail!("--sparsity and --prune-depthwise are for --method magnitude");
-    }
     let target = match (args.ratio, args.target_macs, args.target_params) {
         (Some(r), None, None) => Target::ChannelRatio(r),
         (None, Some(f), None) => Target::Macs(f),
@@ -299,12 +335,6 @@ fn channel(args: &PruneArgs, model: &Model, data: Option<&Dataset>) -> Result<(M
 }
 
 fn magnitude(args: &PruneArgs, model: &Model) -> Result<(Model, Details)> {
-    if args.ratio.is_some() || args.target_macs.is_some() || args.target_params.is_some() {
-        bail!("--method magnitude takes --sparsity S, not --ratio or --target-*");
-    }
-    if !args.layer_ratios.is_empty() {
-        bail!("--layer-ratio is for --method channel");
-    }
     let Some(sparsity) = args.sparsity else {
         bail!("--method magnitude needs --sparsity S (the fraction of prunable weights to zero)");
     };

@@ -81,7 +81,7 @@ pub fn registry() -> Registry {
                     Some(prune::Method::Magnitude) => Vec::new(),
                     _ => vec![Effect::ChannelPruning],
                 },
-                check: no_check,
+                check: |m| prune::check(&prune::PruneArgs::from_arg_matches(m)?),
                 run: |m| prune::run(prune::PruneArgs::from_arg_matches(m)?),
             },
             KindSpec {
@@ -215,6 +215,31 @@ pub fn run(args: RunArgs) -> Result<()> {
     Ok(())
 }
 
+/// How many classes a data spec has, when that is known without loading it (training sizes a
+/// fresh model's classifier by the data).
+fn class_count(data: &str) -> Option<usize> {
+    use slimcandle::data::DataSpec;
+    match data.parse::<DataSpec>().ok()? {
+        DataSpec::Shapes
+        | DataSpec::Cifar10(_)
+        | DataSpec::Mnist(_)
+        | DataSpec::FashionMnist(_) => Some(10),
+        DataSpec::Cifar100(_) => Some(100),
+        DataSpec::Folder(root) => {
+            let dir = if root.join("train").is_dir() {
+                root.join("train")
+            } else {
+                root
+            };
+            let n = std::fs::read_dir(dir)
+                .ok()?
+                .filter(|e| e.as_ref().is_ok_and(|e| e.path().is_dir()))
+                .count();
+            (n > 0).then_some(n)
+        }
+    }
+}
+
 /// The MACs of the model the recipe starts from, when that is cheap to know.
 fn initial_macs(plan: &Plan) -> Result<Option<u64>> {
     let model = match &plan.initial {
@@ -227,7 +252,11 @@ fn initial_macs(plan: &Plan) -> Result<Option<u64>> {
             let Some(name) = &arch.arch else {
                 return Ok(None);
             };
-            let spec = ArchSpec::parse(name, &arch.options())?;
+            let options = slimcandle::models::ArchOptions {
+                num_classes: arch.num_classes.or_else(|| class_count(&plan.data)),
+                ..arch.options()
+            };
+            let spec = ArchSpec::parse(name, &options)?;
             let mut model = Model::init(&spec, 0)?;
             model.meta.preprocessing = Preprocessing::for_stem(spec.stem);
             model

@@ -550,7 +550,11 @@ pub fn validate(doc: &Document, registry: &Registry) -> Result<Plan, Problems> {
         if !kind.finetune {
             extra.retain(|k| *k != "finetune");
         }
+        // A key refused on its own is not passed on: the trial of the whole command line
+        // would then report its absence too, so it is skipped.
+        let before = c.problems.len();
         let own = c.settings(kind, t, &extra, None, &context);
+        let keys_ok = c.problems.len() == before;
         let mut settings = inherited(kind, &data_entries);
         if kind.inherits_train {
             merge(&mut settings, inherited(kind, &train_entries));
@@ -631,7 +635,7 @@ pub fn validate(doc: &Document, registry: &Registry) -> Result<Plan, Problems> {
             &|_| PathBuf::from(PLACEHOLDER),
         );
         match kind.command.clone().try_get_matches_from(&trial) {
-            _ if !input_known => {}
+            _ if !input_known || !keys_ok => {}
             Err(e) => c.problem(at, format!("stage `{name}`: {}", clap_message(&e))),
             Ok(m) => {
                 if let Err(e) = (kind.check)(&m) {
@@ -646,6 +650,7 @@ pub fn validate(doc: &Document, registry: &Registry) -> Result<Plan, Problems> {
         if let Some(e) = t.get("finetune").filter(|_| kind.finetune)
             && let Some(ft) = c.table(e, "`finetune`")
         {
+            let before = c.problems.len();
             let own = c.settings(
                 train,
                 ft,
@@ -664,7 +669,9 @@ pub fn validate(doc: &Document, registry: &Registry) -> Result<Plan, Problems> {
                 Some(Path::new("recipe-output")),
                 &|_| PathBuf::from(PLACEHOLDER),
             );
+            let keys_ok = c.problems.len() == before;
             match train.command.clone().try_get_matches_from(&trial) {
+                _ if !keys_ok => {}
                 Err(err) => c.problem(
                     &e.node.origin,
                     format!("finetune of stage `{name}`: {}", clap_message(&err)),
