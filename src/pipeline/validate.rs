@@ -308,6 +308,84 @@ fn is_folder_name(name: &str) -> bool {
 /// Placeholder paths for the trial parse of a stage's full argument vector.
 const PLACEHOLDER: &str = "recipe-input.safetensors";
 
+/// What `[model]` gives: the first checkpoint (or a fresh model) and its architecture flags.
+struct ModelSection {
+    initial: Option<Initial>,
+    fresh_arch: Vec<String>,
+    entries: Vec<(String, Node)>,
+}
+
+impl Checker<'_> {
+    /// Checks `[model]`: exactly one of `arch` (with train's architecture flags), `init` or
+    /// `import`.
+    fn model(&mut self, train: &KindSpec, entry: Option<&Entry>) -> ModelSection {
+        let mut initial = None;
+        let mut fresh_arch = Vec::new();
+        let mut model_entries = Vec::new();
+        match entry {
+            None => {
+                self.problem(
+                &Origin::File { line: 1, column: 1 },
+                "the recipe has no [model]: give `arch = \"...\"` (a fresh model), `init = \"file\"` or `import = { arch, state_dict }`",
+            );
+            }
+            Some(e) => {
+                if let Some(t) = self.table(e, "[model]") {
+                    let arch = self.settings(train, t, MODEL_KEYS, Some(ARCH_KEYS), "in [model]");
+                    let ways = [
+                        t.get("arch").is_some(),
+                        t.get("init").is_some(),
+                        t.get("import").is_some(),
+                    ];
+                    if ways.iter().filter(|w| **w).count() != 1 {
+                        self.problem(
+                        &e.key_origin,
+                        "[model] needs exactly one of `arch` (a fresh model), `init` (a checkpoint) or `import` (a state dict)",
+                    );
+                    }
+                    if let Some(init) = t.get("init") {
+                        if !arch.is_empty() {
+                            self.problem(
+                                &init.key_origin,
+                                "`init` loads a whole model: the architecture keys do not apply",
+                            );
+                        }
+                        if self.string(init, "`init`").is_some() {
+                            initial = self.check_file(&init.node, "init").map(Initial::File);
+                        }
+                    } else if let Some(import) = t.get("import") {
+                        initial = check_import(self, import);
+                    } else if t.get("arch").is_some() {
+                        initial = Some(Initial::Fresh);
+                        fresh_arch = pieces(&arch, &[])
+                            .into_iter()
+                            .filter_map(|p| match p {
+                                Piece::Text(t) => Some(t),
+                                Piece::Checkpoint { .. } | Piece::File { .. } => None,
+                            })
+                            .collect();
+                    }
+                    model_entries = valid_entries(arch);
+                }
+            }
+        }
+        ModelSection {
+            initial,
+            fresh_arch,
+            entries: model_entries,
+        }
+    }
+}
+
+/// The (key, value) pairs of settings that passed their checks: only those are inherited, so
+/// that a bad value is reported once.
+fn valid_entries(settings: Vec<(String, Setting<'_>)>) -> Vec<(String, Node)> {
+    settings
+        .into_iter()
+        .map(|(_, s)| (super::kinds::snake(s.arg.get_long().unwrap_or("")), s.node))
+        .collect()
+}
+
 /// Checks the whole recipe and turns it into a plan, or returns every problem found.
 pub fn validate(doc: &Document, registry: &Registry) -> Result<Plan, Problems> {
     let mut c = Checker {
@@ -334,15 +412,9 @@ pub fn validate(doc: &Document, registry: &Registry) -> Result<Plan, Problems> {
         .collect();
     let train_key_refs: Vec<&str> = train_keys.iter().map(String::as_str).collect();
     // Only values that passed their checks are inherited (a bad one is reported once).
-    let valid = |settings: Vec<(String, Setting<'_>)>| -> Vec<(String, Node)> {
-        settings
-            .into_iter()
-            .map(|(_, s)| (super::kinds::snake(s.arg.get_long().unwrap_or("")), s.node))
-            .collect()
-    };
     let mut data_entries = Vec::new();
     if let Some(t) = data_table {
-        data_entries = valid(c.settings(train, t, &[], Some(DATA_KEYS), "in [data]"));
+        data_entries = valid_entries(c.settings(train, t, &[], Some(DATA_KEYS), "in [data]"));
         if let Some(e) = t.get("data") {
             c.check_data(&e.node);
         }
@@ -350,65 +422,16 @@ pub fn validate(doc: &Document, registry: &Registry) -> Result<Plan, Problems> {
     let train_table = section("train").and_then(|e| c.table(e, "[train]"));
     let mut train_entries = Vec::new();
     if let Some(t) = train_table {
-        train_entries = valid(c.settings(train, t, &[], Some(&train_key_refs), "in [train]"));
+        train_entries =
+            valid_entries(c.settings(train, t, &[], Some(&train_key_refs), "in [train]"));
     }
 
     // [model]: a fresh architecture, an init file or an import.
-    let mut initial = None;
-    let mut fresh_arch = Vec::new();
-    let mut model_entries = Vec::new();
-    let model_origin;
-    match section("model") {
-        None => {
-            model_origin = start.clone();
-            c.problem(
-                &start,
-                "the recipe has no [model]: give `arch = \"...\"` (a fresh model), `init = \"file\"` or `import = { arch, state_dict }`",
-            );
-        }
-        Some(e) => {
-            model_origin = e.key_origin.clone();
-            if let Some(t) = c.table(e, "[model]") {
-                let mut keys: Vec<&str> = ARCH_KEYS.to_vec();
-                keys.extend(MODEL_KEYS);
-                let arch = c.settings(train, t, MODEL_KEYS, Some(ARCH_KEYS), "in [model]");
-                let ways = [
-                    t.get("arch").is_some(),
-                    t.get("init").is_some(),
-                    t.get("import").is_some(),
-                ];
-                if ways.iter().filter(|w| **w).count() != 1 {
-                    c.problem(
-                        &e.key_origin,
-                        "[model] needs exactly one of `arch` (a fresh model), `init` (a checkpoint) or `import` (a state dict)",
-                    );
-                }
-                if let Some(init) = t.get("init") {
-                    if !arch.is_empty() {
-                        c.problem(
-                            &init.key_origin,
-                            "`init` loads a whole model: the architecture keys do not apply",
-                        );
-                    }
-                    if c.string(init, "`init`").is_some() {
-                        initial = c.check_file(&init.node, "init").map(Initial::File);
-                    }
-                } else if let Some(import) = t.get("import") {
-                    initial = check_import(&mut c, import);
-                } else if t.get("arch").is_some() {
-                    initial = Some(Initial::Fresh);
-                    fresh_arch = pieces(&arch, &[])
-                        .into_iter()
-                        .filter_map(|p| match p {
-                            Piece::Text(t) => Some(t),
-                            Piece::Checkpoint { .. } | Piece::File { .. } => None,
-                        })
-                        .collect();
-                }
-                model_entries = valid(arch);
-            }
-        }
-    }
+    let ModelSection {
+        initial,
+        fresh_arch,
+        entries: model_entries,
+    } = c.model(train, section("model"));
 
     // The stages.
     let stage_nodes: Vec<&Node> = match section("stage").map(|e| &e.node) {
@@ -726,7 +749,6 @@ pub fn validate(doc: &Document, registry: &Registry) -> Result<Plan, Problems> {
             effects,
         });
     }
-    let _ = model_origin;
     if !c.problems.is_empty() {
         return Err(Problems {
             path: doc.path.clone(),
