@@ -200,10 +200,24 @@ pub fn pareto_front(rows: &[Row]) -> Vec<usize> {
     front
 }
 
-/// Accuracy against file size (log x), a labelled point per row and the Pareto front, as SVG
-/// text (plotters writes text as SVG elements: no fonts are needed).
+/// One point per checkpoint: rows measuring the same file (an `eval` stage passes its input
+/// on) share a point, labelled with all their names.
+fn points(rows: &[Row]) -> Vec<Row> {
+    let mut points: Vec<Row> = Vec::new();
+    for r in rows {
+        match points.iter_mut().find(|p| p.checkpoint == r.checkpoint) {
+            Some(p) => p.name = format!("{}, {}", p.name, r.name),
+            None => points.push(r.clone()),
+        }
+    }
+    points
+}
+
+/// Accuracy against file size (log x), a labelled point per checkpoint and the Pareto front,
+/// as SVG text (plotters writes text as SVG elements: no fonts are needed).
 pub fn svg(rows: &[Row]) -> Result<String> {
     use plotters::prelude::*;
+    let rows = &points(rows);
     let mut out = String::new();
     {
         let root = SVGBackend::with_string(&mut out, (720, 480)).into_drawing_area();
@@ -295,6 +309,15 @@ mod tests {
             row("d", 2000, 91.0),
         ];
         assert_eq!(pareto_front(&rows), vec![1, 0, 3]);
+    }
+
+    #[test]
+    fn rows_of_one_checkpoint_share_a_labelled_point() {
+        let mut eval = row("prune", 500, 85.0);
+        eval.name = "eval".into();
+        let svg = svg(&[row("train", 1000, 90.0), row("prune", 500, 85.0), eval]).unwrap();
+        assert_eq!(svg.matches("<circle").count(), 2);
+        assert!(svg.contains("\nprune, eval\n</text>"), "{svg}");
     }
 
     #[test]
