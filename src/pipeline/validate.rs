@@ -386,6 +386,322 @@ fn valid_entries(settings: Vec<(String, Setting<'_>)>) -> Vec<(String, Node)> {
         .collect()
 }
 
+/// What every stage's check reads: the registry's train kind and the inherited sections.
+struct StageContext<'r, 'd> {
+    train: &'r KindSpec,
+    train_key_refs: Vec<&'r str>,
+    data_entries: Vec<(String, Node)>,
+    train_entries: Vec<(String, Node)>,
+    model_entries: Vec<(String, Node)>,
+    initial: Option<Initial>,
+    stage_nodes: Vec<&'d Node>,
+}
+
+impl<'r> Checker<'r> {
+    /// Checks stage `index` and plans it; `names` and `quantized` (per earlier stage: the
+    /// `quantize` stage in its lineage) grow by this stage's entry whatever the outcome.
+    fn stage(
+        &mut self,
+        ctx: &StageContext<'r, '_>,
+        index: usize,
+        node: &Node,
+        names: &mut Vec<String>,
+        quantized: &mut Vec<Option<String>>,
+    ) -> Option<PlannedStage> {
+        let Value::Table(t) = &node.value else {
+            self.problem(&node.origin, "each [[stage]] must be a table");
+            return None;
+        };
+        let at = &node.origin;
+        let kind_name = match t.get("kind") {
+            None => {
+                self.problem(at, format!("stage {} has no `kind`", index + 1));
+                None
+            }
+            Some(e) => self
+                .string(e, "`kind`")
+                .map(|s| (s.to_string(), e.node.origin.clone())),
+        };
+        let name = match t.get("name") {
+            Some(e) => self
+                .string(e, "`name`")
+                .map(|s| (s.to_string(), e.node.origin.clone())),
+            None => kind_name.clone(),
+        };
+        let Some((name, name_at)) = name else {
+            names.push(String::new());
+            quantized.push(None);
+            return None;
+        };
+        if !is_folder_name(&name) {
+            self.problem(
+                &name_at,
+                format!("stage name `{name}`: use letters, digits, `-` and `_` (it names the stage's folder)"),
+            );
+        }
+        if names.contains(&name) {
+            self.problem(
+                &name_at,
+                format!("duplicate stage name `{name}`: give each stage its own `name`"),
+            );
+        }
+        names.push(name.clone());
+        quantized.push(None);
+        let (kind_name, kind_at) = kind_name?;
+        let kind = match self.registry.get(&kind_name).filter(|k| k.name != "import") {
+            Some(k) => k,
+            None => {
+                let message = if let Some((_, why)) =
+                    self.registry.pending.iter().find(|(n, _)| *n == kind_name)
+                {
+                    format!("stage kind `{kind_name}` is not available in this build: {why}")
+                } else if kind_name == "import" {
+                    "import is not a stage: write `[model] import = { arch = ..., state_dict = ... }`".to_string()
+                } else {
+                    let mut all: Vec<String> = self
+                        .registry
+                        .kinds
+                        .iter()
+                        .filter(|k| k.name != "import")
+                        .map(|k| k.name.to_string())
+                        .collect();
+                    all.extend(self.registry.pending.iter().map(|(n, _)| n.to_string()));
+                    format!(
+                        "unknown stage kind `{kind_name}`{}; kinds: {}",
+                        suggestion(&kind_name, &all),
+                        all.join(", ")
+                    )
+                };
+                self.problem(&kind_at, message);
+                return None;
+            }
+        };
+        let context = format!("in stage `{name}` (kind {})", kind.name);
+
+        // Input: `from`, or the previous stage; none for a fresh first training stage.
+        let earlier = |n: &str| names[..index].iter().position(|x| x == n);
+        // Whether the input is known; if not, that was reported and the trial parse of the
+        // whole command line (which needs it) is skipped.
+        let mut input_known = !(index == 0 && ctx.initial.is_none());
+        let input = match t.get("from") {
+            Some(e) => match self.string(e, "`from`") {
+                Some(from) => match earlier(from) {
+                    Some(i) => Some(Input::Stage(i)),
+                    None => {
+                        input_known = false;
+                        let hint = suggestion(from, &names[..index]);
+                        self.problem(
+                            &e.node.origin,
+                            format!("`from = \"{from}\"` names no earlier stage{hint}"),
+                        );
+                        None
+                    }
+                },
+                None => {
+                    input_known = false;
+                    None
+                }
+            },
+            None if index == 0 => match ctx.initial {
+                Some(Initial::Fresh) | None => None,
+                Some(_) => Some(Input::Initial),
+            },
+            None => Some(Input::Stage(index - 1)),
+        };
+        let fresh = index == 0 && t.get("from").is_none() && ctx.initial == Some(Initial::Fresh);
+        if fresh && kind.input != super::kinds::InputArg::Flag("init") {
+            self.problem(
+                &kind_at,
+                format!(
+                    "the first stage starts from a fresh `[model] arch`, which only a training stage can take; `{}` needs a checkpoint (`[model] init = \"file\"`)",
+                    kind.name
+                ),
+            );
+        }
+
+        // The stage's own keys, over the inherited defaults.
+        let mut extra: Vec<&str> = STAGE_KEYS.to_vec();
+        if !kind.finetune {
+            extra.retain(|k| *k != "finetune");
+        }
+        // A key refused on its own is not passed on: the trial of the whole command line
+        // would then report its absence too, so it is skipped.
+        let before = self.problems.len();
+        let own = self.settings(kind, t, &extra, None, &context);
+        let keys_ok = self.problems.len() == before;
+        let mut settings = inherited(kind, &ctx.data_entries);
+        if kind.inherits_train {
+            merge(&mut settings, inherited(kind, &ctx.train_entries));
+        }
+        if fresh {
+            merge(&mut settings, inherited(kind, &ctx.model_entries));
+        }
+        merge(&mut settings, own);
+        for (_, s) in &settings {
+            if s.arg.get_long() == Some("data") {
+                self.check_data(&s.node);
+            }
+        }
+
+        // A teacher: an earlier stage's checkpoint, or a file.
+        let mut teacher = None;
+        if let Some((_, s)) = settings
+            .iter()
+            .find(|(_, s)| s.arg.get_long() == Some("teacher"))
+            && let Some(text) = s.node.value.as_str()
+        {
+            teacher = match earlier(text) {
+                Some(i) => Some(Input::Stage(i)),
+                None if names.contains(&text.to_string())
+                    || ctx.stage_nodes.iter().skip(index).any(|n| {
+                        n.value
+                            .as_table()
+                            .and_then(|t| t.get("name"))
+                            .and_then(|e| e.node.value.as_str())
+                            == Some(text)
+                    }) =>
+                {
+                    self.problem(
+                        &s.node.origin,
+                        format!("`teacher = \"{text}\"`: that stage does not run before this one"),
+                    );
+                    None
+                }
+                None => {
+                    if !Path::new(text).is_file() {
+                        self.problem(
+                                &s.node.origin,
+                                format!("`teacher = \"{text}\"` is neither an earlier stage nor an existing file"),
+                            );
+                    }
+                    None
+                }
+            };
+        }
+        let mut args = pieces(&settings, &["teacher"]);
+        let mut hashed_args = pieces(&settings, kind.unhashed);
+        hashed_args.retain(|p| !matches!(p, Piece::Text(t) if t.starts_with("--teacher=")));
+        for list in [&mut args, &mut hashed_args] {
+            if let Some(i) = teacher {
+                list.push(Piece::Checkpoint {
+                    flag: "teacher".into(),
+                    input: i,
+                });
+            } else if let Some((_, s)) = settings
+                .iter()
+                .find(|(_, s)| s.arg.get_long() == Some("teacher"))
+            {
+                let text = s.node.value.as_arg_text().unwrap_or_default();
+                list.push(Piece::File {
+                    flag: "teacher".into(),
+                    path: PathBuf::from(text),
+                });
+            }
+        }
+
+        // The whole argument vector, through the command's own parser and checks.
+        let mut effects = Vec::new();
+        let trial = super::plan::argv(
+            kind,
+            input.map(|_| Path::new(PLACEHOLDER)),
+            &args,
+            Some(Path::new("recipe-output")),
+            &|_| PathBuf::from(PLACEHOLDER),
+        );
+        match kind.command.clone().try_get_matches_from(&trial) {
+            _ if !input_known || !keys_ok => {}
+            Err(e) => self.problem(at, format!("stage `{name}`: {}", clap_message(&e))),
+            Ok(m) => {
+                if let Err(e) = (kind.check)(&m) {
+                    self.problem(at, format!("stage `{name}`: {e:#}"));
+                }
+                effects = (kind.effects)(&m);
+            }
+        }
+
+        // Fine-tuning after the stage: a training run with [train]'s defaults.
+        let mut finetune = None;
+        if let Some(e) = t.get("finetune").filter(|_| kind.finetune)
+            && let Some(ft) = self.table(e, "`finetune`")
+        {
+            let before = self.problems.len();
+            let own = self.settings(
+                ctx.train,
+                ft,
+                &[],
+                Some(&ctx.train_key_refs),
+                &format!("in the finetune of stage `{name}`"),
+            );
+            let mut s = inherited(ctx.train, &ctx.data_entries);
+            merge(&mut s, inherited(ctx.train, &ctx.train_entries));
+            merge(&mut s, own);
+            let list = pieces(&s, &[]);
+            let trial = super::plan::argv(
+                ctx.train,
+                Some(Path::new(PLACEHOLDER)),
+                &list,
+                Some(Path::new("recipe-output")),
+                &|_| PathBuf::from(PLACEHOLDER),
+            );
+            let keys_ok = self.problems.len() == before;
+            match ctx.train.command.clone().try_get_matches_from(&trial) {
+                _ if !keys_ok => {}
+                Err(err) => self.problem(
+                    &e.node.origin,
+                    format!("finetune of stage `{name}`: {}", clap_message(&err)),
+                ),
+                Ok(m) => {
+                    if let Err(err) = (ctx.train.check)(&m) {
+                        self.problem(
+                            &e.node.origin,
+                            format!("finetune of stage `{name}`: {err:#}"),
+                        );
+                    }
+                }
+            }
+            effects.push(Effect::FloatTraining);
+            finetune = Some(pieces(&s, ctx.train.unhashed));
+        }
+
+        // Order: nothing float after an int8 quantize in the same lineage, but QAT.
+        let upstream = match input {
+            Some(Input::Stage(i)) => quantized[i].clone(),
+            _ => None,
+        };
+        if let Some(q) = &upstream {
+            for effect in &effects {
+                let what = match effect {
+                    Effect::FloatTraining => "trains in float",
+                    Effect::ChannelPruning => "prunes channels",
+                    Effect::Quantize | Effect::QuantAwareTraining => continue,
+                };
+                self.problem(
+                    &kind_at,
+                    format!(
+                        "impossible order: stage `{name}` {what} after the int8 `quantize` stage `{q}`; move it before, or fine-tune the quantized model with kind = \"qat\""
+                    ),
+                );
+            }
+        }
+        quantized[index] = if effects.contains(&Effect::Quantize) {
+            Some(name.clone())
+        } else {
+            upstream
+        };
+        Some(PlannedStage {
+            index,
+            folder: format!("{:02}-{name}", index + 1),
+            name,
+            kind: kind.name.to_string(),
+            input,
+            args,
+            hashed_args,
+            finetune,
+            effects,
+        })
+    }
+}
+
 /// Checks the whole recipe and turns it into a plan, or returns every problem found.
 pub fn validate(doc: &Document, registry: &Registry) -> Result<Plan, Problems> {
     let mut c = Checker {
@@ -455,299 +771,19 @@ pub fn validate(doc: &Document, registry: &Registry) -> Result<Plan, Problems> {
     let mut names: Vec<String> = Vec::new();
     // Per stage: whether its lineage has been quantized (by `quantize`), and by which stage.
     let mut quantized: Vec<Option<String>> = Vec::new();
-    for (index, node) in stage_nodes.iter().enumerate() {
-        let Value::Table(t) = &node.value else {
-            c.problem(&node.origin, "each [[stage]] must be a table");
-            continue;
-        };
-        let at = &node.origin;
-        let kind_name = match t.get("kind") {
-            None => {
-                c.problem(at, format!("stage {} has no `kind`", index + 1));
-                None
-            }
-            Some(e) => c
-                .string(e, "`kind`")
-                .map(|s| (s.to_string(), e.node.origin.clone())),
-        };
-        let name = match t.get("name") {
-            Some(e) => c
-                .string(e, "`name`")
-                .map(|s| (s.to_string(), e.node.origin.clone())),
-            None => kind_name.clone(),
-        };
-        let Some((name, name_at)) = name else {
-            names.push(String::new());
-            quantized.push(None);
-            continue;
-        };
-        if !is_folder_name(&name) {
-            c.problem(
-                &name_at,
-                format!("stage name `{name}`: use letters, digits, `-` and `_` (it names the stage's folder)"),
-            );
+    let ctx = StageContext {
+        train,
+        train_key_refs,
+        data_entries,
+        train_entries,
+        model_entries,
+        initial,
+        stage_nodes,
+    };
+    for (index, node) in ctx.stage_nodes.iter().enumerate() {
+        if let Some(stage) = c.stage(&ctx, index, node, &mut names, &mut quantized) {
+            stages.push(stage);
         }
-        if names.contains(&name) {
-            c.problem(
-                &name_at,
-                format!("duplicate stage name `{name}`: give each stage its own `name`"),
-            );
-        }
-        names.push(name.clone());
-        quantized.push(None);
-        let Some((kind_name, kind_at)) = kind_name else {
-            continue;
-        };
-        let kind = match registry.get(&kind_name).filter(|k| k.name != "import") {
-            Some(k) => k,
-            None => {
-                let message = if let Some((_, why)) =
-                    registry.pending.iter().find(|(n, _)| *n == kind_name)
-                {
-                    format!("stage kind `{kind_name}` is not available in this build: {why}")
-                } else if kind_name == "import" {
-                    "import is not a stage: write `[model] import = { arch = ..., state_dict = ... }`".to_string()
-                } else {
-                    let mut all: Vec<String> = registry
-                        .kinds
-                        .iter()
-                        .filter(|k| k.name != "import")
-                        .map(|k| k.name.to_string())
-                        .collect();
-                    all.extend(registry.pending.iter().map(|(n, _)| n.to_string()));
-                    format!(
-                        "unknown stage kind `{kind_name}`{}; kinds: {}",
-                        suggestion(&kind_name, &all),
-                        all.join(", ")
-                    )
-                };
-                c.problem(&kind_at, message);
-                continue;
-            }
-        };
-        let context = format!("in stage `{name}` (kind {})", kind.name);
-
-        // Input: `from`, or the previous stage; none for a fresh first training stage.
-        let earlier = |n: &str| names[..index].iter().position(|x| x == n);
-        // Whether the input is known; if not, that was reported and the trial parse of the
-        // whole command line (which needs it) is skipped.
-        let mut input_known = !(index == 0 && initial.is_none());
-        let input = match t.get("from") {
-            Some(e) => match c.string(e, "`from`") {
-                Some(from) => match earlier(from) {
-                    Some(i) => Some(Input::Stage(i)),
-                    None => {
-                        input_known = false;
-                        let hint = suggestion(from, &names[..index]);
-                        c.problem(
-                            &e.node.origin,
-                            format!("`from = \"{from}\"` names no earlier stage{hint}"),
-                        );
-                        None
-                    }
-                },
-                None => {
-                    input_known = false;
-                    None
-                }
-            },
-            None if index == 0 => match initial {
-                Some(Initial::Fresh) | None => None,
-                Some(_) => Some(Input::Initial),
-            },
-            None => Some(Input::Stage(index - 1)),
-        };
-        let fresh = index == 0 && t.get("from").is_none() && initial == Some(Initial::Fresh);
-        if fresh && kind.input != super::kinds::InputArg::Flag("init") {
-            c.problem(
-                &kind_at,
-                format!(
-                    "the first stage starts from a fresh `[model] arch`, which only a training stage can take; `{}` needs a checkpoint (`[model] init = \"file\"`)",
-                    kind.name
-                ),
-            );
-        }
-
-        // The stage's own keys, over the inherited defaults.
-        let mut extra: Vec<&str> = STAGE_KEYS.to_vec();
-        if !kind.finetune {
-            extra.retain(|k| *k != "finetune");
-        }
-        // A key refused on its own is not passed on: the trial of the whole command line
-        // would then report its absence too, so it is skipped.
-        let before = c.problems.len();
-        let own = c.settings(kind, t, &extra, None, &context);
-        let keys_ok = c.problems.len() == before;
-        let mut settings = inherited(kind, &data_entries);
-        if kind.inherits_train {
-            merge(&mut settings, inherited(kind, &train_entries));
-        }
-        if fresh {
-            merge(&mut settings, inherited(kind, &model_entries));
-        }
-        merge(&mut settings, own);
-        for (_, s) in &settings {
-            if s.arg.get_long() == Some("data") {
-                c.check_data(&s.node);
-            }
-        }
-
-        // A teacher: an earlier stage's checkpoint, or a file.
-        let mut teacher = None;
-        if let Some((_, s)) = settings
-            .iter()
-            .find(|(_, s)| s.arg.get_long() == Some("teacher"))
-            && let Some(text) = s.node.value.as_str()
-        {
-            teacher = match earlier(text) {
-                Some(i) => Some(Input::Stage(i)),
-                None if names.contains(&text.to_string())
-                    || stage_nodes.iter().skip(index).any(|n| {
-                        n.value
-                            .as_table()
-                            .and_then(|t| t.get("name"))
-                            .and_then(|e| e.node.value.as_str())
-                            == Some(text)
-                    }) =>
-                {
-                    c.problem(
-                        &s.node.origin,
-                        format!("`teacher = \"{text}\"`: that stage does not run before this one"),
-                    );
-                    None
-                }
-                None => {
-                    if !Path::new(text).is_file() {
-                        c.problem(
-                                &s.node.origin,
-                                format!("`teacher = \"{text}\"` is neither an earlier stage nor an existing file"),
-                            );
-                    }
-                    None
-                }
-            };
-        }
-        let mut args = pieces(&settings, &["teacher"]);
-        let mut hashed_args = pieces(&settings, kind.unhashed);
-        hashed_args.retain(|p| !matches!(p, Piece::Text(t) if t.starts_with("--teacher=")));
-        for list in [&mut args, &mut hashed_args] {
-            if let Some(i) = teacher {
-                list.push(Piece::Checkpoint {
-                    flag: "teacher".into(),
-                    input: i,
-                });
-            } else if let Some((_, s)) = settings
-                .iter()
-                .find(|(_, s)| s.arg.get_long() == Some("teacher"))
-            {
-                let text = s.node.value.as_arg_text().unwrap_or_default();
-                list.push(Piece::File {
-                    flag: "teacher".into(),
-                    path: PathBuf::from(text),
-                });
-            }
-        }
-
-        // The whole argument vector, through the command's own parser and checks.
-        let mut effects = Vec::new();
-        let trial = super::plan::argv(
-            kind,
-            input.map(|_| Path::new(PLACEHOLDER)),
-            &args,
-            Some(Path::new("recipe-output")),
-            &|_| PathBuf::from(PLACEHOLDER),
-        );
-        match kind.command.clone().try_get_matches_from(&trial) {
-            _ if !input_known || !keys_ok => {}
-            Err(e) => c.problem(at, format!("stage `{name}`: {}", clap_message(&e))),
-            Ok(m) => {
-                if let Err(e) = (kind.check)(&m) {
-                    c.problem(at, format!("stage `{name}`: {e:#}"));
-                }
-                effects = (kind.effects)(&m);
-            }
-        }
-
-        // Fine-tuning after the stage: a training run with [train]'s defaults.
-        let mut finetune = None;
-        if let Some(e) = t.get("finetune").filter(|_| kind.finetune)
-            && let Some(ft) = c.table(e, "`finetune`")
-        {
-            let before = c.problems.len();
-            let own = c.settings(
-                train,
-                ft,
-                &[],
-                Some(&train_key_refs),
-                &format!("in the finetune of stage `{name}`"),
-            );
-            let mut s = inherited(train, &data_entries);
-            merge(&mut s, inherited(train, &train_entries));
-            merge(&mut s, own);
-            let list = pieces(&s, &[]);
-            let trial = super::plan::argv(
-                train,
-                Some(Path::new(PLACEHOLDER)),
-                &list,
-                Some(Path::new("recipe-output")),
-                &|_| PathBuf::from(PLACEHOLDER),
-            );
-            let keys_ok = c.problems.len() == before;
-            match train.command.clone().try_get_matches_from(&trial) {
-                _ if !keys_ok => {}
-                Err(err) => c.problem(
-                    &e.node.origin,
-                    format!("finetune of stage `{name}`: {}", clap_message(&err)),
-                ),
-                Ok(m) => {
-                    if let Err(err) = (train.check)(&m) {
-                        c.problem(
-                            &e.node.origin,
-                            format!("finetune of stage `{name}`: {err:#}"),
-                        );
-                    }
-                }
-            }
-            effects.push(Effect::FloatTraining);
-            finetune = Some(pieces(&s, train.unhashed));
-        }
-
-        // Order: nothing float after an int8 quantize in the same lineage, but QAT.
-        let upstream = match input {
-            Some(Input::Stage(i)) => quantized[i].clone(),
-            _ => None,
-        };
-        if let Some(q) = &upstream {
-            for effect in &effects {
-                let what = match effect {
-                    Effect::FloatTraining => "trains in float",
-                    Effect::ChannelPruning => "prunes channels",
-                    Effect::Quantize | Effect::QuantAwareTraining => continue,
-                };
-                c.problem(
-                    &kind_at,
-                    format!(
-                        "impossible order: stage `{name}` {what} after the int8 `quantize` stage `{q}`; move it before, or fine-tune the quantized model with kind = \"qat\""
-                    ),
-                );
-            }
-        }
-        quantized[index] = if effects.contains(&Effect::Quantize) {
-            Some(name.clone())
-        } else {
-            upstream
-        };
-        stages.push(PlannedStage {
-            index,
-            folder: format!("{:02}-{name}", index + 1),
-            name,
-            kind: kind.name.to_string(),
-            input,
-            args,
-            hashed_args,
-            finetune,
-            effects,
-        });
     }
     if !c.problems.is_empty() {
         return Err(Problems {
@@ -769,7 +805,7 @@ pub fn validate(doc: &Document, registry: &Registry) -> Result<Plan, Problems> {
             });
     Ok(Plan {
         recipe: doc.path.clone(),
-        initial: initial.expect("no problems means a model"),
+        initial: ctx.initial.expect("no problems means a model"),
         stages,
         lock: doc.to_toml_string(),
         data,
