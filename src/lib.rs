@@ -13,6 +13,7 @@ pub mod kernels;
 pub mod model;
 pub mod models;
 pub mod passes;
+pub mod pipeline;
 pub mod predict;
 pub mod profile;
 pub mod prune;

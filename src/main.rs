@@ -27,6 +27,17 @@ fn main() -> ExitCode {
     match cli::run(args) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
+            // A recipe's problems are usage errors: all of them, one per line, exit code 2.
+            if let Some(problems) = e.downcast_ref::<slimcandle::pipeline::Problems>() {
+                for line in problems.lines() {
+                    eprintln!("error: {line}");
+                }
+                eprintln!(
+                    "{} problem(s) in the recipe; nothing was run",
+                    problems.lines().len()
+                );
+                return ExitCode::from(2);
+            }
             eprintln!("error: {e:#}");
             ExitCode::from(1)
         }

@@ -47,6 +47,9 @@ pub struct Provenance {
     /// Earlier steps, oldest first, carried over from the parent checkpoint.
     #[serde(default)]
     pub history: Vec<String>,
+    /// The effective recipe (`recipe.lock.toml`) of the `slimcandle run` that made the file.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub recipe: Option<String>,
 }
 
 impl Provenance {
@@ -58,6 +61,7 @@ impl Provenance {
             created: utc_now_rfc3339(),
             source: source.into(),
             history: Vec::new(),
+            recipe: None,
         }
     }
 

@@ -295,7 +295,7 @@ fn bad_prune_requests_get_clear_errors() {
     );
     fails(
         &["prune", c, "--ratio", "1.5", "-o", o],
-        &["ratio 1.5 is outside [0, 1)"],
+        &["1.5 is outside [0, 1)"],
     );
     fails(
         &[

@@ -18,11 +18,13 @@ enum ModeArg {
 pub struct BenchArgs {
     #[command(flatten)]
     arch: ArchArgs,
-    #[arg(long, default_value_t = 64)]
-    batch: usize,
+    /// Images per batch.
+    #[arg(long, alias = "batch", default_value_t = 64)]
+    batch_size: usize,
     /// Input height and width.
-    #[arg(long, default_value_t = 32)]
-    size: usize,
+    #[arg(long, alias = "size", default_value_t = 32)]
+    input_size: usize,
+    /// train: forward, backward and an SGD step; infer: eval-mode forward.
     #[arg(long, value_enum, default_value = "train")]
     mode: ModeArg,
     /// Untimed batches first.
@@ -36,6 +38,7 @@ pub struct BenchArgs {
     /// number of classes unless --num-classes says otherwise.
     #[arg(long, value_name = "CKPT")]
     teacher: Option<PathBuf>,
+    /// Print JSON instead of text.
     #[arg(long)]
     json: bool,
 }
@@ -62,13 +65,13 @@ pub fn run(args: BenchArgs) -> Result<()> {
     if let Some(t) = &mut teacher {
         // Random data, standard-normal per channel: the teacher's own normalisation.
         let p = t.model().meta.preprocessing.clone();
-        t.prepare_for(&model.meta.class_names, [args.size; 2], p.mean, p.std)?;
+        t.prepare_for(&model.meta.class_names, [args.input_size; 2], p.mean, p.std)?;
     }
     let r = bench::run_with_teacher(
         &model,
         mode,
-        args.batch,
-        args.size,
+        args.batch_size,
+        args.input_size,
         args.warmup,
         args.iterations,
         teacher.as_ref().map(|t| t as &dyn Teacher),

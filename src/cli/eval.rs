@@ -17,11 +17,13 @@ pub struct EvalArgs {
     /// Evaluate on a seeded, class-balanced subset of this many test images.
     #[arg(long)]
     test_limit: Option<usize>,
+    /// Images per forward pass (also the batch of the latency figure).
     #[arg(long, default_value_t = 256)]
     batch_size: usize,
     /// Seed of the subset (and of `shapes`).
     #[arg(long, default_value_t = 0)]
     seed: u64,
+    /// Print JSON instead of text.
     #[arg(long)]
     json: bool,
 }

@@ -2,6 +2,7 @@
 //! prints one JSON document with stable snake_case keys.
 
 mod bench;
+mod compare;
 mod distill_args;
 mod eval;
 mod forward;
@@ -10,6 +11,7 @@ mod inspect;
 mod models;
 mod predict;
 mod prune;
+mod run;
 mod sensitivity;
 mod train;
 
@@ -62,7 +64,7 @@ enum Command {
     Predict(predict::PredictArgs),
     /// Measure training or inference throughput (images/s) and peak memory.
     #[command(
-        after_help = "Example: slimcandle bench --arch mobilenet_v2 --stem cifar --batch 64 --size 32 --mode train"
+        after_help = "Example: slimcandle bench --arch mobilenet_v2 --stem cifar --batch-size 64 --input-size 32 --mode train"
     )]
     Bench(bench::BenchArgs),
     /// Run every 4-D float tensor of a safetensors file through a checkpoint (eval mode).
@@ -80,6 +82,16 @@ enum Command {
         after_help = "Example: slimcandle sensitivity model.safetensors --data cifar10:DIR --ratios 0.1,0.3,0.5,0.7 --test-limit 1000 --csv sens.csv"
     )]
     Sensitivity(sensitivity::SensitivityArgs),
+    /// Run a recipe: train, prune, evaluate ... stage by stage, with a report (docs/recipes.md).
+    #[command(
+        after_help = "Examples:\n  slimcandle run recipes/quickstart.toml\n  slimcandle run recipes/quickstart.toml --set train.epochs=2 --dry-run"
+    )]
+    Run(run::RunArgs),
+    /// Compare checkpoints: size, MACs, accuracy and speed in one table, and a plot.
+    #[command(
+        after_help = "Example: slimcandle compare base.safetensors pruned.safetensors --data cifar10:DIR --plot cmp.svg"
+    )]
+    Compare(compare::CompareArgs),
 }
 
 /// `--arch` and the options that complete it, shared by every command that builds a model.
@@ -131,6 +143,8 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Predict(a) => predict::run(a),
         Command::Prune(a) => prune::run(*a),
         Command::Sensitivity(a) => sensitivity::run(a),
+        Command::Run(a) => run::run(a),
+        Command::Compare(a) => compare::run(a),
     }
 }
 
@@ -154,4 +168,26 @@ pub fn print_json(value: &serde_json::Value) {
         "{}",
         serde_json::to_string_pretty(value).expect("JSON values serialise")
     );
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Cli;
+    use clap::CommandFactory;
+
+    /// Every option of every command explains itself in `--help` (issue #14).
+    #[test]
+    fn every_option_has_help_text() {
+        let cli = Cli::command();
+        let mut missing = Vec::new();
+        for sub in cli.get_subcommands() {
+            for arg in sub.get_arguments() {
+                let builtin = matches!(arg.get_id().as_str(), "help" | "version");
+                if !builtin && !arg.is_hide_set() && arg.get_help().is_none() {
+                    missing.push(format!("{} {}", sub.get_name(), arg.get_id()));
+                }
+            }
+        }
+        assert!(missing.is_empty(), "options without help: {missing:?}");
+    }
 }

@@ -15,6 +15,7 @@ pub struct PredictArgs {
     /// How many classes to show per image.
     #[arg(long, default_value_t = 5)]
     top_k: usize,
+    /// Print JSON instead of text.
     #[arg(long)]
     json: bool,
 }

@@ -36,28 +36,29 @@ pub enum ScopeArg {
 pub struct PruneArgs {
     /// Checkpoint to prune.
     checkpoint: PathBuf,
+    /// What to remove: whole channels, or single weights.
     #[arg(long, value_enum, default_value = "channel")]
     method: Method,
     /// Channel importance: l1, l2, bn-scale, taylor (needs --data), random.
     #[arg(long, default_value = "l1")]
     criterion: Criterion,
     /// Ranking scope (default: uniform for channel, global for magnitude).
-    #[arg(long, value_enum)]
+    #[arg(long = "prune-scope", alias = "scope", value_enum)]
     scope: Option<ScopeArg>,
     /// Fraction of the prunable channels to remove.
-    #[arg(long, conflicts_with_all = ["target_macs", "target_params"])]
+    #[arg(long, value_parser = removed_fraction, conflicts_with_all = ["target_macs", "target_params"])]
     ratio: Option<f64>,
     /// Magnitude: fraction of the prunable weights to zero.
-    #[arg(long)]
+    #[arg(long, value_parser = removed_fraction)]
     sparsity: Option<f64>,
     /// Magnitude: prune depthwise conv filters too (spared by default).
     #[arg(long)]
     prune_depthwise: bool,
     /// Keep this fraction of the MACs (0.5 halves them), reached by searching the ratio.
-    #[arg(long, conflicts_with = "target_params")]
+    #[arg(long, value_parser = kept_fraction, conflicts_with = "target_params")]
     target_macs: Option<f64>,
     /// Keep this fraction of the parameters, reached by searching the ratio.
-    #[arg(long)]
+    #[arg(long, value_parser = kept_fraction)]
     target_params: Option<f64>,
     /// Round kept channel counts to a multiple of this (1: no rounding).
     #[arg(long, default_value_t = 8)]
@@ -73,7 +74,7 @@ pub struct PruneArgs {
     prune_residual: bool,
     /// Layers never to prune: comma-separated globs over layer or parameter names (magnitude:
     /// in addition to the first layer and the classifier).
-    #[arg(long, default_value = "")]
+    #[arg(long = "prune-exclude", alias = "exclude", default_value = "")]
     exclude: String,
     /// Per-layer ratio, PATTERN=RATIO (repeatable; first match wins).
     #[arg(long = "layer-ratio", value_name = "PATTERN=RATIO")]
@@ -87,15 +88,38 @@ pub struct PruneArgs {
     /// Taylor criterion: batches of training images to accumulate gradients over.
     #[arg(long, default_value_t = 16)]
     taylor_batches: usize,
+    /// Images per batch for evaluation and the taylor criterion.
     #[arg(long, default_value_t = 64)]
     batch_size: usize,
+    /// Seed of the data subsets and the random criterion.
     #[arg(long, default_value_t = 0)]
     seed: u64,
     /// Output checkpoint.
     #[arg(short, long)]
     output: PathBuf,
+    /// Print JSON instead of text.
     #[arg(long)]
     json: bool,
+}
+
+/// A fraction of channels or weights to remove, in [0, 1).
+fn removed_fraction(text: &str) -> Result<f64, String> {
+    let v: f64 = text.parse().map_err(|e| format!("{e}"))?;
+    if (0.0..1.0).contains(&v) {
+        Ok(v)
+    } else {
+        Err(format!("{v} is outside [0, 1)"))
+    }
+}
+
+/// A fraction of the MACs or parameters to keep, in (0, 1].
+fn kept_fraction(text: &str) -> Result<f64, String> {
+    let v: f64 = text.parse().map_err(|e| format!("{e}"))?;
+    if v > 0.0 && v <= 1.0 {
+        Ok(v)
+    } else {
+        Err(format!("{v} is outside (0, 1]"))
+    }
 }
 
 fn parse_layer_ratio(text: &str) -> Result<(NamePattern, f64)> {
@@ -120,7 +144,50 @@ fn accuracy(model: &Model, data: Option<&Dataset>) -> Result<Option<(f64, f64)>>
     }
 }
 
+/// The checks that need no file: which flags go with which method, and that the method has
+/// its amount (a recipe runs them before any stage starts).
+pub fn check(args: &PruneArgs) -> Result<()> {
+    match args.method {
+        Method::Channel => {
+            if args.sparsity.is_some() || args.prune_depthwise {
+                bail!("--sparsity and --prune-depthwise are for --method magnitude");
+            }
+            if [args.ratio, args.target_macs, args.target_params]
+                .iter()
+                .all(Option::is_none)
+            {
+                bail!("say how much to prune: --ratio R, --target-macs F or --target-params F");
+            }
+            if args.criterion.needs_data() && args.data.is_none() {
+                bail!(
+                    "--criterion {} takes gradients on training images: pass --data",
+                    args.criterion.name()
+                );
+            }
+        }
+        Method::Magnitude => {
+            if args.ratio.is_some() || args.target_macs.is_some() || args.target_params.is_some() {
+                bail!("--method magnitude takes --sparsity S, not --ratio or --target-*");
+            }
+            if !args.layer_ratios.is_empty() {
+                bail!("--layer-ratio is for --method channel");
+            }
+            if args.sparsity.is_none() {
+                bail!(
+                    "--method magnitude needs --sparsity S (the fraction of prunable weights to zero)"
+                );
+            }
+        }
+    }
+    for text in &args.layer_ratios {
+        parse_layer_ratio(text)?;
+    }
+    parse_list(&args.exclude)?;
+    Ok(())
+}
+
 pub fn run(args: PruneArgs) -> Result<()> {
+    check(&args)?;
     super::check_output_is_not_input(&args.output, &[&args.checkpoint])?;
     let file = TensorFile::read(&args.checkpoint)?;
     let model = checkpoint::from_file(&file)?;
@@ -143,10 +210,6 @@ pub fn run(args: PruneArgs) -> Result<()> {
             check_classes(&model.meta.class_names, &d.class_names, &d.source)?;
             Some(d)
         }
-        None if needs_train => bail!(
-            "--criterion {} takes gradients on training images: pass --data",
-            args.criterion.name()
-        ),
         None => None,
     };
     let before = Footprint::of(&model, Some(file.file_size() as u64))?;
@@ -202,9 +265,6 @@ struct Details {
 }
 
 fn channel(args: &PruneArgs, model: &Model, data: Option<&Dataset>) -> Result<(Model, Details)> {
-    if args.sparsity.is_some() || args.prune_depthwise {
-        bail!("--sparsity and --prune-depthwise are for --method magnitude");
-    }
     let target = match (args.ratio, args.target_macs, args.target_params) {
         (Some(r), None, None) => Target::ChannelRatio(r),
         (None, Some(f), None) => Target::Macs(f),
@@ -275,12 +335,6 @@ fn channel(args: &PruneArgs, model: &Model, data: Option<&Dataset>) -> Result<(M
 }
 
 fn magnitude(args: &PruneArgs, model: &Model) -> Result<(Model, Details)> {
-    if args.ratio.is_some() || args.target_macs.is_some() || args.target_params.is_some() {
-        bail!("--method magnitude takes --sparsity S, not --ratio or --target-*");
-    }
-    if !args.layer_ratios.is_empty() {
-        bail!("--layer-ratio is for --method channel");
-    }
     let Some(sparsity) = args.sparsity else {
         bail!("--method magnitude needs --sparsity S (the fraction of prunable weights to zero)");
     };

@@ -28,6 +28,7 @@ pub struct SensitivityArgs {
     /// Data to evaluate on (its test split).
     #[arg(long)]
     data: String,
+    /// What each trial prunes: whole channels, or single weights by magnitude.
     #[arg(long, value_enum, default_value = "channel")]
     method: SensitivityMethod,
     /// Pruning ratios to try on each layer, comma-separated.
@@ -46,16 +47,18 @@ pub struct SensitivityArgs {
     #[arg(long)]
     prune_depthwise: bool,
     /// Layers to leave out of the scan: comma-separated globs.
-    #[arg(long, default_value = "")]
+    #[arg(long = "prune-exclude", alias = "exclude", default_value = "")]
     exclude: String,
     /// Evaluate on a seeded, class-balanced subset of this many test images.
     #[arg(long)]
     test_limit: Option<usize>,
+    /// Seed of the test subset and the random criterion.
     #[arg(long, default_value_t = 0)]
     seed: u64,
     /// Where to write the CSV (one row per layer and ratio).
     #[arg(long, default_value = "sensitivity.csv")]
     csv: PathBuf,
+    /// Print JSON instead of text.
     #[arg(long)]
     json: bool,
 }

@@ -45,6 +45,7 @@ enum ScopeName {
     /// One magnitude threshold over all pruned layers.
     Global,
     /// Every pruned layer gets the sparsity.
+    #[value(alias = "uniform")]
     Layer,
 }
 
@@ -70,10 +71,13 @@ pub struct TrainArgs {
     /// Evaluate on a seeded, class-balanced subset of this many images.
     #[arg(long)]
     test_limit: Option<usize>,
+    /// Passes over the training split.
     #[arg(long, default_value_t = 10)]
     epochs: usize,
+    /// Images per optimizer step.
     #[arg(long, default_value_t = 128)]
     batch_size: usize,
+    /// Optimizer: sgd (momentum) or adamw.
     #[arg(long, value_enum, default_value = "sgd")]
     optimizer: OptimizerName,
     /// Peak learning rate.
@@ -88,6 +92,7 @@ pub struct TrainArgs {
     /// Weight decay on conv and linear weights (batch-norm parameters and biases are exempt).
     #[arg(long, default_value_t = 5e-4)]
     weight_decay: f64,
+    /// Learning-rate schedule after the warm-up.
     #[arg(long, value_enum, default_value = "cosine")]
     schedule: ScheduleName,
     /// Linear warm-up length in epochs (cosine, step, constant).
@@ -99,8 +104,10 @@ pub struct TrainArgs {
     /// Step schedule: decay every this many epochs by --gamma.
     #[arg(long, default_value_t = 30)]
     step_epochs: usize,
+    /// Step schedule: factor applied to the learning rate at every decay.
     #[arg(long, default_value_t = 0.1)]
     gamma: f64,
+    /// Label smoothing of the cross-entropy, in [0, 1).
     #[arg(long, default_value_t = 0.0)]
     label_smoothing: f64,
     /// Random-crop padding in pixels (0 disables the crop).
@@ -109,6 +116,7 @@ pub struct TrainArgs {
     /// Disable horizontal flips.
     #[arg(long)]
     no_flip: bool,
+    /// Seed of initialisation, data order, augmentation and dropout (recorded in config.json).
     #[arg(long, default_value_t = 0)]
     seed: u64,
     /// Run folder: config.json, metrics.jsonl, last/best/resume .safetensors.
@@ -152,6 +160,7 @@ pub struct TrainArgs {
     /// Stop after this many steps as if interrupted (for tests of resume).
     #[arg(long, hide = true)]
     stop_after_steps: Option<usize>,
+    /// Print JSON instead of text.
     #[arg(long)]
     json: bool,
 }
@@ -277,7 +286,7 @@ fn pruning_from(args: &TrainArgs) -> Result<Option<GradualPruning>> {
     Ok(Some(pruning))
 }
 
-fn config_from(args: &TrainArgs) -> Result<TrainConfig> {
+pub(super) fn config_from(args: &TrainArgs) -> Result<TrainConfig> {
     let optimizer = match args.optimizer {
         OptimizerName::Sgd => OptimizerKind::Sgd {
             momentum: args.momentum,

@@ -144,7 +144,7 @@ pub fn plan(
                 .count()
         };
         bail!(
-            "prune: no layer group can be pruned: {} excluded by --exclude, {} residual streams \
+            "prune: no layer group can be pruned: {} excluded by --prune-exclude, {} residual streams \
              (--prune-residual prunes them), {} without a score (bn-scale needs a batch norm after \
              the layer: no batch norm there; use l1, l2 or taylor)",
             count("excluded"),

@@ -16,7 +16,6 @@ use crate::model::Model;
 use crate::passes::fold_batch_norm;
 use anyhow::{Context, Result, bail};
 use candle_core::{Device, Tensor};
-use sha2::{Digest, Sha256};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -31,20 +30,6 @@ pub trait Teacher: Send + Sync {
     fn features(&self, _x: &Tensor) -> Result<Vec<Tensor>> {
         bail!("this teacher exposes no intermediate feature maps for --feature-kd")
     }
-}
-
-/// SHA-256 of a file's contents, as lowercase hex.
-pub fn sha256_file(path: &Path) -> Result<String> {
-    let mut file =
-        std::fs::File::open(path).with_context(|| format!("cannot read `{}`", path.display()))?;
-    let mut hasher = Sha256::new();
-    std::io::copy(&mut file, &mut hasher)
-        .with_context(|| format!("cannot read `{}`", path.display()))?;
-    Ok(hasher
-        .finalize()
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect())
 }
 
 /// A float checkpoint as a teacher.
@@ -68,7 +53,7 @@ impl CheckpointTeacher {
     /// Reads the teacher checkpoint at `path` (errors name `--teacher` and the file).
     pub fn load(path: &Path) -> Result<CheckpointTeacher> {
         let flag = || format!("--teacher `{}`", path.display());
-        let sha256 = sha256_file(path).with_context(flag)?;
+        let sha256 = crate::tensor_file::file_sha256(path).with_context(flag)?;
         let stored = checkpoint::load(path).with_context(flag)?;
         let model = fold_batch_norm(&stored).with_context(flag)?;
         let path = std::fs::canonicalize(path).with_context(flag)?;

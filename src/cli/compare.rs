@@ -1,0 +1,61 @@
+//! `slimcandle compare A.safetensors B.safetensors ...`: the recipe report for any checkpoints.
+
+use anyhow::{Result, bail};
+use clap::Args;
+use slimcandle::pipeline::report::{self, TestData};
+use slimcandle::tensor_file::write_bytes_atomic;
+use std::path::PathBuf;
+
+#[derive(Args)]
+pub struct CompareArgs {
+    /// Checkpoints to compare; the first is the reference of the ratios and changes.
+    #[arg(required = true)]
+    checkpoints: Vec<PathBuf>,
+    /// shapes | cifar10:PATH | cifar100:PATH | mnist:PATH | fashion-mnist:PATH | folder:PATH
+    #[arg(long, default_value = "shapes")]
+    data: String,
+    /// Evaluate on a seeded, class-balanced subset of this many test images.
+    #[arg(long)]
+    test_limit: Option<usize>,
+    /// Write the plot of top-1 against file size (with the Pareto front) to this SVG file.
+    #[arg(long, value_name = "SVG")]
+    plot: Option<PathBuf>,
+    /// Print JSON instead of a table.
+    #[arg(long)]
+    json: bool,
+}
+
+pub fn run(args: CompareArgs) -> Result<()> {
+    if let Some(plot) = &args.plot {
+        let inputs: Vec<&std::path::Path> = args.checkpoints.iter().map(|p| p.as_path()).collect();
+        super::check_output_is_not_input(plot, &inputs)?;
+        if plot.extension().is_none_or(|e| e != "svg") {
+            bail!(
+                "--plot `{}`: the plot is SVG; name it *.svg",
+                plot.display()
+            );
+        }
+    }
+    let mut data = TestData::new(&args.data, args.test_limit);
+    let mut rows = Vec::new();
+    for path in &args.checkpoints {
+        let name = path
+            .file_stem()
+            .map(|s| s.to_string_lossy().to_string())
+            .unwrap_or_else(|| path.display().to_string());
+        eprintln!("measuring {}", path.display());
+        rows.push(report::measure(&name, "checkpoint", path, &mut data)?);
+    }
+    if let Some(plot) = &args.plot {
+        write_bytes_atomic(plot, report::svg(&rows)?.as_bytes())?;
+    }
+    if args.json {
+        super::print_json(&report::json(&rows));
+    } else {
+        print!("{}", report::table(&rows).render());
+        if let Some(plot) = &args.plot {
+            println!("\nplot {}", plot.display());
+        }
+    }
+    Ok(())
+}
