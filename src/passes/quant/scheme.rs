@@ -32,18 +32,15 @@ impl QParams {
     /// then `scale = (max - min) / 255` and `zero_point = round_half_even(-min / scale)`
     /// clamped to [0, 255].
     pub fn from_range(min: f32, max: f32) -> QParams {
-        let (mut min, mut max) = (min.min(0.0), max.max(0.0));
-        if !(min.is_finite() && max.is_finite()) {
-            // A NaN or infinite observation carries no usable range.
-            min = min.max(f32::MIN).min(0.0);
-            max = max.min(f32::MAX).max(0.0);
-            if min.is_nan() {
-                min = 0.0;
+        // A NaN carries no range; infinities are capped so that `max - min` stays finite.
+        let finite = |v: f32| {
+            if v.is_nan() {
+                0.0
+            } else {
+                v.clamp(-f32::MAX / 2.0, f32::MAX / 2.0)
             }
-            if max.is_nan() {
-                max = 0.0;
-            }
-        }
+        };
+        let (min, mut max) = (finite(min).min(0.0), finite(max).max(0.0));
         if max - min < MIN_RANGE {
             max = min + MIN_RANGE;
         }
