@@ -10,6 +10,7 @@ pub mod model;
 pub mod plan;
 pub mod scheme;
 pub mod simulate;
+pub mod store;
 
 pub use calibrate::Observers;
 pub use model::{
