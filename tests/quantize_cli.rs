@@ -3,11 +3,14 @@
 
 mod common;
 
+use candle_core::{Device, Tensor};
 use common::{ok, s, slimcandle, stderr};
 use serde_json::Value;
 use slimcandle::checkpoint::{self, AnyModel};
 use slimcandle::model::Model;
 use slimcandle::models::{ArchOptions, ArchSpec, Stem};
+use slimcandle::passes::quant;
+use slimcandle::tensor_file::{RawTensor, TensorFile, write_atomic};
 use std::path::{Path, PathBuf};
 
 fn small_checkpoint(dir: &Path) -> PathBuf {
@@ -116,6 +119,42 @@ fn quantize_writes_an_int8_checkpoint_and_reports_both_models() {
     // And evaluated through the int8 forward pass.
     let eval = ok(&["eval", s(&out), "--data", "shapes", "--test-limit", "10"]);
     assert!(eval.contains("top-1"), "{eval}");
+    // `forward` runs the int8 model as passes::quant::forward does.
+    let x = Tensor::from_vec(
+        (0..2 * 3 * 32 * 32)
+            .map(|i| ((i % 97) as f32 / 48.0) - 1.0)
+            .collect::<Vec<f32>>(),
+        (2, 3, 32, 32),
+        &Device::Cpu,
+    )
+    .unwrap();
+    let inputs = dir.join("inputs.safetensors");
+    write_atomic(
+        &inputs,
+        vec![("x".to_string(), RawTensor::from_f32(&x).unwrap())],
+        Default::default(),
+    )
+    .unwrap();
+    let logits = dir.join("logits.safetensors");
+    ok(&["forward", s(&out), s(&inputs), "-o", s(&logits)]);
+    let got: Vec<f32> = TensorFile::read(&logits)
+        .unwrap()
+        .tensor_f32("x")
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1()
+        .unwrap();
+    let AnyModel::Int8(q) = checkpoint::load_any(&out).unwrap() else {
+        panic!("int8 output");
+    };
+    let want: Vec<f32> = quant::forward(&q, &x)
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1()
+        .unwrap();
+    assert_eq!(got, want);
 
     let bad = dir.join("bad.safetensors");
     let base = ["quantize", s(&ckpt), "--data", "shapes", "-o", s(&bad)];
