@@ -1,7 +1,7 @@
 //! `slimcandle run RECIPE.toml`: the stage kinds (each one of this binary's commands, its
 //! clap definition the one source of the stage's keys) and the command that runs a recipe.
 
-use super::{ArchArgs, eval, import, prune, train};
+use super::{ArchArgs, eval, import, prune, quantize, train};
 use anyhow::{Result, bail};
 use clap::{ArgMatches, Args, Command, FromArgMatches};
 use slimcandle::footprint::Footprint;
@@ -101,6 +101,22 @@ pub fn registry() -> Registry {
                 run: |m| prune::run(prune::PruneArgs::from_arg_matches(m)?),
             },
             KindSpec {
+                name: "quantize",
+                command: quantize::QuantizeArgs::augment_args(Command::new("quantize")),
+                input: InputArg::Positional,
+                output: OutputArg::File("output"),
+                runner_sets: &["checkpoint", "output", "json"],
+                unhashed: &[],
+                inherits_train: false,
+                finetune: false,
+                effects: |_| vec![Effect::Quantize],
+                check: |m| {
+                    quantize::QuantizeArgs::from_arg_matches(m)?.calibrator()?;
+                    Ok(())
+                },
+                run: |m| quantize::run(quantize::QuantizeArgs::from_arg_matches(m)?),
+            },
+            KindSpec {
                 name: "eval",
                 command: eval::EvalArgs::augment_args(Command::new("eval")),
                 input: InputArg::Positional,
@@ -128,10 +144,6 @@ pub fn registry() -> Registry {
             },
         ],
         pending: vec![
-            (
-                "quantize",
-                "int8 quantization arrives with the quantize command",
-            ),
             ("qat", "quantization-aware training arrives after quantize"),
             ("export", "there is no export command yet"),
         ],
