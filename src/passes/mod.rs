@@ -2,5 +2,6 @@
 //! never from the architecture's name.
 
 mod fold_bn;
+pub mod quant;
 
 pub use fold_bn::fold_batch_norm;
