@@ -62,6 +62,7 @@ pub fn depthwise_weights(w: &[i8], c: usize, k: usize) -> Vec<i16> {
 /// `qdwconv`); each tap is one pass over the pixel's channels, which the compiler vectorises.
 /// Taps that fall on padding add `(zp - zp) * w = 0` and are skipped. `acc` is scratch of at
 /// least `c` values.
+#[allow(clippy::too_many_arguments)]
 pub fn depthwise(
     level: super::Level,
     x: &[u8],

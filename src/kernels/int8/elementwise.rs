@@ -81,25 +81,8 @@ fn add_body(a: &[u8], b: &[u8], p: &AddParams, out: &mut [u8]) {
 
 int8_dispatch!(fn add_at(a: &[u8], b: &[u8], p: &AddParams, out: &mut [u8]) => add_body);
 
-/// A 256-entry table `lut[q] = quantize_out(f(dequantize_in(q)))`, with `f` in f32: what a
-/// QDQ graph computes for an activation between `DequantizeLinear` and `QuantizeLinear`. Also
-/// the requantization of a copy whose input and output qparams differ (`f` = identity).
-pub fn table(
-    in_scale: f32,
-    in_zp: u8,
-    out_scale: f32,
-    out_zp: u8,
-    f: impl Fn(f32) -> f32,
-) -> [u8; 256] {
-    let mut t = [0u8; 256];
-    for (q, v) in t.iter_mut().enumerate() {
-        let real = in_scale * (q as i32 - in_zp as i32) as f32;
-        *v = round_clamp(f(real) / out_scale, out_zp as i32, 0, 255);
-    }
-    t
-}
-
-/// `out[i] = t[x[i]]`.
+/// `out[i] = t[x[i]]`: activations by table (`passes::quant::scheme::lookup_table`), and
+/// copies whose input and output qparams differ.
 pub fn lookup(t: &[u8; 256], x: &[u8], out: &mut [u8]) {
     for (o, &v) in out.iter_mut().zip(x) {
         *o = t[v as usize];
@@ -122,7 +105,7 @@ pub fn channel_mul(
     out: &mut [u8],
 ) {
     assert!(
-        s.len() >= c && out.len() == x.len() && x.len() % c.max(1) == 0,
+        s.len() >= c && out.len() == x.len() && x.len().is_multiple_of(c.max(1)),
         "channel mul"
     );
     channel_mul_at(level, x, c, s, x_zp, s_zp, mult, y_zp, out);
@@ -355,13 +338,13 @@ mod tests {
 
     #[test]
     fn table_and_channel_mul_match_the_formulas() {
-        let t = table(0.05, 128, 0.01, 0, |v| v.max(0.0));
-        assert_eq!(t[128], 0);
-        assert_eq!(t[129], 5);
-        assert_eq!(t[0], 0);
+        let mut t = [0u8; 256];
+        t.iter_mut()
+            .enumerate()
+            .for_each(|(i, v)| *v = 255 - i as u8);
         let mut out = [0u8; 3];
-        lookup(&t, &[128, 129, 130], &mut out);
-        assert_eq!(out, [0, 5, 10]);
+        lookup(&t, &[0, 7, 255], &mut out);
+        assert_eq!(out, [255, 248, 0]);
 
         let mut rng = Rng::new(6);
         let c = 37;
