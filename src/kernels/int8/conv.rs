@@ -1,7 +1,7 @@
 //! Convolution pieces of the int8 engine on channels-last (NHWC) u8 buffers: the direct
 //! depthwise conv, and im2col for the dense and grouped convs that the GEMM then runs.
 
-use super::{Requant, int8_dispatch, requantize_row};
+use super::{Level, Requant, int8_dispatch, requantize};
 
 /// The geometry of a square-kernel conv on one sample (symmetric padding, dilation 1).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -64,7 +64,7 @@ pub fn depthwise_weights(w: &[i8], c: usize, k: usize) -> Vec<i16> {
 /// least `c` values.
 #[allow(clippy::too_many_arguments)]
 pub fn depthwise(
-    level: super::Level,
+    level: Level,
     x: &[u8],
     s: &ConvShape,
     zp: u8,
@@ -82,11 +82,13 @@ pub fn depthwise(
         w.len() >= s.k * s.k * c && acc.len() >= c,
         "depthwise: weight sizes"
     );
-    depthwise_at(level, x, s, zp, w, rq, out, acc);
+    depthwise_at(level, level, x, s, zp, w, rq, out, acc);
 }
 
 #[inline(always)]
+#[allow(clippy::too_many_arguments)]
 fn depthwise_body(
+    lv: Level,
     x: &[u8],
     s: &ConvShape,
     zp: u8,
@@ -98,31 +100,58 @@ fn depthwise_body(
     let (ho, wo, c, k) = (s.out_h(), s.out_w(), s.c, s.k);
     let acc = &mut acc[..c];
     let zp = zp as i16;
+    // One output pixel's taps: (input pixel offset, weight row offset) of those inside.
+    let mut taps: Vec<(usize, usize)> = Vec::with_capacity(k * k);
     for oy in 0..ho {
         for ox in 0..wo {
-            acc.fill(0);
+            taps.clear();
             for ky in 0..k {
                 let Some(iy) = s.source(oy, ky, s.h) else {
                     continue;
                 };
                 for kx in 0..k {
-                    let Some(ix) = s.source(ox, kx, s.w) else {
-                        continue;
-                    };
-                    let xs = &x[(iy * s.w + ix) * c..][..c];
-                    let ws = &w[(ky * k + kx) * c..][..c];
-                    for i in 0..c {
-                        acc[i] += (xs[i] as i16 - zp).wrapping_mul(ws[i]) as i32;
+                    if let Some(ix) = s.source(ox, kx, s.w) {
+                        taps.push(((iy * s.w + ix) * c, (ky * k + kx) * c));
                     }
                 }
             }
             let o = (oy * wo + ox) * c;
-            requantize_row(acc, rq, &mut out[o..o + c]);
+            // Blocks of channels whose sums stay in registers over all taps.
+            let mut c0 = 0;
+            while c0 + DW_BLOCK <= c {
+                let mut sums = [0i32; DW_BLOCK];
+                for &(xo, wo) in &taps {
+                    let xs = &x[xo + c0..][..DW_BLOCK];
+                    let ws = &w[wo + c0..][..DW_BLOCK];
+                    for i in 0..DW_BLOCK {
+                        sums[i] += (xs[i] as i16 - zp).wrapping_mul(ws[i]) as i32;
+                    }
+                }
+                let rqb = rq.channels(c0, DW_BLOCK);
+                requantize(lv, &sums, &rqb, &mut out[o + c0..o + c0 + DW_BLOCK]);
+                c0 += DW_BLOCK;
+            }
+            if c0 < c {
+                let rest = &mut acc[c0..];
+                rest.fill(0);
+                for &(xo, wo) in &taps {
+                    let xs = &x[xo + c0..xo + c];
+                    let ws = &w[wo + c0..wo + c];
+                    for i in 0..rest.len() {
+                        rest[i] += (xs[i] as i16 - zp).wrapping_mul(ws[i]) as i32;
+                    }
+                }
+                let rqb = rq.channels(c0, c - c0);
+                requantize(lv, rest, &rqb, &mut out[o + c0..o + c]);
+            }
         }
     }
 }
 
-int8_dispatch!(fn depthwise_at(x: &[u8], s: &ConvShape, zp: u8, w: &[i16], rq: &Requant, out: &mut [u8], acc: &mut [i32]) => depthwise_body);
+/// Channels per register-resident block of the depthwise sums (two AVX-512 registers).
+const DW_BLOCK: usize = 32;
+
+int8_dispatch!(fn depthwise_at(lv: Level, x: &[u8], s: &ConvShape, zp: u8, w: &[i16], rq: &Requant, out: &mut [u8], acc: &mut [i32]) => depthwise_body);
 
 /// Conv weights from OIHW (`[o][ci][k][k]`) to `[o][k][k][ci]`: the order of the channels-last
 /// im2col rows that [`im2col`] writes.

@@ -20,8 +20,10 @@
 //! - scalar: the weights as given, `[n][k]`, and a plain loop.
 //!
 //! Each tile's i32 sums are written to a small stack buffer and requantized row by row with
-//! [`requantize_row`] (vectorised by the compiler at the same level).
+//! the same level's [`requantize`](super::requantize).
 
+#[cfg(target_arch = "x86_64")]
+use super::x86::{requantize_avx2, requantize_avx512};
 use super::{Level, Requant, requantize_row};
 
 /// Output channels per VNNI panel (one 512-bit register of i32).
@@ -227,7 +229,7 @@ mod x86 {
     /// Sums of an `R` x `16 * P` tile: rows at `a + r * lda` (`k` bytes each), panels at
     /// `b + p * panel_len`.
     #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni")]
-    #[inline]
+    #[inline(never)]
     unsafe fn tile_vnni<const R: usize, const P: usize>(
         a: *const u8,
         lda: usize,
@@ -237,20 +239,31 @@ mod x86 {
         acc: &mut [[i32; TILE_COLS]; MAX_ROWS],
     ) {
         let mut c = [[_mm512_setzero_si512(); P]; R];
-        let groups = k.div_ceil(4);
-        for g in 0..groups {
+        let step = |c: &mut [[__m512i; P]; R], g: usize, quad_of: &dyn Fn(usize) -> i32| {
             let mut bv = [_mm512_setzero_si512(); P];
             for (p, v) in bv.iter_mut().enumerate() {
-                // SAFETY: the panel holds `groups` blocks of 64 bytes.
+                // SAFETY: the panel holds `k.div_ceil(4)` blocks of 64 bytes.
                 *v = unsafe { _mm512_loadu_si512(b.add(p * panel_len + g * 64) as *const _) };
             }
             for (r, cr) in c.iter_mut().enumerate() {
-                // SAFETY: row r has k bytes.
-                let av = _mm512_set1_epi32(unsafe { quad(a.add(r * lda), g * 4, k) });
+                let av = _mm512_set1_epi32(quad_of(r));
                 for p in 0..P {
                     cr[p] = _mm512_dpbusd_epi32(cr[p], av, bv[p]);
                 }
             }
+        };
+        let full = k / 4;
+        for g in 0..full {
+            // SAFETY: row r has k >= 4 * g + 4 bytes.
+            step(&mut c, g, &|r| unsafe {
+                (a.add(r * lda + g * 4) as *const i32).read_unaligned()
+            });
+        }
+        if !k.is_multiple_of(4) {
+            // SAFETY: row r has k bytes.
+            step(&mut c, full, &|r| unsafe {
+                quad(a.add(r * lda), full * 4, k)
+            });
         }
         for r in 0..R {
             for p in 0..P {
@@ -264,7 +277,7 @@ mod x86 {
 
     /// The AVX2 tile: `R` x `8 * P`.
     #[target_feature(enable = "avx2,fma")]
-    #[inline]
+    #[inline(never)]
     unsafe fn tile_avx2<const R: usize, const P: usize>(
         a: *const u8,
         lda: usize,
@@ -274,20 +287,32 @@ mod x86 {
         acc: &mut [[i32; TILE_COLS]; MAX_ROWS],
     ) {
         let mut c = [[_mm256_setzero_si256(); P]; R];
-        let pairs = k.div_ceil(2);
-        for q in 0..pairs {
+        let step = |c: &mut [[__m256i; P]; R], q: usize, pair_of: &dyn Fn(usize) -> i32| {
             let mut bv = [_mm256_setzero_si256(); P];
             for (p, v) in bv.iter_mut().enumerate() {
-                // SAFETY: the panel holds `pairs` blocks of 16 i16.
+                // SAFETY: the panel holds `k.div_ceil(2)` blocks of 16 i16.
                 *v = unsafe { _mm256_loadu_si256(b.add(p * panel_len + q * 16) as *const _) };
             }
             for (r, cr) in c.iter_mut().enumerate() {
-                // SAFETY: row r has k bytes.
-                let av = _mm256_set1_epi32(unsafe { pair(a.add(r * lda), q * 2, k) });
+                let av = _mm256_set1_epi32(pair_of(r));
                 for p in 0..P {
                     cr[p] = _mm256_add_epi32(cr[p], _mm256_madd_epi16(av, bv[p]));
                 }
             }
+        };
+        let full = k / 2;
+        for q in 0..full {
+            step(&mut c, q, &|r| {
+                // SAFETY: row r has k >= 2 * q + 2 bytes.
+                let v = unsafe { (a.add(r * lda + q * 2) as *const u16).read_unaligned() } as i32;
+                (v & 0xff) | ((v >> 8) << 16)
+            });
+        }
+        if !k.is_multiple_of(2) {
+            // SAFETY: row r has k bytes.
+            step(&mut c, full, &|r| unsafe {
+                pair(a.add(r * lda), full * 2, k)
+            });
         }
         for r in 0..R {
             for p in 0..P {
@@ -361,7 +386,8 @@ mod x86 {
                 unsafe { tile_call!(tile_vnni, rows, np, ar, lda, k, b, panel_len, &mut acc) };
                 for (r, sums) in acc.iter().enumerate().take(rows) {
                     let o = (r0 + r) * ldc + c0;
-                    requantize_row(&sums[..cols], &rqc, &mut out[o..o + cols]);
+                    // SAFETY: the CPU has AVX-512 (VNNI level); lengths are `cols`.
+                    unsafe { requantize_avx512(&sums[..cols], &rqc, &mut out[o..o + cols]) };
                 }
             }
         }
@@ -398,7 +424,8 @@ mod x86 {
                 unsafe { tile_call_avx2!(tile_avx2, rows, np, ar, lda, k, b, panel_len, &mut acc) };
                 for (r, sums) in acc.iter().enumerate().take(rows) {
                     let o = (r0 + r) * ldc + c0;
-                    requantize_row(&sums[..cols], &rqc, &mut out[o..o + cols]);
+                    // SAFETY: the CPU has AVX2; lengths are `cols`.
+                    unsafe { requantize_avx2(&sums[..cols], &rqc, &mut out[o..o + cols]) };
                 }
             }
         }
