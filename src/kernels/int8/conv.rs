@@ -116,9 +116,12 @@ fn depthwise_body(
                 }
             }
             let o = (oy * wo + ox) * c;
-            // Blocks of channels whose sums stay in registers over all taps.
+            // Blocks of channels whose sums stay in registers over all taps. When `c` is not
+            // a multiple of the block, the last block overlaps the one before it (the
+            // overlapping channels are computed twice, identically).
             let mut c0 = 0;
-            while c0 + DW_BLOCK <= c {
+            while c0 < c && c >= DW_BLOCK {
+                c0 = c0.min(c - DW_BLOCK);
                 let mut sums = [0i32; DW_BLOCK];
                 for &(xo, wo) in &taps {
                     let xs = &x[xo + c0..][..DW_BLOCK];

@@ -179,7 +179,7 @@ pub(crate) fn requantize_row(acc: &[i32], rq: &Requant, out: &mut [u8]) {
         let v = (acc[i].wrapping_add(bias[i]) as f32 * mult[i])
             .max(lo)
             .min(hi);
-        out[i] = (round_small(v) as i32 + rq.zp) as u8;
+        out[i] = (round_small(v) + rq.zp) as u8;
     }
 }
 
@@ -240,13 +240,15 @@ mod x86 {
     }
 }
 
-/// `v.round_ties_even()` for `|v| <= 2^22`: adding and subtracting 1.5 * 2^23 rounds to an
-/// integer in the default (nearest-even) mode. Why: unlike `round_ties_even`, this
-/// vectorises to two vector adds at every level; the clamps before it keep `|v| <= 255`.
+/// `v.round_ties_even() as i32` for `|v| <= 2^22`: adding 1.5 * 2^23 rounds `v` to an
+/// integer in the default (nearest-even) mode and leaves it in the low mantissa bits, where
+/// an integer subtraction reads it. Why: unlike `round_ties_even` and the saturating `as i32`,
+/// this is one vector add and one vector subtract at every level; the clamps before it keep
+/// `|v| <= 255`.
 #[inline(always)]
-fn round_small(v: f32) -> f32 {
+fn round_small(v: f32) -> i32 {
     const MAGIC: f32 = 12_582_912.0;
-    (v + MAGIC) - MAGIC
+    ((v + MAGIC).to_bits() as i32).wrapping_sub(MAGIC.to_bits() as i32)
 }
 
 /// `round_half_even(v) + zp` clamped to `[qmin, qmax]`, for element-wise kernels (the same
@@ -254,7 +256,7 @@ fn round_small(v: f32) -> f32 {
 #[inline(always)]
 pub(crate) fn round_clamp(v: f32, zp: i32, qmin: i32, qmax: i32) -> u8 {
     let v = v.max((qmin - zp) as f32).min((qmax - zp) as f32);
-    (round_small(v) as i32 + zp) as u8
+    (round_small(v) + zp) as u8
 }
 
 #[cfg(test)]
