@@ -14,13 +14,17 @@ use std::collections::HashMap;
 use std::path::Path;
 
 pub const FORMAT: &str = "slimcandle";
-/// The newest format version this slimcandle reads; written when any tensor is stored sparse.
-pub const FORMAT_VERSION: u32 = 2;
+/// The newest format version this slimcandle reads.
+pub const FORMAT_VERSION: u32 = 3;
+/// The version written when any tensor is stored sparse.
+pub const SPARSE_FORMAT_VERSION: u32 = 2;
+/// The version of int8 (quantized) checkpoints (`passes::quant::store`).
+pub const INT8_FORMAT_VERSION: u32 = 3;
 /// The version written when every tensor is dense, so such files stay readable by
 /// slimcandle versions that predate sparse storage.
 pub const DENSE_FORMAT_VERSION: u32 = 1;
 /// Metadata keys the format itself writes; extra metadata may not use them.
-const RESERVED_KEYS: [&str; 8] = [
+const RESERVED_KEYS: [&str; 9] = [
     "format",
     "format_version",
     "graph",
@@ -29,6 +33,7 @@ const RESERVED_KEYS: [&str; 8] = [
     "provenance",
     "arch",
     sparse::METADATA_KEY,
+    crate::passes::quant::store::METADATA_KEY,
 ];
 
 /// Writes `model` to `path` atomically.
@@ -69,20 +74,10 @@ pub fn save_with_extras(
     let encoded = sparse::encode_tensors(tensors)
         .with_context(|| format!("cannot write `{}`", path.display()))?;
     let version = match encoded.metadata {
-        Some(_) => FORMAT_VERSION,
+        Some(_) => SPARSE_FORMAT_VERSION,
         None => DENSE_FORMAT_VERSION,
     };
-    let meta = &model.meta;
-    let mut metadata = HashMap::new();
-    metadata.insert("format".to_string(), FORMAT.to_string());
-    metadata.insert("format_version".to_string(), version.to_string());
-    metadata.insert("graph".to_string(), model.graph.to_json());
-    metadata.insert("class_names".to_string(), json(&meta.class_names));
-    metadata.insert("preprocessing".to_string(), json(&meta.preprocessing));
-    metadata.insert("provenance".to_string(), json(&meta.provenance));
-    if let Some(arch) = &meta.arch {
-        metadata.insert("arch".to_string(), json(arch));
-    }
+    let mut metadata = metadata_entries(&model.graph, &model.meta, version);
     if let Some(shapes) = encoded.metadata {
         metadata.insert(sparse::METADATA_KEY.to_string(), shapes);
     }
@@ -90,8 +85,42 @@ pub fn save_with_extras(
     write_atomic(path, encoded.tensors, metadata)
 }
 
+/// The metadata entries every checkpoint has: format, version, graph and the model's metadata.
+pub fn metadata_entries(graph: &Graph, meta: &ModelMeta, version: u32) -> HashMap<String, String> {
+    let mut metadata = HashMap::new();
+    metadata.insert("format".to_string(), FORMAT.to_string());
+    metadata.insert("format_version".to_string(), version.to_string());
+    metadata.insert("graph".to_string(), graph.to_json());
+    metadata.insert("class_names".to_string(), json(&meta.class_names));
+    metadata.insert("preprocessing".to_string(), json(&meta.preprocessing));
+    metadata.insert("provenance".to_string(), json(&meta.provenance));
+    if let Some(arch) = &meta.arch {
+        metadata.insert("arch".to_string(), json(arch));
+    }
+    metadata
+}
+
 fn json<T: serde::Serialize>(value: &T) -> String {
     serde_json::to_string(value).expect("metadata serialises")
+}
+
+/// A checkpoint of either kind.
+pub enum AnyModel {
+    Float(Model),
+    Int8(crate::passes::quant::QuantizedModel),
+}
+
+/// Reads a float checkpoint (formats 1 and 2) or an int8 one (format 3), whichever the file
+/// is.
+pub fn load_any(path: &Path) -> Result<AnyModel> {
+    let file = TensorFile::read(path)?;
+    if check_format(&file)? == INT8_FORMAT_VERSION {
+        let (graph, meta) = graph_and_meta(&file)?;
+        return Ok(AnyModel::Int8(crate::passes::quant::store::from_file(
+            &file, graph, meta,
+        )?));
+    }
+    Ok(AnyModel::Float(from_file(&file)?))
 }
 
 /// Reads a checkpoint written by [`save`].
@@ -166,7 +195,12 @@ pub fn from_file(file: &TensorFile) -> Result<Model> {
 /// The file's float tensors, sparse ones decoded to dense, once the header says it is a
 /// checkpoint this version can read (so a newer file gets "upgrade", not a decoding error).
 fn dense_tensors(file: &TensorFile) -> Result<HashMap<String, Tensor>> {
-    check_format(file)?;
+    if check_format(file)? == INT8_FORMAT_VERSION {
+        bail!(
+            "`{}` is an int8 (quantized) checkpoint; this needs a float model (quantize the float checkpoint it came from instead)",
+            file.path.display()
+        );
+    }
     sparse::read_dense(file)
 }
 
@@ -193,7 +227,8 @@ pub fn check_format(file: &TensorFile) -> Result<u32> {
     Ok(version)
 }
 
-fn from_parts(file: &TensorFile, tensors: HashMap<String, Tensor>) -> Result<Model> {
+/// The graph and model metadata of a checkpoint of either kind, checked against each other.
+fn graph_and_meta(file: &TensorFile) -> Result<(Graph, ModelMeta)> {
     let shown = file.path.display();
     let graph = Graph::from_json(field(file, "graph")?).with_context(|| format!("`{shown}`"))?;
     let arch: Option<ArchSpec> = match file.metadata.get("arch") {
@@ -206,8 +241,6 @@ fn from_parts(file: &TensorFile, tensors: HashMap<String, Tensor>) -> Result<Mod
         preprocessing: parse_field(file, "preprocessing")?,
         provenance: parse_field(file, "provenance")?,
     };
-    let weights =
-        Weights::from_state_dict(&graph, tensors).with_context(|| format!("`{shown}`"))?;
     let counts = graph.channel_counts()?;
     if counts[graph.output] != meta.class_names.len() {
         bail!(
@@ -216,6 +249,13 @@ fn from_parts(file: &TensorFile, tensors: HashMap<String, Tensor>) -> Result<Mod
             meta.class_names.len()
         );
     }
+    Ok((graph, meta))
+}
+
+fn from_parts(file: &TensorFile, tensors: HashMap<String, Tensor>) -> Result<Model> {
+    let (graph, meta) = graph_and_meta(file)?;
+    let weights = Weights::from_state_dict(&graph, tensors)
+        .with_context(|| format!("`{}`", file.path.display()))?;
     Ok(Model {
         graph,
         weights,

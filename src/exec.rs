@@ -3,7 +3,7 @@
 //! Candle eval path (other dtypes and devices, and the reference the executor is tested
 //! against).
 
-use crate::graph::{Activation, Graph, Op};
+use crate::graph::{Activation, Graph, NodeId, Op};
 use crate::kernels;
 use crate::weights::Weights;
 use anyhow::{Context, Result, bail};
@@ -61,12 +61,38 @@ pub fn forward_train(
     forward_seeded(graph, weights, x, Mode::Train, dropout_seed)
 }
 
+/// A callback that sees every node's output in turn (node id, value).
+pub type Tap<'a> = &'a mut dyn FnMut(NodeId, &Tensor) -> Result<()>;
+
+/// Eval-mode forward on the Candle ops that hands every node's output to `tap` as soon as it
+/// is computed: how calibration observes every activation tensor (the fused executor never
+/// materialises the values inside a fused step).
+pub fn forward_eval_tapped(
+    graph: &Graph,
+    weights: &Weights,
+    x: &Tensor,
+    tap: Tap<'_>,
+) -> Result<Tensor> {
+    forward_tapped(graph, weights, x, Mode::Eval, 0, Some(tap))
+}
+
 fn forward_seeded(
     graph: &Graph,
     weights: &Weights,
     x: &Tensor,
     mode: Mode,
     seed: u64,
+) -> Result<Tensor> {
+    forward_tapped(graph, weights, x, mode, seed, None)
+}
+
+fn forward_tapped(
+    graph: &Graph,
+    weights: &Weights,
+    x: &Tensor,
+    mode: Mode,
+    seed: u64,
+    mut tap: Option<Tap<'_>>,
 ) -> Result<Tensor> {
     check_input(graph, x.dims())?;
     let param = |name: String| -> Result<Tensor> {
@@ -102,6 +128,9 @@ fn forward_seeded(
             &node.op, &inputs, x, mode, &p, weights, &node.name, node_seed,
         )
         .with_context(|| format!("node `{}` ({})", node.name, node.op.kind()))?;
+        if let Some(tap) = tap.as_mut() {
+            tap(id, &out)?;
+        }
         values[id] = Some(out);
     }
     Ok(values[graph.output].take().expect("output computed"))

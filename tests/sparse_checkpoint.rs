@@ -508,10 +508,10 @@ fn corrupt_sparse_data_gives_one_clear_error() {
         "newer.safetensors",
         &pruned,
         &|p| {
-            p.metadata.insert("format_version".into(), "3".into());
+            p.metadata.insert("format_version".into(), "4".into());
             p.tensors.remove(mask);
         },
-        &["format 3", "upgrade slimcandle"],
+        &["format 4", "upgrade slimcandle"],
     );
 }
 
