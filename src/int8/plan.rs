@@ -9,7 +9,7 @@ use crate::kernels::int8::Level;
 use crate::kernels::int8::conv::{depthwise_weights, gemm_weights};
 use crate::kernels::int8::elementwise::AddParams;
 use crate::kernels::int8::gemm::PackedWeights;
-use crate::passes::quant::{QParams, QuantizedModel, scheme};
+use crate::passes::quant::{QParams, QuantizedModel};
 use anyhow::{Context, Result, bail};
 
 /// A conv or linear layer's output stage: per-channel multipliers and biases, and the clamp.
@@ -121,9 +121,19 @@ pub(crate) struct Plan {
     pub output_q: Option<QParams>,
 }
 
-/// The table that maps codes of `from` to codes of `to`, or `None` when they are the same.
+/// The table that maps codes of `from` to codes of `to`, or `None` when they are the same:
+/// `clamp(round_half_even(from.scale / to.scale * (q - from.zp)) + to.zp, 0, 255)`, as the
+/// simulation's `requantize_codes`.
 fn requant_table(from: QParams, to: QParams) -> Option<Box<[u8; 256]>> {
-    (from != to).then(|| Box::new(scheme::lookup_table(from, to, |x| x)))
+    (from != to).then(|| {
+        let m = from.scale / to.scale;
+        let mut t = Box::new([0u8; 256]);
+        for (q, v) in t.iter_mut().enumerate() {
+            let r = (m * (q as i32 - from.zero_point as i32) as f32).round_ties_even();
+            *v = (r + to.zero_point as f32).clamp(0.0, 255.0) as u8;
+        }
+        t
+    })
 }
 
 pub(crate) fn build(qm: &QuantizedModel, level: Level) -> Result<Plan> {
