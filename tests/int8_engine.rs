@@ -518,3 +518,57 @@ fn engine_agrees_with_the_simulation_on_every_family() {
         "only {same} of {total} output values agree exactly"
     );
 }
+
+/// `slimcandle bench` times an int8 checkpoint on the engine, and `--int8` quantizes a fresh
+/// `--arch` model; training an int8 model is refused with a one-line error.
+#[test]
+fn bench_times_int8_checkpoints_and_quantized_arch_models() {
+    use common::{ok, s, slimcandle, stderr};
+    let dir = common::temp_dir("int8-bench");
+    let mut b = GraphBuilder::new(3);
+    let x = b.conv("stem", GraphBuilder::INPUT, 8, 3, 2, 1, 1, true);
+    let x = b.act(Activation::Relu, x);
+    let g = b.global_avg_pool(x);
+    let f = b.flatten(g);
+    let y = b.linear("fc", f, 10, true);
+    let qm = random_quantized(b.finish(y), 9);
+    let path = dir.join("int8.safetensors");
+    slimcandle::passes::quant::store::save(&qm, &path).unwrap();
+    let quick = [
+        "--batch",
+        "3",
+        "--size",
+        "12",
+        "--warmup",
+        "0",
+        "--iterations",
+        "1",
+    ];
+    let mut args = vec!["bench", s(&path), "--mode", "infer"];
+    args.extend(quick);
+    let out = ok(&args);
+    assert!(
+        out.contains("int8 checkpoint") && out.contains("images/s"),
+        "{out}"
+    );
+    let refused = slimcandle(&["bench", s(&path), "--mode", "train"]);
+    assert_eq!(refused.status.code(), Some(1));
+    assert!(
+        stderr(&refused).contains("int8 checkpoint"),
+        "{}",
+        stderr(&refused)
+    );
+    let mut args = vec![
+        "bench",
+        "--arch",
+        "mobilenet_v3_small",
+        "--stem",
+        "cifar",
+        "--mode",
+        "infer",
+        "--int8",
+    ];
+    args.extend(quick);
+    let out = ok(&args);
+    assert!(out.contains("int8") && out.contains("images/s"), "{out}");
+}
