@@ -572,3 +572,61 @@ fn bench_times_int8_checkpoints_and_quantized_arch_models() {
     let out = ok(&args);
     assert!(out.contains("int8") && out.contains("images/s"), "{out}");
 }
+
+/// Layers kept in float (dequantize, float kernels, quantize) and per-tensor weights, against
+/// the simulation: ShuffleNet V2's classifier in float (float logits out) and MobileNet V3's
+/// stem conv in float (quantized again inside the network). The float kernels' summation
+/// order may differ from the simulation's, so an output may move by one step (quantized) or
+/// by rounding (float logits).
+#[test]
+fn layers_kept_in_float_and_per_tensor_weights_follow_the_simulation() {
+    use candle_core::Tensor;
+    use slimcandle::import::import_state_dict;
+    use slimcandle::passes::quant::{self, QuantOptions};
+    use slimcandle::prune::pattern::parse_list;
+    use slimcandle::tensor_file::TensorFile;
+    let Some(dir) = common::shared_dir("fixtures") else {
+        return;
+    };
+    for (name, keep, granularity) in [
+        ("shufflenet_v2_x0_5", "fc", Granularity::PerTensor),
+        (
+            "mobilenet_v3_small",
+            "features.0.*",
+            Granularity::PerChannel,
+        ),
+    ] {
+        let (arch, opts) = common::arch_of(name);
+        let model =
+            import_state_dict(&dir.join(format!("{name}.safetensors")), &arch, &opts).unwrap();
+        let io = TensorFile::read(&dir.join(format!("{name}.io.safetensors"))).unwrap();
+        let x: Tensor = io.tensor_f32("input_96").unwrap();
+        let qopts = QuantOptions {
+            granularity,
+            keep_float: parse_list(keep).unwrap(),
+            ..QuantOptions::default()
+        };
+        let qm = quant::quantize(&model, [Ok(x.clone())], &qopts, |_| {}).unwrap();
+        assert!(!qm.float_layers.is_empty(), "{name}");
+        let (n, _, h, w) = x.dims4().unwrap();
+        let want: Vec<f32> = quant::simulate::simulate(&qm, &x)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+        let xs: Vec<f32> = x.flatten_all().unwrap().to_vec1().unwrap();
+        let got = Engine::new(&qm).unwrap().forward(&xs, n, h, w).unwrap();
+        let span = want.iter().fold(0f32, |m, v| m.max(v.abs()));
+        let bound = match qm.activations[qm.graph.output] {
+            Some(q) => q.scale * 1.001,
+            None => 1e-4 * span,
+        };
+        for (g, v) in got.iter().zip(&want) {
+            assert!(
+                (g - v).abs() <= bound,
+                "{name} keep {keep}: engine {g} vs simulation {v}"
+            );
+        }
+    }
+}
