@@ -1,6 +1,6 @@
 //! Integer (uint8 activation x int8 weight) CPU kernels for the int8 engine (`crate::int8`).
 //!
-//! The arithmetic is fixed by `docs/int8.md` (the conventions shared with the quantization
+//! The arithmetic is fixed by `docs/quantization.md` (the scheme shared with the quantization
 //! pass): activations are u8 with a per-tensor zero point, weights are symmetric i8 per output
 //! channel, accumulation is exact in i32, and every result is requantized with one f32
 //! multiply, round half to even, the output zero point and a clamp ([`Requant`]).
