@@ -2,10 +2,11 @@
 
 use crate::data::{BatchLoader, EpochPlan, Images};
 use crate::exec::Mode;
-use crate::model::Model;
+use crate::model::{Model, ModelMeta};
 use crate::passes::fold_batch_norm;
 use crate::train::loss::{cross_entropy, top_k};
 use anyhow::{Result, bail};
+use candle_core::Tensor;
 use serde::Serialize;
 use std::sync::Arc;
 use std::time::Instant;
@@ -30,8 +31,31 @@ pub struct EvalReport {
 /// preprocessing.
 pub fn evaluate(model: &Model, images: Arc<Images>, batch_size: usize) -> Result<EvalReport> {
     let model = &fold_batch_norm(model)?;
-    let classes = model.num_classes();
-    let [h, w] = model.meta.preprocessing.input_size;
+    evaluate_with(&model.meta, images, batch_size, |x| {
+        model.forward(x, Mode::Eval)
+    })
+}
+
+/// Evaluates an int8 model through [`crate::passes::quant::forward`].
+pub fn evaluate_int8(
+    model: &crate::passes::quant::QuantizedModel,
+    images: Arc<Images>,
+    batch_size: usize,
+) -> Result<EvalReport> {
+    evaluate_with(&model.meta, images, batch_size, |x| {
+        crate::passes::quant::forward(model, x)
+    })
+}
+
+/// Evaluates any forward pass (preprocessed batch to logits) of a model described by `meta`.
+pub fn evaluate_with(
+    meta: &ModelMeta,
+    images: Arc<Images>,
+    batch_size: usize,
+    forward: impl Fn(&Tensor) -> Result<Tensor>,
+) -> Result<EvalReport> {
+    let classes = meta.class_names.len();
+    let [h, w] = meta.preprocessing.input_size;
     if images.size != h || images.size != w {
         bail!(
             "images are {0}x{0} but the model takes {h}x{w}",
@@ -43,8 +67,8 @@ pub fn evaluate(model: &Model, images: Arc<Images>, batch_size: usize) -> Result
     }
     let plan = EpochPlan {
         batch_size,
-        mean: model.meta.preprocessing.mean,
-        std: model.meta.preprocessing.std,
+        mean: meta.preprocessing.mean,
+        std: meta.preprocessing.std,
         augment: None,
         shuffle: None,
         start_batch: 0,
@@ -54,7 +78,7 @@ pub fn evaluate(model: &Model, images: Arc<Images>, batch_size: usize) -> Result
     for batch in BatchLoader::new(images.clone(), plan) {
         let batch = batch?;
         let start = Instant::now();
-        let logits = model.forward(&batch.x, Mode::Eval)?;
+        let logits = forward(&batch.x)?;
         seconds += start.elapsed().as_secs_f64();
         loss_sum += cross_entropy(&logits, &batch.label_tensor()?, 0.0)?.to_scalar::<f32>()? as f64
             * batch.labels.len() as f64;
@@ -82,7 +106,7 @@ pub fn evaluate(model: &Model, images: Arc<Images>, batch_size: usize) -> Result
         top1: 100.0 * correct1 as f64 / n as f64,
         top5: 100.0 * correct5 as f64 / n as f64,
         loss: loss_sum / n as f64,
-        class_names: model.meta.class_names.clone(),
+        class_names: meta.class_names.clone(),
         per_class_top1,
         confusion,
         latency_ms_per_image: 1000.0 * seconds / n as f64,

@@ -2,15 +2,19 @@
 
 use crate::data::{read_image_chw, resize_center_crop};
 use crate::exec::Mode;
-use crate::model::Model;
+use crate::model::{Model, ModelMeta, Preprocessing};
 use anyhow::Result;
 use candle_core::{D, Device, Tensor};
 use std::path::PathBuf;
 
 /// Decodes an image file into a normalised 1 x 3 x S x S tensor for `model`.
 pub fn load_image(model: &Model, path: &std::path::Path) -> Result<Tensor> {
+    load_image_for(&model.meta.preprocessing, path)
+}
+
+/// Decodes an image file into a normalised 1 x 3 x S x S tensor by `p`.
+pub fn load_image_for(p: &Preprocessing, path: &std::path::Path) -> Result<Tensor> {
     let (chw, w, h) = read_image_chw(path)?;
-    let p = &model.meta.preprocessing;
     let size = p.input_size[0];
     let pixels = resize_center_crop(&chw, w, h, size);
     let plane = size * size;
@@ -32,17 +36,38 @@ pub fn predict_files(
     k: usize,
 ) -> Result<Vec<Vec<(String, f32)>>> {
     let model = &crate::passes::fold_batch_norm(model)?;
+    predict_files_with(&model.meta, paths, k, |x| model.forward(x, Mode::Eval))
+}
+
+/// [`predict_files`] for an int8 model, through [`crate::passes::quant::forward`].
+pub fn predict_files_int8(
+    model: &crate::passes::quant::QuantizedModel,
+    paths: &[PathBuf],
+    k: usize,
+) -> Result<Vec<Vec<(String, f32)>>> {
+    predict_files_with(&model.meta, paths, k, |x| {
+        crate::passes::quant::forward(model, x)
+    })
+}
+
+/// [`predict_files`] for any forward pass of a model described by `meta`.
+pub fn predict_files_with(
+    meta: &ModelMeta,
+    paths: &[PathBuf],
+    k: usize,
+    forward: impl Fn(&Tensor) -> Result<Tensor>,
+) -> Result<Vec<Vec<(String, f32)>>> {
     let mut out = Vec::with_capacity(paths.len());
     for path in paths {
-        let x = load_image(model, path)?;
-        let probs = candle_nn::ops::softmax(&model.forward(&x, Mode::Eval)?, D::Minus1)?;
+        let x = load_image_for(&meta.preprocessing, path)?;
+        let probs = candle_nn::ops::softmax(&forward(&x)?, D::Minus1)?;
         let probs: Vec<f32> = probs.flatten_all()?.to_vec1()?;
         let mut idx: Vec<usize> = (0..probs.len()).collect();
         idx.sort_by(|&a, &b| probs[b].total_cmp(&probs[a]));
         out.push(
             idx.into_iter()
                 .take(k)
-                .map(|i| (model.meta.class_names[i].clone(), probs[i]))
+                .map(|i| (meta.class_names[i].clone(), probs[i]))
                 .collect(),
         );
     }

@@ -223,3 +223,68 @@ fn damaged_int8_checkpoints_give_one_line_errors() {
         assert!(!err.contains('\n'), "{name}: {err}");
     }
 }
+
+#[test]
+fn pruned_int8_weights_are_stored_as_bitmask_and_values() {
+    let dir = common::temp_dir("quant-sparse");
+    let dense_model = cifar("mobilenet_v2", Some(0.5));
+    let mut pruned = dense_model.deep_copy().unwrap();
+    // Zero 80 % of every conv and linear weight (by position: the pattern does not matter).
+    let names: Vec<String> = pruned
+        .weights
+        .names()
+        .filter(|n| n.ends_with(".weight"))
+        .map(String::from)
+        .collect();
+    for name in names {
+        let t = pruned.weights.get(&name).unwrap();
+        if t.rank() < 2 {
+            continue;
+        }
+        let v: Vec<f32> = t.flatten_all().unwrap().to_vec1().unwrap();
+        let v: Vec<f32> = v
+            .iter()
+            .enumerate()
+            .map(|(i, &x)| if i % 5 == 0 { x } else { 0.0 })
+            .collect();
+        let t = Tensor::from_vec(v, t.dims(), &Device::Cpu).unwrap();
+        pruned.weights.insert(&name, &t).unwrap();
+    }
+    let (dense, sparse) = (
+        dir.join("dense.safetensors"),
+        dir.join("sparse.safetensors"),
+    );
+    store::save(&quantized(&dense_model, &QuantOptions::default()), &dense).unwrap();
+    let q = quantized(&pruned, &QuantOptions::default());
+    store::save(&q, &sparse).unwrap();
+    let file = TensorFile::read(&sparse).unwrap();
+    assert!(
+        file.names()
+            .iter()
+            .any(|n| n == "features.18.0.weight.__sparse_mask")
+    );
+    let back = load_int8(&sparse);
+    assert_eq!(back.layers, q.layers);
+    let x = images(1, 3);
+    assert_eq!(logits(&back, &x), logits(&q, &x));
+    let (db, sb) = (
+        std::fs::metadata(&dense).unwrap().len(),
+        std::fs::metadata(&sparse).unwrap().len(),
+    );
+    eprintln!("int8 dense {db} bytes, 80 % zeros sparse {sb} bytes");
+    assert!((sb as f64) < 0.5 * db as f64, "{sb} vs {db}");
+    // A damaged mask is refused, naming the file and the tensor.
+    let bad = dir.join("bad-mask.safetensors");
+    rewrite(&sparse, &bad, &|t| {
+        let m = t.get_mut("features.18.0.weight.__sparse_mask").unwrap();
+        m.data[0] ^= 0b0000_0010;
+    });
+    let err = match checkpoint::load_any(&bad) {
+        Ok(_) => panic!("loaded"),
+        Err(e) => format!("{e:#}"),
+    };
+    assert!(
+        err.contains("features.18.0.weight") && err.contains(bad.to_str().unwrap()),
+        "{err}"
+    );
+}

@@ -3,7 +3,7 @@ use clap::Args;
 use serde_json::json;
 use slimcandle::checkpoint;
 use slimcandle::data::{DataSpec, LoadOptions};
-use slimcandle::eval::{check_classes, evaluate};
+use slimcandle::eval::{check_classes, evaluate, evaluate_int8};
 use slimcandle::report::Table;
 use std::path::PathBuf;
 
@@ -27,8 +27,12 @@ pub struct EvalArgs {
 }
 
 pub fn run(args: EvalArgs) -> Result<()> {
-    let model = checkpoint::load(&args.checkpoint)?;
-    let size = model.meta.preprocessing.input_size[0];
+    let model = checkpoint::load_any(&args.checkpoint)?;
+    let meta = match &model {
+        checkpoint::AnyModel::Float(m) => &m.meta,
+        checkpoint::AnyModel::Int8(q) => &q.meta,
+    };
+    let size = meta.preprocessing.input_size[0];
     let spec: DataSpec = args.data.parse()?;
     let opts = LoadOptions {
         size,
@@ -38,8 +42,11 @@ pub fn run(args: EvalArgs) -> Result<()> {
         ..Default::default()
     };
     let data = spec.load(&opts)?;
-    check_classes(&model.meta.class_names, &data.class_names, &data.source)?;
-    let report = evaluate(&model, data.test.clone(), args.batch_size)?;
+    check_classes(&meta.class_names, &data.class_names, &data.source)?;
+    let report = match &model {
+        checkpoint::AnyModel::Float(m) => evaluate(m, data.test.clone(), args.batch_size)?,
+        checkpoint::AnyModel::Int8(q) => evaluate_int8(q, data.test.clone(), args.batch_size)?,
+    };
     if args.json {
         let mut value = serde_json::to_value(&report)?;
         value["checkpoint"] = json!(args.checkpoint);

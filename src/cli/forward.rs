@@ -19,7 +19,17 @@ pub struct ForwardArgs {
 
 pub fn run(args: ForwardArgs) -> Result<()> {
     super::check_output_is_not_input(&args.output, &[&args.checkpoint, &args.input])?;
-    let model = slimcandle::passes::fold_batch_norm(&checkpoint::load(&args.checkpoint)?)?;
+    // A float model runs folded; an int8 one through the int8 forward pass.
+    let model = match checkpoint::load_any(&args.checkpoint)? {
+        checkpoint::AnyModel::Float(m) => {
+            checkpoint::AnyModel::Float(slimcandle::passes::fold_batch_norm(&m)?)
+        }
+        int8 => int8,
+    };
+    let graph = match &model {
+        checkpoint::AnyModel::Float(m) => &m.graph,
+        checkpoint::AnyModel::Int8(q) => &q.graph,
+    };
     let inputs = TensorFile::read(&args.input)?;
     let mut outputs = Vec::new();
     for name in inputs.names() {
@@ -40,9 +50,12 @@ pub fn run(args: ForwardArgs) -> Result<()> {
             continue;
         }
         let x = inputs.tensor_f32(&name)?;
-        check_input(&model.graph, x.dims())
+        check_input(graph, x.dims())
             .with_context(|| format!("`{}`: tensor `{name}`", args.input.display()))?;
-        let y = model.forward(&x, Mode::Eval)?;
+        let y = match &model {
+            checkpoint::AnyModel::Float(m) => m.forward(&x, Mode::Eval)?,
+            checkpoint::AnyModel::Int8(q) => slimcandle::passes::quant::forward(q, &x)?,
+        };
         eprintln!("{name}: {:?} -> {:?}", x.dims(), y.dims());
         outputs.push((name, RawTensor::from_f32(&y)?));
     }

@@ -22,6 +22,9 @@ pub struct InspectArgs {
 
 pub fn run(args: InspectArgs) -> Result<()> {
     let file = TensorFile::read(&args.checkpoint)?;
+    if checkpoint::check_format(&file)? == checkpoint::INT8_FORMAT_VERSION {
+        return int8(&args, &file);
+    }
     let model = checkpoint::from_file(&file)?;
     let format_version = checkpoint::check_format(&file)?;
     let sparse_tensors = sparse::sparse_shapes(&file)?.len();
@@ -147,6 +150,156 @@ pub fn run(args: InspectArgs) -> Result<()> {
         human_count(summary.params as u64),
         human_count(nonzero_params as u64),
         human_count(summary.macs)
+    );
+    Ok(())
+}
+
+/// An int8 checkpoint: per layer its dtype, weight scales (min/max over channels) and the
+/// qparams of its output.
+fn int8(args: &InspectArgs, file: &TensorFile) -> Result<()> {
+    let checkpoint::AnyModel::Int8(q) = checkpoint::load_any(&args.checkpoint)? else {
+        unreachable!("format 3 is int8");
+    };
+    let mut rows = Vec::new();
+    for (id, node) in q.graph.nodes.iter().enumerate() {
+        if q.is_fused_away(id) {
+            continue;
+        }
+        let (dtype, scales) = if let Some(l) = q.layer(id) {
+            let s = &l.weight.scales;
+            let min = s.iter().copied().fold(f32::INFINITY, f32::min);
+            let max = s.iter().copied().fold(0f32, f32::max);
+            ("int8", Some((min, max, s.len())))
+        } else if q.float_layers.contains_key(&node.name) {
+            ("float32", None)
+        } else {
+            ("", None)
+        };
+        rows.push((id, node, dtype, scales, q.activations[id], q.fused[id]));
+    }
+    if args.json {
+        let layers: Vec<_> = rows
+            .iter()
+            .map(|(id, node, dtype, scales, act, fused)| {
+                json!({
+                    "node": id,
+                    "name": node.name,
+                    "op": node.op.kind(),
+                    "weight_dtype": if dtype.is_empty() { None } else { Some(dtype) },
+                    "weight_scale_min": scales.map(|s| s.0),
+                    "weight_scale_max": scales.map(|s| s.1),
+                    "weight_scales": scales.map(|s| s.2),
+                    "output_scale": act.map(|a| a.scale),
+                    "output_zero_point": act.map(|a| a.zero_point),
+                    "fused_activation": fused,
+                })
+            })
+            .collect();
+        super::print_json(&json!({
+            "file": args.checkpoint,
+            "file_size": file.file_size(),
+            "format_version": checkpoint::INT8_FORMAT_VERSION,
+            "int8": true,
+            "arch": q.meta.arch,
+            "class_names": q.meta.class_names,
+            "preprocessing": q.meta.preprocessing,
+            "provenance": q.meta.provenance,
+            "quantization": q.scheme,
+            "params": q.param_count(),
+            "tensors": file.names().len(),
+            "dtypes": file.dtype_counts(),
+            "layers": layers,
+        }));
+        return Ok(());
+    }
+    let mut table = Table::new(
+        &[
+            "layer",
+            "op",
+            "weights",
+            "w scale min",
+            "w scale max",
+            "out scale",
+            "out zp",
+        ],
+        &[0, 1, 2],
+    );
+    for (_, node, dtype, scales, act, fused) in &rows {
+        let op = match fused {
+            Some(a) => format!(
+                "{}+{}",
+                node.op.kind(),
+                serde_json::to_value(a)?.as_str().unwrap_or("")
+            ),
+            None => node.op.kind().to_string(),
+        };
+        table.row(vec![
+            node.name.clone(),
+            op,
+            dtype.to_string(),
+            scales.map_or(String::new(), |s| format!("{:.3e}", s.0)),
+            scales.map_or(String::new(), |s| format!("{:.3e}", s.1)),
+            act.map_or("float".into(), |a| format!("{:.3e}", a.scale)),
+            act.map_or(String::new(), |a| a.zero_point.to_string()),
+        ]);
+    }
+    let dtypes: Vec<String> = file
+        .dtype_counts()
+        .iter()
+        .map(|(d, n)| format!("{d}: {n}"))
+        .collect();
+    let prov = &q.meta.provenance;
+    let p = &q.meta.preprocessing;
+    println!(
+        "file          {} ({})",
+        args.checkpoint.display(),
+        human_bytes(file.file_size() as u64)
+    );
+    println!(
+        "architecture  {} (batch norm folded)",
+        q.meta
+            .arch
+            .as_ref()
+            .map_or("custom graph".to_string(), |a| a.variant_name())
+    );
+    println!("classes       {}", q.meta.class_names.len());
+    println!(
+        "input         {}x{}x{}, mean {:?}, std {:?}",
+        q.graph.input_channels(),
+        p.input_size[0],
+        p.input_size[1],
+        p.mean,
+        p.std
+    );
+    println!(
+        "int8          format {}, weights {}, {} calibrator on {} images, {} layers int8, {} float",
+        checkpoint::INT8_FORMAT_VERSION,
+        match q.scheme.granularity {
+            slimcandle::passes::quant::Granularity::PerChannel => "per channel",
+            slimcandle::passes::quant::Granularity::PerTensor => "per tensor",
+        },
+        q.scheme.calibrator.name(),
+        q.scheme.calibration_images,
+        q.layers.len(),
+        q.float_layers.len()
+    );
+    println!(
+        "tensors       {} ({})",
+        file.names().len(),
+        dtypes.join(", ")
+    );
+    println!("created       {} by {}", prov.created, prov.tool);
+    println!("source        {}", prov.source);
+    println!("command       {}", prov.command);
+    for step in &prov.history {
+        println!("history       {step}");
+    }
+    println!();
+    print!("{}", table.render());
+    println!(
+        "
+total: {} params",
+        human_count(q.param_count() as u64)
     );
     Ok(())
 }

@@ -9,6 +9,7 @@ mod inspect;
 mod models;
 mod predict;
 mod prune;
+mod quantize;
 mod sensitivity;
 mod train;
 
@@ -74,6 +75,11 @@ enum Command {
         after_help = "Examples:\n  slimcandle prune model.safetensors --criterion l1 --target-macs 0.5 --data cifar10:DIR -o pruned.safetensors\n  slimcandle train --init pruned.safetensors --data cifar10:DIR --epochs 4 -o runs/finetune"
     )]
     Prune(Box<prune::PruneArgs>),
+    /// Quantize a checkpoint to int8 (post-training, calibrated on training images).
+    #[command(
+        after_help = "Example: slimcandle quantize model.safetensors --data cifar10:DIR --calibration 1024 --calibrator percentile -o model.int8.safetensors"
+    )]
+    Quantize(quantize::QuantizeArgs),
     /// Prune each layer alone at several ratios and measure accuracy: a table and a CSV.
     #[command(
         after_help = "Example: slimcandle sensitivity model.safetensors --data cifar10:DIR --ratios 0.1,0.3,0.5,0.7 --test-limit 1000 --csv sens.csv"
@@ -130,6 +136,7 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Predict(a) => predict::run(a),
         Command::Prune(a) => prune::run(*a),
         Command::Sensitivity(a) => sensitivity::run(a),
+        Command::Quantize(a) => quantize::run(a),
     }
 }
 

@@ -2,7 +2,7 @@ use anyhow::Result;
 use clap::Args;
 use serde_json::json;
 use slimcandle::checkpoint;
-use slimcandle::predict::predict_files;
+use slimcandle::predict::{predict_files, predict_files_int8};
 use std::path::PathBuf;
 
 #[derive(Args)]
@@ -20,8 +20,10 @@ pub struct PredictArgs {
 }
 
 pub fn run(args: PredictArgs) -> Result<()> {
-    let model = checkpoint::load(&args.checkpoint)?;
-    let predictions = predict_files(&model, &args.images, args.top_k)?;
+    let predictions = match checkpoint::load_any(&args.checkpoint)? {
+        checkpoint::AnyModel::Float(m) => predict_files(&m, &args.images, args.top_k)?,
+        checkpoint::AnyModel::Int8(q) => predict_files_int8(&q, &args.images, args.top_k)?,
+    };
     if args.json {
         let items: Vec<_> = args
             .images

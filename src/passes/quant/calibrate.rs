@@ -143,20 +143,33 @@ const LEVELS: usize = 255;
 /// both sides (for a non-negative tensor exactly TensorRT's `[0, threshold]`). For each, the
 /// reference distribution P is the kept bins with the clipped outliers added to the edge
 /// bins; the candidate Q merges the kept bins into 255 intervals and spreads each interval's
-/// count evenly over its non-empty bins. The range minimising KL(P || Q) wins.
+/// count evenly over its non-empty bins. The range minimising KL(P || Q) wins. The bin holding
+/// 0 is first given its neighbour's count (see below).
 pub fn entropy_range(hist: &Histogram) -> (f32, f32) {
     let zero = ((-hist.lo) / hist.width).clamp(0.0, BINS as f64);
     let total: u64 = hist.total();
     if total == 0 {
         return (0.0, 0.0);
     }
+    // The spike of exact zeros (every ReLU output that did not fire) would dominate the
+    // divergence: merged bins spread it over their neighbours, so the search would prefer
+    // ever narrower bins over the data's shape. As NVIDIA's pytorch-quantization does, the
+    // zero bin takes its neighbour's count instead.
+    let mut counts = hist.counts.clone();
+    let zero_bin = (zero as usize).min(BINS - 1);
+    let neighbour = if zero_bin + 1 < BINS {
+        zero_bin + 1
+    } else {
+        zero_bin - 1
+    };
+    counts[zero_bin] = counts[neighbour];
     let mut best = (f64::INFINITY, 0usize, BINS);
     let mut k = BINS;
     while k >= LEVELS {
         let f = k as f64 / BINS as f64;
         let l = ((zero * (1.0 - f)).round() as usize).min(BINS - k);
         let r = l + k;
-        let kl = kl_divergence(&hist.counts, l, r);
+        let kl = kl_divergence(&counts, l, r);
         if kl < best.0 {
             best = (kl, l, r);
         }
@@ -294,6 +307,23 @@ mod tests {
         let (lo, hi) = calibrated_range(&h, Calibrator::Entropy);
         assert!(lo > h.min && hi < h.max, "[{lo}, {hi}]");
         assert!((lo + hi).abs() < 0.05 * hi, "[{lo}, {hi}]");
+    }
+
+    #[test]
+    fn entropy_is_not_driven_by_the_spike_of_zeros() {
+        // A ReLU6 output: half the values exactly 0, the rest spread over [0, 6] with a spike
+        // of saturated 6s. Without the zero-bin rule the search clips to about [0, 1.5].
+        let mut rng = crate::rng::Rng::new(3);
+        let v: Vec<f32> = (0..100_000)
+            .map(|i| match i % 10 {
+                0..5 => 0.0,
+                5 => 6.0,
+                _ => (rng.uniform() * 6.0) as f32,
+            })
+            .collect();
+        let (lo, hi) = calibrated_range(&hist(&v), Calibrator::Entropy);
+        assert_eq!(lo, 0.0);
+        assert!(hi > 5.0, "{hi}");
     }
 
     #[test]

@@ -140,7 +140,14 @@ pub fn build(folded: &Model, observers: &Observers, opts: &QuantOptions) -> Resu
         let Some(hist) = hist else {
             continue;
         };
-        let (lo, hi) = calibrated_range(hist, opts.calibrator);
+        // The logits keep their full observed range: clipping them would saturate the top
+        // classes at one code and lose their ranking (entropy calibration does that).
+        let calibrator = if class[id] == class[graph.output] {
+            Calibrator::Minmax
+        } else {
+            opts.calibrator
+        };
+        let (lo, hi) = calibrated_range(hist, calibrator);
         let r = range.entry(class[id]).or_insert((lo, hi));
         *r = (r.0.min(lo), r.1.max(hi));
     }

@@ -4,7 +4,9 @@
 //! output channel, or one), `N.bias` I32 `[out]`. A layer kept in float: `N.weight` and
 //! `N.bias` F32. Activations: `quant.activation_scale` F32 and `quant.activation_zero_point`
 //! U8, one entry per graph node in node order (scale 0 marks the float network output). The
-//! metadata adds `quantization` (the scheme options) to the float format's entries.
+//! metadata adds `quantization` (the scheme options) to the float format's entries. A mostly
+//! zero int8 weight (a pruned model) is stored as `N.weight.__sparse_mask` (U8 bitmask, as
+//! for float tensors) and `N.weight.__sparse_values` (its non-zero I8 codes).
 
 use super::model::{FloatLayer, QuantizedLayer, QuantizedModel, SchemeInfo, fused_activations};
 use super::scheme::{QParams, QuantizedWeight, WEIGHT_QMAX};
@@ -23,6 +25,16 @@ pub const ACTIVATION_ZERO_POINT: &str = "quant.activation_zero_point";
 /// The metadata key of the scheme options.
 pub const METADATA_KEY: &str = "quantization";
 
+/// Suffixes of a sparse int8 weight's two tensors (as for sparse float tensors).
+const SPARSE_MASK: &str = ".__sparse_mask";
+const SPARSE_VALUES: &str = ".__sparse_values";
+
+/// Whether an int8 weight of `n` codes, `nonzero` of them not 0, is stored as a bitmask plus
+/// its non-zero codes: when that is at least 256 bytes smaller than the `n` dense bytes.
+fn sparse_worth_it(n: usize, nonzero: usize) -> bool {
+    crate::sparse::mask_len(n) + nonzero + 256 <= n
+}
+
 fn raw(dtype: Dtype, shape: Vec<usize>, data: Vec<u8>) -> RawTensor {
     RawTensor { dtype, shape, data }
 }
@@ -36,14 +48,32 @@ pub fn save(model: &QuantizedModel, path: &Path) -> Result<()> {
     let mut tensors = Vec::new();
     for (name, l) in &model.layers {
         let w = &l.weight;
-        tensors.push((
-            format!("{name}.weight"),
-            raw(
-                Dtype::I8,
-                w.shape.clone(),
-                w.values.iter().map(|&v| v as u8).collect(),
-            ),
-        ));
+        let nonzero = w.values.iter().filter(|&&v| v != 0).count();
+        if sparse_worth_it(w.values.len(), nonzero) {
+            let as_f32: Vec<f32> = w.values.iter().map(|&v| v as f32).collect();
+            let (mask, stored) = crate::sparse::encode(&as_f32);
+            tensors.push((
+                format!("{name}.weight{SPARSE_MASK}"),
+                raw(Dtype::U8, vec![mask.len()], mask),
+            ));
+            tensors.push((
+                format!("{name}.weight{SPARSE_VALUES}"),
+                raw(
+                    Dtype::I8,
+                    vec![stored.len()],
+                    stored.iter().map(|&v| v as i8 as u8).collect(),
+                ),
+            ));
+        } else {
+            tensors.push((
+                format!("{name}.weight"),
+                raw(
+                    Dtype::I8,
+                    w.shape.clone(),
+                    w.values.iter().map(|&v| v as u8).collect(),
+                ),
+            ));
+        }
         tensors.push((
             format!("{name}.weight_scale"),
             raw(Dtype::F32, vec![w.scales.len()], f32_bytes(&w.scales)),
@@ -166,10 +196,30 @@ pub fn from_file(file: &TensorFile, graph: Graph, meta: ModelMeta) -> Result<Qua
             );
             continue;
         }
-        let values: Vec<i8> = take(&wname, Dtype::I8, Some(&shape))?
-            .into_iter()
-            .map(|b| b as i8)
-            .collect();
+        let mask_name = format!("{wname}{SPARSE_MASK}");
+        let values: Vec<i8> = if file.raw(&mask_name).is_ok() {
+            let count: usize = shape.iter().product();
+            let mask = take(
+                &mask_name,
+                Dtype::U8,
+                Some(&[crate::sparse::mask_len(count)]),
+            )?;
+            let vname = format!("{wname}{SPARSE_VALUES}");
+            let stored: Vec<f32> = take(&vname, Dtype::I8, None)?
+                .into_iter()
+                .map(|b| b as i8 as f32)
+                .collect();
+            crate::sparse::decode(&mask, &stored, count)
+                .map_err(|e| anyhow::anyhow!("`{shown}`: sparse tensor `{wname}`: {e}"))?
+                .into_iter()
+                .map(|v| v as i8)
+                .collect()
+        } else {
+            take(&wname, Dtype::I8, Some(&shape))?
+                .into_iter()
+                .map(|b| b as i8)
+                .collect()
+        };
         if values.iter().any(|&v| (v as i32).abs() > WEIGHT_QMAX) {
             bail!("`{shown}`: tensor `{wname}` holds -128, outside the symmetric int8 range");
         }
