@@ -177,3 +177,60 @@ pub fn run_with_teacher(
         threads: candle_core::utils::get_num_threads(),
     })
 }
+
+/// Int8 inference throughput: `warmup` untimed then `iterations` timed batches of random
+/// data through the integer engine (`crate::int8`), planned once before timing.
+pub fn run_int8(
+    model: &crate::passes::quant::QuantizedModel,
+    batch: usize,
+    size: usize,
+    warmup: usize,
+    iterations: usize,
+) -> Result<BenchResult> {
+    let x = random_batch(model.graph.input_channels(), batch, size);
+    let engine = crate::int8::Engine::new(model)?;
+    for _ in 0..warmup {
+        engine.forward(&x, batch, size, size)?;
+    }
+    let start = Instant::now();
+    for _ in 0..iterations {
+        engine.forward(&x, batch, size, size)?;
+    }
+    let seconds = start.elapsed().as_secs_f64();
+    Ok(BenchResult {
+        mode: BenchMode::Infer,
+        batch,
+        size,
+        iterations,
+        images_per_s: (batch * iterations) as f64 / seconds,
+        ms_per_batch: 1000.0 * seconds / iterations as f64,
+        peak_memory: peak_memory(),
+        threads: rayon::current_num_threads(),
+    })
+}
+
+/// Quantizes `model` for [`run_int8`] when no int8 checkpoint is given: calibrated (default
+/// options) on one random batch of the bench's shape, which is all a throughput measurement
+/// needs (the engine's speed does not depend on the qparams).
+pub fn quantize_for_bench(
+    model: &Model,
+    batch: usize,
+    size: usize,
+) -> Result<crate::passes::quant::QuantizedModel> {
+    let c = model.graph.input_channels();
+    let x = Tensor::from_vec(
+        random_batch(c, batch, size),
+        (batch, c, size, size),
+        &Device::Cpu,
+    )?;
+    let opts = crate::passes::quant::QuantOptions::default();
+    crate::passes::quant::quantize(model, [Ok(x)], &opts, |_| {})
+}
+
+/// The bench's input: `batch` images of `channels x size x size` standard normal values.
+fn random_batch(channels: usize, batch: usize, size: usize) -> Vec<f32> {
+    let mut rng = Rng::new(1);
+    (0..batch * channels * size * size)
+        .map(|_| rng.normal() as f32)
+        .collect()
+}

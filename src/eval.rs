@@ -36,14 +36,15 @@ pub fn evaluate(model: &Model, images: Arc<Images>, batch_size: usize) -> Result
     })
 }
 
-/// Evaluates an int8 model through [`crate::passes::quant::forward`].
+/// Evaluates an int8 model on the integer engine (planned once for all batches).
 pub fn evaluate_int8(
     model: &crate::passes::quant::QuantizedModel,
     images: Arc<Images>,
     batch_size: usize,
 ) -> Result<EvalReport> {
+    let engine = crate::int8::Engine::new(model)?;
     evaluate_with(&model.meta, images, batch_size, |x| {
-        crate::passes::quant::forward(model, x)
+        engine.forward_tensor(x)
     })
 }
 

@@ -2,6 +2,7 @@
 //! compression command reports these before and after, so users see what a pass bought.
 
 use crate::model::Model;
+use crate::passes::quant::QuantizedModel;
 use anyhow::Result;
 use serde::Serialize;
 
@@ -31,6 +32,38 @@ impl Footprint {
             params: summary.params,
             nonzero_params: nonzero,
             macs: summary.macs,
+            file_size,
+        })
+    }
+
+    /// The footprint of an int8 model: its folded graph's MACs, and its stored parameters (int8
+    /// weights, i32 biases and the layers kept in float), as `QuantizedModel::param_count`.
+    pub fn of_int8(model: &QuantizedModel, file_size: Option<u64>) -> Result<Footprint> {
+        let [h, w] = model.meta.preprocessing.input_size;
+        let macs = model.graph.summary(h, w)?.macs;
+        let int8: usize = model
+            .layers
+            .values()
+            .map(|l| {
+                l.weight.values.iter().filter(|&&v| v != 0).count()
+                    + l.bias.iter().filter(|&&b| b != 0).count()
+            })
+            .sum();
+        let float: usize = model
+            .float_layers
+            .values()
+            .map(|l| {
+                l.weight
+                    .iter()
+                    .chain(&l.bias)
+                    .filter(|&&v| v != 0.0)
+                    .count()
+            })
+            .sum();
+        Ok(Footprint {
+            params: model.param_count(),
+            nonzero_params: int8 + float,
+            macs,
             file_size,
         })
     }

@@ -9,6 +9,7 @@ pub mod footprint;
 pub mod graph;
 pub mod import;
 pub mod infer;
+pub mod int8;
 pub mod kernels;
 pub mod model;
 pub mod models;

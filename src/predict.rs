@@ -39,15 +39,14 @@ pub fn predict_files(
     predict_files_with(&model.meta, paths, k, |x| model.forward(x, Mode::Eval))
 }
 
-/// [`predict_files`] for an int8 model, through [`crate::passes::quant::forward`].
+/// [`predict_files`] for an int8 model, on the integer engine (planned once).
 pub fn predict_files_int8(
     model: &crate::passes::quant::QuantizedModel,
     paths: &[PathBuf],
     k: usize,
 ) -> Result<Vec<Vec<(String, f32)>>> {
-    predict_files_with(&model.meta, paths, k, |x| {
-        crate::passes::quant::forward(model, x)
-    })
+    let engine = crate::int8::Engine::new(model)?;
+    predict_files_with(&model.meta, paths, k, |x| engine.forward_tensor(x))
 }
 
 /// [`predict_files`] for any forward pass of a model described by `meta`.

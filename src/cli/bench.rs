@@ -2,6 +2,7 @@ use super::ArchArgs;
 use anyhow::{Result, bail};
 use clap::{Args, ValueEnum};
 use slimcandle::bench::{self, BenchMode};
+use slimcandle::checkpoint::{self, AnyModel};
 use slimcandle::model::Model;
 use slimcandle::models::ArchSpec;
 use slimcandle::report::human_bytes;
@@ -16,6 +17,9 @@ enum ModeArg {
 
 #[derive(Args)]
 pub struct BenchArgs {
+    /// A checkpoint to time instead of a fresh `--arch` model; an int8 (format 3) checkpoint
+    /// runs on the integer engine (inference only).
+    checkpoint: Option<std::path::PathBuf>,
     #[command(flatten)]
     arch: ArchArgs,
     /// Images per batch.
@@ -41,45 +45,80 @@ pub struct BenchArgs {
     /// Print JSON instead of text.
     #[arg(long)]
     json: bool,
+    /// Time int8 inference: the `--arch` model quantized (calibrated on one random batch).
+    #[arg(long)]
+    int8: bool,
 }
 
 pub fn run(args: BenchArgs) -> Result<()> {
-    let Some(arch) = &args.arch.arch else {
-        bail!("bench needs --arch")
-    };
     let mode = match args.mode {
         ModeArg::Train => BenchMode::Train,
         ModeArg::Infer => BenchMode::Infer,
     };
+    let (b, s, w, it) = (
+        args.batch_size,
+        args.input_size,
+        args.warmup,
+        args.iterations,
+    );
     let mut teacher = match &args.teacher {
         Some(_) if mode != BenchMode::Train => bail!("--teacher only applies to --mode train"),
         Some(path) => Some(CheckpointTeacher::load(path)?),
         None => None,
     };
-    let mut options = args.arch.options();
-    if let Some(t) = &teacher {
-        options.num_classes = options.num_classes.or(Some(t.model().num_classes()));
-    }
-    let spec = ArchSpec::parse(arch, &options)?;
-    let model = Model::init(&spec, 0)?;
-    if let Some(t) = &mut teacher {
-        // Random data, standard-normal per channel: the teacher's own normalisation.
-        let p = t.model().meta.preprocessing.clone();
-        t.prepare_for(&model.meta.class_names, [args.input_size; 2], p.mean, p.std)?;
-    }
-    let r = bench::run_with_teacher(
-        &model,
-        mode,
-        args.batch_size,
-        args.input_size,
-        args.warmup,
-        args.iterations,
-        teacher.as_ref().map(|t| t as &dyn Teacher),
-    )?;
+    let (name, stem, r) = match (&args.checkpoint, &args.arch.arch) {
+        (Some(_), Some(_)) => bail!("bench takes a checkpoint or --arch, not both"),
+        (None, None) => bail!("bench needs --arch or a checkpoint"),
+        (Some(path), None) => match checkpoint::load_any(path)? {
+            AnyModel::Int8(q) => {
+                if mode == BenchMode::Train {
+                    bail!(
+                        "`{}` is an int8 checkpoint: use --mode infer",
+                        path.display()
+                    );
+                }
+                let stem = q.meta.arch.as_ref().map(|a| a.stem);
+                (
+                    "int8 checkpoint".to_string(),
+                    stem,
+                    bench::run_int8(&q, b, s, w, it)?,
+                )
+            }
+            AnyModel::Float(m) => {
+                let stem = m.meta.arch.as_ref().map(|a| a.stem);
+                prepare_teacher(&mut teacher, &m, s)?;
+                let r = bench::run_with_teacher(&m, mode, b, s, w, it, teacher_ref(&teacher))?;
+                ("checkpoint".to_string(), stem, r)
+            }
+        },
+        (None, Some(arch)) => {
+            let mut options = args.arch.options();
+            if let Some(t) = &teacher {
+                options.num_classes = options.num_classes.or(Some(t.model().num_classes()));
+            }
+            let spec = ArchSpec::parse(arch, &options)?;
+            let model = Model::init(&spec, 0)?;
+            let r = if args.int8 {
+                if mode == BenchMode::Train {
+                    bail!("--int8 times inference: use --mode infer");
+                }
+                bench::run_int8(&bench::quantize_for_bench(&model, b, s)?, b, s, w, it)?
+            } else {
+                prepare_teacher(&mut teacher, &model, s)?;
+                bench::run_with_teacher(&model, mode, b, s, w, it, teacher_ref(&teacher))?
+            };
+            let name = if args.int8 {
+                format!("{} int8", spec.variant_name())
+            } else {
+                spec.variant_name()
+            };
+            (name, Some(spec.stem), r)
+        }
+    };
     if args.json {
         let mut v = serde_json::to_value(&r)?;
-        v["arch"] = serde_json::json!(spec.variant_name());
-        v["stem"] = serde_json::json!(spec.stem);
+        v["arch"] = serde_json::json!(name);
+        v["stem"] = serde_json::json!(stem);
         v["teacher"] = serde_json::json!(teacher.as_ref().map(|t| t.path.display().to_string()));
         super::print_json(&v);
     } else {
@@ -89,9 +128,9 @@ pub fn run(args: BenchArgs) -> Result<()> {
             .map(|t| format!(" with teacher `{}`", t.path.display()))
             .unwrap_or_default();
         println!(
-            "{}{with} ({:?} stem) {:?} batch {} at {}x{}: {:.1} images/s ({:.1} ms/batch), peak memory {peak}, {} threads",
-            spec.variant_name(),
-            spec.stem,
+            "{}{with} ({} stem) {:?} batch {} at {}x{}: {:.1} images/s ({:.1} ms/batch), peak memory {peak}, {} threads",
+            name,
+            stem.map_or("unknown".to_string(), |s| format!("{s:?}")),
             r.mode,
             r.batch,
             r.size,
@@ -102,4 +141,22 @@ pub fn run(args: BenchArgs) -> Result<()> {
         );
     }
     Ok(())
+}
+
+/// Checks the teacher against the student it will teach, on random standard-normal data (the
+/// teacher's own normalisation).
+fn prepare_teacher(
+    teacher: &mut Option<CheckpointTeacher>,
+    student: &Model,
+    size: usize,
+) -> Result<()> {
+    if let Some(t) = teacher {
+        let p = t.model().meta.preprocessing.clone();
+        t.prepare_for(&student.meta.class_names, [size; 2], p.mean, p.std)?;
+    }
+    Ok(())
+}
+
+fn teacher_ref(teacher: &Option<CheckpointTeacher>) -> Option<&dyn Teacher> {
+    teacher.as_ref().map(|t| t as &dyn Teacher)
 }

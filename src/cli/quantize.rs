@@ -263,7 +263,7 @@ pub fn run(args: QuantizeArgs) -> Result<()> {
     );
     print!("{}", t.render());
     if evals.is_some() {
-        println!("(int8 accuracy and speed from the int8 forward pass, `passes::quant::forward`)");
+        println!("(int8 accuracy and speed measured on the integer engine)");
     }
     println!("\nwrote {}", args.output.display());
     Ok(())

@@ -34,6 +34,7 @@ mod cpu;
 pub(crate) mod depthwise;
 pub(crate) mod gemm;
 pub(crate) mod im2col;
+pub mod int8;
 pub(crate) mod pool;
 pub mod reference;
 pub(crate) mod sgd;

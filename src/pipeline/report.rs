@@ -3,8 +3,9 @@
 //! plot of accuracy against file size with the Pareto front.
 
 use crate::bench::{self, BenchMode};
+use crate::checkpoint::AnyModel;
 use crate::data::{DataSpec, Dataset, LoadOptions};
-use crate::eval::{check_classes, evaluate};
+use crate::eval::{check_classes, evaluate, evaluate_int8};
 use crate::footprint::Footprint;
 use crate::report::{Table, human_bytes, human_count};
 use anyhow::{Context, Result};
@@ -70,18 +71,37 @@ const THROUGHPUT_ITERATIONS: usize = 3;
 
 /// Measures a checkpoint: footprint, accuracy on the test split, and speed.
 pub fn measure(name: &str, kind: &str, path: &Path, data: &mut TestData) -> Result<Row> {
-    let model = crate::checkpoint::load(path)?;
     let file_bytes = std::fs::metadata(path)
         .with_context(|| format!("cannot read `{}`", path.display()))?
         .len();
-    let footprint = Footprint::of(&model, Some(file_bytes))?;
-    let size = model.meta.preprocessing.input_size[0];
-    let test = data.at_size(size)?;
-    check_classes(&model.meta.class_names, &test.class_names, &test.source)
-        .with_context(|| format!("`{}`", path.display()))?;
-    let eval = evaluate(&model, test.test.clone(), 256)?;
-    let one = bench::run(&model, BenchMode::Infer, 1, size, 1, LATENCY_ITERATIONS)?;
-    let batch = bench::run(&model, BenchMode::Infer, 64, size, 1, THROUGHPUT_ITERATIONS)?;
+    // Accuracy and speed each on the executor the checkpoint deploys with: the float eval
+    // executor, or the integer engine for an int8 checkpoint.
+    let (footprint, eval, one, batch) = match crate::checkpoint::load_any(path)? {
+        AnyModel::Float(model) => {
+            let size = model.meta.preprocessing.input_size[0];
+            let test = data.at_size(size)?;
+            check_classes(&model.meta.class_names, &test.class_names, &test.source)
+                .with_context(|| format!("`{}`", path.display()))?;
+            (
+                Footprint::of(&model, Some(file_bytes))?,
+                evaluate(&model, test.test.clone(), 256)?,
+                bench::run(&model, BenchMode::Infer, 1, size, 1, LATENCY_ITERATIONS)?,
+                bench::run(&model, BenchMode::Infer, 64, size, 1, THROUGHPUT_ITERATIONS)?,
+            )
+        }
+        AnyModel::Int8(model) => {
+            let size = model.meta.preprocessing.input_size[0];
+            let test = data.at_size(size)?;
+            check_classes(&model.meta.class_names, &test.class_names, &test.source)
+                .with_context(|| format!("`{}`", path.display()))?;
+            (
+                Footprint::of_int8(&model, Some(file_bytes))?,
+                evaluate_int8(&model, test.test.clone(), 256)?,
+                bench::run_int8(&model, 1, size, 1, LATENCY_ITERATIONS)?,
+                bench::run_int8(&model, 64, size, 1, THROUGHPUT_ITERATIONS)?,
+            )
+        }
+    };
     Ok(Row {
         name: name.to_string(),
         kind: kind.to_string(),

@@ -299,15 +299,25 @@ pub fn run(
 /// Writes the stage's checkpoint: the command's product, its provenance naming the recipe run
 /// and holding the effective recipe.
 fn stamp(product: &Path, to: &Path, plan: &Plan, stage: &PlannedStage) -> Result<()> {
-    let mut model = crate::checkpoint::load(product)?;
-    let p = &mut model.meta.provenance;
-    p.command = format!(
+    let command = format!(
         "slimcandle run {} (stage {})",
         plan.recipe.display(),
         stage.folder
     );
-    p.recipe = Some(plan.lock.clone());
-    crate::checkpoint::save(&model, to)
+    match crate::checkpoint::load_any(product)? {
+        crate::checkpoint::AnyModel::Float(mut model) => {
+            let p = &mut model.meta.provenance;
+            p.command = command;
+            p.recipe = Some(plan.lock.clone());
+            crate::checkpoint::save(&model, to)
+        }
+        crate::checkpoint::AnyModel::Int8(mut model) => {
+            let p = &mut model.meta.provenance;
+            p.command = command;
+            p.recipe = Some(plan.lock.clone());
+            crate::passes::quant::store::save(&model, to)
+        }
+    }
 }
 
 /// The checkpoint the first stage reads: the `init` file, or the imported state dict (imported

@@ -44,9 +44,10 @@ pub fn quantize(
     plan::build(&folded, &observers, opts)
 }
 
-/// The int8 forward pass every caller uses (evaluation, prediction): logits f32 for a
-/// preprocessed batch. Today the simulation ([`simulate::simulate`]); the integer engine
-/// replaces it here once it lands.
+/// The int8 forward pass of one-off callers (prediction, `forward`): logits f32 for a
+/// preprocessed batch, on the integer engine ([`crate::int8::Engine`]). Callers that run many
+/// batches plan the engine once instead (as [`crate::eval::evaluate_int8`] does). The
+/// simulation ([`simulate::simulate`]) stays the reference the engine is tested against.
 pub fn forward(model: &QuantizedModel, x: &Tensor) -> Result<Tensor> {
-    simulate::simulate(model, x)
+    crate::int8::Engine::new(model)?.forward_tensor(x)
 }
