@@ -138,9 +138,9 @@ fn each_broken_recipe_is_refused_at_its_position() {
         ),
         (
             "pending-kind",
-            BASE.replace("kind = \"eval\"", "kind = \"quantize\""),
-            "\"quantize\"",
-            "stage kind `quantize` is not available in this build",
+            BASE.replace("kind = \"eval\"", "kind = \"qat\""),
+            "\"qat\"",
+            "stage kind `qat` is not available in this build",
         ),
         (
             "duplicate-name",
@@ -319,7 +319,7 @@ fn command(name: &'static str, flags: &[&'static str]) -> Command {
     c
 }
 
-/// A registry with stand-ins for `quantize` and `qat`, as their branches will plug in.
+/// A registry of stand-ins with every effect, `qat` among them (not yet a real kind).
 fn stand_in_registry() -> Registry {
     let kind = |name: &'static str, flags: &[&'static str], effect: Option<Effect>| KindSpec {
         name,
