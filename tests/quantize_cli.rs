@@ -179,3 +179,57 @@ fn quantize_writes_an_int8_checkpoint_and_reports_both_models() {
         &bad,
     );
 }
+
+/// `sensitivity --method quantize`: one trial per conv or linear layer, ordered by the top-1
+/// its float copy buys back, each trial the same model `quantize --keep-float LAYER` writes.
+#[test]
+fn quantization_sensitivity_keeps_one_layer_at_a_time_in_float() {
+    let dir = common::temp_dir("quant-sensitivity");
+    let ckpt = small_checkpoint(&dir);
+    let csv = dir.join("sens.csv");
+    let common_args = [
+        "--data",
+        "shapes",
+        "--calibration",
+        "64",
+        "--test-limit",
+        "200",
+    ];
+    let mut args = vec!["sensitivity", s(&ckpt), "--method", "quantize", "--json"];
+    args.extend(common_args);
+    args.extend(["--csv", s(&csv)]);
+    let v: Value = serde_json::from_str(&ok(&args)).unwrap();
+    let trials = v["trials"].as_array().unwrap();
+    let model = checkpoint::load(&ckpt).unwrap();
+    let layers = model
+        .graph
+        .nodes
+        .iter()
+        .filter(|n| n.op.has_weight_matrix())
+        .count();
+    assert_eq!(trials.len(), layers);
+    let int8 = v["int8_top1"].as_f64().unwrap();
+    let gains: Vec<f64> = trials.iter().map(|t| t["gain"].as_f64().unwrap()).collect();
+    for (t, g) in trials.iter().zip(&gains) {
+        assert!((t["top1"].as_f64().unwrap() - int8 - g).abs() < 1e-9);
+    }
+    assert!(gains.windows(2).all(|w| w[0] >= w[1]), "{gains:?}");
+    let rows = std::fs::read_to_string(&csv).unwrap();
+    assert_eq!(rows.lines().count(), layers + 1);
+
+    // The first trial is what `quantize --keep-float` gives for that layer.
+    let layer = trials[0]["layer"].as_str().unwrap();
+    let out = dir.join("keep.safetensors");
+    let mut args = vec![
+        "quantize",
+        s(&ckpt),
+        "--keep-float",
+        layer,
+        "--json",
+        "-o",
+        s(&out),
+    ];
+    args.extend(common_args);
+    let q: Value = serde_json::from_str(&ok(&args)).unwrap();
+    assert_eq!(q["top1_after"].as_f64(), trials[0]["top1"].as_f64());
+}

@@ -2,8 +2,11 @@ use anyhow::{Result, bail};
 use clap::{Args, ValueEnum};
 use indicatif::{ProgressBar, ProgressStyle};
 use slimcandle::checkpoint;
-use slimcandle::data::{DataSpec, LoadOptions};
+use slimcandle::data::{BatchLoader, DataSpec, Dataset, EpochPlan, LoadOptions};
 use slimcandle::eval::check_classes;
+use slimcandle::model::Model;
+use slimcandle::passes::quant::QuantOptions;
+use slimcandle::passes::quant::sensitivity::quant_sensitivity;
 use slimcandle::prune::importance::Criterion;
 use slimcandle::prune::magnitude::MagnitudeConfig;
 use slimcandle::prune::pattern::parse_list;
@@ -19,6 +22,8 @@ pub enum SensitivityMethod {
     Channel,
     /// Zero each layer's smallest weights.
     Magnitude,
+    /// Quantize to int8 with one conv or linear layer at a time kept in float.
+    Quantize,
 }
 
 #[derive(Args)]
@@ -31,6 +36,9 @@ pub struct SensitivityArgs {
     /// What each trial prunes: whole channels, or single weights by magnitude.
     #[arg(long, value_enum, default_value = "channel")]
     method: SensitivityMethod,
+    /// Quantize scans: training images to calibrate on (a seeded, class-balanced subset).
+    #[arg(long, default_value_t = 1024)]
+    calibration: usize,
     /// Pruning ratios to try on each layer, comma-separated.
     #[arg(long, default_value = "0.1,0.3,0.5,0.7", value_delimiter = ',')]
     ratios: Vec<f64>,
@@ -65,10 +73,14 @@ pub struct SensitivityArgs {
 
 pub fn run(args: SensitivityArgs) -> Result<()> {
     let model = checkpoint::load(&args.checkpoint)?;
+    let quantize = args.method == SensitivityMethod::Quantize;
+    if quantize && args.calibration == 0 {
+        bail!("--calibration 0: calibration needs at least one image");
+    }
     let spec: DataSpec = args.data.parse()?;
     let data = spec.load(&LoadOptions {
         size: model.meta.preprocessing.input_size[0],
-        train_limit: Some(0),
+        train_limit: Some(if quantize { args.calibration } else { 0 }),
         test_limit: args.test_limit,
         seed: args.seed,
         ..Default::default()
@@ -81,6 +93,10 @@ pub fn run(args: SensitivityArgs) -> Result<()> {
         ProgressStyle::with_template("{msg} {bar:30} {pos}/{len} evaluations, eta {eta}")
             .expect("valid template"),
     );
+    if quantize {
+        bar.set_message("int8, one layer at a time in float");
+        return run_quantize(&args, &model, &data, &bar);
+    }
     bar.set_message("pruning one layer at a time");
     let mut progress = |done: usize, total: usize| {
         bar.set_length(total as u64);
@@ -116,6 +132,7 @@ pub fn run(args: SensitivityArgs) -> Result<()> {
             };
             magnitude_sensitivity(&model, &cfg, &args.ratios, data.test.clone(), &mut progress)?
         }
+        SensitivityMethod::Quantize => unreachable!("handled by run_quantize above"),
     };
     bar.finish_and_clear();
     write_bytes_atomic(&args.csv, csv(&result).as_bytes())?;
@@ -197,4 +214,78 @@ fn csv(result: &Sensitivity) -> String {
         ));
     }
     out
+}
+
+/// `--method quantize`: calibrate once on the training split, then the int8 model with each
+/// conv or linear layer alone kept in float; a table ordered by the top-1 the float layer buys
+/// back, and a CSV (`layer,top1,gain`).
+fn run_quantize(
+    args: &SensitivityArgs,
+    model: &Model,
+    data: &Dataset,
+    bar: &ProgressBar,
+) -> Result<()> {
+    if data.train.is_empty() {
+        bail!(
+            "{}: no training images to calibrate on (calibration never uses the test split)",
+            data.source
+        );
+    }
+    let opts = QuantOptions {
+        keep_float: parse_list(&args.exclude)?,
+        ..Default::default()
+    };
+    let batches = EpochPlan {
+        batch_size: 64,
+        mean: model.meta.preprocessing.mean,
+        std: model.meta.preprocessing.std,
+        augment: None,
+        shuffle: None,
+        start_batch: 0,
+    };
+    let calibration = BatchLoader::new(data.train.clone(), batches).map(|b| b.map(|b| b.x));
+    let result = quant_sensitivity(
+        model,
+        calibration,
+        &opts,
+        data.test.clone(),
+        |done, total| {
+            bar.set_length(total as u64);
+            bar.set_position(done as u64);
+        },
+    )?;
+    bar.finish_and_clear();
+    let mut csv = String::from("layer,top1,gain\n");
+    for t in &result.trials {
+        csv.push_str(&format!("\"{}\",{:.4},{:.4}\n", t.layer, t.top1, t.gain));
+    }
+    write_bytes_atomic(&args.csv, csv.as_bytes())?;
+    if args.json {
+        let mut value = serde_json::to_value(&result)?;
+        value["checkpoint"] = serde_json::json!(args.checkpoint);
+        value["data"] = serde_json::json!(data.source);
+        value["csv"] = serde_json::json!(args.csv);
+        super::print_json(&value);
+        return Ok(());
+    }
+    println!(
+        "{} on {} ({} images, {} calibration images): top-1 float {:.2}%, int8 {:.2}%",
+        args.checkpoint.display(),
+        data.source,
+        data.test.len(),
+        data.train.len(),
+        result.float_top1,
+        result.int8_top1,
+    );
+    let mut t = Table::new(&["layer kept in float", "top-1", "gain"], &[0]);
+    for trial in &result.trials {
+        t.row(vec![
+            trial.layer.clone(),
+            format!("{:.2}%", trial.top1),
+            format!("{:+.2}", trial.gain),
+        ]);
+    }
+    print!("{}", t.render());
+    eprintln!("wrote {}", args.csv.display());
+    Ok(())
 }

@@ -2,13 +2,15 @@
 //! (`scheme.rs`), the quantized model (`model.rs`) that the simulation, the integer engine
 //! and checkpoint format 3 share, activation observers (`histogram.rs`) and calibrators
 //! (`calibrate.rs`), the plan that decides shared qparams and quantizes weights (`plan.rs`),
-//! and the simulation: the scheme's integer arithmetic on f32 tensors (`simulate.rs`).
+//! the simulation: the scheme's integer arithmetic on f32 tensors (`simulate.rs`), and the
+//! sensitivity scan, one layer at a time in float (`sensitivity.rs`).
 
 pub mod calibrate;
 pub mod histogram;
 pub mod model;
 pub mod plan;
 pub mod scheme;
+pub mod sensitivity;
 pub mod simulate;
 pub mod store;
 
