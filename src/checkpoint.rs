@@ -110,6 +110,37 @@ pub enum AnyModel {
     Int8(crate::passes::quant::QuantizedModel),
 }
 
+impl AnyModel {
+    pub fn graph(&self) -> &Graph {
+        match self {
+            AnyModel::Float(m) => &m.graph,
+            AnyModel::Int8(q) => &q.graph,
+        }
+    }
+
+    pub fn meta(&self) -> &ModelMeta {
+        match self {
+            AnyModel::Float(m) => &m.meta,
+            AnyModel::Int8(q) => &q.meta,
+        }
+    }
+
+    pub fn meta_mut(&mut self) -> &mut ModelMeta {
+        match self {
+            AnyModel::Float(m) => &mut m.meta,
+            AnyModel::Int8(q) => &mut q.meta,
+        }
+    }
+
+    /// Writes the checkpoint in its own format ([`save`], or format 3 for int8).
+    pub fn save(&self, path: &Path) -> Result<()> {
+        match self {
+            AnyModel::Float(m) => save(m, path),
+            AnyModel::Int8(q) => crate::passes::quant::store::save(q, path),
+        }
+    }
+}
+
 /// Reads a float checkpoint (formats 1 and 2) or an int8 one (format 3), whichever the file
 /// is.
 pub fn load_any(path: &Path) -> Result<AnyModel> {

@@ -30,10 +30,7 @@ pub struct EvalArgs {
 
 pub fn run(args: EvalArgs) -> Result<()> {
     let model = checkpoint::load_any(&args.checkpoint)?;
-    let meta = match &model {
-        checkpoint::AnyModel::Float(m) => &m.meta,
-        checkpoint::AnyModel::Int8(q) => &q.meta,
-    };
+    let meta = model.meta();
     let size = meta.preprocessing.input_size[0];
     let spec: DataSpec = args.data.parse()?;
     let opts = LoadOptions {

@@ -17,6 +17,9 @@ pub struct ForwardArgs {
     output: PathBuf,
 }
 
+/// A model's eval-mode forward pass on one batch.
+type Forward<'a> = Box<dyn Fn(&candle_core::Tensor) -> Result<candle_core::Tensor> + 'a>;
+
 pub fn run(args: ForwardArgs) -> Result<()> {
     super::check_output_is_not_input(&args.output, &[&args.checkpoint, &args.input])?;
     // A float model runs folded; an int8 one through the int8 forward pass.
@@ -26,9 +29,14 @@ pub fn run(args: ForwardArgs) -> Result<()> {
         }
         int8 => int8,
     };
-    let graph = match &model {
-        checkpoint::AnyModel::Float(m) => &m.graph,
-        checkpoint::AnyModel::Int8(q) => &q.graph,
+    let graph = model.graph();
+    // The int8 engine is planned (weights packed) once for all the file's tensors.
+    let run: Forward<'_> = match &model {
+        checkpoint::AnyModel::Float(m) => Box::new(|x| m.forward(x, Mode::Eval)),
+        checkpoint::AnyModel::Int8(q) => {
+            let engine = slimcandle::int8::Engine::new(q)?;
+            Box::new(move |x| engine.forward_tensor(x))
+        }
     };
     let inputs = TensorFile::read(&args.input)?;
     let mut outputs = Vec::new();
@@ -52,10 +60,7 @@ pub fn run(args: ForwardArgs) -> Result<()> {
         let x = inputs.tensor_f32(&name)?;
         check_input(graph, x.dims())
             .with_context(|| format!("`{}`: tensor `{name}`", args.input.display()))?;
-        let y = match &model {
-            checkpoint::AnyModel::Float(m) => m.forward(&x, Mode::Eval)?,
-            checkpoint::AnyModel::Int8(q) => slimcandle::passes::quant::forward(q, &x)?,
-        };
+        let y = run(&x)?;
         eprintln!("{name}: {:?} -> {:?}", x.dims(), y.dims());
         outputs.push((name, RawTensor::from_f32(&y)?));
     }

@@ -76,31 +76,25 @@ pub fn measure(name: &str, kind: &str, path: &Path, data: &mut TestData) -> Resu
         .len();
     // Accuracy and speed each on the executor the checkpoint deploys with: the float eval
     // executor, or the integer engine for an int8 checkpoint.
-    let (footprint, eval, one, batch) = match crate::checkpoint::load_any(path)? {
-        AnyModel::Float(model) => {
-            let size = model.meta.preprocessing.input_size[0];
-            let test = data.at_size(size)?;
-            check_classes(&model.meta.class_names, &test.class_names, &test.source)
-                .with_context(|| format!("`{}`", path.display()))?;
-            (
-                Footprint::of(&model, Some(file_bytes))?,
-                evaluate(&model, test.test.clone(), 256)?,
-                bench::run(&model, BenchMode::Infer, 1, size, 1, LATENCY_ITERATIONS)?,
-                bench::run(&model, BenchMode::Infer, 64, size, 1, THROUGHPUT_ITERATIONS)?,
-            )
-        }
-        AnyModel::Int8(model) => {
-            let size = model.meta.preprocessing.input_size[0];
-            let test = data.at_size(size)?;
-            check_classes(&model.meta.class_names, &test.class_names, &test.source)
-                .with_context(|| format!("`{}`", path.display()))?;
-            (
-                Footprint::of_int8(&model, Some(file_bytes))?,
-                evaluate_int8(&model, test.test.clone(), 256)?,
-                bench::run_int8(&model, 1, size, 1, LATENCY_ITERATIONS)?,
-                bench::run_int8(&model, 64, size, 1, THROUGHPUT_ITERATIONS)?,
-            )
-        }
+    let model = crate::checkpoint::load_any(path)?;
+    let meta = model.meta();
+    let size = meta.preprocessing.input_size[0];
+    let test = data.at_size(size)?;
+    check_classes(&meta.class_names, &test.class_names, &test.source)
+        .with_context(|| format!("`{}`", path.display()))?;
+    let (footprint, eval, one, batch) = match &model {
+        AnyModel::Float(model) => (
+            Footprint::of(model, Some(file_bytes))?,
+            evaluate(model, test.test.clone(), 256)?,
+            bench::run(model, BenchMode::Infer, 1, size, 1, LATENCY_ITERATIONS)?,
+            bench::run(model, BenchMode::Infer, 64, size, 1, THROUGHPUT_ITERATIONS)?,
+        ),
+        AnyModel::Int8(model) => (
+            Footprint::of_int8(model, Some(file_bytes))?,
+            evaluate_int8(model, test.test.clone(), 256)?,
+            bench::run_int8(model, 1, size, 1, LATENCY_ITERATIONS)?,
+            bench::run_int8(model, 64, size, 1, THROUGHPUT_ITERATIONS)?,
+        ),
     };
     Ok(Row {
         name: name.to_string(),

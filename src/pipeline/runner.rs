@@ -304,20 +304,11 @@ fn stamp(product: &Path, to: &Path, plan: &Plan, stage: &PlannedStage) -> Result
         plan.recipe.display(),
         stage.folder
     );
-    match crate::checkpoint::load_any(product)? {
-        crate::checkpoint::AnyModel::Float(mut model) => {
-            let p = &mut model.meta.provenance;
-            p.command = command;
-            p.recipe = Some(plan.lock.clone());
-            crate::checkpoint::save(&model, to)
-        }
-        crate::checkpoint::AnyModel::Int8(mut model) => {
-            let p = &mut model.meta.provenance;
-            p.command = command;
-            p.recipe = Some(plan.lock.clone());
-            crate::passes::quant::store::save(&model, to)
-        }
-    }
+    let mut model = crate::checkpoint::load_any(product)?;
+    let p = &mut model.meta_mut().provenance;
+    p.command = command;
+    p.recipe = Some(plan.lock.clone());
+    model.save(to)
 }
 
 /// The checkpoint the first stage reads: the `init` file, or the imported state dict (imported
