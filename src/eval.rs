@@ -66,14 +66,7 @@ pub fn evaluate_with(
     if images.is_empty() {
         bail!("no images to evaluate");
     }
-    let plan = EpochPlan {
-        batch_size,
-        mean: meta.preprocessing.mean,
-        std: meta.preprocessing.std,
-        augment: None,
-        shuffle: None,
-        start_batch: 0,
-    };
+    let plan = EpochPlan::in_order(batch_size, meta.preprocessing.mean, meta.preprocessing.std);
     let mut confusion = vec![vec![0u64; classes]; classes];
     let (mut correct1, mut correct5, mut loss_sum, mut seconds) = (0usize, 0usize, 0f64, 0f64);
     for batch in BatchLoader::new(images.clone(), plan) {

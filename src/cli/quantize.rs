@@ -148,14 +148,8 @@ pub fn run(args: QuantizeArgs) -> Result<()> {
         ProgressStyle::with_template("calibrating {bar:30} {pos}/{len} images, eta {eta}")
             .expect("valid template"),
     );
-    let plan_batches = EpochPlan {
-        batch_size: args.batch_size.max(1),
-        mean: model.meta.preprocessing.mean,
-        std: model.meta.preprocessing.std,
-        augment: None,
-        shuffle: None,
-        start_batch: 0,
-    };
+    let p = &model.meta.preprocessing;
+    let plan_batches = EpochPlan::in_order(args.batch_size.max(1), p.mean, p.std);
     let batches = BatchLoader::new(data.train.clone(), plan_batches).map(|b| b.map(|b| b.x));
     let mut q = quant::quantize(&model, batches, &opts, |n| bar.set_position(n as u64))?;
     bar.finish_and_clear();

@@ -93,16 +93,17 @@ pub fn run(args: SensitivityArgs) -> Result<()> {
         ProgressStyle::with_template("{msg} {bar:30} {pos}/{len} evaluations, eta {eta}")
             .expect("valid template"),
     );
-    if quantize {
-        bar.set_message("int8, one layer at a time in float");
-        return run_quantize(&args, &model, &data, &bar);
-    }
-    bar.set_message("pruning one layer at a time");
+    bar.set_message(if quantize {
+        "int8, one layer at a time in float"
+    } else {
+        "pruning one layer at a time"
+    });
     let mut progress = |done: usize, total: usize| {
         bar.set_length(total as u64);
         bar.set_position(done as u64);
     };
     let result = match args.method {
+        SensitivityMethod::Quantize => return run_quantize(&args, &model, &data, &bar),
         SensitivityMethod::Channel => {
             let cfg = PlanConfig {
                 exclude: parse_list(&args.exclude)?,
@@ -132,16 +133,9 @@ pub fn run(args: SensitivityArgs) -> Result<()> {
             };
             magnitude_sensitivity(&model, &cfg, &args.ratios, data.test.clone(), &mut progress)?
         }
-        SensitivityMethod::Quantize => unreachable!("handled by run_quantize above"),
     };
     bar.finish_and_clear();
-    write_bytes_atomic(&args.csv, csv(&result).as_bytes())?;
-    if args.json {
-        let mut value = serde_json::to_value(&result)?;
-        value["checkpoint"] = serde_json::json!(args.checkpoint);
-        value["data"] = serde_json::json!(data.source);
-        value["csv"] = serde_json::json!(args.csv);
-        super::print_json(&value);
+    if write_results(&args, &data, &csv(&result), serde_json::to_value(&result)?)? {
         return Ok(());
     }
     println!(
@@ -216,6 +210,24 @@ fn csv(result: &Sensitivity) -> String {
     out
 }
 
+/// Writes the scan's CSV (atomically) and, with `--json`, prints `value` with the checkpoint,
+/// data and CSV path added; returns whether it printed (so no table follows).
+fn write_results(
+    args: &SensitivityArgs,
+    data: &Dataset,
+    csv: &str,
+    mut value: serde_json::Value,
+) -> Result<bool> {
+    write_bytes_atomic(&args.csv, csv.as_bytes())?;
+    if args.json {
+        value["checkpoint"] = serde_json::json!(args.checkpoint);
+        value["data"] = serde_json::json!(data.source);
+        value["csv"] = serde_json::json!(args.csv);
+        super::print_json(&value);
+    }
+    Ok(args.json)
+}
+
 /// `--method quantize`: calibrate once on the training split, then the int8 model with each
 /// conv or linear layer alone kept in float; a table ordered by the top-1 the float layer buys
 /// back, and a CSV (`layer,top1,gain`).
@@ -235,14 +247,8 @@ fn run_quantize(
         keep_float: parse_list(&args.exclude)?,
         ..Default::default()
     };
-    let batches = EpochPlan {
-        batch_size: 64,
-        mean: model.meta.preprocessing.mean,
-        std: model.meta.preprocessing.std,
-        augment: None,
-        shuffle: None,
-        start_batch: 0,
-    };
+    let p = &model.meta.preprocessing;
+    let batches = EpochPlan::in_order(64, p.mean, p.std);
     let calibration = BatchLoader::new(data.train.clone(), batches).map(|b| b.map(|b| b.x));
     let result = quant_sensitivity(
         model,
@@ -259,13 +265,7 @@ fn run_quantize(
     for t in &result.trials {
         csv.push_str(&format!("\"{}\",{:.4},{:.4}\n", t.layer, t.top1, t.gain));
     }
-    write_bytes_atomic(&args.csv, csv.as_bytes())?;
-    if args.json {
-        let mut value = serde_json::to_value(&result)?;
-        value["checkpoint"] = serde_json::json!(args.checkpoint);
-        value["data"] = serde_json::json!(data.source);
-        value["csv"] = serde_json::json!(args.csv);
-        super::print_json(&value);
+    if write_results(args, data, &csv, serde_json::to_value(&result)?)? {
         return Ok(());
     }
     println!(

@@ -47,6 +47,21 @@ pub struct EpochPlan {
     pub start_batch: usize,
 }
 
+impl EpochPlan {
+    /// Batches in dataset order, normalised, without augmentation: what evaluation and
+    /// calibration read.
+    pub fn in_order(batch_size: usize, mean: [f32; 3], std: [f32; 3]) -> EpochPlan {
+        EpochPlan {
+            batch_size,
+            mean,
+            std,
+            augment: None,
+            shuffle: None,
+            start_batch: 0,
+        }
+    }
+}
+
 pub struct BatchLoader {
     rx: Receiver<Result<Batch>>,
     worker: Option<JoinHandle<()>>,
