@@ -5,6 +5,7 @@ pub mod checkpoint;
 pub mod data;
 pub mod eval;
 pub mod exec;
+pub mod export;
 pub mod footprint;
 pub mod graph;
 pub mod import;

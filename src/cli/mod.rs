@@ -5,6 +5,7 @@ mod bench;
 mod compare;
 mod distill_args;
 mod eval;
+mod export;
 mod forward;
 mod import;
 mod inspect;
@@ -98,6 +99,11 @@ enum Command {
         after_help = "Example: slimcandle compare base.safetensors pruned.safetensors --data cifar10:DIR --plot cmp.svg"
     )]
     Compare(compare::CompareArgs),
+    /// Export a checkpoint for deployment: ONNX (float or int8 QDQ) or a PyTorch state dict.
+    #[command(
+        after_help = "Examples:\n  slimcandle export model.safetensors -o model.onnx --batch dynamic\n  slimcandle export model.safetensors --format torch -o state_dict.safetensors"
+    )]
+    Export(export::ExportArgs),
 }
 
 /// `--arch` and the options that complete it, shared by every command that builds a model.
@@ -152,6 +158,7 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Run(a) => run::run(a),
         Command::Compare(a) => compare::run(a),
         Command::Quantize(a) => quantize::run(a),
+        Command::Export(a) => export::run(a),
     }
 }
 
