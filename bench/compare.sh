@@ -19,6 +19,9 @@
 #                    the machine is busy: spinning OpenMP threads then slow PyTorch ~20x.
 #   QUICK=1          ROUNDS=1 ITERS=2 WARMUP=1 unless those are set
 #   RAW=FILE         where the raw JSON lines go (default: a new file under /tmp)
+#   EXPORTS=1        also time onnxruntime on slimcandle's own ONNX exports (fp32 and int8 QDQ
+#                    of the shared fixtures, 8 x 224 x 224) beside our engine; 0 to skip
+#   FIXTURES=DIR     the shared fixtures for EXPORTS (default ../shared/fixtures)
 #   PYTHON=python3   SLIMCANDLE=target/release/slimcandle
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -176,5 +179,47 @@ done
 status=0
 "$PYTHON" bench/summarize.py "$RAW" --agg "$AGG" || status=$?
 echo
+
+# onnxruntime on our own exports: the fixture imported, quantized (int8, calibrated on 32
+# synthetic images) and exported with `slimcandle export`; both engines run the same files.
+FIXTURES=${FIXTURES:-../shared/fixtures}
+if [[ "${EXPORTS:-1}" == 1 && "$ORT" == 1 && -d "$FIXTURES" ]]; then
+    EXPORT_DIR=$(mktemp -d /tmp/slimcandle-exports.XXXXXX)
+    ort_extra=()
+    [[ "$NOSPIN" == 1 ]] && ort_extra=(--no-spin)
+    ips() { "$PYTHON" -c 'import json, sys; print(round(json.load(sys.stdin)["images_per_s"], 1))'; }
+    echo "## onnxruntime on slimcandle's exports (infer, batch 8, 224x224, $THREADS threads, best of $ROUNDS)"
+    echo
+    echo "| model | slimcandle fp32 | onnxruntime fp32 | slimcandle int8 | onnxruntime int8 (QDQ) |"
+    echo "|---|---|---|---|---|"
+    for spec in "mobilenet_v2|--arch mobilenet_v2" "mobilenet_v3_small|--arch mobilenet_v3_small" \
+        "shufflenet_v2_x1_0|--arch shufflenet_v2_x1_0" "squeezenet1_1|--arch squeezenet1_1"; do
+        IFS='|' read -r name args <<<"$spec"
+        read -r -a arch_args <<<"$args"
+        if [[ -n "$CONFIGS" ]] && ! grep -Eq -- "$CONFIGS" <<<"export $name"; then continue; fi
+        fp32="$EXPORT_DIR/$name.safetensors" int8="$EXPORT_DIR/$name.int8.safetensors"
+        echo "[export $name] import, quantize, export" >&2
+        "$SLIMCANDLE" import "${arch_args[@]}" --num-classes 10 "$FIXTURES/$name.safetensors" -o "$fp32" 2>>"$ERRLOG"
+        "$SLIMCANDLE" quantize "$fp32" --data shapes --calibration 32 --test-limit 10 -o "$int8" >/dev/null 2>>"$ERRLOG"
+        row="| $name"
+        for ckpt in "$fp32" "$int8"; do
+            "$SLIMCANDLE" export "$ckpt" -o "$ckpt.onnx" --batch 8 --input-size 224,224 2>>"$ERRLOG"
+            best_ours=0 best_ort=0
+            for ((r = 1; r <= ROUNDS; r++)); do
+                echo "[export $name] round $r/$ROUNDS: $(basename "$ckpt")" >&2
+                v=$("$SLIMCANDLE" bench --checkpoint "$ckpt" --mode infer --batch-size 8 --input-size 224 \
+                    --warmup "$WARMUP" --iterations "$ITERS" --threads "$THREADS" --json 2>>"$ERRLOG" | ips)
+                best_ours=$(awk -v a="$best_ours" -v b="$v" 'BEGIN { print (b > a ? b : a) }')
+                v=$("$PYTHON" bench/ort_time.py "$ckpt.onnx" --batch 8 --size 224 --threads "$THREADS" \
+                    --warmup "$WARMUP" --iterations "$ITERS" "${ort_extra[@]}" 2>>"$ERRLOG" | ips)
+                best_ort=$(awk -v a="$best_ort" -v b="$v" 'BEGIN { print (b > a ? b : a) }')
+            done
+            row="$row | $best_ours | $best_ort"
+        done
+        echo "$row |"
+    done
+    echo
+    echo "(images/s; exports kept in $EXPORT_DIR)"
+fi
 echo "- load average at end: $(cut -d' ' -f1-3 /proc/loadavg)"
 exit "$status"

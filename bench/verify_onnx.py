@@ -112,7 +112,8 @@ def verify_int8(binary, ckpt, x, work, tag):
     check_model(model)
     proto = onnx.load(model)
     inits = {t.name: t for t in proto.graph.initializer}
-    last = next(n for n in proto.graph.node if list(n.output) == ["logits"])
+    ident = next(n for n in proto.graph.node if list(n.output) == ["logits"])
+    last = next(n for n in proto.graph.node if list(n.output) == [ident.input[0]])
     out_scale = float(onnx.numpy_helper.to_array(inits[last.input[1]]))
     want = ours(binary, ckpt, {"x": x}, work, tag)["x"]
     optimized = os.path.join(work, f"{tag}.ort.onnx")

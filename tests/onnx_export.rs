@@ -270,7 +270,7 @@ fn export_errors_are_one_line_and_leave_no_file() {
         (&["--opset", "13"], 1, "needs opset 14"),
         (&["--format", "tflite"], 2, "tflite"),
         (&["--batch", "zero"], 2, "dynamic"),
-        (&["--input-size", "8"], 1, "too small"),
+        (&["--opset", "12"], 1, "opsets 13 to 21"),
     ];
     for (extra, code, text) in cases {
         let mut args = vec!["export", ckpt, "-o", out_s];

@@ -2,7 +2,8 @@
 //!
 //! Every quantized value `V` is a float tensor `V.float` followed by QuantizeLinear (its
 //! checkpoint scale `V.scale`, uint8 zero point `V.zero_point`) to `V.quantized` and
-//! DequantizeLinear to `V`, which the readers consume. Int8 weights are int8 initializers
+//! DequantizeLinear to `V.dequantized`, which the readers consume; the network output is an
+//! Identity of the last one, named `logits`. Int8 weights are int8 initializers
 //! under their checkpoint names (`N.weight`) with per-axis scales on axis 0 (`N.weight_scale`)
 //! and zero points 0; biases are int32 (`N.bias`) at `in_scale * w_scale[c]`, the very
 //! integers of the checkpoint. onnxruntime fuses DQ -> Conv -> Q into QLinearConv (likewise
@@ -14,7 +15,7 @@
 //! activation node of our graph is then the same value as its producer's.
 
 use super::OnnxOptions;
-use super::onnx::{Lowering, OUTPUT_NAME, Params};
+use super::onnx::{INPUT_NAME, Lowering, OUTPUT_NAME, Params};
 use crate::graph::{NodeId, Op};
 use crate::passes::quant::{QParams, QuantizedModel};
 use anyhow::{Result, bail};
@@ -26,7 +27,9 @@ pub fn qdq_graph(q: &QuantizedModel, opts: &OnnxOptions) -> Result<tract_onnx::p
     // Per node, the name of the value its readers consume.
     let mut values: Vec<String> = Vec::with_capacity(graph.nodes.len());
     let input_q = q.input_qparams();
-    values.push(quantize_dequantize(&mut low, "input", "input", input_q, false));
+    // The graph input itself is the float `input`; readers consume its dequantized codes.
+    let input = quantize_dequantize(&mut low, INPUT_NAME, INPUT_NAME, input_q);
+    values.push(input);
     for (id, node) in graph.nodes.iter().enumerate().skip(1) {
         if q.is_fused_away(id) {
             values.push(values[node.inputs[0]].clone());
@@ -58,7 +61,14 @@ pub fn qdq_graph(q: &QuantizedModel, opts: &OnnxOptions) -> Result<tract_onnx::p
                         float
                     }
                 };
-                quantize_dequantize(&mut low, &node.name, &produced, qp, is_output)
+                let dequantized = quantize_dequantize(&mut low, &node.name, &produced, qp);
+                if is_output {
+                    low.b
+                        .node("Identity", "output", &[&dequantized], OUTPUT_NAME, vec![]);
+                    OUTPUT_NAME.to_string()
+                } else {
+                    dequantized
+                }
             }
             None if is_output => {
                 low.emit(id, &ins, OUTPUT_NAME, params)?;
@@ -79,15 +89,9 @@ pub fn qdq_graph(q: &QuantizedModel, opts: &OnnxOptions) -> Result<tract_onnx::p
     Ok(low.b.finish("slimcandle_int8"))
 }
 
-/// QuantizeLinear then DequantizeLinear of `float` with `qp`; returns the dequantized name
-/// (`name`, or `logits` for the network output).
-fn quantize_dequantize(
-    low: &mut Lowering,
-    name: &str,
-    float: &str,
-    qp: QParams,
-    is_output: bool,
-) -> String {
+/// QuantizeLinear then DequantizeLinear of `float` with `qp` (initializers `{name}.scale` and
+/// `{name}.zero_point`); returns the dequantized value's name, `{name}.dequantized`.
+fn quantize_dequantize(low: &mut Lowering, name: &str, float: &str, qp: QParams) -> String {
     let b = &mut low.b;
     let scale = b.init_f32(&format!("{name}.scale"), &[], &[qp.scale]);
     let zp = b.init_u8(&format!("{name}.zero_point"), &[], &[qp.zero_point]);
@@ -98,16 +102,11 @@ fn quantize_dequantize(
         &format!("{name}.quantized"),
         vec![],
     );
-    let out = if is_output {
-        OUTPUT_NAME.to_string()
-    } else {
-        name.to_string()
-    };
     b.node(
         "DequantizeLinear",
         &format!("{name}.dequantize"),
         &[&quantized, &scale, &zp],
-        &out,
+        &format!("{name}.dequantized"),
         vec![],
     )
 }
