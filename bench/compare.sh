@@ -71,17 +71,34 @@ label_of() { # config line -> "infer mobilenet_v2 cifar b64 32x32"
     echo "$mode $name $stem b$batch ${size}x${size}"
 }
 
+# The rows of the exports table (EXPORTS=1): fixture name | import options; label "export NAME".
+EXPORT_MODELS=(
+    "mobilenet_v2|--arch mobilenet_v2"
+    "mobilenet_v3_small|--arch mobilenet_v3_small"
+    "shufflenet_v2_x1_0|--arch shufflenet_v2_x1_0"
+    "squeezenet1_1|--arch squeezenet1_1"
+)
+
 SELECTED=()
 for c in "${ALL_CONFIGS[@]}"; do
     if [[ -z "$CONFIGS" ]] || label_of "$c" | grep -Eq -- "$CONFIGS"; then
         SELECTED+=("$c")
     fi
 done
+EXPORTS_SELECTED=()
+if [[ "${EXPORTS:-1}" == 1 && "${ORT:-1}" == 1 ]]; then
+    for e in "${EXPORT_MODELS[@]}"; do
+        if [[ -z "$CONFIGS" ]] || grep -Eq -- "$CONFIGS" <<<"export ${e%%|*}"; then
+            EXPORTS_SELECTED+=("$e")
+        fi
+    done
+fi
 if [[ "${LIST:-0}" == 1 ]]; then
     for c in "${ALL_CONFIGS[@]}"; do label_of "$c"; done
+    for e in "${EXPORT_MODELS[@]}"; do echo "export ${e%%|*}"; done
     exit 0
 fi
-if [[ ${#SELECTED[@]} -eq 0 ]]; then
+if [[ ${#SELECTED[@]} -eq 0 && ${#EXPORTS_SELECTED[@]} -eq 0 ]]; then
     echo "no config matches CONFIGS='$CONFIGS'; LIST=1 shows the labels" >&2
     exit 2
 fi
@@ -177,13 +194,17 @@ for c in "${SELECTED[@]}"; do
 done
 
 status=0
-"$PYTHON" bench/summarize.py "$RAW" --agg "$AGG" || status=$?
-echo
+if [[ ${#SELECTED[@]} -gt 0 ]]; then
+    "$PYTHON" bench/summarize.py "$RAW" --agg "$AGG" || status=$?
+    echo
+fi
 
 # onnxruntime on our own exports: the fixture imported, quantized (int8, calibrated on 32
 # synthetic images) and exported with `slimcandle export`; both engines run the same files.
 FIXTURES=${FIXTURES:-../shared/fixtures}
-if [[ "${EXPORTS:-1}" == 1 && "$ORT" == 1 && -d "$FIXTURES" ]]; then
+if [[ ${#EXPORTS_SELECTED[@]} -gt 0 && ! -d "$FIXTURES" ]]; then
+    echo "skipping the exports table: fixtures folder $FIXTURES is absent"
+elif [[ ${#EXPORTS_SELECTED[@]} -gt 0 ]]; then
     EXPORT_DIR=$(mktemp -d /tmp/slimcandle-exports.XXXXXX)
     ort_extra=()
     [[ "$NOSPIN" == 1 ]] && ort_extra=(--no-spin)
@@ -192,11 +213,9 @@ if [[ "${EXPORTS:-1}" == 1 && "$ORT" == 1 && -d "$FIXTURES" ]]; then
     echo
     echo "| model | slimcandle fp32 | onnxruntime fp32 | slimcandle int8 | onnxruntime int8 (QDQ) |"
     echo "|---|---|---|---|---|"
-    for spec in "mobilenet_v2|--arch mobilenet_v2" "mobilenet_v3_small|--arch mobilenet_v3_small" \
-        "shufflenet_v2_x1_0|--arch shufflenet_v2_x1_0" "squeezenet1_1|--arch squeezenet1_1"; do
+    for spec in "${EXPORTS_SELECTED[@]}"; do
         IFS='|' read -r name args <<<"$spec"
         read -r -a arch_args <<<"$args"
-        if [[ -n "$CONFIGS" ]] && ! grep -Eq -- "$CONFIGS" <<<"export $name"; then continue; fi
         fp32="$EXPORT_DIR/$name.safetensors" int8="$EXPORT_DIR/$name.int8.safetensors"
         echo "[export $name] import, quantize, export" >&2
         "$SLIMCANDLE" import "${arch_args[@]}" --num-classes 10 "$FIXTURES/$name.safetensors" -o "$fp32" 2>>"$ERRLOG"
