@@ -30,7 +30,7 @@ fn run_in_tract(bytes: &[u8], x: &Tensor) -> Vec<f32> {
     let input = tract_ndarray::ArrayD::from_shape_vec(dims, values).unwrap();
     let input = tract_onnx::prelude::Tensor::from(input).into_tvalue();
     let out = plan.run(tvec!(input)).unwrap();
-    out[0].to_array_view::<f32>().unwrap().iter().copied().collect()
+    out[0].to_plain_array_view::<f32>().unwrap().iter().copied().collect()
 }
 
 fn options(batch: Batch, size: usize) -> OnnxOptions {
