@@ -30,7 +30,12 @@ fn run_in_tract(bytes: &[u8], x: &Tensor) -> Vec<f32> {
     let input = tract_ndarray::ArrayD::from_shape_vec(dims, values).unwrap();
     let input = tract_onnx::prelude::Tensor::from(input).into_tvalue();
     let out = plan.run(tvec!(input)).unwrap();
-    out[0].to_plain_array_view::<f32>().unwrap().iter().copied().collect()
+    out[0]
+        .to_plain_array_view::<f32>()
+        .unwrap()
+        .iter()
+        .copied()
+        .collect()
 }
 
 fn options(batch: Batch, size: usize) -> OnnxOptions {
@@ -191,7 +196,9 @@ fn int8_export_carries_the_checkpoint_integers() {
             assert_eq!(bias, layer.bias, "{name}.bias");
         }
         for (id, node) in q.graph.nodes.iter().enumerate() {
-            let Some(qp) = q.activations[id] else { continue };
+            let Some(qp) = q.activations[id] else {
+                continue;
+            };
             if q.is_fused_away(id) {
                 continue;
             }
@@ -200,7 +207,11 @@ fn int8_export_carries_the_checkpoint_integers() {
             let zp = init(&format!("{}.zero_point", node.name));
             assert_eq!(zp.raw_data, vec![qp.zero_point], "{}", node.name);
         }
-        let quantize_nodes = graph.node.iter().filter(|n| n.op_type == "QuantizeLinear").count();
+        let quantize_nodes = graph
+            .node
+            .iter()
+            .filter(|n| n.op_type == "QuantizeLinear")
+            .count();
         assert!(quantize_nodes > 30, "{quantize_nodes} QuantizeLinear nodes");
         if granularity == Granularity::PerTensor {
             let got = run_in_tract(&bytes, &x);
@@ -251,7 +262,12 @@ fn torch_state_dict_matches_the_original() {
     }
     let bytes = std::fs::read(&out).unwrap();
     let (_, meta) = safetensors::SafeTensors::read_metadata(&bytes).unwrap();
-    let keys: Vec<String> = meta.metadata().clone().unwrap_or_default().into_keys().collect();
+    let keys: Vec<String> = meta
+        .metadata()
+        .clone()
+        .unwrap_or_default()
+        .into_keys()
+        .collect();
     assert_eq!(keys, vec!["format".to_string()]);
 }
 

@@ -52,7 +52,11 @@ pub fn onnx_bytes(model: &AnyModel, opts: &OnnxOptions) -> Result<Vec<u8>> {
         AnyModel::Float(m) => onnx::float_graph(m, opts)?,
         AnyModel::Int8(q) => qdq::qdq_graph(q, opts)?,
     };
-    Ok(proto::encode_model(graph, opts.opset, metadata(model.meta())))
+    Ok(proto::encode_model(
+        graph,
+        opts.opset,
+        metadata(model.meta()),
+    ))
 }
 
 /// Writes the ONNX export of `model` to `path` atomically.

@@ -28,7 +28,10 @@ pub const MAX_OPSET: i64 = 21;
 pub enum Params {
     None,
     /// Conv or Gemm: weight and optional bias.
-    Weight { weight: String, bias: Option<String> },
+    Weight {
+        weight: String,
+        bias: Option<String>,
+    },
     /// BatchNormalization: scale, bias, mean, variance.
     Norm([String; 4]),
 }
@@ -159,13 +162,20 @@ impl<'a> Lowering<'a> {
                 let starts = b.init_i64(&format!("{name}.starts"), &[1], &[*start as i64]);
                 let ends = b.init_i64(&format!("{name}.ends"), &[1], &[*end as i64]);
                 let axes = b.init_i64(&format!("{name}.axes"), &[1], &[1]);
-                b.node("Slice", &name, &[ins[0], &starts, &ends, &axes], out, vec![]);
+                b.node(
+                    "Slice",
+                    &name,
+                    &[ins[0], &starts, &ends, &axes],
+                    out,
+                    vec![],
+                );
             }
             (Op::ChannelShuffle { groups }, _) => {
                 let d = self.dims[id];
                 let (g, c, h, w) = (*groups as i64, d.c as i64, d.h as i64, d.w as i64);
                 // Batch 0 copies the input's batch size, so a dynamic batch stays dynamic.
-                let grouped = b.init_i64(&format!("{name}.grouped_shape"), &[5], &[0, g, c / g, h, w]);
+                let grouped =
+                    b.init_i64(&format!("{name}.grouped_shape"), &[5], &[0, g, c / g, h, w]);
                 let flat = b.init_i64(&format!("{name}.flat_shape"), &[4], &[0, c, h, w]);
                 let v = b.node(
                     "Reshape",

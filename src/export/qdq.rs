@@ -84,7 +84,8 @@ pub fn qdq_graph(q: &QuantizedModel, opts: &OnnxOptions) -> Result<tract_onnx::p
     if values[graph.output] != OUTPUT_NAME {
         // The output is an alias (a fused-away node); give it the output name.
         let last = values[graph.output].clone();
-        low.b.node("Identity", "output", &[&last], OUTPUT_NAME, vec![]);
+        low.b
+            .node("Identity", "output", &[&last], OUTPUT_NAME, vec![]);
     }
     Ok(low.b.finish("slimcandle_int8"))
 }
