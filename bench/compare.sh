@@ -218,7 +218,7 @@ elif [[ ${#EXPORTS_SELECTED[@]} -gt 0 ]]; then
         read -r -a arch_args <<<"$args"
         fp32="$EXPORT_DIR/$name.safetensors" int8="$EXPORT_DIR/$name.int8.safetensors"
         echo "[export $name] import, quantize, export" >&2
-        "$SLIMCANDLE" import "${arch_args[@]}" --num-classes 10 "$FIXTURES/$name.safetensors" -o "$fp32" 2>>"$ERRLOG"
+        "$SLIMCANDLE" import "${arch_args[@]}" --num-classes 10 "$FIXTURES/$name.safetensors" -o "$fp32" >&2 2>>"$ERRLOG"
         "$SLIMCANDLE" quantize "$fp32" --data shapes --calibration 32 --test-limit 10 -o "$int8" >/dev/null 2>>"$ERRLOG"
         row="| $name"
         for ckpt in "$fp32" "$int8"; do
@@ -226,7 +226,7 @@ elif [[ ${#EXPORTS_SELECTED[@]} -gt 0 ]]; then
             best_ours=0 best_ort=0
             for ((r = 1; r <= ROUNDS; r++)); do
                 echo "[export $name] round $r/$ROUNDS: $(basename "$ckpt")" >&2
-                v=$("$SLIMCANDLE" bench --checkpoint "$ckpt" --mode infer --batch-size 8 --input-size 224 \
+                v=$("$SLIMCANDLE" bench "$ckpt" --mode infer --batch-size 8 --input-size 224 \
                     --warmup "$WARMUP" --iterations "$ITERS" --threads "$THREADS" --json 2>>"$ERRLOG" | ips)
                 best_ours=$(awk -v a="$best_ours" -v b="$v" 'BEGIN { print (b > a ? b : a) }')
                 v=$("$PYTHON" bench/ort_time.py "$ckpt.onnx" --batch 8 --size 224 --threads "$THREADS" \
