@@ -158,7 +158,7 @@ fn int8_export_carries_the_checkpoint_integers() {
         return;
     };
     let x = io.tensor_f32("input_96").unwrap();
-    let calib = vec![x.clone(), io.tensor_f32("input_113").unwrap()];
+    let calib = [x.clone(), io.tensor_f32("input_113").unwrap()];
     for granularity in [Granularity::PerChannel, Granularity::PerTensor] {
         let qopts = QuantOptions {
             granularity,
