@@ -295,7 +295,7 @@ fn bad_prune_requests_get_clear_errors() {
     );
     fails(
         &["prune", c, "--ratio", "1.5", "-o", o],
-        &["1.5 is outside [0, 1)"],
+        &["'--ratio <RATIO>': must be in [0, 1)"],
     );
     fails(
         &[
@@ -341,7 +341,7 @@ fn bad_prune_requests_get_clear_errors() {
     );
     fails(
         &["sensitivity", c, "--data", "shapes", "--ratios", "0.5,1.2"],
-        &["ratio 1.2 is outside [0, 1)"],
+        &["'--ratios <RATIOS>': must be in (0, 1)"],
     );
     fails(
         &[

@@ -1,4 +1,5 @@
 use super::ArchArgs;
+use super::ranges::count;
 use anyhow::{Result, bail};
 use clap::{Args, ValueEnum};
 use slimcandle::bench::{self, BenchMode};
@@ -23,19 +24,19 @@ pub struct BenchArgs {
     #[command(flatten)]
     arch: ArchArgs,
     /// Images per batch.
-    #[arg(long, alias = "batch", default_value_t = 64)]
+    #[arg(long, value_parser = count(1), alias = "batch", default_value_t = 64)]
     batch_size: usize,
     /// Input height and width.
-    #[arg(long, alias = "size", default_value_t = 32)]
+    #[arg(long, value_parser = count(1), alias = "size", default_value_t = 32)]
     input_size: usize,
     /// train: forward, backward and an SGD step; infer: eval-mode forward.
     #[arg(long, value_enum, default_value = "train")]
     mode: ModeArg,
     /// Untimed batches first.
-    #[arg(long, default_value_t = 2)]
+    #[arg(long, value_parser = count(0), default_value_t = 2)]
     warmup: usize,
     /// Timed batches.
-    #[arg(long, default_value_t = 10)]
+    #[arg(long, value_parser = count(1), default_value_t = 10)]
     iterations: usize,
     /// Train mode: time distillation steps from this teacher checkpoint (its eval-mode
     /// forward pass and the distillation loss included). The student gets the teacher's

@@ -1,5 +1,6 @@
 //! `slimcandle compare A.safetensors B.safetensors ...`: the recipe report for any checkpoints.
 
+use super::ranges::count;
 use anyhow::{Result, bail};
 use clap::Args;
 use slimcandle::pipeline::report::{self, TestData};
@@ -15,7 +16,7 @@ pub struct CompareArgs {
     #[arg(long, default_value = "shapes")]
     data: String,
     /// Evaluate on a seeded, class-balanced subset of this many test images.
-    #[arg(long)]
+    #[arg(long, value_parser = count(1))]
     test_limit: Option<usize>,
     /// Write the plot of top-1 against file size (with the Pareto front) to this SVG file.
     #[arg(long, value_name = "SVG")]

@@ -1,6 +1,7 @@
 //! The knowledge-distillation flags of `slimcandle train` (`docs/distillation.md`). Their
 //! names are also the keys of training recipes.
 
+use super::ranges::{POSITIVE, WEIGHT};
 use anyhow::{Result, bail};
 use clap::{Args, ValueEnum};
 use slimcandle::train::KdWeights;
@@ -20,10 +21,10 @@ pub struct DistillArgs {
     pub teacher: Option<PathBuf>,
     /// Weight of the distillation term, in [0, 1]; the cross-entropy gets 1 - alpha
     /// [default: 0.9].
-    #[arg(long, value_name = "ALPHA", help_heading = "Distillation")]
+    #[arg(long, value_parser = WEIGHT.parser(), value_name = "ALPHA", help_heading = "Distillation")]
     pub kd_alpha: Option<f64>,
     /// Softmax temperature of the distillation term, > 0 [default: 4].
-    #[arg(long, value_name = "T", help_heading = "Distillation")]
+    #[arg(long, value_parser = POSITIVE.parser(), value_name = "T", help_heading = "Distillation")]
     pub kd_temperature: Option<f64>,
     /// Feature distillation: compare the student's map at STUDENT_NODE with the teacher's at
     /// TEACHER_NODE (graph node names, as `slimcandle inspect` lists them); repeatable.

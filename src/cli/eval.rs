@@ -1,3 +1,4 @@
+use super::ranges::count;
 use anyhow::Result;
 use clap::Args;
 use serde_json::json;
@@ -15,10 +16,10 @@ pub struct EvalArgs {
     #[arg(long, default_value = "shapes")]
     data: String,
     /// Evaluate on a seeded, class-balanced subset of this many test images.
-    #[arg(long)]
+    #[arg(long, value_parser = count(1))]
     test_limit: Option<usize>,
     /// Images per forward pass (also the batch of the latency figure).
-    #[arg(long, default_value_t = 256)]
+    #[arg(long, value_parser = count(1), default_value_t = 256)]
     batch_size: usize,
     /// Seed of the subset (and of `shapes`).
     #[arg(long, default_value_t = 0)]

@@ -1,4 +1,5 @@
 use super::ArchArgs;
+use super::ranges::count;
 use anyhow::{Result, bail};
 use clap::Args;
 use serde_json::json;
@@ -20,7 +21,7 @@ pub struct ImportArgs {
     #[arg(long, value_delimiter = ',')]
     class_names: Option<Vec<String>>,
     /// Input size the preprocessing records (default: 224, or 32 with `--stem cifar`).
-    #[arg(long)]
+    #[arg(long, value_parser = count(1))]
     input_size: Option<usize>,
     /// Print JSON instead of text.
     #[arg(long)]

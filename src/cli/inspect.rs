@@ -1,3 +1,4 @@
+use super::ranges::count;
 use anyhow::Result;
 use clap::Args;
 use serde_json::json;
@@ -13,7 +14,7 @@ pub struct InspectArgs {
     /// Checkpoint to inspect.
     checkpoint: PathBuf,
     /// Input size for shapes and MACs (default: the checkpoint's preprocessing size).
-    #[arg(long)]
+    #[arg(long, value_parser = count(1))]
     input_size: Option<usize>,
     /// Print JSON instead of text.
     #[arg(long)]

@@ -12,10 +12,12 @@ mod models;
 mod predict;
 mod prune;
 mod quantize;
+mod ranges;
 mod run;
 mod sensitivity;
 mod train;
 
+use self::ranges::{POSITIVE, count};
 use anyhow::{Result, bail};
 use clap::{Args, Parser, Subcommand};
 use slimcandle::models::{ArchOptions, Stem};
@@ -29,7 +31,7 @@ use std::path::Path;
 )]
 pub struct Cli {
     /// Worker threads (default: all cores).
-    #[arg(long, global = true)]
+    #[arg(long, value_parser = count(1), global = true)]
     threads: Option<usize>,
     #[command(subcommand)]
     command: Command,
@@ -109,13 +111,13 @@ pub struct ArchArgs {
     #[arg(long)]
     pub arch: Option<String>,
     /// Width multiplier (MobileNets) or scale (ShuffleNets: 0.5, 1.0, 1.5, 2.0).
-    #[arg(long)]
+    #[arg(long, value_parser = POSITIVE.parser())]
     pub width: Option<f64>,
     /// Groups of ShuffleNet V1's 1x1 convolutions (1, 2, 3, 4, 8).
-    #[arg(long)]
+    #[arg(long, value_parser = count(1))]
     pub groups: Option<usize>,
     /// Number of output classes.
-    #[arg(long)]
+    #[arg(long, value_parser = count(1))]
     pub num_classes: Option<usize>,
     /// Input stem: `imagenet` (the published network) or `cifar` (keeps resolution for 32x32).
     #[arg(long)]

@@ -1,3 +1,4 @@
+use super::ranges::{KEPT_FRACTION, REMOVED_FRACTION, count, open_closed};
 use anyhow::{Result, bail};
 use clap::{Args, ValueEnum};
 use serde_json::json;
@@ -46,28 +47,28 @@ pub struct PruneArgs {
     #[arg(long = "prune-scope", alias = "scope", value_enum)]
     scope: Option<ScopeArg>,
     /// Fraction of the prunable channels to remove.
-    #[arg(long, value_parser = removed_fraction, conflicts_with_all = ["target_macs", "target_params"])]
+    #[arg(long, value_parser = REMOVED_FRACTION.parser(), conflicts_with_all = ["target_macs", "target_params"])]
     ratio: Option<f64>,
     /// Magnitude: fraction of the prunable weights to zero.
-    #[arg(long, value_parser = removed_fraction)]
+    #[arg(long, value_parser = REMOVED_FRACTION.parser())]
     sparsity: Option<f64>,
     /// Magnitude: prune depthwise conv filters too (spared by default).
     #[arg(long)]
     prune_depthwise: bool,
     /// Keep this fraction of the MACs (0.5 halves them), reached by searching the ratio.
-    #[arg(long, value_parser = kept_fraction, conflicts_with = "target_params")]
+    #[arg(long, value_parser = KEPT_FRACTION.parser(), conflicts_with = "target_params")]
     target_macs: Option<f64>,
     /// Keep this fraction of the parameters, reached by searching the ratio.
-    #[arg(long, value_parser = kept_fraction)]
+    #[arg(long, value_parser = KEPT_FRACTION.parser())]
     target_params: Option<f64>,
     /// Round kept channel counts to a multiple of this (1: no rounding).
-    #[arg(long, default_value_t = 8)]
+    #[arg(long, value_parser = count(1), default_value_t = 8)]
     round_to: usize,
     /// Never cut a layer below this many channels.
-    #[arg(long, default_value_t = 8)]
+    #[arg(long, value_parser = count(1), default_value_t = 8)]
     min_channels: usize,
     /// Never remove more than this fraction of one layer's channels (global scope, targets).
-    #[arg(long, default_value_t = 0.9)]
+    #[arg(long, value_parser = open_closed(0.0, 1.0).parser(), default_value_t = 0.9)]
     max_ratio: f64,
     /// Channel: prune residual streams (channels joined by an add) too; spared by default.
     #[arg(long)]
@@ -83,13 +84,13 @@ pub struct PruneArgs {
     #[arg(long)]
     data: Option<String>,
     /// Evaluate on a seeded, class-balanced subset of this many test images.
-    #[arg(long)]
+    #[arg(long, value_parser = count(1))]
     test_limit: Option<usize>,
     /// Taylor criterion: batches of training images to accumulate gradients over.
-    #[arg(long, default_value_t = 16)]
+    #[arg(long, value_parser = count(1), default_value_t = 16)]
     taylor_batches: usize,
     /// Images per batch for evaluation and the taylor criterion.
-    #[arg(long, default_value_t = 64)]
+    #[arg(long, value_parser = count(1), default_value_t = 64)]
     batch_size: usize,
     /// Seed of the data subsets and the random criterion.
     #[arg(long, default_value_t = 0)]
@@ -102,26 +103,6 @@ pub struct PruneArgs {
     json: bool,
 }
 
-/// A fraction of channels or weights to remove, in [0, 1).
-fn removed_fraction(text: &str) -> Result<f64, String> {
-    let v: f64 = text.parse().map_err(|e| format!("{e}"))?;
-    if (0.0..1.0).contains(&v) {
-        Ok(v)
-    } else {
-        Err(format!("{v} is outside [0, 1)"))
-    }
-}
-
-/// A fraction of the MACs or parameters to keep, in (0, 1].
-fn kept_fraction(text: &str) -> Result<f64, String> {
-    let v: f64 = text.parse().map_err(|e| format!("{e}"))?;
-    if v > 0.0 && v <= 1.0 {
-        Ok(v)
-    } else {
-        Err(format!("{v} is outside (0, 1]"))
-    }
-}
-
 fn parse_layer_ratio(text: &str) -> Result<(NamePattern, f64)> {
     let Some((pattern, ratio)) = text.rsplit_once('=') else {
         bail!("--layer-ratio `{text}`: expected PATTERN=RATIO, e.g. `features.1.*=0.2`");
@@ -130,6 +111,9 @@ fn parse_layer_ratio(text: &str) -> Result<(NamePattern, f64)> {
         .trim()
         .parse()
         .map_err(|_| anyhow::anyhow!("--layer-ratio `{text}`: `{ratio}` is not a number"))?;
+    if !REMOVED_FRACTION.contains(ratio) {
+        bail!("--layer-ratio `{text}`: the ratio must be {REMOVED_FRACTION}");
+    }
     Ok((NamePattern::parse(pattern)?, ratio))
 }
 

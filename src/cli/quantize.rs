@@ -1,5 +1,6 @@
 //! `slimcandle quantize`: post-training int8 quantization of a float checkpoint.
 
+use super::ranges::{count, open_closed};
 use anyhow::{Result, bail};
 use clap::{Args, ValueEnum};
 use indicatif::{ProgressBar, ProgressStyle};
@@ -36,13 +37,13 @@ pub struct QuantizeArgs {
     #[arg(long)]
     data: String,
     /// Number of training images to calibrate on (a seeded, class-balanced subset).
-    #[arg(long, default_value_t = 1024)]
+    #[arg(long, value_parser = count(1), default_value_t = 1024)]
     calibration: usize,
     /// How each activation's range is chosen from its observed values.
     #[arg(long, value_enum, default_value = "percentile")]
     calibrator: CalibratorArg,
     /// Percentile calibrator: keep this percentage of each tail (100 is minmax).
-    #[arg(long, default_value_t = 99.99)]
+    #[arg(long, value_parser = open_closed(0.0, 100.0).parser(), default_value_t = 99.99)]
     percentile: f64,
     /// One weight scale per tensor instead of one per output channel.
     #[arg(long)]
@@ -51,10 +52,10 @@ pub struct QuantizeArgs {
     #[arg(long, default_value = "")]
     keep_float: String,
     /// Evaluate on a seeded, class-balanced subset of this many test images.
-    #[arg(long)]
+    #[arg(long, value_parser = count(1))]
     test_limit: Option<usize>,
     /// Images per batch for calibration and evaluation.
-    #[arg(long, default_value_t = 64)]
+    #[arg(long, value_parser = count(1), default_value_t = 64)]
     batch_size: usize,
     /// Seed of the calibration and test subsets.
     #[arg(long, default_value_t = 0)]

@@ -1,3 +1,4 @@
+use super::ranges::{count, open};
 use anyhow::{Result, bail};
 use clap::{Args, ValueEnum};
 use indicatif::{ProgressBar, ProgressStyle};
@@ -37,19 +38,19 @@ pub struct SensitivityArgs {
     #[arg(long, value_enum, default_value = "channel")]
     method: SensitivityMethod,
     /// Quantize scans: training images to calibrate on (a seeded, class-balanced subset).
-    #[arg(long, default_value_t = 1024)]
+    #[arg(long, value_parser = count(1), default_value_t = 1024)]
     calibration: usize,
     /// Pruning ratios to try on each layer, comma-separated.
-    #[arg(long, default_value = "0.1,0.3,0.5,0.7", value_delimiter = ',')]
+    #[arg(long, value_parser = open(0.0, 1.0).parser(), default_value = "0.1,0.3,0.5,0.7", value_delimiter = ',')]
     ratios: Vec<f64>,
     /// Channel importance: l1, l2, bn-scale, random.
     #[arg(long, default_value = "l1")]
     criterion: Criterion,
     /// Round kept channel counts to a multiple of this (1: exact ratios).
-    #[arg(long, default_value_t = 1)]
+    #[arg(long, value_parser = count(1), default_value_t = 1)]
     round_to: usize,
     /// Never cut a layer below this many channels.
-    #[arg(long, default_value_t = 1)]
+    #[arg(long, value_parser = count(1), default_value_t = 1)]
     min_channels: usize,
     /// Magnitude scans: include depthwise convs (spared by default, as in pruning).
     #[arg(long)]
@@ -58,7 +59,7 @@ pub struct SensitivityArgs {
     #[arg(long = "prune-exclude", alias = "exclude", default_value = "")]
     exclude: String,
     /// Evaluate on a seeded, class-balanced subset of this many test images.
-    #[arg(long)]
+    #[arg(long, value_parser = count(1))]
     test_limit: Option<usize>,
     /// Seed of the test subset and the random criterion.
     #[arg(long, default_value_t = 0)]

@@ -1,5 +1,6 @@
 use super::ArchArgs;
 use super::distill_args::DistillArgs;
+use super::ranges::{KEPT_FRACTION, NON_NEGATIVE, POSITIVE, REMOVED_FRACTION, count, open};
 use anyhow::{Result, bail};
 use clap::{Args, ValueEnum};
 use indicatif::{ProgressBar, ProgressStyle};
@@ -66,52 +67,52 @@ pub struct TrainArgs {
     #[arg(long, default_value = "shapes")]
     data: String,
     /// Train on a seeded, class-balanced subset of this many images (shapes: generate this many).
-    #[arg(long)]
+    #[arg(long, value_parser = count(1))]
     train_limit: Option<usize>,
     /// Evaluate on a seeded, class-balanced subset of this many images.
-    #[arg(long)]
+    #[arg(long, value_parser = count(1))]
     test_limit: Option<usize>,
     /// Passes over the training split.
-    #[arg(long, default_value_t = 10)]
+    #[arg(long, value_parser = count(1), default_value_t = 10)]
     epochs: usize,
     /// Images per optimizer step.
-    #[arg(long, default_value_t = 128)]
+    #[arg(long, value_parser = count(1), default_value_t = 128)]
     batch_size: usize,
     /// Optimizer: sgd (momentum) or adamw.
     #[arg(long, value_enum, default_value = "sgd")]
     optimizer: OptimizerName,
     /// Peak learning rate.
-    #[arg(long, default_value_t = 0.1)]
+    #[arg(long, value_parser = POSITIVE.parser(), default_value_t = 0.1)]
     lr: f64,
     /// SGD momentum (AdamW: beta1).
-    #[arg(long, default_value_t = 0.9)]
+    #[arg(long, value_parser = REMOVED_FRACTION.parser(), default_value_t = 0.9)]
     momentum: f64,
     /// Nesterov momentum (SGD).
     #[arg(long)]
     nesterov: bool,
     /// Weight decay on conv and linear weights (batch-norm parameters and biases are exempt).
-    #[arg(long, default_value_t = 5e-4)]
+    #[arg(long, value_parser = NON_NEGATIVE.parser(), default_value_t = 5e-4)]
     weight_decay: f64,
     /// Learning-rate schedule after the warm-up.
     #[arg(long, value_enum, default_value = "cosine")]
     schedule: ScheduleName,
     /// Linear warm-up length in epochs (cosine, step, constant).
-    #[arg(long, default_value_t = 0.0)]
+    #[arg(long, value_parser = NON_NEGATIVE.parser(), default_value_t = 0.0)]
     warmup_epochs: f64,
     /// One-cycle: fraction of the steps spent rising to the peak.
-    #[arg(long, default_value_t = 0.3)]
+    #[arg(long, value_parser = open(0.0, 1.0).parser(), default_value_t = 0.3)]
     pct_start: f64,
     /// Step schedule: decay every this many epochs by --gamma.
-    #[arg(long, default_value_t = 30)]
+    #[arg(long, value_parser = count(1), default_value_t = 30)]
     step_epochs: usize,
     /// Step schedule: factor applied to the learning rate at every decay.
-    #[arg(long, default_value_t = 0.1)]
+    #[arg(long, value_parser = KEPT_FRACTION.parser(), default_value_t = 0.1)]
     gamma: f64,
     /// Label smoothing of the cross-entropy, in [0, 1).
-    #[arg(long, default_value_t = 0.0)]
+    #[arg(long, value_parser = REMOVED_FRACTION.parser(), default_value_t = 0.0)]
     label_smoothing: f64,
     /// Random-crop padding in pixels (0 disables the crop).
-    #[arg(long, default_value_t = 4)]
+    #[arg(long, value_parser = count(0), default_value_t = 4)]
     crop_padding: usize,
     /// Disable horizontal flips.
     #[arg(long)]
@@ -126,7 +127,7 @@ pub struct TrainArgs {
     #[arg(long, value_enum, help_heading = "Pruning")]
     prune: Option<PruneMethod>,
     /// Final fraction of zeros in the pruned weights, in [0, 1) (0.8: 80%).
-    #[arg(long, help_heading = "Pruning")]
+    #[arg(long, value_parser = REMOVED_FRACTION.parser(), help_heading = "Pruning")]
     sparsity: Option<f64>,
     /// global: one magnitude threshold over all pruned layers [default]; layer: each layer gets
     /// the sparsity.
@@ -140,25 +141,25 @@ pub struct TrainArgs {
     #[arg(long, help_heading = "Pruning")]
     prune_depthwise: bool,
     /// Sparsity when pruning starts [default: 0].
-    #[arg(long, help_heading = "Pruning")]
+    #[arg(long, value_parser = REMOVED_FRACTION.parser(), help_heading = "Pruning")]
     initial_sparsity: Option<f64>,
     /// Epoch at which pruning starts, fractions allowed [default: 0].
-    #[arg(long, value_name = "EPOCH", help_heading = "Pruning")]
+    #[arg(long, value_parser = NON_NEGATIVE.parser(), value_name = "EPOCH", help_heading = "Pruning")]
     prune_start_epoch: Option<f64>,
     /// Epoch at which the final sparsity is reached, fractions allowed [default: 75% of
     /// --epochs, so the last quarter fine-tunes the pruned network].
-    #[arg(long, value_name = "EPOCH", help_heading = "Pruning")]
+    #[arg(long, value_parser = NON_NEGATIVE.parser(), value_name = "EPOCH", help_heading = "Pruning")]
     prune_end_epoch: Option<f64>,
     /// Optimizer steps between mask updates [default: 50].
-    #[arg(long, value_name = "STEPS", help_heading = "Pruning")]
+    #[arg(long, value_parser = count(1), value_name = "STEPS", help_heading = "Pruning")]
     prune_frequency: Option<usize>,
     /// Network slimming: L1 penalty on batch-norm scales (gamma), e.g. 1e-4.
-    #[arg(long, default_value_t = 0.0, value_name = "LAMBDA")]
+    #[arg(long, value_parser = NON_NEGATIVE.parser(), default_value_t = 0.0, value_name = "LAMBDA")]
     bn_l1: f64,
     #[command(flatten)]
     distill: DistillArgs,
     /// Stop after this many steps as if interrupted (for tests of resume).
-    #[arg(long, hide = true)]
+    #[arg(long, value_parser = count(1), hide = true)]
     stop_after_steps: Option<usize>,
     /// Print JSON instead of text.
     #[arg(long)]
