@@ -1,5 +1,6 @@
 //! The command line, end to end: every command on real files, and every kind of bad input
-//! giving one clear error (exit code 1, `error:` naming the file) instead of a panic.
+//! giving one clear error (exit code 1, `error:` naming the file; 2 for a usage error such as
+//! an unknown architecture) instead of a panic.
 
 mod common;
 
@@ -7,14 +8,19 @@ use common::{ok, s, slimcandle, stderr};
 
 use std::path::{Path, PathBuf};
 
-/// Runs a command that must fail cleanly; returns its stderr.
+/// Runs a command that must fail cleanly with a runtime error (exit 1); returns its stderr.
 fn fails(args: &[&str], mentions: &[&str]) -> String {
+    fails_with(1, args, mentions)
+}
+
+/// Runs a command that must fail cleanly with exit status `code`; returns its stderr.
+fn fails_with(code: i32, args: &[&str], mentions: &[&str]) -> String {
     let o = slimcandle(args);
     let err = stderr(&o);
     assert_eq!(
         o.status.code(),
-        Some(1),
-        "slimcandle {args:?} should exit 1:\n{err}"
+        Some(code),
+        "slimcandle {args:?} should exit {code}:\n{err}"
     );
     assert!(err.starts_with("error: "), "{err}");
     assert!(!err.contains("panicked"), "{err}");
@@ -245,7 +251,8 @@ fn bad_inputs_get_clear_errors() {
         &["inspect", s(&state_dict)],
         &["plain safetensors file", "slimcandle import"],
     );
-    fails(
+    fails_with(
+        2,
         &[
             "import",
             "--arch",
@@ -256,7 +263,8 @@ fn bad_inputs_get_clear_errors() {
         ],
         &["did you mean `mobilenet_v2`"],
     );
-    fails(
+    fails_with(
+        2,
         &[
             "import",
             "--arch",
@@ -326,7 +334,8 @@ fn bad_inputs_get_clear_errors() {
         &["tiny.safetensors", "too small"],
     );
     // Never overwrite an input.
-    fails(
+    fails_with(
+        2,
         &["forward", s(&ckpt), s(&bad_input), "-o", s(&bad_input)],
         &["also an input"],
     );

@@ -1,7 +1,8 @@
 //! `slimcandle compare A.safetensors B.safetensors ...`: the recipe report for any checkpoints.
 
+use super::exit::usage;
 use super::ranges::count;
-use anyhow::{Result, bail};
+use anyhow::Result;
 use clap::Args;
 use slimcandle::pipeline::report::{self, TestData};
 use slimcandle::tensor_file::write_bytes_atomic;
@@ -31,7 +32,7 @@ pub fn run(args: CompareArgs) -> Result<()> {
         let inputs: Vec<&std::path::Path> = args.checkpoints.iter().map(|p| p.as_path()).collect();
         super::check_output_is_not_input(plot, &inputs)?;
         if plot.extension().is_none_or(|e| e != "svg") {
-            bail!(
+            usage!(
                 "--plot `{}`: the plot is SVG; name it *.svg",
                 plot.display()
             );

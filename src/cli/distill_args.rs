@@ -1,8 +1,9 @@
 //! The knowledge-distillation flags of `slimcandle train` (`docs/distillation.md`). Their
 //! names are also the keys of training recipes.
 
+use super::exit::{as_usage, usage};
 use super::ranges::{POSITIVE, WEIGHT};
-use anyhow::{Result, bail};
+use anyhow::Result;
 use clap::{Args, ValueEnum};
 use slimcandle::train::KdWeights;
 use slimcandle::train::feature_kd::{FeatureTap, HintLoss};
@@ -59,7 +60,7 @@ impl DistillArgs {
                 ("--feature-kd-loss", self.feature_kd_loss.is_some()),
             ];
             if let Some((flag, _)) = given.iter().find(|(_, g)| *g) {
-                bail!("{flag} only applies to distillation: add --teacher CKPT");
+                usage!("{flag} only applies to distillation: add --teacher CKPT");
             }
             return Ok(None);
         }
@@ -68,7 +69,7 @@ impl DistillArgs {
             alpha: self.kd_alpha.unwrap_or(defaults.alpha),
             temperature: self.kd_temperature.unwrap_or(defaults.temperature),
         };
-        weights.validate()?;
+        weights.validate().map_err(as_usage)?;
         Ok(Some(weights))
     }
 
@@ -80,13 +81,14 @@ impl DistillArgs {
             Some(HintLossName::Mse) | None => HintLoss::Mse,
         };
         if self.feature_kd.is_empty() && self.feature_kd_loss.is_some() {
-            bail!("--feature-kd-loss needs at least one --feature-kd tap");
+            usage!("--feature-kd-loss needs at least one --feature-kd tap");
         }
         let taps = self
             .feature_kd
             .iter()
             .map(|t| FeatureTap::parse(t, loss))
-            .collect::<Result<_>>()?;
+            .collect::<Result<_>>()
+            .map_err(as_usage)?;
         Ok((taps, loss))
     }
 }

@@ -1,10 +1,12 @@
 use super::ArchArgs;
+use super::exit::{as_usage, usage};
 use super::ranges::count;
 use anyhow::{Result, bail};
 use clap::Args;
 use serde_json::json;
 use slimcandle::checkpoint;
 use slimcandle::import::import_state_dict;
+use slimcandle::models::ArchSpec;
 use slimcandle::report::{human_bytes, human_count};
 use std::path::PathBuf;
 
@@ -31,8 +33,9 @@ pub struct ImportArgs {
 pub fn run(args: ImportArgs) -> Result<()> {
     super::check_output_is_not_input(&args.output, &[&args.state_dict])?;
     let Some(arch) = &args.arch.arch else {
-        bail!("import needs --arch: which architecture the state dict is for")
+        usage!("import needs --arch: which architecture the state dict is for")
     };
+    ArchSpec::parse(arch, &args.arch.options()).map_err(as_usage)?;
     let mut model = import_state_dict(&args.state_dict, arch, &args.arch.options())?;
     if let Some(names) = args.class_names {
         if names.len() != model.num_classes() {

@@ -5,6 +5,7 @@ mod bench;
 mod compare;
 mod distill_args;
 mod eval;
+pub mod exit;
 mod forward;
 mod import;
 mod inspect;
@@ -18,8 +19,9 @@ mod sensitivity;
 mod train;
 
 use self::ranges::{POSITIVE, count};
-use anyhow::{Result, bail};
-use clap::{Args, Parser, Subcommand};
+use anyhow::Result;
+use clap::{Args, CommandFactory, FromArgMatches, Parser, Subcommand};
+use exit::usage;
 use slimcandle::models::{ArchOptions, Stem};
 use std::path::Path;
 
@@ -135,6 +137,18 @@ impl ArchArgs {
     }
 }
 
+/// The command line's definition: the derived one, with the argument relations that derive
+/// attributes cannot state (everything `train --resume` refuses).
+pub fn command() -> clap::Command {
+    Cli::command().mut_subcommand("train", train::refuse_settings_with_resume)
+}
+
+/// Parses the command line; a usage error exits 2 with clap's message.
+pub fn parse() -> Cli {
+    let matches = command().get_matches();
+    Cli::from_arg_matches(&matches).unwrap_or_else(|e| e.exit())
+}
+
 pub fn run(cli: Cli) -> Result<()> {
     if let Some(n) = cli.threads {
         // Candle and rayon both read this before their thread pools start.
@@ -162,7 +176,7 @@ pub fn check_output_is_not_input(output: &Path, inputs: &[&Path]) -> Result<()> 
     let canon = |p: &Path| std::fs::canonicalize(p).ok();
     for input in inputs {
         if output == *input || (canon(output).is_some() && canon(output) == canon(input)) {
-            bail!(
+            usage!(
                 "the output `{}` is also an input of this command; choose another file",
                 output.display()
             );
@@ -181,13 +195,11 @@ pub fn print_json(value: &serde_json::Value) {
 
 #[cfg(test)]
 mod tests {
-    use super::Cli;
-    use clap::CommandFactory;
 
     /// Every option of every command explains itself in `--help` (issue #14).
     #[test]
     fn every_option_has_help_text() {
-        let cli = Cli::command();
+        let cli = super::command();
         let mut missing = Vec::new();
         for sub in cli.get_subcommands() {
             for arg in sub.get_arguments() {

@@ -47,7 +47,9 @@ fn no_check(_: &ArgMatches) -> Result<()> {
 fn train_kind(name: &'static str, check: fn(&ArgMatches) -> Result<()>) -> KindSpec {
     KindSpec {
         name,
-        command: train::TrainArgs::augment_args(Command::new("train")),
+        command: train::refuse_settings_with_resume(train::TrainArgs::augment_args(Command::new(
+            "train",
+        ))),
         input: InputArg::Flag("init"),
         output: OutputArg::RunFolder {
             flag: "output",

@@ -1,8 +1,9 @@
 use super::ArchArgs;
 use super::distill_args::DistillArgs;
+use super::exit::{Interrupted, as_usage, usage};
 use super::ranges::{KEPT_FRACTION, NON_NEGATIVE, POSITIVE, REMOVED_FRACTION, count, open};
 use anyhow::{Result, bail};
-use clap::{Args, ValueEnum};
+use clap::{Args, Command, ValueEnum};
 use indicatif::{ProgressBar, ProgressStyle};
 use serde_json::json;
 use slimcandle::checkpoint;
@@ -54,14 +55,16 @@ enum ScopeName {
 pub struct TrainArgs {
     #[command(flatten)]
     arch: ArchArgs,
-    /// Start from this checkpoint instead of a fresh `--arch` model.
-    #[arg(long, conflicts_with = "arch")]
+    /// Start from this checkpoint instead of a fresh `--arch` model; its architecture, width,
+    /// stem and input size are the model's, so the options that build a model are refused.
+    #[arg(long, conflicts_with_all = ["arch", "width", "groups", "num_classes", "stem"])]
     init: Option<PathBuf>,
     /// With --init: replace the classifier by a fresh one sized for the dataset's classes.
     #[arg(long, requires = "init")]
     new_classifier: bool,
-    /// Continue the run in this folder where it stopped; every other option comes from it.
-    #[arg(long, conflicts_with_all = ["arch", "init", "output"])]
+    /// Continue the run in this folder where it stopped; every setting comes from the run, so
+    /// any other option but --json is refused.
+    #[arg(long)]
     resume: Option<PathBuf>,
     /// shapes | cifar10:PATH | cifar100:PATH | mnist:PATH | fashion-mnist:PATH | folder:PATH
     #[arg(long, default_value = "shapes")]
@@ -166,6 +169,19 @@ pub struct TrainArgs {
     json: bool,
 }
 
+/// Gives `--resume` a conflict with every other option of `train` (but `--json` and the
+/// hidden test hook): a resumed run takes its settings from its folder, and a flag that
+/// would be silently ignored is refused instead (exit 2).
+pub fn refuse_settings_with_resume(cmd: Command) -> Command {
+    const ALLOWED: &[&str] = &["resume", "json", "stop_after_steps", "help", "threads"];
+    let others: Vec<clap::Id> = cmd
+        .get_arguments()
+        .map(|a| a.get_id().clone())
+        .filter(|id| !ALLOWED.contains(&id.as_str()))
+        .collect();
+    cmd.mut_arg("resume", |a| a.conflicts_with_all(others))
+}
+
 static STOP: AtomicBool = AtomicBool::new(false);
 
 /// Ctrl-C finishes the current step and leaves a resumable run; a second Ctrl-C quits at once.
@@ -251,14 +267,15 @@ fn pruning_from(args: &TrainArgs) -> Result<Option<GradualPruning>> {
             ("--prune-frequency", args.prune_frequency.is_some()),
         ];
         if let Some((flag, _)) = given.iter().find(|(_, g)| *g) {
-            bail!("{flag} only applies to a pruning run: add --prune magnitude");
+            usage!("{flag} only applies to a pruning run: add --prune magnitude");
         }
         return Ok(None);
     };
     let Some(sparsity) = args.sparsity else {
-        bail!("--prune magnitude needs the target --sparsity (for example --sparsity 0.8)");
+        usage!("--prune magnitude needs the target --sparsity (for example --sparsity 0.8)");
     };
-    let exclude = pattern::parse_list(args.prune_exclude.as_deref().unwrap_or(""))?
+    let exclude = pattern::parse_list(args.prune_exclude.as_deref().unwrap_or(""))
+        .map_err(|e| as_usage(e.context("--prune-exclude")))?
         .iter()
         .map(|p| p.as_str().to_string())
         .collect();
@@ -283,7 +300,9 @@ fn pruning_from(args: &TrainArgs) -> Result<Option<GradualPruning>> {
             "{e} (pruning flags: --sparsity, --initial-sparsity, --prune-start-epoch, --prune-end-epoch, --prune-frequency)"
         )
     };
-    pruning.validate(args.epochs).map_err(flags)?;
+    pruning
+        .validate(args.epochs)
+        .map_err(|e| as_usage(flags(e)))?;
     Ok(Some(pruning))
 }
 
@@ -331,7 +350,7 @@ pub(super) fn config_from(args: &TrainArgs) -> Result<TrainConfig> {
         // Completed once the teacher is loaded and measured.
         distill: None,
     };
-    config.validate()?;
+    config.validate().map_err(as_usage)?;
     Ok(config)
 }
 
@@ -419,7 +438,7 @@ fn initial_model(args: &TrainArgs, class_names: &[String], seed: u64) -> Result<
             Model::init(&ArchSpec::parse(arch, &opts)?, seed)?
         }
         (None, None) => {
-            bail!("give --arch (a fresh model), --init CKPT (fine-tuning) or --resume RUN_DIR")
+            usage!("give --arch (a fresh model), --init CKPT (fine-tuning) or --resume RUN_DIR")
         }
     };
     model.meta.class_names = class_names.to_vec();
@@ -429,9 +448,16 @@ fn initial_model(args: &TrainArgs, class_names: &[String], seed: u64) -> Result<
 pub fn run(args: TrainArgs) -> Result<()> {
     install_interrupt_handler();
     let mut run = match &args.resume {
-        Some(dir) => Run::open(dir)?,
+        Some(dir) => {
+            let run = open_run(dir)?;
+            if run.progress.epoch >= run.config.epochs {
+                return report_complete(&run, &args);
+            }
+            run
+        }
         None => {
             let mut config = config_from(&args)?;
+            check_model_flags(&args)?;
             let kd = args.distill.weights()?;
             let (taps, hint_loss) = args.distill.feature_taps()?;
             // The teacher file is checked before the (possibly slow) data loading.
@@ -615,11 +641,62 @@ fn train_and_report(
                 );
             } else {
                 println!(
-                    "interrupted at epoch {} batch {next_batch}; continue with `slimcandle train --resume {dir}`",
+                    "interrupted at epoch {} batch {next_batch}; the run is saved: continue with `slimcandle train --resume {dir}`",
                     epoch + 1
                 );
             }
+            // Exit status 130, the shell's code for Ctrl-C, whether the signal or the test
+            // hook stopped it: the run is not finished.
+            return Err(Interrupted.into());
         }
+    }
+    Ok(())
+}
+
+/// The model options checked before any data is loaded: `--new-classifier` needs `--init`,
+/// and `--arch` with its width, groups and stem must name a model.
+fn check_model_flags(args: &TrainArgs) -> Result<()> {
+    if args.new_classifier && args.init.is_none() {
+        usage!(
+            "--new-classifier only applies with --init CKPT (a fresh --arch model is sized for the data already)"
+        );
+    }
+    if let Some(arch) = &args.arch.arch {
+        ArchSpec::parse(arch, &args.arch.options()).map_err(as_usage)?;
+    }
+    Ok(())
+}
+
+/// Reopens a run folder, telling a folder whose run never saved its first state (a start that
+/// failed or was killed before its first step) from one that is not a run at all.
+fn open_run(dir: &std::path::Path) -> Result<Run> {
+    let paths = slimcandle::train::RunPaths::new(dir);
+    if paths.config().exists() && !paths.resume().exists() {
+        bail!(
+            "`{}` holds no resume state (the run stopped before its first saved step): start it again without --resume",
+            dir.display()
+        );
+    }
+    Run::open(dir)
+}
+
+/// `train --resume` on a run that has done all its epochs: says so instead of training.
+fn report_complete(run: &Run, args: &TrainArgs) -> Result<()> {
+    let dir = run.paths.dir.display().to_string();
+    let best = run.progress.best_top1;
+    if args.json {
+        super::print_json(&json!({
+            "run_dir": dir,
+            "finished": true,
+            "epochs": run.config.epochs,
+            "best_top1": best,
+        }));
+    } else {
+        println!(
+            "the run in {dir} is complete ({} epochs, best test top-1 {}); nothing to resume. Checkpoints: {dir}/last.safetensors and best.safetensors",
+            run.config.epochs,
+            best.map(|t| format!("{t:.2}%")).unwrap_or("-".into())
+        );
     }
     Ok(())
 }
