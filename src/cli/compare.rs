@@ -31,6 +31,7 @@ pub fn run(args: CompareArgs) -> Result<()> {
     if let Some(plot) = &args.plot {
         let inputs: Vec<&std::path::Path> = args.checkpoints.iter().map(|p| p.as_path()).collect();
         super::check_output_is_not_input(plot, &inputs)?;
+        super::output::check(plot, "--plot", super::output::Kind::File)?;
         if plot.extension().is_none_or(|e| e != "svg") {
             usage!(
                 "--plot `{}`: the plot is SVG; name it *.svg",
@@ -49,6 +50,7 @@ pub fn run(args: CompareArgs) -> Result<()> {
         rows.push(report::measure(&name, "checkpoint", path, &mut data)?);
     }
     if let Some(plot) = &args.plot {
+        super::output::create_parent(plot)?;
         write_bytes_atomic(plot, report::svg(&rows)?.as_bytes())?;
     }
     if args.json {

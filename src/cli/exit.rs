@@ -33,7 +33,8 @@ pub fn as_usage(e: anyhow::Error) -> anyhow::Error {
     anyhow::Error::new(UsageError(format!("{e:#}")))
 }
 
-/// A training run stopped by Ctrl-C after saving its state; how to resume is already printed.
+/// A training run stopped by Ctrl-C after saving its state (exit status 130); how to resume
+/// is printed already, or given as context around this marker.
 #[derive(Debug)]
 pub struct Interrupted;
 
@@ -59,6 +60,11 @@ pub fn report(e: &anyhow::Error) -> ExitCode {
         return ExitCode::from(2);
     }
     if e.downcast_ref::<Interrupted>().is_some() {
+        // What was stopped and how to continue is printed already, or is the context around
+        // the marker (a recipe's training stage).
+        if e.chain().count() > 1 {
+            eprintln!("error: {e}");
+        }
         return ExitCode::from(130);
     }
     eprintln!("error: {}", one_line(e));

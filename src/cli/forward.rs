@@ -22,6 +22,7 @@ type Forward<'a> = Box<dyn Fn(&candle_core::Tensor) -> Result<candle_core::Tenso
 
 pub fn run(args: ForwardArgs) -> Result<()> {
     super::check_output_is_not_input(&args.output, &[&args.checkpoint, &args.input])?;
+    super::output::check(&args.output, "-o", super::output::Kind::File)?;
     // A float model runs folded; an int8 one through the int8 forward pass.
     let model = match checkpoint::load_any(&args.checkpoint)? {
         checkpoint::AnyModel::Float(m) => {
@@ -76,6 +77,7 @@ pub fn run(args: ForwardArgs) -> Result<()> {
         "checkpoint".to_string(),
         args.checkpoint.display().to_string(),
     );
+    super::output::create_parent(&args.output)?;
     write_atomic(&args.output, outputs, metadata)?;
     println!(
         "wrote {count} output tensor(s) to {}",

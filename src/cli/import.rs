@@ -1,6 +1,6 @@
-use super::ArchArgs;
 use super::exit::{as_usage, usage};
 use super::ranges::count;
+use super::{ArchArgs, output};
 use anyhow::{Result, bail};
 use clap::Args;
 use serde_json::json;
@@ -32,6 +32,7 @@ pub struct ImportArgs {
 
 pub fn run(args: ImportArgs) -> Result<()> {
     super::check_output_is_not_input(&args.output, &[&args.state_dict])?;
+    output::check(&args.output, "-o", output::Kind::File)?;
     let Some(arch) = &args.arch.arch else {
         usage!("import needs --arch: which architecture the state dict is for")
     };
@@ -52,6 +53,7 @@ pub fn run(args: ImportArgs) -> Result<()> {
     }
     let [h, w] = model.meta.preprocessing.input_size;
     let summary = model.graph.summary(h, w)?;
+    output::create_parent(&args.output)?;
     checkpoint::save(&model, &args.output)?;
     let file_size = std::fs::metadata(&args.output)?.len();
     let variant = model

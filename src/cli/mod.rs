@@ -10,6 +10,7 @@ mod forward;
 mod import;
 mod inspect;
 mod models;
+mod output;
 mod predict;
 mod prune;
 mod quantize;

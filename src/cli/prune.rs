@@ -201,6 +201,7 @@ pub fn check(args: &PruneArgs) -> Result<()> {
 pub fn run(args: PruneArgs) -> Result<()> {
     check(&args)?;
     super::check_output_is_not_input(&args.output, &[&args.checkpoint])?;
+    super::output::check(&args.output, "-o", super::output::Kind::File)?;
     let file = TensorFile::read(&args.checkpoint)?;
     let model = checkpoint::from_file(&file)?;
     let needs_train = args.criterion().needs_data() && args.method == Method::Channel;
@@ -230,6 +231,7 @@ pub fn run(args: PruneArgs) -> Result<()> {
         Method::Channel => channel(&args, &model, data.as_ref())?,
         Method::Magnitude => magnitude(&args, &model)?,
     };
+    super::output::create_parent(&args.output)?;
     checkpoint::save(&pruned, &args.output)?;
     let size_after = std::fs::metadata(&args.output)?.len();
     let after = Footprint::of(&pruned, Some(size_after))?;

@@ -88,6 +88,7 @@ fn images_per_second(r: &EvalReport) -> f64 {
 
 pub fn run(args: QuantizeArgs) -> Result<()> {
     super::check_output_is_not_input(&args.output, &[&args.checkpoint])?;
+    super::output::check(&args.output, "-o", super::output::Kind::File)?;
     let calibrator = args.calibrator()?;
     let file = TensorFile::read(&args.checkpoint)?;
     let model = checkpoint::from_file(&file)?;
@@ -169,6 +170,7 @@ pub fn run(args: QuantizeArgs) -> Result<()> {
             evaluate_int8(&q, data.test.clone(), args.batch_size)?,
         ))
     };
+    super::output::create_parent(&args.output)?;
     store::save(&q, &args.output)?;
     let size_after = std::fs::metadata(&args.output)?.len();
     let params_after = q.param_count() as u64;

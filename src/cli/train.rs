@@ -184,6 +184,11 @@ pub fn refuse_settings_with_resume(cmd: Command) -> Command {
 
 static STOP: AtomicBool = AtomicBool::new(false);
 
+/// Whether Ctrl-C (or the test hook) has stopped training in this process.
+pub fn interrupted() -> bool {
+    STOP.load(Ordering::SeqCst)
+}
+
 /// Ctrl-C finishes the current step and leaves a resumable run; a second Ctrl-C quits at once.
 fn install_interrupt_handler() {
     extern "C" fn on_sigint(_: libc::c_int) {
@@ -448,16 +453,15 @@ fn initial_model(args: &TrainArgs, class_names: &[String], seed: u64) -> Result<
 pub fn run(args: TrainArgs) -> Result<()> {
     install_interrupt_handler();
     let mut run = match &args.resume {
-        Some(dir) => {
-            let run = open_run(dir)?;
-            if run.progress.epoch >= run.config.epochs {
-                return report_complete(&run, &args);
-            }
-            run
-        }
+        Some(dir) => open_run(dir)?,
         None => {
             let mut config = config_from(&args)?;
             check_model_flags(&args)?;
+            let out = args
+                .output
+                .as_ref()
+                .expect("clap requires --output without --resume");
+            super::output::check(out, "-o", super::output::Kind::Folder)?;
             let kd = args.distill.weights()?;
             let (taps, hint_loss) = args.distill.feature_taps()?;
             // The teacher file is checked before the (possibly slow) data loading.
@@ -497,15 +501,16 @@ pub fn run(args: TrainArgs) -> Result<()> {
                 distill.feature_loss = hint_loss;
                 config.distill = Some(distill);
             }
-            let out = args
-                .output
-                .as_ref()
-                .expect("clap requires --output without --resume");
+            let created = !out.exists();
             let mut run = Run::create(out, config, model)?;
             if let Some(t) = teacher {
                 run.attach_teacher(Box::new(t))?;
             }
-            return train_and_report(run, Some(data), &args);
+            let result = train_and_report(run, Some(data), &args);
+            if result.as_ref().is_err_and(|e| !e.is::<Interrupted>()) {
+                remove_failed_start(out, created);
+            }
+            return result;
         }
     };
     run.model.meta.provenance.command = std::env::args().collect::<Vec<_>>().join(" ");
@@ -516,6 +521,10 @@ pub fn run(args: TrainArgs) -> Result<()> {
         let names: Vec<&str> = d.features.iter().map(|f| f.teacher.as_str()).collect();
         teacher.set_feature_taps(&names)?;
         run.attach_teacher(Box::new(teacher))?;
+    }
+    // After the teacher check: a finished run whose teacher changed is still refused.
+    if run.progress.epoch >= run.config.epochs {
+        return report_complete(&run, &args);
     }
     train_and_report(run, None, &args)
 }
@@ -665,6 +674,21 @@ fn check_model_flags(args: &TrainArgs) -> Result<()> {
         ArchSpec::parse(arch, &args.arch.options()).map_err(as_usage)?;
     }
     Ok(())
+}
+
+/// After a new run failed before saving its first state, removes what its start wrote
+/// (`config.json`, and the folder when this command created it), so that the folder is not
+/// mistaken for a run to resume.
+fn remove_failed_start(dir: &std::path::Path, created: bool) {
+    let paths = slimcandle::train::RunPaths::new(dir);
+    if paths.resume().exists() || paths.metrics().exists() {
+        return;
+    }
+    let _ = std::fs::remove_file(paths.config());
+    if created {
+        // Only an empty folder goes: anything else in it is not this command's.
+        let _ = std::fs::remove_dir(dir);
+    }
 }
 
 /// Reopens a run folder, telling a folder whose run never saved its first state (a start that
