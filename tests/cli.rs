@@ -339,7 +339,9 @@ fn bad_inputs_get_clear_errors() {
         &["forward", s(&ckpt), s(&bad_input), "-o", s(&bad_input)],
         &["also an input"],
     );
-    // An output folder that does not exist.
+    // An output that cannot be written: a file stands where its folder would be (missing
+    // folders are created, once the result is ready).
+    let under_file = text.join("x.safetensors");
     fails(
         &[
             "import",
@@ -349,9 +351,9 @@ fn bad_inputs_get_clear_errors() {
             "0.25",
             s(&state_dict),
             "-o",
-            "/nonexistent/dir/x.safetensors",
+            s(&under_file),
         ],
-        &["/nonexistent/dir", "does not exist"],
+        &["notes.safetensors", "is a file, not a folder"],
     );
     // Usage errors are clap's: exit code 2.
     assert_eq!(slimcandle(&["inspect"]).status.code(), Some(2));

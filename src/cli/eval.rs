@@ -4,7 +4,8 @@ use clap::Args;
 use serde_json::json;
 use slimcandle::checkpoint;
 use slimcandle::data::{DataSpec, LoadOptions};
-use slimcandle::eval::{check_classes, evaluate, evaluate_int8};
+use slimcandle::eval::{check_classes, evaluate_with};
+use slimcandle::exec::Mode;
 use slimcandle::report::Table;
 use std::path::PathBuf;
 
@@ -43,10 +44,29 @@ pub fn run(args: EvalArgs) -> Result<()> {
     };
     let data = spec.load(&opts)?;
     check_classes(&meta.class_names, &data.class_names, &data.source)?;
-    let report = match &model {
-        checkpoint::AnyModel::Float(m) => evaluate(m, data.test.clone(), args.batch_size)?,
-        checkpoint::AnyModel::Int8(q) => evaluate_int8(q, data.test.clone(), args.batch_size)?,
+    let bar = super::progress::bar(data.test.len(), "evaluating", "images");
+    // The bar advances after each batch's forward pass (its timing is the latency figure).
+    let counted = |y: Result<candle_core::Tensor>| {
+        if let Ok(t) = &y {
+            bar.inc(t.dims()[0] as u64);
+        }
+        y
     };
+    let report = match &model {
+        checkpoint::AnyModel::Float(m) => {
+            let m = slimcandle::passes::fold_batch_norm(m)?;
+            evaluate_with(&m.meta, data.test.clone(), args.batch_size, |x| {
+                counted(m.forward(x, Mode::Eval))
+            })?
+        }
+        checkpoint::AnyModel::Int8(q) => {
+            let engine = slimcandle::int8::Engine::new(q)?;
+            evaluate_with(&q.meta, data.test.clone(), args.batch_size, |x| {
+                counted(engine.forward_tensor(x))
+            })?
+        }
+    };
+    bar.finish_and_clear();
     if args.json {
         let mut value = serde_json::to_value(&report)?;
         value["checkpoint"] = json!(args.checkpoint);

@@ -41,7 +41,10 @@ pub fn run(args: ForwardArgs) -> Result<()> {
     };
     let inputs = TensorFile::read(&args.input)?;
     let mut outputs = Vec::new();
-    for name in inputs.names() {
+    let names = inputs.names();
+    let bar = super::progress::bar(names.len(), "running", "tensors");
+    for name in names {
+        bar.inc(1);
         let view = inputs.raw(&name)?;
         let is_float = matches!(
             view.dtype(),
@@ -62,9 +65,10 @@ pub fn run(args: ForwardArgs) -> Result<()> {
         check_input(graph, x.dims())
             .with_context(|| format!("`{}`: tensor `{name}`", args.input.display()))?;
         let y = run(&x)?;
-        eprintln!("{name}: {:?} -> {:?}", x.dims(), y.dims());
+        bar.suspend(|| eprintln!("{name}: {:?} -> {:?}", x.dims(), y.dims()));
         outputs.push((name, RawTensor::from_f32(&y)?));
     }
+    bar.finish_and_clear();
     if outputs.is_empty() {
         bail!(
             "`{}` holds no 4-D float tensor to run",

@@ -12,6 +12,7 @@ mod inspect;
 mod models;
 mod output;
 mod predict;
+mod progress;
 mod prune;
 mod quantize;
 mod ranges;

@@ -226,16 +226,36 @@ pub fn run(args: PruneArgs) -> Result<()> {
         None => None,
     };
     let before = Footprint::of(&model, Some(file.file_size() as u64))?;
+    // Evaluation and the taylor criterion's gradients take seconds to minutes.
+    let spinner = data
+        .as_ref()
+        .map(|_| super::progress::spinner("evaluating before pruning"));
     let acc_before = accuracy(&model, data.as_ref(), args.batch_size)?;
+    if let Some(s) = &spinner {
+        s.set_message(if needs_train {
+            format!(
+                "ranking channels (taylor: gradients of {} batches)",
+                args.taylor_batches()
+            )
+        } else {
+            "pruning".to_string()
+        });
+    }
     let (pruned, details) = match args.method {
         Method::Channel => channel(&args, &model, data.as_ref())?,
         Method::Magnitude => magnitude(&args, &model)?,
     };
+    if let Some(s) = &spinner {
+        s.set_message("evaluating after pruning");
+    }
     super::output::create_parent(&args.output)?;
     checkpoint::save(&pruned, &args.output)?;
     let size_after = std::fs::metadata(&args.output)?.len();
     let after = Footprint::of(&pruned, Some(size_after))?;
     let acc_after = accuracy(&pruned, data.as_ref(), args.batch_size)?;
+    if let Some(s) = spinner {
+        s.finish_and_clear();
+    }
     if args.json {
         super::print_json(&json!({
             "checkpoint": args.checkpoint,

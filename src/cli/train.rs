@@ -662,16 +662,23 @@ fn train_and_report(
     Ok(())
 }
 
-/// The model options checked before any data is loaded: `--new-classifier` needs `--init`,
-/// and `--arch` with its width, groups and stem must name a model.
+/// The model options checked before any data is loaded: a model is named (`--arch` or
+/// `--init`), `--new-classifier` needs `--init`, and `--arch` with its width, groups and stem
+/// must name a buildable model.
 fn check_model_flags(args: &TrainArgs) -> Result<()> {
     if args.new_classifier && args.init.is_none() {
         usage!(
             "--new-classifier only applies with --init CKPT (a fresh --arch model is sized for the data already)"
         );
     }
-    if let Some(arch) = &args.arch.arch {
-        ArchSpec::parse(arch, &args.arch.options()).map_err(as_usage)?;
+    match (&args.init, &args.arch.arch) {
+        (None, None) => {
+            usage!("give --arch (a fresh model), --init CKPT (fine-tuning) or --resume RUN_DIR")
+        }
+        (None, Some(arch)) => {
+            ArchSpec::parse(arch, &args.arch.options()).map_err(as_usage)?;
+        }
+        (Some(_), _) => {}
     }
     Ok(())
 }
