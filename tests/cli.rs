@@ -126,14 +126,31 @@ fn import_inspect_forward_round_trip() {
         "{text}"
     );
 
-    let logits = dir.join("logits.safetensors");
-    ok(&[
+    // Into a folder that does not exist yet (created when the result is written), with the
+    // shapes in JSON.
+    let logits = dir.join("out/logits.safetensors");
+    let json: serde_json::Value = serde_json::from_str(&ok(&[
         "forward",
         s(&ckpt),
         s(&fixture("mobilenet_v1_w0_25.io.safetensors")),
         "-o",
         s(&logits),
-    ]);
+        "--json",
+    ]))
+    .unwrap();
+    let shapes: Vec<_> = json["tensors"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| (t["input_shape"].clone(), t["output_shape"].clone()))
+        .collect();
+    assert!(
+        shapes.contains(&(
+            serde_json::json!([2, 3, 96, 96]),
+            serde_json::json!([2, 10])
+        )),
+        "{json}"
+    );
     let got = slimcandle::tensor_file::TensorFile::read(&logits).unwrap();
     let want =
         slimcandle::tensor_file::TensorFile::read(&fixture("mobilenet_v1_w0_25.io.safetensors"))

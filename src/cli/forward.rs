@@ -15,6 +15,9 @@ pub struct ForwardArgs {
     /// Where to write the outputs, under the input tensors' names.
     #[arg(short, long)]
     output: PathBuf,
+    /// Print JSON instead of text: the output file and each tensor's input and output shape.
+    #[arg(long)]
+    json: bool,
 }
 
 /// A model's eval-mode forward pass on one batch.
@@ -41,6 +44,7 @@ pub fn run(args: ForwardArgs) -> Result<()> {
     };
     let inputs = TensorFile::read(&args.input)?;
     let mut outputs = Vec::new();
+    let mut shapes = Vec::new();
     let names = inputs.names();
     let bar = super::progress::bar(names.len(), "running", "tensors");
     for name in names {
@@ -66,6 +70,11 @@ pub fn run(args: ForwardArgs) -> Result<()> {
             .with_context(|| format!("`{}`: tensor `{name}`", args.input.display()))?;
         let y = run(&x)?;
         bar.suspend(|| eprintln!("{name}: {:?} -> {:?}", x.dims(), y.dims()));
+        shapes.push(serde_json::json!({
+            "name": name,
+            "input_shape": x.dims(),
+            "output_shape": y.dims(),
+        }));
         outputs.push((name, RawTensor::from_f32(&y)?));
     }
     bar.finish_and_clear();
@@ -83,9 +92,13 @@ pub fn run(args: ForwardArgs) -> Result<()> {
     );
     super::output::create_parent(&args.output)?;
     write_atomic(&args.output, outputs, metadata)?;
-    println!(
-        "wrote {count} output tensor(s) to {}",
-        args.output.display()
-    );
+    if args.json {
+        super::print_json(&serde_json::json!({ "output": args.output, "tensors": shapes }));
+    } else {
+        println!(
+            "wrote {count} output tensor(s) to {}",
+            args.output.display()
+        );
+    }
     Ok(())
 }
