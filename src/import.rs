@@ -29,11 +29,13 @@ pub fn import_state_dict(path: &Path, arch: &str, opts: &ArchOptions) -> Result<
         spec.num_classes = classifier_outputs(&spec, &file)?;
     }
     let graph = spec.build()?;
+    let keys = file.names();
     let weights = Weights::from_state_dict(&graph, file.float_tensors()?).with_context(|| {
         format!(
-            "`{}` does not hold weights for {} as configured",
+            "`{}` does not hold weights for {} as configured{}",
             path.display(),
-            spec.variant_name()
+            spec.variant_name(),
+            prefix_hint(&graph, &keys)
         )
     })?;
     let meta = ModelMeta {
@@ -47,6 +49,33 @@ pub fn import_state_dict(path: &Path, arch: &str, opts: &ArchOptions) -> Result<
         weights,
         meta,
     })
+}
+
+/// A hint for a state dict whose keys all start with a prefix the model's names lack
+/// (`module.` from `DataParallel`, `model.` from a training wrapper): stripping it is the fix.
+fn prefix_hint(graph: &crate::graph::Graph, keys: &[String]) -> String {
+    let Some(prefix) = keys
+        .first()
+        .and_then(|k| k.split_once('.'))
+        .map(|(p, _)| format!("{p}."))
+    else {
+        return String::new();
+    };
+    let names: std::collections::HashSet<String> =
+        graph.param_specs().into_iter().map(|s| s.name).collect();
+    let all_prefixed = keys.iter().all(|k| k.starts_with(&prefix));
+    let stripped_match = keys
+        .iter()
+        .filter_map(|k| k.strip_prefix(&prefix))
+        .any(|k| names.contains(k));
+    if all_prefixed && stripped_match && !names.iter().any(|n| n.starts_with(&prefix)) {
+        format!(
+            " (every key starts with `{prefix}`: save the state dict without it, e.g. \
+             `{{k.removeprefix(\"{prefix}\"): v for k, v in sd.items()}}`)"
+        )
+    } else {
+        String::new()
+    }
 }
 
 /// The number of outputs of the last weight layer as stored in the file. When the file has no

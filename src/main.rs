@@ -2,8 +2,6 @@
 
 mod cli;
 
-use clap::Parser;
-
 /// mimalloc, told to keep freed pages: with glibc (or a purging mimalloc) every large
 /// activation of every training step is freshly mapped and zeroed by the kernel, which costs
 /// 1.5-3x on a small machine. The price is that the process keeps its peak memory.
@@ -23,23 +21,9 @@ fn main() -> ExitCode {
     }
     // SAFETY: sets a process-wide allocator option; valid at any time.
     unsafe { libmimalloc_sys::mi_option_set(MI_OPTION_PURGE_DELAY, -1) };
-    let args = cli::Cli::parse();
+    let args = cli::parse();
     match cli::run(args) {
         Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            // A recipe's problems are usage errors: all of them, one per line, exit code 2.
-            if let Some(problems) = e.downcast_ref::<slimcandle::pipeline::Problems>() {
-                for line in problems.lines() {
-                    eprintln!("error: {line}");
-                }
-                eprintln!(
-                    "{} problem(s) in the recipe; nothing was run",
-                    problems.lines().len()
-                );
-                return ExitCode::from(2);
-            }
-            eprintln!("error: {e:#}");
-            ExitCode::from(1)
-        }
+        Err(e) => cli::exit::report(&e),
     }
 }

@@ -120,10 +120,23 @@ pub struct Encoded {
     pub metadata: Option<String>,
 }
 
-/// Encodes `tensors` (as f32) for writing, choosing dense or sparse storage for each.
+/// The share of the file's dense float bytes that sparse storage must save before a file uses
+/// it at all. Below it the file stays a plain safetensors state dict that any loader reads
+/// (an unpruned import whose few biases happen to be zero); a pruned model saves far more.
+pub const MIN_FILE_SAVING: f64 = 0.01;
+
+/// Whether a file of `dense_bytes` of float data that sparse storage would shrink by `saving`
+/// bytes is written in the sparse format.
+pub fn file_worth_it(dense_bytes: usize, saving: usize) -> bool {
+    saving >= MIN_SAVING && saving as f64 >= MIN_FILE_SAVING * dense_bytes as f64
+}
+
+/// Encodes `tensors` (as f32) for writing, choosing dense or sparse storage for each: sparse
+/// where it pays for the tensor ([`worth_it`]), and only when it pays for the file
+/// ([`file_worth_it`]); otherwise every tensor is dense.
 pub fn encode_tensors(tensors: Vec<(String, Tensor)>) -> Result<Encoded> {
-    let mut out = Vec::with_capacity(tensors.len());
-    let mut shapes: BTreeMap<String, Vec<usize>> = BTreeMap::new();
+    let mut flat = Vec::with_capacity(tensors.len());
+    let (mut dense_bytes, mut saving) = (0usize, 0usize);
     for (name, t) in tensors {
         if name.ends_with(MASK_SUFFIX) || name.ends_with(VALUES_SUFFIX) {
             bail!(
@@ -132,7 +145,17 @@ pub fn encode_tensors(tensors: Vec<(String, Tensor)>) -> Result<Encoded> {
         }
         let values: Vec<f32> = t.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
         let stored = values.iter().filter(|v| is_stored(**v)).count();
-        if !worth_it(values.len(), stored) {
+        dense_bytes += 4 * values.len();
+        if worth_it(values.len(), stored) {
+            saving += 4 * values.len() - mask_len(values.len()) - 4 * stored;
+        }
+        flat.push((name, t, values, stored));
+    }
+    let file_sparse = file_worth_it(dense_bytes, saving);
+    let mut out = Vec::with_capacity(flat.len());
+    let mut shapes: BTreeMap<String, Vec<usize>> = BTreeMap::new();
+    for (name, t, values, stored) in flat {
+        if !(file_sparse && worth_it(values.len(), stored)) {
             let data = values.iter().flat_map(|v| v.to_le_bytes()).collect();
             out.push((
                 name,

@@ -1,5 +1,6 @@
 //! The command line, end to end: every command on real files, and every kind of bad input
-//! giving one clear error (exit code 1, `error:` naming the file) instead of a panic.
+//! giving one clear error (exit code 1, `error:` naming the file; 2 for a usage error such as
+//! an unknown architecture) instead of a panic.
 
 mod common;
 
@@ -7,14 +8,19 @@ use common::{ok, s, slimcandle, stderr};
 
 use std::path::{Path, PathBuf};
 
-/// Runs a command that must fail cleanly; returns its stderr.
+/// Runs a command that must fail cleanly with a runtime error (exit 1); returns its stderr.
 fn fails(args: &[&str], mentions: &[&str]) -> String {
+    fails_with(1, args, mentions)
+}
+
+/// Runs a command that must fail cleanly with exit status `code`; returns its stderr.
+fn fails_with(code: i32, args: &[&str], mentions: &[&str]) -> String {
     let o = slimcandle(args);
     let err = stderr(&o);
     assert_eq!(
         o.status.code(),
-        Some(1),
-        "slimcandle {args:?} should exit 1:\n{err}"
+        Some(code),
+        "slimcandle {args:?} should exit {code}:\n{err}"
     );
     assert!(err.starts_with("error: "), "{err}");
     assert!(!err.contains("panicked"), "{err}");
@@ -120,14 +126,31 @@ fn import_inspect_forward_round_trip() {
         "{text}"
     );
 
-    let logits = dir.join("logits.safetensors");
-    ok(&[
+    // Into a folder that does not exist yet (created when the result is written), with the
+    // shapes in JSON.
+    let logits = dir.join("out/logits.safetensors");
+    let json: serde_json::Value = serde_json::from_str(&ok(&[
         "forward",
         s(&ckpt),
         s(&fixture("mobilenet_v1_w0_25.io.safetensors")),
         "-o",
         s(&logits),
-    ]);
+        "--json",
+    ]))
+    .unwrap();
+    let shapes: Vec<_> = json["tensors"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| (t["input_shape"].clone(), t["output_shape"].clone()))
+        .collect();
+    assert!(
+        shapes.contains(&(
+            serde_json::json!([2, 3, 96, 96]),
+            serde_json::json!([2, 10])
+        )),
+        "{json}"
+    );
     let got = slimcandle::tensor_file::TensorFile::read(&logits).unwrap();
     let want =
         slimcandle::tensor_file::TensorFile::read(&fixture("mobilenet_v1_w0_25.io.safetensors"))
@@ -245,7 +268,8 @@ fn bad_inputs_get_clear_errors() {
         &["inspect", s(&state_dict)],
         &["plain safetensors file", "slimcandle import"],
     );
-    fails(
+    fails_with(
+        2,
         &[
             "import",
             "--arch",
@@ -256,7 +280,8 @@ fn bad_inputs_get_clear_errors() {
         ],
         &["did you mean `mobilenet_v2`"],
     );
-    fails(
+    fails_with(
+        2,
         &[
             "import",
             "--arch",
@@ -326,11 +351,14 @@ fn bad_inputs_get_clear_errors() {
         &["tiny.safetensors", "too small"],
     );
     // Never overwrite an input.
-    fails(
+    fails_with(
+        2,
         &["forward", s(&ckpt), s(&bad_input), "-o", s(&bad_input)],
         &["also an input"],
     );
-    // An output folder that does not exist.
+    // An output that cannot be written: a file stands where its folder would be (missing
+    // folders are created, once the result is ready).
+    let under_file = text.join("x.safetensors");
     fails(
         &[
             "import",
@@ -340,9 +368,9 @@ fn bad_inputs_get_clear_errors() {
             "0.25",
             s(&state_dict),
             "-o",
-            "/nonexistent/dir/x.safetensors",
+            s(&under_file),
         ],
-        &["/nonexistent/dir", "does not exist"],
+        &["notes.safetensors", "is a file, not a folder"],
     );
     // Usage errors are clap's: exit code 2.
     assert_eq!(slimcandle(&["inspect"]).status.code(), Some(2));

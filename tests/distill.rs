@@ -413,7 +413,7 @@ fn distils_from_another_architecture_records_the_teacher_and_resumes_exactly() {
         s(&parts),
         &["--stop-after-steps", "3"],
     ));
-    assert!(o.status.success(), "{}", stderr(&o));
+    assert_eq!(o.status.code(), Some(130), "{}", stderr(&o));
     let o = slimcandle(&["--threads", "2", "train", "--resume", s(&parts)]);
     assert!(o.status.success(), "{}", stderr(&o));
     assert_eq!(
@@ -492,7 +492,7 @@ fn bad_teachers_and_settings_are_refused_before_any_step() {
     });
     refused(&large, &[], 1, &["--teacher", "takes 224x224"]);
 
-    refused(&good, &["--kd-alpha", "1.5"], 1, &["--kd-alpha", "[0, 1]"]);
+    refused(&good, &["--kd-alpha", "1.5"], 2, &["--kd-alpha", "[0, 1]"]);
     refused(
         &good,
         &["--feature-kd", "stage2.0.branch2.7:features.3.conv.1.1"],
@@ -532,10 +532,10 @@ fn bad_teachers_and_settings_are_refused_before_any_step() {
     refused(
         &good,
         &["--feature-kd", "a:b:-2"],
-        1,
+        2,
         &["--feature-kd `a:b:-2`"],
     );
-    refused(&good, &["--kd-temperature", "0"], 1, &["--kd-temperature"]);
+    refused(&good, &["--kd-temperature", "0"], 2, &["--kd-temperature"]);
 
     // A resumed run keeps its own teacher: usage error.
     let o = slimcandle(&["train", "--resume", s(&out), "--teacher", s(&good)]);
@@ -554,7 +554,7 @@ fn bad_teachers_and_settings_are_refused_before_any_step() {
         "-o",
         s(&out),
     ]);
-    assert_eq!(o.status.code(), Some(1));
+    assert_eq!(o.status.code(), Some(2));
     assert!(stderr(&o).contains("--kd-alpha only applies to distillation"));
     let _ = std::fs::remove_dir_all(&dir);
 }
@@ -601,7 +601,7 @@ fn bench_times_distillation_steps() {
         "--teacher",
         s(&teacher),
     ]);
-    assert_eq!(o.status.code(), Some(1));
+    assert_eq!(o.status.code(), Some(2));
     assert!(stderr(&o).contains("--teacher only applies to --mode train"));
     let _ = std::fs::remove_dir_all(&dir);
 }

@@ -712,13 +712,17 @@ fn cli_prunes_gradually_and_refuses_bad_flags() {
     assert_eq!(r.selected_zeros as u64, s["zeros"].as_u64().unwrap());
     assert!(metrics_of(&dir).iter().all(|m| m.sparsity.is_some()));
 
-    // Bad flags, each refused with a clear message (exit status 1) before any training.
+    // Bad flags, each refused with a clear message (exit status 2 for a usage error, 1 for one the model causes) before any training.
     let bad = root.join("bad");
     let o = bad.to_str().unwrap();
-    for (extra, message) in [
-        (vec!["--sparsity", "0.8"], "add --prune magnitude"),
-        (vec!["--prune", "magnitude"], "needs the target --sparsity"),
-        (vec!["--prune", "magnitude", "--sparsity", "1"], "[0, 1)"),
+    for (extra, code, message) in [
+        (vec!["--sparsity", "0.8"], 2, "add --prune magnitude"),
+        (
+            vec!["--prune", "magnitude"],
+            2,
+            "needs the target --sparsity",
+        ),
+        (vec!["--prune", "magnitude", "--sparsity", "1"], 2, "[0, 1)"),
         (
             vec![
                 "--prune",
@@ -728,6 +732,7 @@ fn cli_prunes_gradually_and_refuses_bad_flags() {
                 "--prune-end-epoch",
                 "3",
             ],
+            2,
             "after the last epoch",
         ),
         (
@@ -741,6 +746,7 @@ fn cli_prunes_gradually_and_refuses_bad_flags() {
                 "--prune-end-epoch",
                 "0.5",
             ],
+            2,
             "before its start",
         ),
         (
@@ -752,9 +758,10 @@ fn cli_prunes_gradually_and_refuses_bad_flags() {
                 "--prune-exclude",
                 "nope.*",
             ],
+            1,
             "`nope.*` matches no conv or linear layer",
         ),
-        (vec!["--bn-l1=-1"], "--bn-l1"),
+        (vec!["--bn-l1=-1"], 2, "--bn-l1"),
     ] {
         let mut extra = extra;
         extra.extend(["-o", o]);
@@ -762,7 +769,7 @@ fn cli_prunes_gradually_and_refuses_bad_flags() {
         let args: Vec<&str> = args.iter().map(String::as_str).collect();
         let out = common::slimcandle(&args);
         let stderr = String::from_utf8_lossy(&out.stderr);
-        assert_eq!(out.status.code(), Some(1), "{extra:?}: {stderr}");
+        assert_eq!(out.status.code(), Some(code), "{extra:?}: {stderr}");
         assert!(stderr.contains(message), "{extra:?}: {stderr}");
         assert!(!bad.join("config.json").exists());
     }

@@ -169,7 +169,7 @@ fn quantize_writes_an_int8_checkpoint_and_reports_both_models() {
         let refs: Vec<&str> = args.iter().map(String::as_str).collect();
         fails(&refs, mentions, &bad);
     };
-    run(&["--calibration", "0"], &["--calibration 0"]);
+    run(&["--calibration", "0"], &["--calibration", "at least 1"]);
     run(&["--keep-float", "nope.*"], &["--keep-float", "nope.*"]);
     run(&["--calibrator", "median"], &["median"]);
     run(&["--percentile", "101"], &["--percentile"]);

@@ -116,7 +116,7 @@ fn each_broken_recipe_is_refused_at_its_position() {
             "out-of-range",
             BASE.replace("target_macs = 0.5", "target_macs = 1.5"),
             "1.5",
-            "`target_macs`: invalid value '1.5' for '--target-macs <TARGET_MACS>': 1.5 is outside (0, 1]",
+            "`target_macs`: invalid value '1.5' for '--target-macs <TARGET_MACS>': must be in (0, 1]",
         ),
         (
             "bad-choice",
@@ -262,7 +262,7 @@ fn all_problems_of_a_recipe_come_at_once() {
     for (marker, message) in [
         ("-1", "`epochs`: invalid value '-1'"),
         ("momentun", "did you mean `momentum`?"),
-        ("= 0\n", "0 is outside (0, 1]"),
+        ("= 0\n", "must be in (0, 1]"),
         ("\"nowhere\"", "names no earlier stage"),
     ] {
         let at = text.find(marker).unwrap() + if marker.starts_with("= ") { 2 } else { 0 };

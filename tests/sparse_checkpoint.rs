@@ -184,13 +184,15 @@ fn extras_keep_signed_zero_nan_infinity_and_subnormals() {
     let dir = common::temp_dir("sparse-extras");
     let model = dense_model();
     let nan = f32::from_bits(0x7fc1_2345);
-    let mut v = vec![0f32; 1001];
+    // 9009 elements: large enough that sparse storage pays for the whole file (the writer's
+    // file-level rule), with 7 padding bits in the mask's last byte.
+    let mut v = vec![0f32; 9009];
     v[0] = -0.0;
     v[9] = nan;
     v[500] = f32::NEG_INFINITY;
     v[999] = f32::from_bits(1);
-    v[1000] = 1.5;
-    let odd = Tensor::from_vec(v, (7, 11, 13), &Device::Cpu).unwrap();
+    v[9008] = 1.5;
+    let odd = Tensor::from_vec(v, (7, 11, 13, 9), &Device::Cpu).unwrap();
     let path = dir.join("resume.safetensors");
     checkpoint::save_with_extras(
         &model,
@@ -202,12 +204,12 @@ fn extras_keep_signed_zero_nan_infinity_and_subnormals() {
     assert_eq!(version_of(&path), "2");
     assert_eq!(
         TensorFile::read(&path).unwrap().metadata["sparse"],
-        r#"{"optimizer.odd":[7,11,13]}"#
+        r#"{"optimizer.odd":[7,11,13,9]}"#
     );
     let (loaded, extras) = checkpoint::load_with_extras(&path, "optimizer.").unwrap();
     assert_same_weights(&model, &loaded);
     let got = &extras.tensors["odd"];
-    assert_eq!(got.dims(), &[7, 11, 13]);
+    assert_eq!(got.dims(), &[7, 11, 13, 9]);
     assert_eq!(bits(got), bits(&odd));
     assert_eq!(sparse::count_nonzero(got).unwrap(), 5);
     assert_eq!(extras.metadata["progress"], "{}");
@@ -297,15 +299,16 @@ impl Parts {
 }
 
 /// A pruned checkpoint, the name of one of its sparse tensors, and a resume-style checkpoint
-/// whose extra tensor `optimizer.odd` has 1001 elements (its mask has 7 padding bits).
+/// whose extra tensor `optimizer.odd` has 9009 elements (its mask has 7 padding bits; enough
+/// zeros for sparse storage to pay for the file).
 fn sparse_files(dir: &Path) -> (PathBuf, String, PathBuf) {
     let mut model = dense_model();
     prune(&mut model, 0.8);
     let pruned = dir.join("pruned.safetensors");
     checkpoint::save(&model, &pruned).unwrap();
-    let mut v = vec![0f32; 1001];
-    v[1000] = 2.0;
-    let odd = Tensor::from_vec(v, 1001, &Device::Cpu).unwrap();
+    let mut v = vec![0f32; 9009];
+    v[9008] = 2.0;
+    let odd = Tensor::from_vec(v, 9009, &Device::Cpu).unwrap();
     let resume = dir.join("resume.safetensors");
     checkpoint::save_with_extras(
         &dense_model(),
@@ -491,7 +494,7 @@ fn corrupt_sparse_data_gives_one_clear_error() {
         "padding.safetensors",
         &resume,
         &|p| {
-            // 1001 elements: bit 0 of the last byte is element 1000, bits 1-7 are padding.
+            // 9009 elements: bit 0 of the last byte is element 9008, bits 1-7 are padding.
             let m = p.get("optimizer.odd.__sparse_mask");
             *m.data.last_mut().unwrap() |= 0b1000_0000;
             let v = p.get("optimizer.odd.__sparse_values");
@@ -500,7 +503,7 @@ fn corrupt_sparse_data_gives_one_clear_error() {
         },
         &[
             "optimizer.odd",
-            "padding bits beyond the tensor's 1001 elements",
+            "padding bits beyond the tensor's 9009 elements",
         ],
     );
     // A newer format is refused as such, before its tensors are looked at.

@@ -372,25 +372,30 @@ fn cli_training_learns_and_the_checkpoint_evaluates_and_predicts() {
 
     // Interrupting from the command line leaves a run that --resume finishes.
     let cut = root.join("cut");
-    let out = run_cli(&[
-        "train",
-        "--arch",
-        "mobilenet_v1",
-        "--width",
-        "0.25",
-        "--stem",
-        "cifar",
-        "--data",
-        &data,
-        "--epochs",
-        "2",
-        "--batch-size",
-        "20",
-        "--stop-after-steps",
-        "2",
-        "-o",
-        cut.to_str().unwrap(),
-    ]);
+    let out = Command::new(env!("CARGO_BIN_EXE_slimcandle"))
+        .args([
+            "train",
+            "--arch",
+            "mobilenet_v1",
+            "--width",
+            "0.25",
+            "--stem",
+            "cifar",
+            "--data",
+            &data,
+            "--epochs",
+            "2",
+            "--batch-size",
+            "20",
+            "--stop-after-steps",
+            "2",
+            "-o",
+            cut.to_str().unwrap(),
+        ])
+        .output()
+        .unwrap();
+    // Stopped as by Ctrl-C: exit status 130, and how to continue.
+    assert_eq!(out.status.code(), Some(130));
     assert!(String::from_utf8_lossy(&out.stdout).contains("--resume"));
     run_cli(&["train", "--resume", cut.to_str().unwrap()]);
     assert_eq!(metrics_of(&cut).len(), 2);

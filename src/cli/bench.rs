@@ -1,10 +1,12 @@
 use super::ArchArgs;
+use super::exit::{as_usage, usage};
+use super::ranges::count;
 use anyhow::{Result, bail};
 use clap::{Args, ValueEnum};
 use slimcandle::bench::{self, BenchMode};
 use slimcandle::checkpoint::{self, AnyModel};
 use slimcandle::model::Model;
-use slimcandle::models::ArchSpec;
+use slimcandle::models::{ArchSpec, Stem};
 use slimcandle::report::human_bytes;
 use slimcandle::train::teacher::{CheckpointTeacher, Teacher};
 use std::path::PathBuf;
@@ -23,19 +25,19 @@ pub struct BenchArgs {
     #[command(flatten)]
     arch: ArchArgs,
     /// Images per batch.
-    #[arg(long, alias = "batch", default_value_t = 64)]
+    #[arg(long, value_parser = count(1), alias = "batch", default_value_t = 64)]
     batch_size: usize,
     /// Input height and width.
-    #[arg(long, alias = "size", default_value_t = 32)]
+    #[arg(long, value_parser = count(1), alias = "size", default_value_t = 32)]
     input_size: usize,
     /// train: forward, backward and an SGD step; infer: eval-mode forward.
     #[arg(long, value_enum, default_value = "train")]
     mode: ModeArg,
     /// Untimed batches first.
-    #[arg(long, default_value_t = 2)]
+    #[arg(long, value_parser = count(0), default_value_t = 2)]
     warmup: usize,
     /// Timed batches.
-    #[arg(long, default_value_t = 10)]
+    #[arg(long, value_parser = count(1), default_value_t = 10)]
     iterations: usize,
     /// Train mode: time distillation steps from this teacher checkpoint (its eval-mode
     /// forward pass and the distillation loss included). The student gets the teacher's
@@ -62,13 +64,13 @@ pub fn run(args: BenchArgs) -> Result<()> {
         args.iterations,
     );
     let mut teacher = match &args.teacher {
-        Some(_) if mode != BenchMode::Train => bail!("--teacher only applies to --mode train"),
+        Some(_) if mode != BenchMode::Train => usage!("--teacher only applies to --mode train"),
         Some(path) => Some(CheckpointTeacher::load(path)?),
         None => None,
     };
     let (name, stem, r) = match (&args.checkpoint, &args.arch.arch) {
-        (Some(_), Some(_)) => bail!("bench takes a checkpoint or --arch, not both"),
-        (None, None) => bail!("bench needs --arch or a checkpoint"),
+        (Some(_), Some(_)) => usage!("bench takes a checkpoint or --arch, not both"),
+        (None, None) => usage!("bench needs --arch or a checkpoint"),
         (Some(path), None) => match checkpoint::load_any(path)? {
             AnyModel::Int8(q) => {
                 if mode == BenchMode::Train {
@@ -96,11 +98,11 @@ pub fn run(args: BenchArgs) -> Result<()> {
             if let Some(t) = &teacher {
                 options.num_classes = options.num_classes.or(Some(t.model().num_classes()));
             }
-            let spec = ArchSpec::parse(arch, &options)?;
+            let spec = ArchSpec::parse(arch, &options).map_err(as_usage)?;
             let model = Model::init(&spec, 0)?;
             let r = if args.int8 {
                 if mode == BenchMode::Train {
-                    bail!("--int8 times inference: use --mode infer");
+                    usage!("--int8 times inference: use --mode infer");
                 }
                 bench::run_int8(&bench::quantize_for_bench(&model, b, s)?, b, s, w, it)?
             } else {
@@ -128,10 +130,17 @@ pub fn run(args: BenchArgs) -> Result<()> {
             .map(|t| format!(" with teacher `{}`", t.path.display()))
             .unwrap_or_default();
         println!(
-            "{}{with} ({} stem) {:?} batch {} at {}x{}: {:.1} images/s ({:.1} ms/batch), peak memory {peak}, {} threads",
+            "{}{with} ({} stem) {} batch {} at {}x{}: {:.1} images/s ({:.1} ms/batch), peak memory {peak}, {} threads",
             name,
-            stem.map_or("unknown".to_string(), |s| format!("{s:?}")),
-            r.mode,
+            match stem {
+                Some(Stem::Imagenet) => "imagenet",
+                Some(Stem::Cifar) => "cifar",
+                None => "unknown",
+            },
+            match r.mode {
+                BenchMode::Train => "train",
+                BenchMode::Infer => "infer",
+            },
             r.batch,
             r.size,
             r.size,

@@ -1,6 +1,8 @@
 //! `slimcandle compare A.safetensors B.safetensors ...`: the recipe report for any checkpoints.
 
-use anyhow::{Result, bail};
+use super::exit::usage;
+use super::ranges::count;
+use anyhow::Result;
 use clap::Args;
 use slimcandle::pipeline::report::{self, TestData};
 use slimcandle::tensor_file::write_bytes_atomic;
@@ -15,7 +17,7 @@ pub struct CompareArgs {
     #[arg(long, default_value = "shapes")]
     data: String,
     /// Evaluate on a seeded, class-balanced subset of this many test images.
-    #[arg(long)]
+    #[arg(long, value_parser = count(1))]
     test_limit: Option<usize>,
     /// Write the plot of top-1 against file size (with the Pareto front) to this SVG file.
     #[arg(long, value_name = "SVG")]
@@ -29,8 +31,9 @@ pub fn run(args: CompareArgs) -> Result<()> {
     if let Some(plot) = &args.plot {
         let inputs: Vec<&std::path::Path> = args.checkpoints.iter().map(|p| p.as_path()).collect();
         super::check_output_is_not_input(plot, &inputs)?;
+        super::output::check(plot, "--plot", super::output::Kind::File)?;
         if plot.extension().is_none_or(|e| e != "svg") {
-            bail!(
+            usage!(
                 "--plot `{}`: the plot is SVG; name it *.svg",
                 plot.display()
             );
@@ -47,6 +50,7 @@ pub fn run(args: CompareArgs) -> Result<()> {
         rows.push(report::measure(&name, "checkpoint", path, &mut data)?);
     }
     if let Some(plot) = &args.plot {
+        super::output::create_parent(plot)?;
         write_bytes_atomic(plot, report::svg(&rows)?.as_bytes())?;
     }
     if args.json {

@@ -1,7 +1,9 @@
 //! The knowledge-distillation flags of `slimcandle train` (`docs/distillation.md`). Their
 //! names are also the keys of training recipes.
 
-use anyhow::{Result, bail};
+use super::exit::{as_usage, usage};
+use super::ranges::{POSITIVE, WEIGHT};
+use anyhow::Result;
 use clap::{Args, ValueEnum};
 use slimcandle::train::KdWeights;
 use slimcandle::train::feature_kd::{FeatureTap, HintLoss};
@@ -20,10 +22,10 @@ pub struct DistillArgs {
     pub teacher: Option<PathBuf>,
     /// Weight of the distillation term, in [0, 1]; the cross-entropy gets 1 - alpha
     /// [default: 0.9].
-    #[arg(long, value_name = "ALPHA", help_heading = "Distillation")]
+    #[arg(long, value_parser = WEIGHT.parser(), value_name = "ALPHA", help_heading = "Distillation")]
     pub kd_alpha: Option<f64>,
     /// Softmax temperature of the distillation term, > 0 [default: 4].
-    #[arg(long, value_name = "T", help_heading = "Distillation")]
+    #[arg(long, value_parser = POSITIVE.parser(), value_name = "T", help_heading = "Distillation")]
     pub kd_temperature: Option<f64>,
     /// Feature distillation: compare the student's map at STUDENT_NODE with the teacher's at
     /// TEACHER_NODE (graph node names, as `slimcandle inspect` lists them); repeatable.
@@ -58,7 +60,7 @@ impl DistillArgs {
                 ("--feature-kd-loss", self.feature_kd_loss.is_some()),
             ];
             if let Some((flag, _)) = given.iter().find(|(_, g)| *g) {
-                bail!("{flag} only applies to distillation: add --teacher CKPT");
+                usage!("{flag} only applies to distillation: add --teacher CKPT");
             }
             return Ok(None);
         }
@@ -67,7 +69,7 @@ impl DistillArgs {
             alpha: self.kd_alpha.unwrap_or(defaults.alpha),
             temperature: self.kd_temperature.unwrap_or(defaults.temperature),
         };
-        weights.validate()?;
+        weights.validate().map_err(as_usage)?;
         Ok(Some(weights))
     }
 
@@ -79,13 +81,14 @@ impl DistillArgs {
             Some(HintLossName::Mse) | None => HintLoss::Mse,
         };
         if self.feature_kd.is_empty() && self.feature_kd_loss.is_some() {
-            bail!("--feature-kd-loss needs at least one --feature-kd tap");
+            usage!("--feature-kd-loss needs at least one --feature-kd tap");
         }
         let taps = self
             .feature_kd
             .iter()
             .map(|t| FeatureTap::parse(t, loss))
-            .collect::<Result<_>>()?;
+            .collect::<Result<_>>()
+            .map_err(as_usage)?;
         Ok((taps, loss))
     }
 }

@@ -1,9 +1,11 @@
+use super::ranges::count;
 use anyhow::Result;
 use clap::Args;
 use serde_json::json;
 use slimcandle::checkpoint;
 use slimcandle::data::{DataSpec, LoadOptions};
-use slimcandle::eval::{check_classes, evaluate, evaluate_int8};
+use slimcandle::eval::{check_classes, evaluate_with};
+use slimcandle::exec::Mode;
 use slimcandle::report::Table;
 use std::path::PathBuf;
 
@@ -15,10 +17,10 @@ pub struct EvalArgs {
     #[arg(long, default_value = "shapes")]
     data: String,
     /// Evaluate on a seeded, class-balanced subset of this many test images.
-    #[arg(long)]
+    #[arg(long, value_parser = count(1))]
     test_limit: Option<usize>,
     /// Images per forward pass (also the batch of the latency figure).
-    #[arg(long, default_value_t = 256)]
+    #[arg(long, value_parser = count(1), default_value_t = 256)]
     batch_size: usize,
     /// Seed of the subset (and of `shapes`).
     #[arg(long, default_value_t = 0)]
@@ -42,10 +44,29 @@ pub fn run(args: EvalArgs) -> Result<()> {
     };
     let data = spec.load(&opts)?;
     check_classes(&meta.class_names, &data.class_names, &data.source)?;
-    let report = match &model {
-        checkpoint::AnyModel::Float(m) => evaluate(m, data.test.clone(), args.batch_size)?,
-        checkpoint::AnyModel::Int8(q) => evaluate_int8(q, data.test.clone(), args.batch_size)?,
+    let bar = super::progress::bar(data.test.len(), "evaluating", "images");
+    // The bar advances after each batch's forward pass (its timing is the latency figure).
+    let counted = |y: Result<candle_core::Tensor>| {
+        if let Ok(t) = &y {
+            bar.inc(t.dims()[0] as u64);
+        }
+        y
     };
+    let report = match &model {
+        checkpoint::AnyModel::Float(m) => {
+            let m = slimcandle::passes::fold_batch_norm(m)?;
+            evaluate_with(&m.meta, data.test.clone(), args.batch_size, |x| {
+                counted(m.forward(x, Mode::Eval))
+            })?
+        }
+        checkpoint::AnyModel::Int8(q) => {
+            let engine = slimcandle::int8::Engine::new(q)?;
+            evaluate_with(&q.meta, data.test.clone(), args.batch_size, |x| {
+                counted(engine.forward_tensor(x))
+            })?
+        }
+    };
+    bar.finish_and_clear();
     if args.json {
         let mut value = serde_json::to_value(&report)?;
         value["checkpoint"] = json!(args.checkpoint);

@@ -15,6 +15,9 @@ pub struct ForwardArgs {
     /// Where to write the outputs, under the input tensors' names.
     #[arg(short, long)]
     output: PathBuf,
+    /// Print JSON instead of text: the output file and each tensor's input and output shape.
+    #[arg(long)]
+    json: bool,
 }
 
 /// A model's eval-mode forward pass on one batch.
@@ -22,6 +25,7 @@ type Forward<'a> = Box<dyn Fn(&candle_core::Tensor) -> Result<candle_core::Tenso
 
 pub fn run(args: ForwardArgs) -> Result<()> {
     super::check_output_is_not_input(&args.output, &[&args.checkpoint, &args.input])?;
+    super::output::check(&args.output, "-o", super::output::Kind::File)?;
     // A float model runs folded; an int8 one through the int8 forward pass.
     let model = match checkpoint::load_any(&args.checkpoint)? {
         checkpoint::AnyModel::Float(m) => {
@@ -40,7 +44,11 @@ pub fn run(args: ForwardArgs) -> Result<()> {
     };
     let inputs = TensorFile::read(&args.input)?;
     let mut outputs = Vec::new();
-    for name in inputs.names() {
+    let mut shapes = Vec::new();
+    let names = inputs.names();
+    let bar = super::progress::bar(names.len(), "running", "tensors");
+    for name in names {
+        bar.inc(1);
         let view = inputs.raw(&name)?;
         let is_float = matches!(
             view.dtype(),
@@ -61,9 +69,15 @@ pub fn run(args: ForwardArgs) -> Result<()> {
         check_input(graph, x.dims())
             .with_context(|| format!("`{}`: tensor `{name}`", args.input.display()))?;
         let y = run(&x)?;
-        eprintln!("{name}: {:?} -> {:?}", x.dims(), y.dims());
+        bar.suspend(|| eprintln!("{name}: {:?} -> {:?}", x.dims(), y.dims()));
+        shapes.push(serde_json::json!({
+            "name": name,
+            "input_shape": x.dims(),
+            "output_shape": y.dims(),
+        }));
         outputs.push((name, RawTensor::from_f32(&y)?));
     }
+    bar.finish_and_clear();
     if outputs.is_empty() {
         bail!(
             "`{}` holds no 4-D float tensor to run",
@@ -76,10 +90,15 @@ pub fn run(args: ForwardArgs) -> Result<()> {
         "checkpoint".to_string(),
         args.checkpoint.display().to_string(),
     );
+    super::output::create_parent(&args.output)?;
     write_atomic(&args.output, outputs, metadata)?;
-    println!(
-        "wrote {count} output tensor(s) to {}",
-        args.output.display()
-    );
+    if args.json {
+        super::print_json(&serde_json::json!({ "output": args.output, "tensors": shapes }));
+    } else {
+        println!(
+            "wrote {count} output tensor(s) to {}",
+            args.output.display()
+        );
+    }
     Ok(())
 }

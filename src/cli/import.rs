@@ -1,9 +1,12 @@
-use super::ArchArgs;
+use super::exit::{as_usage, usage};
+use super::ranges::count;
+use super::{ArchArgs, output};
 use anyhow::{Result, bail};
 use clap::Args;
 use serde_json::json;
 use slimcandle::checkpoint;
 use slimcandle::import::import_state_dict;
+use slimcandle::models::ArchSpec;
 use slimcandle::report::{human_bytes, human_count};
 use std::path::PathBuf;
 
@@ -20,7 +23,7 @@ pub struct ImportArgs {
     #[arg(long, value_delimiter = ',')]
     class_names: Option<Vec<String>>,
     /// Input size the preprocessing records (default: 224, or 32 with `--stem cifar`).
-    #[arg(long)]
+    #[arg(long, value_parser = count(1))]
     input_size: Option<usize>,
     /// Print JSON instead of text.
     #[arg(long)]
@@ -29,9 +32,11 @@ pub struct ImportArgs {
 
 pub fn run(args: ImportArgs) -> Result<()> {
     super::check_output_is_not_input(&args.output, &[&args.state_dict])?;
+    output::check(&args.output, "-o", output::Kind::File)?;
     let Some(arch) = &args.arch.arch else {
-        bail!("import needs --arch: which architecture the state dict is for")
+        usage!("import needs --arch: which architecture the state dict is for")
     };
+    ArchSpec::parse(arch, &args.arch.options()).map_err(as_usage)?;
     let mut model = import_state_dict(&args.state_dict, arch, &args.arch.options())?;
     if let Some(names) = args.class_names {
         if names.len() != model.num_classes() {
@@ -48,6 +53,7 @@ pub fn run(args: ImportArgs) -> Result<()> {
     }
     let [h, w] = model.meta.preprocessing.input_size;
     let summary = model.graph.summary(h, w)?;
+    output::create_parent(&args.output)?;
     checkpoint::save(&model, &args.output)?;
     let file_size = std::fs::metadata(&args.output)?.len();
     let variant = model

@@ -1,8 +1,10 @@
+use super::ranges::count;
 use anyhow::Result;
 use clap::Args;
 use serde_json::json;
 use slimcandle::checkpoint;
 use slimcandle::footprint::Footprint;
+use slimcandle::models::{ArchSpec, Family, Stem};
 use slimcandle::report::{Table, human_bytes, human_count};
 use slimcandle::sparse;
 use slimcandle::tensor_file::TensorFile;
@@ -13,7 +15,7 @@ pub struct InspectArgs {
     /// Checkpoint to inspect.
     checkpoint: PathBuf,
     /// Input size for shapes and MACs (default: the checkpoint's preprocessing size).
-    #[arg(long)]
+    #[arg(long, value_parser = count(1))]
     input_size: Option<usize>,
     /// Print JSON instead of text.
     #[arg(long)]
@@ -62,6 +64,7 @@ pub fn run(args: InspectArgs) -> Result<()> {
             "dtypes": file.dtype_counts(),
             "sparse_tensors": sparse_tensors,
             "layers": summary.layers,
+            "torchvision_note": meta.arch.as_ref().and_then(torchvision_stem_note),
         }));
         return Ok(());
     }
@@ -128,6 +131,9 @@ pub fn run(args: InspectArgs) -> Result<()> {
         p.mean,
         p.std
     );
+    if let Some(note) = meta.arch.as_ref().and_then(torchvision_stem_note) {
+        println!("torchvision   {note}");
+    }
     println!(
         "tensors       {} ({})",
         file.names().len(),
@@ -302,4 +308,42 @@ total: {} params",
         human_count(q.param_count() as u64)
     );
     Ok(())
+}
+
+/// For the small-input stem: the weights load into stock torchvision without an error, but
+/// that model keeps the ImageNet stem's stride (and pooling), so it computes something else.
+/// Says so, with the change that makes torchvision's `model` match (docs/checkpoint-format.md).
+pub fn torchvision_stem_note(arch: &ArchSpec) -> Option<String> {
+    if arch.stem != Stem::Cifar {
+        return None;
+    }
+    let change = match arch.family {
+        Family::MobilenetV2 | Family::MobilenetV3Small | Family::MobilenetV3Large => {
+            "model.features[0][0].stride = (1, 1)"
+        }
+        Family::ShufflenetV2 => {
+            "model.conv1[0].stride = (1, 1); model.maxpool = torch.nn.Identity()"
+        }
+        Family::Squeezenet1_0 => {
+            "model.features[0].stride, model.features[0].padding = (1, 1), (3, 3); model.features[2] = torch.nn.Identity()"
+        }
+        Family::Squeezenet1_1 => {
+            "model.features[0].stride, model.features[0].padding = (1, 1), (1, 1); model.features[2] = torch.nn.Identity()"
+        }
+        Family::MobilenetV1 => {
+            return Some(
+                "small-input (cifar) stem: the first conv runs at stride 1 (not a torchvision model)"
+                    .to_string(),
+            );
+        }
+        Family::ShufflenetV1 => {
+            return Some(
+                "small-input (cifar) stem: `first_conv` runs at stride 1 and the max pool is dropped (not a torchvision model)"
+                    .to_string(),
+            );
+        }
+    };
+    Some(format!(
+        "small-input (cifar) stem: stock torchvision loads these weights but computes something else; to match, after loading: {change}"
+    ))
 }

@@ -5,20 +5,26 @@ mod bench;
 mod compare;
 mod distill_args;
 mod eval;
+pub mod exit;
 mod export;
 mod forward;
 mod import;
 mod inspect;
 mod models;
+mod output;
 mod predict;
+mod progress;
 mod prune;
 mod quantize;
+mod ranges;
 mod run;
 mod sensitivity;
 mod train;
 
-use anyhow::{Result, bail};
-use clap::{Args, Parser, Subcommand};
+use self::ranges::{POSITIVE, count};
+use anyhow::Result;
+use clap::{Args, CommandFactory, FromArgMatches, Parser, Subcommand};
+use exit::usage;
 use slimcandle::models::{ArchOptions, Stem};
 use std::path::Path;
 
@@ -30,7 +36,7 @@ use std::path::Path;
 )]
 pub struct Cli {
     /// Worker threads (default: all cores).
-    #[arg(long, global = true)]
+    #[arg(long, value_parser = count(1), global = true)]
     threads: Option<usize>,
     #[command(subcommand)]
     command: Command,
@@ -115,13 +121,13 @@ pub struct ArchArgs {
     #[arg(long)]
     pub arch: Option<String>,
     /// Width multiplier (MobileNets) or scale (ShuffleNets: 0.5, 1.0, 1.5, 2.0).
-    #[arg(long)]
+    #[arg(long, value_parser = POSITIVE.parser())]
     pub width: Option<f64>,
     /// Groups of ShuffleNet V1's 1x1 convolutions (1, 2, 3, 4, 8).
-    #[arg(long)]
+    #[arg(long, value_parser = count(1))]
     pub groups: Option<usize>,
     /// Number of output classes.
-    #[arg(long)]
+    #[arg(long, value_parser = count(1))]
     pub num_classes: Option<usize>,
     /// Input stem: `imagenet` (the published network) or `cifar` (keeps resolution for 32x32).
     #[arg(long)]
@@ -137,6 +143,18 @@ impl ArchArgs {
             stem: self.stem,
         }
     }
+}
+
+/// The command line's definition: the derived one, with the argument relations that derive
+/// attributes cannot state (everything `train --resume` refuses).
+pub fn command() -> clap::Command {
+    Cli::command().mut_subcommand("train", train::refuse_settings_with_resume)
+}
+
+/// Parses the command line; a usage error exits 2 with clap's message.
+pub fn parse() -> Cli {
+    let matches = command().get_matches();
+    Cli::from_arg_matches(&matches).unwrap_or_else(|e| e.exit())
 }
 
 pub fn run(cli: Cli) -> Result<()> {
@@ -167,7 +185,7 @@ pub fn check_output_is_not_input(output: &Path, inputs: &[&Path]) -> Result<()> 
     let canon = |p: &Path| std::fs::canonicalize(p).ok();
     for input in inputs {
         if output == *input || (canon(output).is_some() && canon(output) == canon(input)) {
-            bail!(
+            usage!(
                 "the output `{}` is also an input of this command; choose another file",
                 output.display()
             );
@@ -186,13 +204,11 @@ pub fn print_json(value: &serde_json::Value) {
 
 #[cfg(test)]
 mod tests {
-    use super::Cli;
-    use clap::CommandFactory;
 
     /// Every option of every command explains itself in `--help` (issue #14).
     #[test]
     fn every_option_has_help_text() {
-        let cli = Cli::command();
+        let cli = super::command();
         let mut missing = Vec::new();
         for sub in cli.get_subcommands() {
             for arg in sub.get_arguments() {

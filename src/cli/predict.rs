@@ -1,3 +1,4 @@
+use super::ranges::count;
 use anyhow::Result;
 use clap::Args;
 use serde_json::json;
@@ -13,7 +14,7 @@ pub struct PredictArgs {
     #[arg(required = true)]
     images: Vec<PathBuf>,
     /// How many classes to show per image.
-    #[arg(long, default_value_t = 5)]
+    #[arg(long, value_parser = count(1), default_value_t = 5)]
     top_k: usize,
     /// Print JSON instead of text.
     #[arg(long)]

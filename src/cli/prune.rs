@@ -1,3 +1,5 @@
+use super::exit::{as_usage, usage};
+use super::ranges::{KEPT_FRACTION, REMOVED_FRACTION, count, open_closed};
 use anyhow::{Result, bail};
 use clap::{Args, ValueEnum};
 use serde_json::json;
@@ -39,36 +41,37 @@ pub struct PruneArgs {
     /// What to remove: whole channels, or single weights.
     #[arg(long, value_enum, default_value = "channel")]
     method: Method,
-    /// Channel importance: l1, l2, bn-scale, taylor (needs --data), random.
-    #[arg(long, default_value = "l1")]
-    criterion: Criterion,
+    /// Channel importance: l1, l2, bn-scale, taylor (needs --data), random [default: l1].
+    #[arg(long)]
+    criterion: Option<Criterion>,
     /// Ranking scope (default: uniform for channel, global for magnitude).
     #[arg(long = "prune-scope", alias = "scope", value_enum)]
     scope: Option<ScopeArg>,
     /// Fraction of the prunable channels to remove.
-    #[arg(long, value_parser = removed_fraction, conflicts_with_all = ["target_macs", "target_params"])]
+    #[arg(long, value_parser = REMOVED_FRACTION.parser(), conflicts_with_all = ["target_macs", "target_params"])]
     ratio: Option<f64>,
     /// Magnitude: fraction of the prunable weights to zero.
-    #[arg(long, value_parser = removed_fraction)]
+    #[arg(long, value_parser = REMOVED_FRACTION.parser())]
     sparsity: Option<f64>,
     /// Magnitude: prune depthwise conv filters too (spared by default).
     #[arg(long)]
     prune_depthwise: bool,
     /// Keep this fraction of the MACs (0.5 halves them), reached by searching the ratio.
-    #[arg(long, value_parser = kept_fraction, conflicts_with = "target_params")]
+    #[arg(long, value_parser = KEPT_FRACTION.parser(), conflicts_with = "target_params")]
     target_macs: Option<f64>,
     /// Keep this fraction of the parameters, reached by searching the ratio.
-    #[arg(long, value_parser = kept_fraction)]
+    #[arg(long, value_parser = KEPT_FRACTION.parser())]
     target_params: Option<f64>,
-    /// Round kept channel counts to a multiple of this (1: no rounding).
-    #[arg(long, default_value_t = 8)]
-    round_to: usize,
-    /// Never cut a layer below this many channels.
-    #[arg(long, default_value_t = 8)]
-    min_channels: usize,
-    /// Never remove more than this fraction of one layer's channels (global scope, targets).
-    #[arg(long, default_value_t = 0.9)]
-    max_ratio: f64,
+    /// Channel: round kept channel counts to a multiple of this (1: no rounding) [default: 8].
+    #[arg(long, value_parser = count(1))]
+    round_to: Option<usize>,
+    /// Channel: never cut a layer below this many channels [default: 8].
+    #[arg(long, value_parser = count(1))]
+    min_channels: Option<usize>,
+    /// Channel: never remove more than this fraction of one layer's channels (global scope,
+    /// targets), in (0, 1] [default: 0.9].
+    #[arg(long, value_parser = open_closed(0.0, 1.0).parser())]
+    max_ratio: Option<f64>,
     /// Channel: prune residual streams (channels joined by an add) too; spared by default.
     #[arg(long)]
     prune_residual: bool,
@@ -83,13 +86,13 @@ pub struct PruneArgs {
     #[arg(long)]
     data: Option<String>,
     /// Evaluate on a seeded, class-balanced subset of this many test images.
-    #[arg(long)]
+    #[arg(long, value_parser = count(1))]
     test_limit: Option<usize>,
-    /// Taylor criterion: batches of training images to accumulate gradients over.
-    #[arg(long, default_value_t = 16)]
-    taylor_batches: usize,
+    /// Taylor criterion: batches of training images to accumulate gradients over [default: 16].
+    #[arg(long, value_parser = count(1))]
+    taylor_batches: Option<usize>,
     /// Images per batch for evaluation and the taylor criterion.
-    #[arg(long, default_value_t = 64)]
+    #[arg(long, value_parser = count(1), default_value_t = 64)]
     batch_size: usize,
     /// Seed of the data subsets and the random criterion.
     #[arg(long, default_value_t = 0)]
@@ -102,26 +105,6 @@ pub struct PruneArgs {
     json: bool,
 }
 
-/// A fraction of channels or weights to remove, in [0, 1).
-fn removed_fraction(text: &str) -> Result<f64, String> {
-    let v: f64 = text.parse().map_err(|e| format!("{e}"))?;
-    if (0.0..1.0).contains(&v) {
-        Ok(v)
-    } else {
-        Err(format!("{v} is outside [0, 1)"))
-    }
-}
-
-/// A fraction of the MACs or parameters to keep, in (0, 1].
-fn kept_fraction(text: &str) -> Result<f64, String> {
-    let v: f64 = text.parse().map_err(|e| format!("{e}"))?;
-    if v > 0.0 && v <= 1.0 {
-        Ok(v)
-    } else {
-        Err(format!("{v} is outside (0, 1]"))
-    }
-}
-
 fn parse_layer_ratio(text: &str) -> Result<(NamePattern, f64)> {
     let Some((pattern, ratio)) = text.rsplit_once('=') else {
         bail!("--layer-ratio `{text}`: expected PATTERN=RATIO, e.g. `features.1.*=0.2`");
@@ -130,17 +113,34 @@ fn parse_layer_ratio(text: &str) -> Result<(NamePattern, f64)> {
         .trim()
         .parse()
         .map_err(|_| anyhow::anyhow!("--layer-ratio `{text}`: `{ratio}` is not a number"))?;
+    if !REMOVED_FRACTION.contains(ratio) {
+        bail!("--layer-ratio `{text}`: the ratio must be {REMOVED_FRACTION}");
+    }
     Ok((NamePattern::parse(pattern)?, ratio))
 }
 
 /// Accuracy on the test split, when data was given.
-fn accuracy(model: &Model, data: Option<&Dataset>) -> Result<Option<(f64, f64)>> {
+fn accuracy(
+    model: &Model,
+    data: Option<&Dataset>,
+    batch_size: usize,
+) -> Result<Option<(f64, f64)>> {
     match data {
         Some(d) => {
-            let r = evaluate(model, d.test.clone(), 256)?;
+            let r = evaluate(model, d.test.clone(), batch_size)?;
             Ok(Some((r.top1, r.top5)))
         }
         None => Ok(None),
+    }
+}
+
+impl PruneArgs {
+    fn criterion(&self) -> Criterion {
+        self.criterion.unwrap_or(Criterion::L1)
+    }
+
+    fn taylor_batches(&self) -> usize {
+        self.taylor_batches.unwrap_or(16)
     }
 }
 
@@ -150,55 +150,68 @@ pub fn check(args: &PruneArgs) -> Result<()> {
     match args.method {
         Method::Channel => {
             if args.sparsity.is_some() || args.prune_depthwise {
-                bail!("--sparsity and --prune-depthwise are for --method magnitude");
+                usage!("--sparsity and --prune-depthwise are for --method magnitude");
             }
             if [args.ratio, args.target_macs, args.target_params]
                 .iter()
                 .all(Option::is_none)
             {
-                bail!("say how much to prune: --ratio R, --target-macs F or --target-params F");
+                usage!("say how much to prune: --ratio R, --target-macs F or --target-params F");
             }
-            if args.criterion.needs_data() && args.data.is_none() {
-                bail!(
+            if args.criterion().needs_data() && args.data.is_none() {
+                usage!(
                     "--criterion {} takes gradients on training images: pass --data",
-                    args.criterion.name()
+                    args.criterion().name()
                 );
+            }
+            if args.taylor_batches.is_some() && !args.criterion().needs_data() {
+                usage!("--taylor-batches is for --criterion taylor");
             }
         }
         Method::Magnitude => {
             if args.ratio.is_some() || args.target_macs.is_some() || args.target_params.is_some() {
-                bail!("--method magnitude takes --sparsity S, not --ratio or --target-*");
+                usage!("--method magnitude takes --sparsity S, not --ratio or --target-*");
             }
-            if !args.layer_ratios.is_empty() {
-                bail!("--layer-ratio is for --method channel");
+            let channel_only = [
+                ("--layer-ratio", !args.layer_ratios.is_empty()),
+                ("--criterion", args.criterion.is_some()),
+                ("--round-to", args.round_to.is_some()),
+                ("--min-channels", args.min_channels.is_some()),
+                ("--max-ratio", args.max_ratio.is_some()),
+                ("--prune-residual", args.prune_residual),
+                ("--taylor-batches", args.taylor_batches.is_some()),
+            ];
+            if let Some((flag, _)) = channel_only.iter().find(|(_, given)| *given) {
+                usage!("{flag} is for --method channel (magnitude zeroes single weights by size)");
             }
             if args.sparsity.is_none() {
-                bail!(
+                usage!(
                     "--method magnitude needs --sparsity S (the fraction of prunable weights to zero)"
                 );
             }
         }
     }
     for text in &args.layer_ratios {
-        parse_layer_ratio(text)?;
+        parse_layer_ratio(text).map_err(as_usage)?;
     }
-    parse_list(&args.exclude)?;
+    parse_list(&args.exclude).map_err(|e| as_usage(e.context("--prune-exclude")))?;
     Ok(())
 }
 
 pub fn run(args: PruneArgs) -> Result<()> {
     check(&args)?;
     super::check_output_is_not_input(&args.output, &[&args.checkpoint])?;
+    super::output::check(&args.output, "-o", super::output::Kind::File)?;
     let file = TensorFile::read(&args.checkpoint)?;
     let model = checkpoint::from_file(&file)?;
-    let needs_train = args.criterion.needs_data() && args.method == Method::Channel;
+    let needs_train = args.criterion().needs_data() && args.method == Method::Channel;
     let data = match &args.data {
         Some(spec) => {
             let spec: DataSpec = spec.parse()?;
             let opts = LoadOptions {
                 size: model.meta.preprocessing.input_size[0],
                 train_limit: Some(if needs_train {
-                    args.taylor_batches * args.batch_size
+                    args.taylor_batches() * args.batch_size
                 } else {
                     0
                 }),
@@ -213,15 +226,36 @@ pub fn run(args: PruneArgs) -> Result<()> {
         None => None,
     };
     let before = Footprint::of(&model, Some(file.file_size() as u64))?;
-    let acc_before = accuracy(&model, data.as_ref())?;
+    // Evaluation and the taylor criterion's gradients take seconds to minutes.
+    let spinner = data
+        .as_ref()
+        .map(|_| super::progress::spinner("evaluating before pruning"));
+    let acc_before = accuracy(&model, data.as_ref(), args.batch_size)?;
+    if let Some(s) = &spinner {
+        s.set_message(if needs_train {
+            format!(
+                "ranking channels (taylor: gradients of {} batches)",
+                args.taylor_batches()
+            )
+        } else {
+            "pruning".to_string()
+        });
+    }
     let (pruned, details) = match args.method {
         Method::Channel => channel(&args, &model, data.as_ref())?,
         Method::Magnitude => magnitude(&args, &model)?,
     };
+    if let Some(s) = &spinner {
+        s.set_message("evaluating after pruning");
+    }
+    super::output::create_parent(&args.output)?;
     checkpoint::save(&pruned, &args.output)?;
     let size_after = std::fs::metadata(&args.output)?.len();
     let after = Footprint::of(&pruned, Some(size_after))?;
-    let acc_after = accuracy(&pruned, data.as_ref())?;
+    let acc_after = accuracy(&pruned, data.as_ref(), args.batch_size)?;
+    if let Some(s) = spinner {
+        s.finish_and_clear();
+    }
     if args.json {
         super::print_json(&json!({
             "checkpoint": args.checkpoint,
@@ -277,7 +311,7 @@ fn channel(args: &PruneArgs, model: &Model, data: Option<&Dataset>) -> Result<(M
         .map(|t| parse_layer_ratio(t))
         .collect::<Result<Vec<_>>>()?;
     let cfg = ChannelPruneConfig {
-        criterion: args.criterion,
+        criterion: args.criterion(),
         plan: PlanConfig {
             scope: match args.scope.unwrap_or(ScopeArg::Uniform) {
                 ScopeArg::Uniform => Scope::Uniform,
@@ -286,9 +320,9 @@ fn channel(args: &PruneArgs, model: &Model, data: Option<&Dataset>) -> Result<(M
             target,
             overrides,
             exclude: parse_list(&args.exclude)?,
-            min_channels: args.min_channels,
-            round_to: args.round_to.max(1),
-            max_ratio: args.max_ratio,
+            min_channels: args.min_channels.unwrap_or(8),
+            round_to: args.round_to.unwrap_or(8),
+            max_ratio: args.max_ratio.unwrap_or(0.9),
             prune_residual: args.prune_residual,
         },
         seed: args.seed,
@@ -296,7 +330,7 @@ fn channel(args: &PruneArgs, model: &Model, data: Option<&Dataset>) -> Result<(M
     let taylor = data.map(|d| TaylorData {
         images: d.train.clone(),
         batch_size: args.batch_size,
-        batches: args.taylor_batches,
+        batches: args.taylor_batches(),
     });
     let (pruned, plan) = prune_channels(model, &cfg, taylor.as_ref())?;
     let mut table = Table::new(&["layers", "channels", "kept", "rule"], &[0, 3]);
@@ -319,7 +353,7 @@ fn channel(args: &PruneArgs, model: &Model, data: Option<&Dataset>) -> Result<(M
         ]);
     }
     let json = json!({
-        "criterion": args.criterion.name(),
+        "criterion": args.criterion().name(),
         "scope": if cfg.plan.scope == Scope::Global { "global" } else { "uniform" },
         "ratio": plan.ratio,
         "layer_groups": plan.groups,

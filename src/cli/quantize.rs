@@ -1,5 +1,7 @@
 //! `slimcandle quantize`: post-training int8 quantization of a float checkpoint.
 
+use super::exit::as_usage;
+use super::ranges::{count, open_closed};
 use anyhow::{Result, bail};
 use clap::{Args, ValueEnum};
 use indicatif::{ProgressBar, ProgressStyle};
@@ -36,13 +38,13 @@ pub struct QuantizeArgs {
     #[arg(long)]
     data: String,
     /// Number of training images to calibrate on (a seeded, class-balanced subset).
-    #[arg(long, default_value_t = 1024)]
+    #[arg(long, value_parser = count(1), default_value_t = 1024)]
     calibration: usize,
     /// How each activation's range is chosen from its observed values.
     #[arg(long, value_enum, default_value = "percentile")]
     calibrator: CalibratorArg,
-    /// Percentile calibrator: keep this percentage of each tail (100 is minmax).
-    #[arg(long, default_value_t = 99.99)]
+    /// Percentile calibrator: keep this percentage of each tail, in (50, 100] (100 is minmax).
+    #[arg(long, value_parser = open_closed(50.0, 100.0).parser(), default_value_t = 99.99)]
     percentile: f64,
     /// One weight scale per tensor instead of one per output channel.
     #[arg(long)]
@@ -51,10 +53,10 @@ pub struct QuantizeArgs {
     #[arg(long, default_value = "")]
     keep_float: String,
     /// Evaluate on a seeded, class-balanced subset of this many test images.
-    #[arg(long)]
+    #[arg(long, value_parser = count(1))]
     test_limit: Option<usize>,
     /// Images per batch for calibration and evaluation.
-    #[arg(long, default_value_t = 64)]
+    #[arg(long, value_parser = count(1), default_value_t = 64)]
     batch_size: usize,
     /// Seed of the calibration and test subsets.
     #[arg(long, default_value_t = 0)]
@@ -71,17 +73,9 @@ impl QuantizeArgs {
     pub(super) fn calibrator(&self) -> Result<Calibrator> {
         Ok(match self.calibrator {
             CalibratorArg::Minmax => Calibrator::Minmax,
-            CalibratorArg::Percentile => {
-                if !(self.percentile > 50.0 && self.percentile <= 100.0) {
-                    bail!(
-                        "--percentile {}: expected a percentage in (50, 100], e.g. 99.99",
-                        self.percentile
-                    );
-                }
-                Calibrator::Percentile {
-                    percentile: self.percentile,
-                }
-            }
+            CalibratorArg::Percentile => Calibrator::Percentile {
+                percentile: self.percentile,
+            },
             CalibratorArg::Mse => Calibrator::Mse,
             CalibratorArg::Entropy => Calibrator::Entropy,
         })
@@ -94,9 +88,7 @@ fn images_per_second(r: &EvalReport) -> f64 {
 
 pub fn run(args: QuantizeArgs) -> Result<()> {
     super::check_output_is_not_input(&args.output, &[&args.checkpoint])?;
-    if args.calibration == 0 {
-        bail!("--calibration 0: calibration needs at least one image");
-    }
+    super::output::check(&args.output, "-o", super::output::Kind::File)?;
     let calibrator = args.calibrator()?;
     let file = TensorFile::read(&args.checkpoint)?;
     let model = checkpoint::from_file(&file)?;
@@ -108,7 +100,7 @@ pub fn run(args: QuantizeArgs) -> Result<()> {
         },
         calibrator,
         keep_float: parse_list(&args.keep_float)
-            .map_err(|e| anyhow::anyhow!("--keep-float: {e}"))?,
+            .map_err(|e| as_usage(e.context("--keep-float")))?,
     };
     // Pattern errors before the (long) calibration.
     plan::keep_float_layers(&model.graph, &opts.keep_float)?;
@@ -178,6 +170,7 @@ pub fn run(args: QuantizeArgs) -> Result<()> {
             evaluate_int8(&q, data.test.clone(), args.batch_size)?,
         ))
     };
+    super::output::create_parent(&args.output)?;
     store::save(&q, &args.output)?;
     let size_after = std::fs::metadata(&args.output)?.len();
     let params_after = q.param_count() as u64;

@@ -1,6 +1,7 @@
 //! `slimcandle run RECIPE.toml`: the stage kinds (each one of this binary's commands, its
 //! clap definition the one source of the stage's keys) and the command that runs a recipe.
 
+use super::exit::Interrupted;
 use super::{ArchArgs, eval, import, prune, quantize, train};
 use anyhow::{Result, bail};
 use clap::{ArgMatches, Args, Command, FromArgMatches};
@@ -47,7 +48,9 @@ fn no_check(_: &ArgMatches) -> Result<()> {
 fn train_kind(name: &'static str, check: fn(&ArgMatches) -> Result<()>) -> KindSpec {
     KindSpec {
         name,
-        command: train::TrainArgs::augment_args(Command::new("train")),
+        command: train::refuse_settings_with_resume(train::TrainArgs::augment_args(Command::new(
+            "train",
+        ))),
         input: InputArg::Flag("init"),
         output: OutputArg::RunFolder {
             flag: "output",
@@ -213,7 +216,12 @@ pub fn run(args: RunArgs) -> Result<()> {
             .expect("the runner only runs registered kinds");
         eprintln!("$ slimcandle {}", argv.join(" "));
         let matches = kind.command.clone().try_get_matches_from(argv)?;
-        with_stdout_on_stderr(|| (kind.run)(&matches))
+        // An interrupted training stage is the runner's to report, with the recipe's way to
+        // continue.
+        match with_stdout_on_stderr(|| (kind.run)(&matches)) {
+            Err(e) if e.is::<Interrupted>() => Ok(()),
+            other => other,
+        }
     };
     let mut after =
         |rows: &[report::Row], stage: &slimcandle::pipeline::plan::PlannedStage, action| {
@@ -228,7 +236,13 @@ pub fn run(args: RunArgs) -> Result<()> {
                 report::table(rows).render()
             );
         };
-    let result = runner::run(&plan, &registry, &dir, &exec, &mut after)?;
+    let result = runner::run(&plan, &registry, &dir, &exec, &mut after).map_err(|e| {
+        if train::interrupted() {
+            anyhow::Error::new(Interrupted).context(format!("{e:#}"))
+        } else {
+            e
+        }
+    })?;
     print!("{}", report::table(&result.rows).render());
     println!(
         "\nfinal checkpoint {}; report {}/report.md and report.json; plot {}/report.svg",

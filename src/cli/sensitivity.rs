@@ -1,3 +1,4 @@
+use super::ranges::{count, open};
 use anyhow::{Result, bail};
 use clap::{Args, ValueEnum};
 use indicatif::{ProgressBar, ProgressStyle};
@@ -37,19 +38,21 @@ pub struct SensitivityArgs {
     #[arg(long, value_enum, default_value = "channel")]
     method: SensitivityMethod,
     /// Quantize scans: training images to calibrate on (a seeded, class-balanced subset).
-    #[arg(long, default_value_t = 1024)]
+    #[arg(long, value_parser = count(1), default_value_t = 1024)]
     calibration: usize,
     /// Pruning ratios to try on each layer, comma-separated.
-    #[arg(long, default_value = "0.1,0.3,0.5,0.7", value_delimiter = ',')]
+    #[arg(long, value_parser = open(0.0, 1.0).parser(), default_value = "0.1,0.3,0.5,0.7", value_delimiter = ',')]
     ratios: Vec<f64>,
     /// Channel importance: l1, l2, bn-scale, random.
     #[arg(long, default_value = "l1")]
     criterion: Criterion,
-    /// Round kept channel counts to a multiple of this (1: exact ratios).
-    #[arg(long, default_value_t = 1)]
+    /// Round kept channel counts to a multiple of this. The default 1 measures exactly the
+    /// ratios asked (and includes the residual streams), where `prune` rounds to 8 and spares
+    /// them: pass `--round-to 8 --min-channels 8` to scan what `prune` would cut.
+    #[arg(long, value_parser = count(1), default_value_t = 1)]
     round_to: usize,
-    /// Never cut a layer below this many channels.
-    #[arg(long, default_value_t = 1)]
+    /// Never cut a layer below this many channels (prune's default: 8; see --round-to).
+    #[arg(long, value_parser = count(1), default_value_t = 1)]
     min_channels: usize,
     /// Magnitude scans: include depthwise convs (spared by default, as in pruning).
     #[arg(long)]
@@ -58,25 +61,26 @@ pub struct SensitivityArgs {
     #[arg(long = "prune-exclude", alias = "exclude", default_value = "")]
     exclude: String,
     /// Evaluate on a seeded, class-balanced subset of this many test images.
-    #[arg(long)]
+    #[arg(long, value_parser = count(1))]
     test_limit: Option<usize>,
     /// Seed of the test subset and the random criterion.
     #[arg(long, default_value_t = 0)]
     seed: u64,
-    /// Where to write the CSV (one row per layer and ratio).
-    #[arg(long, default_value = "sensitivity.csv")]
-    csv: PathBuf,
+    /// Also write the results to this CSV file (one row per layer and ratio).
+    #[arg(long)]
+    csv: Option<PathBuf>,
     /// Print JSON instead of text.
     #[arg(long)]
     json: bool,
 }
 
 pub fn run(args: SensitivityArgs) -> Result<()> {
+    if let Some(csv) = &args.csv {
+        super::check_output_is_not_input(csv, &[&args.checkpoint])?;
+        super::output::check(csv, "--csv", super::output::Kind::File)?;
+    }
     let model = checkpoint::load(&args.checkpoint)?;
     let quantize = args.method == SensitivityMethod::Quantize;
-    if quantize && args.calibration == 0 {
-        bail!("--calibration 0: calibration needs at least one image");
-    }
     let spec: DataSpec = args.data.parse()?;
     let data = spec.load(&LoadOptions {
         size: model.meta.preprocessing.input_size[0],
@@ -149,7 +153,6 @@ pub fn run(args: SensitivityArgs) -> Result<()> {
     );
     let magnitude = args.method == SensitivityMethod::Magnitude;
     print!("{}", table(&result, &args.ratios, magnitude).render());
-    eprintln!("wrote {}", args.csv.display());
     Ok(())
 }
 
@@ -210,7 +213,7 @@ fn csv(result: &Sensitivity) -> String {
     out
 }
 
-/// Writes the scan's CSV (atomically) and, with `--json`, prints `value` with the checkpoint,
+/// Writes the scan's CSV (atomically) when asked and, with `--json`, prints `value` with the checkpoint,
 /// data and CSV path added; returns whether it printed (so no table follows).
 fn write_results(
     args: &SensitivityArgs,
@@ -218,7 +221,11 @@ fn write_results(
     csv: &str,
     mut value: serde_json::Value,
 ) -> Result<bool> {
-    write_bytes_atomic(&args.csv, csv.as_bytes())?;
+    if let Some(path) = &args.csv {
+        super::output::create_parent(path)?;
+        write_bytes_atomic(path, csv.as_bytes())?;
+        eprintln!("wrote {}", path.display());
+    }
     if args.json {
         value["checkpoint"] = serde_json::json!(args.checkpoint);
         value["data"] = serde_json::json!(data.source);
@@ -286,6 +293,5 @@ fn run_quantize(
         ]);
     }
     print!("{}", t.render());
-    eprintln!("wrote {}", args.csv.display());
     Ok(())
 }

@@ -1,7 +1,9 @@
 use super::ArchArgs;
 use super::distill_args::DistillArgs;
+use super::exit::{Interrupted, as_usage, usage};
+use super::ranges::{KEPT_FRACTION, NON_NEGATIVE, POSITIVE, REMOVED_FRACTION, count, open};
 use anyhow::{Result, bail};
-use clap::{Args, ValueEnum};
+use clap::{Args, Command, ValueEnum};
 use indicatif::{ProgressBar, ProgressStyle};
 use serde_json::json;
 use slimcandle::checkpoint;
@@ -53,65 +55,67 @@ enum ScopeName {
 pub struct TrainArgs {
     #[command(flatten)]
     arch: ArchArgs,
-    /// Start from this checkpoint instead of a fresh `--arch` model.
-    #[arg(long, conflicts_with = "arch")]
+    /// Start from this checkpoint instead of a fresh `--arch` model; its architecture, width,
+    /// stem and input size are the model's, so the options that build a model are refused.
+    #[arg(long, conflicts_with_all = ["arch", "width", "groups", "num_classes", "stem"])]
     init: Option<PathBuf>,
     /// With --init: replace the classifier by a fresh one sized for the dataset's classes.
     #[arg(long, requires = "init")]
     new_classifier: bool,
-    /// Continue the run in this folder where it stopped; every other option comes from it.
-    #[arg(long, conflicts_with_all = ["arch", "init", "output"])]
+    /// Continue the run in this folder where it stopped; every setting comes from the run, so
+    /// any other option but --json is refused.
+    #[arg(long)]
     resume: Option<PathBuf>,
     /// shapes | cifar10:PATH | cifar100:PATH | mnist:PATH | fashion-mnist:PATH | folder:PATH
     #[arg(long, default_value = "shapes")]
     data: String,
     /// Train on a seeded, class-balanced subset of this many images (shapes: generate this many).
-    #[arg(long)]
+    #[arg(long, value_parser = count(1))]
     train_limit: Option<usize>,
     /// Evaluate on a seeded, class-balanced subset of this many images.
-    #[arg(long)]
+    #[arg(long, value_parser = count(1))]
     test_limit: Option<usize>,
     /// Passes over the training split.
-    #[arg(long, default_value_t = 10)]
+    #[arg(long, value_parser = count(1), default_value_t = 10)]
     epochs: usize,
     /// Images per optimizer step.
-    #[arg(long, default_value_t = 128)]
+    #[arg(long, value_parser = count(1), default_value_t = 128)]
     batch_size: usize,
     /// Optimizer: sgd (momentum) or adamw.
     #[arg(long, value_enum, default_value = "sgd")]
     optimizer: OptimizerName,
     /// Peak learning rate.
-    #[arg(long, default_value_t = 0.1)]
+    #[arg(long, value_parser = POSITIVE.parser(), default_value_t = 0.1)]
     lr: f64,
     /// SGD momentum (AdamW: beta1).
-    #[arg(long, default_value_t = 0.9)]
+    #[arg(long, value_parser = REMOVED_FRACTION.parser(), default_value_t = 0.9)]
     momentum: f64,
     /// Nesterov momentum (SGD).
     #[arg(long)]
     nesterov: bool,
     /// Weight decay on conv and linear weights (batch-norm parameters and biases are exempt).
-    #[arg(long, default_value_t = 5e-4)]
+    #[arg(long, value_parser = NON_NEGATIVE.parser(), default_value_t = 5e-4)]
     weight_decay: f64,
     /// Learning-rate schedule after the warm-up.
     #[arg(long, value_enum, default_value = "cosine")]
     schedule: ScheduleName,
     /// Linear warm-up length in epochs (cosine, step, constant).
-    #[arg(long, default_value_t = 0.0)]
+    #[arg(long, value_parser = NON_NEGATIVE.parser(), default_value_t = 0.0)]
     warmup_epochs: f64,
     /// One-cycle: fraction of the steps spent rising to the peak.
-    #[arg(long, default_value_t = 0.3)]
+    #[arg(long, value_parser = open(0.0, 1.0).parser(), default_value_t = 0.3)]
     pct_start: f64,
     /// Step schedule: decay every this many epochs by --gamma.
-    #[arg(long, default_value_t = 30)]
+    #[arg(long, value_parser = count(1), default_value_t = 30)]
     step_epochs: usize,
     /// Step schedule: factor applied to the learning rate at every decay.
-    #[arg(long, default_value_t = 0.1)]
+    #[arg(long, value_parser = KEPT_FRACTION.parser(), default_value_t = 0.1)]
     gamma: f64,
     /// Label smoothing of the cross-entropy, in [0, 1).
-    #[arg(long, default_value_t = 0.0)]
+    #[arg(long, value_parser = REMOVED_FRACTION.parser(), default_value_t = 0.0)]
     label_smoothing: f64,
     /// Random-crop padding in pixels (0 disables the crop).
-    #[arg(long, default_value_t = 4)]
+    #[arg(long, value_parser = count(0), default_value_t = 4)]
     crop_padding: usize,
     /// Disable horizontal flips.
     #[arg(long)]
@@ -126,7 +130,7 @@ pub struct TrainArgs {
     #[arg(long, value_enum, help_heading = "Pruning")]
     prune: Option<PruneMethod>,
     /// Final fraction of zeros in the pruned weights, in [0, 1) (0.8: 80%).
-    #[arg(long, help_heading = "Pruning")]
+    #[arg(long, value_parser = REMOVED_FRACTION.parser(), help_heading = "Pruning")]
     sparsity: Option<f64>,
     /// global: one magnitude threshold over all pruned layers [default]; layer: each layer gets
     /// the sparsity.
@@ -140,32 +144,50 @@ pub struct TrainArgs {
     #[arg(long, help_heading = "Pruning")]
     prune_depthwise: bool,
     /// Sparsity when pruning starts [default: 0].
-    #[arg(long, help_heading = "Pruning")]
+    #[arg(long, value_parser = REMOVED_FRACTION.parser(), help_heading = "Pruning")]
     initial_sparsity: Option<f64>,
     /// Epoch at which pruning starts, fractions allowed [default: 0].
-    #[arg(long, value_name = "EPOCH", help_heading = "Pruning")]
+    #[arg(long, value_parser = NON_NEGATIVE.parser(), value_name = "EPOCH", help_heading = "Pruning")]
     prune_start_epoch: Option<f64>,
     /// Epoch at which the final sparsity is reached, fractions allowed [default: 75% of
     /// --epochs, so the last quarter fine-tunes the pruned network].
-    #[arg(long, value_name = "EPOCH", help_heading = "Pruning")]
+    #[arg(long, value_parser = NON_NEGATIVE.parser(), value_name = "EPOCH", help_heading = "Pruning")]
     prune_end_epoch: Option<f64>,
     /// Optimizer steps between mask updates [default: 50].
-    #[arg(long, value_name = "STEPS", help_heading = "Pruning")]
+    #[arg(long, value_parser = count(1), value_name = "STEPS", help_heading = "Pruning")]
     prune_frequency: Option<usize>,
     /// Network slimming: L1 penalty on batch-norm scales (gamma), e.g. 1e-4.
-    #[arg(long, default_value_t = 0.0, value_name = "LAMBDA")]
+    #[arg(long, value_parser = NON_NEGATIVE.parser(), default_value_t = 0.0, value_name = "LAMBDA")]
     bn_l1: f64,
     #[command(flatten)]
     distill: DistillArgs,
     /// Stop after this many steps as if interrupted (for tests of resume).
-    #[arg(long, hide = true)]
+    #[arg(long, value_parser = count(1), hide = true)]
     stop_after_steps: Option<usize>,
     /// Print JSON instead of text.
     #[arg(long)]
     json: bool,
 }
 
+/// Gives `--resume` a conflict with every other option of `train` (but `--json` and the
+/// hidden test hook): a resumed run takes its settings from its folder, and a flag that
+/// would be silently ignored is refused instead (exit 2).
+pub fn refuse_settings_with_resume(cmd: Command) -> Command {
+    const ALLOWED: &[&str] = &["resume", "json", "stop_after_steps", "help", "threads"];
+    let others: Vec<clap::Id> = cmd
+        .get_arguments()
+        .map(|a| a.get_id().clone())
+        .filter(|id| !ALLOWED.contains(&id.as_str()))
+        .collect();
+    cmd.mut_arg("resume", |a| a.conflicts_with_all(others))
+}
+
 static STOP: AtomicBool = AtomicBool::new(false);
+
+/// Whether Ctrl-C (or the test hook) has stopped training in this process.
+pub fn interrupted() -> bool {
+    STOP.load(Ordering::SeqCst)
+}
 
 /// Ctrl-C finishes the current step and leaves a resumable run; a second Ctrl-C quits at once.
 fn install_interrupt_handler() {
@@ -250,14 +272,15 @@ fn pruning_from(args: &TrainArgs) -> Result<Option<GradualPruning>> {
             ("--prune-frequency", args.prune_frequency.is_some()),
         ];
         if let Some((flag, _)) = given.iter().find(|(_, g)| *g) {
-            bail!("{flag} only applies to a pruning run: add --prune magnitude");
+            usage!("{flag} only applies to a pruning run: add --prune magnitude");
         }
         return Ok(None);
     };
     let Some(sparsity) = args.sparsity else {
-        bail!("--prune magnitude needs the target --sparsity (for example --sparsity 0.8)");
+        usage!("--prune magnitude needs the target --sparsity (for example --sparsity 0.8)");
     };
-    let exclude = pattern::parse_list(args.prune_exclude.as_deref().unwrap_or(""))?
+    let exclude = pattern::parse_list(args.prune_exclude.as_deref().unwrap_or(""))
+        .map_err(|e| as_usage(e.context("--prune-exclude")))?
         .iter()
         .map(|p| p.as_str().to_string())
         .collect();
@@ -282,7 +305,9 @@ fn pruning_from(args: &TrainArgs) -> Result<Option<GradualPruning>> {
             "{e} (pruning flags: --sparsity, --initial-sparsity, --prune-start-epoch, --prune-end-epoch, --prune-frequency)"
         )
     };
-    pruning.validate(args.epochs).map_err(flags)?;
+    pruning
+        .validate(args.epochs)
+        .map_err(|e| as_usage(flags(e)))?;
     Ok(Some(pruning))
 }
 
@@ -330,7 +355,7 @@ pub(super) fn config_from(args: &TrainArgs) -> Result<TrainConfig> {
         // Completed once the teacher is loaded and measured.
         distill: None,
     };
-    config.validate()?;
+    config.validate().map_err(as_usage)?;
     Ok(config)
 }
 
@@ -418,7 +443,7 @@ fn initial_model(args: &TrainArgs, class_names: &[String], seed: u64) -> Result<
             Model::init(&ArchSpec::parse(arch, &opts)?, seed)?
         }
         (None, None) => {
-            bail!("give --arch (a fresh model), --init CKPT (fine-tuning) or --resume RUN_DIR")
+            usage!("give --arch (a fresh model), --init CKPT (fine-tuning) or --resume RUN_DIR")
         }
     };
     model.meta.class_names = class_names.to_vec();
@@ -428,9 +453,15 @@ fn initial_model(args: &TrainArgs, class_names: &[String], seed: u64) -> Result<
 pub fn run(args: TrainArgs) -> Result<()> {
     install_interrupt_handler();
     let mut run = match &args.resume {
-        Some(dir) => Run::open(dir)?,
+        Some(dir) => open_run(dir)?,
         None => {
             let mut config = config_from(&args)?;
+            check_model_flags(&args)?;
+            let out = args
+                .output
+                .as_ref()
+                .expect("clap requires --output without --resume");
+            super::output::check(out, "-o", super::output::Kind::Folder)?;
             let kd = args.distill.weights()?;
             let (taps, hint_loss) = args.distill.feature_taps()?;
             // The teacher file is checked before the (possibly slow) data loading.
@@ -470,15 +501,16 @@ pub fn run(args: TrainArgs) -> Result<()> {
                 distill.feature_loss = hint_loss;
                 config.distill = Some(distill);
             }
-            let out = args
-                .output
-                .as_ref()
-                .expect("clap requires --output without --resume");
+            let created = !out.exists();
             let mut run = Run::create(out, config, model)?;
             if let Some(t) = teacher {
                 run.attach_teacher(Box::new(t))?;
             }
-            return train_and_report(run, Some(data), &args);
+            let result = train_and_report(run, Some(data), &args);
+            if result.as_ref().is_err_and(|e| !e.is::<Interrupted>()) {
+                remove_failed_start(out, created);
+            }
+            return result;
         }
     };
     run.model.meta.provenance.command = std::env::args().collect::<Vec<_>>().join(" ");
@@ -489,6 +521,10 @@ pub fn run(args: TrainArgs) -> Result<()> {
         let names: Vec<&str> = d.features.iter().map(|f| f.teacher.as_str()).collect();
         teacher.set_feature_taps(&names)?;
         run.attach_teacher(Box::new(teacher))?;
+    }
+    // After the teacher check: a finished run whose teacher changed is still refused.
+    if run.progress.epoch >= run.config.epochs {
+        return report_complete(&run, &args);
     }
     train_and_report(run, None, &args)
 }
@@ -614,11 +650,84 @@ fn train_and_report(
                 );
             } else {
                 println!(
-                    "interrupted at epoch {} batch {next_batch}; continue with `slimcandle train --resume {dir}`",
+                    "interrupted at epoch {} batch {next_batch}; the run is saved: continue with `slimcandle train --resume {dir}`",
                     epoch + 1
                 );
             }
+            // Exit status 130, the shell's code for Ctrl-C, whether the signal or the test
+            // hook stopped it: the run is not finished.
+            return Err(Interrupted.into());
         }
+    }
+    Ok(())
+}
+
+/// The model options checked before any data is loaded: a model is named (`--arch` or
+/// `--init`), `--new-classifier` needs `--init`, and `--arch` with its width, groups and stem
+/// must name a buildable model.
+fn check_model_flags(args: &TrainArgs) -> Result<()> {
+    if args.new_classifier && args.init.is_none() {
+        usage!(
+            "--new-classifier only applies with --init CKPT (a fresh --arch model is sized for the data already)"
+        );
+    }
+    match (&args.init, &args.arch.arch) {
+        (None, None) => {
+            usage!("give --arch (a fresh model), --init CKPT (fine-tuning) or --resume RUN_DIR")
+        }
+        (None, Some(arch)) => {
+            ArchSpec::parse(arch, &args.arch.options()).map_err(as_usage)?;
+        }
+        (Some(_), _) => {}
+    }
+    Ok(())
+}
+
+/// After a new run failed before saving its first state, removes what its start wrote
+/// (`config.json`, and the folder when this command created it), so that the folder is not
+/// mistaken for a run to resume.
+fn remove_failed_start(dir: &std::path::Path, created: bool) {
+    let paths = slimcandle::train::RunPaths::new(dir);
+    if paths.resume().exists() || paths.metrics().exists() {
+        return;
+    }
+    let _ = std::fs::remove_file(paths.config());
+    if created {
+        // Only an empty folder goes: anything else in it is not this command's.
+        let _ = std::fs::remove_dir(dir);
+    }
+}
+
+/// Reopens a run folder, telling a folder whose run never saved its first state (a start that
+/// failed or was killed before its first step) from one that is not a run at all.
+fn open_run(dir: &std::path::Path) -> Result<Run> {
+    let paths = slimcandle::train::RunPaths::new(dir);
+    if paths.config().exists() && !paths.resume().exists() {
+        bail!(
+            "`{}` holds no resume state (the run stopped before its first saved step): start it again without --resume",
+            dir.display()
+        );
+    }
+    Run::open(dir)
+}
+
+/// `train --resume` on a run that has done all its epochs: says so instead of training.
+fn report_complete(run: &Run, args: &TrainArgs) -> Result<()> {
+    let dir = run.paths.dir.display().to_string();
+    let best = run.progress.best_top1;
+    if args.json {
+        super::print_json(&json!({
+            "run_dir": dir,
+            "finished": true,
+            "epochs": run.config.epochs,
+            "best_top1": best,
+        }));
+    } else {
+        println!(
+            "the run in {dir} is complete ({} epochs, best test top-1 {}); nothing to resume. Checkpoints: {dir}/last.safetensors and best.safetensors",
+            run.config.epochs,
+            best.map(|t| format!("{t:.2}%")).unwrap_or("-".into())
+        );
     }
     Ok(())
 }

@@ -13,7 +13,7 @@ pub use loader::{Augment, Batch, BatchLoader, EpochPlan};
 
 use crate::rng::Rng;
 use anyhow::{Context, Result, bail};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 /// Images of one split: `len()` images of 3 x `size` x `size` bytes, CHW, and their labels.
@@ -212,6 +212,21 @@ impl Default for LoadOptions {
     }
 }
 
+/// A binary-format loader's error, with a hint when `dir` holds folders: images sorted into
+/// class folders are `folder:` data, not `cifar10:` or `mnist:`.
+fn folder_hint(e: anyhow::Error, dir: &Path) -> anyhow::Error {
+    let has_folders = std::fs::read_dir(dir)
+        .is_ok_and(|entries| entries.flatten().any(|entry| entry.path().is_dir()));
+    if has_folders {
+        anyhow::anyhow!(
+            "{e:#} (`{0}` holds folders: for images in class folders use `--data folder:{0}`)",
+            dir.display()
+        )
+    } else {
+        e
+    }
+}
+
 impl DataSpec {
     /// Loads both splits. Limits take a seeded, class-balanced subset; for `shapes` they set
     /// how many images are generated.
@@ -229,16 +244,19 @@ impl DataSpec {
                 (train, test, shapes::class_names(), "shapes".to_string())
             }
             DataSpec::Cifar10(p) => {
-                let (tr, te, names) = cifar::load_cifar10(p, opts.size)?;
+                let (tr, te, names) =
+                    cifar::load_cifar10(p, opts.size).map_err(|e| folder_hint(e, p))?;
                 (tr, te, names, format!("cifar10:{}", p.display()))
             }
             DataSpec::Cifar100(p) => {
-                let (tr, te, names) = cifar::load_cifar100(p, opts.size)?;
+                let (tr, te, names) =
+                    cifar::load_cifar100(p, opts.size).map_err(|e| folder_hint(e, p))?;
                 (tr, te, names, format!("cifar100:{}", p.display()))
             }
             DataSpec::Mnist(p) | DataSpec::FashionMnist(p) => {
                 let fashion = matches!(self, DataSpec::FashionMnist(_));
-                let (tr, te, names) = mnist::load(p, opts.size, fashion)?;
+                let (tr, te, names) =
+                    mnist::load(p, opts.size, fashion).map_err(|e| folder_hint(e, p))?;
                 let kind = if fashion { "fashion-mnist" } else { "mnist" };
                 (tr, te, names, format!("{kind}:{}", p.display()))
             }
