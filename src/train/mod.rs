@@ -17,9 +17,11 @@
 
 pub mod distill;
 mod elementwise;
+pub mod fake_quant;
 pub mod feature_kd;
 pub mod loss;
 pub mod optimizer;
+pub mod qat;
 pub mod schedule;
 pub mod step;
 pub mod teacher;
