@@ -11,6 +11,7 @@ mod inspect;
 mod models;
 mod predict;
 mod prune;
+mod qat_args;
 mod quantize;
 mod run;
 mod sensitivity;

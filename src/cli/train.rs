@@ -1,5 +1,6 @@
 use super::ArchArgs;
 use super::distill_args::DistillArgs;
+use super::qat_args::{self, QatArgs};
 use anyhow::{Result, bail};
 use clap::{Args, ValueEnum};
 use indicatif::{ProgressBar, ProgressStyle};
@@ -157,6 +158,8 @@ pub struct TrainArgs {
     bn_l1: f64,
     #[command(flatten)]
     distill: DistillArgs,
+    #[command(flatten)]
+    qat: QatArgs,
     /// Stop after this many steps as if interrupted (for tests of resume).
     #[arg(long, hide = true)]
     stop_after_steps: Option<usize>,
@@ -329,6 +332,7 @@ pub(super) fn config_from(args: &TrainArgs) -> Result<TrainConfig> {
         bn_l1: args.bn_l1,
         // Completed once the teacher is loaded and measured.
         distill: None,
+        qat: args.qat.config(args.epochs, args.init.is_some())?,
     };
     config.validate()?;
     Ok(config)
@@ -431,6 +435,9 @@ pub fn run(args: TrainArgs) -> Result<()> {
         Some(dir) => Run::open(dir)?,
         None => {
             let mut config = config_from(&args)?;
+            if let (Some(init), true) = (&args.init, args.qat.qat) {
+                qat_args::check_float_init(init)?;
+            }
             let kd = args.distill.weights()?;
             let (taps, hint_loss) = args.distill.feature_taps()?;
             // The teacher file is checked before the (possibly slow) data loading.
@@ -474,7 +481,17 @@ pub fn run(args: TrainArgs) -> Result<()> {
                 .output
                 .as_ref()
                 .expect("clap requires --output without --resume");
+            let qat = match &config.qat {
+                Some(q) => Some(qat_args::calibrate(&model, &data, q, config.seed)?),
+                None => None,
+            };
+            if let Some(q) = &qat {
+                config.qat = Some(q.config.clone());
+            }
             let mut run = Run::create(out, config, model)?;
+            if let Some(q) = qat {
+                run.attach_qat(q)?;
+            }
             if let Some(t) = teacher {
                 run.attach_teacher(Box::new(t))?;
             }
