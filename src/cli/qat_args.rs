@@ -15,15 +15,27 @@ use std::sync::Arc;
 pub struct QatArgs {
     /// Quantization-aware training: fine-tune the --init checkpoint with int8 fake
     /// quantization; the run's checkpoints are int8 (as `slimcandle quantize` writes them).
-    #[arg(long, help_heading = "Quantization-aware training", conflicts_with = "resume")]
+    #[arg(
+        long,
+        help_heading = "Quantization-aware training",
+        conflicts_with = "resume"
+    )]
     pub qat: bool,
     /// Batch norm uses its running statistics (frozen) from this epoch on, counted from 0
     /// [default: never].
-    #[arg(long, value_name = "EPOCH", help_heading = "Quantization-aware training")]
+    #[arg(
+        long,
+        value_name = "EPOCH",
+        help_heading = "Quantization-aware training"
+    )]
     pub freeze_bn_epoch: Option<usize>,
     /// Activation ranges stop following the batches from this epoch on, counted from 0
     /// [default: never].
-    #[arg(long, value_name = "EPOCH", help_heading = "Quantization-aware training")]
+    #[arg(
+        long,
+        value_name = "EPOCH",
+        help_heading = "Quantization-aware training"
+    )]
     pub freeze_observers_epoch: Option<usize>,
     /// Training images the initial activation ranges are calibrated on [default: 1024].
     #[arg(long, value_name = "N", help_heading = "Quantization-aware training")]
@@ -51,7 +63,10 @@ impl QatArgs {
         if !self.qat {
             let given = [
                 ("--freeze-bn-epoch", self.freeze_bn_epoch.is_some()),
-                ("--freeze-observers-epoch", self.freeze_observers_epoch.is_some()),
+                (
+                    "--freeze-observers-epoch",
+                    self.freeze_observers_epoch.is_some(),
+                ),
                 ("--calibration", self.calibration.is_some()),
                 ("--calibrator", self.calibrator.is_some()),
                 ("--per-tensor", self.per_tensor),
@@ -113,7 +128,9 @@ pub fn calibrate(model: &Model, data: &Dataset, config: &QatConfig, seed: u64) -
     let p = &model.meta.preprocessing;
     let batches = BatchLoader::new(Arc::new(subset), EpochPlan::in_order(64, p.mean, p.std))
         .map(|b| b.map(|b| b.x));
-    let qat = Qat::calibrate(model, batches, config.clone(), |n| bar.set_position(n as u64))?;
+    let qat = Qat::calibrate(model, batches, config.clone(), |n| {
+        bar.set_position(n as u64)
+    })?;
     bar.finish_and_clear();
     Ok(qat)
 }

@@ -52,7 +52,12 @@ pub fn fake_quantize_value(x: f32, q: QParams) -> f32 {
 /// divided by `fold[c]` again, so that the training graph's batch norm restores what the
 /// integer model computes. A channel whose fold factor is 0 or not finite is left as is (its
 /// folded weight is 0, whatever the codes).
-pub fn fake_quantize_weight(w: &[f32], shape: &[usize], fold: &[f32], per_channel: bool) -> Vec<f32> {
+pub fn fake_quantize_weight(
+    w: &[f32],
+    shape: &[usize],
+    fold: &[f32],
+    per_channel: bool,
+) -> Vec<f32> {
     use crate::passes::quant::QuantizedWeight;
     let out = shape.first().copied().unwrap_or(1).max(1);
     let per = w.len() / out;
@@ -102,16 +107,18 @@ mod tests {
         let w = [0.5, -1.0, 0.25, 2.0, -0.3, 0.1];
         let fold = [2.0, -0.5];
         let fq = fake_quantize_weight(&w, &[2, 3], &fold, true);
-        let folded: Vec<f32> = w
-            .iter()
-            .enumerate()
-            .map(|(i, v)| v * fold[i / 3])
-            .collect();
+        let folded: Vec<f32> = w.iter().enumerate().map(|(i, v)| v * fold[i / 3]).collect();
         let q = crate::passes::quant::QuantizedWeight::quantize(&folded, &[2, 3], true);
         for (i, (a, b)) in fq.iter().zip(q.dequantized()).enumerate() {
-            assert!((a * fold[i / 3] - b).abs() <= 1e-6 * b.abs().max(1.0), "{i}");
+            assert!(
+                (a * fold[i / 3] - b).abs() <= 1e-6 * b.abs().max(1.0),
+                "{i}"
+            );
         }
         // A zero fold factor leaves the channel alone.
-        assert_eq!(fake_quantize_weight(&w, &[2, 3], &[0.0, 1.0], true)[..3], w[..3]);
+        assert_eq!(
+            fake_quantize_weight(&w, &[2, 3], &[0.0, 1.0], true)[..3],
+            w[..3]
+        );
     }
 }

@@ -622,9 +622,7 @@ impl Run {
                                 &fq,
                             )?;
                             if out.is_none() {
-                                bail!(
-                                    "quantization-aware training needs an f32 model on the CPU"
-                                );
+                                bail!("quantization-aware training needs an f32 model on the CPU");
                             }
                             out
                         }

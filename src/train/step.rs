@@ -391,7 +391,16 @@ fn step(
             vals[id] = vals[i].take();
             if let Some(q) = fq.and_then(|f| f.outputs[id]) {
                 let v = vals[id].as_mut().expect("computed by its producer");
-                let (mask, range) = fake_quantize(v, q);
+                // The activation's own backward is folded into the mask, read from the value
+                // before rounding (a ReLU output in (0, scale / 2] rounds to 0 but passes its
+                // gradient); the producer's backward then applies the mask (see below).
+                let Op::Act { act } = node.op else {
+                    unreachable!("only activations are fused")
+                };
+                let k = kind_of(act).expect("only ReLU and ReLU6 are fused");
+                let act_mask: Vec<f32> = v.iter().map(|&y| k.backward(y, 1.0)).collect();
+                let (mut mask, range) = fake_quantize(v, q);
+                zip_map(&mut mask, &act_mask, |m, a| m * a);
                 fq_masks[id] = Some(mask);
                 observed[id] = Some(range);
             }
@@ -447,7 +456,8 @@ fn step(
                 y
             }
             Op::BatchNorm { eps, .. } if frozen_bn => {
-                let (scale, shift) = frozen_bn_affine(weights, &node.name, get(p("weight")), get(p("bias")), *eps)?;
+                let (scale, shift) =
+                    frozen_bn_affine(weights, &node.name, get(p("weight")), get(p("bias")), *eps)?;
                 let plane = dout.h * dout.w;
                 let mut y = input(0).to_vec();
                 for (i, pl) in y.chunks_mut(plane).enumerate() {
@@ -699,8 +709,9 @@ fn step(
         let Some(mut g) = grads[id].take() else {
             continue;
         };
-        if let Some(mask) = fq_masks[id].take() {
-            zip_map(&mut g, &mask, |d, m| d * m);
+        let fq_mask = fq_masks[id].take();
+        if let Some(mask) = &fq_mask {
+            zip_map(&mut g, mask, |d, m| d * m);
         }
         let dout = dims[id];
         let p = |suffix: &str| format!("{}.{suffix}", node.name);
@@ -753,7 +764,8 @@ fn step(
                 let mean = param(weights, &p("running_mean"))?;
                 let var = param(weights, &p("running_var"))?;
                 let gamma = get(&p("weight"));
-                let inv_std: Vec<f32> = var.iter().map(|v| 1.0 / (v + *eps as f32).sqrt()).collect();
+                let inv_std: Vec<f32> =
+                    var.iter().map(|v| 1.0 / (v + *eps as f32).sqrt()).collect();
                 let (mut dgamma, mut dbeta) = (vec![0f32; c], vec![0f32; c]);
                 let xs = val(0);
                 for (i, (gp, xp)) in g.chunks(plane).zip(xs.chunks(plane)).enumerate() {
@@ -829,7 +841,9 @@ fn step(
                 // Its producer (whose only reader it is) applies it, in its first pass over
                 // the gradient.
                 let k = kind_of(*act).expect("only ReLU and ReLU6 are fused");
-                let ys = own.expect("kept for the backward pass");
+                // Fake-quantized, the mask (1 or 0) stands for the output: the activation's
+                // backward passes exactly where the mask does.
+                let ys = fq_mask.unwrap_or_else(|| own.expect("kept for the backward pass"));
                 deferred[inp0] = Some((k, ys));
                 acc_owned(&mut grads[inp0], g);
             }
