@@ -57,10 +57,32 @@ fn train_kind(name: &'static str, check: fn(&ArgMatches) -> Result<()>) -> KindS
         unhashed: &["stop_after_steps"],
         inherits_train: true,
         finetune: false,
+        reads_float_before_quantize: false,
         effects: |_| vec![Effect::FloatTraining],
         check,
         run: |m| train::run(train::TrainArgs::from_arg_matches(m)?),
     }
+}
+
+/// A qat stage: `train --qat` from the stage's float input (after a `quantize` stage, that
+/// stage's own input), its result an int8 checkpoint.
+fn qat_kind() -> KindSpec {
+    KindSpec {
+        effects: |_| vec![Effect::QuantAwareTraining],
+        reads_float_before_quantize: true,
+        run: |m| train::run(qat_args(m)?),
+        ..train_kind("qat", |m| {
+            train::config_from(&qat_args(m)?)?;
+            Ok(())
+        })
+    }
+}
+
+/// The train arguments of a qat stage: `--qat` is implied by the kind.
+fn qat_args(m: &ArgMatches) -> Result<train::TrainArgs> {
+    let mut args = train::TrainArgs::from_arg_matches(m)?;
+    args.qat.qat = true;
+    Ok(args)
 }
 
 fn train_check(m: &ArgMatches) -> Result<()> {
@@ -84,6 +106,7 @@ pub fn registry() -> Registry {
         kinds: vec![
             train_kind("train", train_check),
             train_kind("distill", distill_check),
+            qat_kind(),
             KindSpec {
                 name: "prune",
                 command: prune::PruneArgs::augment_args(Command::new("prune")),
@@ -93,6 +116,7 @@ pub fn registry() -> Registry {
                 unhashed: &[],
                 inherits_train: false,
                 finetune: true,
+                reads_float_before_quantize: false,
                 effects: |m| match m.get_one::<prune::Method>("method") {
                     Some(prune::Method::Magnitude) => Vec::new(),
                     _ => vec![Effect::ChannelPruning],
@@ -109,6 +133,7 @@ pub fn registry() -> Registry {
                 unhashed: &[],
                 inherits_train: false,
                 finetune: false,
+                reads_float_before_quantize: false,
                 effects: |_| vec![Effect::Quantize],
                 check: |m| {
                     quantize::QuantizeArgs::from_arg_matches(m)?.calibrator()?;
@@ -125,6 +150,7 @@ pub fn registry() -> Registry {
                 unhashed: &[],
                 inherits_train: false,
                 finetune: false,
+                reads_float_before_quantize: false,
                 effects: no_effects,
                 check: no_check,
                 run: |m| eval::run(eval::EvalArgs::from_arg_matches(m)?),
@@ -138,15 +164,13 @@ pub fn registry() -> Registry {
                 unhashed: &[],
                 inherits_train: false,
                 finetune: false,
+                reads_float_before_quantize: false,
                 effects: no_effects,
                 check: no_check,
                 run: |m| import::run(import::ImportArgs::from_arg_matches(m)?),
             },
         ],
-        pending: vec![
-            ("qat", "quantization-aware training arrives after quantize"),
-            ("export", "there is no export command yet"),
-        ],
+        pending: vec![("export", "there is no export command yet")],
     }
 }
 

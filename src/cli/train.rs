@@ -159,7 +159,7 @@ pub struct TrainArgs {
     #[command(flatten)]
     distill: DistillArgs,
     #[command(flatten)]
-    qat: QatArgs,
+    pub(super) qat: QatArgs,
     /// Stop after this many steps as if interrupted (for tests of resume).
     #[arg(long, hide = true)]
     stop_after_steps: Option<usize>,
