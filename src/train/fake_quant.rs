@@ -102,6 +102,40 @@ mod tests {
         }
     }
 
+    /// The straight-through gradient is the derivative of the clipping the rounding sits in:
+    /// central finite differences of `clamp(x, lo, hi)` (the codes' range widened by half a
+    /// step, where rounding still lands on an end code) give 1 inside and 0 outside.
+    #[test]
+    fn straight_through_gradient_against_finite_differences_of_the_clipping() {
+        let q = QParams::from_range(-0.5, 2.0);
+        let (lo, hi) = (
+            q.scale * (-(q.zero_point as f32) - 0.5),
+            q.scale * (255.0 - q.zero_point as f32 + 0.5),
+        );
+        let clip = |x: f64| x.clamp(lo as f64, hi as f64);
+        let h = 1e-4;
+        let xs: Vec<f32> = (-40..=40).map(|i| 0.0371 + i as f32 * 0.0713).collect();
+        let mut v = xs.clone();
+        let (mask, _) = fake_quantize(&mut v, q);
+        let (mut inside, mut outside) = (0, 0);
+        for (&x, &m) in xs.iter().zip(&mask) {
+            let x = x as f64;
+            if (x - lo as f64).abs() < 2.0 * h || (x - hi as f64).abs() < 2.0 * h {
+                continue;
+            }
+            let fd = (clip(x + h) - clip(x - h)) / (2.0 * h);
+            assert!(
+                (fd - m as f64).abs() < 1e-6,
+                "x = {x}: mask {m}, finite difference {fd}"
+            );
+            if m == 1.0 { inside += 1 } else { outside += 1 }
+        }
+        assert!(
+            inside > 20 && outside > 20,
+            "{inside} inside, {outside} outside"
+        );
+    }
+
     #[test]
     fn fake_quantized_weight_equals_the_folded_weights_codes_unfolded() {
         let w = [0.5, -1.0, 0.25, 2.0, -0.3, 0.1];
