@@ -26,7 +26,8 @@ pub struct FakeQuant {
 /// the value was inside the codes' range, 0 where it was clipped) and the values' min and max
 /// before quantization (what the observers track).
 pub fn fake_quantize(values: &mut [f32], q: QParams) -> (Vec<f32>, (f32, f32)) {
-    let (lo, hi) = (q.zero_point as f32 * -1.0, 255.0 - q.zero_point as f32);
+    // The codes 0..=255 as steps from the zero point.
+    let (lo, hi) = (-(q.zero_point as f32), 255.0 - q.zero_point as f32);
     let mut mask = Vec::with_capacity(values.len());
     let (mut min, mut max) = (f32::INFINITY, f32::NEG_INFINITY);
     for v in values.iter_mut() {
