@@ -409,6 +409,7 @@ fn config(prune: Option<GradualPruning>, optimizer: OptimizerKind, bn_l1: f64) -
         prune,
         bn_l1,
         distill: None,
+        qat: None,
     }
 }
 

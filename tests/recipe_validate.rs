@@ -138,9 +138,9 @@ fn each_broken_recipe_is_refused_at_its_position() {
         ),
         (
             "pending-kind",
-            BASE.replace("kind = \"eval\"", "kind = \"qat\""),
-            "\"qat\"",
-            "stage kind `qat` is not available in this build",
+            BASE.replace("kind = \"eval\"", "kind = \"export\""),
+            "\"export\"",
+            "stage kind `export` is not available in this build",
         ),
         (
             "duplicate-name",
@@ -319,7 +319,7 @@ fn command(name: &'static str, flags: &[&'static str]) -> Command {
     c
 }
 
-/// A registry of stand-ins with every effect, `qat` among them (not yet a real kind).
+/// A registry of stand-ins with every effect.
 fn stand_in_registry() -> Registry {
     let kind = |name: &'static str, flags: &[&'static str], effect: Option<Effect>| KindSpec {
         name,
@@ -341,6 +341,7 @@ fn stand_in_registry() -> Registry {
         unhashed: &[],
         inherits_train: name == "train" || name == "qat",
         finetune: name == "prune",
+        reads_float_before_quantize: name == "qat",
         effects: match effect {
             Some(Effect::FloatTraining) => |_| vec![Effect::FloatTraining],
             Some(Effect::ChannelPruning) => |_| vec![Effect::ChannelPruning],
@@ -509,4 +510,41 @@ teacher = "nothing.safetensors"
         flag: "teacher".into(),
         path: file.clone()
     }));
+}
+
+#[test]
+fn a_qat_stage_after_quantize_reads_the_float_model_quantize_read() {
+    let text = r#"[model]
+arch = "m"
+
+[[stage]]
+name = "train"
+kind = "train"
+
+[[stage]]
+name = "q"
+kind = "quantize"
+
+[[stage]]
+name = "qat"
+kind = "qat"
+
+[[stage]]
+name = "eval"
+kind = "eval"
+"#;
+    let doc = Document::parse(Path::new("qat.toml"), text).unwrap();
+    let plan = validate(&doc, &stand_in_registry()).unwrap();
+    use slimcandle::pipeline::plan::Input;
+    let inputs: Vec<Option<Input>> = plan.stages.iter().map(|s| s.input).collect();
+    // quantize reads train; qat reads train too (the float model), eval reads qat's int8.
+    assert_eq!(
+        inputs,
+        vec![
+            None,
+            Some(Input::Stage(0)),
+            Some(Input::Stage(0)),
+            Some(Input::Stage(2))
+        ]
+    );
 }

@@ -69,6 +69,7 @@ fn config(epochs: usize, schedule: Schedule) -> TrainConfig {
         prune: None,
         bn_l1: 0.0,
         distill: None,
+        qat: None,
     }
 }
 

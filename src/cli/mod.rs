@@ -15,6 +15,7 @@ mod output;
 mod predict;
 mod progress;
 mod prune;
+mod qat_args;
 mod quantize;
 mod ranges;
 mod run;

@@ -60,10 +60,32 @@ fn train_kind(name: &'static str, check: fn(&ArgMatches) -> Result<()>) -> KindS
         unhashed: &["stop_after_steps"],
         inherits_train: true,
         finetune: false,
+        reads_float_before_quantize: false,
         effects: |_| vec![Effect::FloatTraining],
         check,
         run: |m| train::run(train::TrainArgs::from_arg_matches(m)?),
     }
+}
+
+/// A qat stage: `train --qat` from the stage's float input (after a `quantize` stage, that
+/// stage's own input), its result an int8 checkpoint.
+fn qat_kind() -> KindSpec {
+    KindSpec {
+        effects: |_| vec![Effect::QuantAwareTraining],
+        reads_float_before_quantize: true,
+        run: |m| train::run(qat_args(m)?),
+        ..train_kind("qat", |m| {
+            train::config_from(&qat_args(m)?)?;
+            Ok(())
+        })
+    }
+}
+
+/// The train arguments of a qat stage: `--qat` is implied by the kind.
+fn qat_args(m: &ArgMatches) -> Result<train::TrainArgs> {
+    let mut args = train::TrainArgs::from_arg_matches(m)?;
+    args.qat.qat = true;
+    Ok(args)
 }
 
 fn train_check(m: &ArgMatches) -> Result<()> {
@@ -87,6 +109,7 @@ pub fn registry() -> Registry {
         kinds: vec![
             train_kind("train", train_check),
             train_kind("distill", distill_check),
+            qat_kind(),
             KindSpec {
                 name: "prune",
                 command: prune::PruneArgs::augment_args(Command::new("prune")),
@@ -96,6 +119,7 @@ pub fn registry() -> Registry {
                 unhashed: &[],
                 inherits_train: false,
                 finetune: true,
+                reads_float_before_quantize: false,
                 effects: |m| match m.get_one::<prune::Method>("method") {
                     Some(prune::Method::Magnitude) => Vec::new(),
                     _ => vec![Effect::ChannelPruning],
@@ -112,6 +136,7 @@ pub fn registry() -> Registry {
                 unhashed: &[],
                 inherits_train: false,
                 finetune: false,
+                reads_float_before_quantize: false,
                 effects: |_| vec![Effect::Quantize],
                 check: |m| {
                     quantize::QuantizeArgs::from_arg_matches(m)?.calibrator()?;
@@ -128,6 +153,7 @@ pub fn registry() -> Registry {
                 unhashed: &[],
                 inherits_train: false,
                 finetune: false,
+                reads_float_before_quantize: false,
                 effects: no_effects,
                 check: no_check,
                 run: |m| eval::run(eval::EvalArgs::from_arg_matches(m)?),
@@ -141,15 +167,13 @@ pub fn registry() -> Registry {
                 unhashed: &[],
                 inherits_train: false,
                 finetune: false,
+                reads_float_before_quantize: false,
                 effects: no_effects,
                 check: no_check,
                 run: |m| import::run(import::ImportArgs::from_arg_matches(m)?),
             },
         ],
-        pending: vec![
-            ("qat", "quantization-aware training arrives after quantize"),
-            ("export", "there is no export command yet"),
-        ],
+        pending: vec![("export", "there is no export command yet")],
     }
 }
 

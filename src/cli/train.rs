@@ -1,6 +1,7 @@
 use super::ArchArgs;
 use super::distill_args::DistillArgs;
 use super::exit::{Interrupted, as_usage, usage};
+use super::qat_args::{self, QatArgs};
 use super::ranges::{KEPT_FRACTION, NON_NEGATIVE, POSITIVE, REMOVED_FRACTION, count, open};
 use anyhow::{Result, bail};
 use clap::{Args, Command, ValueEnum};
@@ -161,6 +162,8 @@ pub struct TrainArgs {
     bn_l1: f64,
     #[command(flatten)]
     distill: DistillArgs,
+    #[command(flatten)]
+    pub(super) qat: QatArgs,
     /// Stop after this many steps as if interrupted (for tests of resume).
     #[arg(long, value_parser = count(1), hide = true)]
     stop_after_steps: Option<usize>,
@@ -354,6 +357,7 @@ pub(super) fn config_from(args: &TrainArgs) -> Result<TrainConfig> {
         bn_l1: args.bn_l1,
         // Completed once the teacher is loaded and measured.
         distill: None,
+        qat: args.qat.config(args.epochs, args.init.is_some())?,
     };
     config.validate().map_err(as_usage)?;
     Ok(config)
@@ -462,6 +466,9 @@ pub fn run(args: TrainArgs) -> Result<()> {
                 .as_ref()
                 .expect("clap requires --output without --resume");
             super::output::check(out, "-o", super::output::Kind::Folder)?;
+            if let (Some(init), true) = (&args.init, args.qat.qat) {
+                qat_args::check_float_init(init)?;
+            }
             let kd = args.distill.weights()?;
             let (taps, hint_loss) = args.distill.feature_taps()?;
             // The teacher file is checked before the (possibly slow) data loading.
@@ -502,7 +509,17 @@ pub fn run(args: TrainArgs) -> Result<()> {
                 config.distill = Some(distill);
             }
             let created = !out.exists();
+            let qat = match &config.qat {
+                Some(q) => Some(qat_args::calibrate(&model, &data, q, config.seed)?),
+                None => None,
+            };
+            if let Some(q) = &qat {
+                config.qat = Some(q.config.clone());
+            }
             let mut run = Run::create(out, config, model)?;
+            if let Some(q) = qat {
+                run.attach_qat(q)?;
+            }
             if let Some(t) = teacher {
                 run.attach_teacher(Box::new(t))?;
             }

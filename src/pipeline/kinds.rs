@@ -57,6 +57,9 @@ pub struct KindSpec {
     pub inherits_train: bool,
     /// Whether the stage takes a `finetune = { ... }` table (a training run after it).
     pub finetune: bool,
+    /// Whether, placed right after a `quantize` stage, the stage reads that stage's float
+    /// input instead of its int8 output (`qat`: it calibrates and quantizes itself).
+    pub reads_float_before_quantize: bool,
     /// What the stage does, from its parsed arguments.
     pub effects: fn(&ArgMatches) -> Vec<Effect>,
     /// Checks that need the whole argument set, run before any stage starts (the command's own

@@ -36,6 +36,9 @@ struct Setting<'k> {
 struct Checker<'r> {
     registry: &'r Registry,
     problems: Vec<Problem>,
+    /// Per `quantize` stage (by index), the float checkpoint it read: where a `qat` stage
+    /// after it starts from.
+    quantize_inputs: std::collections::HashMap<usize, Option<Input>>,
 }
 
 /// "did you mean `x`?" for the closest key, when one is close.
@@ -512,6 +515,21 @@ impl<'r> Checker<'r> {
             },
             None => Some(Input::Stage(index - 1)),
         };
+        // Quantization-aware training fine-tunes the float model and quantizes it itself: after
+        // a `quantize` stage it reads the float checkpoint that stage read (the lineage stays
+        // quantized: its result is int8 too).
+        let quantized_input = match input {
+            Some(Input::Stage(i)) if kind.reads_float_before_quantize => self
+                .quantize_inputs
+                .get(&i)
+                .copied()
+                .map(|float| (i, float)),
+            _ => None,
+        };
+        let input = match quantized_input {
+            Some((_, float)) => float,
+            None => input,
+        };
         let fresh = index == 0 && t.get("from").is_none() && ctx.initial == Some(Initial::Fresh);
         if fresh && kind.input != super::kinds::InputArg::Flag("init") {
             self.problem(
@@ -668,8 +686,8 @@ impl<'r> Checker<'r> {
         }
 
         // Order: nothing float after an int8 quantize in the same lineage, but QAT.
-        let upstream = match input {
-            Some(Input::Stage(i)) => quantized[i].clone(),
+        let upstream = match (quantized_input, input) {
+            (Some((q, _)), _) | (None, Some(Input::Stage(q))) => quantized[q].clone(),
             _ => None,
         };
         if let Some(q) = &upstream {
@@ -682,12 +700,13 @@ impl<'r> Checker<'r> {
                 self.problem(
                     &kind_at,
                     format!(
-                        "impossible order: stage `{name}` {what} after the int8 `quantize` stage `{q}`; move it before, or fine-tune the quantized model with kind = \"qat\""
+                        "impossible order: stage `{name}` {what} after the int8 `quantize` stage `{q}`; move it before, or fine-tune for int8 with kind = \"qat\" (which reads the float model `{q}` quantized)"
                     ),
                 );
             }
         }
         quantized[index] = if effects.contains(&Effect::Quantize) {
+            self.quantize_inputs.insert(index, input);
             Some(name.clone())
         } else {
             upstream
@@ -711,6 +730,7 @@ pub fn validate(doc: &Document, registry: &Registry) -> Result<Plan, Problems> {
     let mut c = Checker {
         registry,
         problems: Vec::new(),
+        quantize_inputs: std::collections::HashMap::new(),
     };
     let train = registry.train();
     let start = Origin::File { line: 1, column: 1 };

@@ -17,9 +17,11 @@
 
 pub mod distill;
 mod elementwise;
+pub mod fake_quant;
 pub mod feature_kd;
 pub mod loss;
 pub mod optimizer;
+pub mod qat;
 pub mod schedule;
 pub mod step;
 pub mod teacher;
@@ -79,6 +81,11 @@ pub struct TrainConfig {
     /// attached to the run with [`Run::attach_teacher`].
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub distill: Option<DistillConfig>,
+    /// Quantization-aware training (`qat.rs`): the model trains with fake quantization and
+    /// `last` / `best` are int8 checkpoints (format 3). Its state is attached with
+    /// [`Run::attach_qat`].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub qat: Option<qat::QatConfig>,
 }
 
 impl TrainConfig {
@@ -95,6 +102,9 @@ impl TrainConfig {
         }
         if let Some(d) = &self.distill {
             d.weights.validate()?;
+        }
+        if let Some(q) = &self.qat {
+            q.validate(self.epochs)?;
         }
         Ok(())
     }
@@ -204,6 +214,8 @@ impl RunPaths {
 /// Tensor name prefixes of the resume state besides the model's parameters.
 const OPTIMIZER_PREFIX: &str = "optimizer.";
 const MASK_PREFIX: &str = "mask.";
+/// Resume-state metadata key of the QAT ranges.
+const QAT_STATE_KEY: &str = "qat";
 
 /// A run in a directory: the model being trained, its optimizer and progress.
 pub struct Run {
@@ -216,6 +228,8 @@ pub struct Run {
     masks: Option<Masks>,
     /// The teacher of a distillation run.
     teacher: Option<Box<dyn Teacher>>,
+    /// The fake quantization of a QAT run.
+    qat: Option<qat::Qat>,
 }
 
 impl Run {
@@ -252,6 +266,7 @@ impl Run {
             progress: Progress::default(),
             masks: None,
             teacher: None,
+            qat: None,
         })
     }
 
@@ -301,6 +316,18 @@ impl Run {
             &model.weights,
         );
         optimizer.load_state(optimizer_state, progress.global_step as u64)?;
+        let qat = match &config.qat {
+            Some(q) => {
+                let text = extras
+                    .metadata
+                    .get(QAT_STATE_KEY)
+                    .context("the resume state of a QAT run has no QAT ranges")?;
+                let state: qat::QatState = serde_json::from_str(text)
+                    .map_err(|e| anyhow::anyhow!("`{}`: {e}", paths.resume().display()))?;
+                Some(qat::Qat::with_state(&model, q.clone(), state)?)
+            }
+            None => None,
+        };
         let run = Run {
             paths,
             config,
@@ -309,6 +336,7 @@ impl Run {
             progress,
             masks,
             teacher: None,
+            qat,
         };
         run.drop_metrics_after(run.progress.epoch)?;
         Ok(run)
@@ -356,13 +384,11 @@ impl Run {
                 extras.push((format!("{MASK_PREFIX}{n}"), t));
             }
         }
-        let progress = serde_json::to_string(&self.progress)?;
-        checkpoint::save_with_extras(
-            &self.model,
-            &self.paths.resume(),
-            extras,
-            vec![("progress".into(), progress)],
-        )
+        let mut metadata = vec![("progress".into(), serde_json::to_string(&self.progress)?)];
+        if let Some(q) = &self.qat {
+            metadata.push((QAT_STATE_KEY.into(), serde_json::to_string(&q.state)?));
+        }
+        checkpoint::save_with_extras(&self.model, &self.paths.resume(), extras, metadata)
     }
 
     /// Sets the teacher of a distillation run (`config.distill`): it must be the one the
@@ -373,6 +399,20 @@ impl Run {
         }
         self.teacher = Some(teacher);
         Ok(())
+    }
+
+    /// Sets the fake quantization of a QAT run (`config.qat`), calibrated on the model.
+    pub fn attach_qat(&mut self, qat: qat::Qat) -> Result<()> {
+        if self.config.qat.is_none() {
+            bail!("this run's configuration has no quantization-aware training settings");
+        }
+        self.qat = Some(qat);
+        Ok(())
+    }
+
+    /// The int8 model of a QAT run now (`None` for other runs).
+    pub fn quantized(&self) -> Result<Option<crate::passes::quant::QuantizedModel>> {
+        self.qat.as_ref().map(|q| q.export(&self.model)).transpose()
     }
 
     /// The pruning masks in force, if pruning has started.
@@ -416,7 +456,28 @@ impl Run {
         if let Some(d) = &self.config.distill {
             self.model.meta.provenance.history.push(d.history_entry());
         }
-        let result = checkpoint::save(&self.model, path);
+        if let Some(q) = &self.config.qat {
+            self.model.meta.provenance.history.push(format!(
+                "quantization-aware training to int8 ({}, ranges calibrated with {} on {} images{}{})",
+                match q.granularity {
+                    crate::passes::quant::Granularity::PerChannel => "per channel",
+                    crate::passes::quant::Granularity::PerTensor => "per tensor",
+                },
+                q.calibrator.name(),
+                q.calibration_images,
+                q.freeze_bn_epoch
+                    .map(|e| format!(", batch norm frozen from epoch {e}"))
+                    .unwrap_or_default(),
+                q.freeze_observers_epoch
+                    .map(|e| format!(", observers frozen from epoch {e}"))
+                    .unwrap_or_default(),
+            ));
+        }
+        let result = match self.quantized() {
+            Ok(Some(q)) => crate::passes::quant::store::save(&q, path),
+            Ok(None) => checkpoint::save(&self.model, path),
+            Err(e) => Err(e),
+        };
         self.model.meta.provenance = previous;
         result
     }
@@ -455,6 +516,16 @@ impl Run {
             bail!(
                 "feature distillation runs on the train-step executor only: unset SLIMCANDLE_TRAIN_EXEC"
             );
+        }
+        if cfg.qat.is_some() {
+            if self.qat.is_none() {
+                bail!("the run is quantization-aware but its calibrated ranges are not attached");
+            }
+            if !step::enabled() {
+                bail!(
+                    "quantization-aware training runs on the train-step executor only: unset SLIMCANDLE_TRAIN_EXEC"
+                );
+            }
         }
         let steps_per_epoch = data.train.len().div_ceil(cfg.batch_size);
         if steps_per_epoch == 0 {
@@ -538,14 +609,32 @@ impl Run {
                         teacher: teacher_logits.as_ref().map(|(t, kd)| (t.as_slice(), *kd)),
                         hints: hint_targets.as_deref().map(|h| (h, hint_loss)),
                     };
-                    step::train_step_with(
-                        &self.model.graph,
-                        &self.model.weights,
-                        &batch.x,
-                        &batch.labels,
-                        &objective,
-                        dropout_seed,
-                    )?
+                    match &self.qat {
+                        Some(q) => {
+                            let fq = q.fake_quant(&self.model, epoch)?;
+                            let out = step::train_step_quantized(
+                                &self.model.graph,
+                                &self.model.weights,
+                                &batch.x,
+                                &batch.labels,
+                                &objective,
+                                dropout_seed,
+                                &fq,
+                            )?;
+                            if out.is_none() {
+                                bail!("quantization-aware training needs an f32 model on the CPU");
+                            }
+                            out
+                        }
+                        None => step::train_step_with(
+                            &self.model.graph,
+                            &self.model.weights,
+                            &batch.x,
+                            &batch.labels,
+                            &objective,
+                            dropout_seed,
+                        )?,
+                    }
                 } else {
                     None
                 };
@@ -558,6 +647,11 @@ impl Run {
                 ) = match fast {
                     Some(out) => {
                         hint_value = out.hint;
+                        if let Some(q) = &mut self.qat
+                            && !cfg.qat.as_ref().is_some_and(|c| c.observers_frozen(epoch))
+                        {
+                            q.observe(&out.observed);
+                        }
                         (out.logits, out.loss as f64, out.parts, Box::new(out.grads))
                     }
                     None => {
@@ -668,7 +762,10 @@ impl Run {
             let test: Option<EvalReport> = if data.test.is_empty() {
                 None
             } else {
-                Some(evaluate(&self.model, data.test.clone(), 256)?)
+                Some(match self.quantized()? {
+                    Some(q) => crate::eval::evaluate_int8(&q, data.test.clone(), 256)?,
+                    None => evaluate(&self.model, data.test.clone(), 256)?,
+                })
             };
             let metrics = EpochMetrics {
                 epoch: epoch + 1,

@@ -32,6 +32,7 @@
 
 use super::distill::{KdWeights, LossParts, distillation_loss_grad};
 use super::elementwise::{add_into, channel_sums, map, masked_channel_sums, per_sample, zip_map};
+use super::fake_quant::{FakeQuant, fake_quantize};
 use super::feature_kd::{HintLoss, hint_loss_grad};
 use super::loss::{cross_entropy_row, log_sum_exp, smoothed_target};
 use crate::exec::check_input;
@@ -64,6 +65,9 @@ pub struct StepOutput {
     pub parts: Option<LossParts>,
     /// With feature hints: their weighted sum (included in `loss`).
     pub hint: Option<f64>,
+    /// With fake quantization: per node, the min and max of its output before it was
+    /// fake-quantized (`None` for the nodes not fake-quantized); empty without.
+    pub observed: Vec<Option<(f32, f32)>>,
 }
 
 /// A feature hint's target: the teacher's map (N x `channels` x the student map's plane) for
@@ -228,7 +232,30 @@ pub fn train_step_with(
     objective: &Objective,
     dropout_seed: u64,
 ) -> Result<Option<StepOutput>> {
-    on_worker(|| step(graph, weights, x, labels, objective, dropout_seed))
+    on_worker(|| step(graph, weights, x, labels, objective, dropout_seed, None))
+}
+
+/// [`train_step_with`] with fake quantization (quantization-aware training): the outputs
+/// and weights `fq` names are fake-quantized in the forward pass, with straight-through
+/// gradients (zero where an activation was clipped), and batch norm runs on its running
+/// statistics when `fq.frozen_bn`.
+pub fn train_step_quantized(
+    graph: &Graph,
+    weights: &Weights,
+    x: &Tensor,
+    labels: &[u32],
+    objective: &Objective,
+    dropout_seed: u64,
+    fq: &FakeQuant,
+) -> Result<Option<StepOutput>> {
+    if fq.outputs.len() != graph.nodes.len() {
+        bail!(
+            "fake quantization for {} nodes on a graph of {}",
+            fq.outputs.len(),
+            graph.nodes.len()
+        );
+    }
+    on_worker(|| step(graph, weights, x, labels, objective, dropout_seed, Some(fq)))
 }
 
 /// Runs `f` on a thread of the rayon pool, the calling thread waiting (asleep) for it.
@@ -254,8 +281,10 @@ fn step(
     labels: &[u32],
     objective: &Objective,
     dropout_seed: u64,
+    fq: Option<&FakeQuant>,
 ) -> Result<Option<StepOutput>> {
     check_input(graph, x.dims())?;
+    let frozen_bn = fq.is_some_and(|f| f.frozen_bn);
     if !x.device().is_cpu() || x.dtype() != DType::F32 {
         return Ok(None);
     }
@@ -329,7 +358,10 @@ fn step(
         };
         for suffix in suffixes {
             let name = format!("{}.{suffix}", node.name);
-            let values = param(weights, &name)?;
+            let values = match fq.and_then(|f| f.weights.get(&name)) {
+                Some(w) => w.clone(),
+                None => param(weights, &name)?,
+            };
             params.insert(name, values);
         }
     }
@@ -346,6 +378,10 @@ fn step(
         }
     };
 
+    // Fake quantization's straight-through masks and observed ranges, per node.
+    let mut fq_masks: Vec<Option<Vec<f32>>> = vec![None; count];
+    let mut observed: Vec<Option<(f32, f32)>> = vec![None; if fq.is_some() { count } else { 0 }];
+
     // Forward.
     for (id, node) in graph.nodes.iter().enumerate() {
         if fused[id] {
@@ -353,6 +389,21 @@ fn step(
             let i = node.inputs[0];
             uses[i] -= 1;
             vals[id] = vals[i].take();
+            if let Some(q) = fq.and_then(|f| f.outputs[id]) {
+                let v = vals[id].as_mut().expect("computed by its producer");
+                // The activation's own backward is folded into the mask, read from the value
+                // before rounding (a ReLU output in (0, scale / 2] rounds to 0 but passes its
+                // gradient); the producer's backward then applies the mask (see below).
+                let Op::Act { act } = node.op else {
+                    unreachable!("only activations are fused")
+                };
+                let k = kind_of(act).expect("only ReLU and ReLU6 are fused");
+                let act_mask: Vec<f32> = v.iter().map(|&y| k.backward(y, 1.0)).collect();
+                let (mut mask, range) = fake_quantize(v, q);
+                zip_map(&mut mask, &act_mask, |m, a| m * a);
+                fq_masks[id] = Some(mask);
+                observed[id] = Some(range);
+            }
             continue;
         }
         let act = fused_act[id];
@@ -401,6 +452,21 @@ fn step(
                     conv_gemm::forward_into(&g, xs, wt, &mut y, parallel, &|_, c0, block| {
                         epilogue(c0, c_out, block)
                     });
+                }
+                y
+            }
+            Op::BatchNorm { eps, .. } if frozen_bn => {
+                let (scale, shift) =
+                    frozen_bn_affine(weights, &node.name, get(p("weight")), get(p("bias")), *eps)?;
+                let plane = dout.h * dout.w;
+                let mut y = input(0).to_vec();
+                for (i, pl) in y.chunks_mut(plane).enumerate() {
+                    let c = i % dout.c;
+                    let (s, t) = (scale[c], shift[c]);
+                    match act {
+                        Some(k) => pl.iter_mut().for_each(|v| *v = k.forward(*v * s + t)),
+                        None => pl.iter_mut().for_each(|v| *v = *v * s + t),
+                    }
                 }
                 y
             }
@@ -584,6 +650,12 @@ fn step(
                 vals[i] = None;
             }
         }
+        let mut y = y;
+        if let Some(q) = fq.and_then(|f| f.outputs[id]) {
+            let (mask, range) = fake_quantize(&mut y, q);
+            fq_masks[id] = Some(mask);
+            observed[id] = Some(range);
+        }
         vals[id] = Some(y);
         lap(&|| format!("fwd {} {}x{}", node.op.kind(), dout.h, dout.w));
     }
@@ -637,6 +709,10 @@ fn step(
         let Some(mut g) = grads[id].take() else {
             continue;
         };
+        let fq_mask = fq_masks[id].take();
+        if let Some(mask) = &fq_mask {
+            zip_map(&mut g, mask, |d, m| d * m);
+        }
         let dout = dims[id];
         let p = |suffix: &str| format!("{}.{suffix}", node.name);
         let get = |name: &str| params.get(name).expect("loaded before the forward pass");
@@ -677,6 +753,36 @@ fn step(
                 if need_x {
                     out.truncate(dx_len);
                     acc_owned(&mut grads[inp0], out);
+                }
+            }
+            Op::BatchNorm { eps, .. } if frozen_bn => {
+                if let Some((k, ys)) = deferred[id].take() {
+                    zip_map(&mut g, &ys, |d, v| k.backward(v, d));
+                }
+                let plane = dout.h * dout.w;
+                let c = dout.c;
+                let mean = param(weights, &p("running_mean"))?;
+                let var = param(weights, &p("running_var"))?;
+                let gamma = get(&p("weight"));
+                let inv_std: Vec<f32> =
+                    var.iter().map(|v| 1.0 / (v + *eps as f32).sqrt()).collect();
+                let (mut dgamma, mut dbeta) = (vec![0f32; c], vec![0f32; c]);
+                let xs = val(0);
+                for (i, (gp, xp)) in g.chunks(plane).zip(xs.chunks(plane)).enumerate() {
+                    let ch = i % c;
+                    for (&d, &x) in gp.iter().zip(xp) {
+                        dgamma[ch] += d * (x - mean[ch]) * inv_std[ch];
+                        dbeta[ch] += d;
+                    }
+                }
+                acc_param(&mut pgrads, p("weight"), dgamma);
+                acc_param(&mut pgrads, p("bias"), dbeta);
+                if need_grad[inp0] {
+                    for (i, gp) in g.chunks_mut(plane).enumerate() {
+                        let s = gamma[i % c] * inv_std[i % c];
+                        gp.iter_mut().for_each(|d| *d *= s);
+                    }
+                    acc_owned(&mut grads[inp0], g);
                 }
             }
             Op::BatchNorm { .. } => {
@@ -735,7 +841,9 @@ fn step(
                 // Its producer (whose only reader it is) applies it, in its first pass over
                 // the gradient.
                 let k = kind_of(*act).expect("only ReLU and ReLU6 are fused");
-                let ys = own.expect("kept for the backward pass");
+                // Fake-quantized, the mask (1 or 0) stands for the output: the activation's
+                // backward passes exactly where the mask does.
+                let ys = fq_mask.unwrap_or_else(|| own.expect("kept for the backward pass"));
                 deferred[inp0] = Some((k, ys));
                 acc_owned(&mut grads[inp0], g);
             }
@@ -931,6 +1039,7 @@ fn step(
         grads: out,
         parts,
         hint: hint_total,
+        observed,
     }))
 }
 
@@ -941,6 +1050,32 @@ fn acc_param(map: &mut HashMap<String, Vec<f32>>, name: String, g: Vec<f32>) {
             map.insert(name, g);
         }
     }
+}
+
+/// Eval-mode batch norm as one affine map per channel, `y = x * scale + shift`, from the
+/// running statistics (as `passes::fold_batch_norm` folds it: `scale = gamma / sqrt(var +
+/// eps)`, `shift = beta - mean * scale`).
+fn frozen_bn_affine(
+    weights: &Weights,
+    name: &str,
+    gamma: &[f32],
+    beta: &[f32],
+    eps: f64,
+) -> Result<(Vec<f32>, Vec<f32>)> {
+    let mean = param(weights, &format!("{name}.running_mean"))?;
+    let var = param(weights, &format!("{name}.running_var"))?;
+    let scale: Vec<f32> = gamma
+        .iter()
+        .zip(&var)
+        .map(|(g, v)| g / (v + eps as f32).sqrt())
+        .collect();
+    let shift = beta
+        .iter()
+        .zip(&mean)
+        .zip(&scale)
+        .map(|((b, m), s)| b - m * s)
+        .collect();
+    Ok((scale, shift))
 }
 
 /// Running statistics updated as `exec` does it (same Candle ops, so the same rounding).

@@ -128,9 +128,19 @@ pub fn shared_classes(graph: &Graph) -> Vec<NodeId> {
 
 /// Builds the quantized model from `folded` (batch norm folded) and its observations.
 pub fn build(folded: &Model, observers: &Observers, opts: &QuantOptions) -> Result<QuantizedModel> {
-    let graph = &folded.graph;
+    let activations = calibrated_qparams(&folded.graph, observers, opts)?;
+    build_with_qparams(folded, activations, opts, observers.images)
+}
+
+/// Per node of the folded graph, the qparams of the tensor it produces: the union of the
+/// calibrated ranges of its shared class's observed members. `None` only for the logits of a
+/// classifier kept in float.
+pub fn calibrated_qparams(
+    graph: &Graph,
+    observers: &Observers,
+    opts: &QuantOptions,
+) -> Result<Vec<Option<QParams>>> {
     let n = graph.nodes.len();
-    let fused = fused_activations(graph);
     let keep = keep_float_layers(graph, &opts.keep_float)?;
     let class = shared_classes(graph);
 
@@ -161,7 +171,29 @@ pub fn build(folded: &Model, observers: &Observers, opts: &QuantOptions) -> Resu
     if keep.contains(&graph.nodes[graph.output].name) {
         activations[graph.output] = None;
     }
+    Ok(activations)
+}
 
+/// Builds the quantized model from `folded` (batch norm folded) with the given activation
+/// qparams (one per node, shared classes already agreeing: from [`calibrated_qparams`], or
+/// from quantization-aware training's observers): quantizes weights and biases, keeps the
+/// `--keep-float` layers in float.
+pub fn build_with_qparams(
+    folded: &Model,
+    activations: Vec<Option<QParams>>,
+    opts: &QuantOptions,
+    calibration_images: usize,
+) -> Result<QuantizedModel> {
+    let graph = &folded.graph;
+    if activations.len() != graph.nodes.len() {
+        bail!(
+            "{} activation qparams for a graph of {} nodes",
+            activations.len(),
+            graph.nodes.len()
+        );
+    }
+    let fused = fused_activations(graph);
+    let keep = keep_float_layers(graph, &opts.keep_float)?;
     let mut layers = BTreeMap::new();
     let mut float_layers = BTreeMap::new();
     for node in &graph.nodes {
@@ -214,7 +246,7 @@ pub fn build(folded: &Model, observers: &Observers, opts: &QuantOptions) -> Resu
         scheme: SchemeInfo {
             granularity: opts.granularity,
             calibrator: opts.calibrator,
-            calibration_images: observers.images,
+            calibration_images,
         },
     })
 }
