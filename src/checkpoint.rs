@@ -272,6 +272,7 @@ fn graph_and_meta(file: &TensorFile) -> Result<(Graph, ModelMeta)> {
         preprocessing: parse_field(file, "preprocessing")?,
         provenance: parse_field(file, "provenance")?,
     };
+    check_params_fit(&graph, file)?;
     let counts = graph.channel_counts()?;
     if counts[graph.output] != meta.class_names.len() {
         bail!(
@@ -281,6 +282,26 @@ fn graph_and_meta(file: &TensorFile) -> Result<(Graph, ModelMeta)> {
         );
     }
     Ok((graph, meta))
+}
+
+/// Refuses a graph whose parameters could not be stored in the file: every stored element
+/// takes at least one bit (a sparse mask), so more than 8 per byte of the file means the
+/// graph is corrupt, and it is refused before anything is sized from it.
+fn check_params_fit(graph: &Graph, file: &TensorFile) -> Result<()> {
+    let capacity = file.file_size().saturating_mul(8);
+    let mut total = 0usize;
+    for node in &graph.nodes {
+        total = total.saturating_add(node.param_elements().unwrap_or(usize::MAX));
+        if total > capacity {
+            bail!(
+                "`{}`: graph node `{}` brings the parameters to {total} elements, more than the file's {} bytes can hold",
+                file.path.display(),
+                node.name,
+                file.file_size()
+            );
+        }
+    }
+    Ok(())
 }
 
 fn from_parts(file: &TensorFile, tensors: HashMap<String, Tensor>) -> Result<Model> {

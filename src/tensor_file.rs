@@ -30,7 +30,7 @@ fn explain(err: SafeTensorError, bytes: &[u8]) -> String {
                 "the file is truncated or corrupt: its tensor table does not match its {len} bytes"
             )
         }
-        _ if header > 100_000_000 => "not a safetensors file (no valid header)".to_string(),
+        _ if header > MAX_HEADER_BYTES => "not a safetensors file (no valid header)".to_string(),
         _ if header + 8 > len => format!(
             "the file is truncated: its header alone needs {} bytes, the file has {len}",
             header + 8
@@ -39,10 +39,34 @@ fn explain(err: SafeTensorError, bytes: &[u8]) -> String {
     }
 }
 
+/// Largest JSON header (tensor table plus `__metadata__`) a file may have. A checkpoint of a
+/// few hundred tensors has a header of tens of kilobytes; the bound keeps a corrupt length
+/// field from making the parser hold and scan a huge string.
+pub const MAX_HEADER_BYTES: usize = 16 << 20;
+
 impl TensorFile {
     pub fn read(path: &Path) -> Result<TensorFile> {
+        // A device or FIFO (`/dev/zero`) would be read without end.
+        if path.exists() && !path.is_file() {
+            bail!("`{}` is not a regular file", path.display());
+        }
         let bytes =
             std::fs::read(path).with_context(|| format!("cannot read `{}`", path.display()))?;
+        Self::from_bytes(path, bytes)
+    }
+
+    /// Validates `bytes` as the contents of `path` (which is only used in messages): the
+    /// fuzz harness and tests read files from memory through this.
+    pub fn from_bytes(path: &Path, bytes: Vec<u8>) -> Result<TensorFile> {
+        if bytes.len() >= 8 {
+            let header = u64::from_le_bytes(bytes[..8].try_into().expect("8 bytes"));
+            if header > MAX_HEADER_BYTES as u64 && header + 8 <= bytes.len() as u64 {
+                bail!(
+                    "`{}`: its header is {header} bytes, more than the {MAX_HEADER_BYTES} a tensor file may have",
+                    path.display()
+                );
+            }
+        }
         let header_len = match SafeTensors::read_metadata(&bytes)
             .and_then(|_| SafeTensors::deserialize(&bytes))
         {
