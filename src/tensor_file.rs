@@ -24,6 +24,9 @@ fn explain(err: SafeTensorError, bytes: &[u8]) -> String {
         return format!("not a safetensors file (only {len} bytes)");
     }
     let header = u64::from_le_bytes(bytes[..8].try_into().expect("8 bytes")) as usize;
+    if let Some(why) = bad_tensor_entry(bytes, header) {
+        return why;
+    }
     match err {
         SafeTensorError::MetadataIncompleteBuffer | SafeTensorError::InvalidOffset(_) => {
             format!(
@@ -43,6 +46,45 @@ fn explain(err: SafeTensorError, bytes: &[u8]) -> String {
 /// few hundred tensors has a header of tens of kilobytes; the bound keeps a corrupt length
 /// field from making the parser hold and scan a huge string.
 pub const MAX_HEADER_BYTES: usize = 16 << 20;
+
+/// The first tensor-table entry whose shape and dtype disagree with its byte range, said in
+/// words that name it (the safetensors crate only says that some entry is wrong).
+fn bad_tensor_entry(bytes: &[u8], header: usize) -> Option<String> {
+    let text = bytes.get(8..8usize.checked_add(header)?)?;
+    let table: serde_json::Map<String, serde_json::Value> = serde_json::from_slice(text).ok()?;
+    for (name, entry) in &table {
+        if name == "__metadata__" {
+            continue;
+        }
+        let bytes_per = match entry.get("dtype")?.as_str()? {
+            "BOOL" | "U8" | "I8" | "F8_E5M2" | "F8_E4M3" => 1,
+            "U16" | "I16" | "F16" | "BF16" => 2,
+            "U32" | "I32" | "F32" => 4,
+            "U64" | "I64" | "F64" => 8,
+            _ => continue,
+        };
+        let shape: Vec<u64> = entry
+            .get("shape")?
+            .as_array()?
+            .iter()
+            .map(|d| d.as_u64())
+            .collect::<Option<_>>()?;
+        let offsets = entry.get("data_offsets")?.as_array()?;
+        let (start, end) = (offsets.first()?.as_u64()?, offsets.get(1)?.as_u64()?);
+        let needed = shape
+            .iter()
+            .try_fold(bytes_per, |a: u64, &d| a.checked_mul(d));
+        if needed != Some(end.saturating_sub(start)) {
+            let needed = needed.map_or("more than 2^64".to_string(), |n| n.to_string());
+            return Some(format!(
+                "tensor `{name}` claims shape {shape:?}, {needed} bytes, but its table entry gives it {} bytes of the file's {}",
+                end.saturating_sub(start),
+                bytes.len()
+            ));
+        }
+    }
+    None
+}
 
 impl TensorFile {
     pub fn read(path: &Path) -> Result<TensorFile> {
