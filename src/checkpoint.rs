@@ -144,14 +144,18 @@ impl AnyModel {
 /// Reads a float checkpoint (formats 1 and 2) or an int8 one (format 3), whichever the file
 /// is.
 pub fn load_any(path: &Path) -> Result<AnyModel> {
-    let file = TensorFile::read(path)?;
-    if check_format(&file)? == INT8_FORMAT_VERSION {
-        let (graph, meta) = graph_and_meta(&file)?;
+    any_from_file(&TensorFile::read(path)?)
+}
+
+/// [`load_any`] on an already read file.
+pub fn any_from_file(file: &TensorFile) -> Result<AnyModel> {
+    if check_format(file)? == INT8_FORMAT_VERSION {
+        let (graph, meta) = graph_and_meta(file)?;
         return Ok(AnyModel::Int8(crate::passes::quant::store::from_file(
-            &file, graph, meta,
+            file, graph, meta,
         )?));
     }
-    Ok(AnyModel::Float(from_file(&file)?))
+    Ok(AnyModel::Float(from_file(file)?))
 }
 
 /// Reads a checkpoint written by [`save`].

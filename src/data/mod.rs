@@ -9,7 +9,9 @@ mod loader;
 mod mnist;
 mod shapes;
 
+pub use cifar::records_from_bytes as cifar_records_from_bytes;
 pub use loader::{Augment, Batch, BatchLoader, EpochPlan};
+pub use mnist::split_from_bytes as mnist_split_from_bytes;
 
 use crate::rng::Rng;
 use anyhow::{Context, Result, bail};
@@ -284,12 +286,21 @@ impl DataSpec {
 /// Decodes an image file into CHW RGB bytes with its width and height. The format comes from
 /// the content, so a PNG named `.jpg` (ImageNet has some) still decodes.
 pub fn read_image_chw(path: &std::path::Path) -> Result<(Vec<u8>, usize, usize)> {
-    let read = || -> Result<image::DynamicImage> {
-        Ok(image::ImageReader::open(path)?
+    let bytes =
+        std::fs::read(path).with_context(|| format!("cannot read image `{}`", path.display()))?;
+    decode_image_chw(path, &bytes)
+}
+
+/// Decodes the contents of an image file (`path` is only named in errors), as
+/// [`read_image_chw`]. The decoder's default limits (512 MiB) bound what a forged header can
+/// make it allocate.
+pub fn decode_image_chw(path: &std::path::Path, bytes: &[u8]) -> Result<(Vec<u8>, usize, usize)> {
+    let decode = || -> Result<image::DynamicImage> {
+        Ok(image::ImageReader::new(std::io::Cursor::new(bytes))
             .with_guessed_format()?
             .decode()?)
     };
-    let img = read()
+    let img = decode()
         .with_context(|| format!("cannot decode image `{}`", path.display()))?
         .to_rgb8();
     let (w, h) = (img.width() as usize, img.height() as usize);
