@@ -65,3 +65,12 @@ fn fuzz_smoke_idx() {
 fn fuzz_smoke_image() {
     smoke("image", 3000);
 }
+
+#[test]
+fn every_target_has_seeds_and_a_smoke_pass() {
+    let tests = include_str!("fuzz_smoke.rs");
+    for name in targets::NAMES {
+        assert!(targets::target(name).is_some(), "{name}");
+        assert!(tests.contains(&format!("smoke(\"{name}\"")), "{name} has no smoke test");
+    }
+}
