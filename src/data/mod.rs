@@ -190,6 +190,16 @@ impl std::str::FromStr for DataSpec {
     }
 }
 
+/// The process-wide `--skip-bad-images` setting, the default of
+/// [`LoadOptions::skip_bad_images`]: a global flag of the command line that every command's
+/// data loading honours without each command passing it on.
+static SKIP_BAD_IMAGES: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Sets the default of [`LoadOptions::skip_bad_images`] (the `--skip-bad-images` flag).
+pub fn set_skip_bad_images(skip: bool) {
+    SKIP_BAD_IMAGES.store(skip, std::sync::atomic::Ordering::Relaxed);
+}
+
 /// How much data to load and at what size.
 #[derive(Debug, Clone)]
 pub struct LoadOptions {
@@ -200,6 +210,8 @@ pub struct LoadOptions {
     /// Fraction held out for testing when a folder has no train/test split.
     pub test_fraction: f64,
     pub seed: u64,
+    /// Image folders: leave out (and list) files that do not decode instead of failing.
+    pub skip_bad_images: bool,
 }
 
 impl Default for LoadOptions {
@@ -210,6 +222,7 @@ impl Default for LoadOptions {
             test_limit: None,
             test_fraction: 0.2,
             seed: 0,
+            skip_bad_images: SKIP_BAD_IMAGES.load(std::sync::atomic::Ordering::Relaxed),
         }
     }
 }
@@ -245,7 +258,13 @@ impl DataSpec {
                 (tr, te, names, format!("{kind}:{}", p.display()))
             }
             DataSpec::Folder(p) => {
-                let (tr, te, names) = folder::load(p, opts.size, opts.test_fraction, opts.seed)?;
+                let (tr, te, names) = folder::load(
+                    p,
+                    opts.size,
+                    opts.test_fraction,
+                    opts.seed,
+                    opts.skip_bad_images,
+                )?;
                 (tr, te, names, format!("folder:{}", p.display()))
             }
         };
