@@ -1,5 +1,5 @@
 //! Long fuzz runs of one target: `cargo run --release --example fuzz -- TARGET SECONDS [SEED]`
-//! (or `scripts/fuzz.sh TARGET SECONDS`). Prints the executions reached; exits 1 with the
+//! (or `scripts/fuzz.sh TARGET SECONDS`); `fuzz TARGET --replay FILE` reruns one input. Prints the executions reached; exits 1 with the
 //! failing input saved under `target/fuzz-failures/` on a panic or an input slower than 1 s,
 //! and aborts (with a message) on an allocation over 1 GiB. Targets: see `targets::NAMES`.
 
@@ -23,6 +23,20 @@ fn main() {
     let (Some(name), Some(seconds)) = (args.first(), args.get(1)) else {
         usage()
     };
+    // `fuzz TARGET --replay FILE`: runs one saved input, timed, with its verdict.
+    if seconds == "--replay" {
+        let (Some(target), Some(file)) = (targets::target(name), args.get(2)) else {
+            usage()
+        };
+        let input = std::fs::read(file).unwrap_or_else(|e| {
+            eprintln!("cannot read `{file}`: {e}");
+            std::process::exit(1)
+        });
+        let t = std::time::Instant::now();
+        let verdict = (target.run)(&input);
+        println!("{name}: {:?} in {:.1?}", verdict.map_err(|e| format!("{e:#}")), t.elapsed());
+        return;
+    }
     let Ok(seconds) = seconds.parse::<f64>() else {
         usage()
     };
