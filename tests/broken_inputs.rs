@@ -42,7 +42,9 @@ fn broken_checkpoints(dir: &Path) -> Vec<PathBuf> {
     checkpoint::save(&tiny_model(), &good).unwrap();
     let bytes = std::fs::read(&good).unwrap();
     let header_len = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
-    let header = std::str::from_utf8(&bytes[8..8 + header_len]).unwrap().to_string();
+    let header = std::str::from_utf8(&bytes[8..8 + header_len])
+        .unwrap()
+        .to_string();
     let mut out = Vec::new();
     let mut add = |name: &str, content: Vec<u8>| {
         let p = dir.join(name);
@@ -96,7 +98,11 @@ fn refuses(args: &[&str], named: &Path, output: Option<&Path>) {
     );
     assert!(!stderr.contains("panicked"), "{args:?}: {stderr}");
     let errors: Vec<&str> = stderr.lines().filter(|l| l.starts_with("error")).collect();
-    assert_eq!(errors.len(), 1, "{args:?}: one error line expected:\n{stderr}");
+    assert_eq!(
+        errors.len(),
+        1,
+        "{args:?}: one error line expected:\n{stderr}"
+    );
     let shown = named.file_name().unwrap().to_string_lossy();
     assert!(
         errors[0].contains(shown.as_ref()),
@@ -141,10 +147,36 @@ fn every_command_refuses_each_broken_checkpoint() {
             (vec!["eval", c, "--test-limit", "10"], None),
             (vec!["forward", c, i, "-o", o], Some(&out)),
             (vec!["predict", c, img], None),
-            (vec!["prune", c, "--method", "magnitude", "--sparsity", "0.5", "-o", o], Some(&out)),
-            (vec!["quantize", c, "--data", "shapes", "--calibration", "8", "-o", o], Some(&out)),
             (
-                vec!["train", "--init", c, "--data", "shapes", "--epochs", "1", "-o", r],
+                vec![
+                    "prune",
+                    c,
+                    "--method",
+                    "magnitude",
+                    "--sparsity",
+                    "0.5",
+                    "-o",
+                    o,
+                ],
+                Some(&out),
+            ),
+            (
+                vec![
+                    "quantize",
+                    c,
+                    "--data",
+                    "shapes",
+                    "--calibration",
+                    "8",
+                    "-o",
+                    o,
+                ],
+                Some(&out),
+            ),
+            (
+                vec![
+                    "train", "--init", c, "--data", "shapes", "--epochs", "1", "-o", r,
+                ],
                 Some(&run),
             ),
             (vec!["compare", c], None),
@@ -171,7 +203,13 @@ fn forward_refuses_broken_tensor_files() {
         let p = dir.join(name);
         std::fs::write(&p, bytes).unwrap();
         refuses(
-            &["forward", ckpt.to_str().unwrap(), p.to_str().unwrap(), "-o", out.to_str().unwrap()],
+            &[
+                "forward",
+                ckpt.to_str().unwrap(),
+                p.to_str().unwrap(),
+                "-o",
+                out.to_str().unwrap(),
+            ],
             &p,
             Some(&out),
         );
@@ -218,16 +256,48 @@ fn broken_datasets_are_refused_naming_the_file() {
         let bad = root.join("train/b").join(name);
         std::fs::write(&bad, bytes).unwrap();
         let data = format!("folder:{}", root.display());
-        refuses(&["train", "--arch", "mobilenet_v1", "--width", "0.25", "--stem", "cifar", "--data", &data, "--epochs", "1", "-o", r], &bad, Some(&run));
+        refuses(
+            &[
+                "train",
+                "--arch",
+                "mobilenet_v1",
+                "--width",
+                "0.25",
+                "--stem",
+                "cifar",
+                "--data",
+                &data,
+                "--epochs",
+                "1",
+                "-o",
+                r,
+            ],
+            &bad,
+            Some(&run),
+        );
         // With --skip-bad-images the file is listed and the run goes on.
         let out = common::slimcandle(&[
-            "--skip-bad-images", "train", "--arch", "mobilenet_v1", "--width", "0.25", "--stem",
-            "cifar", "--data", &data, "--epochs", "1", "--batch-size", "4", "-o", r,
+            "--skip-bad-images",
+            "train",
+            "--arch",
+            "mobilenet_v1",
+            "--width",
+            "0.25",
+            "--stem",
+            "cifar",
+            "--data",
+            &data,
+            "--epochs",
+            "1",
+            "--batch-size",
+            "4",
+            "-o",
+            r,
         ]);
         let stderr = common::stderr(&out);
         assert!(out.status.success(), "{stderr}");
         assert!(
-            stderr.contains("skipped 1 image") && stderr.contains(&*name),
+            stderr.contains("skipped 1 image") && stderr.contains(*name),
             "{stderr}"
         );
         std::fs::remove_dir_all(&run).unwrap();
@@ -252,7 +322,14 @@ fn broken_datasets_are_refused_naming_the_file() {
     // A truncated CIFAR-10 batch and a truncated MNIST IDX file.
     let cifar = dir.join("cifar");
     std::fs::create_dir_all(&cifar).unwrap();
-    for name in ["data_batch_1.bin", "data_batch_2.bin", "data_batch_3.bin", "data_batch_4.bin", "data_batch_5.bin", "test_batch.bin"] {
+    for name in [
+        "data_batch_1.bin",
+        "data_batch_2.bin",
+        "data_batch_3.bin",
+        "data_batch_4.bin",
+        "data_batch_5.bin",
+        "test_batch.bin",
+    ] {
         std::fs::write(cifar.join(name), vec![1u8; 3073 * 2]).unwrap();
     }
     let cut = cifar.join("data_batch_3.bin");
@@ -260,7 +337,16 @@ fn broken_datasets_are_refused_naming_the_file() {
     let ckpt10 = dir.join("ten.safetensors");
     checkpoint::save(&tiny_model(), &ckpt10).unwrap();
     let c10 = ckpt10.to_str().unwrap();
-    refuses(&["eval", c10, "--data", &format!("cifar10:{}", cifar.display())], &cut, None);
+    refuses(
+        &[
+            "eval",
+            c10,
+            "--data",
+            &format!("cifar10:{}", cifar.display()),
+        ],
+        &cut,
+        None,
+    );
 
     let mnist = dir.join("mnist");
     std::fs::create_dir_all(&mnist).unwrap();
@@ -273,12 +359,24 @@ fn broken_datasets_are_refused_naming_the_file() {
         b
     };
     for prefix in ["train", "t10k"] {
-        std::fs::write(mnist.join(format!("{prefix}-images-idx3-ubyte")), idx(0x803, &[2, 28, 28], 2 * 784)).unwrap();
-        std::fs::write(mnist.join(format!("{prefix}-labels-idx1-ubyte")), idx(0x801, &[2], 2)).unwrap();
+        std::fs::write(
+            mnist.join(format!("{prefix}-images-idx3-ubyte")),
+            idx(0x803, &[2, 28, 28], 2 * 784),
+        )
+        .unwrap();
+        std::fs::write(
+            mnist.join(format!("{prefix}-labels-idx1-ubyte")),
+            idx(0x801, &[2], 2),
+        )
+        .unwrap();
     }
     let cut = mnist.join("t10k-images-idx3-ubyte");
     std::fs::write(&cut, idx(0x803, &[2, 28, 28], 784 + 5)).unwrap();
-    refuses(&["eval", c10, "--data", &format!("mnist:{}", mnist.display())], &cut, None);
+    refuses(
+        &["eval", c10, "--data", &format!("mnist:{}", mnist.display())],
+        &cut,
+        None,
+    );
     std::fs::remove_dir_all(&dir).ok();
 }
 
@@ -302,7 +400,10 @@ fn broken_recipes_are_refused_naming_the_file() {
         let o = common::slimcandle(&["run", p.to_str().unwrap(), "-o", out_s, "--dry-run"]);
         let stderr = common::stderr(&o);
         let code = o.status.code();
-        assert!(code.is_some_and(|c| (1..100).contains(&c)), "{name}: {code:?} {stderr}");
+        assert!(
+            code.is_some_and(|c| (1..100).contains(&c)),
+            "{name}: {code:?} {stderr}"
+        );
         assert!(!stderr.contains("panicked"), "{stderr}");
         // A recipe's problems come one per line, each naming the recipe.
         let errors: Vec<&str> = stderr.lines().filter(|l| l.starts_with("error")).collect();

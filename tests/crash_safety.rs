@@ -135,7 +135,10 @@ fn killed_runs_resume_to_the_uninterrupted_result_bit_for_bit() {
         resumable = run.join("resume.safetensors").exists();
         eprintln!("kill {kills} (attempt {attempt}) after {wait:?}: resumable {resumable}");
     }
-    assert!(kills >= 2, "the run finished before it could be killed twice");
+    assert!(
+        kills >= 2,
+        "the run finished before it could be killed twice"
+    );
     if resumable {
         finish(&resume_args(&run));
     } else {

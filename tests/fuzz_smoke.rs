@@ -18,17 +18,34 @@ fn smoke(name: &str, execs: u64) {
     assert!(!target.seeds.is_empty(), "{name} has seeds");
     // Every seed is a valid input except the deliberately truncated ones, so the seeds
     // exercise the readers' success paths too.
-    let accepted = target.seeds.iter().filter(|s| (target.run)(s).is_ok()).count();
+    let accepted = target
+        .seeds
+        .iter()
+        .filter(|s| (target.run)(s).is_ok())
+        .count();
     assert!(accepted > 0, "{name}: no seed is accepted");
-    let outcome = engine::run(&target, 16, |n, t| n >= execs || t > Duration::from_secs(20))
-        .unwrap_or_else(|(failure, input)| {
-            let path = std::env::temp_dir().join(format!("fuzz-smoke-{name}.bin"));
-            std::fs::write(&path, &input).unwrap();
-            panic!("{name}: an input {} (saved to {})", failure.describe(), path.display())
-        });
+    let outcome = engine::run(&target, 16, |n, t| {
+        n >= execs || t > Duration::from_secs(20)
+    })
+    .unwrap_or_else(|(failure, input)| {
+        let path = std::env::temp_dir().join(format!("fuzz-smoke-{name}.bin"));
+        std::fs::write(&path, &input).unwrap();
+        panic!(
+            "{name}: an input {} (saved to {})",
+            failure.describe(),
+            path.display()
+        )
+    });
     eprintln!("{name}: {outcome:?}");
-    assert!(outcome.execs >= execs.min(200), "{name}: only {} inputs", outcome.execs);
-    assert!(outcome.accepted < outcome.execs, "{name}: mutations are never refused");
+    assert!(
+        outcome.execs >= execs.min(200),
+        "{name}: only {} inputs",
+        outcome.execs
+    );
+    assert!(
+        outcome.accepted < outcome.execs,
+        "{name}: mutations are never refused"
+    );
 }
 
 #[test]
@@ -71,6 +88,9 @@ fn every_target_has_seeds_and_a_smoke_pass() {
     let tests = include_str!("fuzz_smoke.rs");
     for name in targets::NAMES {
         assert!(targets::target(name).is_some(), "{name}");
-        assert!(tests.contains(&format!("smoke(\"{name}\"")), "{name} has no smoke test");
+        assert!(
+            tests.contains(&format!("smoke(\"{name}\"")),
+            "{name} has no smoke test"
+        );
     }
 }

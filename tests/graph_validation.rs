@@ -19,7 +19,9 @@ fn mobilenet_v2() -> Graph {
 }
 
 fn refused(g: &Graph) -> String {
-    g.validate().expect_err("graph should be refused").to_string()
+    g.validate()
+        .expect_err("graph should be refused")
+        .to_string()
 }
 
 /// The error for `g` after `edit` changes node `id`, which it must name.
@@ -156,7 +158,10 @@ fn bad_channels_groups_and_windows_are_refused_with_the_node_named() {
     let err = refused_at(conv, set_conv(|_, _, _, p, _| *p = 1 << 40));
     assert!(err.contains("padding is 1099511627776"), "{err}");
     let err = refused_at(0, |op| *op = Op::Input { channels: 1 << 40 });
-    assert!(err.contains(&format!("must be 1 to {MAX_CHANNELS}")), "{err}");
+    assert!(
+        err.contains(&format!("must be 1 to {MAX_CHANNELS}")),
+        "{err}"
+    );
     let err = refused_at(bn, |op| {
         if let Op::BatchNorm { eps, .. } = op {
             *eps = f64::NAN
@@ -288,5 +293,8 @@ fn devices_are_not_read_as_tensor_files() {
         .err()
         .unwrap()
         .to_string();
-    assert!(err.contains("/dev/zero") && err.contains("not a regular file"), "{err}");
+    assert!(
+        err.contains("/dev/zero") && err.contains("not a regular file"),
+        "{err}"
+    );
 }

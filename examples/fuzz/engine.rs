@@ -229,13 +229,16 @@ fn mutate_json_at(node: &mut serde_json::Value, depth: u8, u: &mut Unstructured<
     }
 }
 
+/// A structure-aware generator: an input built from a seed and fuzzer-chosen data, `None`
+/// when the seed does not suit it.
+pub type Generator = fn(&[u8], &mut Unstructured<'_>) -> Option<Vec<u8>>;
+
 /// A fuzz target: its seeds, an optional structure-aware generator, and the code under test,
 /// which must return (an `Err` is a refused input, which is fine) and never panic.
 pub struct Target {
     pub name: &'static str,
     pub seeds: Vec<Vec<u8>>,
-    /// Builds an input from a seed and fuzzer-chosen data, `None` when it cannot.
-    pub generate: Option<fn(&[u8], &mut Unstructured<'_>) -> Option<Vec<u8>>>,
+    pub generate: Option<Generator>,
     pub run: fn(&[u8]) -> anyhow::Result<()>,
 }
 

@@ -34,7 +34,11 @@ fn main() {
         });
         let t = std::time::Instant::now();
         let verdict = (target.run)(&input);
-        println!("{name}: {:?} in {:.1?}", verdict.map_err(|e| format!("{e:#}")), t.elapsed());
+        println!(
+            "{name}: {:?} in {:.1?}",
+            verdict.map_err(|e| format!("{e:#}")),
+            t.elapsed()
+        );
         return;
     }
     let Ok(seconds) = seconds.parse::<f64>() else {
@@ -70,7 +74,11 @@ fn main() {
             eprintln!(
                 "{name}: an input {} (saved: {})",
                 failure.describe(),
-                if saved { path.display().to_string() } else { "no".to_string() }
+                if saved {
+                    path.display().to_string()
+                } else {
+                    "no".to_string()
+                }
             );
             std::process::exit(1);
         }

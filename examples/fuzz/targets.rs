@@ -8,11 +8,10 @@ use arbitrary::Unstructured;
 use candle_core::{Device, Tensor};
 use slimcandle::checkpoint::{self, AnyModel};
 use slimcandle::data::{
-    Images, cifar_records_from_bytes, decode_image_chw, mnist_split_from_bytes,
-    resize_center_crop,
+    Images, cifar_records_from_bytes, decode_image_chw, mnist_split_from_bytes, resize_center_crop,
 };
-use slimcandle::graph::Graph;
 use slimcandle::exec::Mode;
+use slimcandle::graph::Graph;
 use slimcandle::model::{Model, ModelMeta, Preprocessing, Provenance, default_class_names};
 use slimcandle::pipeline::{Document, InputArg, KindSpec, OutputArg, Registry, validate};
 use slimcandle::tensor_file::TensorFile;
@@ -138,8 +137,18 @@ fn tensor_file_seeds() -> Vec<Vec<u8>> {
         .collect();
     let views = [
         ("x", safetensors::Dtype::F32, vec![2, 3, 4, 4], f32s.clone()),
-        ("h", safetensors::Dtype::F16, vec![1, 3, 2, 2], vec![0x3c; 24]),
-        ("b", safetensors::Dtype::BF16, vec![1, 3, 2, 2], vec![0x3f; 24]),
+        (
+            "h",
+            safetensors::Dtype::F16,
+            vec![1, 3, 2, 2],
+            vec![0x3c; 24],
+        ),
+        (
+            "b",
+            safetensors::Dtype::BF16,
+            vec![1, 3, 2, 2],
+            vec![0x3f; 24],
+        ),
         ("d", safetensors::Dtype::F64, vec![1, 1, 1, 2], vec![0; 16]),
         ("i", safetensors::Dtype::I32, vec![2], vec![1; 8]),
     ];
@@ -221,13 +230,9 @@ fn checkpoint_seeds() -> Vec<Vec<u8>> {
         .insert("features.0.0.weight", &w.zeros_like().unwrap())
         .unwrap();
     let images = Tensor::randn(0f32, 1.0, (2, 3, 8, 8), &Device::Cpu).unwrap();
-    let int8 = slimcandle::passes::quant::quantize(
-        &dense,
-        [Ok(images)],
-        &Default::default(),
-        |_| {},
-    )
-    .unwrap();
+    let int8 =
+        slimcandle::passes::quant::quantize(&dense, [Ok(images)], &Default::default(), |_| {})
+            .unwrap();
     let mut seeds = vec![
         saved("dense.safetensors", |p| checkpoint::save(&dense, p)),
         saved("sparse.safetensors", |p| checkpoint::save(&sparse, p)),
@@ -235,7 +240,9 @@ fn checkpoint_seeds() -> Vec<Vec<u8>> {
             slimcandle::passes::quant::store::save(&int8, p)
         }),
     ];
-    seeds.extend(read_seed("tests/fixtures/train_mode/squeezenet1_1.safetensors"));
+    seeds.extend(read_seed(
+        "tests/fixtures/train_mode/squeezenet1_1.safetensors",
+    ));
     seeds
 }
 
@@ -247,7 +254,11 @@ fn run_checkpoint(bytes: &[u8]) -> Result<()> {
     if graph.param_elements()? > 200_000 || graph.infer_shapes(8, 8).is_err() {
         return Ok(());
     }
-    let x = Tensor::zeros((1, graph.input_channels(), 8, 8), candle_core::DType::F32, &Device::Cpu)?;
+    let x = Tensor::zeros(
+        (1, graph.input_channels(), 8, 8),
+        candle_core::DType::F32,
+        &Device::Cpu,
+    )?;
     match &model {
         AnyModel::Float(m) => {
             m.forward(&x, Mode::Eval)?;
@@ -333,7 +344,10 @@ fn edit_recipe(seed: &[u8], u: &mut Unstructured<'_>) -> Option<Vec<u8>> {
             0 if at < lines.len() => {
                 lines.remove(at);
             }
-            _ => lines.insert(at, RECIPE_LINES[u.choose_index(RECIPE_LINES.len()).ok()?].as_bytes()),
+            _ => lines.insert(
+                at,
+                RECIPE_LINES[u.choose_index(RECIPE_LINES.len()).ok()?].as_bytes(),
+            ),
         }
     }
     Some(lines.concat())
@@ -346,9 +360,25 @@ fn registry() -> Registry {
     let kind = |name: &'static str, train: bool| {
         let mut command = Command::new(name).arg(Arg::new("checkpoint").required(false));
         for flag in [
-            "arch", "width", "stem", "data", "init", "output", "resume", "epochs",
-            "batch_size", "lr", "warmup_epochs", "schedule", "nesterov", "method",
-            "criterion", "target_macs", "teacher", "calibration", "json",
+            "arch",
+            "width",
+            "stem",
+            "data",
+            "init",
+            "output",
+            "resume",
+            "epochs",
+            "batch_size",
+            "lr",
+            "warmup_epochs",
+            "schedule",
+            "nesterov",
+            "method",
+            "criterion",
+            "target_macs",
+            "teacher",
+            "calibration",
+            "json",
         ] {
             command = command.arg(Arg::new(flag).long(flag).action(ArgAction::Set));
         }
@@ -407,7 +437,11 @@ fn cifar_seeds() -> Vec<Vec<u8>> {
         two.extend((0..3072).map(|i| (i * 7 + label as usize) as u8));
     }
     // The CIFAR-100 layout (coarse and fine label) shares the seeds.
-    vec![two.clone(), two[..3073].to_vec(), [&[1u8][..], &two[1..]].concat()]
+    vec![
+        two.clone(),
+        two[..3073].to_vec(),
+        [&[1u8][..], &two[1..]].concat(),
+    ]
 }
 
 fn run_cifar(bytes: &[u8]) -> Result<()> {

@@ -144,7 +144,7 @@ pub fn records_from_bytes(
     classes: usize,
 ) -> Result<()> {
     let record = label_bytes + 3072;
-    if bytes.is_empty() || bytes.len() % record != 0 {
+    if bytes.is_empty() || !bytes.len().is_multiple_of(record) {
         bail!(
             "`{}` is {} bytes, not a whole number of {record}-byte CIFAR records: is it the binary release?",
             path.display(),

@@ -75,9 +75,9 @@ fn decode(files: &[(PathBuf, u32)], size: usize, skip_bad: bool) -> Result<Image
         match img {
             Ok(img) => images.push(&img, *label),
             Err(e) if skip_bad => skipped.push(format!("{e:#}")),
-            Err(e) => bail!(
-                "{e:#} (give --skip-bad-images to leave out the files that do not decode)"
-            ),
+            Err(e) => {
+                bail!("{e:#} (give --skip-bad-images to leave out the files that do not decode)")
+            }
         }
     }
     if !skipped.is_empty() {

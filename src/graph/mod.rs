@@ -296,10 +296,7 @@ impl Graph {
                 .param_elements()
                 .and_then(|n| total.checked_add(n))
                 .ok_or_else(|| {
-                    anyhow::anyhow!(
-                        "graph: node `{}`: its parameter sizes overflow",
-                        node.name
-                    )
+                    anyhow::anyhow!("graph: node `{}`: its parameter sizes overflow", node.name)
                 })?;
         }
         Ok(total)

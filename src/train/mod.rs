@@ -233,9 +233,8 @@ impl Run {
         // resume state is written after each epoch's metrics line): nothing to continue, so
         // the folder is reused from the start.
         if paths.metrics().exists() {
-            std::fs::remove_file(paths.metrics()).with_context(|| {
-                format!("cannot remove `{}`", paths.metrics().display())
-            })?;
+            std::fs::remove_file(paths.metrics())
+                .with_context(|| format!("cannot remove `{}`", paths.metrics().display()))?;
         }
         if let Some(p) = &config.prune {
             prunable_layers(&model.graph, &p.magnitude)?;
