@@ -214,3 +214,110 @@ fn a_write_error_leaves_the_previous_checkpoint_and_state_intact() {
     );
     std::fs::remove_dir_all(&root).ok();
 }
+
+/// A recipe of a training stage (3 epochs of 4 steps) and an int8 quantization stage.
+const RECIPE: &str = r#"[model]
+arch = "mobilenet_v1"
+width = 0.25
+stem = "cifar"
+
+[data]
+data = "shapes"
+train_limit = 64
+test_limit = 16
+
+[train]
+epochs = 3
+batch_size = 16
+
+[[stage]]
+name = "train"
+kind = "train"
+
+[[stage]]
+name = "quantize"
+kind = "quantize"
+calibration = 16
+"#;
+
+/// Every tensor's name, dtype, shape and bytes (metadata, which records times and paths,
+/// left out).
+fn tensor_contents(path: &Path) -> Vec<(String, String, Vec<usize>, Vec<u8>)> {
+    let file = TensorFile::read(path).unwrap();
+    file.names()
+        .into_iter()
+        .map(|n| {
+            let v = file.raw(&n).unwrap();
+            let entry = (
+                n.clone(),
+                format!("{:?}", v.dtype()),
+                v.shape().to_vec(),
+                v.data().to_vec(),
+            );
+            entry
+        })
+        .collect()
+}
+
+fn all_safetensors(dir: &Path, out: &mut Vec<PathBuf>) {
+    for entry in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+        let p = entry.path();
+        if p.is_dir() {
+            all_safetensors(&p, out);
+        } else if p.extension().is_some_and(|x| x == "safetensors") {
+            out.push(p);
+        }
+    }
+}
+
+#[test]
+fn a_killed_recipe_run_resumes_to_the_uninterrupted_result() {
+    let root = common::temp_dir("crash-kill9-run");
+    let recipe = root.join("r.toml");
+    std::fs::write(&recipe, RECIPE).unwrap();
+    let args = |out: &Path, resume: bool| -> Vec<String> {
+        let mut a: Vec<String> = ["--threads", "1", "run"]
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
+        a.extend([
+            recipe.display().to_string(),
+            "-o".into(),
+            out.display().to_string(),
+        ]);
+        if resume {
+            a.push("--resume".into());
+        }
+        a
+    };
+    let reference = root.join("reference");
+    finish(&args(&reference, false));
+
+    let out = root.join("killed");
+    let mut rng = slimcandle::rng::Rng::new(61);
+    let mut kills = 0;
+    for _ in 0..6 {
+        let mut child = slimcandle(&args(&out, out.exists())).spawn().unwrap();
+        let wait = Duration::from_millis(200 + (rng.uniform() * 2500.0) as u64);
+        std::thread::sleep(wait);
+        if child.try_wait().unwrap().is_some() {
+            break;
+        }
+        child.kill().unwrap();
+        child.wait().unwrap();
+        kills += 1;
+        let mut files = Vec::new();
+        all_safetensors(&out, &mut files);
+        for f in files {
+            TensorFile::read(&f).unwrap_or_else(|e| panic!("after kill {kills}: {e}"));
+        }
+    }
+    assert!(kills >= 2, "the recipe finished before it could be killed twice");
+    finish(&args(&out, true));
+    assert!(
+        tensor_contents(&out.join("final.safetensors"))
+            == tensor_contents(&reference.join("final.safetensors")),
+        "the resumed recipe's int8 model differs from the uninterrupted one's"
+    );
+    std::fs::remove_dir_all(&root).ok();
+}
