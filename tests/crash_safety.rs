@@ -312,7 +312,10 @@ fn a_killed_recipe_run_resumes_to_the_uninterrupted_result() {
             TensorFile::read(&f).unwrap_or_else(|e| panic!("after kill {kills}: {e}"));
         }
     }
-    assert!(kills >= 2, "the recipe finished before it could be killed twice");
+    assert!(
+        kills >= 2,
+        "the recipe finished before it could be killed twice"
+    );
     finish(&args(&out, true));
     assert!(
         tensor_contents(&out.join("final.safetensors"))

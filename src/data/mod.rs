@@ -310,14 +310,23 @@ pub fn read_image_chw(path: &std::path::Path) -> Result<(Vec<u8>, usize, usize)>
     decode_image_chw(path, &bytes)
 }
 
+/// Longest side of an image slimcandle decodes: far beyond any training photo, and it stops a
+/// forged header of a few hundred bytes from making the decoder fill tens of millions of
+/// pixels.
+pub const MAX_IMAGE_SIDE: u32 = 16_384;
+
 /// Decodes the contents of an image file (`path` is only named in errors), as
-/// [`read_image_chw`]. The decoder's default limits (512 MiB) bound what a forged header can
-/// make it allocate.
+/// [`read_image_chw`]. Besides [`MAX_IMAGE_SIDE`], the decoder's default allocation limit
+/// (512 MiB) bounds what a forged header can make it allocate.
 pub fn decode_image_chw(path: &std::path::Path, bytes: &[u8]) -> Result<(Vec<u8>, usize, usize)> {
     let decode = || -> Result<image::DynamicImage> {
-        Ok(image::ImageReader::new(std::io::Cursor::new(bytes))
-            .with_guessed_format()?
-            .decode()?)
+        let mut reader =
+            image::ImageReader::new(std::io::Cursor::new(bytes)).with_guessed_format()?;
+        let mut limits = image::Limits::default();
+        limits.max_image_width = Some(MAX_IMAGE_SIDE);
+        limits.max_image_height = Some(MAX_IMAGE_SIDE);
+        reader.limits(limits);
+        Ok(reader.decode()?)
     };
     let img = decode()
         .with_context(|| format!("cannot decode image `{}`", path.display()))?
