@@ -10,7 +10,6 @@ use slimcandle::checkpoint;
 use slimcandle::tensor_file::TensorFile;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
-use std::time::Duration;
 
 /// A tiny run: 64 generated images, 4 steps an epoch, 3 epochs, one thread.
 fn train_args(dir: &Path) -> Vec<String> {
@@ -109,7 +108,9 @@ fn assert_consistent(dir: &Path) {
 fn killed_runs_resume_to_the_uninterrupted_result_bit_for_bit() {
     let root = common::temp_dir("crash-kill9");
     let reference = root.join("reference");
+    let started = std::time::Instant::now();
     finish(&train_args(&reference));
+    let full = started.elapsed();
 
     let run = root.join("killed");
     let mut rng = slimcandle::rng::Rng::new(16);
@@ -122,8 +123,9 @@ fn killed_runs_resume_to_the_uninterrupted_result_bit_for_bit() {
             train_args(&run)
         };
         let mut child = slimcandle(&args).spawn().unwrap();
-        // A random moment in the first ~2 s: while loading, training, evaluating or saving.
-        let wait = Duration::from_millis(150 + (rng.uniform() * 1800.0) as u64);
+        // A random moment within 10-40 % of a whole run's time (each restart loses the
+        // unfinished epoch, so kills keep landing): loading, training, evaluating or saving.
+        let wait = full.mul_f64(0.1 + 0.3 * rng.uniform());
         std::thread::sleep(wait);
         if child.try_wait().unwrap().is_some() {
             break;
@@ -291,14 +293,16 @@ fn a_killed_recipe_run_resumes_to_the_uninterrupted_result() {
         a
     };
     let reference = root.join("reference");
+    let started = std::time::Instant::now();
     finish(&args(&reference, false));
+    let full = started.elapsed();
 
     let out = root.join("killed");
     let mut rng = slimcandle::rng::Rng::new(61);
     let mut kills = 0;
     for _ in 0..6 {
         let mut child = slimcandle(&args(&out, out.exists())).spawn().unwrap();
-        let wait = Duration::from_millis(200 + (rng.uniform() * 2500.0) as u64);
+        let wait = full.mul_f64(0.1 + 0.3 * rng.uniform());
         std::thread::sleep(wait);
         if child.try_wait().unwrap().is_some() {
             break;

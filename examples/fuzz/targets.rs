@@ -212,7 +212,10 @@ fn tiny_model() -> Model {
 fn saved(name: &str, save: impl FnOnce(&Path) -> Result<()>) -> Vec<u8> {
     let dir = std::env::temp_dir().join(format!("slimcandle-fuzz-seeds-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
-    let path = dir.join(name);
+    // Targets are built on several test threads at once: one file per call.
+    static CALLS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let n = CALLS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let path = dir.join(format!("{n}-{name}"));
     save(&path).unwrap();
     let bytes = std::fs::read(&path).unwrap();
     let _ = std::fs::remove_file(&path);
