@@ -250,13 +250,12 @@ fn tensor_contents(path: &Path) -> Vec<(String, String, Vec<usize>, Vec<u8>)> {
         .into_iter()
         .map(|n| {
             let v = file.raw(&n).unwrap();
-            let entry = (
+            (
                 n.clone(),
                 format!("{:?}", v.dtype()),
                 v.shape().to_vec(),
                 v.data().to_vec(),
-            );
-            entry
+            )
         })
         .collect()
 }
