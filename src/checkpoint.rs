@@ -144,14 +144,18 @@ impl AnyModel {
 /// Reads a float checkpoint (formats 1 and 2) or an int8 one (format 3), whichever the file
 /// is.
 pub fn load_any(path: &Path) -> Result<AnyModel> {
-    let file = TensorFile::read(path)?;
-    if check_format(&file)? == INT8_FORMAT_VERSION {
-        let (graph, meta) = graph_and_meta(&file)?;
+    any_from_file(&TensorFile::read(path)?)
+}
+
+/// [`load_any`] on an already read file.
+pub fn any_from_file(file: &TensorFile) -> Result<AnyModel> {
+    if check_format(file)? == INT8_FORMAT_VERSION {
+        let (graph, meta) = graph_and_meta(file)?;
         return Ok(AnyModel::Int8(crate::passes::quant::store::from_file(
-            &file, graph, meta,
+            file, graph, meta,
         )?));
     }
-    Ok(AnyModel::Float(from_file(&file)?))
+    Ok(AnyModel::Float(from_file(file)?))
 }
 
 /// Reads a checkpoint written by [`save`].
@@ -272,6 +276,7 @@ fn graph_and_meta(file: &TensorFile) -> Result<(Graph, ModelMeta)> {
         preprocessing: parse_field(file, "preprocessing")?,
         provenance: parse_field(file, "provenance")?,
     };
+    check_params_fit(&graph, file)?;
     let counts = graph.channel_counts()?;
     if counts[graph.output] != meta.class_names.len() {
         bail!(
@@ -281,6 +286,26 @@ fn graph_and_meta(file: &TensorFile) -> Result<(Graph, ModelMeta)> {
         );
     }
     Ok((graph, meta))
+}
+
+/// Refuses a graph whose parameters could not be stored in the file: every stored element
+/// takes at least one bit (a sparse mask), so more than 8 per byte of the file means the
+/// graph is corrupt, and it is refused before anything is sized from it.
+fn check_params_fit(graph: &Graph, file: &TensorFile) -> Result<()> {
+    let capacity = file.file_size().saturating_mul(8);
+    let mut total = 0usize;
+    for node in &graph.nodes {
+        total = total.saturating_add(node.param_elements().unwrap_or(usize::MAX));
+        if total > capacity {
+            bail!(
+                "`{}`: graph node `{}` brings the parameters to {total} elements, more than the file's {} bytes can hold",
+                file.path.display(),
+                node.name,
+                file.file_size()
+            );
+        }
+    }
+    Ok(())
 }
 
 fn from_parts(file: &TensorFile, tensors: HashMap<String, Tensor>) -> Result<Model> {

@@ -24,13 +24,16 @@ fn explain(err: SafeTensorError, bytes: &[u8]) -> String {
         return format!("not a safetensors file (only {len} bytes)");
     }
     let header = u64::from_le_bytes(bytes[..8].try_into().expect("8 bytes")) as usize;
+    if let Some(why) = bad_tensor_entry(bytes, header) {
+        return why;
+    }
     match err {
         SafeTensorError::MetadataIncompleteBuffer | SafeTensorError::InvalidOffset(_) => {
             format!(
                 "the file is truncated or corrupt: its tensor table does not match its {len} bytes"
             )
         }
-        _ if header > 100_000_000 => "not a safetensors file (no valid header)".to_string(),
+        _ if header > MAX_HEADER_BYTES => "not a safetensors file (no valid header)".to_string(),
         _ if header + 8 > len => format!(
             "the file is truncated: its header alone needs {} bytes, the file has {len}",
             header + 8
@@ -39,10 +42,73 @@ fn explain(err: SafeTensorError, bytes: &[u8]) -> String {
     }
 }
 
+/// Largest JSON header (tensor table plus `__metadata__`) a file may have. A checkpoint of a
+/// few hundred tensors has a header of tens of kilobytes; the bound keeps a corrupt length
+/// field from making the parser hold and scan a huge string.
+pub const MAX_HEADER_BYTES: usize = 16 << 20;
+
+/// The first tensor-table entry whose shape and dtype disagree with its byte range, said in
+/// words that name it (the safetensors crate only says that some entry is wrong).
+fn bad_tensor_entry(bytes: &[u8], header: usize) -> Option<String> {
+    let text = bytes.get(8..8usize.checked_add(header)?)?;
+    let table: serde_json::Map<String, serde_json::Value> = serde_json::from_slice(text).ok()?;
+    for (name, entry) in &table {
+        if name == "__metadata__" {
+            continue;
+        }
+        let bytes_per = match entry.get("dtype")?.as_str()? {
+            "BOOL" | "U8" | "I8" | "F8_E5M2" | "F8_E4M3" => 1,
+            "U16" | "I16" | "F16" | "BF16" => 2,
+            "U32" | "I32" | "F32" => 4,
+            "U64" | "I64" | "F64" => 8,
+            _ => continue,
+        };
+        let shape: Vec<u64> = entry
+            .get("shape")?
+            .as_array()?
+            .iter()
+            .map(|d| d.as_u64())
+            .collect::<Option<_>>()?;
+        let offsets = entry.get("data_offsets")?.as_array()?;
+        let (start, end) = (offsets.first()?.as_u64()?, offsets.get(1)?.as_u64()?);
+        let needed = shape
+            .iter()
+            .try_fold(bytes_per, |a: u64, &d| a.checked_mul(d));
+        if needed != Some(end.saturating_sub(start)) {
+            let needed = needed.map_or("more than 2^64".to_string(), |n| n.to_string());
+            return Some(format!(
+                "tensor `{name}` claims shape {shape:?}, {needed} bytes, but its table entry gives it {} bytes of the file's {}",
+                end.saturating_sub(start),
+                bytes.len()
+            ));
+        }
+    }
+    None
+}
+
 impl TensorFile {
     pub fn read(path: &Path) -> Result<TensorFile> {
+        // A device or FIFO (`/dev/zero`) would be read without end.
+        if path.exists() && !path.is_file() {
+            bail!("`{}` is not a regular file", path.display());
+        }
         let bytes =
             std::fs::read(path).with_context(|| format!("cannot read `{}`", path.display()))?;
+        Self::from_bytes(path, bytes)
+    }
+
+    /// Validates `bytes` as the contents of `path` (which is only used in messages): the
+    /// fuzz harness and tests read files from memory through this.
+    pub fn from_bytes(path: &Path, bytes: Vec<u8>) -> Result<TensorFile> {
+        if bytes.len() >= 8 {
+            let header = u64::from_le_bytes(bytes[..8].try_into().expect("8 bytes"));
+            if header > MAX_HEADER_BYTES as u64 && header + 8 <= bytes.len() as u64 {
+                bail!(
+                    "`{}`: its header is {header} bytes, more than the {MAX_HEADER_BYTES} a tensor file may have",
+                    path.display()
+                );
+            }
+        }
         let header_len = match SafeTensors::read_metadata(&bytes)
             .and_then(|_| SafeTensors::deserialize(&bytes))
         {
@@ -188,12 +254,18 @@ pub fn write_bytes_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
         .file_name()
         .map(|f| f.to_string_lossy().into_owned())
         .unwrap_or_default();
-    let tmp = dir.join(format!(".{file_name}.tmp{}", std::process::id()));
+    // Unique per process and per call, so that two threads writing the same path never
+    // share (and truncate) one temporary file.
+    static NEXT_TMP: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let n = NEXT_TMP.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let tmp = dir.join(format!(".{file_name}.tmp{}-{n}", std::process::id()));
     let result = (|| -> std::io::Result<()> {
         let mut f = std::fs::File::create(&tmp)?;
         f.write_all(bytes)?;
         f.sync_all()?;
-        std::fs::rename(&tmp, path)
+        std::fs::rename(&tmp, path)?;
+        // The rename itself reaches the disk only with the folder's entry.
+        std::fs::File::open(&dir)?.sync_all()
     })();
     if let Err(e) = result {
         let _ = std::fs::remove_file(&tmp);

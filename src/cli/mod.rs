@@ -39,6 +39,10 @@ pub struct Cli {
     /// Worker threads (default: all cores).
     #[arg(long, value_parser = count(1), global = true)]
     threads: Option<usize>,
+    /// Image folders (`--data folder:DIR`): skip files that do not decode, listing them,
+    /// instead of stopping at the first.
+    #[arg(long, global = true)]
+    skip_bad_images: bool,
     #[command(subcommand)]
     command: Command,
 }
@@ -163,6 +167,7 @@ pub fn run(cli: Cli) -> Result<()> {
         // Candle and rayon both read this before their thread pools start.
         unsafe { std::env::set_var("RAYON_NUM_THREADS", n.to_string()) };
     }
+    slimcandle::data::set_skip_bad_images(cli.skip_bad_images);
     match cli.command {
         Command::Models(a) => models::run(a),
         Command::Import(a) => import::run(a),

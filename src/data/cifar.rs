@@ -130,8 +130,21 @@ fn read_records(
     classes: usize,
 ) -> Result<()> {
     let bytes = std::fs::read(path).with_context(|| format!("cannot read `{}`", path.display()))?;
+    records_from_bytes(path, &bytes, label_bytes, size, into, classes)
+}
+
+/// Parses the contents of one binary file of CIFAR records (see [`read_records`]; `path` is
+/// only named in errors) into `into`.
+pub fn records_from_bytes(
+    path: &Path,
+    bytes: &[u8],
+    label_bytes: usize,
+    size: usize,
+    into: &mut Images,
+    classes: usize,
+) -> Result<()> {
     let record = label_bytes + 3072;
-    if bytes.is_empty() || bytes.len() % record != 0 {
+    if bytes.is_empty() || !bytes.len().is_multiple_of(record) {
         bail!(
             "`{}` is {} bytes, not a whole number of {record}-byte CIFAR records: is it the binary release?",
             path.display(),

@@ -58,7 +58,10 @@ fn list(root: &Path, classes: &[String]) -> Result<Vec<(PathBuf, u32)>> {
     Ok(files)
 }
 
-fn decode(files: &[(PathBuf, u32)], size: usize) -> Result<Images> {
+/// Decodes `files` (in parallel) into images of `size`. A file that does not decode is an
+/// error naming it, or with `skip_bad` is left out, counted and listed on stderr; a class
+/// left with no image is an error either way.
+fn decode(files: &[(PathBuf, u32)], size: usize, skip_bad: bool) -> Result<Images> {
     let decoded: Vec<Result<Vec<u8>>> = files
         .par_iter()
         .map(|(path, _)| {
@@ -67,8 +70,38 @@ fn decode(files: &[(PathBuf, u32)], size: usize) -> Result<Images> {
         })
         .collect();
     let mut images = Images::new(size);
+    let mut skipped = Vec::new();
     for (img, (_, label)) in decoded.into_iter().zip(files) {
-        images.push(&img?, *label);
+        match img {
+            Ok(img) => images.push(&img, *label),
+            Err(e) if skip_bad => skipped.push(format!("{e:#}")),
+            Err(e) => {
+                bail!("{e:#} (give --skip-bad-images to leave out the files that do not decode)")
+            }
+        }
+    }
+    if !skipped.is_empty() {
+        eprintln!(
+            "skipped {} image{} that do not decode (--skip-bad-images):",
+            skipped.len(),
+            if skipped.len() == 1 { "" } else { "s" }
+        );
+        for s in &skipped {
+            eprintln!("  {s}");
+        }
+    }
+    let mut per_class = std::collections::BTreeMap::new();
+    for (path, label) in files {
+        per_class.entry(*label).or_insert_with(|| path.clone());
+    }
+    for (label, first) in per_class {
+        if !images.labels.contains(&label) {
+            let dir = first.parent().unwrap_or(&first);
+            bail!(
+                "class folder `{}` has no image that decodes (all were skipped)",
+                dir.display()
+            );
+        }
     }
     Ok(images)
 }
@@ -78,6 +111,7 @@ pub fn load(
     size: usize,
     test_fraction: f64,
     seed: u64,
+    skip_bad: bool,
 ) -> Result<(Images, Images, Vec<String>)> {
     if !root.is_dir() {
         bail!("dataset folder `{}` does not exist", root.display());
@@ -106,8 +140,8 @@ pub fn load(
                 test_dir.display()
             );
         }
-        let train = decode(&list(&train_dir, &classes)?, size)?;
-        let test = decode(&list(&test_dir, &classes)?, size)?;
+        let train = decode(&list(&train_dir, &classes)?, size, skip_bad)?;
+        let test = decode(&list(&test_dir, &classes)?, size, skip_bad)?;
         return Ok((train, test, classes));
     }
     let classes: Vec<String> = class_dirs(root)?.into_iter().map(|(n, _)| n).collect();
@@ -115,5 +149,9 @@ pub fn load(
     Rng::new(seed ^ 0xf01d).shuffle(&mut files);
     let n_test = ((files.len() as f64) * test_fraction).round() as usize;
     let test_files = files.split_off(files.len() - n_test);
-    Ok((decode(&files, size)?, decode(&test_files, size)?, classes))
+    Ok((
+        decode(&files, size, skip_bad)?,
+        decode(&test_files, size, skip_bad)?,
+        classes,
+    ))
 }

@@ -30,22 +30,39 @@ fn find(dir: &Path, stem: &str) -> Result<PathBuf> {
     bail!("`{}` has no `{stem}` (nor `{stem}.gz`)", dir.display())
 }
 
+/// Most bytes an IDX file may hold once decompressed (MNIST's largest is 47 MB): a small
+/// gzip bomb must not expand into gigabytes.
+pub const MAX_IDX_BYTES: u64 = 512 << 20;
+/// Most pixels one image may have (MNIST's are 28 x 28).
+const MAX_IMAGE_PIXELS: usize = 1 << 24;
+
 fn read_maybe_gz(path: &Path) -> Result<Vec<u8>> {
     let raw = std::fs::read(path).with_context(|| format!("cannot read `{}`", path.display()))?;
-    if raw.starts_with(&[0x1f, 0x8b]) {
-        let mut out = Vec::new();
-        flate2::read::GzDecoder::new(&raw[..])
-            .read_to_end(&mut out)
-            .with_context(|| format!("`{}` is not a valid gzip file", path.display()))?;
-        Ok(out)
-    } else {
-        Ok(raw)
+    gunzip_if_gzipped(path, raw)
+}
+
+/// `raw` itself, or its gzip decompression when it starts with the gzip magic bytes.
+fn gunzip_if_gzipped(path: &Path, raw: Vec<u8>) -> Result<Vec<u8>> {
+    if !raw.starts_with(&[0x1f, 0x8b]) {
+        return Ok(raw);
     }
+    let mut out = Vec::new();
+    flate2::read::GzDecoder::new(&raw[..])
+        .take(MAX_IDX_BYTES + 1)
+        .read_to_end(&mut out)
+        .with_context(|| format!("`{}` is not a valid gzip file", path.display()))?;
+    if out.len() as u64 > MAX_IDX_BYTES {
+        bail!(
+            "`{}` decompresses to more than {MAX_IDX_BYTES} bytes, more than an IDX file may hold",
+            path.display()
+        );
+    }
+    Ok(out)
 }
 
 /// Parses an IDX file with the given magic number; returns its dimensions and data.
-fn read_idx(path: &Path, magic: u32) -> Result<(Vec<usize>, Vec<u8>)> {
-    let bytes = read_maybe_gz(path)?;
+fn parse_idx(path: &Path, bytes: Vec<u8>, magic: u32) -> Result<(Vec<usize>, Vec<u8>)> {
+    let bytes = gunzip_if_gzipped(path, bytes)?;
     if bytes.len() < 4 || u32::from_be_bytes(bytes[..4].try_into().unwrap()) != magic {
         bail!(
             "`{}` is not an IDX file with magic number {magic:#x}",
@@ -63,12 +80,13 @@ fn read_idx(path: &Path, magic: u32) -> Result<(Vec<usize>, Vec<u8>)> {
     let dims: Vec<usize> = (0..ndim)
         .map(|i| u32::from_be_bytes(bytes[4 + 4 * i..8 + 4 * i].try_into().unwrap()) as usize)
         .collect();
-    let expected: usize = dims.iter().product();
-    if bytes.len() - header != expected {
+    let expected = dims.iter().try_fold(1usize, |a, &d| a.checked_mul(d));
+    if expected != Some(bytes.len() - header) {
         bail!(
-            "`{}` holds {} data bytes, but its header {dims:?} says {expected}",
+            "`{}` holds {} data bytes, but its header {dims:?} says {}",
             path.display(),
-            bytes.len() - header
+            bytes.len() - header,
+            expected.map_or("more than 2^64".to_string(), |n| n.to_string())
         );
     }
     Ok((dims, bytes[header..].to_vec()))
@@ -77,8 +95,26 @@ fn read_idx(path: &Path, magic: u32) -> Result<(Vec<usize>, Vec<u8>)> {
 fn load_split(dir: &Path, prefix: &str, size: usize) -> Result<Images> {
     let img_path = find(dir, &format!("{prefix}-images-idx3-ubyte"))?;
     let lbl_path = find(dir, &format!("{prefix}-labels-idx1-ubyte"))?;
-    let (dims, pixels) = read_idx(&img_path, 0x0803)?;
-    let (ldims, labels) = read_idx(&lbl_path, 0x0801)?;
+    split_from_bytes(
+        &img_path,
+        read_maybe_gz(&img_path)?,
+        &lbl_path,
+        read_maybe_gz(&lbl_path)?,
+        size,
+    )
+}
+
+/// One split from the contents of its images and labels files (plain or gzipped; the paths
+/// are only named in errors), resized to `size`.
+pub fn split_from_bytes(
+    img_path: &Path,
+    img_bytes: Vec<u8>,
+    lbl_path: &Path,
+    lbl_bytes: Vec<u8>,
+    size: usize,
+) -> Result<Images> {
+    let (dims, pixels) = parse_idx(img_path, img_bytes, 0x0803)?;
+    let (ldims, labels) = parse_idx(lbl_path, lbl_bytes, 0x0801)?;
     if dims[0] != ldims[0] {
         bail!(
             "`{}` has {} images but `{}` has {} labels",
@@ -89,7 +125,7 @@ fn load_split(dir: &Path, prefix: &str, size: usize) -> Result<Images> {
         );
     }
     let (h, w) = (dims[1], dims[2]);
-    if h == 0 || w == 0 {
+    if h == 0 || w == 0 || h.saturating_mul(w) > MAX_IMAGE_PIXELS {
         bail!("`{}` has images of {h}x{w} pixels", img_path.display());
     }
     let mut images = Images::new(size);

@@ -9,7 +9,9 @@ mod loader;
 mod mnist;
 mod shapes;
 
+pub use cifar::records_from_bytes as cifar_records_from_bytes;
 pub use loader::{Augment, Batch, BatchLoader, EpochPlan};
+pub use mnist::split_from_bytes as mnist_split_from_bytes;
 
 use crate::rng::Rng;
 use anyhow::{Context, Result, bail};
@@ -188,6 +190,16 @@ impl std::str::FromStr for DataSpec {
     }
 }
 
+/// The process-wide `--skip-bad-images` setting, the default of
+/// [`LoadOptions::skip_bad_images`]: a global flag of the command line that every command's
+/// data loading honours without each command passing it on.
+static SKIP_BAD_IMAGES: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Sets the default of [`LoadOptions::skip_bad_images`] (the `--skip-bad-images` flag).
+pub fn set_skip_bad_images(skip: bool) {
+    SKIP_BAD_IMAGES.store(skip, std::sync::atomic::Ordering::Relaxed);
+}
+
 /// How much data to load and at what size.
 #[derive(Debug, Clone)]
 pub struct LoadOptions {
@@ -198,6 +210,8 @@ pub struct LoadOptions {
     /// Fraction held out for testing when a folder has no train/test split.
     pub test_fraction: f64,
     pub seed: u64,
+    /// Image folders: leave out (and list) files that do not decode instead of failing.
+    pub skip_bad_images: bool,
 }
 
 impl Default for LoadOptions {
@@ -208,6 +222,7 @@ impl Default for LoadOptions {
             test_limit: None,
             test_fraction: 0.2,
             seed: 0,
+            skip_bad_images: SKIP_BAD_IMAGES.load(std::sync::atomic::Ordering::Relaxed),
         }
     }
 }
@@ -261,7 +276,13 @@ impl DataSpec {
                 (tr, te, names, format!("{kind}:{}", p.display()))
             }
             DataSpec::Folder(p) => {
-                let (tr, te, names) = folder::load(p, opts.size, opts.test_fraction, opts.seed)?;
+                let (tr, te, names) = folder::load(
+                    p,
+                    opts.size,
+                    opts.test_fraction,
+                    opts.seed,
+                    opts.skip_bad_images,
+                )?;
                 (tr, te, names, format!("folder:{}", p.display()))
             }
         };
@@ -302,12 +323,30 @@ impl DataSpec {
 /// Decodes an image file into CHW RGB bytes with its width and height. The format comes from
 /// the content, so a PNG named `.jpg` (ImageNet has some) still decodes.
 pub fn read_image_chw(path: &std::path::Path) -> Result<(Vec<u8>, usize, usize)> {
-    let read = || -> Result<image::DynamicImage> {
-        Ok(image::ImageReader::open(path)?
-            .with_guessed_format()?
-            .decode()?)
+    let bytes =
+        std::fs::read(path).with_context(|| format!("cannot read image `{}`", path.display()))?;
+    decode_image_chw(path, &bytes)
+}
+
+/// Longest side of an image slimcandle decodes: far beyond any training photo, and it stops a
+/// forged header of a few hundred bytes from making the decoder fill tens of millions of
+/// pixels.
+pub const MAX_IMAGE_SIDE: u32 = 16_384;
+
+/// Decodes the contents of an image file (`path` is only named in errors), as
+/// [`read_image_chw`]. Besides [`MAX_IMAGE_SIDE`], the decoder's default allocation limit
+/// (512 MiB) bounds what a forged header can make it allocate.
+pub fn decode_image_chw(path: &std::path::Path, bytes: &[u8]) -> Result<(Vec<u8>, usize, usize)> {
+    let decode = || -> Result<image::DynamicImage> {
+        let mut reader =
+            image::ImageReader::new(std::io::Cursor::new(bytes)).with_guessed_format()?;
+        let mut limits = image::Limits::default();
+        limits.max_image_width = Some(MAX_IMAGE_SIDE);
+        limits.max_image_height = Some(MAX_IMAGE_SIDE);
+        reader.limits(limits);
+        Ok(reader.decode()?)
     };
-    let img = read()
+    let img = decode()
         .with_context(|| format!("cannot decode image `{}`", path.display()))?
         .to_rgb8();
     let (w, h) = (img.width() as usize, img.height() as usize);

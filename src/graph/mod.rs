@@ -8,11 +8,13 @@
 mod analysis;
 mod builder;
 mod channels;
+mod limits;
 pub mod shape;
 
 pub use analysis::{LayerRow, Summary};
 pub use builder::GraphBuilder;
 pub use channels::{ChannelMap, shuffle_permutation};
+pub use limits::{MAX_CHANNELS, MAX_NODES, MAX_WINDOW};
 pub use shape::Dims;
 
 use anyhow::{Result, bail};
@@ -226,9 +228,18 @@ impl Graph {
         Ok(graph)
     }
 
-    /// Structural checks: one input first, topological order, arities, unique names, and
-    /// channel counts consistent along every edge.
+    /// Structural checks: one input first, topological order (so no edge to a missing or
+    /// later node, hence no cycle), arities, unique names, op fields within
+    /// [`limits`](MAX_CHANNELS), channel counts consistent along every edge, and parameter
+    /// sizes that fit in memory arithmetic. Everything a graph from a file could get wrong is
+    /// caught here, before any tensor is allocated from it.
     pub fn validate(&self) -> Result<()> {
+        if self.nodes.len() > MAX_NODES {
+            bail!(
+                "graph: {} nodes, more than the {MAX_NODES} a graph may have",
+                self.nodes.len()
+            );
+        }
         if !matches!(self.nodes.first().map(|n| &n.op), Some(Op::Input { .. })) {
             bail!("graph: the first node must be the input");
         }
@@ -240,12 +251,21 @@ impl Graph {
             if id > 0 && matches!(node.op, Op::Input { .. }) {
                 bail!("graph: node `{}` is a second input", node.name);
             }
-            if let Some(&bad) = node.inputs.iter().find(|&&i| i >= id) {
+            if let Some(&bad) = node.inputs.iter().find(|&&i| i >= self.nodes.len()) {
                 bail!(
-                    "graph: node `{}` reads node {bad}, which does not come before it",
-                    node.name
+                    "graph: node `{}` reads node {bad}, which does not exist ({} nodes)",
+                    node.name,
+                    self.nodes.len()
                 );
             }
+            if let Some(&bad) = node.inputs.iter().find(|&&i| i >= id) {
+                bail!(
+                    "graph: node `{}` reads node {bad} (`{}`), which does not come before it (a cycle or an unordered graph)",
+                    node.name,
+                    self.nodes[bad].name
+                );
+            }
+            limits::check_fields(node)?;
             match node.op.arity() {
                 Some(n) if n != node.inputs.len() => bail!(
                     "graph: node `{}` ({}) takes {n} inputs, has {}",
@@ -263,7 +283,23 @@ impl Graph {
             bail!("graph: output node {} does not exist", self.output);
         }
         self.channel_counts()?;
+        self.param_elements()?;
         Ok(())
+    }
+
+    /// Total elements of all parameters and buffers, or an error naming the first node whose
+    /// parameter sizes overflow.
+    pub fn param_elements(&self) -> Result<usize> {
+        let mut total = 0usize;
+        for node in &self.nodes {
+            total = node
+                .param_elements()
+                .and_then(|n| total.checked_add(n))
+                .ok_or_else(|| {
+                    anyhow::anyhow!("graph: node `{}`: its parameter sizes overflow", node.name)
+                })?;
+        }
+        Ok(total)
     }
 
     /// Number of channels (or features, after flatten) each node produces.
@@ -329,7 +365,16 @@ impl Graph {
                     }
                     inc(0)
                 }
-                Op::Concat => node.inputs.iter().map(|&i| counts[i]).sum(),
+                Op::Concat => {
+                    let total: usize = node.inputs.iter().map(|&i| counts[i]).sum();
+                    if total > MAX_CHANNELS {
+                        bail!(
+                            "graph: concat `{}` joins {total} channels, more than {MAX_CHANNELS}",
+                            node.name
+                        );
+                    }
+                    total
+                }
                 Op::Slice { start, end } => {
                     if start >= end || *end > inc(0) {
                         bail!(

@@ -236,13 +236,20 @@ impl Run {
     /// Starts a new run in `dir` (created if needed; an existing run there is refused).
     pub fn create(dir: &Path, config: TrainConfig, model: Model) -> Result<Run> {
         let paths = RunPaths::new(dir);
-        if paths.resume().exists() || paths.metrics().exists() {
+        if paths.resume().exists() {
             bail!(
                 "`{}` already holds a run: continue it with --resume, or choose another folder",
                 dir.display()
             );
         }
         config.validate()?;
+        // Metrics without a resume state are from a run killed during its first epoch (the
+        // resume state is written after each epoch's metrics line): nothing to continue, so
+        // the folder is reused from the start.
+        if paths.metrics().exists() {
+            std::fs::remove_file(paths.metrics())
+                .with_context(|| format!("cannot remove `{}`", paths.metrics().display()))?;
+        }
         if let Some(p) = &config.prune {
             prunable_layers(&model.graph, &p.magnitude)?;
         }
@@ -281,6 +288,12 @@ impl Run {
         })?;
         let config: TrainConfig = serde_json::from_str(&text)
             .map_err(|e| anyhow::anyhow!("`{}`: {e}", paths.config().display()))?;
+        if !paths.resume().exists() {
+            bail!(
+                "`{}` has no resume state: the run stopped before its first epoch ended; start it again with the command that began it (the folder is reused)",
+                dir.display()
+            );
+        }
         let (model, extras) = checkpoint::load_with_extra_prefixes(
             &paths.resume(),
             &[OPTIMIZER_PREFIX, MASK_PREFIX],
