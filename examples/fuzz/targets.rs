@@ -405,6 +405,7 @@ fn registry() -> Registry {
             unhashed: &[],
             inherits_train: train,
             finetune: !train,
+            reads_float_before_quantize: false,
             effects: |_| Vec::new(),
             check: |_| Ok(()),
             run: |_| Ok(()),
