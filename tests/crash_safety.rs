@@ -66,6 +66,17 @@ fn finish(args: &[String]) {
     );
 }
 
+/// Runs a training that stops itself as Ctrl-C would: saved, resumable, exit status 130.
+fn interrupt(args: &[String]) {
+    let out = slimcandle(args).output().unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(130),
+        "{args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
 /// Every parameter's bits, by name.
 fn weight_bits(path: &Path) -> Vec<(String, Vec<u32>)> {
     let model = checkpoint::load(path).unwrap();
@@ -163,7 +174,7 @@ fn a_write_error_leaves_the_previous_checkpoint_and_state_intact() {
     // One epoch and two steps of the next, then an interruption with a resume state.
     let mut first = train_args(&run);
     first.extend(["--stop-after-steps".to_string(), "6".to_string()]);
-    finish(&first);
+    interrupt(&first);
     let before: Vec<(PathBuf, Vec<u8>)> = safetensors_in(&run)
         .into_iter()
         .map(|p| {
