@@ -338,3 +338,62 @@ fn a_killed_recipe_run_resumes_to_the_uninterrupted_result() {
     );
     std::fs::remove_dir_all(&root).ok();
 }
+
+/// Ctrl-C (a real SIGINT) during training: the current step finishes, the run is saved, the
+/// message says how to resume, the exit status is 130, and `--resume` then finishes the run.
+#[cfg(unix)]
+#[test]
+fn ctrl_c_saves_a_resumable_run_and_exits_130() {
+    use std::io::{BufRead, BufReader, Read};
+    let root = common::temp_dir("crash-sigint");
+    let run = root.join("run");
+    let mut args = train_args(&run);
+    // 2,048 images in steps of 16: long enough (seconds) that the signal lands mid-training.
+    let limit = args.iter().position(|a| a == "--train-limit").unwrap() + 1;
+    args[limit] = "2048".into();
+    let epochs = args.iter().position(|a| a == "--epochs").unwrap() + 1;
+    args[epochs] = "2".into();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_slimcandle"))
+        .args(&args)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Training has started once the "training ... ->" line is on stderr.
+    let mut stderr = BufReader::new(child.stderr.take().unwrap());
+    let mut line = String::new();
+    while stderr.read_line(&mut line).unwrap() > 0 && !line.starts_with("training ") {
+        line.clear();
+    }
+    assert!(line.starts_with("training "), "training never started");
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    let pid = i32::try_from(child.id()).unwrap();
+    // SAFETY: sending a signal to our own child process.
+    assert_eq!(unsafe { libc::kill(pid, libc::SIGINT) }, 0);
+    let mut rest = String::new();
+    stderr.read_to_string(&mut rest).unwrap();
+    let mut stdout = String::new();
+    child
+        .stdout
+        .take()
+        .unwrap()
+        .read_to_string(&mut stdout)
+        .unwrap();
+    let status = child.wait().unwrap();
+    assert_eq!(status.code(), Some(130), "stdout: {stdout}\nstderr: {rest}");
+    assert!(
+        stdout.contains(&format!("slimcandle train --resume {}", run.display())),
+        "no resume hint in: {stdout}"
+    );
+    assert!(run.join("resume.safetensors").exists());
+    assert!(TensorFile::read(&run.join("last.safetensors")).is_ok());
+    finish(&resume_args(&run));
+    // Resuming the finished run changes nothing and says so.
+    let done = Command::new(env!("CARGO_BIN_EXE_slimcandle"))
+        .args(resume_args(&run))
+        .output()
+        .unwrap();
+    let said =
+        String::from_utf8_lossy(&done.stdout).to_string() + &String::from_utf8_lossy(&done.stderr);
+    assert!(done.status.success() && said.contains("complete"), "{said}");
+}

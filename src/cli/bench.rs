@@ -24,7 +24,8 @@ pub struct BenchArgs {
     checkpoint: Option<std::path::PathBuf>,
     #[command(flatten)]
     arch: ArchArgs,
-    /// Images per batch.
+    /// Images per batch. 64 is the batch of the throughput column of the reports (`run`,
+    /// `compare`); batch-1 latency is `--batch-size 1`.
     #[arg(long, value_parser = count(1), alias = "batch", default_value_t = 64)]
     batch_size: usize,
     /// Input height and width.

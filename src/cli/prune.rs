@@ -91,7 +91,8 @@ pub struct PruneArgs {
     /// Taylor criterion: batches of training images to accumulate gradients over [default: 16].
     #[arg(long, value_parser = count(1))]
     taylor_batches: Option<usize>,
-    /// Images per batch for evaluation and the taylor criterion.
+    /// Images per batch for evaluation and the taylor criterion. The taylor scores depend on
+    /// it (gradients of each batch), evaluation does not; 64 bounds the gradient memory.
     #[arg(long, value_parser = count(1), default_value_t = 64)]
     batch_size: usize,
     /// Seed of the data subsets and the random criterion.

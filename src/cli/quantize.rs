@@ -55,7 +55,8 @@ pub struct QuantizeArgs {
     /// Evaluate on a seeded, class-balanced subset of this many test images.
     #[arg(long, value_parser = count(1))]
     test_limit: Option<usize>,
-    /// Images per batch for calibration and evaluation.
+    /// Images per batch for calibration and evaluation. Neither result depends on it (the
+    /// observers see every image); 64 bounds the memory of the recorded activations.
     #[arg(long, value_parser = count(1), default_value_t = 64)]
     batch_size: usize,
     /// Seed of the calibration and test subsets.

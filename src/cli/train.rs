@@ -79,7 +79,8 @@ pub struct TrainArgs {
     /// Passes over the training split.
     #[arg(long, value_parser = count(1), default_value_t = 10)]
     epochs: usize,
-    /// Images per optimizer step.
+    /// Images per optimizer step. Unlike the evaluation commands' batch, it changes the
+    /// result; 128 is the recipe of docs/benchmarks.md.
     #[arg(long, value_parser = count(1), default_value_t = 128)]
     batch_size: usize,
     /// Optimizer: sgd (momentum) or adamw.
