@@ -321,6 +321,20 @@ fn every_command_refuses_bad_values_inapplicable_flags_and_unwritable_outputs() 
             2,
             "--input-size",
         ),
+        // A batch no machine holds (10^9 images at 224x224) is refused before allocating.
+        case(
+            args(&[
+                "bench",
+                "--arch",
+                "mobilenet_v2",
+                "--input-size",
+                "224",
+                "--batch-size",
+                "1000000000",
+            ]),
+            2,
+            "--batch-size",
+        ),
         case(
             args(&[
                 "bench",

@@ -5,6 +5,7 @@ use anyhow::{Result, bail};
 use clap::{Args, ValueEnum};
 use slimcandle::bench::{self, BenchMode};
 use slimcandle::checkpoint::{self, AnyModel};
+use slimcandle::graph::Graph;
 use slimcandle::model::Model;
 use slimcandle::models::{ArchSpec, Stem};
 use slimcandle::report::human_bytes;
@@ -80,6 +81,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
                         path.display()
                     );
                 }
+                check_memory(&q.graph, mode, 1, b, s)?;
                 let stem = q.meta.arch.as_ref().map(|a| a.stem);
                 (
                     "int8 checkpoint".to_string(),
@@ -88,6 +90,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
                 )
             }
             AnyModel::Float(m) => {
+                check_memory(&m.graph, mode, 4, b, s)?;
                 let stem = m.meta.arch.as_ref().map(|a| a.stem);
                 prepare_teacher(&mut teacher, &m, s)?;
                 let r = bench::run_with_teacher(&m, mode, b, s, w, it, teacher_ref(&teacher))?;
@@ -101,6 +104,8 @@ pub fn run(args: BenchArgs) -> Result<()> {
             }
             let spec = ArchSpec::parse(arch, &options).map_err(as_usage)?;
             let model = Model::init(&spec, 0)?;
+            let bytes = if args.int8 { 1 } else { 4 };
+            check_memory(&model.graph, mode, bytes, b, s)?;
             let r = if args.int8 {
                 if mode == BenchMode::Train {
                     usage!("--int8 times inference: use --mode infer");
@@ -151,6 +156,52 @@ pub fn run(args: BenchArgs) -> Result<()> {
         );
     }
     Ok(())
+}
+
+/// Refuses a batch that cannot fit in this machine's available memory, before allocating
+/// it. The estimate is a lower bound, so nothing that could run is refused: training keeps
+/// every activation for the backward pass, inference needs at least the largest node's
+/// input and output at once.
+fn check_memory(
+    graph: &Graph,
+    mode: BenchMode,
+    bytes_per_value: usize,
+    batch: usize,
+    size: usize,
+) -> Result<()> {
+    let Some(available) = available_memory() else {
+        return Ok(());
+    };
+    let dims = graph.infer_shapes(size, size).map_err(as_usage)?;
+    let per_image: usize = match mode {
+        BenchMode::Train => dims.iter().map(|d| d.elements()).sum(),
+        BenchMode::Infer => graph
+            .nodes
+            .iter()
+            .zip(&dims)
+            .map(|(n, d)| {
+                d.elements() + n.inputs.iter().map(|&i| dims[i].elements()).sum::<usize>()
+            })
+            .max()
+            .unwrap_or(0),
+    };
+    let needed = (per_image as u128) * (batch as u128) * (bytes_per_value as u128);
+    if needed > available as u128 {
+        usage!(
+            "--batch-size {batch} at {size}x{size} needs at least {} of activations, and this machine has {} available",
+            human_bytes(u64::try_from(needed).unwrap_or(u64::MAX)),
+            human_bytes(available)
+        );
+    }
+    Ok(())
+}
+
+/// `MemAvailable` of /proc/meminfo, in bytes (None where there is no such file).
+fn available_memory() -> Option<u64> {
+    let info = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let line = info.lines().find(|l| l.starts_with("MemAvailable:"))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib * 1024)
 }
 
 /// Checks the teacher against the student it will teach, on random standard-normal data (the
