@@ -4,7 +4,6 @@ use super::exit::as_usage;
 use super::ranges::{count, open_closed};
 use anyhow::{Result, bail};
 use clap::{Args, ValueEnum};
-use indicatif::{ProgressBar, ProgressStyle};
 use serde_json::json;
 use slimcandle::checkpoint;
 use slimcandle::data::{BatchLoader, DataSpec, EpochPlan, LoadOptions};
@@ -137,10 +136,7 @@ pub fn run(args: QuantizeArgs) -> Result<()> {
         );
     }
 
-    let bar = ProgressBar::new(data.train.len() as u64).with_style(
-        ProgressStyle::with_template("calibrating {bar:30} {pos}/{len} images, eta {eta}")
-            .expect("valid template"),
-    );
+    let bar = super::progress::bar(data.train.len(), "calibrating", "images");
     let p = &model.meta.preprocessing;
     let plan_batches = EpochPlan::in_order(args.batch_size.max(1), p.mean, p.std);
     let batches = BatchLoader::new(data.train.clone(), plan_batches).map(|b| b.map(|b| b.x));
