@@ -323,6 +323,48 @@ fn the_quickstart_and_cifar10_recipes_are_valid() {
             "{plan}"
         );
     }
+    // The flagship starts from the trained MobileNet V2 in runs/ (not in git): validated here
+    // with a stand-in checkpoint of the same architecture as its model and teacher.
+    let dir = common::temp_dir("flagship-recipe");
+    let stand_in = dir.join("mnv2");
+    let o = slimcandle(&[
+        "--threads",
+        "1",
+        "train",
+        "--arch",
+        "mobilenet_v2",
+        "--stem",
+        "cifar",
+        "--data",
+        "shapes",
+        "--train-limit",
+        "16",
+        "--test-limit",
+        "16",
+        "--epochs",
+        "1",
+        "--batch-size",
+        "16",
+        "-o",
+        stand_in.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let ckpt = stand_in.join("best.safetensors").display().to_string();
+    let o = slimcandle(&[
+        "run",
+        "recipes/cifar10/mobilenet_v2_10x.toml",
+        "--dry-run",
+        "--set",
+        &format!("model.init={ckpt}"),
+        "--set",
+        &format!("stage.sparse-distill.teacher={ckpt}"),
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let plan = stdout(&o);
+    assert!(
+        plan.contains("--prune=magnitude --sparsity=0.85") && plan.contains("03-quantize"),
+        "{plan}"
+    );
     let listed = std::fs::read_dir("recipes/cifar10").unwrap().count();
-    assert_eq!(listed, families.len());
+    assert_eq!(listed, families.len() + 1);
 }
