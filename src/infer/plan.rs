@@ -315,18 +315,9 @@ impl Builder<'_> {
         if [&beta, &mean, &var].iter().any(|v| v.len() != gamma.len()) {
             bail!("batch norm `{name}`: parameters of different lengths");
         }
-        let scale: Vec<f32> = gamma
-            .iter()
-            .zip(&var)
-            .map(|(g, v)| g / (v + eps as f32).sqrt())
-            .collect();
-        let shift = beta
-            .iter()
-            .zip(&mean)
-            .zip(&scale)
-            .map(|((b, m), s)| b - m * s)
-            .collect();
-        Ok((scale, shift))
+        Ok(crate::kernels::batch_norm::eval_affine(
+            &gamma, &beta, &mean, &var, eps,
+        ))
     }
 
     /// Fuses the chain after `root` into `epi` and returns the last node fused (the value the

@@ -311,6 +311,31 @@ pub(crate) fn train_backward(
     out
 }
 
+/// The per-channel affine map of eval-mode batch norm from its parameters and running
+/// statistics: `scale = gamma / sqrt(var + eps)`, `shift = beta - mean * scale`, in f32 as
+/// the float executor and the frozen batch norm of QAT both need it (one formula, so the two
+/// round alike).
+pub fn eval_affine(
+    gamma: &[f32],
+    beta: &[f32],
+    mean: &[f32],
+    var: &[f32],
+    eps: f64,
+) -> (Vec<f32>, Vec<f32>) {
+    let scale: Vec<f32> = gamma
+        .iter()
+        .zip(var)
+        .map(|(g, v)| g / (v + eps as f32).sqrt())
+        .collect();
+    let shift = beta
+        .iter()
+        .zip(mean)
+        .zip(&scale)
+        .map(|((b, m), s)| b - m * s)
+        .collect();
+    (scale, shift)
+}
+
 /// Eval-mode batch norm folded into `y = x * scale[c] + shift[c]` (`scale = gamma / sqrt(var +
 /// eps)`, `shift = beta - mean * scale`), one pass. Differentiable (through a composed
 /// backward, not optimised). Tensors that are not f32 on the CPU run the stock composition.

@@ -1064,18 +1064,9 @@ fn frozen_bn_affine(
 ) -> Result<(Vec<f32>, Vec<f32>)> {
     let mean = param(weights, &format!("{name}.running_mean"))?;
     let var = param(weights, &format!("{name}.running_var"))?;
-    let scale: Vec<f32> = gamma
-        .iter()
-        .zip(&var)
-        .map(|(g, v)| g / (v + eps as f32).sqrt())
-        .collect();
-    let shift = beta
-        .iter()
-        .zip(&mean)
-        .zip(&scale)
-        .map(|((b, m), s)| b - m * s)
-        .collect();
-    Ok((scale, shift))
+    Ok(crate::kernels::batch_norm::eval_affine(
+        gamma, beta, &mean, &var, eps,
+    ))
 }
 
 /// Running statistics updated as `exec` does it (same Candle ops, so the same rounding).
