@@ -241,11 +241,9 @@ fn reference(qm: &QuantizedModel, x: &[f32], h: usize, w: usize) -> Vec<f32> {
             Op::Add => {
                 let (a, b, qa, qb) = (input(0), input(1), inq(0), inq(1));
                 let (lo, hi) = qm.clamp_range(id).unwrap();
-                let (fa, fb) = (qa.scale / yq.scale, qb.scale / yq.scale);
+                let p = scheme::add_params(qa, qb, yq, lo, hi);
                 for i in 0..out.q.len() {
-                    let v = fa * (a.q[i] as i32 - qa.zero_point as i32) as f32
-                        + fb * (b.q[i] as i32 - qb.zero_point as i32) as f32;
-                    out.q[i] = finish(v, yq.zero_point, lo, hi);
+                    out.q[i] = scheme::add(a.q[i], b.q[i], &p);
                 }
             }
             Op::ChannelMul => {
@@ -626,6 +624,42 @@ fn layers_kept_in_float_and_per_tensor_weights_follow_the_simulation() {
             assert!(
                 (g - v).abs() <= bound,
                 "{name} keep {keep}: engine {g} vs simulation {v}"
+            );
+        }
+    }
+}
+
+/// The residual add gives onnxruntime's codes (1.32, x86: MLAS's AVX2 QLinearAdd, also used on
+/// AVX-512) on inputs that sit on the edge of a rounding step. Each expected code was produced
+/// by onnxruntime's `com.microsoft.QLinearAdd` on these f32 scales and zero points; the first
+/// two are where the unfolded `fa * (a - a_zp) + fb * (b - b_zp)` rounds the other way (one an
+/// exact tie, 196.5 -> 196), the next two where `offset` without the FMA does, the last two where
+/// the other FMA contraction (`fma(fb, b_zp, fa * a_zp)`) does.
+#[test]
+fn add_rounds_as_onnxruntime_qlinearadd_at_rounding_boundaries() {
+    use slimcandle::kernels::int8::elementwise::add;
+    // (a_scale, a_zp, b_scale, b_zp, y_scale, y_zp, a, b, onnxruntime's code)
+    #[rustfmt::skip]
+    let cases: [(f32, u8, f32, u8, f32, u8, u8, u8, u8); 6] = [
+        (0.052114144, 184, 0.03727292, 65, 0.035058305, 253, 43, 209, 196),
+        (0.0892299, 68, 0.055881172, 181, 0.086243525, 163, 18, 44, 22),
+        (0.07761924, 82, 0.012267718, 205, 0.043496676, 7, 150, 124, 106),
+        (0.014198702, 234, 0.012725995, 66, 0.011819402, 64, 177, 183, 121),
+        (0.06309925, 250, 0.06445506, 140, 0.06741969, 173, 230, 226, 236),
+        (0.093511514, 96, 0.059709385, 226, 0.026249725, 248, 26, 251, 55),
+    ];
+    for (sa, za, sb, zb, sy, zy, a, b, want) in cases {
+        let q = |scale, zero_point| QParams { scale, zero_point };
+        let p = scheme::add_params(q(sa, za), q(sb, zb), q(sy, zy), 0, 255);
+        assert_eq!(scheme::add(a, b, &p), want, "scheme, case {a} + {b}");
+        // Through the kernels too, at every level and at a position inside a vector.
+        let (av, bv) = (vec![a; 37], vec![b; 37]);
+        for level in Level::available() {
+            let mut got = vec![0u8; 37];
+            add(level, &av, &bv, &p, &mut got);
+            assert!(
+                got.iter().all(|&g| g == want),
+                "{level:?}, case {a} + {b}: {got:?}"
             );
         }
     }

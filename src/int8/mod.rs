@@ -101,6 +101,11 @@ impl Engine {
         {
             chunk = v.max(1);
         }
+        let dump = dump_dir();
+        if dump.is_some() {
+            // One chunk, so that each dumped file holds the whole batch.
+            chunk = n;
+        }
         let chunk = chunk.min(n);
         let per_in = c * h * w;
         let run_chunk = |i: usize| -> Result<Vec<f32>> {
@@ -114,6 +119,7 @@ impl Engine {
                     xs,
                     samples,
                     &mut s.borrow_mut(),
+                    dump.as_deref().map(|d| (d, &self.graph)),
                 )
             })
         };
@@ -133,4 +139,14 @@ impl Engine {
     pub fn level(&self) -> Level {
         self.level
     }
+}
+
+/// `SLIMCANDLE_INT8_DUMP=DIR` writes every step's output codes to `DIR/<node name>.u8` (raw
+/// bytes, the whole batch, channels-last: `n x h x w x c`), to find the first node where the
+/// engine and another integer runtime (onnxruntime's fused QDQ graph, whose tensors are named
+/// `<node name>.quantized`) disagree. A debugging aid, off by default.
+fn dump_dir() -> Option<std::path::PathBuf> {
+    std::env::var_os("SLIMCANDLE_INT8_DUMP")
+        .filter(|v| !v.is_empty())
+        .map(std::path::PathBuf::from)
 }

@@ -9,7 +9,7 @@ use crate::kernels::int8::Level;
 use crate::kernels::int8::conv::{depthwise_weights, gemm_weights};
 use crate::kernels::int8::elementwise::AddParams;
 use crate::kernels::int8::gemm::PackedWeights;
-use crate::passes::quant::{QParams, QuantizedModel};
+use crate::passes::quant::{QParams, QuantizedModel, scheme};
 use anyhow::{Context, Result, bail};
 
 /// A conv or linear layer's output stage: per-channel multipliers and biases, and the clamp.
@@ -245,15 +245,7 @@ pub(crate) fn build(qm: &QuantizedModel, level: Level) -> Result<Plan> {
             Op::Add => {
                 let (a, b, y) = (q(node.inputs[0])?, q(node.inputs[1])?, q(id)?);
                 let (qmin, qmax) = qm.clamp_range(id).expect("quantized");
-                Kernel::Add(AddParams {
-                    fa: a.scale / y.scale,
-                    fb: b.scale / y.scale,
-                    a_zp: a.zero_point,
-                    b_zp: b.zero_point,
-                    y_zp: y.zero_point,
-                    qmin,
-                    qmax,
-                })
+                Kernel::Add(scheme::add_params(a, b, y, qmin, qmax))
             }
             Op::ChannelMul => {
                 let (x, s, y) = (q(node.inputs[0])?, q(node.inputs[1])?, q(id)?);

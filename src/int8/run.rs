@@ -58,6 +58,7 @@ pub(crate) fn chunk(
     x: &[f32],
     n: usize,
     scratch: &mut Scratch,
+    dump: Option<(&std::path::Path, &crate::graph::Graph)>,
 ) -> Result<Vec<f32>> {
     let mut uses = vec![0usize; dims.len()];
     for s in &plan.steps {
@@ -86,13 +87,21 @@ pub(crate) fn chunk(
             qs,
         );
     }
+    if let Some((dir, graph)) = dump {
+        write_dump(dir, &graph.nodes[0].name, &q0)?;
+    }
     vals[0] = Some(q0);
 
     for step in &plan.steps {
         let y = run_step(step, dims, level, &vals, n, scratch)
             .with_context(|| format!("int8 step at node {}", step.node))?;
         match y {
-            Out::Codes(y) => vals[step.node] = Some(y),
+            Out::Codes(y) => {
+                if let Some((dir, graph)) = dump {
+                    write_dump(dir, &graph.nodes[step.node].name, &y)?;
+                }
+                vals[step.node] = Some(y)
+            }
             Out::Float(y) => float_out = Some(y),
         }
         for &v in &step.inputs {
@@ -117,6 +126,13 @@ pub(crate) fn chunk(
     };
     scratch.pool.extend(vals.into_iter().flatten());
     Ok(out)
+}
+
+/// One value's codes for `SLIMCANDLE_INT8_DUMP` (see `int8::dump_dir`).
+fn write_dump(dir: &std::path::Path, name: &str, codes: &[u8]) -> Result<()> {
+    let path = dir.join(format!("{name}.u8"));
+    std::fs::write(&path, codes)
+        .with_context(|| format!("SLIMCANDLE_INT8_DUMP: writing {}", path.display()))
 }
 
 enum Out {

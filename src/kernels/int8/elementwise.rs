@@ -46,21 +46,23 @@ fn dequantize_body(q: &[u8], scale: f32, zp: u8, out: &mut [f32]) {
 
 int8_dispatch!(fn dequantize_at(q: &[u8], scale: f32, zp: u8, out: &mut [f32]) => dequantize_body);
 
-/// The per-tensor parameters of a two-input requantizing op.
-#[derive(Debug, Clone, Copy)]
+/// The per-tensor constants of the residual add, folded as onnxruntime's QLinearAdd does
+/// (`passes::quant::scheme::add_params` makes them; `docs/quantization.md` has the formula).
+#[derive(Debug, Clone, Copy, PartialEq)]
 pub struct AddParams {
     /// `a_scale / y_scale` and `b_scale / y_scale`.
     pub fa: f32,
     pub fb: f32,
-    pub a_zp: u8,
-    pub b_zp: u8,
-    pub y_zp: u8,
+    /// `y_zp - fma(fa, a_zp, fb * b_zp)`: the zero points folded into one f32 constant.
+    pub offset: f32,
     /// 0, or the output zero point under a fused ReLU.
     pub qmin: u8,
     pub qmax: u8,
 }
 
-/// Residual add: `y = clamp(round_half_even(fa * (a - a_zp) + fb * (b - b_zp)) + y_zp)`.
+/// Residual add: `y = clamp(round_half_even(fma(a, fa, fma(b, fb, offset))), qmin, qmax)`, the
+/// arithmetic of MLAS's AVX2 QLinearAdd kernel (also what onnxruntime runs on AVX-512
+/// machines), so that an exported model's fused graph gives the same codes.
 pub fn add(level: super::Level, a: &[u8], b: &[u8], p: &AddParams, out: &mut [u8]) {
     assert!(
         a.len() == b.len() && out.len() == a.len(),
@@ -71,11 +73,12 @@ pub fn add(level: super::Level, a: &[u8], b: &[u8], p: &AddParams, out: &mut [u8
 
 #[inline(always)]
 fn add_body(a: &[u8], b: &[u8], p: &AddParams, out: &mut [u8]) {
-    let (az, bz) = (p.a_zp as i32, p.b_zp as i32);
-    let (zp, lo, hi) = (p.y_zp as i32, p.qmin as i32, p.qmax as i32);
+    let (lo, hi) = (p.qmin as i32, p.qmax as i32);
     for i in 0..out.len() {
-        let v = p.fa * (a[i] as i32 - az) as f32 + p.fb * (b[i] as i32 - bz) as f32;
-        out[i] = round_clamp(v, zp, lo, hi);
+        // `mul_add` is one rounding, as `_mm256_fmadd_ps` (a vector FMA at the AVX2 and
+        // AVX-512 levels; a correctly rounded library call at the scalar level).
+        let v = (a[i] as f32).mul_add(p.fa, (b[i] as f32).mul_add(p.fb, p.offset));
+        out[i] = round_clamp(v, 0, lo, hi);
     }
 }
 
@@ -296,38 +299,19 @@ mod tests {
 
     #[test]
     fn add_matches_the_formula_including_the_worst_cases() {
+        use crate::passes::quant::{QParams, scheme};
         let mut rng = Rng::new(5);
         let mut a = bytes(&mut rng, 203);
         let mut b = bytes(&mut rng, 203);
         a[..4].copy_from_slice(&[255, 0, 255, 0]);
         b[..4].copy_from_slice(&[255, 0, 0, 255]);
+        let q = |scale, zero_point| QParams { scale, zero_point };
         for p in [
-            AddParams {
-                fa: 0.7,
-                fb: 1.3,
-                a_zp: 10,
-                b_zp: 200,
-                y_zp: 90,
-                qmin: 0,
-                qmax: 255,
-            },
-            AddParams {
-                fa: 2.0,
-                fb: 0.5,
-                a_zp: 0,
-                b_zp: 0,
-                y_zp: 40,
-                qmin: 40,
-                qmax: 255,
-            },
+            scheme::add_params(q(0.07, 10), q(0.13, 200), q(0.1, 90), 0, 255),
+            scheme::add_params(q(0.2, 0), q(0.05, 0), q(0.1, 40), 40, 255),
         ] {
-            let want: Vec<u8> = (0..a.len())
-                .map(|i| {
-                    let v = p.fa * (a[i] as i32 - p.a_zp as i32) as f32
-                        + p.fb * (b[i] as i32 - p.b_zp as i32) as f32;
-                    rq(v, p.y_zp as i32, p.qmin as i32, p.qmax as i32)
-                })
-                .collect();
+            // The scalar reference (the simulation's), against every kernel level.
+            let want: Vec<u8> = (0..a.len()).map(|i| scheme::add(a[i], b[i], &p)).collect();
             for level in Level::available() {
                 let mut got = vec![0u8; a.len()];
                 add(level, &a, &b, &p, &mut got);

@@ -6,6 +6,7 @@
 //! biases are int32 at the accumulator's scale `in_scale * w_scale[c]`. Every rounding is
 //! round-half-to-even (`f32::round_ties_even`, the default mode of `_mm_cvtps_epi32`).
 
+pub use crate::kernels::int8::elementwise::AddParams;
 use serde::{Deserialize, Serialize};
 
 /// The smallest range an activation gets: a tensor observed as all zeros (a dead channel
@@ -168,6 +169,33 @@ pub fn multiplier(in_scale: f32, w_scale: f32, out_scale: f32) -> f32 {
 /// brought to the output's uint8 codes.
 pub fn requantize(v: i32, mult: f32, zero_point: u8, qmin: u8, qmax: u8) -> u8 {
     ((v as f32 * mult).round_ties_even() + zero_point as f32).clamp(qmin as f32, qmax as f32) as u8
+}
+
+/// The residual add's constants as MLAS's x86 QLinearAdd kernel (AVX2, also taken on AVX-512
+/// machines; onnxruntime 1.32) computes them: `fa = a_s / y_s`, `fb = b_s / y_s` and the zero
+/// points folded into `offset = y_zp - fma(fa, a_zp, fb * b_zp)`, all f32. Why this and not
+/// `fa * (a - a_zp) + fb * (b - b_zp)`: the two round differently near a half step, and one
+/// code apart in a residual add grows through a deep network (MobileNet V2's exports
+/// disagreed with onnxruntime by up to 7 output steps). The FMA in `offset` was measured, not
+/// read: onnxruntime's build contracts `fa * a_zp + fb * b_zp` so, and an unfused sum or the
+/// other contraction gives other codes (`tests/int8_engine.rs` pins cases).
+pub fn add_params(a: QParams, b: QParams, y: QParams, qmin: u8, qmax: u8) -> AddParams {
+    let (fa, fb) = (a.scale / y.scale, b.scale / y.scale);
+    let offset = y.zero_point as f32 - fa.mul_add(a.zero_point as f32, fb * b.zero_point as f32);
+    AddParams {
+        fa,
+        fb,
+        offset,
+        qmin,
+        qmax,
+    }
+}
+
+/// One output code of the residual add:
+/// `clamp(round_half_even(fma(a, fa, fma(b, fb, offset))), qmin, qmax)` (see [`add_params`]).
+pub fn add(qa: u8, qb: u8, p: &AddParams) -> u8 {
+    let v = (qa as f32).mul_add(p.fa, (qb as f32).mul_add(p.fb, p.offset));
+    v.round_ties_even().clamp(p.qmin as f32, p.qmax as f32) as u8
 }
 
 /// The code range of an output with `out` qparams after a fused activation: ReLU narrows

@@ -103,16 +103,13 @@ fn run_node(model: &QuantizedModel, id: usize, inputs: &[Value], x: &Tensor) -> 
             let (a, b) = (qin(0)?, qin(1)?);
             let y = want.context("add output")?;
             let (qmin, qmax) = model.clamp_range(id).expect("quantized");
-            let (ma, mb) = (a.scale / y.scale, b.scale / y.scale);
+            let p = scheme::add_params(a, b, y, qmin, qmax);
             let av = inputs[0].t.flatten_all()?.to_vec1::<f32>()?;
             let bv = inputs[1].t.flatten_all()?.to_vec1::<f32>()?;
             let out: Vec<f32> = av
                 .iter()
                 .zip(&bv)
-                .map(|(&qa, &qb)| {
-                    let v = ma * (qa - a.zero_point as f32) + mb * (qb - b.zero_point as f32);
-                    clamp_code(v.round_ties_even() + y.zero_point as f32, qmin, qmax)
-                })
+                .map(|(&qa, &qb)| scheme::add(qa as u8, qb as u8, &p) as f32)
                 .collect();
             codes(Tensor::from_vec(out, inputs[0].t.dims(), &Device::Cpu)?)?
         }
@@ -434,9 +431,12 @@ mod tests {
             .iter()
             .zip(&b)
             .map(|(&va, &vb)| {
-                let v = qa.scale / qy.scale * (va - qa.zero_point as i32) as f32
-                    + qb.scale / qy.scale * (vb - qb.zero_point as i32) as f32;
-                (v.round_ties_even() + qy.zero_point as f32).clamp(qmin as f32, qmax as f32) as i32
+                // MLAS QLinearAdd: zero points folded into one constant, two FMAs.
+                let (fa, fb) = (qa.scale / qy.scale, qb.scale / qy.scale);
+                let offset = qy.zero_point as f32
+                    - fa.mul_add(qa.zero_point as f32, fb * qb.zero_point as f32);
+                let v = (va as f32).mul_add(fa, (vb as f32).mul_add(fb, offset));
+                v.round_ties_even().clamp(qmin as f32, qmax as f32) as i32
             })
             .collect();
         let qg = act(6);
