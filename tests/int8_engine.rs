@@ -640,7 +640,7 @@ fn add_rounds_as_onnxruntime_qlinearadd_at_rounding_boundaries() {
     use slimcandle::kernels::int8::elementwise::add;
     // (a_scale, a_zp, b_scale, b_zp, y_scale, y_zp, a, b, onnxruntime's code)
     #[rustfmt::skip]
-    let cases: [(f32, u8, f32, u8, f32, u8, u8, u8, u8); 6] = [
+    let cases = [
         (0.052114144, 184, 0.03727292, 65, 0.035058305, 253, 43, 209, 196),
         (0.0892299, 68, 0.055881172, 181, 0.086243525, 163, 18, 44, 22),
         (0.07761924, 82, 0.012267718, 205, 0.043496676, 7, 150, 124, 106),
