@@ -107,6 +107,7 @@ fn random_quantized(graph: Graph, seed: u64) -> QuantizedModel {
             granularity: Granularity::PerChannel,
             calibrator: Calibrator::Minmax,
             calibration_images: 0,
+            qat: None,
         },
         graph,
     }

@@ -96,6 +96,7 @@ fn frozen_config() -> QatConfig {
         calibration_images: 1,
         freeze_bn_epoch: Some(0),
         freeze_observers_epoch: None,
+        keep_float: Vec::new(),
     }
 }
 
@@ -387,6 +388,11 @@ fn a_short_qat_run_saves_an_int8_checkpoint_the_engine_runs_as_the_simulation() 
     for (name, extra) in [
         ("qat", vec![]),
         ("qat-kd", vec!["--teacher", s(&init), "--kd-alpha", "0.5"]),
+        // Mixed precision: the first conv and the classifier stay float.
+        (
+            "qat-mixed",
+            vec!["--keep-float", "features.0.*,classifier.*"],
+        ),
     ] {
         let run = dir.join(name);
         let mut args = vec![
@@ -431,18 +437,52 @@ fn a_short_qat_run_saves_an_int8_checkpoint_the_engine_runs_as_the_simulation() 
                 .iter()
                 .any(|h| h.contains("quantization-aware"))
         );
+        // The scheme entry says the weights come from QAT, not from its calibrator alone.
+        // (`best` is the better of the two epochs; `last` has both behind it.)
+        let info = q.scheme.qat.as_ref().expect("QAT recorded in the scheme");
+        assert!((1..=2).contains(&info.epochs), "{name}: {info:?}");
+        assert_eq!(info.freeze_bn_epoch, Some(1));
+        let AnyModel::Int8(last) = checkpoint::load_any(&run.join("last.safetensors")).unwrap()
+        else {
+            panic!("{name}: the last QAT checkpoint is not int8");
+        };
+        assert_eq!(
+            last.scheme.qat.as_ref().map(|i| i.epochs),
+            Some(2),
+            "{name}"
+        );
+        if name == "qat-mixed" {
+            let float: Vec<&String> = q.float_layers.keys().collect();
+            assert_eq!(float, ["classifier.1", "features.0.0"], "{name}");
+            assert!(!q.layers.contains_key("features.0.0"));
+        } else {
+            assert!(q.float_layers.is_empty(), "{name}");
+        }
         let x = random(5, &[3, 3, 32, 32], 1.0);
         let sim = values(&simulate(&q, &x).unwrap());
         let engine = values(&slimcandle::passes::quant::forward(&q, &x).unwrap());
-        let step = q.activations[q.graph.output].unwrap().scale;
-        let exact = sim.iter().zip(&engine).filter(|(a, b)| a == b).count();
-        assert!(
-            exact * 1000 >= sim.len() * 999,
-            "{name}: {exact}/{}",
-            sim.len()
-        );
-        for (a, b) in sim.iter().zip(&engine) {
-            assert!((a - b).abs() <= step * 1.001, "{name}: {a} vs {b}");
+        match q.activations[q.graph.output] {
+            Some(output) => {
+                let exact = sim.iter().zip(&engine).filter(|(a, b)| a == b).count();
+                assert!(
+                    exact * 1000 >= sim.len() * 999,
+                    "{name}: {exact}/{}",
+                    sim.len()
+                );
+                for (a, b) in sim.iter().zip(&engine) {
+                    assert!((a - b).abs() <= output.scale * 1.001, "{name}: {a} vs {b}");
+                }
+            }
+            // Float logits (the classifier kept in float): the same float layer on the same
+            // input codes, summed in another order.
+            None => {
+                for (a, b) in sim.iter().zip(&engine) {
+                    assert!(
+                        (a - b).abs() <= 1e-4 * (1.0 + a.abs()),
+                        "{name}: {a} vs {b}"
+                    );
+                }
+            }
         }
         // The int8 file evaluates through `eval` like a PTQ one.
         let o = slimcandle(&[
@@ -498,6 +538,14 @@ fn bad_qat_input_is_one_line_and_leaves_no_run() {
         (
             vec!["--init", s(&init), "--qat", "--calibration", "0"],
             "--calibration 0",
+        ),
+        (
+            vec!["--init", s(&init), "--keep-float", "classifier.*"],
+            "--keep-float only applies to quantization-aware training",
+        ),
+        (
+            vec!["--init", s(&init), "--qat", "--keep-float", "no.such.layer"],
+            "--keep-float: pattern `no.such.layer` matches no conv or linear layer",
         ),
     ];
     for (extra, want) in cases {

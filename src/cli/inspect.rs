@@ -277,15 +277,26 @@ fn int8(args: &InspectArgs, file: &TensorFile) -> Result<()> {
         p.mean,
         p.std
     );
+    let ranges = match &q.scheme.qat {
+        Some(qat) => format!(
+            "quantization-aware training ({} epochs) from the {} calibrator on {} images",
+            qat.epochs,
+            q.scheme.calibrator.name(),
+            q.scheme.calibration_images
+        ),
+        None => format!(
+            "{} calibrator on {} images",
+            q.scheme.calibrator.name(),
+            q.scheme.calibration_images
+        ),
+    };
     println!(
-        "int8          format {}, weights {}, {} calibrator on {} images, {} layers int8, {} float",
+        "int8          format {}, weights {}, {ranges}, {} layers int8, {} float",
         checkpoint::INT8_FORMAT_VERSION,
         match q.scheme.granularity {
             slimcandle::passes::quant::Granularity::PerChannel => "per channel",
             slimcandle::passes::quant::Granularity::PerTensor => "per tensor",
         },
-        q.scheme.calibrator.name(),
-        q.scheme.calibration_images,
         q.layers.len(),
         q.float_layers.len()
     );

@@ -51,6 +51,14 @@ pub struct QatArgs {
     /// One weight scale per tensor instead of per output channel.
     #[arg(long, help_heading = "Quantization-aware training")]
     pub per_tensor: bool,
+    /// Conv and linear layers to keep in float (mixed precision): comma-separated globs over
+    /// layer names, as `quantize --keep-float` takes them.
+    #[arg(
+        long,
+        value_name = "PATTERNS",
+        help_heading = "Quantization-aware training"
+    )]
+    pub keep_float: Option<String>,
 }
 
 /// The percentile of `--calibrator percentile` (as `quantize`'s default).
@@ -70,6 +78,7 @@ impl QatArgs {
                 ("--calibration", self.calibration.is_some()),
                 ("--calibrator", self.calibrator.is_some()),
                 ("--per-tensor", self.per_tensor),
+                ("--keep-float", self.keep_float.is_some()),
             ];
             if let Some((flag, _)) = given.iter().find(|(_, g)| *g) {
                 bail!("{flag} only applies to quantization-aware training: add --qat");
@@ -96,6 +105,14 @@ impl QatArgs {
             calibration_images: self.calibration.unwrap_or(1024),
             freeze_bn_epoch: self.freeze_bn_epoch,
             freeze_observers_epoch: self.freeze_observers_epoch,
+            keep_float: self
+                .keep_float
+                .as_deref()
+                .unwrap_or("")
+                .split(',')
+                .filter(|p| !p.trim().is_empty())
+                .map(str::to_string)
+                .collect(),
         };
         config.validate(epochs)?;
         Ok(Some(config))

@@ -471,7 +471,7 @@ impl Run {
         }
         if let Some(q) = &self.config.qat {
             self.model.meta.provenance.history.push(format!(
-                "quantization-aware training to int8 ({}, ranges calibrated with {} on {} images{}{})",
+                "quantization-aware training to int8 ({}, ranges calibrated with {} on {} images{}{}{})",
                 match q.granularity {
                     crate::passes::quant::Granularity::PerChannel => "per channel",
                     crate::passes::quant::Granularity::PerTensor => "per tensor",
@@ -484,10 +484,27 @@ impl Run {
                 q.freeze_observers_epoch
                     .map(|e| format!(", observers frozen from epoch {e}"))
                     .unwrap_or_default(),
+                if q.keep_float.is_empty() {
+                    String::new()
+                } else {
+                    format!(", kept in float: {}", q.keep_float.join(","))
+                },
             ));
         }
         let result = match self.quantized() {
-            Ok(Some(q)) => crate::passes::quant::store::save(&q, path),
+            Ok(Some(mut q)) => {
+                let c = self
+                    .config
+                    .qat
+                    .as_ref()
+                    .expect("a quantized model comes from QAT");
+                q.scheme.qat = Some(crate::passes::quant::QatInfo {
+                    epochs: self.progress.epoch,
+                    freeze_bn_epoch: c.freeze_bn_epoch,
+                    freeze_observers_epoch: c.freeze_observers_epoch,
+                });
+                crate::passes::quant::store::save(&q, path)
+            }
             Ok(None) => checkpoint::save(&self.model, path),
             Err(e) => Err(e),
         };

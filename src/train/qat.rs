@@ -27,14 +27,15 @@ use super::fake_quant::{FakeQuant, fake_quantize_weight};
 use crate::graph::{NodeId, Op};
 use crate::model::Model;
 use crate::passes::quant::calibrate::needs_observation;
-use crate::passes::quant::plan::{build_with_qparams, shared_classes};
+use crate::passes::quant::plan::{build_with_qparams, keep_float_layers, shared_classes};
 use crate::passes::quant::{
     Calibrator, Granularity, QParams, QuantOptions, QuantizedModel, fused_activations,
 };
+use crate::prune::pattern::NamePattern;
 use anyhow::{Context, Result, bail};
 use candle_core::Tensor;
 use serde::{Deserialize, Serialize};
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 
 /// Weight of the newest batch in the moving average of an activation range.
 pub const OBSERVER_MOMENTUM: f32 = 0.01;
@@ -52,6 +53,11 @@ pub struct QatConfig {
     pub freeze_bn_epoch: Option<usize>,
     /// The activation ranges stop moving from this epoch on; `None`: they move throughout.
     pub freeze_observers_epoch: Option<usize>,
+    /// Conv and linear layers kept in float (`--keep-float` patterns, as `quantize` takes
+    /// them): their weights are not fake-quantized and the int8 model keeps them in float.
+    /// Absent in the state of runs made before the flag existed.
+    #[serde(default)]
+    pub keep_float: Vec<String>,
 }
 
 impl QatConfig {
@@ -84,13 +90,18 @@ impl QatConfig {
         self.freeze_observers_epoch.is_some_and(|e| epoch >= e)
     }
 
-    /// The plan's options (every conv and linear layer in int8).
-    pub fn options(&self) -> QuantOptions {
-        QuantOptions {
+    /// The plan's options: every conv and linear layer in int8 but the `keep_float` ones.
+    pub fn options(&self) -> Result<QuantOptions> {
+        Ok(QuantOptions {
             granularity: self.granularity,
             calibrator: self.calibrator,
-            keep_float: Vec::new(),
-        }
+            keep_float: self
+                .keep_float
+                .iter()
+                .map(|p| NamePattern::parse(p))
+                .collect::<Result<_>>()
+                .context("--keep-float")?,
+        })
     }
 }
 
@@ -116,6 +127,8 @@ pub struct Qat {
     class: Vec<NodeId>,
     /// Conv or linear layer name -> the batch norm folded into it (name, eps).
     folds_into: HashMap<String, (String, f64)>,
+    /// The layers kept in float, whose weights the forward pass uses as they are.
+    float_layers: HashSet<String>,
 }
 
 impl Qat {
@@ -127,7 +140,7 @@ impl Qat {
         config: QatConfig,
         progress: impl FnMut(usize),
     ) -> Result<Qat> {
-        let q = crate::passes::quant::quantize(model, batches, &config.options(), progress)?;
+        let q = crate::passes::quant::quantize(model, batches, &config.options()?, progress)?;
         let state = QatState {
             ranges: q.activations.iter().map(|a| a.map(|q| q.range())).collect(),
         };
@@ -185,6 +198,9 @@ impl Qat {
             };
             folded_of.push(id);
         }
+        let float_layers = keep_float_layers(fg, &config.options()?.keep_float)?
+            .into_iter()
+            .collect();
         let observed = needs_observation(fg, &fused_activations(fg));
         let mut last = vec![usize::MAX; fg.nodes.len()];
         for (u, &f) in folded_of.iter().enumerate() {
@@ -202,6 +218,7 @@ impl Qat {
             quantized_output,
             class: shared_classes(fg),
             folds_into,
+            float_layers,
         })
     }
 
@@ -222,7 +239,7 @@ impl Qat {
         let per_channel = self.config.granularity == Granularity::PerChannel;
         let mut weights = HashMap::new();
         for node in &model.graph.nodes {
-            if !node.op.has_weight_matrix() {
+            if !node.op.has_weight_matrix() || self.float_layers.contains(&node.name) {
                 continue;
             }
             let name = format!("{}.weight", node.name);
@@ -279,7 +296,7 @@ impl Qat {
         build_with_qparams(
             &folded,
             activations,
-            &self.config.options(),
+            &self.config.options()?,
             self.config.calibration_images,
         )
     }

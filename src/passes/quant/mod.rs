@@ -16,7 +16,7 @@ pub mod store;
 
 pub use calibrate::Observers;
 pub use model::{
-    Calibrator, FloatLayer, Granularity, QuantizedLayer, QuantizedModel, SchemeInfo,
+    Calibrator, FloatLayer, Granularity, QatInfo, QuantizedLayer, QuantizedModel, SchemeInfo,
     fused_activations,
 };
 pub use plan::QuantOptions;

@@ -56,6 +56,19 @@ pub struct SchemeInfo {
     pub calibrator: Calibrator,
     /// Number of calibration images (from the training split).
     pub calibration_images: usize,
+    /// Set when quantization-aware training produced the weights and ranges (the calibrator
+    /// then only chose the ranges it started from); absent for post-training quantization.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub qat: Option<QatInfo>,
+}
+
+/// How a quantization-aware training run ended, as the int8 checkpoint records it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct QatInfo {
+    /// Epochs of quantization-aware training behind these weights.
+    pub epochs: usize,
+    pub freeze_bn_epoch: Option<usize>,
+    pub freeze_observers_epoch: Option<usize>,
 }
 
 /// An int8 conv or linear layer.

@@ -247,6 +247,7 @@ pub fn build_with_qparams(
             granularity: opts.granularity,
             calibrator: opts.calibrator,
             calibration_images,
+            qat: None,
         },
     })
 }
