@@ -4,6 +4,7 @@
 #   bash bench/compare.sh                         # everything (about 20-40 minutes on 2 cores)
 #   QUICK=1 bash bench/compare.sh                 # 1 round, 2 timed batches: a smoke test
 #   CONFIGS='infer.*b64' bash bench/compare.sh    # only configs whose label matches (grep -E)
+#   CONFIGS='^int8' bash bench/compare.sh         # only the int8 table (needs no PyTorch)
 #   LIST=1 bash bench/compare.sh                  # print the config labels and exit
 #
 # Knobs (environment):
@@ -21,7 +22,13 @@
 #   RAW=FILE         where the raw JSON lines go (default: a new file under /tmp)
 #   EXPORTS=1        also time onnxruntime on slimcandle's own ONNX exports (fp32 and int8 QDQ
 #                    of the shared fixtures, 8 x 224 x 224) beside our engine; 0 to skip
-#   FIXTURES=DIR     the shared fixtures for EXPORTS (default ../shared/fixtures)
+#   FIXTURES=DIR     the shared fixtures for EXPORTS and the int8 rows (default ../shared/fixtures)
+#
+# The int8 rows (labels "int8 NAME STEM bN SxS") time, in each round: slimcandle's integer
+# engine on a checkpoint made by `slimcandle quantize` from the fixture imported at that stem
+# and size; onnxruntime on the same network's fp32 `slimcandle export` quantized by
+# onnxruntime's quantize_static (bench/ort_quantize.py: QDQ, per-channel); onnxruntime on our
+# own QDQ export of the int8 checkpoint; slimcandle fp32; onnxruntime fp32 (the fp32 export).
 #   PYTHON=python3   SLIMCANDLE=target/release/slimcandle
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -71,6 +78,20 @@ label_of() { # config line -> "infer mobilenet_v2 cifar b64 32x32"
     echo "$mode $name $stem b$batch ${size}x${size}"
 }
 
+# The int8 rows: batch | size | stem | fixture name | import options; label "int8 NAME STEM bN SxS".
+# The issue's bar for these: our int8 at least 1.0x onnxruntime's int8 (quantize_static) and at
+# least 2x our fp32; onnxruntime int8 runs ~6,110 images/s on MobileNet V2 32x32 batch 500.
+INT8_CONFIGS=()
+for m in "mobilenet_v2|--arch mobilenet_v2" "shufflenet_v2_x1_0|--arch shufflenet_v2_x1_0" \
+         "mobilenet_v3_small|--arch mobilenet_v3_small"; do
+    INT8_CONFIGS+=("64|32|cifar|$m" "500|32|cifar|$m" "8|224|imagenet|$m")
+done
+int8_label_of() { # int8 config line -> "int8 mobilenet_v2 cifar b64 32x32"
+    local batch size stem name args
+    IFS='|' read -r batch size stem name args <<<"$1"
+    echo "int8 $name $stem b$batch ${size}x${size}"
+}
+
 # The rows of the exports table (EXPORTS=1): fixture name | import options; label "export NAME".
 EXPORT_MODELS=(
     "mobilenet_v2|--arch mobilenet_v2"
@@ -85,6 +106,12 @@ for c in "${ALL_CONFIGS[@]}"; do
         SELECTED+=("$c")
     fi
 done
+INT8_SELECTED=()
+for c in "${INT8_CONFIGS[@]}"; do
+    if [[ -z "$CONFIGS" ]] || int8_label_of "$c" | grep -Eq -- "$CONFIGS"; then
+        INT8_SELECTED+=("$c")
+    fi
+done
 EXPORTS_SELECTED=()
 if [[ "${EXPORTS:-1}" == 1 && "${ORT:-1}" == 1 ]]; then
     for e in "${EXPORT_MODELS[@]}"; do
@@ -95,10 +122,11 @@ if [[ "${EXPORTS:-1}" == 1 && "${ORT:-1}" == 1 ]]; then
 fi
 if [[ "${LIST:-0}" == 1 ]]; then
     for c in "${ALL_CONFIGS[@]}"; do label_of "$c"; done
+    for c in "${INT8_CONFIGS[@]}"; do int8_label_of "$c"; done
     for e in "${EXPORT_MODELS[@]}"; do echo "export ${e%%|*}"; done
     exit 0
 fi
-if [[ ${#SELECTED[@]} -eq 0 && ${#EXPORTS_SELECTED[@]} -eq 0 ]]; then
+if [[ ${#SELECTED[@]} -eq 0 && ${#INT8_SELECTED[@]} -eq 0 && ${#EXPORTS_SELECTED[@]} -eq 0 ]]; then
     echo "no config matches CONFIGS='$CONFIGS'; LIST=1 shows the labels" >&2
     exit 2
 fi
@@ -107,8 +135,10 @@ if [[ ! -x "$SLIMCANDLE" ]]; then
     echo "building $SLIMCANDLE (cargo build --release)" >&2
     cargo build --release >&2
 fi
-if ! "$PYTHON" -c 'import torch, torchvision' 2>/dev/null; then
-    echo "PyTorch and torchvision are needed: pip install torch torchvision" >&2
+# PyTorch only runs the train and infer rows; the int8 and exports tables need onnxruntime only.
+if [[ ${#SELECTED[@]} -gt 0 ]] && ! "$PYTHON" -c 'import torch, torchvision' 2>/dev/null; then
+    echo "PyTorch and torchvision are needed for the train and infer rows: pip install torch" \
+        "torchvision (CONFIGS='^int8' runs only the int8 rows, which do not need them)" >&2
     exit 1
 fi
 if [[ "$ORT" == 1 ]] && ! "$PYTHON" -c 'import onnx, onnxruntime' 2>/dev/null; then
@@ -122,19 +152,23 @@ ERRLOG="$RAW.stderr"
 : >"$ERRLOG"
 
 versions=$("$PYTHON" - <<'EOF'
-import torch
+try:
+    import torch
+    t = torch.__version__
+except ImportError:
+    t = "-"
 try:
     import onnxruntime as ort
     o = ort.__version__
 except ImportError:
     o = "-"
-print(f"torch {torch.__version__}, onnxruntime {o}")
+print(f"torch {t}, onnxruntime {o}")
 EOF
 )
 echo "# slimcandle vs PyTorch, CPU"
 echo
 echo "- $(date -u '+%Y-%m-%d %H:%M UTC'), $(nproc) cores, $("$SLIMCANDLE" --version), commit $(git rev-parse --short HEAD 2>/dev/null || echo '?'), $versions"
-echo "- THREADS=$THREADS ROUNDS=$ROUNDS ITERS=$ITERS WARMUP=$WARMUP AGG=$AGG ORT=$ORT NOSPIN=$NOSPIN, ${#SELECTED[@]} config(s)"
+echo "- THREADS=$THREADS ROUNDS=$ROUNDS ITERS=$ITERS WARMUP=$WARMUP AGG=$AGG ORT=$ORT NOSPIN=$NOSPIN, ${#SELECTED[@]} config(s), ${#INT8_SELECTED[@]} int8 row(s)"
 echo "- load average at start: $(cut -d' ' -f1-3 /proc/loadavg)"
 load1=$(cut -d' ' -f1 /proc/loadavg)
 if awk -v l="$load1" 'BEGIN { exit !(l > 0.5) }'; then
@@ -193,21 +227,89 @@ for c in "${SELECTED[@]}"; do
     order=$((order + 1))
 done
 
+# The int8 rows. The files are made once per model, stem and size (checkpoints) or batch (ONNX),
+# untimed, before the rounds; each round then runs the five timings one after the other.
+FIXTURES=${FIXTURES:-../shared/fixtures}
+ort_extra=()
+[[ "$NOSPIN" == 1 ]] && ort_extra=(--no-spin)
+if [[ ${#INT8_SELECTED[@]} -gt 0 && ! -d "$FIXTURES" ]]; then
+    echo "skipping the int8 rows: fixtures folder $FIXTURES is absent (FIXTURES=DIR)"
+    INT8_SELECTED=()
+fi
+if [[ ${#INT8_SELECTED[@]} -gt 0 ]]; then
+    INT8_DIR=$(mktemp -d /tmp/slimcandle-int8.XXXXXX)
+    echo "- int8 rows: checkpoints and ONNX files in $INT8_DIR"
+    echo
+fi
+# Runs one preparation step, recording a failure as an error of tool "prepare STEP" (its
+# stderr is in ERRLOG); returns its exit code.
+prepare() { # label order step command...
+    local label=$1 ord=$2 step=$3 rc=0
+    shift 3
+    "$@" >/dev/null 2>>"$ERRLOG" || rc=$?
+    [[ $rc == 0 ]] || record "$label" "$ord" "prepare $step" 1 "$rc" ""
+    return "$rc"
+}
+for c in "${INT8_SELECTED[@]}"; do
+    IFS='|' read -r batch size stem name args <<<"$c"
+    label=$(int8_label_of "$c")
+    read -r -a arch_args <<<"$args"
+    base="$INT8_DIR/$name.$stem$size"
+    fp32="$base.safetensors" int8="$base.int8.safetensors"
+    onnx_fp32="$base.b$batch.onnx" onnx_ours="$base.int8.b$batch.onnx" onnx_ortq="$base.ortq.b$batch.onnx"
+    echo "[$label] import, quantize, export" >&2
+    [[ -f "$fp32" ]] || prepare "$label" "$order" import "$SLIMCANDLE" import "${arch_args[@]}" \
+        --num-classes 10 --stem "$stem" --input-size "$size" "$FIXTURES/$name.safetensors" \
+        -o "$fp32" || { order=$((order + 1)); continue; }
+    [[ -f "$int8" ]] || prepare "$label" "$order" quantize "$SLIMCANDLE" quantize "$fp32" \
+        --data shapes --calibration 32 --test-limit 10 --threads "$THREADS" -o "$int8" \
+        || { order=$((order + 1)); continue; }
+    if [[ "$ORT" == 1 ]]; then
+        echo "[$label] onnxruntime quantize_static" >&2
+        prepare "$label" "$order" "export fp32" "$SLIMCANDLE" export "$fp32" -o "$onnx_fp32" \
+            --batch "$batch" --input-size "$size,$size" --threads "$THREADS" &&
+        prepare "$label" "$order" "export int8" "$SLIMCANDLE" export "$int8" -o "$onnx_ours" \
+            --batch "$batch" --input-size "$size,$size" --threads "$THREADS" &&
+        prepare "$label" "$order" quantize_static "$PYTHON" bench/ort_quantize.py "$onnx_fp32" \
+            -o "$onnx_ortq" --size "$size" || { order=$((order + 1)); continue; }
+    fi
+    ours=(--mode infer --batch-size "$batch" --input-size "$size" --warmup "$WARMUP"
+          --iterations "$ITERS" --threads "$THREADS" --json)
+    ort=(--batch "$batch" --size "$size" --threads "$THREADS" --warmup "$WARMUP"
+         --iterations "$ITERS" "${ort_extra[@]}")
+    # tool | checkpoint (slimcandle) or ONNX file (onnxruntime), in the order each round runs them
+    runs=("slimcandle_int8|$int8")
+    [[ "$ORT" == 1 ]] && runs+=("ort_int8_quantize_static|$onnx_ortq" "ort_int8_ours|$onnx_ours")
+    runs+=("slimcandle_fp32|$fp32")
+    [[ "$ORT" == 1 ]] && runs+=("ort_fp32|$onnx_fp32")
+    for ((r = 1; r <= ROUNDS; r++)); do
+        for run in "${runs[@]}"; do
+            tool=${run%%|*} file=${run#*|}
+            echo "[$label] round $r/$ROUNDS: $tool" >&2
+            rc=0
+            if [[ "$tool" == slimcandle_* ]]; then
+                out=$("$SLIMCANDLE" bench "$file" "${ours[@]}" 2>>"$ERRLOG") || rc=$?
+            else
+                out=$("$PYTHON" bench/ort_time.py "$file" "${ort[@]}" 2>>"$ERRLOG") || rc=$?
+            fi
+            record "$label" "$order" "$tool" "$r" "$rc" "$out"
+        done
+    done
+    order=$((order + 1))
+done
+
 status=0
-if [[ ${#SELECTED[@]} -gt 0 ]]; then
+if [[ ${#SELECTED[@]} -gt 0 || ${#INT8_SELECTED[@]} -gt 0 ]]; then
     "$PYTHON" bench/summarize.py "$RAW" --agg "$AGG" || status=$?
     echo
 fi
 
 # onnxruntime on our own exports: the fixture imported, quantized (int8, calibrated on 32
 # synthetic images) and exported with `slimcandle export`; both engines run the same files.
-FIXTURES=${FIXTURES:-../shared/fixtures}
 if [[ ${#EXPORTS_SELECTED[@]} -gt 0 && ! -d "$FIXTURES" ]]; then
     echo "skipping the exports table: fixtures folder $FIXTURES is absent"
 elif [[ ${#EXPORTS_SELECTED[@]} -gt 0 ]]; then
     EXPORT_DIR=$(mktemp -d /tmp/slimcandle-exports.XXXXXX)
-    ort_extra=()
-    [[ "$NOSPIN" == 1 ]] && ort_extra=(--no-spin)
     ips() { "$PYTHON" -c 'import json, sys; print(round(json.load(sys.stdin)["images_per_s"], 1))'; }
     echo "## onnxruntime on slimcandle's exports (infer, batch 8, 224x224, $THREADS threads, best of $ROUNDS)"
     echo

@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
 """Times onnxruntime on one ONNX file (a `slimcandle export`), as `slimcandle bench` times our
 engine: the same random batch every step, warm-up batches excluded. Prints one JSON object
-with `images_per_s` and `ms_per_batch`.
+with `images_per_s`, `ms_per_batch` and `peak_memory` (bytes of the process's peak RSS,
+as `slimcandle bench` reports it).
 
     python3 bench/ort_time.py MODEL.onnx --batch 8 --size 224 [--threads 2] [--warmup 3]
                               [--iterations 10] [--no-spin]
@@ -9,6 +10,8 @@ with `images_per_s` and `ms_per_batch`.
 
 import argparse
 import json
+import resource
+import sys
 import time
 
 import numpy as np
@@ -41,10 +44,13 @@ def main():
     for _ in range(args.iterations):
         sess.run(None, feed)
     seconds = time.perf_counter() - start
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     print(json.dumps({
         "images_per_s": args.batch * args.iterations / seconds,
         "ms_per_batch": 1000 * seconds / args.iterations,
         "onnxruntime_version": ort.__version__,
+        # ru_maxrss is KiB on Linux, bytes on macOS.
+        "peak_memory": rss if sys.platform == "darwin" else rss * 1024,
     }))
 
 

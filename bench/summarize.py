@@ -4,6 +4,10 @@
 Each input line: {"config": LABEL, "order": N, "tool": "slimcandle"|"pytorch", "round": R,
 "result": {...the tool's JSON...}} or, for a failed run, "error": "...".
 
+The int8 rows (configs "int8 ..."; tools slimcandle_int8, ort_int8_quantize_static,
+ort_int8_ours, slimcandle_fp32, ort_fp32, each result with `images_per_s`) get a table of their
+own, followed by the largest peak RSS of any of their runs.
+
 Usage: summarize.py RAW.jsonl [--agg median|best]
 """
 
@@ -35,6 +39,7 @@ def main() -> int:
     order = {}
     vals = {}  # (config, key) -> [images/s per round]
     errors = {}
+    peaks = []  # (peak RSS bytes, config, tool) of the int8 rows' runs
     rounds = set()
     with open(args.raw) as f:
         for line in f:
@@ -48,7 +53,11 @@ def main() -> int:
                 errors.setdefault(cfg, []).append(f"{rec['tool']}: {rec['error']}")
                 continue
             r = rec["result"]
-            if rec["tool"] == "slimcandle":
+            if cfg.startswith("int8"):
+                vals.setdefault((cfg, rec["tool"]), []).append(r["images_per_s"])
+                if r.get("peak_memory") is not None:
+                    peaks.append((r["peak_memory"], cfg, rec["tool"]))
+            elif rec["tool"] == "slimcandle":
                 vals.setdefault((cfg, "slimcandle"), []).append(r["images_per_s"])
             else:
                 if "images_per_s" in r:
@@ -60,16 +69,42 @@ def main() -> int:
         v = vals.get((cfg, key))
         return agg(v) if v else None
 
-    print(f"images/s, {args.agg} of {len(rounds)} round(s) per cell "
-          f"(slimcandle and PyTorch run in alternation; ratio > 1 means slimcandle is faster)")
-    print()
-    print("| config | slimcandle img/s | PyTorch img/s | slimcandle/PyTorch | onnxruntime img/s | slimcandle/onnxruntime |")
-    print("|---|---:|---:|---:|---:|---:|")
-    for cfg in sorted(order, key=order.get):
+    configs = sorted(order, key=order.get)
+    float_configs = [c for c in configs if not c.startswith("int8")]
+    int8_configs = [c for c in configs if c.startswith("int8")]
+    if float_configs:
+        print(f"images/s, {args.agg} of {len(rounds)} round(s) per cell "
+              f"(slimcandle and PyTorch run in alternation; ratio > 1 means slimcandle is faster)")
+        print()
+        print("| config | slimcandle img/s | PyTorch img/s | slimcandle/PyTorch | onnxruntime img/s | slimcandle/onnxruntime |")
+        print("|---|---:|---:|---:|---:|---:|")
+    for cfg in float_configs:
         s, p, o = get(cfg, "slimcandle"), get(cfg, "pytorch"), get(cfg, "onnxruntime")
         infer = cfg.startswith("infer")
         print(f"| {cfg} | {fmt(s)} | {fmt(p)} | {ratio(s, p)} | "
               f"{fmt(o) if infer else ''} | {ratio(s, o) if infer else ''} |")
+    if int8_configs:
+        if float_configs:
+            print()
+        print(f"int8 inference, images/s, {args.agg} of the rounds per cell (the five run one "
+              f"after the other in each round). ORT int8 (quantize_static): onnxruntime's own "
+              f"QDQ per-channel quantization of our fp32 export; ORT int8 (our export): "
+              f"onnxruntime on `slimcandle export` of our int8 checkpoint. The issue's bar: "
+              f"ours int8 / ORT int8 >= 1.0x and ours int8 / ours fp32 >= 2x.")
+        print()
+        print("| config | ours int8 | ORT int8 (quantize_static) | ORT int8 (our export) "
+              "| ours fp32 | ORT fp32 | ours int8 / ORT int8 | ours int8 / ours fp32 |")
+        print("|---|---:|---:|---:|---:|---:|---:|---:|")
+    for cfg in int8_configs:
+        i8, oq, oo, f32, of32 = (get(cfg, k) for k in (
+            "slimcandle_int8", "ort_int8_quantize_static", "ort_int8_ours", "slimcandle_fp32",
+            "ort_fp32"))
+        print(f"| {cfg} | {fmt(i8)} | {fmt(oq)} | {fmt(oo)} | {fmt(f32)} | {fmt(of32)} | "
+              f"{ratio(i8, oq)} | {ratio(i8, f32)} |")
+    if peaks:
+        peak, cfg, tool = max(peaks)
+        print()
+        print(f"Largest peak RSS of the int8 rows' runs: {peak / 2**20:,.0f} MiB ({tool}, {cfg})")
     if errors:
         print()
         print("Failed runs:")
