@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # slimcandle vs PyTorch (and onnxruntime for inference) on the CPU, side by side.
 #
-#   bash bench/compare.sh                         # everything (about 30-50 minutes on 2 cores)
+#   bash bench/compare.sh                         # everything (float rows: 20-40 minutes on 2 cores, plus the int8 rows)
 #   QUICK=1 bash bench/compare.sh                 # 1 round, 2 timed batches: a smoke test
 #   CONFIGS='infer.*b64' bash bench/compare.sh    # only configs whose label matches (grep -E)
 #   CONFIGS='^int8' bash bench/compare.sh         # only the int8 table (needs no PyTorch)
