@@ -11,6 +11,7 @@ mod forward;
 mod import;
 mod inspect;
 mod models;
+mod options;
 mod output;
 mod predict;
 mod progress;

@@ -1,3 +1,4 @@
+use super::options::{self, DataArgs, PruneLayerArgs};
 use super::ranges::{count, open};
 use anyhow::{Result, bail};
 use clap::{Args, ValueEnum};
@@ -28,12 +29,12 @@ pub enum SensitivityMethod {
 }
 
 #[derive(Args)]
+#[command(mut_arg("data", options::data_required))]
 pub struct SensitivityArgs {
     /// Checkpoint to analyse.
     checkpoint: PathBuf,
-    /// Data to evaluate on (its test split).
-    #[arg(long)]
-    data: String,
+    #[command(flatten)]
+    data: DataArgs,
     /// What each trial prunes: whole channels, or single weights by magnitude.
     #[arg(long, value_enum, default_value = "channel")]
     method: SensitivityMethod,
@@ -54,15 +55,9 @@ pub struct SensitivityArgs {
     /// Never cut a layer below this many channels (prune's default: 8; see --round-to).
     #[arg(long, value_parser = count(1), default_value_t = 1)]
     min_channels: usize,
-    /// Magnitude scans: include depthwise convs (spared by default, as in pruning).
-    #[arg(long)]
-    prune_depthwise: bool,
-    /// Layers to leave out of the scan: comma-separated globs.
-    #[arg(long = "prune-exclude", alias = "exclude", default_value = "")]
-    exclude: String,
-    /// Evaluate on a seeded, class-balanced subset of this many test images.
-    #[arg(long, value_parser = count(1))]
-    test_limit: Option<usize>,
+    /// The layers the scan leaves out (quantize scans: never quantized).
+    #[command(flatten)]
+    layers: PruneLayerArgs,
     /// Seed of the test subset and the random criterion.
     #[arg(long, default_value_t = 0)]
     seed: u64,
@@ -81,11 +76,11 @@ pub fn run(args: SensitivityArgs) -> Result<()> {
     }
     let model = checkpoint::load(&args.checkpoint)?;
     let quantize = args.method == SensitivityMethod::Quantize;
-    let spec: DataSpec = args.data.parse()?;
+    let spec: DataSpec = args.data.spec().parse()?;
     let data = spec.load(&LoadOptions {
         size: model.meta.preprocessing.input_size[0],
         train_limit: Some(if quantize { args.calibration } else { 0 }),
-        test_limit: args.test_limit,
+        test_limit: args.data.test_limit,
         seed: args.seed,
         ..Default::default()
     })?;
@@ -110,7 +105,7 @@ pub fn run(args: SensitivityArgs) -> Result<()> {
         SensitivityMethod::Quantize => return run_quantize(&args, &model, &data, &bar),
         SensitivityMethod::Channel => {
             let cfg = PlanConfig {
-                exclude: parse_list(&args.exclude)?,
+                exclude: parse_list(args.layers.exclude())?,
                 min_channels: args.min_channels,
                 round_to: args.round_to.max(1),
                 prune_residual: true,
@@ -128,11 +123,11 @@ pub fn run(args: SensitivityArgs) -> Result<()> {
         }
         SensitivityMethod::Magnitude => {
             let cfg = MagnitudeConfig {
-                exclude: parse_list(&args.exclude)?
+                exclude: parse_list(args.layers.exclude())?
                     .iter()
                     .map(|p| p.as_str().to_string())
                     .collect(),
-                include_depthwise: args.prune_depthwise,
+                include_depthwise: args.layers.prune_depthwise,
                 ..MagnitudeConfig::new(0.5)
             };
             magnitude_sensitivity(&model, &cfg, &args.ratios, data.test.clone(), &mut progress)?
@@ -251,7 +246,7 @@ fn run_quantize(
         );
     }
     let opts = QuantOptions {
-        keep_float: parse_list(&args.exclude)?,
+        keep_float: parse_list(args.layers.exclude())?,
         ..Default::default()
     };
     let p = &model.meta.preprocessing;
