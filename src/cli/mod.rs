@@ -1,5 +1,6 @@
 //! Command-line parsing and dispatch. Results go to stdout, diagnostics to stderr; `--json`
-//! prints one JSON document with stable snake_case keys.
+//! prints one JSON document with stable snake_case keys. The binary is `parse` then `run`;
+//! `stages::registry` is the recipe runner's view of the same commands.
 
 mod bench;
 mod compare;
@@ -21,6 +22,7 @@ mod quantize;
 mod ranges;
 mod run;
 mod sensitivity;
+pub mod stages;
 mod train;
 
 use self::ranges::{POSITIVE, count};
