@@ -1,5 +1,5 @@
 use super::options::DataArgs;
-use super::ranges::count;
+use super::ranges::{MAX_BATCH, count_in};
 use anyhow::Result;
 use clap::Args;
 use serde_json::json;
@@ -19,7 +19,7 @@ pub struct EvalArgs {
     /// Images per forward pass (also the batch of the latency figure). Accuracy does not
     /// depend on it; 256 is larger than the other commands' 64 because evaluation holds no
     /// gradients or observers.
-    #[arg(long, value_parser = count(1), default_value_t = 256)]
+    #[arg(long, value_parser = count_in(1, MAX_BATCH), default_value_t = 256)]
     batch_size: usize,
     /// Seed of the subset (and of `shapes`).
     #[arg(long, default_value_t = 0)]

@@ -25,7 +25,7 @@ mod sensitivity;
 pub mod stages;
 mod train;
 
-use self::ranges::{POSITIVE, count};
+use self::ranges::{MAX_CLASSES, POSITIVE, count, count_in};
 use anyhow::Result;
 use clap::{Args, CommandFactory, FromArgMatches, Parser, Subcommand};
 use exit::usage;
@@ -135,7 +135,7 @@ pub struct ArchArgs {
     #[arg(long, value_parser = count(1))]
     pub groups: Option<usize>,
     /// Number of output classes.
-    #[arg(long, value_parser = count(1))]
+    #[arg(long, value_parser = count_in(1, MAX_CLASSES))]
     pub num_classes: Option<usize>,
     /// Input stem: `imagenet` (the published network) or `cifar` (keeps resolution for 32x32).
     #[arg(long)]

@@ -3,7 +3,7 @@
 //! same recipe keys for every stage kind that has them (issue #14, "one definition per option
 //! set").
 
-use super::ranges::{REMOVED_FRACTION, count};
+use super::ranges::{MAX_IMAGES, REMOVED_FRACTION, count_in};
 use clap::{Arg, Args, ValueEnum};
 
 /// The default of `--data` for the commands that have one.
@@ -21,7 +21,7 @@ pub struct DataArgs {
     #[arg(long, default_value = DEFAULT_DATA)]
     pub data: Option<String>,
     /// Evaluate on a seeded, class-balanced subset of this many test images.
-    #[arg(long, value_parser = count(1))]
+    #[arg(long, value_parser = count_in(1, MAX_IMAGES))]
     pub test_limit: Option<usize>,
 }
 

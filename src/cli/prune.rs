@@ -1,6 +1,8 @@
 use super::exit::{as_usage, usage};
 use super::options::{self, DataArgs, PruneScope, PruneSelectArgs};
-use super::ranges::{KEPT_FRACTION, REMOVED_FRACTION, count, open_closed};
+use super::ranges::{
+    KEPT_FRACTION, MAX_BATCH, MAX_CHANNELS, MAX_STEPS, REMOVED_FRACTION, count_in, open_closed,
+};
 use anyhow::{Result, bail};
 use clap::{Args, ValueEnum};
 use serde_json::json;
@@ -49,10 +51,10 @@ pub struct PruneArgs {
     #[arg(long, value_parser = KEPT_FRACTION.parser())]
     target_params: Option<f64>,
     /// Channel: round kept channel counts to a multiple of this (1: no rounding) [default: 8].
-    #[arg(long, value_parser = count(1))]
+    #[arg(long, value_parser = count_in(1, MAX_CHANNELS))]
     round_to: Option<usize>,
     /// Channel: never cut a layer below this many channels [default: 8].
-    #[arg(long, value_parser = count(1))]
+    #[arg(long, value_parser = count_in(1, MAX_CHANNELS))]
     min_channels: Option<usize>,
     /// Channel: never remove more than this fraction of one layer's channels (global scope,
     /// targets), in (0, 1] [default: 0.9].
@@ -69,11 +71,11 @@ pub struct PruneArgs {
     #[command(flatten)]
     data: DataArgs,
     /// Taylor criterion: batches of training images to accumulate gradients over [default: 16].
-    #[arg(long, value_parser = count(1))]
+    #[arg(long, value_parser = count_in(1, MAX_STEPS))]
     taylor_batches: Option<usize>,
     /// Images per batch for evaluation and the taylor criterion. The taylor scores depend on
     /// it (gradients of each batch), evaluation does not; 64 bounds the gradient memory.
-    #[arg(long, value_parser = count(1), default_value_t = 64)]
+    #[arg(long, value_parser = count_in(1, MAX_BATCH), default_value_t = 64)]
     batch_size: usize,
     /// Seed of the data subsets and the random criterion.
     #[arg(long, default_value_t = 0)]

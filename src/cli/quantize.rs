@@ -2,7 +2,7 @@
 
 use super::exit::as_usage;
 use super::options::{self, DataArgs};
-use super::ranges::{count, open_closed};
+use super::ranges::{MAX_BATCH, MAX_IMAGES, count_in, open_closed};
 use anyhow::{Result, bail};
 use clap::{Args, ValueEnum};
 use serde_json::json;
@@ -37,7 +37,7 @@ pub struct QuantizeArgs {
     #[command(flatten)]
     data: DataArgs,
     /// Number of training images to calibrate on (a seeded, class-balanced subset).
-    #[arg(long, value_parser = count(1), default_value_t = 1024)]
+    #[arg(long, value_parser = count_in(1, MAX_IMAGES), default_value_t = 1024)]
     calibration: usize,
     /// How each activation's range is chosen from its observed values.
     #[arg(long, value_enum, default_value = "percentile")]
@@ -53,7 +53,7 @@ pub struct QuantizeArgs {
     keep_float: String,
     /// Images per batch for calibration and evaluation. Neither result depends on it (the
     /// observers see every image); 64 bounds the memory of the recorded activations.
-    #[arg(long, value_parser = count(1), default_value_t = 64)]
+    #[arg(long, value_parser = count_in(1, MAX_BATCH), default_value_t = 64)]
     batch_size: usize,
     /// Seed of the calibration and test subsets.
     #[arg(long, default_value_t = 0)]

@@ -1,5 +1,5 @@
 use super::options::{self, DataArgs, PruneLayerArgs};
-use super::ranges::{count, open};
+use super::ranges::{MAX_CHANNELS, MAX_IMAGES, count_in, open};
 use anyhow::{Result, bail};
 use clap::{Args, ValueEnum};
 use indicatif::{ProgressBar, ProgressStyle};
@@ -39,7 +39,7 @@ pub struct SensitivityArgs {
     #[arg(long, value_enum, default_value = "channel")]
     method: SensitivityMethod,
     /// Quantize scans: training images to calibrate on (a seeded, class-balanced subset).
-    #[arg(long, value_parser = count(1), default_value_t = 1024)]
+    #[arg(long, value_parser = count_in(1, MAX_IMAGES), default_value_t = 1024)]
     calibration: usize,
     /// Pruning ratios to try on each layer, comma-separated.
     #[arg(long, value_parser = open(0.0, 1.0).parser(), default_value = "0.1,0.3,0.5,0.7", value_delimiter = ',')]
@@ -50,10 +50,10 @@ pub struct SensitivityArgs {
     /// Round kept channel counts to a multiple of this. The default 1 measures exactly the
     /// ratios asked (and includes the residual streams), where `prune` rounds to 8 and spares
     /// them: pass `--round-to 8 --min-channels 8` to scan what `prune` would cut.
-    #[arg(long, value_parser = count(1), default_value_t = 1)]
+    #[arg(long, value_parser = count_in(1, MAX_CHANNELS), default_value_t = 1)]
     round_to: usize,
     /// Never cut a layer below this many channels (prune's default: 8; see --round-to).
-    #[arg(long, value_parser = count(1), default_value_t = 1)]
+    #[arg(long, value_parser = count_in(1, MAX_CHANNELS), default_value_t = 1)]
     min_channels: usize,
     /// The layers the scan leaves out (quantize scans: never quantized).
     #[command(flatten)]

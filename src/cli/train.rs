@@ -3,7 +3,10 @@ use super::distill_args::DistillArgs;
 use super::exit::{Interrupted, as_usage, usage};
 use super::options::{DataArgs, PruneScope, PruneSelectArgs};
 use super::qat_args::{self, QatArgs};
-use super::ranges::{KEPT_FRACTION, NON_NEGATIVE, POSITIVE, REMOVED_FRACTION, count, open};
+use super::ranges::{
+    EPOCH_POSITION, KEPT_FRACTION, MAX_BATCH, MAX_EPOCHS, MAX_IMAGES, MAX_INPUT_SIZE, MAX_STEPS,
+    NON_NEGATIVE, POSITIVE, REMOVED_FRACTION, count_in, open,
+};
 use anyhow::{Result, bail};
 use clap::{Args, Command, ValueEnum};
 use indicatif::{ProgressBar, ProgressStyle};
@@ -62,14 +65,14 @@ pub struct TrainArgs {
     #[command(flatten)]
     data: DataArgs,
     /// Train on a seeded, class-balanced subset of this many images (shapes: generate this many).
-    #[arg(long, value_parser = count(1))]
+    #[arg(long, value_parser = count_in(1, MAX_IMAGES))]
     train_limit: Option<usize>,
     /// Passes over the training split.
-    #[arg(long, value_parser = count(1), default_value_t = 10)]
+    #[arg(long, value_parser = count_in(1, MAX_EPOCHS), default_value_t = 10)]
     epochs: usize,
     /// Images per optimizer step. Unlike the evaluation commands' batch, it changes the
     /// result; 128 is the recipe of docs/benchmarks.md.
-    #[arg(long, value_parser = count(1), default_value_t = 128)]
+    #[arg(long, value_parser = count_in(1, MAX_BATCH), default_value_t = 128)]
     batch_size: usize,
     /// Optimizer: sgd (momentum) or adamw.
     #[arg(long, value_enum, default_value = "sgd")]
@@ -90,13 +93,13 @@ pub struct TrainArgs {
     #[arg(long, value_enum, default_value = "cosine")]
     schedule: ScheduleName,
     /// Linear warm-up length in epochs (cosine, step, constant).
-    #[arg(long, value_parser = NON_NEGATIVE.parser(), default_value_t = 0.0)]
+    #[arg(long, value_parser = EPOCH_POSITION.parser(), default_value_t = 0.0)]
     warmup_epochs: f64,
     /// One-cycle: fraction of the steps spent rising to the peak.
     #[arg(long, value_parser = open(0.0, 1.0).parser(), default_value_t = 0.3)]
     pct_start: f64,
     /// Step schedule: decay every this many epochs by --gamma.
-    #[arg(long, value_parser = count(1), default_value_t = 30)]
+    #[arg(long, value_parser = count_in(1, MAX_EPOCHS), default_value_t = 30)]
     step_epochs: usize,
     /// Step schedule: factor applied to the learning rate at every decay.
     #[arg(long, value_parser = KEPT_FRACTION.parser(), default_value_t = 0.1)]
@@ -105,7 +108,7 @@ pub struct TrainArgs {
     #[arg(long, value_parser = REMOVED_FRACTION.parser(), default_value_t = 0.0)]
     label_smoothing: f64,
     /// Random-crop padding in pixels (0 disables the crop).
-    #[arg(long, value_parser = count(0), default_value_t = 4)]
+    #[arg(long, value_parser = count_in(0, MAX_INPUT_SIZE), default_value_t = 4)]
     crop_padding: usize,
     /// Disable horizontal flips.
     #[arg(long)]
@@ -131,14 +134,14 @@ pub struct TrainArgs {
     #[arg(long, value_parser = REMOVED_FRACTION.parser(), help_heading = "Pruning")]
     initial_sparsity: Option<f64>,
     /// Epoch at which pruning starts, fractions allowed [default: 0].
-    #[arg(long, value_parser = NON_NEGATIVE.parser(), value_name = "EPOCH", help_heading = "Pruning")]
+    #[arg(long, value_parser = EPOCH_POSITION.parser(), value_name = "EPOCH", help_heading = "Pruning")]
     prune_start_epoch: Option<f64>,
     /// Epoch at which the final sparsity is reached, fractions allowed [default: 75% of
     /// --epochs, so the last quarter fine-tunes the pruned network].
-    #[arg(long, value_parser = NON_NEGATIVE.parser(), value_name = "EPOCH", help_heading = "Pruning")]
+    #[arg(long, value_parser = EPOCH_POSITION.parser(), value_name = "EPOCH", help_heading = "Pruning")]
     prune_end_epoch: Option<f64>,
     /// Optimizer steps between mask updates [default: 50].
-    #[arg(long, value_parser = count(1), value_name = "STEPS", help_heading = "Pruning")]
+    #[arg(long, value_parser = count_in(1, MAX_STEPS), value_name = "STEPS", help_heading = "Pruning")]
     prune_frequency: Option<usize>,
     /// Network slimming: L1 penalty on batch-norm scales (gamma), e.g. 1e-4.
     #[arg(long, value_parser = NON_NEGATIVE.parser(), default_value_t = 0.0, value_name = "LAMBDA", help_heading = "Pruning")]
@@ -148,7 +151,7 @@ pub struct TrainArgs {
     #[command(flatten)]
     pub(super) qat: QatArgs,
     /// Stop after this many steps as if interrupted (for tests of resume).
-    #[arg(long, value_parser = count(1), hide = true)]
+    #[arg(long, value_parser = count_in(1, MAX_STEPS), hide = true)]
     stop_after_steps: Option<usize>,
 }
 
