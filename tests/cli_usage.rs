@@ -109,7 +109,16 @@ fn every_command_refuses_bad_values_inapplicable_flags_and_unwritable_outputs() 
         case(train(&["--train-limit", "1000000000"]), 2, "--train-limit"),
         case(train(&["--warmup-epochs", "1e9"]), 2, "--warmup-epochs"),
         case(
-            args(&["quantize", &c, "--data", "shapes", "--calibration", "100000000", "-o", &out]),
+            args(&[
+                "quantize",
+                &c,
+                "--data",
+                "shapes",
+                "--calibration",
+                "100000000",
+                "-o",
+                &out,
+            ]),
             2,
             "--calibration",
         ),

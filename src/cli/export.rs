@@ -51,7 +51,12 @@ fn parse_batch(s: &str) -> Result<Batch, String> {
 fn parse_size(s: &str) -> Result<[usize; 2], String> {
     let parts: Vec<Option<usize>> = s
         .split(',')
-        .map(|p| p.trim().parse().ok().filter(|n| (1..=MAX_INPUT_SIZE).contains(n)))
+        .map(|p| {
+            p.trim()
+                .parse()
+                .ok()
+                .filter(|n| (1..=MAX_INPUT_SIZE).contains(n))
+        })
         .collect();
     match parts.as_slice() {
         [Some(h), Some(w)] => Ok([*h, *w]),

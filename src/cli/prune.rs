@@ -177,8 +177,7 @@ pub fn check(args: &PruneArgs) -> Result<()> {
     for text in &args.layer_ratios {
         parse_layer_ratio(text).map_err(as_usage)?;
     }
-    parse_list(args.select.layers.exclude())
-        .map_err(|e| as_usage(e.context("--prune-exclude")))?;
+    parse_list(args.select.layers.exclude()).map_err(|e| as_usage(e.context("--prune-exclude")))?;
     Ok(())
 }
 

@@ -45,7 +45,11 @@ pub fn count_in(
         let text = text.trim();
         let value: usize = match text.parse() {
             Ok(v) => v,
-            Err(_) if max != usize::MAX && !text.is_empty() && text.bytes().all(|b| b.is_ascii_digit()) => {
+            Err(_)
+                if max != usize::MAX
+                    && !text.is_empty()
+                    && text.bytes().all(|b| b.is_ascii_digit()) =>
+            {
                 return Err(format!("must be at most {max}"));
             }
             Err(_) => return Err(expected()),
@@ -195,7 +199,10 @@ mod tests {
             Err("must be at most 10000".to_string())
         );
         assert_eq!(p("0"), Err("must be at least 1".to_string()));
-        assert_eq!(p("ten"), Err("expected a whole number in [1, 10000]".to_string()));
+        assert_eq!(
+            p("ten"),
+            Err("expected a whole number in [1, 10000]".to_string())
+        );
         assert_eq!(EPOCH_POSITION.to_string(), "in [0, 10000]");
         assert!(EPOCH_POSITION.parser()("1e9").is_err());
     }

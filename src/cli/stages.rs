@@ -2,7 +2,7 @@
 //! of the stage's keys, values and checks (`slimcandle::pipeline::kinds`). The binary's `run`
 //! command and the recipe fuzz target (examples/fuzz) use this same registry.
 
-use super::{eval, import, prune, quantize, train};
+use super::{eval, export, import, prune, quantize, train};
 use anyhow::{Result, bail};
 use clap::{ArgMatches, Args, Command, FromArgMatches};
 use slimcandle::pipeline::{Effect, InputArg, KindSpec, OutputArg, Registry};
@@ -129,6 +129,26 @@ pub fn registry() -> Registry {
                 check: no_check,
                 run: |m| eval::run(eval::EvalArgs::from_arg_matches(m)?),
             },
+            // Writes ONNX or a PyTorch state dict into the stage folder; the next stage reads
+            // the model the export read.
+            KindSpec {
+                name: "export",
+                command: export::ExportArgs::augment_args(Command::new("export")),
+                input: InputArg::Positional,
+                output: OutputArg::Artifact {
+                    flag: "output",
+                    by: "format",
+                    names: &[("onnx", "model.onnx"), ("torch", "state_dict.safetensors")],
+                },
+                runner_sets: &["checkpoint", "output"],
+                unhashed: &[],
+                inherits_train: false,
+                finetune: false,
+                reads_float_before_quantize: false,
+                effects: no_effects,
+                check: no_check,
+                run: |m| export::run(export::ExportArgs::from_arg_matches(m)?),
+            },
             KindSpec {
                 name: "import",
                 command: import::ImportArgs::augment_args(Command::new("import")),
@@ -144,7 +164,7 @@ pub fn registry() -> Registry {
                 run: |m| import::run(import::ImportArgs::from_arg_matches(m)?),
             },
         ],
-        pending: vec![("export", "there is no export command yet")],
+        pending: Vec::new(),
     }
 }
 
