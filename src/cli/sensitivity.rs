@@ -92,11 +92,10 @@ pub fn run(args: SensitivityArgs) -> Result<()> {
         ProgressStyle::with_template("{msg} {bar:30} {pos}/{len} evaluations, eta {eta}")
             .expect("valid template"),
     );
-    bar.set_message(if quantize {
-        "int8, one layer at a time in float"
-    } else {
-        "pruning one layer at a time"
-    });
+    // A quantize scan calibrates first, with its own bar; this one starts after it.
+    if !quantize {
+        bar.set_message("pruning one layer at a time");
+    }
     let mut progress = |done: usize, total: usize| {
         bar.set_length(total as u64);
         bar.set_position(done as u64);
@@ -251,17 +250,33 @@ fn run_quantize(
     };
     let p = &model.meta.preprocessing;
     let batches = EpochPlan::in_order(64, p.mean, p.std);
-    let calibration = BatchLoader::new(data.train.clone(), batches).map(|b| b.map(|b| b.x));
+    let mut batches = BatchLoader::new(data.train.clone(), batches).map(|b| b.map(|b| b.x));
+    // The shared calibration bar of `quantize`, advanced as each batch goes to the observers
+    // and cleared when they have seen the last one, before the evaluations' bar starts.
+    let calibrating = super::progress::bar(data.train.len(), "calibrating", "images");
+    let calibration = std::iter::from_fn(|| {
+        let next = batches.next();
+        match &next {
+            Some(Ok(x)) => calibrating.inc(x.dims()[0] as u64),
+            None => calibrating.finish_and_clear(),
+            Some(Err(_)) => {}
+        }
+        next
+    });
     let result = quant_sensitivity(
         model,
         calibration,
         &opts,
         data.test.clone(),
         |done, total| {
+            if bar.length() == Some(0) {
+                bar.set_message("int8, one layer at a time in float");
+            }
             bar.set_length(total as u64);
             bar.set_position(done as u64);
         },
     )?;
+    calibrating.finish_and_clear();
     bar.finish_and_clear();
     let mut csv = String::from("layer,top1,gain\n");
     for t in &result.trials {
