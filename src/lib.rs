@@ -1,7 +1,14 @@
 //! slimcandle: build, train, compress and ship small CNNs on Candle.
 
+// The command line (`cli`) lives in the library, so that the recipe runner's stage registry,
+// built from the commands' clap definitions, is reachable from the fuzz targets and tests.
+// Its modules were written against the library's public paths (`slimcandle::...`); this
+// alias keeps those paths valid inside the crate.
+extern crate self as slimcandle;
+
 pub mod bench;
 pub mod checkpoint;
+pub mod cli;
 pub mod data;
 pub mod eval;
 pub mod exec;

@@ -1,6 +1,6 @@
-//! The `slimcandle` command: a thin layer over the library.
+//! The `slimcandle` command: a thin layer over the library (`slimcandle::cli`).
 
-mod cli;
+use slimcandle::cli;
 
 /// mimalloc, told to keep freed pages: with glibc (or a purging mimalloc) every large
 /// activation of every training step is freshly mapped and zeroed by the kernel, which costs

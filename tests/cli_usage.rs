@@ -103,6 +103,35 @@ fn every_command_refuses_bad_values_inapplicable_flags_and_unwritable_outputs() 
         case(train(&["--epochs", "0"]), 2, "--epochs"),
         case(train(&["--batch-size", "0"]), 2, "--batch-size"),
         case(train(&["--train-limit", "0"]), 2, "--train-limit"),
+        // Upper bounds (src/cli/ranges.rs): typos refused before any work.
+        case(train(&["--epochs", "1000000000"]), 2, "--epochs"),
+        case(train(&["--batch-size", "10000000"]), 2, "--batch-size"),
+        case(train(&["--train-limit", "1000000000"]), 2, "--train-limit"),
+        case(train(&["--warmup-epochs", "1e9"]), 2, "--warmup-epochs"),
+        case(
+            args(&[
+                "quantize",
+                &c,
+                "--data",
+                "shapes",
+                "--calibration",
+                "100000000",
+                "-o",
+                &out,
+            ]),
+            2,
+            "--calibration",
+        ),
+        case(
+            args(&["export", &c, "--input-size", "100000,32", "-o", &out]),
+            2,
+            "--input-size",
+        ),
+        case(
+            args(&["bench", "--arch", "mobilenet_v2", "--input-size", "100000"]),
+            2,
+            "--input-size",
+        ),
         case(train(&["--width=0"]), 2, "--width"),
         case(train(&["--sparsity", "0.5"]), 2, "--sparsity"),
         case(

@@ -368,3 +368,81 @@ fn the_quickstart_and_cifar10_recipes_are_valid() {
     let listed = std::fs::read_dir("recipes/cifar10").unwrap().count();
     assert_eq!(listed, families.len() + 1);
 }
+
+/// An `export` stage writes its file (ONNX, or a PyTorch state dict with `format = "torch"`)
+/// into its folder and passes its input on: the stage after it reads the trained checkpoint,
+/// and the final checkpoint is that one too.
+#[test]
+fn export_stages_write_their_file_and_pass_the_model_on() {
+    let dir = temp_dir("recipe-export");
+    let recipe = dir.join("export.toml");
+    let text = r#"[model]
+arch = "mobilenet_v2"
+width = 0.25
+stem = "cifar"
+
+[data]
+data = "shapes"
+train_limit = 64
+test_limit = 20
+
+[train]
+epochs = 1
+batch_size = 32
+lr = 0.05
+
+[[stage]]
+name = "train"
+kind = "train"
+
+[[stage]]
+name = "onnx"
+kind = "export"
+
+[[stage]]
+name = "torch"
+kind = "export"
+format = "torch"
+
+[[stage]]
+name = "eval"
+kind = "eval"
+"#;
+    std::fs::write(&recipe, text).unwrap();
+    let o = slimcandle(&["run", s(&recipe), "--dry-run"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let plan = stdout(&o);
+    assert!(plan.contains("4 stages"), "{plan}");
+    assert!(plan.contains("export <02-onnx> --format=torch"), "{plan}");
+
+    let out = dir.join("run");
+    run_ok(&recipe, &out, &[]);
+    let onnx = out.join("02-onnx/model.onnx");
+    let bytes = std::fs::read(&onnx).unwrap_or_else(|e| panic!("{}: {e}", onnx.display()));
+    let model = slimcandle::export::proto::decode_model(&bytes).unwrap();
+    let graph = model.graph.expect("an ONNX graph");
+    assert!(!graph.node.is_empty() && !graph.initializer.is_empty());
+    let torch = out.join("03-torch/state_dict.safetensors");
+    let state = slimcandle::tensor_file::TensorFile::read(&torch).unwrap();
+    assert!(!state.names().is_empty(), "{}", torch.display());
+    // No checkpoint of their own: the eval stage and the final checkpoint are the trained model.
+    assert!(!out.join("02-onnx/model.safetensors").exists());
+    let trained = std::fs::read(out.join("01-train/model.safetensors")).unwrap();
+    assert_eq!(
+        std::fs::read(out.join("final.safetensors")).unwrap(),
+        trained
+    );
+    let rows = report(&out);
+    let rows = rows["rows"].as_array().unwrap();
+    assert_eq!(rows.len(), 4);
+    let checkpoint = |i: usize| rows[i]["checkpoint"].as_str().unwrap().to_string();
+    assert_eq!(checkpoint(1), checkpoint(0));
+    assert_eq!(checkpoint(3), checkpoint(0));
+    let log = std::fs::read_to_string(out.join("03-torch/log.txt")).unwrap();
+    assert!(log.contains("--format=torch"), "{log}");
+
+    // Unchanged: every stage is skipped on a rerun, the files stay.
+    let (_, err) = run_ok(&recipe, &out, &[]);
+    assert_eq!(err.matches("unchanged, skipped").count(), 4, "{err}");
+    assert!(onnx.exists());
+}

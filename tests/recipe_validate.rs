@@ -136,11 +136,48 @@ fn each_broken_recipe_is_refused_at_its_position() {
             "\"evaluate\"",
             "unknown stage kind `evaluate`",
         ),
+        // The upper bounds of src/cli/ranges.rs: a typo is refused before any work.
         (
-            "pending-kind",
-            BASE.replace("kind = \"eval\"", "kind = \"export\""),
-            "\"export\"",
-            "stage kind `export` is not available in this build",
+            "epochs-beyond-bound",
+            BASE.replace("epochs = 1\nlr", "epochs = 1000000000\nlr"),
+            "1000000000",
+            "`epochs`: invalid value '1000000000' for '--epochs <EPOCHS>': must be at most 10000",
+        ),
+        (
+            "batch-beyond-bound",
+            BASE.replace("lr = 0.05", "batch_size = 10000000"),
+            "10000000",
+            "`batch_size`: invalid value '10000000' for '--batch-size <BATCH_SIZE>': must be at most 65536",
+        ),
+        (
+            "finetune-epochs-beyond-bound",
+            BASE.replace("{ epochs = 1 }", "{ epochs = 99999999999 }"),
+            "99999999999",
+            "`epochs`: invalid value '99999999999' for '--epochs <EPOCHS>': must be at most 10000",
+        ),
+        (
+            "test-limit-beyond-bound",
+            BASE.replace("test_limit = 20", "test_limit = 1000000000"),
+            "1000000000",
+            "`test_limit`: invalid value '1000000000' for '--test-limit <TEST_LIMIT>': must be at most 10000000",
+        ),
+        (
+            "calibration-beyond-bound",
+            BASE.replace(
+                "kind = \"eval\"",
+                "kind = \"quantize\"\ncalibration = 100000000",
+            ),
+            "100000000",
+            "`calibration`: invalid value '100000000' for '--calibration <CALIBRATION>': must be at most 10000000",
+        ),
+        (
+            "export-size-beyond-bound",
+            BASE.replace(
+                "kind = \"eval\"",
+                "kind = \"export\"\ninput_size = \"100000,32\"",
+            ),
+            "\"100000,32\"",
+            "`input_size`: invalid value '100000,32' for '--input-size <INPUT_SIZE>'",
         ),
         (
             "duplicate-name",
@@ -378,6 +415,23 @@ fn stand_in_registry() -> Registry {
         ],
         pending: Vec::new(),
     }
+}
+
+/// A kind the registry knows of but this build lacks is named with the reason.
+#[test]
+fn a_pending_kind_is_refused_with_its_reason() {
+    let mut registry = stand_in_registry();
+    registry
+        .pending
+        .push(("sparsify", "there is no sparsify command yet"));
+    let text = "[model]\narch = \"m\"\n\n[[stage]]\nname = \"s\"\nkind = \"sparsify\"\n";
+    let doc = Document::parse(Path::new("pending.toml"), text).unwrap();
+    let lines = validate(&doc, &registry).unwrap_err().lines();
+    let want = format!(
+        "pending.toml:{}: stage kind `sparsify` is not available in this build: there is no sparsify command yet",
+        position(text, "\"sparsify\"")
+    );
+    assert!(lines.iter().any(|l| l.starts_with(&want)), "{lines:#?}");
 }
 
 #[test]

@@ -13,7 +13,7 @@ use slimcandle::data::{
 use slimcandle::exec::Mode;
 use slimcandle::graph::Graph;
 use slimcandle::model::{Model, ModelMeta, Preprocessing, Provenance, default_class_names};
-use slimcandle::pipeline::{Document, InputArg, KindSpec, OutputArg, Registry, validate};
+use slimcandle::pipeline::{Document, Registry, validate};
 use slimcandle::tensor_file::TensorFile;
 use slimcandle::weights::Weights;
 use std::path::{Path, PathBuf};
@@ -356,76 +356,10 @@ fn edit_recipe(seed: &[u8], u: &mut Unstructured<'_>) -> Option<Vec<u8>> {
     Some(lines.concat())
 }
 
-/// Stand-ins for the commands a recipe names (the real ones live in the binary): each takes
-/// the flags recipes use as values, so the recipe parser and validator run in full.
-fn registry() -> Registry {
-    use clap::{Arg, ArgAction, Command};
-    let kind = |name: &'static str, train: bool| {
-        let mut command = Command::new(name).arg(Arg::new("checkpoint").required(false));
-        for flag in [
-            "arch",
-            "width",
-            "stem",
-            "data",
-            "init",
-            "output",
-            "resume",
-            "epochs",
-            "batch_size",
-            "lr",
-            "warmup_epochs",
-            "schedule",
-            "nesterov",
-            "method",
-            "criterion",
-            "target_macs",
-            "teacher",
-            "calibration",
-            "json",
-        ] {
-            command = command.arg(Arg::new(flag).long(flag).action(ArgAction::Set));
-        }
-        KindSpec {
-            name,
-            command,
-            input: if train {
-                InputArg::Flag("init")
-            } else {
-                InputArg::Positional
-            },
-            output: if train {
-                OutputArg::RunFolder {
-                    flag: "output",
-                    resume: "resume",
-                }
-            } else {
-                OutputArg::File("output")
-            },
-            runner_sets: &["checkpoint", "init", "output", "resume", "json"],
-            unhashed: &[],
-            inherits_train: train,
-            finetune: !train,
-            reads_float_before_quantize: false,
-            effects: |_| Vec::new(),
-            check: |_| Ok(()),
-            run: |_| Ok(()),
-        }
-    };
-    Registry {
-        kinds: vec![
-            kind("train", true),
-            kind("distill", true),
-            kind("prune", false),
-            kind("quantize", false),
-            kind("eval", false),
-        ],
-        pending: Vec::new(),
-    }
-}
-
 fn run_recipe(bytes: &[u8]) -> Result<()> {
+    // The real stage kinds: the commands' own clap definitions and checks.
     thread_local! {
-        static REGISTRY: Registry = registry();
+        static REGISTRY: Registry = slimcandle::cli::stages::registry();
     }
     let path = Path::new("fuzz.toml");
     let doc = Document::parse(path, std::str::from_utf8(bytes)?)?;

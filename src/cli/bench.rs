@@ -1,6 +1,6 @@
 use super::ArchArgs;
 use super::exit::{as_usage, usage};
-use super::ranges::count;
+use super::ranges::{MAX_BATCH, MAX_INPUT_SIZE, MAX_STEPS, count_in};
 use anyhow::{Result, bail};
 use clap::{Args, ValueEnum};
 use slimcandle::bench::{self, BenchMode};
@@ -27,19 +27,19 @@ pub struct BenchArgs {
     arch: ArchArgs,
     /// Images per batch. 64 is the batch of the throughput column of the reports (`run`,
     /// `compare`); batch-1 latency is `--batch-size 1`.
-    #[arg(long, value_parser = count(1), alias = "batch", default_value_t = 64)]
+    #[arg(long, value_parser = count_in(1, MAX_BATCH), alias = "batch", default_value_t = 64)]
     batch_size: usize,
     /// Input height and width.
-    #[arg(long, value_parser = count(1), alias = "size", default_value_t = 32)]
+    #[arg(long, value_parser = count_in(1, MAX_INPUT_SIZE), alias = "size", default_value_t = 32)]
     input_size: usize,
     /// train: forward, backward and an SGD step; infer: eval-mode forward.
     #[arg(long, value_enum, default_value = "train")]
     mode: ModeArg,
     /// Untimed batches first.
-    #[arg(long, value_parser = count(0), default_value_t = 2)]
+    #[arg(long, value_parser = count_in(0, MAX_STEPS), default_value_t = 2)]
     warmup: usize,
     /// Timed batches.
-    #[arg(long, value_parser = count(1), default_value_t = 10)]
+    #[arg(long, value_parser = count_in(1, MAX_STEPS), default_value_t = 10)]
     iterations: usize,
     /// Train mode: time distillation steps from this teacher checkpoint (its eval-mode
     /// forward pass and the distillation loss included). The student gets the teacher's

@@ -1,7 +1,7 @@
 //! `slimcandle compare A.safetensors B.safetensors ...`: the recipe report for any checkpoints.
 
 use super::exit::usage;
-use super::ranges::count;
+use super::options::DataArgs;
 use anyhow::Result;
 use clap::Args;
 use slimcandle::pipeline::report::{self, TestData};
@@ -13,12 +13,8 @@ pub struct CompareArgs {
     /// Checkpoints to compare; the first is the reference of the ratios and changes.
     #[arg(required = true)]
     checkpoints: Vec<PathBuf>,
-    /// shapes | cifar10:PATH | cifar100:PATH | mnist:PATH | fashion-mnist:PATH | folder:PATH
-    #[arg(long, default_value = "shapes")]
-    data: String,
-    /// Evaluate on a seeded, class-balanced subset of this many test images.
-    #[arg(long, value_parser = count(1))]
-    test_limit: Option<usize>,
+    #[command(flatten)]
+    data: DataArgs,
     /// Write the plot of top-1 against file size (with the Pareto front) to this SVG file.
     #[arg(long, value_name = "SVG")]
     plot: Option<PathBuf>,
@@ -39,7 +35,7 @@ pub fn run(args: CompareArgs) -> Result<()> {
             );
         }
     }
-    let mut data = TestData::new(&args.data, args.test_limit);
+    let mut data = TestData::new(args.data.spec(), args.data.test_limit);
     let mut rows = Vec::new();
     for path in &args.checkpoints {
         let name = path

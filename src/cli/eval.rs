@@ -1,4 +1,5 @@
-use super::ranges::count;
+use super::options::DataArgs;
+use super::ranges::{MAX_BATCH, count_in};
 use anyhow::Result;
 use clap::Args;
 use serde_json::json;
@@ -13,16 +14,12 @@ use std::path::PathBuf;
 pub struct EvalArgs {
     /// Checkpoint to evaluate.
     checkpoint: PathBuf,
-    /// shapes | cifar10:PATH | cifar100:PATH | mnist:PATH | fashion-mnist:PATH | folder:PATH
-    #[arg(long, default_value = "shapes")]
-    data: String,
-    /// Evaluate on a seeded, class-balanced subset of this many test images.
-    #[arg(long, value_parser = count(1))]
-    test_limit: Option<usize>,
+    #[command(flatten)]
+    data: DataArgs,
     /// Images per forward pass (also the batch of the latency figure). Accuracy does not
     /// depend on it; 256 is larger than the other commands' 64 because evaluation holds no
     /// gradients or observers.
-    #[arg(long, value_parser = count(1), default_value_t = 256)]
+    #[arg(long, value_parser = count_in(1, MAX_BATCH), default_value_t = 256)]
     batch_size: usize,
     /// Seed of the subset (and of `shapes`).
     #[arg(long, default_value_t = 0)]
@@ -36,11 +33,11 @@ pub fn run(args: EvalArgs) -> Result<()> {
     let model = checkpoint::load_any(&args.checkpoint)?;
     let meta = model.meta();
     let size = meta.preprocessing.input_size[0];
-    let spec: DataSpec = args.data.parse()?;
+    let spec: DataSpec = args.data.spec().parse()?;
     let opts = LoadOptions {
         size,
         train_limit: Some(0),
-        test_limit: args.test_limit,
+        test_limit: args.data.test_limit,
         seed: args.seed,
         ..Default::default()
     };

@@ -1,5 +1,6 @@
 //! `slimcandle export`: a checkpoint as ONNX (float or QDQ int8) or as a PyTorch state dict.
 
+use super::ranges::{MAX_BATCH, MAX_INPUT_SIZE};
 use anyhow::{Result, bail};
 use clap::{Args, ValueEnum};
 use slimcandle::checkpoint::{self, AnyModel};
@@ -39,18 +40,30 @@ fn parse_batch(s: &str) -> Result<Batch, String> {
     match s {
         "dynamic" => Ok(Batch::Dynamic),
         n => match n.parse::<usize>() {
-            Ok(n) if n > 0 => Ok(Batch::Fixed(n)),
-            _ => Err(format!("`{s}` is neither a positive number nor `dynamic`")),
+            Ok(n) if (1..=MAX_BATCH).contains(&n) => Ok(Batch::Fixed(n)),
+            _ => Err(format!(
+                "`{s}` is neither a number in [1, {MAX_BATCH}] nor `dynamic`"
+            )),
         },
     }
 }
 
 fn parse_size(s: &str) -> Result<[usize; 2], String> {
-    let parts: Vec<Option<usize>> = s.split(',').map(|p| p.trim().parse().ok()).collect();
+    let parts: Vec<Option<usize>> = s
+        .split(',')
+        .map(|p| {
+            p.trim()
+                .parse()
+                .ok()
+                .filter(|n| (1..=MAX_INPUT_SIZE).contains(n))
+        })
+        .collect();
     match parts.as_slice() {
-        [Some(h), Some(w)] if *h > 0 && *w > 0 => Ok([*h, *w]),
-        [Some(n)] if *n > 0 => Ok([*n, *n]),
-        _ => Err(format!("`{s}` is not `H,W` with positive sizes")),
+        [Some(h), Some(w)] => Ok([*h, *w]),
+        [Some(n)] => Ok([*n, *n]),
+        _ => Err(format!(
+            "`{s}` is not `H,W` with sizes in [1, {MAX_INPUT_SIZE}]"
+        )),
     }
 }
 

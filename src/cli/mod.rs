@@ -1,5 +1,6 @@
 //! Command-line parsing and dispatch. Results go to stdout, diagnostics to stderr; `--json`
-//! prints one JSON document with stable snake_case keys.
+//! prints one JSON document with stable snake_case keys. The binary is `parse` then `run`;
+//! `stages::registry` is the recipe runner's view of the same commands.
 
 mod bench;
 mod compare;
@@ -11,6 +12,7 @@ mod forward;
 mod import;
 mod inspect;
 mod models;
+mod options;
 mod output;
 mod predict;
 mod progress;
@@ -20,9 +22,10 @@ mod quantize;
 mod ranges;
 mod run;
 mod sensitivity;
+pub mod stages;
 mod train;
 
-use self::ranges::{POSITIVE, count};
+use self::ranges::{MAX_CLASSES, POSITIVE, count, count_in};
 use anyhow::Result;
 use clap::{Args, CommandFactory, FromArgMatches, Parser, Subcommand};
 use exit::usage;
@@ -132,7 +135,7 @@ pub struct ArchArgs {
     #[arg(long, value_parser = count(1))]
     pub groups: Option<usize>,
     /// Number of output classes.
-    #[arg(long, value_parser = count(1))]
+    #[arg(long, value_parser = count_in(1, MAX_CLASSES))]
     pub num_classes: Option<usize>,
     /// Input stem: `imagenet` (the published network) or `cifar` (keeps resolution for 32x32).
     #[arg(long)]

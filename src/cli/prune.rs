@@ -1,5 +1,8 @@
 use super::exit::{as_usage, usage};
-use super::ranges::{KEPT_FRACTION, REMOVED_FRACTION, count, open_closed};
+use super::options::{self, DataArgs, PruneScope, PruneSelectArgs};
+use super::ranges::{
+    KEPT_FRACTION, MAX_BATCH, MAX_CHANNELS, MAX_STEPS, REMOVED_FRACTION, count_in, open_closed,
+};
 use anyhow::{Result, bail};
 use clap::{Args, ValueEnum};
 use serde_json::json;
@@ -25,16 +28,8 @@ pub enum Method {
     Magnitude,
 }
 
-#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
-pub enum ScopeArg {
-    /// Every layer (group) loses the same share.
-    #[value(alias = "layer")]
-    Uniform,
-    /// One ranking across layers, by importance normalised per layer.
-    Global,
-}
-
 #[derive(Args)]
+#[command(mut_arg("data", options::data_optional))]
 pub struct PruneArgs {
     /// Checkpoint to prune.
     checkpoint: PathBuf,
@@ -44,18 +39,11 @@ pub struct PruneArgs {
     /// Channel importance: l1, l2, bn-scale, taylor (needs --data), random [default: l1].
     #[arg(long)]
     criterion: Option<Criterion>,
-    /// Ranking scope (default: uniform for channel, global for magnitude).
-    #[arg(long = "prune-scope", alias = "scope", value_enum)]
-    scope: Option<ScopeArg>,
     /// Fraction of the prunable channels to remove.
     #[arg(long, value_parser = REMOVED_FRACTION.parser(), conflicts_with_all = ["target_macs", "target_params"])]
     ratio: Option<f64>,
-    /// Magnitude: fraction of the prunable weights to zero.
-    #[arg(long, value_parser = REMOVED_FRACTION.parser())]
-    sparsity: Option<f64>,
-    /// Magnitude: prune depthwise conv filters too (spared by default).
-    #[arg(long)]
-    prune_depthwise: bool,
+    #[command(flatten)]
+    select: PruneSelectArgs,
     /// Keep this fraction of the MACs (0.5 halves them), reached by searching the ratio.
     #[arg(long, value_parser = KEPT_FRACTION.parser(), conflicts_with = "target_params")]
     target_macs: Option<f64>,
@@ -63,10 +51,10 @@ pub struct PruneArgs {
     #[arg(long, value_parser = KEPT_FRACTION.parser())]
     target_params: Option<f64>,
     /// Channel: round kept channel counts to a multiple of this (1: no rounding) [default: 8].
-    #[arg(long, value_parser = count(1))]
+    #[arg(long, value_parser = count_in(1, MAX_CHANNELS))]
     round_to: Option<usize>,
     /// Channel: never cut a layer below this many channels [default: 8].
-    #[arg(long, value_parser = count(1))]
+    #[arg(long, value_parser = count_in(1, MAX_CHANNELS))]
     min_channels: Option<usize>,
     /// Channel: never remove more than this fraction of one layer's channels (global scope,
     /// targets), in (0, 1] [default: 0.9].
@@ -75,25 +63,19 @@ pub struct PruneArgs {
     /// Channel: prune residual streams (channels joined by an add) too; spared by default.
     #[arg(long)]
     prune_residual: bool,
-    /// Layers never to prune: comma-separated globs over layer or parameter names (magnitude:
-    /// in addition to the first layer and the classifier).
-    #[arg(long = "prune-exclude", alias = "exclude", default_value = "")]
-    exclude: String,
     /// Per-layer ratio, PATTERN=RATIO (repeatable; first match wins).
     #[arg(long = "layer-ratio", value_name = "PATTERN=RATIO")]
     layer_ratios: Vec<String>,
-    /// Data for accuracy before and after (and for the taylor criterion's gradients).
-    #[arg(long)]
-    data: Option<String>,
-    /// Evaluate on a seeded, class-balanced subset of this many test images.
-    #[arg(long, value_parser = count(1))]
-    test_limit: Option<usize>,
+    /// Without `--data`, the accuracy before and after is not measured (and the taylor
+    /// criterion, which needs training images, is refused).
+    #[command(flatten)]
+    data: DataArgs,
     /// Taylor criterion: batches of training images to accumulate gradients over [default: 16].
-    #[arg(long, value_parser = count(1))]
+    #[arg(long, value_parser = count_in(1, MAX_STEPS))]
     taylor_batches: Option<usize>,
     /// Images per batch for evaluation and the taylor criterion. The taylor scores depend on
     /// it (gradients of each batch), evaluation does not; 64 bounds the gradient memory.
-    #[arg(long, value_parser = count(1), default_value_t = 64)]
+    #[arg(long, value_parser = count_in(1, MAX_BATCH), default_value_t = 64)]
     batch_size: usize,
     /// Seed of the data subsets and the random criterion.
     #[arg(long, default_value_t = 0)]
@@ -150,7 +132,7 @@ impl PruneArgs {
 pub fn check(args: &PruneArgs) -> Result<()> {
     match args.method {
         Method::Channel => {
-            if args.sparsity.is_some() || args.prune_depthwise {
+            if args.select.sparsity.is_some() || args.select.layers.prune_depthwise {
                 usage!("--sparsity and --prune-depthwise are for --method magnitude");
             }
             if [args.ratio, args.target_macs, args.target_params]
@@ -159,7 +141,7 @@ pub fn check(args: &PruneArgs) -> Result<()> {
             {
                 usage!("say how much to prune: --ratio R, --target-macs F or --target-params F");
             }
-            if args.criterion().needs_data() && args.data.is_none() {
+            if args.criterion().needs_data() && args.data.given().is_none() {
                 usage!(
                     "--criterion {} takes gradients on training images: pass --data",
                     args.criterion().name()
@@ -185,7 +167,7 @@ pub fn check(args: &PruneArgs) -> Result<()> {
             if let Some((flag, _)) = channel_only.iter().find(|(_, given)| *given) {
                 usage!("{flag} is for --method channel (magnitude zeroes single weights by size)");
             }
-            if args.sparsity.is_none() {
+            if args.select.sparsity.is_none() {
                 usage!(
                     "--method magnitude needs --sparsity S (the fraction of prunable weights to zero)"
                 );
@@ -195,7 +177,7 @@ pub fn check(args: &PruneArgs) -> Result<()> {
     for text in &args.layer_ratios {
         parse_layer_ratio(text).map_err(as_usage)?;
     }
-    parse_list(&args.exclude).map_err(|e| as_usage(e.context("--prune-exclude")))?;
+    parse_list(args.select.layers.exclude()).map_err(|e| as_usage(e.context("--prune-exclude")))?;
     Ok(())
 }
 
@@ -206,7 +188,7 @@ pub fn run(args: PruneArgs) -> Result<()> {
     let file = TensorFile::read(&args.checkpoint)?;
     let model = checkpoint::from_file(&file)?;
     let needs_train = args.criterion().needs_data() && args.method == Method::Channel;
-    let data = match &args.data {
+    let data = match args.data.given() {
         Some(spec) => {
             let spec: DataSpec = spec.parse()?;
             let opts = LoadOptions {
@@ -216,7 +198,7 @@ pub fn run(args: PruneArgs) -> Result<()> {
                 } else {
                     0
                 }),
-                test_limit: args.test_limit,
+                test_limit: args.data.test_limit,
                 seed: args.seed,
                 ..Default::default()
             };
@@ -314,13 +296,13 @@ fn channel(args: &PruneArgs, model: &Model, data: Option<&Dataset>) -> Result<(M
     let cfg = ChannelPruneConfig {
         criterion: args.criterion(),
         plan: PlanConfig {
-            scope: match args.scope.unwrap_or(ScopeArg::Uniform) {
-                ScopeArg::Uniform => Scope::Uniform,
-                ScopeArg::Global => Scope::Global,
+            scope: match args.select.scope.unwrap_or(PruneScope::Uniform) {
+                PruneScope::Uniform => Scope::Uniform,
+                PruneScope::Global => Scope::Global,
             },
             target,
             overrides,
-            exclude: parse_list(&args.exclude)?,
+            exclude: parse_list(args.select.layers.exclude())?,
             min_channels: args.min_channels.unwrap_or(8),
             round_to: args.round_to.unwrap_or(8),
             max_ratio: args.max_ratio.unwrap_or(0.9),
@@ -370,19 +352,19 @@ fn channel(args: &PruneArgs, model: &Model, data: Option<&Dataset>) -> Result<(M
 }
 
 fn magnitude(args: &PruneArgs, model: &Model) -> Result<(Model, Details)> {
-    let Some(sparsity) = args.sparsity else {
+    let Some(sparsity) = args.select.sparsity else {
         bail!("--method magnitude needs --sparsity S (the fraction of prunable weights to zero)");
     };
     let cfg = MagnitudeConfig {
-        scope: match args.scope.unwrap_or(ScopeArg::Global) {
-            ScopeArg::Uniform => MaskScope::Layer,
-            ScopeArg::Global => MaskScope::Global,
+        scope: match args.select.scope.unwrap_or(PruneScope::Global) {
+            PruneScope::Uniform => MaskScope::Layer,
+            PruneScope::Global => MaskScope::Global,
         },
-        exclude: parse_list(&args.exclude)?
+        exclude: parse_list(args.select.layers.exclude())?
             .iter()
             .map(|p| p.as_str().to_string())
             .collect(),
-        include_depthwise: args.prune_depthwise,
+        include_depthwise: args.select.layers.prune_depthwise,
         ..MagnitudeConfig::new(sparsity)
     };
     let mut pruned = model.deep_copy()?;

@@ -2,6 +2,7 @@
 //! "Quantization-aware training"). Their names are also the keys of training recipes.
 
 use super::quantize::CalibratorArg;
+use super::ranges::{MAX_EPOCHS, MAX_IMAGES, count_in};
 use anyhow::{Result, bail};
 use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
@@ -26,6 +27,7 @@ pub struct QatArgs {
     #[arg(
         long,
         value_name = "EPOCH",
+        value_parser = count_in(0, MAX_EPOCHS),
         help_heading = "Quantization-aware training"
     )]
     pub freeze_bn_epoch: Option<usize>,
@@ -34,11 +36,17 @@ pub struct QatArgs {
     #[arg(
         long,
         value_name = "EPOCH",
+        value_parser = count_in(0, MAX_EPOCHS),
         help_heading = "Quantization-aware training"
     )]
     pub freeze_observers_epoch: Option<usize>,
     /// Training images the initial activation ranges are calibrated on [default: 1024].
-    #[arg(long, value_name = "N", help_heading = "Quantization-aware training")]
+    #[arg(
+        long,
+        value_name = "N",
+        value_parser = count_in(1, MAX_IMAGES),
+        help_heading = "Quantization-aware training"
+    )]
     pub calibration: Option<usize>,
     /// How the initial ranges are chosen [default: percentile].
     #[arg(

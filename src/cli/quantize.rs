@@ -1,7 +1,8 @@
 //! `slimcandle quantize`: post-training int8 quantization of a float checkpoint.
 
 use super::exit::as_usage;
-use super::ranges::{count, open_closed};
+use super::options::{self, DataArgs};
+use super::ranges::{MAX_BATCH, MAX_IMAGES, count_in, open_closed};
 use anyhow::{Result, bail};
 use clap::{Args, ValueEnum};
 use serde_json::json;
@@ -29,15 +30,14 @@ pub enum CalibratorArg {
 }
 
 #[derive(Args)]
+#[command(mut_arg("data", options::data_required))]
 pub struct QuantizeArgs {
     /// Float checkpoint to quantize.
     checkpoint: PathBuf,
-    /// Calibration images come from its training split, accuracy from its test split:
-    /// shapes | cifar10:PATH | cifar100:PATH | mnist:PATH | fashion-mnist:PATH | folder:PATH
-    #[arg(long)]
-    data: String,
+    #[command(flatten)]
+    data: DataArgs,
     /// Number of training images to calibrate on (a seeded, class-balanced subset).
-    #[arg(long, value_parser = count(1), default_value_t = 1024)]
+    #[arg(long, value_parser = count_in(1, MAX_IMAGES), default_value_t = 1024)]
     calibration: usize,
     /// How each activation's range is chosen from its observed values.
     #[arg(long, value_enum, default_value = "percentile")]
@@ -51,12 +51,9 @@ pub struct QuantizeArgs {
     /// Conv and linear layers to keep in float: comma-separated globs over layer names.
     #[arg(long, default_value = "")]
     keep_float: String,
-    /// Evaluate on a seeded, class-balanced subset of this many test images.
-    #[arg(long, value_parser = count(1))]
-    test_limit: Option<usize>,
     /// Images per batch for calibration and evaluation. Neither result depends on it (the
     /// observers see every image); 64 bounds the memory of the recorded activations.
-    #[arg(long, value_parser = count(1), default_value_t = 64)]
+    #[arg(long, value_parser = count_in(1, MAX_BATCH), default_value_t = 64)]
     batch_size: usize,
     /// Seed of the calibration and test subsets.
     #[arg(long, default_value_t = 0)]
@@ -112,11 +109,11 @@ pub fn run(args: QuantizeArgs) -> Result<()> {
         );
     }
     let size = model.meta.preprocessing.input_size[0];
-    let spec: DataSpec = args.data.parse()?;
+    let spec: DataSpec = args.data.spec().parse()?;
     let data = spec.load(&LoadOptions {
         size,
         train_limit: Some(args.calibration),
-        test_limit: args.test_limit,
+        test_limit: args.data.test_limit,
         seed: args.seed,
         ..Default::default()
     })?;

@@ -1,18 +1,17 @@
-//! `slimcandle run RECIPE.toml`: the stage kinds (each one of this binary's commands, its
-//! clap definition the one source of the stage's keys) and the command that runs a recipe.
+//! `slimcandle run RECIPE.toml`: the command that runs a recipe, with the stage kinds of
+//! `stages::registry`.
 
 use super::exit::Interrupted;
-use super::{ArchArgs, eval, import, prune, quantize, train};
+use super::stages::registry;
+use super::{ArchArgs, train};
 use anyhow::{Result, bail};
-use clap::{ArgMatches, Args, Command, FromArgMatches};
+use clap::{Args, Command, FromArgMatches};
 use slimcandle::footprint::Footprint;
 use slimcandle::model::{Model, Preprocessing};
 use slimcandle::models::ArchSpec;
 use slimcandle::pipeline::plan::{Initial, Input, Piece};
 use slimcandle::pipeline::runner::{self, StageAction};
-use slimcandle::pipeline::{
-    Document, Effect, InputArg, KindSpec, OutputArg, Plan, Registry, report, validate,
-};
+use slimcandle::pipeline::{Document, Effect, Plan, Registry, report, validate};
 use slimcandle::report::human_count;
 use std::path::{Path, PathBuf};
 
@@ -34,147 +33,6 @@ pub struct RunArgs {
     /// Check the recipe and print the plan without running anything.
     #[arg(long)]
     dry_run: bool,
-}
-
-fn no_effects(_: &ArgMatches) -> Vec<Effect> {
-    Vec::new()
-}
-
-fn no_check(_: &ArgMatches) -> Result<()> {
-    Ok(())
-}
-
-/// A training stage: `train`, or `distill`, the same command with a required `teacher`.
-fn train_kind(name: &'static str, check: fn(&ArgMatches) -> Result<()>) -> KindSpec {
-    KindSpec {
-        name,
-        command: train::refuse_settings_with_resume(train::TrainArgs::augment_args(Command::new(
-            "train",
-        ))),
-        input: InputArg::Flag("init"),
-        output: OutputArg::RunFolder {
-            flag: "output",
-            resume: "resume",
-        },
-        runner_sets: &["init", "resume", "output", "json"],
-        unhashed: &["stop_after_steps"],
-        inherits_train: true,
-        finetune: false,
-        reads_float_before_quantize: false,
-        effects: |_| vec![Effect::FloatTraining],
-        check,
-        run: |m| train::run(train::TrainArgs::from_arg_matches(m)?),
-    }
-}
-
-/// A qat stage: `train --qat` from the stage's float input (after a `quantize` stage, that
-/// stage's own input), its result an int8 checkpoint.
-fn qat_kind() -> KindSpec {
-    KindSpec {
-        effects: |_| vec![Effect::QuantAwareTraining],
-        reads_float_before_quantize: true,
-        run: |m| train::run(qat_args(m)?),
-        ..train_kind("qat", |m| {
-            train::config_from(&qat_args(m)?)?;
-            Ok(())
-        })
-    }
-}
-
-/// The train arguments of a qat stage: `--qat` is implied by the kind.
-fn qat_args(m: &ArgMatches) -> Result<train::TrainArgs> {
-    let mut args = train::TrainArgs::from_arg_matches(m)?;
-    args.qat.qat = true;
-    Ok(args)
-}
-
-fn train_check(m: &ArgMatches) -> Result<()> {
-    train::config_from(&train::TrainArgs::from_arg_matches(m)?)?;
-    Ok(())
-}
-
-/// A distill stage is a training stage that names its teacher (a stage or a file).
-fn distill_check(m: &ArgMatches) -> Result<()> {
-    if m.get_one::<std::path::PathBuf>("teacher").is_none() {
-        bail!("a distill stage needs `teacher` (an earlier stage's name or a checkpoint file)");
-    }
-    train_check(m)
-}
-
-/// The stage kinds of this build. Distillation and quantization plug in here: `distill` is the
-/// train entry under another name (with `--teacher`), `quantize` an entry like prune's with
-/// `effects: |_| vec![Effect::Quantize]`.
-pub fn registry() -> Registry {
-    Registry {
-        kinds: vec![
-            train_kind("train", train_check),
-            train_kind("distill", distill_check),
-            qat_kind(),
-            KindSpec {
-                name: "prune",
-                command: prune::PruneArgs::augment_args(Command::new("prune")),
-                input: InputArg::Positional,
-                output: OutputArg::File("output"),
-                runner_sets: &["checkpoint", "output", "json"],
-                unhashed: &[],
-                inherits_train: false,
-                finetune: true,
-                reads_float_before_quantize: false,
-                effects: |m| match m.get_one::<prune::Method>("method") {
-                    Some(prune::Method::Magnitude) => Vec::new(),
-                    _ => vec![Effect::ChannelPruning],
-                },
-                check: |m| prune::check(&prune::PruneArgs::from_arg_matches(m)?),
-                run: |m| prune::run(prune::PruneArgs::from_arg_matches(m)?),
-            },
-            KindSpec {
-                name: "quantize",
-                command: quantize::QuantizeArgs::augment_args(Command::new("quantize")),
-                input: InputArg::Positional,
-                output: OutputArg::File("output"),
-                runner_sets: &["checkpoint", "output", "json"],
-                unhashed: &[],
-                inherits_train: false,
-                finetune: false,
-                reads_float_before_quantize: false,
-                effects: |_| vec![Effect::Quantize],
-                check: |m| {
-                    quantize::QuantizeArgs::from_arg_matches(m)?.calibrator()?;
-                    Ok(())
-                },
-                run: |m| quantize::run(quantize::QuantizeArgs::from_arg_matches(m)?),
-            },
-            KindSpec {
-                name: "eval",
-                command: eval::EvalArgs::augment_args(Command::new("eval")),
-                input: InputArg::Positional,
-                output: OutputArg::None,
-                runner_sets: &["checkpoint", "json"],
-                unhashed: &[],
-                inherits_train: false,
-                finetune: false,
-                reads_float_before_quantize: false,
-                effects: no_effects,
-                check: no_check,
-                run: |m| eval::run(eval::EvalArgs::from_arg_matches(m)?),
-            },
-            KindSpec {
-                name: "import",
-                command: import::ImportArgs::augment_args(Command::new("import")),
-                input: InputArg::Positional,
-                output: OutputArg::File("output"),
-                runner_sets: &["state_dict", "output", "json"],
-                unhashed: &[],
-                inherits_train: false,
-                finetune: false,
-                reads_float_before_quantize: false,
-                effects: no_effects,
-                check: no_check,
-                run: |m| import::run(import::ImportArgs::from_arg_matches(m)?),
-            },
-        ],
-        pending: vec![("export", "there is no export command yet")],
-    }
 }
 
 /// Runs `f` with this process's stdout going to stderr: a stage command's own results are
@@ -405,52 +263,4 @@ fn describe(plan: &Plan, registry: &Registry) -> Result<String> {
         plan.data,
         t.render()
     ))
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use slimcandle::pipeline::validate::{ARCH_KEYS, DATA_KEYS};
-
-    /// One definition: every flag of a stage's command is a recipe key of that kind, and every
-    /// key is a flag (the runner's own arguments aside).
-    #[test]
-    fn every_flag_is_a_recipe_key_and_back() {
-        let registry = registry();
-        for kind in &registry.kinds {
-            let keys = kind.keys();
-            for arg in kind.command.get_arguments() {
-                let id = arg.get_id().as_str();
-                let Some(long) = arg.get_long() else { continue };
-                if matches!(id, "help" | "version") || kind.runner_sets.contains(&id) {
-                    continue;
-                }
-                let key = long.replace('-', "_");
-                assert!(
-                    keys.contains(&key),
-                    "{}: --{long} is no recipe key",
-                    kind.name
-                );
-                assert_eq!(
-                    kind.arg_for_key(&key).map(|a| a.get_id().as_str()),
-                    Some(id)
-                );
-            }
-            for key in &keys {
-                let arg = kind.arg_for_key(key).expect("each key names a flag");
-                assert_eq!(
-                    arg.get_long().map(|l| l.replace('-', "_")).as_ref(),
-                    Some(key)
-                );
-            }
-        }
-        let train = registry.train();
-        for key in ARCH_KEYS.iter().chain(DATA_KEYS) {
-            assert!(train.arg_for_key(key).is_some(), "train has no --{key}");
-        }
-        // Aliases are keys too (the old spellings of issue #14).
-        let prune = registry.get("prune").unwrap();
-        assert_eq!(prune.arg_for_key("exclude").unwrap().get_id(), "exclude");
-        assert!(prune.keys().contains(&"prune_exclude".to_string()));
-    }
 }

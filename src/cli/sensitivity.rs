@@ -1,4 +1,5 @@
-use super::ranges::{count, open};
+use super::options::{self, DataArgs, PruneLayerArgs};
+use super::ranges::{MAX_CHANNELS, MAX_IMAGES, count_in, open};
 use anyhow::{Result, bail};
 use clap::{Args, ValueEnum};
 use indicatif::{ProgressBar, ProgressStyle};
@@ -28,17 +29,17 @@ pub enum SensitivityMethod {
 }
 
 #[derive(Args)]
+#[command(mut_arg("data", options::data_required))]
 pub struct SensitivityArgs {
     /// Checkpoint to analyse.
     checkpoint: PathBuf,
-    /// Data to evaluate on (its test split).
-    #[arg(long)]
-    data: String,
+    #[command(flatten)]
+    data: DataArgs,
     /// What each trial prunes: whole channels, or single weights by magnitude.
     #[arg(long, value_enum, default_value = "channel")]
     method: SensitivityMethod,
     /// Quantize scans: training images to calibrate on (a seeded, class-balanced subset).
-    #[arg(long, value_parser = count(1), default_value_t = 1024)]
+    #[arg(long, value_parser = count_in(1, MAX_IMAGES), default_value_t = 1024)]
     calibration: usize,
     /// Pruning ratios to try on each layer, comma-separated.
     #[arg(long, value_parser = open(0.0, 1.0).parser(), default_value = "0.1,0.3,0.5,0.7", value_delimiter = ',')]
@@ -49,20 +50,14 @@ pub struct SensitivityArgs {
     /// Round kept channel counts to a multiple of this. The default 1 measures exactly the
     /// ratios asked (and includes the residual streams), where `prune` rounds to 8 and spares
     /// them: pass `--round-to 8 --min-channels 8` to scan what `prune` would cut.
-    #[arg(long, value_parser = count(1), default_value_t = 1)]
+    #[arg(long, value_parser = count_in(1, MAX_CHANNELS), default_value_t = 1)]
     round_to: usize,
     /// Never cut a layer below this many channels (prune's default: 8; see --round-to).
-    #[arg(long, value_parser = count(1), default_value_t = 1)]
+    #[arg(long, value_parser = count_in(1, MAX_CHANNELS), default_value_t = 1)]
     min_channels: usize,
-    /// Magnitude scans: include depthwise convs (spared by default, as in pruning).
-    #[arg(long)]
-    prune_depthwise: bool,
-    /// Layers to leave out of the scan: comma-separated globs.
-    #[arg(long = "prune-exclude", alias = "exclude", default_value = "")]
-    exclude: String,
-    /// Evaluate on a seeded, class-balanced subset of this many test images.
-    #[arg(long, value_parser = count(1))]
-    test_limit: Option<usize>,
+    /// The layers the scan leaves out (quantize scans: never quantized).
+    #[command(flatten)]
+    layers: PruneLayerArgs,
     /// Seed of the test subset and the random criterion.
     #[arg(long, default_value_t = 0)]
     seed: u64,
@@ -81,11 +76,11 @@ pub fn run(args: SensitivityArgs) -> Result<()> {
     }
     let model = checkpoint::load(&args.checkpoint)?;
     let quantize = args.method == SensitivityMethod::Quantize;
-    let spec: DataSpec = args.data.parse()?;
+    let spec: DataSpec = args.data.spec().parse()?;
     let data = spec.load(&LoadOptions {
         size: model.meta.preprocessing.input_size[0],
         train_limit: Some(if quantize { args.calibration } else { 0 }),
-        test_limit: args.test_limit,
+        test_limit: args.data.test_limit,
         seed: args.seed,
         ..Default::default()
     })?;
@@ -97,11 +92,10 @@ pub fn run(args: SensitivityArgs) -> Result<()> {
         ProgressStyle::with_template("{msg} {bar:30} {pos}/{len} evaluations, eta {eta}")
             .expect("valid template"),
     );
-    bar.set_message(if quantize {
-        "int8, one layer at a time in float"
-    } else {
-        "pruning one layer at a time"
-    });
+    // A quantize scan calibrates first, with its own bar; this one starts after it.
+    if !quantize {
+        bar.set_message("pruning one layer at a time");
+    }
     let mut progress = |done: usize, total: usize| {
         bar.set_length(total as u64);
         bar.set_position(done as u64);
@@ -110,7 +104,7 @@ pub fn run(args: SensitivityArgs) -> Result<()> {
         SensitivityMethod::Quantize => return run_quantize(&args, &model, &data, &bar),
         SensitivityMethod::Channel => {
             let cfg = PlanConfig {
-                exclude: parse_list(&args.exclude)?,
+                exclude: parse_list(args.layers.exclude())?,
                 min_channels: args.min_channels,
                 round_to: args.round_to.max(1),
                 prune_residual: true,
@@ -128,11 +122,11 @@ pub fn run(args: SensitivityArgs) -> Result<()> {
         }
         SensitivityMethod::Magnitude => {
             let cfg = MagnitudeConfig {
-                exclude: parse_list(&args.exclude)?
+                exclude: parse_list(args.layers.exclude())?
                     .iter()
                     .map(|p| p.as_str().to_string())
                     .collect(),
-                include_depthwise: args.prune_depthwise,
+                include_depthwise: args.layers.prune_depthwise,
                 ..MagnitudeConfig::new(0.5)
             };
             magnitude_sensitivity(&model, &cfg, &args.ratios, data.test.clone(), &mut progress)?
@@ -251,22 +245,38 @@ fn run_quantize(
         );
     }
     let opts = QuantOptions {
-        keep_float: parse_list(&args.exclude)?,
+        keep_float: parse_list(args.layers.exclude())?,
         ..Default::default()
     };
     let p = &model.meta.preprocessing;
     let batches = EpochPlan::in_order(64, p.mean, p.std);
-    let calibration = BatchLoader::new(data.train.clone(), batches).map(|b| b.map(|b| b.x));
+    let mut batches = BatchLoader::new(data.train.clone(), batches).map(|b| b.map(|b| b.x));
+    // The shared calibration bar of `quantize`, advanced as each batch goes to the observers
+    // and cleared when they have seen the last one, before the evaluations' bar starts.
+    let calibrating = super::progress::bar(data.train.len(), "calibrating", "images");
+    let calibration = std::iter::from_fn(|| {
+        let next = batches.next();
+        match &next {
+            Some(Ok(x)) => calibrating.inc(x.dims()[0] as u64),
+            None => calibrating.finish_and_clear(),
+            Some(Err(_)) => {}
+        }
+        next
+    });
     let result = quant_sensitivity(
         model,
         calibration,
         &opts,
         data.test.clone(),
         |done, total| {
+            if bar.length() == Some(0) {
+                bar.set_message("int8, one layer at a time in float");
+            }
             bar.set_length(total as u64);
             bar.set_position(done as u64);
         },
     )?;
+    calibrating.finish_and_clear();
     bar.finish_and_clear();
     let mut csv = String::from("layer,top1,gain\n");
     for t in &result.trials {

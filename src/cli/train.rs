@@ -1,8 +1,12 @@
 use super::ArchArgs;
 use super::distill_args::DistillArgs;
 use super::exit::{Interrupted, as_usage, usage};
+use super::options::{DataArgs, PruneScope, PruneSelectArgs};
 use super::qat_args::{self, QatArgs};
-use super::ranges::{KEPT_FRACTION, NON_NEGATIVE, POSITIVE, REMOVED_FRACTION, count, open};
+use super::ranges::{
+    EPOCH_POSITION, KEPT_FRACTION, MAX_BATCH, MAX_EPOCHS, MAX_IMAGES, MAX_INPUT_SIZE, MAX_STEPS,
+    NON_NEGATIVE, POSITIVE, REMOVED_FRACTION, count_in, open,
+};
 use anyhow::{Result, bail};
 use clap::{Args, Command, ValueEnum};
 use indicatif::{ProgressBar, ProgressStyle};
@@ -43,15 +47,6 @@ enum PruneMethod {
     Magnitude,
 }
 
-#[derive(Clone, Copy, ValueEnum)]
-enum ScopeName {
-    /// One magnitude threshold over all pruned layers.
-    Global,
-    /// Every pruned layer gets the sparsity.
-    #[value(alias = "uniform")]
-    Layer,
-}
-
 #[derive(Args)]
 pub struct TrainArgs {
     #[command(flatten)]
@@ -67,21 +62,17 @@ pub struct TrainArgs {
     /// any other option but --json is refused.
     #[arg(long)]
     resume: Option<PathBuf>,
-    /// shapes | cifar10:PATH | cifar100:PATH | mnist:PATH | fashion-mnist:PATH | folder:PATH
-    #[arg(long, default_value = "shapes")]
-    data: String,
+    #[command(flatten)]
+    data: DataArgs,
     /// Train on a seeded, class-balanced subset of this many images (shapes: generate this many).
-    #[arg(long, value_parser = count(1))]
+    #[arg(long, value_parser = count_in(1, MAX_IMAGES))]
     train_limit: Option<usize>,
-    /// Evaluate on a seeded, class-balanced subset of this many images.
-    #[arg(long, value_parser = count(1))]
-    test_limit: Option<usize>,
     /// Passes over the training split.
-    #[arg(long, value_parser = count(1), default_value_t = 10)]
+    #[arg(long, value_parser = count_in(1, MAX_EPOCHS), default_value_t = 10)]
     epochs: usize,
     /// Images per optimizer step. Unlike the evaluation commands' batch, it changes the
     /// result; 128 is the recipe of docs/benchmarks.md.
-    #[arg(long, value_parser = count(1), default_value_t = 128)]
+    #[arg(long, value_parser = count_in(1, MAX_BATCH), default_value_t = 128)]
     batch_size: usize,
     /// Optimizer: sgd (momentum) or adamw.
     #[arg(long, value_enum, default_value = "sgd")]
@@ -102,13 +93,13 @@ pub struct TrainArgs {
     #[arg(long, value_enum, default_value = "cosine")]
     schedule: ScheduleName,
     /// Linear warm-up length in epochs (cosine, step, constant).
-    #[arg(long, value_parser = NON_NEGATIVE.parser(), default_value_t = 0.0)]
+    #[arg(long, value_parser = EPOCH_POSITION.parser(), default_value_t = 0.0)]
     warmup_epochs: f64,
     /// One-cycle: fraction of the steps spent rising to the peak.
     #[arg(long, value_parser = open(0.0, 1.0).parser(), default_value_t = 0.3)]
     pct_start: f64,
     /// Step schedule: decay every this many epochs by --gamma.
-    #[arg(long, value_parser = count(1), default_value_t = 30)]
+    #[arg(long, value_parser = count_in(1, MAX_EPOCHS), default_value_t = 30)]
     step_epochs: usize,
     /// Step schedule: factor applied to the learning rate at every decay.
     #[arg(long, value_parser = KEPT_FRACTION.parser(), default_value_t = 0.1)]
@@ -117,7 +108,7 @@ pub struct TrainArgs {
     #[arg(long, value_parser = REMOVED_FRACTION.parser(), default_value_t = 0.0)]
     label_smoothing: f64,
     /// Random-crop padding in pixels (0 disables the crop).
-    #[arg(long, value_parser = count(0), default_value_t = 4)]
+    #[arg(long, value_parser = count_in(0, MAX_INPUT_SIZE), default_value_t = 4)]
     crop_padding: usize,
     /// Disable horizontal flips.
     #[arg(long)]
@@ -128,49 +119,40 @@ pub struct TrainArgs {
     /// Run folder: config.json, metrics.jsonl, last/best/resume .safetensors.
     #[arg(short, long, required_unless_present = "resume")]
     output: Option<PathBuf>,
+    /// Print JSON instead of text.
+    #[arg(long)]
+    json: bool,
     /// Prune gradually during training (see docs/pruning.md).
     #[arg(long, value_enum, help_heading = "Pruning")]
     prune: Option<PruneMethod>,
-    /// Final fraction of zeros in the pruned weights, in [0, 1) (0.8: 80%).
-    #[arg(long, value_parser = REMOVED_FRACTION.parser(), help_heading = "Pruning")]
-    sparsity: Option<f64>,
-    /// global: one magnitude threshold over all pruned layers [default]; layer: each layer gets
-    /// the sparsity.
-    #[arg(long, value_enum, help_heading = "Pruning")]
-    prune_scope: Option<ScopeName>,
-    /// Comma-separated layer name globs to spare, in addition to the first layer, the
-    /// classifier and the depthwise convs, which are always spared.
-    #[arg(long, value_name = "PATTERNS", help_heading = "Pruning")]
-    prune_exclude: Option<String>,
-    /// Prune depthwise conv filters too (spared by default).
-    #[arg(long, help_heading = "Pruning")]
-    prune_depthwise: bool,
+    /// The selection `prune --method magnitude` shares. Its flags go under the "Pruning"
+    /// heading, which stays the current one for the flags after it: every later option names
+    /// its heading (or is hidden), so keep `--json` and the general options above.
+    #[command(flatten, next_help_heading = "Pruning")]
+    select: PruneSelectArgs,
     /// Sparsity when pruning starts [default: 0].
     #[arg(long, value_parser = REMOVED_FRACTION.parser(), help_heading = "Pruning")]
     initial_sparsity: Option<f64>,
     /// Epoch at which pruning starts, fractions allowed [default: 0].
-    #[arg(long, value_parser = NON_NEGATIVE.parser(), value_name = "EPOCH", help_heading = "Pruning")]
+    #[arg(long, value_parser = EPOCH_POSITION.parser(), value_name = "EPOCH", help_heading = "Pruning")]
     prune_start_epoch: Option<f64>,
     /// Epoch at which the final sparsity is reached, fractions allowed [default: 75% of
     /// --epochs, so the last quarter fine-tunes the pruned network].
-    #[arg(long, value_parser = NON_NEGATIVE.parser(), value_name = "EPOCH", help_heading = "Pruning")]
+    #[arg(long, value_parser = EPOCH_POSITION.parser(), value_name = "EPOCH", help_heading = "Pruning")]
     prune_end_epoch: Option<f64>,
     /// Optimizer steps between mask updates [default: 50].
-    #[arg(long, value_parser = count(1), value_name = "STEPS", help_heading = "Pruning")]
+    #[arg(long, value_parser = count_in(1, MAX_STEPS), value_name = "STEPS", help_heading = "Pruning")]
     prune_frequency: Option<usize>,
     /// Network slimming: L1 penalty on batch-norm scales (gamma), e.g. 1e-4.
-    #[arg(long, value_parser = NON_NEGATIVE.parser(), default_value_t = 0.0, value_name = "LAMBDA")]
+    #[arg(long, value_parser = NON_NEGATIVE.parser(), default_value_t = 0.0, value_name = "LAMBDA", help_heading = "Pruning")]
     bn_l1: f64,
     #[command(flatten)]
     distill: DistillArgs,
     #[command(flatten)]
     pub(super) qat: QatArgs,
     /// Stop after this many steps as if interrupted (for tests of resume).
-    #[arg(long, value_parser = count(1), hide = true)]
+    #[arg(long, value_parser = count_in(1, MAX_STEPS), hide = true)]
     stop_after_steps: Option<usize>,
-    /// Print JSON instead of text.
-    #[arg(long)]
-    json: bool,
 }
 
 /// Gives `--resume` a conflict with every other option of `train` (but `--json` and the
@@ -266,10 +248,10 @@ impl Observer for Bars {
 fn pruning_from(args: &TrainArgs) -> Result<Option<GradualPruning>> {
     let Some(PruneMethod::Magnitude) = args.prune else {
         let given = [
-            ("--sparsity", args.sparsity.is_some()),
-            ("--prune-scope", args.prune_scope.is_some()),
-            ("--prune-exclude", args.prune_exclude.is_some()),
-            ("--prune-depthwise", args.prune_depthwise),
+            ("--sparsity", args.select.sparsity.is_some()),
+            ("--prune-scope", args.select.scope.is_some()),
+            ("--prune-exclude", args.select.layers.exclude.is_some()),
+            ("--prune-depthwise", args.select.layers.prune_depthwise),
             ("--initial-sparsity", args.initial_sparsity.is_some()),
             ("--prune-start-epoch", args.prune_start_epoch.is_some()),
             ("--prune-end-epoch", args.prune_end_epoch.is_some()),
@@ -280,22 +262,22 @@ fn pruning_from(args: &TrainArgs) -> Result<Option<GradualPruning>> {
         }
         return Ok(None);
     };
-    let Some(sparsity) = args.sparsity else {
+    let Some(sparsity) = args.select.sparsity else {
         usage!("--prune magnitude needs the target --sparsity (for example --sparsity 0.8)");
     };
-    let exclude = pattern::parse_list(args.prune_exclude.as_deref().unwrap_or(""))
+    let exclude = pattern::parse_list(args.select.layers.exclude())
         .map_err(|e| as_usage(e.context("--prune-exclude")))?
         .iter()
         .map(|p| p.as_str().to_string())
         .collect();
     let magnitude = MagnitudeConfig {
         sparsity,
-        scope: match args.prune_scope {
-            Some(ScopeName::Layer) => MaskScope::Layer,
-            Some(ScopeName::Global) | None => MaskScope::Global,
+        scope: match args.select.scope {
+            Some(PruneScope::Uniform) => MaskScope::Layer,
+            Some(PruneScope::Global) | None => MaskScope::Global,
         },
         exclude,
-        include_depthwise: args.prune_depthwise,
+        include_depthwise: args.select.layers.prune_depthwise,
     };
     let pruning = GradualPruning {
         magnitude,
@@ -341,9 +323,9 @@ pub(super) fn config_from(args: &TrainArgs) -> Result<TrainConfig> {
         hflip: !args.no_flip,
     });
     let config = TrainConfig {
-        data: args.data.clone(),
+        data: args.data.spec().to_string(),
         train_limit: args.train_limit,
-        test_limit: args.test_limit,
+        test_limit: args.data.test_limit,
         epochs: args.epochs,
         batch_size: args.batch_size,
         optimizer,

@@ -40,6 +40,21 @@ pub enum OutputArg {
     },
     /// Nothing: the stage measures its input (`eval`), which it passes on.
     None,
+    /// A file that is not the next stage's model, in the stage's folder (`export -o FILE`):
+    /// like `None`, the stage passes its input on. The file is named by the value of the
+    /// argument `by` (its default included) through `names` (`--format onnx`: `model.onnx`).
+    Artifact {
+        flag: &'static str,
+        by: &'static str,
+        names: &'static [(&'static str, &'static str)],
+    },
+}
+
+impl OutputArg {
+    /// Whether the next stage reads this stage's input rather than a checkpoint of its own.
+    pub fn passes_input_on(&self) -> bool {
+        matches!(self, OutputArg::None | OutputArg::Artifact { .. })
+    }
 }
 
 /// One stage kind.
@@ -102,6 +117,29 @@ impl KindSpec {
     /// Whether this kind's command has a `--teacher` (a stage name or a file in a recipe).
     pub fn takes_teacher(&self) -> bool {
         self.arg_for_key("teacher").is_some()
+    }
+
+    /// The name of the file an [`OutputArg::Artifact`] stage writes, from its command line
+    /// without the output (`None` for the other kinds).
+    pub fn artifact_name(&self, argv: &[String]) -> anyhow::Result<Option<&'static str>> {
+        let OutputArg::Artifact { flag, by, names } = self.output else {
+            return Ok(None);
+        };
+        let mut probe = argv.to_vec();
+        probe.push(format!("--{flag}=artifact"));
+        let matches = self.command.clone().try_get_matches_from(&probe)?;
+        let value = matches
+            .get_raw(by)
+            .and_then(|mut values| values.next())
+            .and_then(|v| v.to_str())
+            .unwrap_or_default();
+        match names.iter().find(|(v, _)| *v == value) {
+            Some((_, name)) => Ok(Some(name)),
+            None => anyhow::bail!(
+                "stage kind `{}`: `--{by}={value}` names no output file",
+                self.name
+            ),
+        }
     }
 }
 

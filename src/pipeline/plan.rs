@@ -108,7 +108,9 @@ pub fn argv(
         });
     }
     match (kind.output, output) {
-        (OutputArg::File(f), Some(p)) | (OutputArg::RunFolder { flag: f, .. }, Some(p)) => {
+        (OutputArg::File(f), Some(p))
+        | (OutputArg::RunFolder { flag: f, .. }, Some(p))
+        | (OutputArg::Artifact { flag: f, .. }, Some(p)) => {
             v.push(format!("--{f}={}", p.display()))
         }
         _ => {}

@@ -3,8 +3,10 @@
 //! ```text
 //! DIR/recipe.lock.toml      the effective recipe (after --set)
 //! DIR/NN-name/              one folder per stage: its command's outputs (a training run
-//!                           folder `run/`, `prune.safetensors`, `finetune/` ...), the stage's
-//!                           checkpoint `model.safetensors` (provenance: the recipe), `log.txt`,
+//!                           folder `run/`, `prune.safetensors`, `finetune/`, an export's
+//!                           `model.onnx` ...), the stage's checkpoint `model.safetensors`
+//!                           (provenance: the recipe; none for `eval` and `export`, which pass
+//!                           their input on), `log.txt`,
 //!                           `state.json` (its hash, written at the start) and `metrics.json`
 //!                           (hash and measurements, written at the end)
 //! DIR/final.safetensors     the last stage's checkpoint
@@ -160,12 +162,28 @@ pub fn run(
         let input_hash = input_path.as_deref().map(file_sha256).transpose()?;
         let hash = stage_hash(stage, input_hash.as_deref(), &|i| file_sha256(&resolve(i)))?;
         let sdir = dir.join(&stage.folder);
-        let checkpoint = match kind.output {
-            OutputArg::None => input_path.clone().expect("a measuring stage has an input"),
-            _ => stage.output_checkpoint(&sdir),
+        let checkpoint = if kind.output.passes_input_on() {
+            input_path
+                .clone()
+                .expect("a stage that passes its input on has one")
+        } else {
+            stage.output_checkpoint(&sdir)
         };
+        // An export's file, named by its format.
+        let artifact = kind
+            .artifact_name(&argv(
+                kind,
+                input_path.as_deref(),
+                &stage.args,
+                None,
+                &resolve,
+            ))?
+            .map(|name| sdir.join(name));
         let record: Option<StageRecord> = read_json(&sdir.join("metrics.json"));
-        if let Some(r) = record.filter(|r| r.hash == hash && checkpoint.exists()) {
+        let done = |r: &StageRecord| {
+            r.hash == hash && checkpoint.exists() && artifact.as_ref().is_none_or(|a| a.exists())
+        };
+        if let Some(r) = record.filter(done) {
             eprintln!("stage {}: unchanged, skipped", stage.folder);
             outputs.push(checkpoint);
             rows.push(r.row);
@@ -235,6 +253,21 @@ pub fn run(
                 commands.push(a);
                 checkpoint.clone()
             }
+            OutputArg::Artifact { .. } => {
+                let file = artifact
+                    .as_deref()
+                    .expect("an artifact stage names its file");
+                let a = argv(
+                    kind,
+                    input_path.as_deref(),
+                    &stage.args,
+                    Some(file),
+                    &resolve,
+                );
+                exec(&a)?;
+                commands.push(a);
+                checkpoint.clone()
+            }
         };
         // Its fine-tuning.
         if let Some(ft) = &stage.finetune {
@@ -255,7 +288,7 @@ pub fn run(
                 &resume_hint,
             )?;
         }
-        if kind.output != OutputArg::None {
+        if !kind.output.passes_input_on() {
             stamp(&product, &checkpoint, plan, stage)?;
         }
         let row = report::measure(&stage.name, &stage.kind, &checkpoint, &mut data)?;
