@@ -15,11 +15,19 @@ use std::path::Path;
 
 pub const FORMAT: &str = "slimcandle";
 /// The newest format version this slimcandle reads.
-pub const FORMAT_VERSION: u32 = 3;
+pub const FORMAT_VERSION: u32 = 4;
 /// The version written when any tensor is stored sparse.
 pub const SPARSE_FORMAT_VERSION: u32 = 2;
 /// The version of int8 (quantized) checkpoints (`passes::quant::store`).
 pub const INT8_FORMAT_VERSION: u32 = 3;
+/// The version of int8 checkpoints with some weight gap-coded (4-bit relative indices,
+/// [`sparse::encode_gaps`]): a new encoding, so readers of version 3 must refuse the file.
+pub const INT8_GAPS_FORMAT_VERSION: u32 = 4;
+
+/// Whether a file of format `version` (as [`check_format`] returns it) is an int8 model.
+pub fn is_int8(version: u32) -> bool {
+    version == INT8_FORMAT_VERSION || version == INT8_GAPS_FORMAT_VERSION
+}
 /// The version written when every tensor is dense, so such files stay readable by
 /// slimcandle versions that predate sparse storage.
 pub const DENSE_FORMAT_VERSION: u32 = 1;
@@ -132,7 +140,7 @@ impl AnyModel {
         }
     }
 
-    /// Writes the checkpoint in its own format ([`save`], or format 3 for int8).
+    /// Writes the checkpoint in its own format ([`save`], or format 3 or 4 for int8).
     pub fn save(&self, path: &Path) -> Result<()> {
         match self {
             AnyModel::Float(m) => save(m, path),
@@ -141,18 +149,19 @@ impl AnyModel {
     }
 }
 
-/// Reads a float checkpoint (formats 1 and 2) or an int8 one (format 3), whichever the file
-/// is.
+/// Reads a float checkpoint (formats 1 and 2) or an int8 one (formats 3 and 4), whichever the
+/// file is.
 pub fn load_any(path: &Path) -> Result<AnyModel> {
     any_from_file(&TensorFile::read(path)?)
 }
 
 /// [`load_any`] on an already read file.
 pub fn any_from_file(file: &TensorFile) -> Result<AnyModel> {
-    if check_format(file)? == INT8_FORMAT_VERSION {
-        let (graph, meta) = graph_and_meta(file)?;
+    let version = check_format(file)?;
+    if is_int8(version) {
+        let (graph, meta) = graph_and_meta(file, version)?;
         return Ok(AnyModel::Int8(crate::passes::quant::store::from_file(
-            file, graph, meta,
+            file, version, graph, meta,
         )?));
     }
     Ok(AnyModel::Float(from_file(file)?))
@@ -230,7 +239,7 @@ pub fn from_file(file: &TensorFile) -> Result<Model> {
 /// The file's float tensors, sparse ones decoded to dense, once the header says it is a
 /// checkpoint this version can read (so a newer file gets "upgrade", not a decoding error).
 fn dense_tensors(file: &TensorFile) -> Result<HashMap<String, Tensor>> {
-    if check_format(file)? == INT8_FORMAT_VERSION {
+    if is_int8(check_format(file)?) {
         bail!(
             "`{}` is an int8 (quantized) checkpoint; this needs a float model (quantize the float checkpoint it came from instead)",
             file.path.display()
@@ -263,7 +272,7 @@ pub fn check_format(file: &TensorFile) -> Result<u32> {
 }
 
 /// The graph and model metadata of a checkpoint of either kind, checked against each other.
-fn graph_and_meta(file: &TensorFile) -> Result<(Graph, ModelMeta)> {
+fn graph_and_meta(file: &TensorFile, version: u32) -> Result<(Graph, ModelMeta)> {
     let shown = file.path.display();
     let graph = Graph::from_json(field(file, "graph")?).with_context(|| format!("`{shown}`"))?;
     let arch: Option<ArchSpec> = match file.metadata.get("arch") {
@@ -276,7 +285,7 @@ fn graph_and_meta(file: &TensorFile) -> Result<(Graph, ModelMeta)> {
         preprocessing: parse_field(file, "preprocessing")?,
         provenance: parse_field(file, "provenance")?,
     };
-    check_params_fit(&graph, file)?;
+    check_params_fit(&graph, file, version)?;
     let counts = graph.channel_counts()?;
     if counts[graph.output] != meta.class_names.len() {
         bail!(
@@ -289,10 +298,15 @@ fn graph_and_meta(file: &TensorFile) -> Result<(Graph, ModelMeta)> {
 }
 
 /// Refuses a graph whose parameters could not be stored in the file: every stored element
-/// takes at least one bit (a sparse mask), so more than 8 per byte of the file means the
-/// graph is corrupt, and it is refused before anything is sized from it.
-fn check_params_fit(graph: &Graph, file: &TensorFile) -> Result<()> {
-    let capacity = file.file_size().saturating_mul(8);
+/// takes at least one bit (a sparse mask), and in format 4 a gap-coded entry of 12 bits covers
+/// at most 16 elements, so more than 8 (format 4: 32/3) per byte of the file means the graph is
+/// corrupt, and it is refused before anything is sized from it.
+fn check_params_fit(graph: &Graph, file: &TensorFile, version: u32) -> Result<()> {
+    let capacity = if version == INT8_GAPS_FORMAT_VERSION {
+        file.file_size().saturating_mul(32) / 3
+    } else {
+        file.file_size().saturating_mul(8)
+    };
     let mut total = 0usize;
     for node in &graph.nodes {
         total = total.saturating_add(node.param_elements().unwrap_or(usize::MAX));
@@ -309,7 +323,7 @@ fn check_params_fit(graph: &Graph, file: &TensorFile) -> Result<()> {
 }
 
 fn from_parts(file: &TensorFile, tensors: HashMap<String, Tensor>) -> Result<Model> {
-    let (graph, meta) = graph_and_meta(file)?;
+    let (graph, meta) = graph_and_meta(file, check_format(file)?)?;
     let weights = Weights::from_state_dict(&graph, tensors)
         .with_context(|| format!("`{}`", file.path.display()))?;
     Ok(Model {

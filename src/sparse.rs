@@ -112,6 +112,127 @@ pub fn decode(mask: &[u8], stored: &[f32], n: usize) -> Result<Vec<f32>> {
     Ok(out)
 }
 
+/// Suffix of the 4-bit gaps of gap-coded int8 tensor `NAME`: `NAME.__sparse_gaps`.
+pub const GAPS_SUFFIX: &str = ".__sparse_gaps";
+/// The largest gap one 4-bit entry holds.
+pub const MAX_GAP: u8 = 15;
+
+/// Relative-index (gap) coding of int8 codes, as Deep Compression stores pruned weights: each
+/// stored code records in 4 bits how many zero codes precede it since the previous stored one.
+/// A run of more than 15 zeros is split by fillers, stored zero codes with gap 15, and the
+/// zeros after the last non-zero code are covered the same way, the last filler's gap sized to
+/// end exactly at the tensor's end; so the entries cover every element and each covers at
+/// most 16, which bounds the elements a file can describe (see `checkpoint::check_params_fit`).
+/// Gap `i` is the low nibble of byte `i / 2` for even `i` and the high nibble for odd `i`; with
+/// an odd entry count the last high nibble is padding, 0. The encoding of a tensor is unique.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GapCoded {
+    /// The nibbles, packed two per byte: `ceil(values.len() / 2)` bytes.
+    pub gaps: Vec<u8>,
+    /// One code per entry: the non-zero codes in row-major order, with the fillers' zeros.
+    pub values: Vec<i8>,
+}
+
+/// Bytes of the gaps for `entries` entries: two per byte, rounded up.
+pub fn gaps_len(entries: usize) -> usize {
+    entries.div_ceil(2)
+}
+
+/// How many entries (stored codes plus fillers) the gap coding of `codes` has, without
+/// building it: what a writer compares with the bitmask's size.
+pub fn gap_entries(codes: &[i8]) -> usize {
+    let (mut entries, mut run) = (0usize, 0usize);
+    for &c in codes {
+        if c == 0 {
+            run += 1;
+        } else {
+            entries += run / 16 + 1;
+            run = 0;
+        }
+    }
+    entries + run.div_ceil(16)
+}
+
+/// Bytes the gap coding of `codes` takes: one per entry plus the packed gaps.
+pub fn gap_coded_len(codes: &[i8]) -> usize {
+    let e = gap_entries(codes);
+    e + gaps_len(e)
+}
+
+/// Gap-codes row-major `codes` ([`GapCoded`] gives the layout).
+pub fn encode_gaps(codes: &[i8]) -> GapCoded {
+    let mut nibbles: Vec<u8> = Vec::new();
+    let mut values: Vec<i8> = Vec::new();
+    let mut run = 0usize;
+    for &c in codes {
+        if c == 0 {
+            run += 1;
+            continue;
+        }
+        while run > MAX_GAP as usize {
+            nibbles.push(MAX_GAP);
+            values.push(0);
+            run -= 16;
+        }
+        nibbles.push(run as u8);
+        values.push(c);
+        run = 0;
+    }
+    // Trailing zeros: fillers of 16, then one covering the rest (1 to 16 zeros).
+    while run > 0 {
+        let covered = run.min(16);
+        nibbles.push((covered - 1) as u8);
+        values.push(0);
+        run -= covered;
+    }
+    let mut gaps = vec![0u8; gaps_len(nibbles.len())];
+    for (i, g) in nibbles.iter().enumerate() {
+        gaps[i / 2] |= g << (4 * (i % 2));
+    }
+    GapCoded { gaps, values }
+}
+
+/// Rebuilds `n` row-major codes from gap-coded entries, refusing anything [`encode_gaps`]
+/// would not have written. The error says what is wrong, for the caller to prefix with file
+/// and tensor.
+pub fn decode_gaps(gaps: &[u8], values: &[i8], n: usize) -> Result<Vec<i8>> {
+    let k = values.len();
+    if gaps.len() != gaps_len(k) {
+        bail!(
+            "the gaps have {} bytes; {k} values need {}",
+            gaps.len(),
+            gaps_len(k)
+        );
+    }
+    if k % 2 == 1 && gaps[k / 2] >> 4 != 0 {
+        bail!("the padding nibble after the last of {k} gaps is not 0");
+    }
+    // Each entry covers at least one element: more entries than elements cannot fit.
+    if k > n {
+        bail!("{k} entries cannot fit in the tensor's {n} elements");
+    }
+    let mut out = vec![0i8; n];
+    let mut pos = 0usize;
+    for (i, &v) in values.iter().enumerate() {
+        let gap = (gaps[i / 2] >> (4 * (i % 2))) & 0x0f;
+        if v == 0 && gap != MAX_GAP && i + 1 != k {
+            bail!(
+                "entry {i} is a filler (code 0) with gap {gap}; a filler before the last entry has gap {MAX_GAP}"
+            );
+        }
+        pos += gap as usize;
+        if pos >= n {
+            bail!("entry {i} (gap {gap}) lands on element {pos}, past the tensor's {n} elements");
+        }
+        out[pos] = v;
+        pos += 1;
+    }
+    if pos != n {
+        bail!("the {k} entries cover {pos} of the tensor's {n} elements");
+    }
+    Ok(out)
+}
+
 /// What a checkpoint writer stores for a set of tensors.
 pub struct Encoded {
     /// Each tensor either dense or, where [`worth_it`], as its mask and values.
@@ -384,6 +505,113 @@ mod tests {
         assert!(err(&[0b0010_0000], &[1.0], 5).contains("padding bits"));
         assert!(err(&[0b0000_0011], &[1.0], 8).contains("marks 2 stored elements but there are 1"));
         assert!(err(&[0b0000_0001], &[1.0, 2.0], 8).contains("there are 2 values"));
+    }
+
+    /// Random codes with zeros at `zero_rate`, plus a few long zero runs.
+    fn random_codes(rng: &mut crate::rng::Rng, n: usize, zero_rate: f64) -> Vec<i8> {
+        let mut v: Vec<i8> = (0..n)
+            .map(|_| {
+                if rng.uniform() < zero_rate {
+                    0
+                } else {
+                    // Every non-zero code, -128 included (the encoding does not care).
+                    let c = (rng.uniform() * 256.0) as i32 - 128;
+                    if c == 0 { 1 } else { c as i8 }
+                }
+            })
+            .collect();
+        if n > 100 {
+            let start = (rng.uniform() * (n - 100) as f64) as usize;
+            let len = (rng.uniform() * 100.0) as usize;
+            v[start..start + len].fill(0);
+        }
+        v
+    }
+
+    #[test]
+    fn gap_coding_round_trips_exactly() {
+        let mut rng = crate::rng::Rng::new(11);
+        let mut cases: Vec<Vec<i8>> = Vec::new();
+        for n in [0, 1, 2, 15, 16, 17, 31, 32, 33, 100, 1000, 4097] {
+            cases.push(vec![0; n]);
+            cases.push((0..n).map(|i| (i % 127) as i8 + 1).collect());
+            for rate in [0.3, 0.8, 0.95, 0.999] {
+                cases.push(random_codes(&mut rng, n, rate));
+            }
+        }
+        // Runs around the filler boundary, inside and at the end.
+        for run in [14, 15, 16, 17, 31, 32, 33, 48, 200] {
+            let mut v = vec![5i8; 3];
+            v.extend(std::iter::repeat_n(0, run));
+            v.push(-7);
+            cases.push(v.clone());
+            v.pop();
+            cases.push(v.clone());
+            let mut front = vec![0i8; run];
+            front.push(1);
+            cases.push(front);
+        }
+        for codes in cases {
+            let n = codes.len();
+            let coded = encode_gaps(&codes);
+            assert_eq!(coded.values.len(), gap_entries(&codes), "{codes:?}");
+            assert_eq!(coded.values.len() + coded.gaps.len(), gap_coded_len(&codes));
+            assert_eq!(coded.gaps.len(), gaps_len(coded.values.len()));
+            let nonzero = codes.iter().filter(|&&c| c != 0).count();
+            let fillers = coded.values.iter().filter(|&&c| c == 0).count();
+            assert_eq!(coded.values.len(), nonzero + fillers);
+            assert_eq!(decode_gaps(&coded.gaps, &coded.values, n).unwrap(), codes);
+        }
+    }
+
+    #[test]
+    fn gap_nibbles_are_low_first_and_fillers_cover_long_runs() {
+        // [3, 0, 0, -1, then 16 zeros, 2, then 5 zeros]: entries (0, 3), (2, -1), a filler
+        // (15, 0) for 16 zeros, (0, 2), and a last filler (4, 0) for the 5 trailing zeros.
+        let mut codes = vec![3i8, 0, 0, -1];
+        codes.extend([0; 16]);
+        codes.push(2);
+        codes.extend([0; 5]);
+        let coded = encode_gaps(&codes);
+        assert_eq!(coded.values, vec![3, -1, 0, 2, 0]);
+        assert_eq!(
+            coded.gaps,
+            vec![0x20, 0x0f, 0x04],
+            "low nibble first, padding 0"
+        );
+        // 15 zeros fit one gap; 16 need a filler.
+        let mut fifteen = vec![0i8; 15];
+        fifteen.push(9);
+        assert_eq!(encode_gaps(&fifteen).gaps, vec![0x0f]);
+        let mut sixteen = vec![0i8; 16];
+        sixteen.push(9);
+        assert_eq!(encode_gaps(&sixteen).values, vec![0, 9]);
+        assert_eq!(encode_gaps(&sixteen).gaps, vec![0x0f]);
+        // All zeros: one entry per 16, the last sized to the end.
+        let zeros = encode_gaps(&[0; 40]);
+        assert_eq!(zeros.values, vec![0, 0, 0]);
+        assert_eq!(zeros.gaps, vec![0xff, 0x07]);
+    }
+
+    #[test]
+    fn gap_decoding_rejects_what_the_writer_never_writes() {
+        let err = |g: &[u8], v: &[i8], n| decode_gaps(g, v, n).unwrap_err().to_string();
+        assert!(err(&[0x00], &[1, 2, 3], 8).contains("have 1 bytes; 3 values need 2"));
+        assert!(err(&[0x00, 0x00], &[1], 8).contains("have 2 bytes; 1 values need 1"));
+        assert!(err(&[0x10], &[1], 8).contains("padding nibble"));
+        assert!(err(&[0x00], &[1, 2], 1).contains("2 entries cannot fit"));
+        assert!(err(&[0x09], &[1], 8).contains("lands on element 9, past the tensor's 8"));
+        assert!(err(&[0x70], &[1, 1], 8).contains("entry 1 (gap 7) lands on element 8"));
+        assert!(err(&[0x00], &[1], 8).contains("cover 1 of the tensor's 8 elements"));
+        // A zero code before the last entry must be a full filler.
+        assert!(err(&[0x03], &[0, 1], 5).contains("entry 0 is a filler (code 0) with gap 3"));
+        assert!(decode_gaps(&[0x0f], &[0, 1], 17).is_ok());
+        assert!(
+            decode_gaps(&[0x30], &[1, 0], 5).is_ok(),
+            "a last filler of any gap"
+        );
+        assert!(decode_gaps(&[], &[], 0).unwrap().is_empty());
+        assert!(err(&[], &[], 3).contains("cover 0 of the tensor's 3"));
     }
 
     #[test]

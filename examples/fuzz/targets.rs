@@ -222,8 +222,58 @@ fn saved(name: &str, save: impl FnOnce(&Path) -> Result<()>) -> Vec<u8> {
     bytes
 }
 
-/// A dense, a sparse and an int8 checkpoint of the tiny model, as `save` writes them, plus a
-/// real (train-mode fixture) checkpoint.
+/// A small network with one 1x1 conv of 16,384 weights: large enough that, pruned, its int8
+/// file gap-codes that conv (format 4; the tiny model's tensors are too small for gap coding
+/// to pay for itself), small enough to read and run per input.
+const GAPS_GRAPH: &str = r#"{"nodes": [
+   {"name": "input", "op": {"op": "input", "channels": 3}},
+   {"name": "features.0", "op": {"op": "conv2d", "in_channels": 3, "out_channels": 64, "kernel": 3,
+    "stride": 2, "padding": 1, "dilation": 1, "groups": 1, "bias": true}, "inputs": [0]},
+   {"name": "relu#2", "op": {"op": "act", "act": "relu"}, "inputs": [1]},
+   {"name": "features.1", "op": {"op": "conv2d", "in_channels": 64, "out_channels": 256, "kernel": 1,
+    "stride": 1, "padding": 0, "dilation": 1, "groups": 1, "bias": true}, "inputs": [2]},
+   {"name": "relu#4", "op": {"op": "act", "act": "relu"}, "inputs": [3]},
+   {"name": "global_avg_pool#5", "op": {"op": "global_avg_pool"}, "inputs": [4]},
+   {"name": "flatten#6", "op": {"op": "flatten"}, "inputs": [5]},
+   {"name": "classifier", "op": {"op": "linear", "in_features": 256, "out_features": 10, "bias": true}, "inputs": [6]}],
+ "output": 7}"#;
+
+/// The int8 checkpoint of [`GAPS_GRAPH`] with about 90 % of `features.1.weight` zeroed at
+/// random positions (runs of over 15 zeros, so fillers, included), as `store::save` writes it:
+/// format 4 with `features.1.weight.__sparse_gaps`.
+fn gap_coded_int8_seed() -> Vec<u8> {
+    let mut model = tiny_model();
+    model.graph = Graph::from_json(GAPS_GRAPH).unwrap();
+    model.weights = Weights::init(&model.graph, 7).unwrap();
+    let w = model.weights.get("features.1.weight").unwrap();
+    let mut rng = slimcandle::rng::Rng::new(3);
+    let kept: Vec<f32> = w
+        .flatten_all()
+        .unwrap()
+        .to_vec1::<f32>()
+        .unwrap()
+        .into_iter()
+        .map(|v| if rng.uniform() < 0.1 { v } else { 0.0 })
+        .collect();
+    let kept = Tensor::from_vec(kept, w.dims(), &Device::Cpu).unwrap();
+    model.weights.insert("features.1.weight", &kept).unwrap();
+    let images = Tensor::randn(0f32, 1.0, (2, 3, 8, 8), &Device::Cpu).unwrap();
+    let int8 =
+        slimcandle::passes::quant::quantize(&model, [Ok(images)], &Default::default(), |_| {})
+            .unwrap();
+    let bytes = saved("int8-gaps.safetensors", |p| {
+        slimcandle::passes::quant::store::save(&int8, p)
+    });
+    let file = TensorFile::from_bytes(Path::new("seed"), bytes.clone()).unwrap();
+    assert_eq!(
+        file.metadata["format_version"], "4",
+        "the seed is gap-coded"
+    );
+    bytes
+}
+
+/// A dense, a sparse and an int8 checkpoint of the tiny model, as `save` writes them, a
+/// gap-coded int8 one ([`gap_coded_int8_seed`]), plus a real (train-mode fixture) checkpoint.
 fn checkpoint_seeds() -> Vec<Vec<u8>> {
     let dense = tiny_model();
     let mut sparse = dense.deep_copy().unwrap();
@@ -242,6 +292,7 @@ fn checkpoint_seeds() -> Vec<Vec<u8>> {
         saved("int8.safetensors", |p| {
             slimcandle::passes::quant::store::save(&int8, p)
         }),
+        gap_coded_int8_seed(),
     ];
     seeds.extend(read_seed(
         "tests/fixtures/train_mode/squeezenet1_1.safetensors",

@@ -24,11 +24,12 @@ pub struct InspectArgs {
 
 pub fn run(args: InspectArgs) -> Result<()> {
     let file = TensorFile::read(&args.checkpoint)?;
-    if checkpoint::check_format(&file)? == checkpoint::INT8_FORMAT_VERSION {
-        return int8(&args, &file);
+    let version = checkpoint::check_format(&file)?;
+    if checkpoint::is_int8(version) {
+        return int8(&args, &file, version);
     }
     let model = checkpoint::from_file(&file)?;
-    let format_version = checkpoint::check_format(&file)?;
+    let format_version = version;
     let sparse_tensors = sparse::sparse_shapes(&file)?.len();
     let nonzero_params = Footprint::of(&model, None)?.nonzero_params;
     let meta = &model.meta;
@@ -162,9 +163,9 @@ pub fn run(args: InspectArgs) -> Result<()> {
 
 /// An int8 checkpoint: per layer its dtype, weight scales (min/max over channels) and the
 /// qparams of its output.
-fn int8(args: &InspectArgs, file: &TensorFile) -> Result<()> {
+fn int8(args: &InspectArgs, file: &TensorFile, format_version: u32) -> Result<()> {
     let checkpoint::AnyModel::Int8(q) = checkpoint::load_any(&args.checkpoint)? else {
-        unreachable!("format 3 is int8");
+        unreachable!("formats 3 and 4 are int8");
     };
     let mut rows = Vec::new();
     for (id, node) in q.graph.nodes.iter().enumerate() {
@@ -204,7 +205,7 @@ fn int8(args: &InspectArgs, file: &TensorFile) -> Result<()> {
         super::print_json(&json!({
             "file": args.checkpoint,
             "file_size": file.file_size(),
-            "format_version": checkpoint::INT8_FORMAT_VERSION,
+            "format_version": format_version,
             "int8": true,
             "arch": q.meta.arch,
             "class_names": q.meta.class_names,
@@ -291,8 +292,7 @@ fn int8(args: &InspectArgs, file: &TensorFile) -> Result<()> {
         ),
     };
     println!(
-        "int8          format {}, weights {}, {ranges}, {} layers int8, {} float",
-        checkpoint::INT8_FORMAT_VERSION,
+        "int8          format {format_version}, weights {}, {ranges}, {} layers int8, {} float",
         match q.scheme.granularity {
             slimcandle::passes::quant::Granularity::PerChannel => "per channel",
             slimcandle::passes::quant::Granularity::PerTensor => "per tensor",

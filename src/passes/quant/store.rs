@@ -13,6 +13,7 @@ use super::scheme::{QParams, QuantizedWeight, WEIGHT_QMAX};
 use crate::checkpoint::{self, INT8_FORMAT_VERSION};
 use crate::graph::{Graph, Op};
 use crate::model::ModelMeta;
+use crate::sparse;
 use crate::tensor_file::{RawTensor, TensorFile, write_atomic};
 use anyhow::{Context, Result, bail};
 use safetensors::Dtype;
@@ -25,14 +26,74 @@ pub const ACTIVATION_ZERO_POINT: &str = "quant.activation_zero_point";
 /// The metadata key of the scheme options.
 pub const METADATA_KEY: &str = "quantization";
 
-/// Suffixes of a sparse int8 weight's two tensors (as for sparse float tensors).
-const SPARSE_MASK: &str = ".__sparse_mask";
-const SPARSE_VALUES: &str = ".__sparse_values";
+/// Suffixes of a sparse int8 weight's tensors (as for sparse float tensors, plus the gaps).
+const SPARSE_MASK: &str = sparse::MASK_SUFFIX;
+const SPARSE_VALUES: &str = sparse::VALUES_SUFFIX;
+const SPARSE_GAPS: &str = sparse::GAPS_SUFFIX;
 
-/// Whether an int8 weight of `n` codes, `nonzero` of them not 0, is stored as a bitmask plus
-/// its non-zero codes: when that is at least 256 bytes smaller than the `n` dense bytes.
-fn sparse_worth_it(n: usize, nonzero: usize) -> bool {
-    crate::sparse::mask_len(n) + nonzero + 256 <= n
+/// How one int8 weight is stored.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WeightStorage {
+    /// `N.weight`, every code.
+    Dense,
+    /// `N.weight.__sparse_mask` and the non-zero codes (format 3).
+    Bitmask,
+    /// `N.weight.__sparse_gaps` and the codes with their fillers (format 4).
+    Gaps,
+}
+
+impl WeightStorage {
+    /// Bytes of tensor data `codes` take stored this way.
+    pub fn bytes(self, codes: &[i8]) -> usize {
+        match self {
+            WeightStorage::Dense => codes.len(),
+            WeightStorage::Bitmask => {
+                sparse::mask_len(codes.len()) + codes.iter().filter(|&&c| c != 0).count()
+            }
+            WeightStorage::Gaps => sparse::gap_coded_len(codes),
+        }
+    }
+}
+
+/// The smallest storage of `codes`: a sparse form only when it is at least
+/// [`sparse::MIN_SAVING`] bytes smaller than the dense codes (it adds two header entries),
+/// gaps only where `allow_gaps` and smaller than the bitmask.
+pub fn weight_storage(codes: &[i8], allow_gaps: bool) -> WeightStorage {
+    let mut best = WeightStorage::Bitmask;
+    if allow_gaps && WeightStorage::Gaps.bytes(codes) < best.bytes(codes) {
+        best = WeightStorage::Gaps;
+    }
+    if best.bytes(codes) + sparse::MIN_SAVING <= codes.len() {
+        best
+    } else {
+        WeightStorage::Dense
+    }
+}
+
+/// The storage of each int8 weight of `model` and the format version that implies: gap coding
+/// (format 4, which older readers refuse) only when it shrinks the file's tensor data by
+/// [`sparse::file_worth_it`] over the bitmask; otherwise the file is format 3 as before gap
+/// coding existed. `other_bytes` is the data of the tensors that are not int8 weights.
+pub fn storage_plan(
+    model: &QuantizedModel,
+    other_bytes: usize,
+) -> (BTreeMap<String, WeightStorage>, u32) {
+    let (mut v3_bytes, mut saving) = (other_bytes, 0usize);
+    let mut with_gaps = BTreeMap::new();
+    let mut without = BTreeMap::new();
+    for (name, l) in &model.layers {
+        let codes = &l.weight.values;
+        let (old, new) = (weight_storage(codes, false), weight_storage(codes, true));
+        v3_bytes += old.bytes(codes);
+        saving += old.bytes(codes) - new.bytes(codes);
+        without.insert(name.clone(), old);
+        with_gaps.insert(name.clone(), new);
+    }
+    if sparse::file_worth_it(v3_bytes, saving) {
+        (with_gaps, checkpoint::INT8_GAPS_FORMAT_VERSION)
+    } else {
+        (without, INT8_FORMAT_VERSION)
+    }
 }
 
 fn raw(dtype: Dtype, shape: Vec<usize>, data: Vec<u8>) -> RawTensor {
@@ -43,37 +104,58 @@ fn f32_bytes(v: &[f32]) -> Vec<u8> {
     v.iter().flat_map(|x| x.to_le_bytes()).collect()
 }
 
-/// Writes `model` to `path` atomically.
+fn i8_bytes(v: &[i8]) -> Vec<u8> {
+    v.iter().map(|&c| c as u8).collect()
+}
+
+/// The tensors of int8 weight `N.weight` stored as `storage`.
+fn weight_tensors(
+    wname: &str,
+    w: &QuantizedWeight,
+    storage: WeightStorage,
+) -> Vec<(String, RawTensor)> {
+    match storage {
+        WeightStorage::Dense => vec![(
+            wname.to_string(),
+            raw(Dtype::I8, w.shape.clone(), i8_bytes(&w.values)),
+        )],
+        WeightStorage::Bitmask => {
+            let as_f32: Vec<f32> = w.values.iter().map(|&v| v as f32).collect();
+            let (mask, stored) = sparse::encode(&as_f32);
+            let stored: Vec<i8> = stored.iter().map(|&v| v as i8).collect();
+            vec![
+                (
+                    format!("{wname}{SPARSE_MASK}"),
+                    raw(Dtype::U8, vec![mask.len()], mask),
+                ),
+                (
+                    format!("{wname}{SPARSE_VALUES}"),
+                    raw(Dtype::I8, vec![stored.len()], i8_bytes(&stored)),
+                ),
+            ]
+        }
+        WeightStorage::Gaps => {
+            let coded = sparse::encode_gaps(&w.values);
+            vec![
+                (
+                    format!("{wname}{SPARSE_GAPS}"),
+                    raw(Dtype::U8, vec![coded.gaps.len()], coded.gaps),
+                ),
+                (
+                    format!("{wname}{SPARSE_VALUES}"),
+                    raw(Dtype::I8, vec![coded.values.len()], i8_bytes(&coded.values)),
+                ),
+            ]
+        }
+    }
+}
+
+/// Writes `model` to `path` atomically: format 4 when some weight is gap-coded
+/// ([`storage_plan`]), format 3 otherwise.
 pub fn save(model: &QuantizedModel, path: &Path) -> Result<()> {
     let mut tensors = Vec::new();
     for (name, l) in &model.layers {
         let w = &l.weight;
-        let nonzero = w.values.iter().filter(|&&v| v != 0).count();
-        if sparse_worth_it(w.values.len(), nonzero) {
-            let as_f32: Vec<f32> = w.values.iter().map(|&v| v as f32).collect();
-            let (mask, stored) = crate::sparse::encode(&as_f32);
-            tensors.push((
-                format!("{name}.weight{SPARSE_MASK}"),
-                raw(Dtype::U8, vec![mask.len()], mask),
-            ));
-            tensors.push((
-                format!("{name}.weight{SPARSE_VALUES}"),
-                raw(
-                    Dtype::I8,
-                    vec![stored.len()],
-                    stored.iter().map(|&v| v as i8 as u8).collect(),
-                ),
-            ));
-        } else {
-            tensors.push((
-                format!("{name}.weight"),
-                raw(
-                    Dtype::I8,
-                    w.shape.clone(),
-                    w.values.iter().map(|&v| v as u8).collect(),
-                ),
-            ));
-        }
         tensors.push((
             format!("{name}.weight_scale"),
             raw(Dtype::F32, vec![w.scales.len()], f32_bytes(&w.scales)),
@@ -116,8 +198,17 @@ pub fn save(model: &QuantizedModel, path: &Path) -> Result<()> {
         ACTIVATION_ZERO_POINT.to_string(),
         raw(Dtype::U8, vec![n], zps),
     ));
+    let other_bytes = tensors.iter().map(|(_, t)| t.data.len()).sum();
+    let (plan, version) = storage_plan(model, other_bytes);
+    for (name, l) in &model.layers {
+        tensors.extend(weight_tensors(
+            &format!("{name}.weight"),
+            &l.weight,
+            plan[name],
+        ));
+    }
     let mut metadata: HashMap<String, String> =
-        checkpoint::metadata_entries(&model.graph, &model.meta, INT8_FORMAT_VERSION);
+        checkpoint::metadata_entries(&model.graph, &model.meta, version);
     metadata.insert(
         METADATA_KEY.to_string(),
         serde_json::to_string(&model.scheme).expect("scheme serialises"),
@@ -125,8 +216,14 @@ pub fn save(model: &QuantizedModel, path: &Path) -> Result<()> {
     write_atomic(path, tensors, metadata)
 }
 
-/// Reads a format 3 file (whose header [`checkpoint::check_format`] accepted).
-pub fn from_file(file: &TensorFile, graph: Graph, meta: ModelMeta) -> Result<QuantizedModel> {
+/// Reads a format 3 or 4 file (whose header [`checkpoint::check_format`] accepted as
+/// `version`).
+pub fn from_file(
+    file: &TensorFile,
+    version: u32,
+    graph: Graph,
+    meta: ModelMeta,
+) -> Result<QuantizedModel> {
     let shown = file.path.display().to_string();
     let scheme: SchemeInfo =
         serde_json::from_str(file.metadata.get(METADATA_KEY).with_context(|| {
@@ -197,28 +294,57 @@ pub fn from_file(file: &TensorFile, graph: Graph, meta: ModelMeta) -> Result<Qua
             continue;
         }
         let mask_name = format!("{wname}{SPARSE_MASK}");
-        let values: Vec<i8> = if file.raw(&mask_name).is_ok() {
-            let count: usize = shape.iter().product();
-            let mask = take(
-                &mask_name,
-                Dtype::U8,
-                Some(&[crate::sparse::mask_len(count)]),
-            )?;
-            let vname = format!("{wname}{SPARSE_VALUES}");
-            let stored: Vec<f32> = take(&vname, Dtype::I8, None)?
-                .into_iter()
-                .map(|b| b as i8 as f32)
-                .collect();
-            crate::sparse::decode(&mask, &stored, count)
-                .map_err(|e| anyhow::anyhow!("`{shown}`: sparse tensor `{wname}`: {e}"))?
-                .into_iter()
-                .map(|v| v as i8)
-                .collect()
-        } else {
-            take(&wname, Dtype::I8, Some(&shape))?
+        let gaps_name = format!("{wname}{SPARSE_GAPS}");
+        let vname = format!("{wname}{SPARSE_VALUES}");
+        let (has_mask, has_gaps) = (file.raw(&mask_name).is_ok(), file.raw(&gaps_name).is_ok());
+        let count: usize = shape.iter().product();
+        // The stored codes of a sparse weight: one dimension, any length (checked by decoding).
+        if (has_mask || has_gaps)
+            && let Ok(view) = file.raw(&vname)
+            && view.shape().len() != 1
+        {
+            bail!(
+                "`{shown}`: tensor `{vname}` has shape {:?}, expected one dimension",
+                view.shape()
+            );
+        }
+        let values: Vec<i8> = match (has_mask, has_gaps) {
+            (true, true) => {
+                bail!("`{shown}`: sparse tensor `{wname}` has both `{mask_name}` and `{gaps_name}`")
+            }
+            (false, true) if version < checkpoint::INT8_GAPS_FORMAT_VERSION => bail!(
+                "`{shown}`: tensor `{gaps_name}` is gap-coded, which is format {}, but the file says format {version}",
+                checkpoint::INT8_GAPS_FORMAT_VERSION
+            ),
+            (false, true) => {
+                let stored: Vec<i8> = take(&vname, Dtype::I8, None)?
+                    .into_iter()
+                    .map(|b| b as i8)
+                    .collect();
+                let gaps = take(
+                    &gaps_name,
+                    Dtype::U8,
+                    Some(&[sparse::gaps_len(stored.len())]),
+                )?;
+                sparse::decode_gaps(&gaps, &stored, count)
+                    .map_err(|e| anyhow::anyhow!("`{shown}`: gap-coded tensor `{wname}`: {e}"))?
+            }
+            (true, false) => {
+                let mask = take(&mask_name, Dtype::U8, Some(&[sparse::mask_len(count)]))?;
+                let stored: Vec<f32> = take(&vname, Dtype::I8, None)?
+                    .into_iter()
+                    .map(|b| b as i8 as f32)
+                    .collect();
+                sparse::decode(&mask, &stored, count)
+                    .map_err(|e| anyhow::anyhow!("`{shown}`: sparse tensor `{wname}`: {e}"))?
+                    .into_iter()
+                    .map(|v| v as i8)
+                    .collect()
+            }
+            (false, false) => take(&wname, Dtype::I8, Some(&shape))?
                 .into_iter()
                 .map(|b| b as i8)
-                .collect()
+                .collect(),
         };
         if values.iter().any(|&v| (v as i32).abs() > WEIGHT_QMAX) {
             bail!("`{shown}`: tensor `{wname}` holds -128, outside the symmetric int8 range");
