@@ -536,10 +536,6 @@ fn bad_qat_input_is_one_line_and_leaves_no_run() {
             "--freeze-bn-epoch only applies to quantization-aware training",
         ),
         (
-            vec!["--init", s(&init), "--qat", "--calibration", "0"],
-            "--calibration 0",
-        ),
-        (
             vec!["--init", s(&init), "--keep-float", "classifier.*"],
             "--keep-float only applies to quantization-aware training",
         ),
@@ -558,4 +554,27 @@ fn bad_qat_input_is_one_line_and_leaves_no_run() {
         assert_eq!(err.trim().lines().count(), 1, "{extra:?}: {err}");
         assert!(!out.exists(), "{extra:?} left a run folder");
     }
+    // A count out of its range is a usage error (clap's, exit 2), also before any work.
+    let init_arg = s(&init);
+    let o = slimcandle(&[
+        "train",
+        "--data",
+        "shapes",
+        "--epochs",
+        "2",
+        "-o",
+        s(&out),
+        "--init",
+        init_arg,
+        "--qat",
+        "--calibration",
+        "0",
+    ]);
+    let err = stderr(&o);
+    assert_eq!(o.status.code(), Some(2), "{err}");
+    assert!(
+        err.contains("'--calibration <N>': must be at least 1"),
+        "{err}"
+    );
+    assert!(!out.exists(), "--calibration 0 left a run folder");
 }
