@@ -129,10 +129,10 @@ fn mobilenet_v2_int8_file_is_at_most_27_percent_of_fp32() {
     assert!(ratio <= 0.27, "{ratio}");
 }
 
-/// Rewrites `src` into `dst` after `edit` changes its tensors.
-fn rewrite(src: &Path, dst: &Path, edit: &dyn Fn(&mut HashMap<String, RawTensor>)) {
+/// The tensors (as raw bytes, to edit) and metadata of the safetensors file at `src`.
+fn read_parts(src: &Path) -> (HashMap<String, RawTensor>, HashMap<String, String>) {
     let file = TensorFile::read(src).unwrap();
-    let mut tensors: HashMap<String, RawTensor> = file
+    let tensors = file
         .names()
         .into_iter()
         .map(|n| {
@@ -147,8 +147,14 @@ fn rewrite(src: &Path, dst: &Path, edit: &dyn Fn(&mut HashMap<String, RawTensor>
             )
         })
         .collect();
+    (tensors, file.metadata.clone())
+}
+
+/// Rewrites `src` into `dst` after `edit` changes its tensors.
+fn rewrite(src: &Path, dst: &Path, edit: &dyn Fn(&mut HashMap<String, RawTensor>)) {
+    let (mut tensors, metadata) = read_parts(src);
     edit(&mut tensors);
-    write_atomic(dst, tensors.into_iter().collect(), file.metadata.clone()).unwrap();
+    write_atomic(dst, tensors.into_iter().collect(), metadata).unwrap();
 }
 
 #[test]
@@ -519,24 +525,10 @@ fn damaged_gap_coded_weights_give_one_line_errors() {
             "uses checkpoint format 5; this slimcandle reads up to 4: upgrade slimcandle",
         ),
     ] {
-        let file = TensorFile::read(&good).unwrap();
-        let mut metadata = file.metadata.clone();
+        let (tensors, mut metadata) = read_parts(&good);
         metadata.insert("format_version".into(), version.into());
         let path = dir.join(format!("version-{version}.safetensors"));
-        let tensors = file
-            .names()
-            .into_iter()
-            .map(|n| {
-                let v = file.raw(&n).unwrap();
-                let t = RawTensor {
-                    dtype: v.dtype(),
-                    shape: v.shape().to_vec(),
-                    data: v.data().to_vec(),
-                };
-                (n, t)
-            })
-            .collect();
-        write_atomic(&path, tensors, metadata).unwrap();
+        write_atomic(&path, tensors.into_iter().collect(), metadata).unwrap();
         let err = load_err(&path);
         assert!(
             err.contains(want) && err.contains(path.to_str().unwrap()),
