@@ -6,7 +6,7 @@
 
 use crate::graph::{NodeId, Op};
 use crate::kernels::int8::Level;
-use crate::kernels::int8::conv::{depthwise_weights, gemm_weights};
+use crate::kernels::int8::conv::{DepthwiseWeights, gemm_weights};
 use crate::kernels::int8::elementwise::AddParams;
 use crate::kernels::int8::gemm::PackedWeights;
 use crate::passes::quant::{QParams, QuantizedModel, scheme};
@@ -36,7 +36,7 @@ pub(crate) struct ConvParams {
 pub(crate) enum Kernel {
     Depthwise {
         conv: ConvParams,
-        weights: Vec<i16>,
+        weights: DepthwiseWeights,
         in_zp: u8,
         out: OutStage,
     },
@@ -190,7 +190,12 @@ pub(crate) fn build(qm: &QuantizedModel, level: Level) -> Result<Plan> {
                         if node.op.is_depthwise() {
                             Kernel::Depthwise {
                                 conv,
-                                weights: depthwise_weights(values, *out_channels, *kernel),
+                                weights: DepthwiseWeights::new(
+                                    values,
+                                    *out_channels,
+                                    *kernel,
+                                    level,
+                                ),
                                 in_zp,
                                 out,
                             }

@@ -7,7 +7,7 @@ use super::plan::{ConvParams, Kernel, OutStage, Plan, Step};
 use crate::graph::{Dims, NodeId};
 use crate::kernels::conv::ConvGeom;
 use crate::kernels::gemm::{MatMut, MatRef, Parallelism, matmul};
-use crate::kernels::int8::conv::{ConvShape, depthwise, im2col};
+use crate::kernels::int8::conv::{ConvShape, DepthwiseScratch, depthwise, im2col};
 use crate::kernels::int8::elementwise::{
     PoolShape, add, avg_pool, channel_mul, dequantize, lookup, max_pool, quantize_to_nhwc,
 };
@@ -23,6 +23,7 @@ pub(crate) struct Scratch {
     pool: Vec<Vec<u8>>,
     cols: Vec<u8>,
     acc: Vec<i32>,
+    depthwise: DepthwiseScratch,
 }
 
 impl Scratch {
@@ -194,10 +195,18 @@ fn run_step(
             out,
         } => {
             let s = shape(din, conv);
-            scratch.acc.resize(din.c, 0);
             let rq = requant(out);
             for (xs, ys) in x.chunks_exact(sin).zip(y.chunks_exact_mut(sout)) {
-                depthwise(level, xs, &s, *in_zp, weights, &rq, ys, &mut scratch.acc);
+                depthwise(
+                    level,
+                    xs,
+                    &s,
+                    *in_zp,
+                    weights,
+                    &rq,
+                    ys,
+                    &mut scratch.depthwise,
+                );
             }
         }
         Kernel::ConvGemm {

@@ -38,40 +38,107 @@ impl ConvShape {
     }
 }
 
-/// Depthwise weights from OIHW (`[c][1][k][k]`) to the kernel's `[k * k][c]` in i16.
-pub fn depthwise_weights(w: &[i8], c: usize, k: usize) -> Vec<i16> {
-    assert_eq!(
-        w.len(),
-        c * k * k,
-        "depthwise weights: {c} x {k} x {k} expected"
-    );
-    let mut out = vec![0i16; c * k * k];
-    for ch in 0..c {
-        for t in 0..k * k {
-            out[t * c + ch] = w[ch * k * k + t] as i16;
-        }
+/// Channels per block of the VNNI depthwise kernel (one AVX-512 register of bytes).
+const DW_VNNI_BLOCK: usize = 64;
+
+/// A depthwise conv's weights, packed once for the level they will run at.
+#[derive(Debug, Clone)]
+pub struct DepthwiseWeights {
+    c: usize,
+    k: usize,
+    packed: DwPacked,
+}
+
+#[derive(Debug, Clone)]
+enum DwPacked {
+    /// Scalar and AVX2: `[k * k][c]` widened to i16, for the zero-point-subtracted 16-bit
+    /// products (MLAS's `qdwconv`).
+    Widened(Vec<i16>),
+    /// VNNI: per block of 64 channels and group of 4 taps, four 64-byte vectors, vector `j`
+    /// holding at byte `16 * l + 4 * e + t` the weight of tap `4 * g + t` of channel
+    /// `64 * block + 16 * l + 4 * j + e` (zero past the channels and the taps): the order in
+    /// which two rounds of byte and word unpacking interleave four taps' pixels (see
+    /// `depthwise_vnni`). `sums` are the weights' sums per channel, for the input zero point.
+    Quads { w: Vec<i8>, sums: Vec<i32> },
+}
+
+impl DepthwiseWeights {
+    /// Packs OIHW weights (`[c][1][k][k]`) for `level`.
+    pub fn new(w: &[i8], c: usize, k: usize, level: Level) -> Self {
+        assert_eq!(
+            w.len(),
+            c * k * k,
+            "depthwise weights: {c} x {k} x {k} expected"
+        );
+        let kk = k * k;
+        let packed = match level {
+            Level::Vnni => {
+                let (blocks, groups) = (c.div_ceil(DW_VNNI_BLOCK), kk.div_ceil(4));
+                let mut p = vec![0i8; blocks * groups * 4 * DW_VNNI_BLOCK];
+                for ch in 0..c {
+                    let (block, r) = (ch / DW_VNNI_BLOCK, ch % DW_VNNI_BLOCK);
+                    let (l, j, e) = (r / 16, r % 16 / 4, r % 4);
+                    for tap in 0..kk {
+                        let (g, t) = (tap / 4, tap % 4);
+                        let vector = (block * groups + g) * 4 + j;
+                        p[vector * DW_VNNI_BLOCK + 16 * l + 4 * e + t] = w[ch * kk + tap];
+                    }
+                }
+                let sums = w
+                    .chunks_exact(kk.max(1))
+                    .map(|taps| taps.iter().map(|&v| v as i32).sum())
+                    .collect();
+                DwPacked::Quads { w: p, sums }
+            }
+            Level::Avx2 | Level::Scalar => {
+                let mut out = vec![0i16; c * kk];
+                for ch in 0..c {
+                    for t in 0..kk {
+                        out[t * c + ch] = w[ch * kk + t] as i16;
+                    }
+                }
+                DwPacked::Widened(out)
+            }
+        };
+        DepthwiseWeights { c, k, packed }
     }
-    out
+}
+
+/// A thread's reusable memory for [`depthwise`].
+#[derive(Debug, Default)]
+pub struct DepthwiseScratch {
+    /// Widened path: sums of the last, partial block of channels.
+    acc: Vec<i32>,
+    /// VNNI path: the requantization's bias (with the zero-point correction) and multipliers
+    /// in the kernel's channel order, a row of zero-point bytes that padding taps read, and
+    /// one output pixel's tap addresses.
+    bias: Vec<i32>,
+    mult: Vec<f32>,
+    pad: Vec<u8>,
+    taps: Vec<usize>,
 }
 
 /// Direct depthwise conv of one sample: `out[p][c] = requantize(sum_taps (x - zp) * w[t][c])`.
 ///
 /// Why direct: each channel has its own filter, so there is nothing for a GEMM to share.
-/// Values are widened to 16 bits with the zero point subtracted (`x - zp` in [-255, 255], the
-/// product with a weight in [-127, 127] fits i16 exactly) and summed in i32 (as MLAS's
-/// `qdwconv`); each tap is one pass over the pixel's channels, which the compiler vectorises.
-/// Taps that fall on padding add `(zp - zp) * w = 0` and are skipped. `acc` is scratch of at
-/// least `c` values.
+/// - Scalar and AVX2: values are widened to 16 bits with the zero point subtracted (`x - zp`
+///   in [-255, 255], the product with a weight in [-127, 127] fits i16 exactly) and summed
+///   in i32 (as MLAS's `qdwconv`); each tap is one pass over the pixel's channels, which the
+///   compiler vectorises. Taps that fall on padding add `(zp - zp) * w = 0` and are skipped.
+/// - VNNI: the bytes of four taps are interleaved so that one `vpdpbusd` adds four taps'
+///   `x * w` products of 16 channels exactly in i32, and the zero point is taken out through
+///   the bias (`- zp * sum w`, as the GEMM does), padding taps reading zero-point bytes. The
+///   integers are the same; there are about five times fewer instructions per tap.
 #[allow(clippy::too_many_arguments)]
 pub fn depthwise(
     level: Level,
     x: &[u8],
     s: &ConvShape,
     zp: u8,
-    w: &[i16],
+    w: &DepthwiseWeights,
     rq: &Requant,
     out: &mut [u8],
-    acc: &mut [i32],
+    scratch: &mut DepthwiseScratch,
 ) {
     let (ho, wo, c) = (s.out_h(), s.out_w(), s.c);
     assert!(
@@ -79,10 +146,50 @@ pub fn depthwise(
         "depthwise: buffer sizes"
     );
     assert!(
-        w.len() >= s.k * s.k * c && acc.len() >= c,
-        "depthwise: weight sizes"
+        w.c == c && w.k == s.k && rq.mult.len() >= c && rq.bias.len() >= c,
+        "depthwise: weights for {} channels of {}x{}, not {c} of {}x{}",
+        w.c,
+        w.k,
+        w.k,
+        s.k,
+        s.k
     );
-    depthwise_at(level, level, x, s, zp, w, rq, out, acc);
+    match &w.packed {
+        DwPacked::Widened(wide) => {
+            scratch.acc.resize(c, 0);
+            depthwise_at(level, level, x, s, zp, wide, rq, out, &mut scratch.acc);
+        }
+        #[cfg(target_arch = "x86_64")]
+        DwPacked::Quads { w: quads, sums } => {
+            assert!(level == Level::Vnni, "depthwise: VNNI weights at {level:?}");
+            vnni_requant(rq, sums, zp, c, scratch);
+            scratch.pad.clear();
+            scratch.pad.resize(c, zp);
+            // SAFETY: VNNI weights are only packed for a level `Level::available` reported;
+            // the buffer sizes were checked above.
+            unsafe { x86::depthwise_vnni(x, s, quads, rq, out, scratch) }
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        DwPacked::Quads { .. } => unreachable!("only x86-64 packs for VNNI"),
+    }
+}
+
+/// The VNNI kernel's requantization bias (`bias - zp * sum w`, wrapping as the sums do) and
+/// multipliers, per block of 64 channels in the order of its four accumulators: accumulator
+/// `j` lane `4 * l + e` is channel `16 * l + 4 * j + e` of the block. Padding lanes get 0.
+fn vnni_requant(rq: &Requant, sums: &[i32], zp: u8, c: usize, scratch: &mut DepthwiseScratch) {
+    let len = c.div_ceil(DW_VNNI_BLOCK) * DW_VNNI_BLOCK;
+    scratch.bias.clear();
+    scratch.bias.resize(len, 0);
+    scratch.mult.clear();
+    scratch.mult.resize(len, 0.0);
+    for ch in 0..c {
+        let (block, r) = (ch / DW_VNNI_BLOCK, ch % DW_VNNI_BLOCK);
+        let (l, j, e) = (r / 16, r % 16 / 4, r % 4);
+        let at = block * DW_VNNI_BLOCK + 16 * j + 4 * l + e;
+        scratch.bias[at] = rq.bias[ch].wrapping_sub((zp as i32).wrapping_mul(sums[ch]));
+        scratch.mult[at] = rq.mult[ch];
+    }
 }
 
 #[inline(always)]
@@ -155,6 +262,114 @@ fn depthwise_body(
 const DW_BLOCK: usize = 32;
 
 int8_dispatch!(fn depthwise_at(lv: Level, x: &[u8], s: &ConvShape, zp: u8, w: &[i16], rq: &Requant, out: &mut [u8], acc: &mut [i32]) => depthwise_body);
+
+#[cfg(target_arch = "x86_64")]
+mod x86 {
+    use super::{ConvShape, DW_VNNI_BLOCK, DepthwiseScratch, Requant};
+    use std::arch::x86_64::*;
+
+    /// The VNNI depthwise conv of one sample (see [`super::depthwise`]); `scratch` holds the
+    /// kernel-order requantization and the zero-point row.
+    ///
+    /// Per output pixel and block of 64 channels, for each group of 4 taps: the 4 taps' 64
+    /// input bytes are interleaved by `vpunpck{l,h}bw` then `vpunpck{l,h}wd` into 4 vectors
+    /// whose 32-bit lanes hold one channel's 4 tap bytes (vector `j`, lane `4 * l + e`:
+    /// channel `16 * l + 4 * j + e`), and `vpdpbusd` adds their products with the weights
+    /// packed in that order. After requantization, `vpackusdw` and `vpackuswb` of the four
+    /// vectors put the bytes back in channel order.
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni")]
+    pub(super) unsafe fn depthwise_vnni(
+        x: &[u8],
+        s: &ConvShape,
+        w: &[i8],
+        rq: &Requant,
+        out: &mut [u8],
+        scratch: &mut DepthwiseScratch,
+    ) {
+        let (ho, wo, c, k) = (s.out_h(), s.out_w(), s.c, s.k);
+        let groups = (k * k).div_ceil(4);
+        let blocks = c.div_ceil(DW_VNNI_BLOCK);
+        let lo = _mm512_set1_ps((rq.qmin - rq.zp) as f32);
+        let hi = _mm512_set1_ps((rq.qmax - rq.zp) as f32);
+        let zp = _mm512_set1_epi32(rq.zp);
+        let pad = scratch.pad.as_ptr() as usize;
+        let (bias, mult) = (scratch.bias.as_ptr(), scratch.mult.as_ptr());
+        let taps = &mut scratch.taps;
+        taps.clear();
+        taps.resize(groups * 4, pad);
+        let x0 = x.as_ptr() as usize;
+        for oy in 0..ho {
+            for ox in 0..wo {
+                for ky in 0..k {
+                    let iy = s.source(oy, ky, s.h);
+                    for kx in 0..k {
+                        taps[ky * k + kx] = match (iy, s.source(ox, kx, s.w)) {
+                            (Some(iy), Some(ix)) => x0 + (iy * s.w + ix) * c,
+                            _ => pad,
+                        };
+                    }
+                }
+                let o = (oy * wo + ox) * c;
+                for block in 0..blocks {
+                    let cb = block * DW_VNNI_BLOCK;
+                    let m = c - cb;
+                    let mask: __mmask64 = if m >= 64 { !0 } else { (1u64 << m) - 1 };
+                    let mut acc = [_mm512_setzero_si512(); 4];
+                    for g in 0..groups {
+                        // SAFETY: every tap address is a pixel of `x` or the zero-point row,
+                        // each `c` bytes long; the mask keeps the loads within `c`.
+                        unsafe {
+                            let load = |t: usize| {
+                                _mm512_maskz_loadu_epi8(mask, (taps[4 * g + t] + cb) as *const i8)
+                            };
+                            let (a, b, c2, d) = (load(0), load(1), load(2), load(3));
+                            let ab_lo = _mm512_unpacklo_epi8(a, b);
+                            let ab_hi = _mm512_unpackhi_epi8(a, b);
+                            let cd_lo = _mm512_unpacklo_epi8(c2, d);
+                            let cd_hi = _mm512_unpackhi_epi8(c2, d);
+                            let q = [
+                                _mm512_unpacklo_epi16(ab_lo, cd_lo),
+                                _mm512_unpackhi_epi16(ab_lo, cd_lo),
+                                _mm512_unpacklo_epi16(ab_hi, cd_hi),
+                                _mm512_unpackhi_epi16(ab_hi, cd_hi),
+                            ];
+                            let wv = w.as_ptr().add((block * groups + g) * 4 * DW_VNNI_BLOCK);
+                            for (j, (aj, qj)) in acc.iter_mut().zip(q).enumerate() {
+                                let wj = _mm512_loadu_si512(wv.add(j * DW_VNNI_BLOCK) as *const _);
+                                *aj = _mm512_dpbusd_epi32(*aj, qj, wj);
+                            }
+                        }
+                    }
+                    let mut r = [_mm512_setzero_si512(); 4];
+                    for (j, (rj, aj)) in r.iter_mut().zip(acc).enumerate() {
+                        // SAFETY: `bias` and `mult` hold `blocks * 64` values.
+                        unsafe {
+                            let at = cb + 16 * j;
+                            let b = _mm512_loadu_si512(bias.add(at) as *const _);
+                            let v = _mm512_cvtepi32_ps(_mm512_add_epi32(aj, b));
+                            let v = _mm512_mul_ps(v, _mm512_loadu_ps(mult.add(at)));
+                            let v = _mm512_min_ps(_mm512_max_ps(v, lo), hi);
+                            *rj = _mm512_add_epi32(_mm512_cvtps_epi32(v), zp);
+                        }
+                    }
+                    // Values are in [qmin, qmax] within [0, 255]: the packs do not saturate.
+                    let bytes = _mm512_packus_epi16(
+                        _mm512_packus_epi32(r[0], r[1]),
+                        _mm512_packus_epi32(r[2], r[3]),
+                    );
+                    // SAFETY: the output pixel has `c` bytes at `o`; the mask keeps to them.
+                    unsafe {
+                        _mm512_mask_storeu_epi8(
+                            out.as_mut_ptr().add(o + cb) as *mut i8,
+                            mask,
+                            bytes,
+                        )
+                    };
+                }
+            }
+        }
+    }
+}
 
 /// Conv weights from OIHW (`[o][ci][k][k]`) to `[o][k][k][ci]`: the order of the channels-last
 /// im2col rows that [`im2col`] writes.
@@ -251,6 +466,10 @@ mod tests {
             (2, 2, 96, 3, 1),
             (1, 1, 33, 3, 1),
             (3, 5, 65, 5, 2),
+            (6, 6, 130, 3, 1),
+            (5, 5, 64, 7, 1),
+            (4, 3, 200, 3, 2),
+            (3, 3, 128, 1, 1),
         ] {
             let s = ConvShape {
                 h,
@@ -264,7 +483,7 @@ mod tests {
             let wt = weights(&mut rng, c * k * k);
             let mult = floats(&mut rng, c, 1e-3, 5e-2);
             let bias = ints(&mut rng, c, -3000, 3000);
-            for (zp, qmin) in [(0u8, 0), (131, 131)] {
+            for (zp, qmin) in [(0u8, 0), (131, 131), (255, 0)] {
                 let rq = Requant {
                     mult: &mult,
                     bias: &bias,
@@ -273,11 +492,11 @@ mod tests {
                     qmax: 255,
                 };
                 let want = reference(&x, &s, zp, &wt, &rq);
-                let packed = depthwise_weights(&wt, c, k);
                 for level in Level::available() {
+                    let packed = DepthwiseWeights::new(&wt, c, k, level);
                     let mut out = vec![0u8; want.len()];
-                    let mut acc = vec![0i32; c];
-                    depthwise(level, &x, &s, zp, &packed, &rq, &mut out, &mut acc);
+                    let mut scratch = DepthwiseScratch::default();
+                    depthwise(level, &x, &s, zp, &packed, &rq, &mut out, &mut scratch);
                     assert_eq!(out, want, "{h}x{w}x{c} k{k} s{stride} zp {zp} {level:?}");
                 }
             }
@@ -308,11 +527,11 @@ mod tests {
                 qmin: 0,
                 qmax: 255,
             };
-            let packed = depthwise_weights(&wt, 20, 5);
             for level in Level::available() {
+                let packed = DepthwiseWeights::new(&wt, 20, 5, level);
                 let mut out = vec![0u8; 25 * 20];
-                let mut acc = vec![0i32; 20];
-                depthwise(level, &x, &s, 0, &packed, &rq, &mut out, &mut acc);
+                let mut scratch = DepthwiseScratch::default();
+                depthwise(level, &x, &s, 0, &packed, &rq, &mut out, &mut scratch);
                 // The centre pixel sees all 25 taps.
                 assert!(out[12 * 20..13 * 20].iter().all(|&v| v == 9), "{level:?}");
             }

@@ -23,7 +23,7 @@
 //! the same level's [`requantize`](super::requantize).
 
 #[cfg(target_arch = "x86_64")]
-use super::x86::{requantize_avx2, requantize_avx512};
+use super::x86::requantize_avx2;
 use super::{Level, Requant, requantize_row};
 
 /// Output channels per VNNI panel (one 512-bit register of i32).
@@ -226,17 +226,27 @@ mod x86 {
         lo | (hi << 16)
     }
 
-    /// Sums of an `R` x `16 * P` tile: rows at `a + r * lda` (`k` bytes each), panels at
-    /// `b + p * panel_len`.
+    /// An `R` x `16 * P` tile, requantized in registers: rows at `a + r * lda` (`k` bytes
+    /// each), panels at `b + p * panel_len`, output row `r` at `out + r * ldc`, `cols`
+    /// (at most `16 * P`, more than `16 * (P - 1)`) channels of `rq`.
+    ///
+    /// Why fused: with the small `k` of a MobileNet's 1x1 convs, storing the i32 sums and
+    /// reading them back for a separate requantization cost as much as the multiplications
+    /// (a store-forwarding stall per row). The arithmetic is `requantize`'s AVX-512 path, lane
+    /// for lane.
     #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni")]
     #[inline(never)]
+    #[allow(clippy::too_many_arguments)]
     unsafe fn tile_vnni<const R: usize, const P: usize>(
         a: *const u8,
         lda: usize,
         k: usize,
         b: *const i8,
         panel_len: usize,
-        acc: &mut [[i32; TILE_COLS]; MAX_ROWS],
+        rq: &Requant,
+        out: *mut u8,
+        ldc: usize,
+        cols: usize,
     ) {
         let mut c = [[_mm512_setzero_si512(); P]; R];
         let step = |c: &mut [[__m512i; P]; R], g: usize, quad_of: &dyn Fn(usize) -> i32| {
@@ -265,12 +275,24 @@ mod x86 {
                 quad(a.add(r * lda), full * 4, k)
             });
         }
-        for r in 0..R {
-            for p in 0..P {
-                // SAFETY: 16 i32 fit at column 16 * p < TILE_COLS.
-                unsafe {
-                    _mm512_storeu_si512(acc[r][p * VNNI_PANEL..].as_mut_ptr() as *mut _, c[r][p])
-                };
+        let lo = _mm512_set1_ps((rq.qmin - rq.zp) as f32);
+        let hi = _mm512_set1_ps((rq.qmax - rq.zp) as f32);
+        let zp = _mm512_set1_epi32(rq.zp);
+        for p in 0..P {
+            let m = (cols - p * VNNI_PANEL).min(VNNI_PANEL);
+            let mask: __mmask16 = if m == 16 { 0xffff } else { (1u16 << m) - 1 };
+            // SAFETY: the masked lanes are within the `cols` channels of `rq` and of each
+            // output row (checked by `gemm`).
+            unsafe {
+                let bias = _mm512_maskz_loadu_epi32(mask, rq.bias.as_ptr().add(p * VNNI_PANEL));
+                let mult = _mm512_maskz_loadu_ps(mask, rq.mult.as_ptr().add(p * VNNI_PANEL));
+                for (r, cr) in c.iter().enumerate() {
+                    let v = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_add_epi32(cr[p], bias)), mult);
+                    let v = _mm512_min_ps(_mm512_max_ps(v, lo), hi);
+                    let q = _mm512_add_epi32(_mm512_cvtps_epi32(v), zp);
+                    let o = out.add(r * ldc + p * VNNI_PANEL);
+                    _mm512_mask_cvtepi32_storeu_epi8(o as *mut _, mask, q);
+                }
             }
         }
     }
@@ -371,7 +393,6 @@ mod x86 {
         ldc: usize,
     ) {
         let panel_len = k.div_ceil(4) * 64;
-        let mut acc = [[0i32; TILE_COLS]; MAX_ROWS];
         let panels = n.div_ceil(VNNI_PANEL);
         for p0 in (0..panels).step_by(MAX_PANELS) {
             let np = (panels - p0).min(MAX_PANELS);
@@ -382,13 +403,14 @@ mod x86 {
             for r0 in (0..m).step_by(MAX_ROWS) {
                 let rows = (m - r0).min(MAX_ROWS);
                 let ar = a[r0 * lda..].as_ptr();
-                // SAFETY: rows r0..r0 + rows of `a` hold k bytes (checked by `gemm`).
-                unsafe { tile_call!(tile_vnni, rows, np, ar, lda, k, b, panel_len, &mut acc) };
-                for (r, sums) in acc.iter().enumerate().take(rows) {
-                    let o = (r0 + r) * ldc + c0;
-                    // SAFETY: the CPU has AVX-512 (VNNI level); lengths are `cols`.
-                    unsafe { requantize_avx512(&sums[..cols], &rqc, &mut out[o..o + cols]) };
-                }
+                let o = out[r0 * ldc + c0..].as_mut_ptr();
+                // SAFETY: rows r0..r0 + rows of `a` hold k bytes and of `out` hold `c0 + cols`
+                // (checked by `gemm`).
+                unsafe {
+                    tile_call!(
+                        tile_vnni, rows, np, ar, lda, k, b, panel_len, &rqc, o, ldc, cols
+                    )
+                };
             }
         }
     }
