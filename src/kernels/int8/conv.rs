@@ -276,7 +276,9 @@ mod x86 {
     /// whose 32-bit lanes hold one channel's 4 tap bytes (vector `j`, lane `4 * l + e`:
     /// channel `16 * l + 4 * j + e`), and `vpdpbusd` adds their products with the weights
     /// packed in that order. After requantization, `vpackusdw` and `vpackuswb` of the four
-    /// vectors put the bytes back in channel order.
+    /// vectors put the bytes back in channel order. A last block of at most 32 channels (the
+    /// 96 and 144 channels of MobileNet V2's widest planes) runs the same steps on 256-bit
+    /// vectors, whose lanes are the first two of the 512-bit layout.
     #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni")]
     pub(super) unsafe fn depthwise_vnni(
         x: &[u8],
@@ -288,86 +290,186 @@ mod x86 {
     ) {
         let (ho, wo, c, k) = (s.out_h(), s.out_w(), s.c, s.k);
         let groups = (k * k).div_ceil(4);
-        let blocks = c.div_ceil(DW_VNNI_BLOCK);
-        let lo = _mm512_set1_ps((rq.qmin - rq.zp) as f32);
-        let hi = _mm512_set1_ps((rq.qmax - rq.zp) as f32);
-        let zp = _mm512_set1_epi32(rq.zp);
         let pad = scratch.pad.as_ptr() as usize;
-        let (bias, mult) = (scratch.bias.as_ptr(), scratch.mult.as_ptr());
+        let x0 = x.as_ptr() as usize;
+        let tail = Tail {
+            lo: (rq.qmin - rq.zp) as f32,
+            hi: (rq.qmax - rq.zp) as f32,
+            zp: rq.zp,
+            bias: scratch.bias.as_ptr(),
+            mult: scratch.mult.as_ptr(),
+            w: w.as_ptr(),
+            groups,
+        };
+        // Each tap's offset from the window's top-left pixel, for windows wholly inside.
+        let rel: Vec<usize> = (0..k * k).map(|t| (t / k * s.w + t % k) * c).collect();
         let taps = &mut scratch.taps;
         taps.clear();
         taps.resize(groups * 4, pad);
-        let x0 = x.as_ptr() as usize;
         for oy in 0..ho {
+            let iy0 = (oy * s.stride)
+                .checked_sub(s.pad)
+                .filter(|&iy| iy + k <= s.h);
             for ox in 0..wo {
-                for ky in 0..k {
-                    let iy = s.source(oy, ky, s.h);
-                    for kx in 0..k {
-                        taps[ky * k + kx] = match (iy, s.source(ox, kx, s.w)) {
-                            (Some(iy), Some(ix)) => x0 + (iy * s.w + ix) * c,
-                            _ => pad,
-                        };
+                let ix0 = (ox * s.stride)
+                    .checked_sub(s.pad)
+                    .filter(|&ix| ix + k <= s.w);
+                if let (Some(iy), Some(ix)) = (iy0, ix0) {
+                    let base = x0 + (iy * s.w + ix) * c;
+                    for (t, r) in taps.iter_mut().zip(&rel) {
+                        *t = base + r;
+                    }
+                } else {
+                    for ky in 0..k {
+                        let iy = s.source(oy, ky, s.h);
+                        for kx in 0..k {
+                            taps[ky * k + kx] = match (iy, s.source(ox, kx, s.w)) {
+                                (Some(iy), Some(ix)) => x0 + (iy * s.w + ix) * c,
+                                _ => pad,
+                            };
+                        }
                     }
                 }
-                let o = (oy * wo + ox) * c;
-                for block in 0..blocks {
-                    let cb = block * DW_VNNI_BLOCK;
+                let o = out.as_mut_ptr().wrapping_add((oy * wo + ox) * c);
+                let mut cb = 0;
+                while cb < c {
                     let m = c - cb;
-                    let mask: __mmask64 = if m >= 64 { !0 } else { (1u64 << m) - 1 };
-                    let mut acc = [_mm512_setzero_si512(); 4];
-                    for g in 0..groups {
-                        // SAFETY: every tap address is a pixel of `x` or the zero-point row,
-                        // each `c` bytes long; the mask keeps the loads within `c`.
-                        unsafe {
-                            let load = |t: usize| {
-                                _mm512_maskz_loadu_epi8(mask, (taps[4 * g + t] + cb) as *const i8)
-                            };
-                            let (a, b, c2, d) = (load(0), load(1), load(2), load(3));
-                            let ab_lo = _mm512_unpacklo_epi8(a, b);
-                            let ab_hi = _mm512_unpackhi_epi8(a, b);
-                            let cd_lo = _mm512_unpacklo_epi8(c2, d);
-                            let cd_hi = _mm512_unpackhi_epi8(c2, d);
-                            let q = [
-                                _mm512_unpacklo_epi16(ab_lo, cd_lo),
-                                _mm512_unpackhi_epi16(ab_lo, cd_lo),
-                                _mm512_unpacklo_epi16(ab_hi, cd_hi),
-                                _mm512_unpackhi_epi16(ab_hi, cd_hi),
-                            ];
-                            let wv = w.as_ptr().add((block * groups + g) * 4 * DW_VNNI_BLOCK);
-                            for (j, (aj, qj)) in acc.iter_mut().zip(q).enumerate() {
-                                let wj = _mm512_loadu_si512(wv.add(j * DW_VNNI_BLOCK) as *const _);
-                                *aj = _mm512_dpbusd_epi32(*aj, qj, wj);
-                            }
-                        }
-                    }
-                    let mut r = [_mm512_setzero_si512(); 4];
-                    for (j, (rj, aj)) in r.iter_mut().zip(acc).enumerate() {
-                        // SAFETY: `bias` and `mult` hold `blocks * 64` values.
-                        unsafe {
-                            let at = cb + 16 * j;
-                            let b = _mm512_loadu_si512(bias.add(at) as *const _);
-                            let v = _mm512_cvtepi32_ps(_mm512_add_epi32(aj, b));
-                            let v = _mm512_mul_ps(v, _mm512_loadu_ps(mult.add(at)));
-                            let v = _mm512_min_ps(_mm512_max_ps(v, lo), hi);
-                            *rj = _mm512_add_epi32(_mm512_cvtps_epi32(v), zp);
-                        }
-                    }
-                    // Values are in [qmin, qmax] within [0, 255]: the packs do not saturate.
-                    let bytes = _mm512_packus_epi16(
-                        _mm512_packus_epi32(r[0], r[1]),
-                        _mm512_packus_epi32(r[2], r[3]),
-                    );
-                    // SAFETY: the output pixel has `c` bytes at `o`; the mask keeps to them.
+                    // SAFETY: every tap address is a pixel of `x` or the zero-point row, each
+                    // `c` bytes long, and the output pixel has `c` bytes at `o`; the masks
+                    // keep every access within `c`; `bias`, `mult` and `w` hold whole blocks.
                     unsafe {
-                        _mm512_mask_storeu_epi8(
-                            out.as_mut_ptr().add(o + cb) as *mut i8,
-                            mask,
-                            bytes,
-                        )
-                    };
+                        if m > 32 {
+                            block64(&tail, taps, cb, m.min(64), o);
+                        } else {
+                            block32(&tail, taps, cb, m, o);
+                        }
+                    }
+                    cb += DW_VNNI_BLOCK;
                 }
             }
         }
+    }
+
+    /// What every block of one depthwise conv shares.
+    struct Tail {
+        lo: f32,
+        hi: f32,
+        zp: i32,
+        bias: *const i32,
+        mult: *const f32,
+        w: *const i8,
+        groups: usize,
+    }
+
+    /// Channels `cb..cb + m` (`m` in 1..=64) of one output pixel.
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni")]
+    #[inline]
+    unsafe fn block64(t: &Tail, taps: &[usize], cb: usize, m: usize, o: *mut u8) {
+        let mask: __mmask64 = if m >= 64 { !0 } else { (1u64 << m) - 1 };
+        let mut acc = [_mm512_setzero_si512(); 4];
+        let wb = cb / DW_VNNI_BLOCK * t.groups * 4 * DW_VNNI_BLOCK;
+        for g in 0..t.groups {
+            // SAFETY: see `depthwise_vnni`.
+            unsafe {
+                let load =
+                    |i: usize| _mm512_maskz_loadu_epi8(mask, (taps[4 * g + i] + cb) as *const i8);
+                let (a, b, c, d) = (load(0), load(1), load(2), load(3));
+                let ab_lo = _mm512_unpacklo_epi8(a, b);
+                let ab_hi = _mm512_unpackhi_epi8(a, b);
+                let cd_lo = _mm512_unpacklo_epi8(c, d);
+                let cd_hi = _mm512_unpackhi_epi8(c, d);
+                let q = [
+                    _mm512_unpacklo_epi16(ab_lo, cd_lo),
+                    _mm512_unpackhi_epi16(ab_lo, cd_lo),
+                    _mm512_unpacklo_epi16(ab_hi, cd_hi),
+                    _mm512_unpackhi_epi16(ab_hi, cd_hi),
+                ];
+                let wv = t.w.add(wb + g * 4 * DW_VNNI_BLOCK);
+                for (j, (aj, qj)) in acc.iter_mut().zip(q).enumerate() {
+                    let wj = _mm512_loadu_si512(wv.add(j * DW_VNNI_BLOCK) as *const _);
+                    *aj = _mm512_dpbusd_epi32(*aj, qj, wj);
+                }
+            }
+        }
+        let (lo, hi, zp) = (
+            _mm512_set1_ps(t.lo),
+            _mm512_set1_ps(t.hi),
+            _mm512_set1_epi32(t.zp),
+        );
+        let mut r = [_mm512_setzero_si512(); 4];
+        for (j, (rj, aj)) in r.iter_mut().zip(acc).enumerate() {
+            // SAFETY: `bias` and `mult` hold whole blocks of 64 values.
+            unsafe {
+                let at = cb + 16 * j;
+                let b = _mm512_loadu_si512(t.bias.add(at) as *const _);
+                let v = _mm512_cvtepi32_ps(_mm512_add_epi32(aj, b));
+                let v = _mm512_mul_ps(v, _mm512_loadu_ps(t.mult.add(at)));
+                let v = _mm512_min_ps(_mm512_max_ps(v, lo), hi);
+                *rj = _mm512_add_epi32(_mm512_cvtps_epi32(v), zp);
+            }
+        }
+        // Values are in [qmin, qmax] within [0, 255]: the packs do not saturate.
+        let bytes = _mm512_packus_epi16(
+            _mm512_packus_epi32(r[0], r[1]),
+            _mm512_packus_epi32(r[2], r[3]),
+        );
+        // SAFETY: the output pixel has the masked channels at `o + cb`.
+        unsafe { _mm512_mask_storeu_epi8(o.add(cb) as *mut i8, mask, bytes) };
+    }
+
+    /// [`block64`] on 256-bit vectors for the last `m` (1..=32) channels.
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni")]
+    #[inline]
+    unsafe fn block32(t: &Tail, taps: &[usize], cb: usize, m: usize, o: *mut u8) {
+        let mask: __mmask32 = if m >= 32 { !0 } else { (1u32 << m) - 1 };
+        let mut acc = [_mm256_setzero_si256(); 4];
+        let wb = cb / DW_VNNI_BLOCK * t.groups * 4 * DW_VNNI_BLOCK;
+        for g in 0..t.groups {
+            // SAFETY: see `depthwise_vnni`.
+            unsafe {
+                let load =
+                    |i: usize| _mm256_maskz_loadu_epi8(mask, (taps[4 * g + i] + cb) as *const i8);
+                let (a, b, c, d) = (load(0), load(1), load(2), load(3));
+                let ab_lo = _mm256_unpacklo_epi8(a, b);
+                let ab_hi = _mm256_unpackhi_epi8(a, b);
+                let cd_lo = _mm256_unpacklo_epi8(c, d);
+                let cd_hi = _mm256_unpackhi_epi8(c, d);
+                let q = [
+                    _mm256_unpacklo_epi16(ab_lo, cd_lo),
+                    _mm256_unpackhi_epi16(ab_lo, cd_lo),
+                    _mm256_unpacklo_epi16(ab_hi, cd_hi),
+                    _mm256_unpackhi_epi16(ab_hi, cd_hi),
+                ];
+                let wv = t.w.add(wb + g * 4 * DW_VNNI_BLOCK);
+                for (j, (aj, qj)) in acc.iter_mut().zip(q).enumerate() {
+                    let wj = _mm256_loadu_si256(wv.add(j * DW_VNNI_BLOCK) as *const _);
+                    *aj = _mm256_dpbusd_epi32(*aj, qj, wj);
+                }
+            }
+        }
+        let (lo, hi, zp) = (
+            _mm256_set1_ps(t.lo),
+            _mm256_set1_ps(t.hi),
+            _mm256_set1_epi32(t.zp),
+        );
+        let mut r = [_mm256_setzero_si256(); 4];
+        for (j, (rj, aj)) in r.iter_mut().zip(acc).enumerate() {
+            // SAFETY: as in `block64`; the first 8 lanes of accumulator `j`'s 16.
+            unsafe {
+                let at = cb + 16 * j;
+                let b = _mm256_loadu_si256(t.bias.add(at) as *const _);
+                let v = _mm256_cvtepi32_ps(_mm256_add_epi32(aj, b));
+                let v = _mm256_mul_ps(v, _mm256_loadu_ps(t.mult.add(at)));
+                let v = _mm256_min_ps(_mm256_max_ps(v, lo), hi);
+                *rj = _mm256_add_epi32(_mm256_cvtps_epi32(v), zp);
+            }
+        }
+        let bytes = _mm256_packus_epi16(
+            _mm256_packus_epi32(r[0], r[1]),
+            _mm256_packus_epi32(r[2], r[3]),
+        );
+        // SAFETY: as in `block64`.
+        unsafe { _mm256_mask_storeu_epi8(o.add(cb) as *mut i8, mask, bytes) };
     }
 }
 
@@ -394,26 +496,75 @@ pub fn gemm_weights(w: &[i8], o: usize, ci: usize, k: usize) -> Vec<i8> {
 /// bytes per output pixel (taps in row-major order, each tap's `cg` channels contiguous),
 /// padding filled with the zero point (the quantized 0.0). `cols` holds at least
 /// `out_h * out_w * k * k * cg` bytes.
+///
+/// When the group is all the channels, a kernel row inside the input is one run of
+/// `k * cg` contiguous bytes, copied at once; short runs (the 9 bytes of a 3x3 tap row on an
+/// RGB stem) are copied without a `memcpy` call, which cost more than the stem's GEMM.
 pub fn im2col(x: &[u8], s: &ConvShape, c0: usize, cg: usize, zp: u8, cols: &mut [u8]) {
     let (ho, wo, k) = (s.out_h(), s.out_w(), s.k);
     let row = k * k * cg;
     assert!(cols.len() >= ho * wo * row, "im2col: buffer too small");
+    let whole = cg == s.c;
     for oy in 0..ho {
         for ox in 0..wo {
             let dst = &mut cols[(oy * wo + ox) * row..][..row];
+            // The first input column of the kernel window, if the whole window row is inside.
+            let inside = (ox * s.stride)
+                .checked_sub(s.pad)
+                .filter(|&ix| ix + k <= s.w);
             for ky in 0..k {
                 let iy = s.source(oy, ky, s.h);
-                for kx in 0..k {
-                    let d = &mut dst[(ky * k + kx) * cg..][..cg];
-                    match (iy, s.source(ox, kx, s.w)) {
-                        (Some(iy), Some(ix)) => {
-                            d.copy_from_slice(&x[(iy * s.w + ix) * s.c + c0..][..cg]);
+                let drow = &mut dst[ky * k * cg..][..k * cg];
+                match (iy, inside) {
+                    (None, _) => fill_short(drow, zp),
+                    (Some(iy), Some(ix)) if whole => {
+                        copy_short(drow, &x[(iy * s.w + ix) * s.c..][..k * cg]);
+                    }
+                    (Some(iy), _) => {
+                        for kx in 0..k {
+                            let d = &mut drow[kx * cg..][..cg];
+                            match s.source(ox, kx, s.w) {
+                                Some(ix) => copy_short(d, &x[(iy * s.w + ix) * s.c + c0..][..cg]),
+                                None => fill_short(d, zp),
+                            }
                         }
-                        _ => d.fill(zp),
                     }
                 }
             }
         }
+    }
+}
+
+/// `dst.copy_from_slice(src)`, with the short lengths done by two overlapping fixed-size
+/// moves instead of a library call.
+#[inline(always)]
+fn copy_short(dst: &mut [u8], src: &[u8]) {
+    let n = dst.len();
+    let src = &src[..n];
+    if n >= 16 {
+        dst.copy_from_slice(src);
+    } else if n >= 8 {
+        dst[..8].copy_from_slice(&src[..8]);
+        dst[n - 8..].copy_from_slice(&src[n - 8..]);
+    } else if n >= 4 {
+        dst[..4].copy_from_slice(&src[..4]);
+        dst[n - 4..].copy_from_slice(&src[n - 4..]);
+    } else if n >= 2 {
+        dst[..2].copy_from_slice(&src[..2]);
+        dst[n - 2..].copy_from_slice(&src[n - 2..]);
+    } else if n == 1 {
+        dst[0] = src[0];
+    }
+}
+
+/// `dst.fill(v)`, short lengths as in [`copy_short`].
+#[inline(always)]
+fn fill_short(dst: &mut [u8], v: u8) {
+    let n = dst.len();
+    if n >= 16 {
+        dst.fill(v);
+    } else {
+        copy_short(dst, &[v; 16][..n]);
     }
 }
 
@@ -534,6 +685,63 @@ mod tests {
                 depthwise(level, &x, &s, 0, &packed, &rq, &mut out, &mut scratch);
                 // The centre pixel sees all 25 taps.
                 assert!(out[12 * 20..13 * 20].iter().all(|&v| v == 9), "{level:?}");
+            }
+        }
+    }
+
+    #[test]
+    fn im2col_matches_the_tap_by_tap_definition() {
+        // Whole-row copies (one group), short and long runs, padding on every side, strides.
+        let mut rng = Rng::new(4);
+        for &(h, w, c, k, stride, pad, groups) in &[
+            (7, 7, 3, 3, 2, 1, 1),
+            (6, 5, 3, 3, 1, 1, 1),
+            (5, 6, 1, 3, 1, 1, 1),
+            (9, 8, 2, 5, 2, 2, 1),
+            (4, 4, 16, 3, 1, 1, 1),
+            (5, 5, 6, 1, 2, 0, 1),
+            (6, 6, 6, 3, 1, 1, 3),
+            (3, 3, 3, 3, 1, 0, 1),
+        ] {
+            let s = ConvShape {
+                h,
+                w,
+                c,
+                k,
+                stride,
+                pad,
+            };
+            let cg = c / groups;
+            let x = bytes(&mut rng, h * w * c);
+            let (ho, wo) = (s.out_h(), s.out_w());
+            let row = k * k * cg;
+            for g in 0..groups {
+                let mut want = vec![0u8; ho * wo * row];
+                for oy in 0..ho {
+                    for ox in 0..wo {
+                        for ky in 0..k {
+                            for kx in 0..k {
+                                for ci in 0..cg {
+                                    let iy = (oy * stride + ky) as isize - pad as isize;
+                                    let ix = (ox * stride + kx) as isize - pad as isize;
+                                    let inside = iy >= 0
+                                        && ix >= 0
+                                        && (iy as usize) < h
+                                        && (ix as usize) < w;
+                                    want[(oy * wo + ox) * row + (ky * k + kx) * cg + ci] = if inside
+                                    {
+                                        x[(iy as usize * w + ix as usize) * c + g * cg + ci]
+                                    } else {
+                                        99
+                                    };
+                                }
+                            }
+                        }
+                    }
+                }
+                let mut got = vec![7u8; want.len()];
+                im2col(&x, &s, g * cg, cg, 99, &mut got);
+                assert_eq!(got, want, "{h}x{w}x{c} k{k} s{stride} p{pad} group {g}");
             }
         }
     }

@@ -21,11 +21,25 @@ pub fn quantize_to_nhwc(
     quantize_at(level, x, c, hw, scale, zp, out);
 }
 
+/// Pixels per block of [`quantize_to_nhwc`]: each channel's codes are computed along its
+/// contiguous plane (vectorised), then interleaved into the block's channels-last bytes.
+/// Why: computed in the channels-last order, every value was a strided, scalar store with its
+/// own division, 9% of MobileNet V2's int8 time at 224x224.
+const QUANTIZE_BLOCK: usize = 64;
+
 #[inline(always)]
 fn quantize_body(x: &[f32], c: usize, hw: usize, scale: f32, zp: u8, out: &mut [u8]) {
-    for (ch, plane) in x.chunks_exact(hw.max(1)).take(c).enumerate() {
-        for (p, &v) in plane.iter().enumerate() {
-            out[p * c + ch] = round_clamp(v / scale, zp as i32, 0, 255);
+    let mut codes = [0u8; QUANTIZE_BLOCK];
+    for p0 in (0..hw).step_by(QUANTIZE_BLOCK) {
+        let len = QUANTIZE_BLOCK.min(hw - p0);
+        let block = &mut out[p0 * c..(p0 + len) * c];
+        for (ch, plane) in x.chunks_exact(hw).take(c).enumerate() {
+            for (q, &v) in codes.iter_mut().zip(&plane[p0..p0 + len]) {
+                *q = round_clamp(v / scale, zp as i32, 0, 255);
+            }
+            for (d, &q) in block[ch..].iter_mut().step_by(c).zip(&codes[..len]) {
+                *d = q;
+            }
         }
     }
 }
@@ -268,7 +282,7 @@ mod tests {
     #[test]
     fn quantize_and_dequantize_match_the_formulas() {
         let mut rng = Rng::new(4);
-        let (c, hw) = (5, 37);
+        let (c, hw) = (5, 150);
         let mut x = floats(&mut rng, c * hw, -3.0, 3.0);
         // Exact ties and far-out values.
         x[0] = 0.5 * 0.02;
