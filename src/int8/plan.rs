@@ -5,10 +5,10 @@
 //! dropout are aliases of their input: the producer already wrote the activation's codes.
 
 use crate::graph::{NodeId, Op};
-use crate::kernels::int8::Level;
 use crate::kernels::int8::conv::{DepthwiseWeights, gemm_weights};
 use crate::kernels::int8::elementwise::AddParams;
 use crate::kernels::int8::gemm::PackedWeights;
+use crate::kernels::int8::{Level, Requant};
 use crate::passes::quant::{QParams, QuantizedModel, scheme};
 use anyhow::{Context, Result, bail};
 
@@ -34,11 +34,10 @@ pub(crate) struct ConvParams {
 
 #[derive(Debug, Clone)]
 pub(crate) enum Kernel {
+    /// The weights hold the input zero point and the requantization (packed together).
     Depthwise {
         conv: ConvParams,
         weights: DepthwiseWeights,
-        in_zp: u8,
-        out: OutStage,
     },
     /// Dense, grouped or 1x1 conv: one packed GEMM per group.
     ConvGemm {
@@ -188,6 +187,13 @@ pub(crate) fn build(qm: &QuantizedModel, level: Level) -> Result<Plan> {
                         let values = &layer.weight.values;
                         let out = out_stage(qm, id, &layer.bias).with_context(what)?;
                         if node.op.is_depthwise() {
+                            let rq = Requant {
+                                mult: &out.mult,
+                                bias: &out.bias,
+                                zp: out.zp as i32,
+                                qmin: out.qmin as i32,
+                                qmax: out.qmax as i32,
+                            };
                             Kernel::Depthwise {
                                 conv,
                                 weights: DepthwiseWeights::new(
@@ -195,9 +201,9 @@ pub(crate) fn build(qm: &QuantizedModel, level: Level) -> Result<Plan> {
                                     *out_channels,
                                     *kernel,
                                     level,
+                                    in_zp,
+                                    &rq,
                                 ),
-                                in_zp,
-                                out,
                             }
                         } else {
                             let (og, cg) = (out_channels / groups, in_channels / groups);

@@ -188,25 +188,10 @@ fn run_step(
     let x = get(step.inputs[0]);
     let mut y = scratch.alloc(n * sout);
     match &step.kernel {
-        Kernel::Depthwise {
-            conv,
-            weights,
-            in_zp,
-            out,
-        } => {
+        Kernel::Depthwise { conv, weights } => {
             let s = shape(din, conv);
-            let rq = requant(out);
             for (xs, ys) in x.chunks_exact(sin).zip(y.chunks_exact_mut(sout)) {
-                depthwise(
-                    level,
-                    xs,
-                    &s,
-                    *in_zp,
-                    weights,
-                    &rq,
-                    ys,
-                    &mut scratch.depthwise,
-                );
+                depthwise(level, xs, &s, weights, ys, &mut scratch.depthwise);
             }
         }
         Kernel::ConvGemm {

@@ -41,54 +41,78 @@ impl ConvShape {
 /// Channels per block of the VNNI depthwise kernel (one AVX-512 register of bytes).
 const DW_VNNI_BLOCK: usize = 64;
 
-/// A depthwise conv's weights, packed once for the level they will run at.
+/// A depthwise conv packed once for the level it will run at: its weights, its input zero
+/// point and its requantization (owned, since the VNNI kernel folds the zero point into the
+/// bias and reorders both to its lanes).
 #[derive(Debug, Clone)]
 pub struct DepthwiseWeights {
     c: usize,
     k: usize,
+    /// The input's zero point.
+    zp: u8,
+    /// Per channel, in the kernel's order (see [`DwPacked`]).
+    mult: Vec<f32>,
+    bias: Vec<i32>,
+    out_zp: i32,
+    qmin: i32,
+    qmax: i32,
     packed: DwPacked,
 }
 
 #[derive(Debug, Clone)]
 enum DwPacked {
     /// Scalar and AVX2: `[k * k][c]` widened to i16, for the zero-point-subtracted 16-bit
-    /// products (MLAS's `qdwconv`).
+    /// products (MLAS's `qdwconv`); the requantization in channel order.
     Widened(Vec<i16>),
     /// VNNI: per block of 64 channels and group of 4 taps, four 64-byte vectors, vector `j`
     /// holding at byte `16 * l + 4 * e + t` the weight of tap `4 * g + t` of channel
     /// `64 * block + 16 * l + 4 * j + e` (zero past the channels and the taps): the order in
     /// which two rounds of byte and word unpacking interleave four taps' pixels (see
-    /// `depthwise_vnni`). `sums` are the weights' sums per channel, for the input zero point.
-    Quads { w: Vec<i8>, sums: Vec<i32> },
+    /// `depthwise_vnni`). The requantization is in the order of the four accumulators
+    /// (accumulator `j` lane `4 * l + e` is channel `16 * l + 4 * j + e` of the block; zero
+    /// in padding lanes), its bias less `zp * sum w`; `pad` is a row of `c` zero-point bytes
+    /// that taps on the padding read.
+    Quads { w: Vec<i8>, pad: Vec<u8> },
 }
 
 impl DepthwiseWeights {
-    /// Packs OIHW weights (`[c][1][k][k]`) for `level`.
-    pub fn new(w: &[i8], c: usize, k: usize, level: Level) -> Self {
+    /// Packs OIHW weights (`[c][1][k][k]`) for `level`, for inputs of zero point `zp`
+    /// requantized by `rq` (its bias is `bias_q`, without any zero-point correction).
+    pub fn new(w: &[i8], c: usize, k: usize, level: Level, zp: u8, rq: &Requant) -> Self {
         assert_eq!(
             w.len(),
             c * k * k,
             "depthwise weights: {c} x {k} x {k} expected"
         );
+        assert!(
+            rq.mult.len() >= c && rq.bias.len() >= c,
+            "depthwise: requantization of {c} channels expected"
+        );
         let kk = k * k;
-        let packed = match level {
+        let (packed, mult, bias) = match level {
             Level::Vnni => {
                 let (blocks, groups) = (c.div_ceil(DW_VNNI_BLOCK), kk.div_ceil(4));
                 let mut p = vec![0i8; blocks * groups * 4 * DW_VNNI_BLOCK];
+                let mut mult = vec![0f32; blocks * DW_VNNI_BLOCK];
+                let mut bias = vec![0i32; blocks * DW_VNNI_BLOCK];
                 for ch in 0..c {
                     let (block, r) = (ch / DW_VNNI_BLOCK, ch % DW_VNNI_BLOCK);
                     let (l, j, e) = (r / 16, r % 16 / 4, r % 4);
+                    let mut sum = 0i32;
                     for tap in 0..kk {
                         let (g, t) = (tap / 4, tap % 4);
                         let vector = (block * groups + g) * 4 + j;
-                        p[vector * DW_VNNI_BLOCK + 16 * l + 4 * e + t] = w[ch * kk + tap];
+                        let v = w[ch * kk + tap];
+                        p[vector * DW_VNNI_BLOCK + 16 * l + 4 * e + t] = v;
+                        sum = sum.wrapping_add(v as i32);
                     }
+                    let at = block * DW_VNNI_BLOCK + 16 * j + 4 * l + e;
+                    mult[at] = rq.mult[ch];
+                    // Wrapping, as the sums are: the total is exact modulo 2^32 either way.
+                    bias[at] = rq.bias[ch].wrapping_sub((zp as i32).wrapping_mul(sum));
                 }
-                let sums = w
-                    .chunks_exact(kk.max(1))
-                    .map(|taps| taps.iter().map(|&v| v as i32).sum())
-                    .collect();
-                DwPacked::Quads { w: p, sums }
+                let pad = vec![zp; c];
+                (DwPacked::Quads { w: p, pad }, mult, bias)
             }
             Level::Avx2 | Level::Scalar => {
                 let mut out = vec![0i16; c * kk];
@@ -97,10 +121,35 @@ impl DepthwiseWeights {
                         out[t * c + ch] = w[ch * kk + t] as i16;
                     }
                 }
-                DwPacked::Widened(out)
+                (
+                    DwPacked::Widened(out),
+                    rq.mult[..c].to_vec(),
+                    rq.bias[..c].to_vec(),
+                )
             }
         };
-        DepthwiseWeights { c, k, packed }
+        DepthwiseWeights {
+            c,
+            k,
+            zp,
+            mult,
+            bias,
+            out_zp: rq.zp,
+            qmin: rq.qmin,
+            qmax: rq.qmax,
+            packed,
+        }
+    }
+
+    /// The requantization, in the kernel's channel order.
+    fn requant(&self) -> Requant<'_> {
+        Requant {
+            mult: &self.mult,
+            bias: &self.bias,
+            zp: self.out_zp,
+            qmin: self.qmin,
+            qmax: self.qmax,
+        }
     }
 }
 
@@ -109,16 +158,14 @@ impl DepthwiseWeights {
 pub struct DepthwiseScratch {
     /// Widened path: sums of the last, partial block of channels.
     acc: Vec<i32>,
-    /// VNNI path: the requantization's bias (with the zero-point correction) and multipliers
-    /// in the kernel's channel order, a row of zero-point bytes that padding taps read, and
-    /// one output pixel's tap addresses.
-    bias: Vec<i32>,
-    mult: Vec<f32>,
-    pad: Vec<u8>,
+    /// VNNI path: one output pixel's tap addresses, and each tap's offset in a window.
     taps: Vec<usize>,
+    rel: Vec<usize>,
 }
 
-/// Direct depthwise conv of one sample: `out[p][c] = requantize(sum_taps (x - zp) * w[t][c])`.
+/// Direct depthwise conv of one sample:
+/// `out[p][c] = requantize(sum_taps (x - zp) * w[t][c])`, with the zero point and the
+/// requantization `w` was packed with.
 ///
 /// Why direct: each channel has its own filter, so there is nothing for a GEMM to share.
 /// - Scalar and AVX2: values are widened to 16 bits with the zero point subtracted (`x - zp`
@@ -129,14 +176,11 @@ pub struct DepthwiseScratch {
 ///   `x * w` products of 16 channels exactly in i32, and the zero point is taken out through
 ///   the bias (`- zp * sum w`, as the GEMM does), padding taps reading zero-point bytes. The
 ///   integers are the same; there are about five times fewer instructions per tap.
-#[allow(clippy::too_many_arguments)]
 pub fn depthwise(
     level: Level,
     x: &[u8],
     s: &ConvShape,
-    zp: u8,
     w: &DepthwiseWeights,
-    rq: &Requant,
     out: &mut [u8],
     scratch: &mut DepthwiseScratch,
 ) {
@@ -146,7 +190,7 @@ pub fn depthwise(
         "depthwise: buffer sizes"
     );
     assert!(
-        w.c == c && w.k == s.k && rq.mult.len() >= c && rq.bias.len() >= c,
+        w.c == c && w.k == s.k,
         "depthwise: weights for {} channels of {}x{}, not {c} of {}x{}",
         w.c,
         w.k,
@@ -154,41 +198,21 @@ pub fn depthwise(
         s.k,
         s.k
     );
+    let rq = w.requant();
     match &w.packed {
         DwPacked::Widened(wide) => {
             scratch.acc.resize(c, 0);
-            depthwise_at(level, level, x, s, zp, wide, rq, out, &mut scratch.acc);
+            depthwise_at(level, level, x, s, w.zp, wide, &rq, out, &mut scratch.acc);
         }
         #[cfg(target_arch = "x86_64")]
-        DwPacked::Quads { w: quads, sums } => {
+        DwPacked::Quads { w: quads, pad } => {
             assert!(level == Level::Vnni, "depthwise: VNNI weights at {level:?}");
-            vnni_requant(rq, sums, zp, c, scratch);
-            scratch.pad.clear();
-            scratch.pad.resize(c, zp);
             // SAFETY: VNNI weights are only packed for a level `Level::available` reported;
             // the buffer sizes were checked above.
-            unsafe { x86::depthwise_vnni(x, s, quads, rq, out, scratch) }
+            unsafe { x86::depthwise_vnni(x, s, quads, pad, &rq, out, scratch) }
         }
         #[cfg(not(target_arch = "x86_64"))]
         DwPacked::Quads { .. } => unreachable!("only x86-64 packs for VNNI"),
-    }
-}
-
-/// The VNNI kernel's requantization bias (`bias - zp * sum w`, wrapping as the sums do) and
-/// multipliers, per block of 64 channels in the order of its four accumulators: accumulator
-/// `j` lane `4 * l + e` is channel `16 * l + 4 * j + e` of the block. Padding lanes get 0.
-fn vnni_requant(rq: &Requant, sums: &[i32], zp: u8, c: usize, scratch: &mut DepthwiseScratch) {
-    let len = c.div_ceil(DW_VNNI_BLOCK) * DW_VNNI_BLOCK;
-    scratch.bias.clear();
-    scratch.bias.resize(len, 0);
-    scratch.mult.clear();
-    scratch.mult.resize(len, 0.0);
-    for ch in 0..c {
-        let (block, r) = (ch / DW_VNNI_BLOCK, ch % DW_VNNI_BLOCK);
-        let (l, j, e) = (r / 16, r % 16 / 4, r % 4);
-        let at = block * DW_VNNI_BLOCK + 16 * j + 4 * l + e;
-        scratch.bias[at] = rq.bias[ch].wrapping_sub((zp as i32).wrapping_mul(sums[ch]));
-        scratch.mult[at] = rq.mult[ch];
     }
 }
 
@@ -268,8 +292,8 @@ mod x86 {
     use super::{ConvShape, DW_VNNI_BLOCK, DepthwiseScratch, Requant};
     use std::arch::x86_64::*;
 
-    /// The VNNI depthwise conv of one sample (see [`super::depthwise`]); `scratch` holds the
-    /// kernel-order requantization and the zero-point row.
+    /// The VNNI depthwise conv of one sample (see [`super::depthwise`]): `rq` in the
+    /// kernel's lane order, `pad` the zero-point row.
     ///
     /// Per output pixel and block of 64 channels, for each group of 4 taps: the 4 taps' 64
     /// input bytes are interleaved by `vpunpck{l,h}bw` then `vpunpck{l,h}wd` into 4 vectors
@@ -284,25 +308,28 @@ mod x86 {
         x: &[u8],
         s: &ConvShape,
         w: &[i8],
+        pad: &[u8],
         rq: &Requant,
         out: &mut [u8],
         scratch: &mut DepthwiseScratch,
     ) {
         let (ho, wo, c, k) = (s.out_h(), s.out_w(), s.c, s.k);
         let groups = (k * k).div_ceil(4);
-        let pad = scratch.pad.as_ptr() as usize;
+        let pad = pad.as_ptr() as usize;
         let x0 = x.as_ptr() as usize;
         let tail = Tail {
             lo: (rq.qmin - rq.zp) as f32,
             hi: (rq.qmax - rq.zp) as f32,
             zp: rq.zp,
-            bias: scratch.bias.as_ptr(),
-            mult: scratch.mult.as_ptr(),
+            bias: rq.bias.as_ptr(),
+            mult: rq.mult.as_ptr(),
             w: w.as_ptr(),
             groups,
         };
         // Each tap's offset from the window's top-left pixel, for windows wholly inside.
-        let rel: Vec<usize> = (0..k * k).map(|t| (t / k * s.w + t % k) * c).collect();
+        let rel = &mut scratch.rel;
+        rel.clear();
+        rel.extend((0..k * k).map(|t| (t / k * s.w + t % k) * c));
         let taps = &mut scratch.taps;
         taps.clear();
         taps.resize(groups * 4, pad);
@@ -316,7 +343,7 @@ mod x86 {
                     .filter(|&ix| ix + k <= s.w);
                 if let (Some(iy), Some(ix)) = (iy0, ix0) {
                     let base = x0 + (iy * s.w + ix) * c;
-                    for (t, r) in taps.iter_mut().zip(&rel) {
+                    for (t, r) in taps.iter_mut().zip(rel.iter()) {
                         *t = base + r;
                     }
                 } else {
@@ -644,10 +671,10 @@ mod tests {
                 };
                 let want = reference(&x, &s, zp, &wt, &rq);
                 for level in Level::available() {
-                    let packed = DepthwiseWeights::new(&wt, c, k, level);
+                    let packed = DepthwiseWeights::new(&wt, c, k, level, zp, &rq);
                     let mut out = vec![0u8; want.len()];
                     let mut scratch = DepthwiseScratch::default();
-                    depthwise(level, &x, &s, zp, &packed, &rq, &mut out, &mut scratch);
+                    depthwise(level, &x, &s, &packed, &mut out, &mut scratch);
                     assert_eq!(out, want, "{h}x{w}x{c} k{k} s{stride} zp {zp} {level:?}");
                 }
             }
@@ -679,10 +706,10 @@ mod tests {
                 qmax: 255,
             };
             for level in Level::available() {
-                let packed = DepthwiseWeights::new(&wt, 20, 5, level);
+                let packed = DepthwiseWeights::new(&wt, 20, 5, level, 0, &rq);
                 let mut out = vec![0u8; 25 * 20];
                 let mut scratch = DepthwiseScratch::default();
-                depthwise(level, &x, &s, 0, &packed, &rq, &mut out, &mut scratch);
+                depthwise(level, &x, &s, &packed, &mut out, &mut scratch);
                 // The centre pixel sees all 25 taps.
                 assert!(out[12 * 20..13 * 20].iter().all(|&v| v == 9), "{level:?}");
             }
