@@ -5,6 +5,7 @@
 #   QUICK=1 bash bench/compare.sh                 # 1 round, 2 timed batches: a smoke test
 #   CONFIGS='infer.*b64' bash bench/compare.sh    # only configs whose label matches (grep -E)
 #   CONFIGS='^int8' bash bench/compare.sh         # only the int8 table (needs no PyTorch)
+#   CONFIGS='^latency' bash bench/compare.sh      # only the batch-1 latency block
 #   LIST=1 bash bench/compare.sh                  # print the config labels and exit
 #
 # Knobs (environment):
@@ -12,13 +13,14 @@
 #                    onnxruntime intra_op_num_threads)
 #   ROUNDS=3         rounds per config; each round runs slimcandle, then PyTorch
 #   ITERS=10         timed batches per run;  WARMUP=3  untimed batches before them
+#   LAT_ITERS=100    timed images per run of the latency rows; LAT_WARMUP=10 untimed before
 #   AGG=median       how rounds are combined in the table: median or best (highest images/s)
 #   ORT=1            also time onnxruntime in the infer rows (0 to skip)
 #   CONFIGS=REGEX    run only the configs whose label matches
 #   NOSPIN=0         1: idle worker threads sleep instead of spinning, in PyTorch
 #                    (OMP_WAIT_POLICY=PASSIVE) and onnxruntime (allow_spinning=0). Use it when
 #                    the machine is busy: spinning OpenMP threads then slow PyTorch ~20x.
-#   QUICK=1          ROUNDS=1 ITERS=2 WARMUP=1 unless those are set
+#   QUICK=1          ROUNDS=1 ITERS=2 WARMUP=1 LAT_ITERS=5 LAT_WARMUP=1 unless those are set
 #   RAW=FILE         where the raw JSON lines go (default: a new file under /tmp)
 #   EXPORTS=1        also time onnxruntime on slimcandle's own ONNX exports (fp32 and int8 QDQ
 #                    of the shared fixtures, 8 x 224 x 224) beside our engine; 0 to skip
@@ -35,6 +37,7 @@ cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
 if [[ "${QUICK:-0}" == 1 ]]; then
     ROUNDS=${ROUNDS:-1} ITERS=${ITERS:-2} WARMUP=${WARMUP:-1}
+    LAT_ITERS=${LAT_ITERS:-5} LAT_WARMUP=${LAT_WARMUP:-1}
 fi
 THREADS=${THREADS:-2}
 ROUNDS=${ROUNDS:-3}
@@ -71,6 +74,16 @@ ALL_CONFIGS=(
     # The issue's figures for this one: PyTorch ~830 images/s, onnxruntime ~2,900.
     "infer|500|32|cifar|mobilenet_v2|--arch mobilenet_v2"
 )
+# The latency rows: one image at a time (eval mode), LAT_ITERS timed after LAT_WARMUP, median
+# and 95th percentile of the per-image times; label "latency NAME STEM b1 SxS".
+for m in "mobilenet_v2|--arch mobilenet_v2" "mobilenet_v3_small|--arch mobilenet_v3_small" \
+         "shufflenet_v2_x1_0|--arch shufflenet_v2 --width 1.0" \
+         "shufflenet_v1_g3|--arch shufflenet_v1 --groups 3 --width 1.0" \
+         "squeezenet1_1|--arch squeezenet1_1" "mobilenet_v1_w0_5|--arch mobilenet_v1 --width 0.5"; do
+    ALL_CONFIGS+=("latency|1|224|imagenet|$m" "latency|1|32|cifar|$m")
+done
+LAT_ITERS=${LAT_ITERS:-100}
+LAT_WARMUP=${LAT_WARMUP:-10}
 
 label_of() { # config line -> "infer mobilenet_v2 cifar b64 32x32"
     local mode batch size stem name args
@@ -204,14 +217,16 @@ for c in "${SELECTED[@]}"; do
     IFS='|' read -r mode batch size stem name args <<<"$c"
     label=$(label_of "$c")
     read -r -a arch_args <<<"$args"
-    common=(--stem "$stem" --num-classes 10 --batch "$batch" --size "$size" --mode "$mode"
-            --warmup "$WARMUP" --iterations "$ITERS" --threads "$THREADS" --json)
+    bench_mode=$mode warmup=$WARMUP iters=$ITERS
+    [[ "$mode" == latency ]] && bench_mode=infer warmup=$LAT_WARMUP iters=$LAT_ITERS
+    common=(--stem "$stem" --num-classes 10 --batch "$batch" --size "$size" --mode "$bench_mode"
+            --warmup "$warmup" --iterations "$iters" --threads "$THREADS" --json)
     py_extra=()
     py_env=(OMP_NUM_THREADS="$THREADS" MKL_NUM_THREADS="$THREADS")
-    [[ "$mode" == infer && "$ORT" == 1 ]] && py_extra=(--onnxruntime)
+    [[ "$bench_mode" == infer && "$ORT" == 1 ]] && py_extra=(--onnxruntime)
     if [[ "$NOSPIN" == 1 ]]; then
         py_env+=(OMP_WAIT_POLICY=PASSIVE)
-        [[ "$mode" == infer && "$ORT" == 1 ]] && py_extra+=(--onnxruntime-no-spin)
+        [[ "$bench_mode" == infer && "$ORT" == 1 ]] && py_extra+=(--onnxruntime-no-spin)
     fi
     for ((r = 1; r <= ROUNDS; r++)); do
         echo "[$label] round $r/$ROUNDS: slimcandle" >&2

@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Times onnxruntime on one ONNX file (a `slimcandle export`), as `slimcandle bench` times our
 engine: the same random batch every step, warm-up batches excluded. Prints one JSON object
-with `images_per_s`, `ms_per_batch` and `peak_memory` (bytes of the process's peak RSS,
+with `images_per_s`, `ms_per_batch`, `ms_median`, `ms_p95` and `peak_memory` (bytes of the process's peak RSS,
 as `slimcandle bench` reports it).
 
     python3 bench/ort_time.py MODEL.onnx --batch 8 --size 224 [--threads 2] [--warmup 3]
@@ -10,6 +10,7 @@ as `slimcandle bench` reports it).
 
 import argparse
 import json
+import math
 import resource
 import sys
 import time
@@ -40,14 +41,22 @@ def main():
     feed = {"input": x.astype(np.float32)}
     for _ in range(args.warmup):
         sess.run(None, feed)
-    start = time.perf_counter()
+    times = []
     for _ in range(args.iterations):
+        start = time.perf_counter()
         sess.run(None, feed)
-    seconds = time.perf_counter() - start
+        times.append(time.perf_counter() - start)
+    seconds = sum(times)
+    s = sorted(times)
+    n = len(s)
+    median = s[n // 2] if n % 2 else (s[n // 2 - 1] + s[n // 2]) / 2
+    p95 = s[min(max(math.ceil(0.95 * n), 1), n) - 1]  # nearest rank, as `slimcandle bench`
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     print(json.dumps({
         "images_per_s": args.batch * args.iterations / seconds,
         "ms_per_batch": 1000 * seconds / args.iterations,
+        "ms_median": 1000 * median,
+        "ms_p95": 1000 * p95,
         "onnxruntime_version": ort.__version__,
         # ru_maxrss is KiB on Linux, bytes on macOS.
         "peak_memory": rss if sys.platform == "darwin" else rss * 1024,

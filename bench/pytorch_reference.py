@@ -7,9 +7,10 @@ Runs the same configuration as
         --batch N --size S --mode train|infer --warmup K --iterations M --threads T --json
 
 on the CPU, with the same thread count, and prints one JSON object with the same keys
-(`images_per_s`, `ms_per_batch`, `threads`, `arch`, `mode`, `batch`, `size`, `stem`,
-`iterations`, `peak_memory`) plus a few of its own (`framework`, `params`, `torch_version`,
-and with --onnxruntime `onnxruntime_images_per_s`, `onnxruntime_ms_per_batch`).
+(`images_per_s`, `ms_per_batch`, `ms_median`, `ms_p95`, `threads`, `arch`, `mode`, `batch`,
+`size`, `stem`, `iterations`, `peak_memory`) plus a few of its own (`framework`, `params`,
+`torch_version`, and with --onnxruntime `onnxruntime_images_per_s`,
+`onnxruntime_ms_per_batch`, `onnxruntime_ms_median`, `onnxruntime_ms_p95`).
 
 What is timed (warm-up batches excluded, the same random batch every step):
   train  model.train(); forward, cross-entropy, backward, SGD step (lr 1e-3, momentum 0.9,
@@ -30,6 +31,7 @@ against slimcandle, logits included.
 import argparse
 import importlib.util
 import json
+import math
 import os
 import platform
 import resource
@@ -168,16 +170,29 @@ def count_params(model: nn.Module) -> int:
 # --------------------------------------------------------------------------------------
 
 
-def time_loop(step, warmup: int, iterations: int) -> float:
+def time_loop(step, warmup: int, iterations: int) -> list:
+    """Seconds of each timed step, after `warmup` untimed ones."""
     for i in range(warmup):
         step(i)
-    start = time.perf_counter()
+    times = []
     for i in range(iterations):
+        start = time.perf_counter()
         step(warmup + i)
-    return time.perf_counter() - start
+        times.append(time.perf_counter() - start)
+    return times
 
 
-def bench_torch(model, x, labels, mode, warmup, iterations) -> float:
+def latency_ms(times: list) -> dict:
+    """Median and 95th percentile (nearest rank) of the step times in ms, as `slimcandle
+    bench` reports them (`ms_median`, `ms_p95`)."""
+    s = sorted(times)
+    n = len(s)
+    median = s[n // 2] if n % 2 else (s[n // 2 - 1] + s[n // 2]) / 2
+    p95 = s[min(max(math.ceil(0.95 * n), 1), n) - 1]
+    return {"ms_median": 1000.0 * median, "ms_p95": 1000.0 * p95}
+
+
+def bench_torch(model, x, labels, mode, warmup, iterations) -> list:
     if mode == "train":
         model.train()
         opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9, nesterov=True,
@@ -225,8 +240,7 @@ def bench_onnxruntime(model, x, threads, warmup, iterations, spin=True) -> dict:
     def step(_i):
         sess.run(None, feed)
 
-    seconds = time_loop(step, warmup, iterations)
-    return {"seconds": seconds, "version": ort.__version__}
+    return {"times": time_loop(step, warmup, iterations), "version": ort.__version__}
 
 
 def export_onnx(model, x, path) -> None:
@@ -304,14 +318,18 @@ def main() -> int:
         "python": platform.python_version(),
     }
     if not args.no_torch:
-        seconds = bench_torch(model, x, labels, args.mode, args.warmup, args.iterations)
+        times = bench_torch(model, x, labels, args.mode, args.warmup, args.iterations)
+        seconds = sum(times)
         out["images_per_s"] = args.batch * args.iterations / seconds
         out["ms_per_batch"] = 1000.0 * seconds / args.iterations
+        out.update(latency_ms(times))
     if args.onnxruntime:
         r = bench_onnxruntime(model, x, args.threads, args.warmup, args.iterations,
                               spin=not args.onnxruntime_no_spin)
-        out["onnxruntime_images_per_s"] = args.batch * args.iterations / r["seconds"]
-        out["onnxruntime_ms_per_batch"] = 1000.0 * r["seconds"] / args.iterations
+        seconds = sum(r["times"])
+        out["onnxruntime_images_per_s"] = args.batch * args.iterations / seconds
+        out["onnxruntime_ms_per_batch"] = 1000.0 * seconds / args.iterations
+        out.update({f"onnxruntime_{k}": v for k, v in latency_ms(r["times"]).items()})
         out["onnxruntime_version"] = r["version"]
         out["onnxruntime_threads"] = args.threads
         out["onnxruntime_spinning"] = not args.onnxruntime_no_spin

@@ -8,6 +8,11 @@ The int8 rows (configs "int8 ..."; tools slimcandle_int8, ort_int8_quantize_stat
 ort_int8_ours, slimcandle_fp32, ort_fp32, each result with `images_per_s`) get a table of their
 own, followed by the largest peak RSS of any of their runs.
 
+The latency rows (configs "latency ...", batch 1) get a table of per-image times instead:
+the median and the 95th percentile (`ms_median`, `ms_p95`) of each tool, the median of the
+rounds' values, and the ratios of onnxruntime's and PyTorch's median to ours (above 1: ours
+is faster).
+
 Usage: summarize.py RAW.jsonl [--agg median|best]
 """
 
@@ -38,6 +43,7 @@ def main() -> int:
 
     order = {}
     vals = {}  # (config, key) -> [images/s per round]
+    lat = {}  # (config, tool, "ms_median" | "ms_p95") -> [ms per round], latency rows
     errors = {}
     peaks = []  # (peak RSS bytes, config, tool) of the int8 rows' runs
     rounds = set()
@@ -57,6 +63,13 @@ def main() -> int:
                 vals.setdefault((cfg, rec["tool"]), []).append(r["images_per_s"])
                 if r.get("peak_memory") is not None:
                     peaks.append((r["peak_memory"], cfg, rec["tool"]))
+            elif cfg.startswith("latency"):
+                tools = [("slimcandle", "")] if rec["tool"] == "slimcandle" else [
+                    ("pytorch", ""), ("onnxruntime", "onnxruntime_")]
+                for tool, prefix in tools:
+                    for stat in ("ms_median", "ms_p95"):
+                        if prefix + stat in r:
+                            lat.setdefault((cfg, tool, stat), []).append(r[prefix + stat])
             elif rec["tool"] == "slimcandle":
                 vals.setdefault((cfg, "slimcandle"), []).append(r["images_per_s"])
             else:
@@ -69,7 +82,16 @@ def main() -> int:
         v = vals.get((cfg, key))
         return agg(v) if v else None
 
+    def get_ms(cfg, tool, stat):
+        v = lat.get((cfg, tool, stat))
+        return statistics.median(v) if v else None
+
+    def ms(v):
+        return "-" if v is None else f"{v:.2f}"
+
     configs = sorted(order, key=order.get)
+    latency_configs = [c for c in configs if c.startswith("latency")]
+    configs = [c for c in configs if not c.startswith("latency")]
     float_configs = [c for c in configs if not c.startswith("int8")]
     int8_configs = [c for c in configs if c.startswith("int8")]
     if float_configs:
@@ -101,6 +123,23 @@ def main() -> int:
             "ort_fp32"))
         print(f"| {cfg} | {fmt(i8)} | {fmt(oq)} | {fmt(oo)} | {fmt(f32)} | {fmt(of32)} | "
               f"{ratio(i8, oq)} | {ratio(i8, f32)} |")
+    if latency_configs:
+        if float_configs or int8_configs:
+            print()
+        print("batch-1 latency, ms per image (eval mode, fp32), median of the rounds' median "
+              "and 95th percentile; ratios are the other tool's median over ours "
+              "(above 1: slimcandle is faster)")
+        print()
+        print("| config | slimcandle median | p95 | onnxruntime median | p95 | PyTorch median | p95 "
+              "| vs onnxruntime | vs PyTorch |")
+        print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for cfg in latency_configs:
+        row = {t: (get_ms(cfg, t, "ms_median"), get_ms(cfg, t, "ms_p95"))
+               for t in ("slimcandle", "onnxruntime", "pytorch")}
+        s_med = row["slimcandle"][0]
+        cells = " | ".join(f"{ms(m)} | {ms(p)}" for m, p in row.values())
+        print(f"| {cfg} | {cells} | {ratio(row['onnxruntime'][0], s_med)} | "
+              f"{ratio(row['pytorch'][0], s_med)} |")
     if peaks:
         peak, cfg, tool = max(peaks)
         print()

@@ -30,7 +30,12 @@ pub struct BenchResult {
     pub size: usize,
     pub iterations: usize,
     pub images_per_s: f64,
+    /// Mean wall time per timed batch.
     pub ms_per_batch: f64,
+    /// Median and 95th percentile (nearest rank) of the timed batches' wall times: with
+    /// `--batch-size 1`, the one-image latency an edge device sees, and its tail.
+    pub ms_median: f64,
+    pub ms_p95: f64,
     /// Peak resident memory of the process so far, in bytes (Linux only).
     pub peak_memory: Option<u64>,
     pub threads: usize,
@@ -158,24 +163,64 @@ pub fn run_with_teacher(
         step(i)?;
     }
     crate::profile::reset();
-    let start = Instant::now();
-    for i in 0..iterations {
-        step(warmup + i)?;
-    }
-    let seconds = start.elapsed().as_secs_f64();
+    let times = timed(iterations, |i| step(warmup + i))?;
     if crate::profile::enabled() {
         eprint!("{}", crate::profile::report());
     }
-    Ok(BenchResult {
+    Ok(result(
+        mode,
+        batch,
+        size,
+        &times,
+        candle_core::utils::get_num_threads(),
+    ))
+}
+
+/// Runs `step` `iterations` times; the wall time of each, in seconds.
+fn timed(iterations: usize, mut step: impl FnMut(usize) -> Result<()>) -> Result<Vec<f64>> {
+    if iterations == 0 {
+        bail!("bench: at least one timed batch is needed");
+    }
+    let mut times = Vec::with_capacity(iterations);
+    for i in 0..iterations {
+        let start = Instant::now();
+        step(i)?;
+        times.push(start.elapsed().as_secs_f64());
+    }
+    Ok(times)
+}
+
+/// The figures of `times` (seconds per batch of `batch` images).
+fn result(
+    mode: BenchMode,
+    batch: usize,
+    size: usize,
+    times: &[f64],
+    threads: usize,
+) -> BenchResult {
+    let seconds: f64 = times.iter().sum();
+    let iterations = times.len();
+    let mut sorted = times.to_vec();
+    sorted.sort_by(f64::total_cmp);
+    // Nearest rank: the smallest time that at least q of the batches did not exceed.
+    let rank = |q: f64| sorted[((q * iterations as f64).ceil() as usize).clamp(1, iterations) - 1];
+    let median = if iterations % 2 == 1 {
+        sorted[iterations / 2]
+    } else {
+        (sorted[iterations / 2 - 1] + sorted[iterations / 2]) / 2.0
+    };
+    BenchResult {
         mode,
         batch,
         size,
         iterations,
         images_per_s: (batch * iterations) as f64 / seconds,
         ms_per_batch: 1000.0 * seconds / iterations as f64,
+        ms_median: 1000.0 * median,
+        ms_p95: 1000.0 * rank(0.95),
         peak_memory: peak_memory(),
-        threads: candle_core::utils::get_num_threads(),
-    })
+        threads,
+    }
 }
 
 /// Int8 inference throughput: `warmup` untimed then `iterations` timed batches of random
@@ -192,21 +237,16 @@ pub fn run_int8(
     for _ in 0..warmup {
         engine.forward(&x, batch, size, size)?;
     }
-    let start = Instant::now();
-    for _ in 0..iterations {
-        engine.forward(&x, batch, size, size)?;
-    }
-    let seconds = start.elapsed().as_secs_f64();
-    Ok(BenchResult {
-        mode: BenchMode::Infer,
+    let times = timed(iterations, |_| {
+        engine.forward(&x, batch, size, size).map(drop)
+    })?;
+    Ok(result(
+        BenchMode::Infer,
         batch,
         size,
-        iterations,
-        images_per_s: (batch * iterations) as f64 / seconds,
-        ms_per_batch: 1000.0 * seconds / iterations as f64,
-        peak_memory: peak_memory(),
-        threads: rayon::current_num_threads(),
-    })
+        &times,
+        rayon::current_num_threads(),
+    ))
 }
 
 /// Quantizes `model` for [`run_int8`] when no int8 checkpoint is given: calibrated (default

@@ -136,7 +136,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
             .map(|t| format!(" with teacher `{}`", t.path.display()))
             .unwrap_or_default();
         println!(
-            "{}{with} ({} stem) {} batch {} at {}x{}: {:.1} images/s ({:.1} ms/batch), peak memory {peak}, {} threads",
+            "{}{with} ({} stem) {} batch {} at {}x{}: {:.1} images/s ({:.1} ms/batch; median {:.2} ms, p95 {:.2} ms), peak memory {peak}, {} threads",
             name,
             match stem {
                 Some(Stem::Imagenet) => "imagenet",
@@ -152,6 +152,8 @@ pub fn run(args: BenchArgs) -> Result<()> {
             r.size,
             r.images_per_s,
             r.ms_per_batch,
+            r.ms_median,
+            r.ms_p95,
             r.threads
         );
     }
