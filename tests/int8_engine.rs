@@ -503,6 +503,15 @@ fn engine_agrees_with_the_simulation_on_every_family() {
             let xs: Vec<f32> = x.flatten_all().unwrap().to_vec1().unwrap();
             let got = engine.forward(&xs, n, h, w).unwrap();
             assert_eq!(got.len(), want.len(), "{name}: output size");
+            // One image alone runs as one chunk on one thread, the batch as a chunk per
+            // thread: the same integers either way.
+            let per = xs.len() / n;
+            let one = engine.forward(&xs[..per], 1, h, w).unwrap();
+            assert_eq!(
+                one,
+                got[..got.len() / n],
+                "{name} {h}x{w}: batch 1 vs batch {n}"
+            );
             for (g, w) in got.iter().zip(&want) {
                 let steps = ((g - w) / out_q.scale).abs().round();
                 assert!(steps <= 1.0, "{name} {h}x{w}: engine {g} vs simulation {w}");
