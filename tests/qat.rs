@@ -128,7 +128,7 @@ fn executor_against_simulation(m: &Model, x: &Tensor, calib: Tensor) -> (usize, 
     .expect("f32 CPU model");
     // A frozen-batch-norm step leaves the running statistics alone.
     assert_eq!(before, running_stats(m));
-    let q = qat.export(m).unwrap();
+    let q = qat.export(m, 0).unwrap();
     let sim = simulate(&q, x).unwrap();
     let out_q = q.activations[q.graph.output].unwrap();
     let (a, b) = (

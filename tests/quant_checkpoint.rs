@@ -131,23 +131,8 @@ fn mobilenet_v2_int8_file_is_at_most_27_percent_of_fp32() {
 
 /// The tensors (as raw bytes, to edit) and metadata of the safetensors file at `src`.
 fn read_parts(src: &Path) -> (HashMap<String, RawTensor>, HashMap<String, String>) {
-    let file = TensorFile::read(src).unwrap();
-    let tensors = file
-        .names()
-        .into_iter()
-        .map(|n| {
-            let v = file.raw(&n).unwrap();
-            (
-                n.clone(),
-                RawTensor {
-                    dtype: v.dtype(),
-                    shape: v.shape().to_vec(),
-                    data: v.data().to_vec(),
-                },
-            )
-        })
-        .collect();
-    (tensors, file.metadata.clone())
+    let (tensors, metadata) = common::raw_tensors(src);
+    (tensors.into_iter().collect(), metadata)
 }
 
 /// Rewrites `src` into `dst` after `edit` changes its tensors.

@@ -269,24 +269,8 @@ struct Parts {
 
 impl Parts {
     fn read(path: &Path) -> Parts {
-        let file = TensorFile::read(path).unwrap();
-        let tensors = file
-            .names()
-            .into_iter()
-            .map(|n| {
-                let v = file.raw(&n).unwrap();
-                let t = RawTensor {
-                    dtype: v.dtype(),
-                    shape: v.shape().to_vec(),
-                    data: v.data().to_vec(),
-                };
-                (n, t)
-            })
-            .collect();
-        Parts {
-            tensors,
-            metadata: file.metadata.clone(),
-        }
+        let (tensors, metadata) = common::raw_tensors(path);
+        Parts { tensors, metadata }
     }
 
     fn write(self, path: &Path) {

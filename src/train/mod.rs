@@ -425,7 +425,10 @@ impl Run {
 
     /// The int8 model of a QAT run now (`None` for other runs).
     pub fn quantized(&self) -> Result<Option<crate::passes::quant::QuantizedModel>> {
-        self.qat.as_ref().map(|q| q.export(&self.model)).transpose()
+        self.qat
+            .as_ref()
+            .map(|q| q.export(&self.model, self.progress.epoch))
+            .transpose()
     }
 
     /// The pruning masks in force, if pruning has started.
@@ -492,19 +495,7 @@ impl Run {
             ));
         }
         let result = match self.quantized() {
-            Ok(Some(mut q)) => {
-                let c = self
-                    .config
-                    .qat
-                    .as_ref()
-                    .expect("a quantized model comes from QAT");
-                q.scheme.qat = Some(crate::passes::quant::QatInfo {
-                    epochs: self.progress.epoch,
-                    freeze_bn_epoch: c.freeze_bn_epoch,
-                    freeze_observers_epoch: c.freeze_observers_epoch,
-                });
-                crate::passes::quant::store::save(&q, path)
-            }
+            Ok(Some(q)) => crate::passes::quant::store::save(&q, path),
             Ok(None) => checkpoint::save(&self.model, path),
             Err(e) => Err(e),
         };

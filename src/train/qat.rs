@@ -287,18 +287,25 @@ impl Qat {
     }
 
     /// The int8 model of `model` now: batch norm folded with its running statistics, the
-    /// tracked ranges as activation qparams, weights and biases quantized by the plan.
-    pub fn export(&self, model: &Model) -> Result<QuantizedModel> {
+    /// tracked ranges as activation qparams, weights and biases quantized by the plan, and
+    /// its record that QAT made it (`epochs` trained, this run's freeze epochs).
+    pub fn export(&self, model: &Model, epochs: usize) -> Result<QuantizedModel> {
         let folded = crate::passes::fold_batch_norm(model)?;
         let activations = (0..folded.graph.nodes.len())
             .map(|f| self.qparams(f))
             .collect();
-        build_with_qparams(
+        let mut q = build_with_qparams(
             &folded,
             activations,
             &self.config.options()?,
             self.config.calibration_images,
-        )
+        )?;
+        q.scheme.qat = Some(crate::passes::quant::QatInfo {
+            epochs,
+            freeze_bn_epoch: self.config.freeze_bn_epoch,
+            freeze_observers_epoch: self.config.freeze_observers_epoch,
+        });
+        Ok(q)
     }
 }
 

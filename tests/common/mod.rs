@@ -122,3 +122,28 @@ pub fn scaled_error(got: &candle_core::Tensor, want: &candle_core::Tensor, floor
         );
     err / scale
 }
+
+/// The tensors of the safetensors file at `path` as raw bytes (to edit and write back with
+/// `tensor_file::write_atomic`), and its metadata.
+pub fn raw_tensors(
+    path: &std::path::Path,
+) -> (
+    std::collections::BTreeMap<String, slimcandle::tensor_file::RawTensor>,
+    std::collections::HashMap<String, String>,
+) {
+    let file = slimcandle::tensor_file::TensorFile::read(path).unwrap();
+    let tensors = file
+        .names()
+        .into_iter()
+        .map(|n| {
+            let v = file.raw(&n).unwrap();
+            let t = slimcandle::tensor_file::RawTensor {
+                dtype: v.dtype(),
+                shape: v.shape().to_vec(),
+                data: v.data().to_vec(),
+            };
+            (n, t)
+        })
+        .collect();
+    (tensors, file.metadata.clone())
+}
