@@ -10,13 +10,14 @@ as `slimcandle bench` reports it).
 
 import argparse
 import json
-import math
 import resource
 import sys
 import time
 
 import numpy as np
 import onnxruntime as ort
+
+from latency import latency_ms
 
 
 def main():
@@ -47,16 +48,11 @@ def main():
         sess.run(None, feed)
         times.append(time.perf_counter() - start)
     seconds = sum(times)
-    s = sorted(times)
-    n = len(s)
-    median = s[n // 2] if n % 2 else (s[n // 2 - 1] + s[n // 2]) / 2
-    p95 = s[min(max(math.ceil(0.95 * n), 1), n) - 1]  # nearest rank, as `slimcandle bench`
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     print(json.dumps({
         "images_per_s": args.batch * args.iterations / seconds,
         "ms_per_batch": 1000 * seconds / args.iterations,
-        "ms_median": 1000 * median,
-        "ms_p95": 1000 * p95,
+        **latency_ms(times),
         "onnxruntime_version": ort.__version__,
         # ru_maxrss is KiB on Linux, bytes on macOS.
         "peak_memory": rss if sys.platform == "darwin" else rss * 1024,

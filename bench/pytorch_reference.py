@@ -31,7 +31,6 @@ against slimcandle, logits included.
 import argparse
 import importlib.util
 import json
-import math
 import os
 import platform
 import resource
@@ -44,6 +43,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 import torchvision
+
+from latency import latency_ms
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -180,16 +181,6 @@ def time_loop(step, warmup: int, iterations: int) -> list:
         step(warmup + i)
         times.append(time.perf_counter() - start)
     return times
-
-
-def latency_ms(times: list) -> dict:
-    """Median and 95th percentile (nearest rank) of the step times in ms, as `slimcandle
-    bench` reports them (`ms_median`, `ms_p95`)."""
-    s = sorted(times)
-    n = len(s)
-    median = s[n // 2] if n % 2 else (s[n // 2 - 1] + s[n // 2]) / 2
-    p95 = s[min(max(math.ceil(0.95 * n), 1), n) - 1]
-    return {"ms_median": 1000.0 * median, "ms_p95": 1000.0 * p95}
 
 
 def bench_torch(model, x, labels, mode, warmup, iterations) -> list:

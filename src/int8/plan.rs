@@ -23,6 +23,19 @@ pub(crate) struct OutStage {
     pub qmax: u8,
 }
 
+impl OutStage {
+    /// The kernels' view of this output stage.
+    pub fn requant(&self) -> Requant<'_> {
+        Requant {
+            mult: &self.mult,
+            bias: &self.bias,
+            zp: self.zp as i32,
+            qmin: self.qmin as i32,
+            qmax: self.qmax as i32,
+        }
+    }
+}
+
 /// The geometry of a conv node.
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct ConvParams {
@@ -187,13 +200,6 @@ pub(crate) fn build(qm: &QuantizedModel, level: Level) -> Result<Plan> {
                         let values = &layer.weight.values;
                         let out = out_stage(qm, id, &layer.bias).with_context(what)?;
                         if node.op.is_depthwise() {
-                            let rq = Requant {
-                                mult: &out.mult,
-                                bias: &out.bias,
-                                zp: out.zp as i32,
-                                qmin: out.qmin as i32,
-                                qmax: out.qmax as i32,
-                            };
                             Kernel::Depthwise {
                                 conv,
                                 weights: DepthwiseWeights::new(
@@ -202,7 +208,7 @@ pub(crate) fn build(qm: &QuantizedModel, level: Level) -> Result<Plan> {
                                     *kernel,
                                     level,
                                     in_zp,
-                                    &rq,
+                                    &out.requant(),
                                 ),
                             }
                         } else {

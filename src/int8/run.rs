@@ -3,16 +3,16 @@
 //! Buffers come from a per-thread pool and go back to it after their value's last reader, so
 //! a warm chunk allocates nothing (as the float executor's `infer/run.rs`).
 
-use super::plan::{ConvParams, Kernel, OutStage, Plan, Step};
+use super::plan::{ConvParams, Kernel, Plan, Step};
 use crate::graph::{Dims, NodeId};
 use crate::kernels::conv::ConvGeom;
 use crate::kernels::gemm::{MatMut, MatRef, Parallelism, matmul};
+use crate::kernels::int8::Level;
 use crate::kernels::int8::conv::{ConvShape, DepthwiseScratch, depthwise, im2col};
 use crate::kernels::int8::elementwise::{
     PoolShape, add, avg_pool, channel_mul, dequantize, lookup, max_pool, quantize_to_nhwc,
 };
 use crate::kernels::int8::gemm::gemm;
-use crate::kernels::int8::{Level, Requant};
 use crate::kernels::{conv_gemm, depthwise as float_depthwise};
 use crate::passes::quant::QParams;
 use anyhow::{Context, Result, bail};
@@ -37,16 +37,6 @@ impl Scratch {
         buf.resize(len, 0);
         buf.truncate(len);
         buf
-    }
-}
-
-fn requant(out: &OutStage) -> Requant<'_> {
-    Requant {
-        mult: &out.mult,
-        bias: &out.bias,
-        zp: out.zp as i32,
-        qmin: out.qmin as i32,
-        qmax: out.qmax as i32,
     }
 }
 
@@ -202,7 +192,7 @@ fn run_step(
         } => {
             let s = shape(din, conv);
             let (cg, og) = (din.c / conv.groups, dout.c / conv.groups);
-            let rq = requant(out);
+            let rq = out.requant();
             if s.is_pointwise() {
                 // The NHWC input is the GEMM's activation matrix, one row per pixel.
                 for (g, w) in groups.iter().enumerate() {
@@ -238,7 +228,7 @@ fn run_step(
             }
         }
         Kernel::Linear { weights, out } => {
-            let rq = requant(out);
+            let rq = out.requant();
             // The graph flattens 1 x 1 planes only (`Graph::infer_shapes`), where NHWC and
             // NCHW agree.
             gemm(x, n, sin, weights, &rq, &mut y, sout);

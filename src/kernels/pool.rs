@@ -157,7 +157,7 @@ impl Pool {
     /// differ).
     fn max_plane<T: Float>(&self, plane: &[T], o: &mut [T]) {
         let w = self.w;
-        let mut col = plane[..w].to_vec();
+        let mut col = vec![T::ZERO; w];
         for (oy, out_row) in o.chunks_exact_mut(self.ow).take(self.oh).enumerate() {
             let (ys, _, _) = self.window(oy, 0);
             col.copy_from_slice(&plane[ys.start * w..][..w]);

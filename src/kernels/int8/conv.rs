@@ -36,6 +36,15 @@ impl ConvShape {
             .checked_sub(self.pad)
             .filter(|&i| i < len)
     }
+
+    /// The first input row (or column) of output position `o`'s window, if the whole window
+    /// lies inside the input (`len` long): then its taps need no bounds checks.
+    #[inline(always)]
+    fn window_inside(&self, o: usize, len: usize) -> Option<usize> {
+        (o * self.stride)
+            .checked_sub(self.pad)
+            .filter(|&i| i + self.k <= len)
+    }
 }
 
 /// Channels per block of the VNNI depthwise kernel (one AVX-512 register of bytes).
@@ -317,7 +326,7 @@ mod x86 {
         let groups = (k * k).div_ceil(4);
         let pad = pad.as_ptr() as usize;
         let x0 = x.as_ptr() as usize;
-        let tail = Tail {
+        let params = BlockParams {
             lo: (rq.qmin - rq.zp) as f32,
             hi: (rq.qmax - rq.zp) as f32,
             zp: rq.zp,
@@ -334,13 +343,9 @@ mod x86 {
         taps.clear();
         taps.resize(groups * 4, pad);
         for oy in 0..ho {
-            let iy0 = (oy * s.stride)
-                .checked_sub(s.pad)
-                .filter(|&iy| iy + k <= s.h);
+            let iy0 = s.window_inside(oy, s.h);
             for ox in 0..wo {
-                let ix0 = (ox * s.stride)
-                    .checked_sub(s.pad)
-                    .filter(|&ix| ix + k <= s.w);
+                let ix0 = s.window_inside(ox, s.w);
                 if let (Some(iy), Some(ix)) = (iy0, ix0) {
                     let base = x0 + (iy * s.w + ix) * c;
                     for (t, r) in taps.iter_mut().zip(rel.iter()) {
@@ -366,9 +371,9 @@ mod x86 {
                     // keep every access within `c`; `bias`, `mult` and `w` hold whole blocks.
                     unsafe {
                         if m > 32 {
-                            block64(&tail, taps, cb, m.min(64), o);
+                            block64(&params, taps, cb, m.min(64), o);
                         } else {
-                            block32(&tail, taps, cb, m, o);
+                            block32(&params, taps, cb, m, o);
                         }
                     }
                     cb += DW_VNNI_BLOCK;
@@ -378,7 +383,7 @@ mod x86 {
     }
 
     /// What every block of one depthwise conv shares.
-    struct Tail {
+    struct BlockParams {
         lo: f32,
         hi: f32,
         zp: i32,
@@ -391,7 +396,7 @@ mod x86 {
     /// Channels `cb..cb + m` (`m` in 1..=64) of one output pixel.
     #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni")]
     #[inline]
-    unsafe fn block64(t: &Tail, taps: &[usize], cb: usize, m: usize, o: *mut u8) {
+    unsafe fn block64(t: &BlockParams, taps: &[usize], cb: usize, m: usize, o: *mut u8) {
         let mask: __mmask64 = if m >= 64 { !0 } else { (1u64 << m) - 1 };
         let mut acc = [_mm512_setzero_si512(); 4];
         let wb = cb / DW_VNNI_BLOCK * t.groups * 4 * DW_VNNI_BLOCK;
@@ -447,7 +452,7 @@ mod x86 {
     /// [`block64`] on 256-bit vectors for the last `m` (1..=32) channels.
     #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni")]
     #[inline]
-    unsafe fn block32(t: &Tail, taps: &[usize], cb: usize, m: usize, o: *mut u8) {
+    unsafe fn block32(t: &BlockParams, taps: &[usize], cb: usize, m: usize, o: *mut u8) {
         let mask: __mmask32 = if m >= 32 { !0 } else { (1u32 << m) - 1 };
         let mut acc = [_mm256_setzero_si256(); 4];
         let wb = cb / DW_VNNI_BLOCK * t.groups * 4 * DW_VNNI_BLOCK;
@@ -535,10 +540,7 @@ pub fn im2col(x: &[u8], s: &ConvShape, c0: usize, cg: usize, zp: u8, cols: &mut 
     for oy in 0..ho {
         for ox in 0..wo {
             let dst = &mut cols[(oy * wo + ox) * row..][..row];
-            // The first input column of the kernel window, if the whole window row is inside.
-            let inside = (ox * s.stride)
-                .checked_sub(s.pad)
-                .filter(|&ix| ix + k <= s.w);
+            let inside = s.window_inside(ox, s.w);
             for ky in 0..k {
                 let iy = s.source(oy, ky, s.h);
                 let drow = &mut dst[ky * k * cg..][..k * cg];
