@@ -6,6 +6,7 @@
 //! accumulating, from inside a parallel loop. Strided views over slices do that without
 //! copies or tensor allocations.
 
+use super::sgemm;
 pub(crate) use gemm::Parallelism;
 
 /// A read-only `rows x cols` matrix: element (i, j) is `data[i * rs + j * cs]`.
@@ -70,7 +71,9 @@ impl<'a> MatMut<'a> {
     }
 }
 
-/// `dst = a * b`, or `dst += a * b` when `accumulate`.
+/// `dst = a * b`, or `dst += a * b` when `accumulate`: on our AVX-512 kernel
+/// ([`sgemm`]) when `b` has contiguous rows and the product is wide enough, else on the
+/// `gemm` crate.
 pub(crate) fn matmul(dst: MatMut, accumulate: bool, a: MatRef, b: MatRef, par: Parallelism) {
     let (m, n, k) = (dst.rows, dst.cols, a.cols);
     assert!(
@@ -88,6 +91,25 @@ pub(crate) fn matmul(dst: MatMut, accumulate: bool, a: MatRef, b: MatRef, par: P
         if !accumulate {
             dst.data[..m * n].fill(0.0);
         }
+        return;
+    }
+    if b.cs == 1 && sgemm::available() && sgemm::worthwhile(m, n, k) {
+        let threads = match par {
+            Parallelism::Rayon(0) => rayon::current_num_threads(),
+            Parallelism::Rayon(t) => t,
+            _ => 1,
+        };
+        sgemm::sgemm(
+            (m, n, k),
+            a.data,
+            (a.rs, a.cs),
+            b.data,
+            b.rs,
+            dst.data,
+            n,
+            accumulate,
+            threads,
+        );
         return;
     }
     // SAFETY: every index the product touches lies inside the slices (checked by the

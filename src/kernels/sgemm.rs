@@ -1,0 +1,410 @@
+//! An f32 matrix multiply with an AVX-512 micro-kernel of our own, for the products whose
+//! right-hand matrix has contiguous rows: `C = A B` (or `C += A B`), `B` K x N with unit
+//! column stride, `C` row-major. That is every convolution's forward product in NCHW
+//! (`Y = W cols`, or `Y = W X` for a 1x1 convolution) and the input-gradient product
+//! (`dcols = W^T dY`).
+//!
+//! Why: the `gemm` crate is built here for baseline x86-64, so it runs its AVX2 micro-kernel
+//! (8-wide) on CPUs with AVX-512 (16-wide, two FMA units on the server cores we run on); at
+//! batch 1 that micro-kernel was 53-58% of a MobileNet V2 forward pass. Its `x86-v4` feature
+//! brought less (5-10%) and five minutes of build time. The shapes of small CNNs are narrow
+//! (K = 8 to 1,280 input channels), where packing the operands on every call, as a general
+//! GEMM does, costs a visible share; this kernel reads both in place.
+//!
+//! Blocking, for each column panel of [`NR`] = 32 columns (two vectors): every row block of
+//! [`MR`] = 12 rows runs the whole K loop with its 12 x 32 tile of `C` in 24 registers; per
+//! k, two loads of `B`'s row and 12 broadcasts of `A`'s values, 24 FMAs. The panel of `B`
+//! (K x 32 values) stays in L1/L2 while every row block passes over it, so `B` comes from
+//! memory once. The last panel's last vector is masked, so any N works without a copy.
+//! Threads take contiguous runs of panels.
+//!
+//! [`matmul`](super::gemm::matmul) sends a product here when the CPU has AVX-512 and the
+//! product has at least a vector of columns ([`worthwhile`]); everything else stays on
+//! the `gemm` crate.
+
+/// Rows of `C` per micro-tile (12 x 2 accumulator registers).
+pub(crate) const MR: usize = 12;
+/// Columns of `C` per micro-tile: two 16-float vectors.
+pub(crate) const NR: usize = 32;
+
+/// Whether this CPU runs the kernel (AVX-512F, unless `SLIMCANDLE_SIMD` caps the level).
+pub(crate) fn available() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        super::simd::level() == super::simd::Level::Avx512
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
+/// Whether an `m x k` by `k x n` product is better here than in the `gemm` crate: at least
+/// one full vector of columns.
+pub(crate) fn worthwhile(_m: usize, n: usize, _k: usize) -> bool {
+    n >= 16
+}
+
+/// `C = A B` or, with `accumulate`, `C += A B`. `A` is `m x k` with element (i, p) at
+/// `a[i * a_rs + p * a_cs]`, `B` is `k x n` with row `p` at `b[p * ldb..p * ldb + n]`, `C`
+/// has row `i` at `c[i * ldc..i * ldc + n]`. `threads` > 1 splits the column panels over
+/// the rayon pool. Panics if an operand is too short or the CPU lacks AVX-512.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn sgemm(
+    (m, n, k): (usize, usize, usize),
+    a: &[f32],
+    (a_rs, a_cs): (usize, usize),
+    b: &[f32],
+    ldb: usize,
+    c: &mut [f32],
+    ldc: usize,
+    accumulate: bool,
+    threads: usize,
+) {
+    assert!(available(), "sgemm needs AVX-512");
+    if m == 0 || n == 0 {
+        return;
+    }
+    assert!(
+        ldc >= n && (m - 1) * ldc + n <= c.len(),
+        "sgemm: C too short"
+    );
+    if k == 0 {
+        if !accumulate {
+            for row in c.chunks_mut(ldc).take(m) {
+                row[..n].fill(0.0);
+            }
+        }
+        return;
+    }
+    assert!(
+        (m - 1) * a_rs + (k - 1) * a_cs < a.len(),
+        "sgemm: A too short"
+    );
+    assert!((k - 1) * ldb + n <= b.len(), "sgemm: B too short");
+    let panels = n.div_ceil(NR);
+    let threads = threads.clamp(1, panels);
+    let c_ptr = SendPtr(c.as_mut_ptr());
+    let run = &|first: usize, end: usize| {
+        // SAFETY: every tile reads `k` rows of `B` within the checked bounds, the packed
+        // `A` block it is given, and writes rows < m and columns < n of `C` (checked
+        // above); threads take disjoint panels, so no two write the same element.
+        unsafe {
+            x86::panels(
+                (m, n, k),
+                (a, a_rs, a_cs),
+                (b, ldb),
+                (c_ptr.get(), ldc),
+                accumulate,
+                first..end,
+            )
+        }
+    };
+    if threads == 1 {
+        run(0, panels);
+    } else {
+        let per = panels.div_ceil(threads);
+        rayon::scope(|s| {
+            for t in 1..threads {
+                let (first, end) = (t * per, ((t + 1) * per).min(panels));
+                if first < end {
+                    s.spawn(move |_| run(first, end));
+                }
+            }
+            run(0, per.min(panels));
+        });
+    }
+}
+
+/// A raw output pointer that threads writing disjoint panels share.
+#[derive(Clone, Copy)]
+struct SendPtr(*mut f32);
+// SAFETY: only used for disjoint writes (see `sgemm`).
+unsafe impl Send for SendPtr {}
+unsafe impl Sync for SendPtr {}
+
+impl SendPtr {
+    fn get(self) -> *mut f32 {
+        self.0
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+mod x86 {
+    use super::{MR, NR};
+    use std::arch::x86_64::*;
+
+    /// Runs the column panels `panels` of the product (see `sgemm` for the operands).
+    ///
+    /// # Safety
+    /// AVX-512F must be present; `a` holds the `m x k` matrix at strides `(rs, cs)`, `b`
+    /// holds `k` rows of `n` values at stride `ldb`, and `c` rows of `n` writable values at
+    /// stride `ldc` for `m` rows.
+    #[target_feature(enable = "avx512f")]
+    pub(super) unsafe fn panels(
+        (m, n, k): (usize, usize, usize),
+        (a, rs, cs): (&[f32], usize, usize),
+        (b, ldb): (&[f32], usize),
+        (c, ldc): (*mut f32, usize),
+        accumulate: bool,
+        panels: std::ops::Range<usize>,
+    ) {
+        for p in panels {
+            let j0 = p * NR;
+            // SAFETY (the pointer arithmetic below): within the operands, see `sgemm`.
+            let cols = NR.min(n - j0);
+            // The last vector's lanes: all 16, or the columns left.
+            let last = cols - if cols > 16 { 16 } else { 0 };
+            let mask: __mmask16 = if last == 16 {
+                0xffff
+            } else {
+                (1u16 << last) - 1
+            };
+            let bp = unsafe { b.as_ptr().add(j0) };
+            for i0 in (0..m).step_by(MR) {
+                let rows = MR.min(m - i0);
+                let ap = unsafe { a.as_ptr().add(i0 * rs) };
+                let a = (ap, rs, cs);
+                let cp = unsafe { c.add(i0 * ldc + j0) };
+                unsafe {
+                    match (rows, cols > 16) {
+                        (12, true) => tile::<12, 2>(k, a, bp, ldb, cp, ldc, mask, accumulate),
+                        (12, false) => tile::<12, 1>(k, a, bp, ldb, cp, ldc, mask, accumulate),
+                        (r, true) => short::<2>(r, k, a, bp, ldb, cp, ldc, mask, accumulate),
+                        (r, false) => short::<1>(r, k, a, bp, ldb, cp, ldc, mask, accumulate),
+                    }
+                }
+            }
+        }
+    }
+
+    /// The tile of a last row block of fewer than [`MR`] rows.
+    #[allow(clippy::too_many_arguments)]
+    #[target_feature(enable = "avx512f")]
+    #[inline]
+    unsafe fn short<const V: usize>(
+        rows: usize,
+        k: usize,
+        a: (*const f32, usize, usize),
+        bp: *const f32,
+        ldb: usize,
+        cp: *mut f32,
+        ldc: usize,
+        mask: __mmask16,
+        acc: bool,
+    ) {
+        unsafe {
+            match rows {
+                1 => tile::<1, V>(k, a, bp, ldb, cp, ldc, mask, acc),
+                2 => tile::<2, V>(k, a, bp, ldb, cp, ldc, mask, acc),
+                3 => tile::<3, V>(k, a, bp, ldb, cp, ldc, mask, acc),
+                4 => tile::<4, V>(k, a, bp, ldb, cp, ldc, mask, acc),
+                5 => tile::<5, V>(k, a, bp, ldb, cp, ldc, mask, acc),
+                6 => tile::<6, V>(k, a, bp, ldb, cp, ldc, mask, acc),
+                7 => tile::<7, V>(k, a, bp, ldb, cp, ldc, mask, acc),
+                8 => tile::<8, V>(k, a, bp, ldb, cp, ldc, mask, acc),
+                9 => tile::<9, V>(k, a, bp, ldb, cp, ldc, mask, acc),
+                10 => tile::<10, V>(k, a, bp, ldb, cp, ldc, mask, acc),
+                11 => tile::<11, V>(k, a, bp, ldb, cp, ldc, mask, acc),
+                _ => unreachable!("row blocks have 1 to MR rows"),
+            }
+        }
+    }
+
+    /// One `R x (16 V)` tile of `C`: the whole K loop in registers, then one store (adding
+    /// to `C` with `acc`). The last vector's columns are `mask`. `A`'s element (r, p) is at
+    /// `ap + r * rs + p * cs`: its values are broadcast straight from the weights, unpacked
+    /// (packing them on every call cost 16% of a batch-1 forward pass, more than it saved).
+    #[allow(clippy::too_many_arguments)]
+    #[target_feature(enable = "avx512f")]
+    #[inline]
+    unsafe fn tile<const R: usize, const V: usize>(
+        k: usize,
+        (ap, rs, cs): (*const f32, usize, usize),
+        bp: *const f32,
+        ldb: usize,
+        cp: *mut f32,
+        ldc: usize,
+        mask: __mmask16,
+        acc: bool,
+    ) {
+        unsafe {
+            let mut sum = [[_mm512_setzero_ps(); V]; R];
+            let (mut ap, mut bp) = (ap, bp);
+            for _ in 0..k {
+                let mut bv = [_mm512_setzero_ps(); V];
+                for (v, vec) in bv.iter_mut().enumerate() {
+                    *vec = if v + 1 == V {
+                        _mm512_maskz_loadu_ps(mask, bp.add(16 * v))
+                    } else {
+                        _mm512_loadu_ps(bp.add(16 * v))
+                    };
+                }
+                for (r, row) in sum.iter_mut().enumerate() {
+                    let s = _mm512_set1_ps(*ap.add(r * rs));
+                    for v in 0..V {
+                        row[v] = _mm512_fmadd_ps(s, bv[v], row[v]);
+                    }
+                }
+                ap = ap.add(cs);
+                bp = bp.add(ldb);
+            }
+            for (r, row) in sum.iter().enumerate() {
+                let out = cp.add(r * ldc);
+                for (v, &val) in row.iter().enumerate() {
+                    let at = out.add(16 * v);
+                    if v + 1 == V {
+                        let val = if acc {
+                            _mm512_add_ps(val, _mm512_maskz_loadu_ps(mask, at))
+                        } else {
+                            val
+                        };
+                        _mm512_mask_storeu_ps(at, mask, val);
+                    } else {
+                        let val = if acc {
+                            _mm512_add_ps(val, _mm512_loadu_ps(at))
+                        } else {
+                            val
+                        };
+                        _mm512_storeu_ps(at, val);
+                    }
+                }
+            }
+        }
+    }
+}
+
+#[cfg(not(target_arch = "x86_64"))]
+mod x86 {
+    pub(super) unsafe fn panels(
+        _: (usize, usize, usize),
+        _: (&[f32], usize, usize),
+        _: (&[f32], usize),
+        _: (*mut f32, usize),
+        _: bool,
+        _: std::ops::Range<usize>,
+    ) {
+        unreachable!("sgemm::available() is false off x86-64")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The scalar reference: a plain triple loop in f64.
+    #[allow(clippy::too_many_arguments)]
+    fn reference(
+        (m, n, k): (usize, usize, usize),
+        a: &[f32],
+        (rs, cs): (usize, usize),
+        b: &[f32],
+        ldb: usize,
+        c: &mut [f32],
+        ldc: usize,
+        accumulate: bool,
+    ) {
+        for i in 0..m {
+            for j in 0..n {
+                let mut s = 0f64;
+                for p in 0..k {
+                    s += a[i * rs + p * cs] as f64 * b[p * ldb + j] as f64;
+                }
+                let out = &mut c[i * ldc + j];
+                *out = if accumulate {
+                    *out + s as f32
+                } else {
+                    s as f32
+                };
+            }
+        }
+    }
+
+    fn values(len: usize, seed: u32) -> Vec<f32> {
+        let mut state = seed.wrapping_mul(2_654_435_761).wrapping_add(12_345);
+        (0..len)
+            .map(|_| {
+                state = state.wrapping_mul(1_664_525).wrapping_add(1_013_904_223);
+                (state >> 8) as f32 / (1u32 << 24) as f32 * 2.0 - 1.0
+            })
+            .collect()
+    }
+
+    #[test]
+    fn matches_the_reference_on_edge_shapes() {
+        if !available() {
+            eprintln!("skipped: this CPU has no AVX-512");
+            return;
+        }
+        let mut cases = 0;
+        for &m in &[1, 2, 5, 11, 12, 13, 24, 25, 37] {
+            for &n in &[1, 7, 15, 16, 17, 31, 32, 33, 49, 64, 100] {
+                for &k in &[1, 3, 8, 27, 64] {
+                    for &(transposed, accumulate, threads) in
+                        &[(false, false, 1), (true, true, 2), (false, true, 3)]
+                    {
+                        let (ldb, ldc) = (n + 3, n + 5);
+                        // A row-major (lda = k + 2) or a transposed view of a k x m matrix.
+                        let (a, strides) = if transposed {
+                            (values(k * (m + 1), 1), (1, m + 1))
+                        } else {
+                            (values(m * (k + 2), 1), (k + 2, 1))
+                        };
+                        let b = values(k * ldb, 2);
+                        let c0 = values(m * ldc, 3);
+                        let (mut ours, mut want) = (c0.clone(), c0.clone());
+                        let shape = (m, n, k);
+                        sgemm(
+                            shape, &a, strides, &b, ldb, &mut ours, ldc, accumulate, threads,
+                        );
+                        reference(shape, &a, strides, &b, ldb, &mut want, ldc, accumulate);
+                        for i in 0..m {
+                            for j in 0..ldc {
+                                let (o, w) = (ours[i * ldc + j], want[i * ldc + j]);
+                                if j >= n {
+                                    // Padding columns are not written.
+                                    assert_eq!(o.to_bits(), c0[i * ldc + j].to_bits());
+                                } else {
+                                    assert!(
+                                        (o - w).abs() <= 1e-5 * (k as f32).sqrt() * 4.0,
+                                        "m {m} n {n} k {k} ({transposed}, {accumulate}): \
+                                         C[{i}][{j}] = {o}, reference {w}"
+                                    );
+                                }
+                            }
+                        }
+                        cases += 1;
+                    }
+                }
+            }
+        }
+        assert_eq!(cases, 9 * 11 * 5 * 3);
+    }
+
+    /// One row of `B` may come with any stride (a 1 x n view): it is never read past `n`.
+    #[test]
+    fn a_single_row_of_b_ignores_its_stride() {
+        if !available() {
+            eprintln!("skipped: this CPU has no AVX-512");
+            return;
+        }
+        let (a, b) = (values(13, 4), values(40, 5));
+        let (mut ours, mut want) = (vec![0f32; 13 * 40], vec![0f32; 13 * 40]);
+        sgemm((13, 40, 1), &a, (1, 1), &b, 0, &mut ours, 40, false, 2);
+        reference((13, 40, 1), &a, (1, 1), &b, 0, &mut want, 40, false);
+        assert_eq!(ours, want);
+    }
+
+    #[test]
+    fn k_zero_clears_or_keeps() {
+        if !available() {
+            eprintln!("skipped: this CPU has no AVX-512");
+            return;
+        }
+        let mut c = vec![1.0f32; 6];
+        sgemm((2, 3, 0), &[], (0, 0), &[], 3, &mut c, 3, true, 1);
+        assert_eq!(c, vec![1.0; 6]);
+        sgemm((2, 3, 0), &[], (0, 0), &[], 3, &mut c, 3, false, 1);
+        assert_eq!(c, vec![0.0; 6]);
+    }
+}
