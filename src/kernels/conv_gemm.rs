@@ -18,6 +18,8 @@ use super::{
     cpu::{SharedMut, f32_slice},
     gemm::{MatMut, MatRef, Parallelism, matmul, parallelism},
     im2col::{col2im, col2im_strided, im2col, im2col_strided},
+    scratch::with_scratch,
+    team,
 };
 use candle_core::{CpuStorage, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
@@ -116,28 +118,67 @@ pub(crate) fn forward_into(
                 im2col(g, d.cig, xg, cols);
                 MatRef::rows(cols, d.kdim, d.p)
             };
-            let a = MatRef::rows(&w[gi * d.cog * d.kdim..], d.cog, d.kdim);
+            let wg = &w[gi * d.cog * d.kdim..(gi + 1) * d.cog * d.kdim];
             let block = &mut yn[gi * d.cog * d.p..(gi + 1) * d.cog * d.p];
-            matmul(MatMut::rows(block, d.cog, d.p), false, a, b, par);
-            post(n, gi * d.cog, block);
+            if let Parallelism::Rayon(_) = par {
+                rows_on_team(wg, b, block, &|r0, part| post(n, gi * d.cog + r0, part));
+            } else {
+                let a = MatRef::rows(wg, d.cog, d.kdim);
+                matmul(MatMut::rows(block, d.cog, d.p), false, a, b, par);
+                post(n, gi * d.cog, block);
+            }
         }
     };
     if parallel && batch_parallel(g.n) {
-        y.par_chunks_mut(y_sample).enumerate().for_each_init(
-            || vec![0f32; d.cols_len()],
-            |cols, (n, yn)| sample(n, yn, cols, Parallelism::None),
-        );
+        y.par_chunks_mut(y_sample).enumerate().for_each(|(n, yn)| {
+            with_scratch(d.cols_len(), |cols| sample(n, yn, cols, Parallelism::None))
+        });
     } else {
         let par = if parallel {
             parallelism(false)
         } else {
             Parallelism::None
         };
-        let mut cols = vec![0f32; d.cols_len()];
-        for (n, yn) in y.chunks_mut(y_sample).enumerate() {
-            sample(n, yn, &mut cols, par);
-        }
+        with_scratch(d.cols_len(), |cols| {
+            for (n, yn) in y.chunks_mut(y_sample).enumerate() {
+                sample(n, yn, cols, par);
+            }
+        });
     }
+}
+
+/// `block = w b` for one sample and group (`w`: the group's filters, rows of `b.rows`
+/// values; `block`: their output planes), split by output channel over the spinning team,
+/// each part followed by `post(first_row, part)` on its own thread.
+///
+/// Why by channel: each part is then whole output planes, so the fused epilogue (batch
+/// norm, activation, residual add) runs on the part's thread right after its product, while
+/// it is in that core's cache; the parts share `b`, which every core reads. This is the
+/// batch-1 path: with fewer samples than threads there is no batch to split.
+fn rows_on_team(
+    w: &[f32],
+    b: MatRef,
+    block: &mut [f32],
+    post: &(dyn Fn(usize, &mut [f32]) + Sync),
+) {
+    let (kdim, p) = (b.n_rows(), b.n_cols());
+    let m = w.len() / kdim.max(1);
+    let per = m.div_ceil(team::size()).max(1);
+    let out = SharedMut::new(block);
+    team::run(m.div_ceil(per), &|t| {
+        let (r0, r1) = (t * per, ((t + 1) * per).min(m));
+        // SAFETY: tasks take disjoint row ranges of `block`, which outlives the job.
+        let part = unsafe { out.part(r0 * p, (r1 - r0) * p) };
+        let a = MatRef::rows(&w[r0 * kdim..r1 * kdim], r1 - r0, kdim);
+        matmul(
+            MatMut::rows(part, r1 - r0, p),
+            false,
+            a,
+            b,
+            Parallelism::None,
+        );
+        post(r0, part);
+    });
 }
 
 /// Output planes up to this size run several samples per GEMM ([`forward_batched`]).

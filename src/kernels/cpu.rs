@@ -49,6 +49,12 @@ impl SharedMut {
         }
     }
 
+    /// The start of the buffer given to `new`, for kernels that write disjoint strided
+    /// tiles through raw pointers.
+    pub(crate) fn as_ptr(&self) -> *mut f32 {
+        self.ptr
+    }
+
     /// `data[start..start + len]` of the buffer given to `new`.
     ///
     /// # Safety

@@ -29,6 +29,7 @@ use super::{
     cpu::{SharedMut, f32_slice},
     im2col::valid_range,
     simd::{Madd, simd_dispatch},
+    team,
 };
 use candle_core::{CpuStorage, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
@@ -475,7 +476,22 @@ pub(crate) fn forward_into(
         );
         post(i, out);
     };
-    if parallel {
+    if parallel && g.n < team::size() {
+        // Too few samples to split the batch (batch-1 inference): the planes in one run per
+        // thread of the spinning team, whose workers are awake between layers.
+        let planes = g.n * g.c_out;
+        let per = planes.div_ceil(team::size());
+        let out = SharedMut::new(y);
+        team::run(planes.div_ceil(per), &|t| {
+            let (first, end) = (t * per, ((t + 1) * per).min(planes));
+            // SAFETY: tasks take disjoint runs of planes of `y`, which outlives the job.
+            let part = unsafe { out.part(first * plane_out, (end - first) * plane_out) };
+            let mut buf = vec![0f32; pd.len()];
+            for (j, plane) in part.chunks_mut(plane_out).enumerate() {
+                one(&mut buf, (first + j, plane));
+            }
+        });
+    } else if parallel {
         y.par_chunks_mut(plane_out)
             .enumerate()
             .for_each_init(|| vec![0f32; pd.len()], one);

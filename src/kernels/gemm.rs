@@ -41,6 +41,14 @@ impl<'a> MatRef<'a> {
         Self::new(data, rows, cols, cols, 1)
     }
 
+    pub(crate) fn n_rows(&self) -> usize {
+        self.rows
+    }
+
+    pub(crate) fn n_cols(&self) -> usize {
+        self.cols
+    }
+
     /// The transpose (no copy).
     pub(crate) fn t(self) -> Self {
         MatRef {

@@ -37,10 +37,12 @@ pub(crate) mod im2col;
 pub mod int8;
 pub(crate) mod pool;
 pub mod reference;
+pub(crate) mod scratch;
 pub(crate) mod sgd;
 pub(crate) mod sgemm;
 mod shuffle;
 pub(crate) mod simd;
+pub(crate) mod team;
 
 pub use activation::{hardsigmoid, hardswish, relu, relu6};
 pub use alloc::reuse_freed_memory;

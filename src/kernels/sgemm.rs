@@ -16,11 +16,14 @@
 //! k, two loads of `B`'s row and 12 broadcasts of `A`'s values, 24 FMAs. The panel of `B`
 //! (K x 32 values) stays in L1/L2 while every row block passes over it, so `B` comes from
 //! memory once. The last panel's last vector is masked, so any N works without a copy.
-//! Threads take contiguous runs of panels.
+//! Threads take contiguous runs of panels, on the spinning team (`team.rs`): the callers that
+//! ask for threads are the batch-1 layers, whose jobs come back to back.
 //!
 //! [`matmul`](super::gemm::matmul) sends a product here when the CPU has AVX-512 and the
 //! product has at least a vector of columns ([`worthwhile`]); everything else stays on
 //! the `gemm` crate.
+
+use super::{cpu::SharedMut, team};
 
 /// Rows of `C` per micro-tile (12 x 2 accumulator registers).
 pub(crate) const MR: usize = 12;
@@ -48,7 +51,7 @@ pub(crate) fn worthwhile(_m: usize, n: usize, _k: usize) -> bool {
 /// `C = A B` or, with `accumulate`, `C += A B`. `A` is `m x k` with element (i, p) at
 /// `a[i * a_rs + p * a_cs]`, `B` is `k x n` with row `p` at `b[p * ldb..p * ldb + n]`, `C`
 /// has row `i` at `c[i * ldc..i * ldc + n]`. `threads` > 1 splits the column panels over
-/// the rayon pool. Panics if an operand is too short or the CPU lacks AVX-512.
+/// the team of spinning threads. Panics if an operand is too short or the CPU lacks AVX-512.
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn sgemm(
     (m, n, k): (usize, usize, usize),
@@ -84,17 +87,17 @@ pub(crate) fn sgemm(
     assert!((k - 1) * ldb + n <= b.len(), "sgemm: B too short");
     let panels = n.div_ceil(NR);
     let threads = threads.clamp(1, panels);
-    let c_ptr = SendPtr(c.as_mut_ptr());
+    let c_shared = SharedMut::new(c);
     let run = &|first: usize, end: usize| {
-        // SAFETY: every tile reads `k` rows of `B` within the checked bounds, the packed
-        // `A` block it is given, and writes rows < m and columns < n of `C` (checked
-        // above); threads take disjoint panels, so no two write the same element.
+        // SAFETY: every tile reads `A` and `k` rows of `B` within the checked bounds and
+        // writes rows < m and columns < n of `C` (checked above); tasks take disjoint
+        // panels, so no two write the same element, and `c` outlives them.
         unsafe {
             x86::panels(
                 (m, n, k),
                 (a, a_rs, a_cs),
                 (b, ldb),
-                (c_ptr.get(), ldc),
+                (c_shared.as_ptr(), ldc),
                 accumulate,
                 first..end,
             )
@@ -104,28 +107,9 @@ pub(crate) fn sgemm(
         run(0, panels);
     } else {
         let per = panels.div_ceil(threads);
-        rayon::scope(|s| {
-            for t in 1..threads {
-                let (first, end) = (t * per, ((t + 1) * per).min(panels));
-                if first < end {
-                    s.spawn(move |_| run(first, end));
-                }
-            }
-            run(0, per.min(panels));
+        team::run(panels.div_ceil(per), &|t| {
+            run(t * per, ((t + 1) * per).min(panels))
         });
-    }
-}
-
-/// A raw output pointer that threads writing disjoint panels share.
-#[derive(Clone, Copy)]
-struct SendPtr(*mut f32);
-// SAFETY: only used for disjoint writes (see `sgemm`).
-unsafe impl Send for SendPtr {}
-unsafe impl Sync for SendPtr {}
-
-impl SendPtr {
-    fn get(self) -> *mut f32 {
-        self.0
     }
 }
 
