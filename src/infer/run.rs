@@ -12,10 +12,49 @@ use crate::kernels::gemm::{MatMut, MatRef, Parallelism, matmul, parallelism};
 use crate::kernels::{conv_gemm, depthwise, pool};
 use anyhow::{Context, Result};
 
+/// A value's buffer: the first `len` values of `data`, which may be longer.
+///
+/// Why: buffers move between values of different sizes through the pool; shortening the
+/// vector itself would make the next, longer use refill the tail with zeros (a memset over
+/// memory that is about to be overwritten anyway, and page faults where it had been given
+/// back), which was 5% of a batch-1 forward pass. `data` keeps every value it ever held.
+struct Buf {
+    data: Vec<f32>,
+    len: usize,
+}
+
+impl Buf {
+    fn whole(data: Vec<f32>) -> Buf {
+        Buf {
+            len: data.len(),
+            data,
+        }
+    }
+
+    fn into_vec(mut self) -> Vec<f32> {
+        self.data.truncate(self.len);
+        self.data
+    }
+}
+
+impl std::ops::Deref for Buf {
+    type Target = [f32];
+
+    fn deref(&self) -> &[f32] {
+        &self.data[..self.len]
+    }
+}
+
+impl std::ops::DerefMut for Buf {
+    fn deref_mut(&mut self) -> &mut [f32] {
+        &mut self.data[..self.len]
+    }
+}
+
 /// The values of one chunk, indexed by node id; the network input is borrowed.
 struct Values<'a> {
     x: &'a [f32],
-    vals: Vec<Option<Vec<f32>>>,
+    vals: Vec<Option<Buf>>,
     uses: Vec<usize>,
     pool: &'a mut Vec<Vec<f32>>,
 }
@@ -32,12 +71,12 @@ impl Values<'_> {
     }
 
     /// A buffer of `len` values with arbitrary contents (the step overwrites all of them):
-    /// the smallest pooled buffer that is long enough, shortened, so nothing is cleared.
-    fn alloc(&mut self, len: usize) -> Vec<f32> {
+    /// the smallest pooled buffer that is long enough, so nothing is cleared.
+    fn alloc(&mut self, len: usize) -> Buf {
         let best = (0..self.pool.len())
             .filter(|&i| self.pool[i].len() >= len)
             .min_by_key(|&i| self.pool[i].len());
-        let mut buf = match best {
+        let mut data = match best {
             Some(i) => self.pool.swap_remove(i),
             // Otherwise the longest one (which will grow), or a new one.
             None => (0..self.pool.len())
@@ -45,16 +84,14 @@ impl Values<'_> {
                 .map(|i| self.pool.swap_remove(i))
                 .unwrap_or_default(),
         };
-        if buf.len() >= len {
-            buf.truncate(len);
-        } else {
-            buf.resize(len, 0.0);
+        if data.len() < len {
+            data.resize(len, 0.0);
         }
-        buf
+        Buf { data, len }
     }
 
     /// The buffer of `v` to overwrite when this step is its last reader, else a copy.
-    fn take_or_copy(&mut self, v: NodeId) -> Vec<f32> {
+    fn take_or_copy(&mut self, v: NodeId) -> Buf {
         if v != 0 && self.uses[v] == 1 {
             return self.vals[v].take().expect("values are computed before use");
         }
@@ -71,7 +108,7 @@ impl Values<'_> {
             if self.uses[v] == 0
                 && let Some(buf) = self.vals[v].take()
             {
-                self.pool.push(buf);
+                self.pool.push(buf.data);
             }
         }
     }
@@ -104,12 +141,12 @@ pub(crate) fn steps(
     }
     let mut values = Values {
         x,
-        vals: vec![None; plan.dims.len()],
+        vals: (0..plan.dims.len()).map(|_| None).collect(),
         uses,
         pool,
     };
     for (v, buf) in given {
-        values.vals[v] = Some(buf);
+        values.vals[v] = Some(Buf::whole(buf));
     }
     for step in steps {
         let y = run_step(plan, ws, step, &mut values, n, parallel)
@@ -120,11 +157,11 @@ pub(crate) fn steps(
     let out = export
         .iter()
         .map(|&v| match values.vals[v].take() {
-            Some(buf) => buf,
+            Some(buf) => buf.into_vec(),
             None => values.get(v).to_vec(),
         })
         .collect();
-    let rest: Vec<Vec<f32>> = values.vals.into_iter().flatten().collect();
+    let rest: Vec<Vec<f32>> = values.vals.into_iter().flatten().map(|b| b.data).collect();
     values.pool.extend(rest);
     Ok(out)
 }
@@ -152,7 +189,7 @@ fn run_step(
     values: &mut Values,
     n: usize,
     parallel: bool,
-) -> Result<Vec<f32>> {
+) -> Result<Buf> {
     let din = plan.dims[step.inputs[0]];
     let dout = plan.dims[step.out];
     let (p_in, p_out) = (din.h * din.w, dout.h * dout.w);
