@@ -291,7 +291,7 @@ fn run_step(
                 (din.h, din.w),
                 x,
                 &mut y,
-                false,
+                parallel,
             )?;
             y
         }
