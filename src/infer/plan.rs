@@ -9,13 +9,22 @@
 //! cost nothing.
 //!
 //! Values are identified by the id of the node that produces them (the last node of a fused
-//! chain). The steps from the first fully connected layer on (`tail`) run on the whole batch,
-//! the ones before it chunk by chunk.
+//! chain). The steps from the first fully connected layer on, or from where the planes get
+//! small ([`TAIL_PLANE`]), run on the whole batch (`tail`), the ones before it chunk by chunk.
 
 use crate::graph::{Activation, Dims, Graph, NodeId, Op};
 use crate::weights::Weights;
 use anyhow::{Result, bail};
 use candle_core::{DType, Tensor};
+
+/// Steps from where every output plane is smaller than this (2x2 and 3x3 planes, the last
+/// stages of 32x32 inputs) run in the tail, on the whole batch.
+///
+/// Why: chunks hold as few samples as keep the largest activation in cache, often one; one
+/// sample's 2x2 planes make GEMMs of 4 columns, which no vector kernel fills (14 GMAC/s
+/// against 50-70 for 16 columns or more). On the whole batch, the samples' columns sit side
+/// by side in one GEMM (`conv_gemm`'s batched path).
+const TAIL_PLANE: usize = 16;
 
 /// Where an epilogue's per-channel vector lives.
 #[derive(Debug, Clone, Copy)]
@@ -232,10 +241,18 @@ pub(crate) fn build(graph: &Graph, weights: &Weights, dims: Vec<Dims>) -> Result
         });
     }
     let output = value_of[graph.output];
-    let tail = steps
+    let first_linear = steps
         .iter()
         .position(|s| matches!(s.kind, StepKind::Linear { .. }))
         .unwrap_or(steps.len());
+    // The last steps whose outputs are all small planes.
+    let small_planes = steps.len()
+        - steps
+            .iter()
+            .rev()
+            .take_while(|s| dims[s.out].h * dims[s.out].w < TAIL_PLANE)
+            .count();
+    let tail = first_linear.min(small_planes);
     Ok(Some(Plan {
         steps,
         dims,
