@@ -1,4 +1,5 @@
-//! Per-op timing of the train-step executor, for finding where a step's time goes.
+//! Per-op timing of the train-step executor and the eval executor, for finding where a
+//! step's (or a forward pass's) time goes.
 //!
 //! Why: `perf` shows which kernels are hot but not which graph op (or which of its forward
 //! and backward) pays for a memcpy or an element-wise loop. With `SLIMCANDLE_PROFILE=1` the

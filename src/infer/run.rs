@@ -148,9 +148,14 @@ pub(crate) fn steps(
     for (v, buf) in given {
         values.vals[v] = Some(Buf::whole(buf));
     }
+    let profiling = crate::profile::enabled();
     for step in steps {
+        let clock = profiling.then(std::time::Instant::now);
         let y = run_step(plan, ws, step, &mut values, n, parallel)
             .with_context(|| format!("eval step at node {}", step.node))?;
+        if let Some(start) = clock {
+            crate::profile::record(&profile_label(plan, step), start.elapsed());
+        }
         values.release(step);
         values.vals[step.out] = Some(y);
     }
@@ -347,6 +352,41 @@ fn run_step(
             y
         }
     })
+}
+
+/// A step's row in the `SLIMCANDLE_PROFILE=1` table: its kind, kernel and output plane
+/// (convolutions by kind and size, since they differ most).
+fn profile_label(plan: &Plan, step: &Step) -> String {
+    let out = plan.dims[step.out];
+    let plane = format!("{}x{}", out.h, out.w);
+    match &step.kind {
+        StepKind::Conv {
+            kernel,
+            stride,
+            groups,
+            ..
+        } => {
+            let cin = plan.dims[step.inputs[0]].c;
+            let kind = if *groups == 1 {
+                "conv"
+            } else if *groups == cin && *groups == out.c {
+                "depthwise"
+            } else {
+                "grouped conv"
+            };
+            format!("eval {kind} {kernel}x{kernel} s{stride} -> {plane}")
+        }
+        StepKind::Linear { .. } => "eval linear".into(),
+        StepKind::Pointwise { .. } => format!("eval pointwise -> {plane}"),
+        StepKind::GlobalAvgPool => "eval global avg pool".into(),
+        StepKind::Pool { max, .. } => {
+            format!("eval {} pool -> {plane}", if *max { "max" } else { "avg" })
+        }
+        StepKind::Concat => "eval concat".into(),
+        StepKind::Slice { .. } => "eval slice".into(),
+        StepKind::Shuffle { .. } => "eval channel shuffle".into(),
+        StepKind::ChannelMul => "eval channel mul".into(),
+    }
 }
 
 /// The sum of `v` in eight lanes (so that it vectorises).

@@ -64,9 +64,11 @@ float_impl!(f64);
 
 /// `b` if it is greater than `a`, or a NaN where `a` is not: the earlier value otherwise,
 /// as the window search keeps its first maximum and its first NaN.
+///
+/// Branch-free (`|` and `&`, not `||` and `&&`), so that loops over it vectorise.
 #[inline(always)]
 fn max_or_nan<T: Float>(a: T, b: T) -> T {
-    if b > a || (b.is_nan() && !a.is_nan()) {
+    if (b > a) | (b.is_nan() & !a.is_nan()) {
         b
     } else {
         a
@@ -159,6 +161,8 @@ impl Pool {
     fn max_plane<T: Float>(&self, plane: &[T], o: &mut [T]) {
         let w = self.w;
         let mut col = vec![T::ZERO; w];
+        // Every row's windows span the same columns.
+        let spans: Vec<Range> = (0..self.ow).map(|ox| self.window(0, ox).1).collect();
         for (oy, out_row) in o.chunks_exact_mut(self.ow).take(self.oh).enumerate() {
             let (ys, _, _) = self.window(oy, 0);
             col.copy_from_slice(&plane[ys.start * w..][..w]);
@@ -167,8 +171,7 @@ impl Pool {
                     *c = max_or_nan(*c, v);
                 }
             }
-            for (ox, out) in out_row.iter_mut().enumerate() {
-                let (_, xs, _) = self.window(oy, ox);
+            for (out, xs) in out_row.iter_mut().zip(&spans) {
                 *out = col[xs.start + 1..xs.end]
                     .iter()
                     .fold(col[xs.start], |m, &v| max_or_nan(m, v));
