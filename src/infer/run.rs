@@ -8,8 +8,9 @@ use super::epilogue::Epilogue;
 use super::plan::{EpiSpec, Plan, Src, Step, StepKind};
 use crate::graph::NodeId;
 use crate::kernels::conv::ConvGeom;
+use crate::kernels::cpu::SharedMut;
 use crate::kernels::gemm::{MatMut, MatRef, Parallelism, matmul, parallelism};
-use crate::kernels::{conv_gemm, depthwise, pool};
+use crate::kernels::{conv_gemm, depthwise, pool, team};
 use anyhow::{Context, Result};
 
 /// A value's buffer: the first `len` values of `data`, which may be longer.
@@ -303,15 +304,30 @@ fn run_step(
         StepKind::Concat => {
             let total = dout.elements();
             let mut y = values.alloc(n * total);
+            // Each input's values and where they start in a sample of the output.
             let mut offset = 0;
-            for &v in &step.inputs {
-                let len = plan.dims[v].elements();
-                let x = values.get(v);
-                for s in 0..n {
-                    y[s * total + offset..s * total + offset + len]
-                        .copy_from_slice(&x[s * len..(s + 1) * len]);
+            let parts: Vec<(&[f32], usize)> = step
+                .inputs
+                .iter()
+                .map(|&v| {
+                    let start = offset;
+                    offset += plan.dims[v].elements();
+                    (values.get(v), start)
+                })
+                .collect();
+            let out = SharedMut::new(&mut y);
+            let copy = |i: usize| {
+                let (x, start) = parts[i];
+                let len = x.len() / n.max(1);
+                for (s, xs) in x.chunks_exact(len.max(1)).enumerate().take(n) {
+                    // SAFETY: inputs fill disjoint ranges of each sample of `y`.
+                    unsafe { out.part(s * total + start, len) }.copy_from_slice(xs);
                 }
-                offset += len;
+            };
+            if parallel {
+                team::run(parts.len(), &copy);
+            } else {
+                (0..parts.len()).for_each(copy);
             }
             y
         }
@@ -374,7 +390,10 @@ fn profile_label(plan: &Plan, step: &Step) -> String {
             } else {
                 "grouped conv"
             };
-            format!("eval {kind} {kernel}x{kernel} s{stride} -> {plane}")
+            format!(
+                "eval {kind} {kernel}x{kernel} s{stride} -> {plane} {cin}->{}",
+                out.c
+            )
         }
         StepKind::Linear { .. } => "eval linear".into(),
         StepKind::Pointwise { .. } => format!("eval pointwise -> {plane}"),

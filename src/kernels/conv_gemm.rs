@@ -115,7 +115,11 @@ pub(crate) fn forward_into(
             let b = if d.direct {
                 MatRef::rows(xg, d.kdim, d.p)
             } else {
-                im2col(g, d.cig, xg, cols);
+                if let Parallelism::Rayon(_) = par {
+                    im2col_on_team(g, &d, xg, cols);
+                } else {
+                    im2col(g, d.cig, xg, cols);
+                }
                 MatRef::rows(cols, d.kdim, d.p)
             };
             let wg = &w[gi * d.cog * d.kdim..(gi + 1) * d.cog * d.kdim];
@@ -145,6 +149,21 @@ pub(crate) fn forward_into(
             }
         });
     }
+}
+
+/// [`im2col`] of one sample and group split by input channel over the spinning team (each
+/// channel fills its own `k k` rows of `cols`): at batch 1 a serial im2col of a 224x224
+/// stem or of SqueezeNet's 3x3 expands left the other cores waiting.
+fn im2col_on_team(g: &ConvGeom, d: &Dims, xg: &[f32], cols: &mut [f32]) {
+    let rows_per_channel = g.k * g.k * d.p;
+    let per = d.cig.div_ceil(team::size()).max(1);
+    let out = SharedMut::new(cols);
+    team::run(d.cig.div_ceil(per), &|t| {
+        let (c0, c1) = (t * per, ((t + 1) * per).min(d.cig));
+        // SAFETY: tasks take disjoint channel ranges, hence disjoint rows of `cols`.
+        let part = unsafe { out.part(c0 * rows_per_channel, (c1 - c0) * rows_per_channel) };
+        im2col(g, c1 - c0, &xg[c0 * d.hw..c1 * d.hw], part);
+    });
 }
 
 /// `block = w b` for one sample and group (`w`: the group's filters, rows of `b.rows`

@@ -30,7 +30,7 @@ pub(crate) mod batch_norm;
 mod bias;
 pub(crate) mod conv;
 pub(crate) mod conv_gemm;
-mod cpu;
+pub(crate) mod cpu;
 pub(crate) mod depthwise;
 pub(crate) mod gemm;
 pub(crate) mod im2col;

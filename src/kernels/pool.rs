@@ -2,9 +2,9 @@
 //! with backward passes. Candle's own pooling has no backward when windows overlap
 //! (kernel 3, stride 2), which SqueezeNet and both ShuffleNets use.
 
+use super::{cpu::SharedMut, team};
 use crate::graph::shape::pooled_len;
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, Layout, Result, Shape, Tensor, bail};
-use super::{cpu::SharedMut, team};
 use rayon::prelude::*;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
