@@ -86,7 +86,10 @@ pub fn forward(graph: &Graph, weights: &Weights, x: &Tensor) -> Result<Option<Te
     }
     let chunk = chunk.min(n).max(1);
     // The values the tail reads from the chunked part (or the output, without a tail).
-    let split = plan.tail;
+    let split = match plan.small_tail {
+        Some((start, widest)) if chunk * widest < plan::TAIL_COLUMNS => start,
+        _ => plan.tail,
+    };
     let mut boundary: Vec<NodeId> = plan.steps[split..]
         .iter()
         .flat_map(|s| s.reads())

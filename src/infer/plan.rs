@@ -9,22 +9,24 @@
 //! cost nothing.
 //!
 //! Values are identified by the id of the node that produces them (the last node of a fused
-//! chain). The steps from the first fully connected layer on, or from where the planes get
-//! small ([`TAIL_PLANE`]), run on the whole batch (`tail`), the ones before it chunk by chunk.
+//! chain). The steps from the first fully connected layer on (`tail`), and for chunks of
+//! few samples those from where the planes get small (`small_tail`, [`TAIL_COLUMNS`]), run
+//! on the whole batch, the ones before them chunk by chunk.
 
 use crate::graph::{Activation, Dims, Graph, NodeId, Op};
 use crate::weights::Weights;
 use anyhow::{Result, bail};
 use candle_core::{DType, Tensor};
 
-/// Steps from where every output plane is smaller than this (2x2 and 3x3 planes, the last
-/// stages of 32x32 inputs) run in the tail, on the whole batch.
+/// The small-plane suffix of a plan ([`Plan::small_tail`]) runs in the tail, on the whole
+/// batch, when a chunk's samples give its GEMMs fewer columns than this.
 ///
 /// Why: chunks hold as few samples as keep the largest activation in cache, often one; one
 /// sample's 2x2 planes make GEMMs of 4 columns, which no vector kernel fills (14 GMAC/s
 /// against 50-70 for 16 columns or more). On the whole batch, the samples' columns sit side
-/// by side in one GEMM (`conv_gemm`'s batched path).
-const TAIL_PLANE: usize = 16;
+/// by side in one GEMM (`conv_gemm`'s batched path). Chunks of many samples (MobileNet V3
+/// small's, 13 at 32x32) already batch their GEMMs and lose by leaving the cache (6%).
+pub(crate) const TAIL_COLUMNS: usize = 16;
 
 /// Where an epilogue's per-channel vector lives.
 #[derive(Debug, Clone, Copy)]
@@ -113,6 +115,9 @@ pub(crate) struct Plan {
     /// The first fully connected step: from there on the steps run on the whole batch at
     /// once (a classifier's weights are read once per batch instead of once per chunk).
     pub tail: usize,
+    /// The first step of the run of steps at the end whose output planes all have fewer
+    /// than [`TAIL_COLUMNS`] values, with the largest of those planes (before `tail` only).
+    pub small_tail: Option<(usize, usize)>,
     /// The value the network returns.
     pub output: NodeId,
     /// Parameter tensors (f32, on the CPU), borrowed at run time.
@@ -250,13 +255,21 @@ pub(crate) fn build(graph: &Graph, weights: &Weights, dims: Vec<Dims>) -> Result
         - steps
             .iter()
             .rev()
-            .take_while(|s| dims[s.out].h * dims[s.out].w < TAIL_PLANE)
+            .take_while(|s| dims[s.out].h * dims[s.out].w < TAIL_COLUMNS)
             .count();
-    let tail = first_linear.min(small_planes);
+    let small_tail = (small_planes < first_linear).then(|| {
+        let widest = steps[small_planes..]
+            .iter()
+            .map(|s| dims[s.out].h * dims[s.out].w)
+            .max()
+            .unwrap_or(1);
+        (small_planes, widest)
+    });
     Ok(Some(Plan {
         steps,
         dims,
-        tail,
+        tail: first_linear,
+        small_tail,
         output,
         params: b.params,
         consts: b.consts,

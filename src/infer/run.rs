@@ -12,6 +12,7 @@ use crate::kernels::cpu::SharedMut;
 use crate::kernels::gemm::{MatMut, MatRef, Parallelism, matmul, parallelism};
 use crate::kernels::{conv_gemm, depthwise, pool, team};
 use anyhow::{Context, Result};
+use rayon::prelude::*;
 
 /// A value's buffer: the first `len` values of `data`, which may be longer.
 ///
@@ -263,20 +264,35 @@ fn run_step(
             let mut y = values.take_or_copy(step.inputs[0]);
             let res = epi.residual.map(|r| values.get(r));
             let e = epilogue(plan, ws, epi);
-            let sample = dout.elements();
-            for (i, block) in y.chunks_mut(sample).enumerate() {
-                let r = res.map(|r| &r[i * sample..(i + 1) * sample]);
-                e.apply(block, 0, p_out, r);
-            }
+            let c = dout.c;
+            let out = SharedMut::new(&mut y);
+            split(parallel, n, n * c, &|planes| {
+                // Runs of planes within one sample, whose channels count from the run's first.
+                let mut first = planes.start;
+                while first < planes.end {
+                    let end = planes.end.min((first / c + 1) * c);
+                    let (at, len) = (first * p_out, (end - first) * p_out);
+                    // SAFETY: the parts of `split` are disjoint runs of planes.
+                    let block = unsafe { out.part(at, len) };
+                    e.apply(block, first % c, p_out, res.map(|r| &r[at..at + len]));
+                    first = end;
+                }
+            });
             y
         }
         StepKind::GlobalAvgPool => {
             let mut y = values.alloc(n * din.c);
             let x = values.get(step.inputs[0]);
             let inv = 1.0 / p_in as f32;
-            for (v, plane) in y.iter_mut().zip(x.chunks_exact(p_in)) {
-                *v = sum(plane) * inv;
-            }
+            let out = SharedMut::new(&mut y);
+            split(parallel, n, n * din.c, &|planes| {
+                // SAFETY: the parts of `split` are disjoint.
+                let part = unsafe { out.part(planes.start, planes.len()) };
+                let xs = &x[planes.start * p_in..planes.end * p_in];
+                for (v, plane) in part.iter_mut().zip(xs.chunks_exact(p_in)) {
+                    *v = sum(plane) * inv;
+                }
+            });
             y
         }
         StepKind::Pool {
@@ -288,17 +304,30 @@ fn run_step(
         } => {
             let mut y = values.alloc(n * dout.elements());
             let x = values.get(step.inputs[0]);
-            pool::pool_into(
-                *max,
-                *kernel,
-                *stride,
-                *padding,
-                *ceil,
-                (din.h, din.w),
-                x,
-                &mut y,
-                parallel,
-            )?;
+            let out = SharedMut::new(&mut y);
+            let failed = std::sync::Mutex::new(None);
+            split(parallel, n, n * din.c, &|planes| {
+                // SAFETY: the parts of `split` are disjoint runs of planes.
+                let part = unsafe { out.part(planes.start * p_out, planes.len() * p_out) };
+                let xs = &x[planes.start * p_in..planes.end * p_in];
+                let done = pool::pool_into(
+                    *max,
+                    *kernel,
+                    *stride,
+                    *padding,
+                    *ceil,
+                    (din.h, din.w),
+                    xs,
+                    part,
+                    false,
+                );
+                if let Err(e) = done {
+                    *failed.lock().unwrap_or_else(|e| e.into_inner()) = Some(e);
+                }
+            });
+            if let Some(e) = failed.into_inner().unwrap_or_else(|e| e.into_inner()) {
+                return Err(e.into());
+            }
             y
         }
         StepKind::Concat => {
@@ -316,19 +345,16 @@ fn run_step(
                 })
                 .collect();
             let out = SharedMut::new(&mut y);
-            let copy = |i: usize| {
-                let (x, start) = parts[i];
-                let len = x.len() / n.max(1);
-                for (s, xs) in x.chunks_exact(len.max(1)).enumerate().take(n) {
+            // One unit per sample and input.
+            split(parallel, n, n * parts.len(), &|units| {
+                for u in units {
+                    let (s, (x, start)) = (u / parts.len(), parts[u % parts.len()]);
+                    let len = x.len() / n;
                     // SAFETY: inputs fill disjoint ranges of each sample of `y`.
-                    unsafe { out.part(s * total + start, len) }.copy_from_slice(xs);
+                    unsafe { out.part(s * total + start, len) }
+                        .copy_from_slice(&x[s * len..(s + 1) * len]);
                 }
-            };
-            if parallel {
-                team::run(parts.len(), &copy);
-            } else {
-                (0..parts.len()).for_each(copy);
-            }
+            });
             y
         }
         StepKind::Slice { start, end } => {
@@ -359,15 +385,40 @@ fn run_step(
             let mut y = values.take_or_copy(step.inputs[0]);
             let scale = values.get(step.inputs[1]);
             if p_in > 0 {
-                for (plane, &s) in y.chunks_mut(p_in).zip(scale) {
-                    for v in plane {
-                        *v *= s;
+                let out = SharedMut::new(&mut y);
+                split(parallel, n, scale.len(), &|planes| {
+                    // SAFETY: the parts of `split` are disjoint runs of planes.
+                    let part = unsafe { out.part(planes.start * p_in, planes.len() * p_in) };
+                    for (plane, &s) in part.chunks_mut(p_in).zip(&scale[planes]) {
+                        for v in plane {
+                            *v *= s;
+                        }
                     }
-                }
+                });
             }
             y
         }
     })
+}
+
+/// Runs `f` on parts of `0..units` (interchangeable units of work: planes, samples) that
+/// together cover it once: on the spinning team when the batch is smaller than the thread
+/// count (batch 1, whose steps come back to back), on the rayon pool for a larger batch (the
+/// tail of the plan, which runs on the whole batch), on this thread without `parallel`.
+fn split(parallel: bool, n: usize, units: usize, f: &(dyn Fn(std::ops::Range<usize>) + Sync)) {
+    let threads = team::size();
+    if !parallel || threads == 1 || units <= 1 {
+        return f(0..units);
+    }
+    let parts = if n < threads { threads } else { 4 * threads }.min(units);
+    let per = units.div_ceil(parts);
+    let part = |t: usize| f(t * per..((t + 1) * per).min(units));
+    let parts = units.div_ceil(per);
+    if n < threads {
+        team::run(parts, &part);
+    } else {
+        (0..parts).into_par_iter().for_each(part);
+    }
 }
 
 /// A step's row in the `SLIMCANDLE_PROFILE=1` table: its kind, kernel and output plane

@@ -2,7 +2,6 @@
 //! with backward passes. Candle's own pooling has no backward when windows overlap
 //! (kernel 3, stride 2), which SqueezeNet and both ShuffleNets use.
 
-use super::{cpu::SharedMut, team};
 use crate::graph::shape::pooled_len;
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, Layout, Result, Shape, Tensor, bail};
 use rayon::prelude::*;
@@ -334,26 +333,10 @@ pub(crate) fn pool_into(
     if y.len() != planes * plane_out {
         bail!("pooling: output buffer size");
     }
-    if parallel && rayon::current_thread_index().is_some() {
-        // On a pool worker (the train step): the rest of the pool is free to help.
+    if parallel {
         y.par_chunks_mut(plane_out)
             .zip(x.par_chunks(h * w))
             .for_each(|(o, plane)| p.plane(plane, o));
-    } else if parallel {
-        // From outside the pool (the eval executor at batch 1, whose layers come back to
-        // back): one run of planes per thread of the spinning team. SqueezeNet's pools of
-        // 224x224 inputs had run on one core.
-        let per = planes.div_ceil(team::size()).max(1);
-        let out = SharedMut::new(y);
-        team::run(planes.div_ceil(per), &|t| {
-            let (first, end) = (t * per, ((t + 1) * per).min(planes));
-            // SAFETY: tasks take disjoint runs of planes of `y`, which outlives the job.
-            let o = unsafe { out.part(first * plane_out, (end - first) * plane_out) };
-            let xs = &x[first * h * w..end * h * w];
-            for (o, plane) in o.chunks_mut(plane_out).zip(xs.chunks(h * w)) {
-                p.plane(plane, o);
-            }
-        });
     } else {
         for (o, plane) in y.chunks_mut(plane_out).zip(x.chunks(h * w)) {
             p.plane(plane, o);
