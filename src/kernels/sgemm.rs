@@ -150,12 +150,24 @@ mod x86 {
                 let ap = unsafe { a.as_ptr().add(i0 * rs) };
                 let a = (ap, rs, cs);
                 let cp = unsafe { c.add(i0 * ldc + j0) };
+                let acc = accumulate;
+                // The first row block of a panel prefetches the next panel's rows of `B`.
                 unsafe {
-                    match (rows, cols > 16) {
-                        (12, true) => tile::<12, 2>(k, a, bp, ldb, cp, ldc, mask, accumulate),
-                        (12, false) => tile::<12, 1>(k, a, bp, ldb, cp, ldc, mask, accumulate),
-                        (r, true) => short::<2>(r, k, a, bp, ldb, cp, ldc, mask, accumulate),
-                        (r, false) => short::<1>(r, k, a, bp, ldb, cp, ldc, mask, accumulate),
+                    match (rows, cols > 16, i0 == 0) {
+                        (12, true, true) => tile::<12, 2, true>(k, a, bp, ldb, cp, ldc, mask, acc),
+                        (12, true, false) => {
+                            tile::<12, 2, false>(k, a, bp, ldb, cp, ldc, mask, acc)
+                        }
+                        (12, false, true) => tile::<12, 1, true>(k, a, bp, ldb, cp, ldc, mask, acc),
+                        (12, false, false) => {
+                            tile::<12, 1, false>(k, a, bp, ldb, cp, ldc, mask, acc)
+                        }
+                        (r, true, true) => short::<2, true>(r, k, a, bp, ldb, cp, ldc, mask, acc),
+                        (r, true, false) => short::<2, false>(r, k, a, bp, ldb, cp, ldc, mask, acc),
+                        (r, false, true) => short::<1, true>(r, k, a, bp, ldb, cp, ldc, mask, acc),
+                        (r, false, false) => {
+                            short::<1, false>(r, k, a, bp, ldb, cp, ldc, mask, acc)
+                        }
                     }
                 }
             }
@@ -166,7 +178,7 @@ mod x86 {
     #[allow(clippy::too_many_arguments)]
     #[target_feature(enable = "avx512f")]
     #[inline]
-    unsafe fn short<const V: usize>(
+    unsafe fn short<const V: usize, const PF: bool>(
         rows: usize,
         k: usize,
         a: (*const f32, usize, usize),
@@ -179,17 +191,17 @@ mod x86 {
     ) {
         unsafe {
             match rows {
-                1 => tile::<1, V>(k, a, bp, ldb, cp, ldc, mask, acc),
-                2 => tile::<2, V>(k, a, bp, ldb, cp, ldc, mask, acc),
-                3 => tile::<3, V>(k, a, bp, ldb, cp, ldc, mask, acc),
-                4 => tile::<4, V>(k, a, bp, ldb, cp, ldc, mask, acc),
-                5 => tile::<5, V>(k, a, bp, ldb, cp, ldc, mask, acc),
-                6 => tile::<6, V>(k, a, bp, ldb, cp, ldc, mask, acc),
-                7 => tile::<7, V>(k, a, bp, ldb, cp, ldc, mask, acc),
-                8 => tile::<8, V>(k, a, bp, ldb, cp, ldc, mask, acc),
-                9 => tile::<9, V>(k, a, bp, ldb, cp, ldc, mask, acc),
-                10 => tile::<10, V>(k, a, bp, ldb, cp, ldc, mask, acc),
-                11 => tile::<11, V>(k, a, bp, ldb, cp, ldc, mask, acc),
+                1 => tile::<1, V, PF>(k, a, bp, ldb, cp, ldc, mask, acc),
+                2 => tile::<2, V, PF>(k, a, bp, ldb, cp, ldc, mask, acc),
+                3 => tile::<3, V, PF>(k, a, bp, ldb, cp, ldc, mask, acc),
+                4 => tile::<4, V, PF>(k, a, bp, ldb, cp, ldc, mask, acc),
+                5 => tile::<5, V, PF>(k, a, bp, ldb, cp, ldc, mask, acc),
+                6 => tile::<6, V, PF>(k, a, bp, ldb, cp, ldc, mask, acc),
+                7 => tile::<7, V, PF>(k, a, bp, ldb, cp, ldc, mask, acc),
+                8 => tile::<8, V, PF>(k, a, bp, ldb, cp, ldc, mask, acc),
+                9 => tile::<9, V, PF>(k, a, bp, ldb, cp, ldc, mask, acc),
+                10 => tile::<10, V, PF>(k, a, bp, ldb, cp, ldc, mask, acc),
+                11 => tile::<11, V, PF>(k, a, bp, ldb, cp, ldc, mask, acc),
                 _ => unreachable!("row blocks have 1 to MR rows"),
             }
         }
@@ -199,10 +211,13 @@ mod x86 {
     /// to `C` with `acc`). The last vector's columns are `mask`. `A`'s element (r, p) is at
     /// `ap + r * rs + p * cs`: its values are broadcast straight from the weights, unpacked
     /// (packing them on every call cost 16% of a batch-1 forward pass, more than it saved).
+    /// With `PF` (the first row block of each panel), it also prefetches the next panel's
+    /// rows of `B`: a panel's K rows are K streams a row stride apart, more than the
+    /// hardware prefetchers follow, and `B` is a fresh activation, not yet in cache.
     #[allow(clippy::too_many_arguments)]
     #[target_feature(enable = "avx512f")]
     #[inline]
-    unsafe fn tile<const R: usize, const V: usize>(
+    unsafe fn tile<const R: usize, const V: usize, const PF: bool>(
         k: usize,
         (ap, rs, cs): (*const f32, usize, usize),
         bp: *const f32,
@@ -229,6 +244,12 @@ mod x86 {
                     for v in 0..V {
                         row[v] = _mm512_fmadd_ps(s, bv[v], row[v]);
                     }
+                }
+                if PF {
+                    // The same row of the next panel, two cache lines (never faults, even
+                    // past the end of `B`).
+                    _mm_prefetch::<_MM_HINT_T0>(bp.add(NR) as *const i8);
+                    _mm_prefetch::<_MM_HINT_T0>(bp.add(NR + 16) as *const i8);
                 }
                 ap = ap.add(cs);
                 bp = bp.add(ldb);
