@@ -38,6 +38,7 @@ pub mod int8;
 pub(crate) mod pool;
 pub mod reference;
 pub(crate) mod scratch;
+pub(crate) mod sdot;
 pub(crate) mod sgd;
 pub(crate) mod sgemm;
 mod shuffle;
