@@ -101,7 +101,7 @@ pub(crate) fn matmul(dst: MatMut, accumulate: bool, a: MatRef, b: MatRef, par: P
         }
         return;
     }
-    if b.cs == 1 && sgemm::available() && sgemm::worthwhile(m, n, k) {
+    if b.cs == 1 && sgemm::available() && sgemm::worthwhile(n) {
         let threads = match par {
             Parallelism::Rayon(0) => rayon::current_num_threads(),
             Parallelism::Rayon(t) => t,

@@ -42,9 +42,9 @@ pub(crate) fn available() -> bool {
     }
 }
 
-/// Whether an `m x k` by `k x n` product is better here than in the `gemm` crate: at least
-/// one full vector of columns.
-pub(crate) fn worthwhile(_m: usize, n: usize, _k: usize) -> bool {
+/// Whether a product with `n` columns is better here than in the `gemm` crate (or
+/// [`sdot`](super::sdot)): at least one full vector of columns.
+pub(crate) fn worthwhile(n: usize) -> bool {
     n >= 16
 }
 

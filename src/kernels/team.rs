@@ -14,7 +14,7 @@
 
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::sync::atomic::{AtomicBool, AtomicPtr, AtomicU64, AtomicUsize, Ordering::*};
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::{Arc, Mutex, OnceLock, TryLockError};
 use std::thread::Thread;
 use std::time::{Duration, Instant};
 
@@ -144,8 +144,12 @@ pub(crate) fn run(tasks: usize, f: &(dyn Fn(usize) + Sync)) {
         return alone();
     }
     let shared = &*team.shared;
-    let Ok(_caller) = shared.caller.try_lock() else {
-        return alone();
+    // A job whose task panicked poisons the lock; the team is still sound (the panic was
+    // caught and the job finished), so a poisoned lock is taken like a free one.
+    let _caller = match shared.caller.try_lock() {
+        Ok(guard) => guard,
+        Err(TryLockError::Poisoned(poisoned)) => poisoned.into_inner(),
+        Err(TryLockError::WouldBlock) => return alone(),
     };
     let job = Job {
         f,
@@ -229,7 +233,24 @@ mod tests {
             })
         });
         assert!(result.is_err());
-        // The team still works afterwards.
+        // The team still shares jobs afterwards (its lock is poisoned, not lost): tasks long
+        // enough for a worker to claim some run on more than one thread.
+        // (Other tests use the team at the same time, and a caller that finds it busy runs
+        // alone: a few tries.)
+        if super::size() > 1 && !super::team().workers.is_empty() {
+            let shared = (0..50).any(|_| {
+                let threads = std::sync::Mutex::new(std::collections::HashSet::new());
+                run(16, &|_| {
+                    std::thread::sleep(std::time::Duration::from_millis(1));
+                    threads.lock().unwrap().insert(std::thread::current().id());
+                });
+                threads.into_inner().unwrap().len() > 1
+            });
+            assert!(
+                shared,
+                "after a panic, jobs no longer reach the team's workers"
+            );
+        }
         let total = AtomicUsize::new(0);
         run(8, &|_| {
             total.fetch_add(1, Relaxed);
