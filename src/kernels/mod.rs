@@ -21,6 +21,11 @@
 //! (`conv_gemm::forward_into`, `depthwise::forward_into`, `pool::pool_into`) directly, with a
 //! callback that fuses bias, batch norm, activation and residual add into the output.
 //!
+//! The f32 products of the convolutions go through `gemm::matmul`, which picks our AVX-512
+//! kernels (`sgemm`: register tiles along N; `sdot`: dot products along K for narrow
+//! products) or the `gemm` crate. At batch 1 the executor splits each layer over the
+//! spinning threads of `team` (rayon's workers sleep between layers).
+//!
 //! [`reuse_freed_memory`] is an opt-in, process-wide glibc setting that removes the page
 //! faults which otherwise dominate large-tensor steps on the CPU (`alloc.rs`).
 
