@@ -219,14 +219,10 @@ mod x86 {
 mod tests {
     use super::*;
 
-    fn values(len: usize, seed: u32) -> Vec<f32> {
-        let mut state = seed.wrapping_mul(2_654_435_761).wrapping_add(777);
-        (0..len)
-            .map(|_| {
-                state = state.wrapping_mul(1_664_525).wrapping_add(1_013_904_223);
-                (state >> 8) as f32 / (1u32 << 24) as f32 * 2.0 - 1.0
-            })
-            .collect()
+    /// Deterministic values in [-1, 1).
+    fn values(len: usize, seed: u64) -> Vec<f32> {
+        let mut rng = crate::rng::Rng::new(seed);
+        (0..len).map(|_| rng.uniform() as f32 * 2.0 - 1.0).collect()
     }
 
     /// Against a plain triple loop in f64, for both layouts of `B`, both write modes, and
