@@ -269,8 +269,5 @@ pub fn quantize_for_bench(
 
 /// The bench's input: `batch` images of `channels x size x size` standard normal values.
 fn random_batch(channels: usize, batch: usize, size: usize) -> Vec<f32> {
-    let mut rng = Rng::new(1);
-    (0..batch * channels * size * size)
-        .map(|_| rng.normal() as f32)
-        .collect()
+    Rng::new(1).normals(batch * channels * size * size)
 }

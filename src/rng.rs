@@ -47,6 +47,11 @@ impl Rng {
         ((self.next_u64() as u128 * n as u128) >> 64) as usize
     }
 
+    /// `len` standard normal samples as f32 (test data, benchmark inputs).
+    pub fn normals(&mut self, len: usize) -> Vec<f32> {
+        (0..len).map(|_| self.normal() as f32).collect()
+    }
+
     /// Standard normal sample (Box-Muller).
     pub fn normal(&mut self) -> f64 {
         let u1 = 1.0 - self.uniform();

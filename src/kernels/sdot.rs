@@ -218,12 +218,7 @@ mod x86 {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    /// Deterministic values in [-1, 1).
-    fn values(len: usize, seed: u64) -> Vec<f32> {
-        let mut rng = crate::rng::Rng::new(seed);
-        (0..len).map(|_| rng.uniform() as f32 * 2.0 - 1.0).collect()
-    }
+    use crate::rng::Rng;
 
     /// Against a plain triple loop in f64, for both layouts of `B`, both write modes, and
     /// sizes around the tile and vector edges.
@@ -238,7 +233,7 @@ mod tests {
                 for &k in &[1, 15, 16, 17, 40, 160] {
                     for &(columns_contiguous, accumulate) in &[(false, false), (true, true)] {
                         let lda = k + 3;
-                        let a = values(m * lda, 1);
+                        let a = Rng::new(1).normals(m * lda);
                         // B as k x n: rows contiguous (rs = n + 1, cs = 1) or columns
                         // contiguous (rs = 1, cs = k + 2).
                         let (rs, cs) = if columns_contiguous {
@@ -246,9 +241,9 @@ mod tests {
                         } else {
                             (n + 1, 1)
                         };
-                        let b = values(k * rs.max(1) + n * cs + 1, 2);
+                        let b = Rng::new(2).normals(k * rs.max(1) + n * cs + 1);
                         let ldc = n + 2;
-                        let c0 = values(m * ldc, 3);
+                        let c0 = Rng::new(3).normals(m * ldc);
                         let mut ours = c0.clone();
                         sdot((m, n, k), &a, lda, &b, (rs, cs), &mut ours, ldc, accumulate);
                         for i in 0..m {

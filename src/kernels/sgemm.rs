@@ -296,6 +296,7 @@ mod x86 {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::rng::Rng;
 
     /// The scalar reference: a plain triple loop in f64.
     #[allow(clippy::too_many_arguments)]
@@ -325,12 +326,6 @@ mod tests {
         }
     }
 
-    /// Deterministic values in [-1, 1).
-    fn values(len: usize, seed: u64) -> Vec<f32> {
-        let mut rng = crate::rng::Rng::new(seed);
-        (0..len).map(|_| rng.uniform() as f32 * 2.0 - 1.0).collect()
-    }
-
     #[test]
     fn matches_the_reference_on_edge_shapes() {
         if !available() {
@@ -347,12 +342,12 @@ mod tests {
                         let (ldb, ldc) = (n + 3, n + 5);
                         // A row-major (lda = k + 2) or a transposed view of a k x m matrix.
                         let (a, strides) = if transposed {
-                            (values(k * (m + 1), 1), (1, m + 1))
+                            (Rng::new(1).normals(k * (m + 1)), (1, m + 1))
                         } else {
-                            (values(m * (k + 2), 1), (k + 2, 1))
+                            (Rng::new(1).normals(m * (k + 2)), (k + 2, 1))
                         };
-                        let b = values(k * ldb, 2);
-                        let c0 = values(m * ldc, 3);
+                        let b = Rng::new(2).normals(k * ldb);
+                        let c0 = Rng::new(3).normals(m * ldc);
                         let (mut ours, mut want) = (c0.clone(), c0.clone());
                         let shape = (m, n, k);
                         sgemm(
@@ -389,7 +384,7 @@ mod tests {
             eprintln!("skipped: this CPU has no AVX-512");
             return;
         }
-        let (a, b) = (values(13, 4), values(40, 5));
+        let (a, b) = (Rng::new(4).normals(13), Rng::new(5).normals(40));
         let (mut ours, mut want) = (vec![0f32; 13 * 40], vec![0f32; 13 * 40]);
         sgemm((13, 40, 1), &a, (1, 1), &b, 0, &mut ours, 40, false, 2);
         reference((13, 40, 1), &a, (1, 1), &b, 0, &mut want, 40, false);

@@ -264,8 +264,7 @@ mod tests {
     use candle_core::{Device, Var};
 
     fn random(seed: u64, len: usize) -> Vec<f32> {
-        let mut rng = Rng::new(seed);
-        (0..len).map(|_| rng.normal() as f32).collect()
+        Rng::new(seed).normals(len)
     }
 
     /// Both losses' gradients against central differences, and the Candle composition's
