@@ -6,7 +6,7 @@
 //! accumulating, from inside a parallel loop. Strided views over slices do that without
 //! copies or tensor allocations.
 
-use super::{sdot, sgemm};
+use super::sgemm;
 pub(crate) use gemm::Parallelism;
 
 /// A read-only `rows x cols` matrix: element (i, j) is `data[i * rs + j * cs]`.
@@ -79,9 +79,13 @@ impl<'a> MatMut<'a> {
     }
 }
 
-/// `dst = a * b`, or `dst += a * b` when `accumulate`: on our AVX-512 kernels when the CPU
-/// has AVX-512 ([`sgemm`] when `b` has contiguous rows and the product is wide enough,
-/// [`sdot`] for narrow products with contiguous rows of `a`), else on the `gemm` crate.
+/// `dst = a * b`, or `dst += a * b` when `accumulate`: on our AVX-512 kernel ([`sgemm`])
+/// when the CPU has AVX-512, `b` has contiguous rows and the product is wide enough, else
+/// on the `gemm` crate. Both sum each output along K in order, one FMA after another, as
+/// onnxruntime and tract do: the int8 simulation (`passes::quant`) rounds these sums, and
+/// another order moved its outputs by up to 7 quantization steps from tract's run of the
+/// same QDQ export (a dot-product kernel along K, tried for narrow products, was dropped
+/// for that).
 pub(crate) fn matmul(dst: MatMut, accumulate: bool, a: MatRef, b: MatRef, par: Parallelism) {
     let (m, n, k) = (dst.rows, dst.cols, a.cols);
     assert!(
@@ -117,24 +121,6 @@ pub(crate) fn matmul(dst: MatMut, accumulate: bool, a: MatRef, b: MatRef, par: P
             n,
             accumulate,
             threads,
-        );
-        return;
-    }
-    // Narrow products (under 16 columns, or few rows against transposed weights) as dot
-    // products along K, on one thread: a large one asked to use threads (a 1000-class
-    // classifier at batch 1) stays on the crate's threaded kernels.
-    let narrow = n < 16 || (b.rs == 1 && m < 16);
-    let threaded = !matches!(par, Parallelism::None) && m * n * k >= 1 << 20;
-    if a.cs == 1 && narrow && !threaded && sdot::available() {
-        sdot::sdot(
-            (m, n, k),
-            a.data,
-            a.rs,
-            b.data,
-            (b.rs, b.cs),
-            dst.data,
-            n,
-            accumulate,
         );
         return;
     }

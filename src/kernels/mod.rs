@@ -22,8 +22,7 @@
 //! callback that fuses bias, batch norm, activation and residual add into the output.
 //!
 //! The f32 products of the convolutions go through `gemm::matmul`, which picks our AVX-512
-//! kernels (`sgemm`: register tiles along N; `sdot`: dot products along K for narrow
-//! products) or the `gemm` crate. At batch 1 the executor splits each layer over the
+//! kernel (`sgemm`: register tiles along N) or the `gemm` crate. At batch 1 the executor splits each layer over the
 //! spinning threads of `team` (rayon's workers sleep between layers).
 //!
 //! [`reuse_freed_memory`] is an opt-in, process-wide glibc setting that removes the page
@@ -43,7 +42,6 @@ pub mod int8;
 pub(crate) mod pool;
 pub mod reference;
 pub(crate) mod scratch;
-pub(crate) mod sdot;
 pub(crate) mod sgd;
 pub(crate) mod sgemm;
 mod shuffle;

@@ -42,8 +42,8 @@ pub(crate) fn available() -> bool {
     }
 }
 
-/// Whether a product with `n` columns is better here than in the `gemm` crate (or
-/// [`sdot`](super::sdot)): at least one full vector of columns.
+/// Whether a product with `n` columns is better here than in the `gemm` crate: at least one
+/// full vector of columns.
 pub(crate) fn worthwhile(n: usize) -> bool {
     n >= 16
 }
