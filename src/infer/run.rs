@@ -410,15 +410,13 @@ fn split(parallel: bool, n: usize, units: usize, f: &(dyn Fn(std::ops::Range<usi
     if !parallel || threads == 1 || units <= 1 {
         return f(0..units);
     }
-    let parts = if n < threads { threads } else { 4 * threads }.min(units);
-    let per = units.div_ceil(parts);
-    let part = |t: usize| f(t * per..((t + 1) * per).min(units));
-    let parts = units.div_ceil(per);
     if n < threads {
-        team::run(parts, &part);
-    } else {
-        (0..parts).into_par_iter().for_each(part);
+        return team::run_parts(units, threads, f);
     }
+    let per = units.div_ceil(4 * threads);
+    (0..units.div_ceil(per))
+        .into_par_iter()
+        .for_each(|t| f(t * per..((t + 1) * per).min(units)));
 }
 
 /// A step's row in the `SLIMCANDLE_PROFILE=1` table: its kind, kernel and output plane

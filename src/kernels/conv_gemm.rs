@@ -156,10 +156,9 @@ pub(crate) fn forward_into(
 /// stem or of SqueezeNet's 3x3 expands left the other cores waiting.
 fn im2col_on_team(g: &ConvGeom, d: &Dims, xg: &[f32], cols: &mut [f32]) {
     let rows_per_channel = g.k * g.k * d.p;
-    let per = d.cig.div_ceil(team::size()).max(1);
     let out = SharedMut::new(cols);
-    team::run(d.cig.div_ceil(per), &|t| {
-        let (c0, c1) = (t * per, ((t + 1) * per).min(d.cig));
+    team::run_parts(d.cig, team::size(), &|channels| {
+        let (c0, c1) = (channels.start, channels.end);
         // SAFETY: tasks take disjoint channel ranges, hence disjoint rows of `cols`.
         let part = unsafe { out.part(c0 * rows_per_channel, (c1 - c0) * rows_per_channel) };
         im2col(g, c1 - c0, &xg[c0 * d.hw..c1 * d.hw], part);
@@ -182,10 +181,9 @@ fn rows_on_team(
 ) {
     let (kdim, p) = (b.n_rows(), b.n_cols());
     let m = w.len() / kdim.max(1);
-    let per = m.div_ceil(team::size()).max(1);
     let out = SharedMut::new(block);
-    team::run(m.div_ceil(per), &|t| {
-        let (r0, r1) = (t * per, ((t + 1) * per).min(m));
+    team::run_parts(m, team::size(), &|rows| {
+        let (r0, r1) = (rows.start, rows.end);
         // SAFETY: tasks take disjoint row ranges of `block`, which outlives the job.
         let part = unsafe { out.part(r0 * p, (r1 - r0) * p) };
         let a = MatRef::rows(&w[r0 * kdim..r1 * kdim], r1 - r0, kdim);

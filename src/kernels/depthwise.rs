@@ -479,11 +479,9 @@ pub(crate) fn forward_into(
     if parallel && g.n < team::size() {
         // Too few samples to split the batch (batch-1 inference): the planes in one run per
         // thread of the spinning team, whose workers are awake between layers.
-        let planes = g.n * g.c_out;
-        let per = planes.div_ceil(team::size());
         let out = SharedMut::new(y);
-        team::run(planes.div_ceil(per), &|t| {
-            let (first, end) = (t * per, ((t + 1) * per).min(planes));
+        team::run_parts(g.n * g.c_out, team::size(), &|planes| {
+            let (first, end) = (planes.start, planes.end);
             // SAFETY: tasks take disjoint runs of planes of `y`, which outlives the job.
             let part = unsafe { out.part(first * plane_out, (end - first) * plane_out) };
             let mut buf = vec![0f32; pd.len()];

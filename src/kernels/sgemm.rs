@@ -86,9 +86,8 @@ pub(crate) fn sgemm(
     );
     assert!((k - 1) * ldb + n <= b.len(), "sgemm: B too short");
     let panels = n.div_ceil(NR);
-    let threads = threads.clamp(1, panels);
     let c_shared = SharedMut::new(c);
-    let run = &|first: usize, end: usize| {
+    let run = &|panels: std::ops::Range<usize>| {
         // SAFETY: every tile reads `A` and `k` rows of `B` within the checked bounds and
         // writes rows < m and columns < n of `C` (checked above); tasks take disjoint
         // panels, so no two write the same element, and `c` outlives them.
@@ -99,17 +98,14 @@ pub(crate) fn sgemm(
                 (b, ldb),
                 (c_shared.as_ptr(), ldc),
                 accumulate,
-                first..end,
+                panels,
             )
         }
     };
-    if threads == 1 {
-        run(0, panels);
+    if threads <= 1 {
+        run(0..panels);
     } else {
-        let per = panels.div_ceil(threads);
-        team::run(panels.div_ceil(per), &|t| {
-            run(t * per, ((t + 1) * per).min(panels))
-        });
+        team::run_parts(panels, threads, run);
     }
 }
 

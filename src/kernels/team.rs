@@ -179,6 +179,16 @@ pub(crate) fn run(tasks: usize, f: &(dyn Fn(usize) + Sync)) {
     }
 }
 
+/// Runs `f` on `parts` contiguous runs of `0..units` (the last one shorter; fewer runs when
+/// there are fewer units), one run per task of [`run`]: the one way the kernels split a
+/// layer's rows, planes or panels over the team.
+pub(crate) fn run_parts(units: usize, parts: usize, f: &(dyn Fn(std::ops::Range<usize>) + Sync)) {
+    let per = units.div_ceil(parts.max(1)).max(1);
+    run(units.div_ceil(per), &|t| {
+        f(t * per..((t + 1) * per).min(units))
+    });
+}
+
 #[cfg(test)]
 mod tests {
     use super::run;
