@@ -278,6 +278,11 @@ fn dense_conv() {
     Conv::new(3, 3, 4, (17, 19), 1).kernel(1, 1, 0).check();
     Conv::new(3, 3, 4, (16, 16), 1).kernel(1, 1, 0).check();
     Conv::new(3, 3, 4, (31, 33), 1).kernel(3, 2, 1).check();
+    // Many input channels (column matrices of 576 rows), one sample per GEMM and, with
+    // small planes, several side by side.
+    Conv::new(2, 64, 5, (17, 19), 1).check();
+    Conv::new(5, 64, 5, (8, 8), 1).check();
+    Conv::new(3, 48, 7, (13, 11), 1).kernel(3, 2, 1).check();
     Conv {
         dil: 2,
         ..Conv::new(2, 3, 4, (9, 7), 1).kernel(3, 1, 2)
@@ -298,6 +303,8 @@ fn conv_under_different_thread_counts() {
             Conv::new(7, 3, 4, (5, 6), 1).check();
             Conv::new(7, 4, 6, (5, 6), 2).kernel(1, 1, 0).check();
             Conv::new(7, 4, 4, (5, 7), 4).kernel(3, 2, 1).check();
+            Conv::new(1, 64, 26, (17, 19), 1).check();
+            Conv::new(5, 64, 5, (8, 8), 1).check();
             let c = Conv::new(7, 3, 4, (5, 6), 1).kernel(1, 1, 0);
             c.check();
         });

@@ -3,6 +3,7 @@
 //! (kernel 3, stride 2), which SqueezeNet and both ShuffleNets use.
 
 use crate::graph::shape::pooled_len;
+use crate::kernels::simd::{Madd, simd_dispatch};
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, Layout, Result, Shape, Tensor, bail};
 use rayon::prelude::*;
 
@@ -334,15 +335,86 @@ pub(crate) fn pool_into(
         bail!("pooling: output buffer size");
     }
     if parallel {
-        y.par_chunks_mut(plane_out)
-            .zip(x.par_chunks(h * w))
-            .for_each(|(o, plane)| p.plane(plane, o));
+        // Runs of planes, so that each part sets up its row buffer once.
+        let run = planes.div_ceil(4 * rayon::current_num_threads()).max(1);
+        y.par_chunks_mut(run * plane_out)
+            .zip(x.par_chunks(run * h * w))
+            .for_each(|(o, xs)| p.planes_f32(xs, o));
     } else {
-        for (o, plane) in y.chunks_mut(plane_out).zip(x.chunks(h * w)) {
-            p.plane(plane, o);
-        }
+        p.planes_f32(x, y);
     }
     Ok(())
+}
+
+impl Pool {
+    /// Whole f32 planes: max pooling vectorised ([`max_planes`]), average pooling by windows.
+    fn planes_f32(&self, x: &[f32], y: &mut [f32]) {
+        if self.kind == Kind::Max {
+            return max_planes(self, x, y);
+        }
+        for (o, plane) in y
+            .chunks_exact_mut(self.oh * self.ow)
+            .zip(x.chunks_exact(self.h * self.w))
+        {
+            self.plane(plane, o);
+        }
+    }
+}
+
+simd_dispatch!(fn max_planes(p: &Pool, x: &[f32], y: &mut [f32]) => max_planes_body);
+
+/// Max pooling of whole f32 planes, separably as [`Pool::max_plane`], with the same values,
+/// but with the row maxima in a buffer padded with negative infinity on both sides (which
+/// never wins a window: every window holds at least one input value), so that every
+/// output column's window is `k` values at `ox * stride` and the loop across a row has no
+/// clipping; the common 3x3 / stride-2 and 2x2 windows get loops of a fixed shape, and the
+/// whole body is compiled for AVX2 and AVX-512 (`simd_dispatch`). Why: the generic loop,
+/// with a window search per output and two allocations per plane, was 11% of SqueezeNet
+/// 1.1's inference at batch 64.
+#[inline(always)]
+fn max_planes_body<M: Madd>(p: &Pool, x: &[f32], y: &mut [f32]) {
+    let (h, w, k, s) = (p.h, p.w, p.kernel, p.stride);
+    let (oh, ow, pad) = (p.oh, p.ow, p.padding);
+    // Positions -pad .. (ow - 1) s - pad + k of an input row, shifted by pad.
+    let len = (ow - 1) * s + k;
+    let used = w.min(len - pad);
+    let mut row = vec![f32::NEG_INFINITY; len.max(pad + used)];
+    let rows: Vec<Range> = (0..oh).map(|oy| p.window(oy, 0).0).collect();
+    for (plane, out) in x.chunks_exact(h * w).zip(y.chunks_exact_mut(oh * ow)) {
+        for (out_row, ys) in out.chunks_exact_mut(ow).zip(&rows) {
+            let maxima = &mut row[pad..pad + used];
+            maxima.copy_from_slice(&plane[ys.start * w..][..used]);
+            for iy in ys.start + 1..ys.end {
+                for (m, &v) in maxima.iter_mut().zip(&plane[iy * w..][..used]) {
+                    *m = max_or_nan(*m, v);
+                }
+            }
+            match (k, s) {
+                (3, 2) => across::<3, 2>(&row, out_row),
+                (3, 1) => across::<3, 1>(&row, out_row),
+                (2, 2) => across::<2, 2>(&row, out_row),
+                _ => {
+                    for (ox, o) in out_row.iter_mut().enumerate() {
+                        let win = &row[ox * s..ox * s + k];
+                        *o = win[1..].iter().fold(win[0], |m, &v| max_or_nan(m, v));
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// `out[ox] = max(row[ox S .. ox S + K])`, first NaN winning, for a fixed window and stride.
+#[inline(always)]
+fn across<const K: usize, const S: usize>(row: &[f32], out: &mut [f32]) {
+    for (ox, o) in out.iter_mut().enumerate() {
+        let win = &row[ox * S..ox * S + K];
+        let mut m = win[0];
+        for &v in &win[1..] {
+            m = max_or_nan(m, v);
+        }
+        *o = m;
+    }
 }
 
 /// The input gradient of [`pool_into`] from its input `x` and the output gradient `dy`.
@@ -559,6 +631,51 @@ mod tests {
                     "{kind:?} grad {i}: {numeric} vs {}",
                     grad[i]
                 );
+            }
+        }
+    }
+
+    /// The vectorised max pooling of `pool_into` against the window search of the Candle
+    /// op's forward, value for value (NaN for NaN), with NaNs and infinities in the input,
+    /// for every window, stride, padding and ceil mode, serial and over the rayon pool.
+    #[test]
+    fn vectorised_max_pooling_matches_the_window_search() {
+        for (k, st, pad) in [
+            (3, 2, 0),
+            (3, 2, 1),
+            (3, 1, 1),
+            (2, 2, 0),
+            (2, 1, 1),
+            (5, 3, 2),
+            (4, 2, 2),
+        ] {
+            for ceil in [false, true] {
+                for (h, w) in [(13, 13), (7, 9), (6, 5), (5, 16), (17, 33)] {
+                    let Ok(p) = geometry((1, 4, h, w), Kind::Max, k, st, pad, ceil) else {
+                        continue;
+                    };
+                    let mut x: Vec<f32> = (0..4 * h * w)
+                        .map(|i| ((i * 7919) % 23) as f32 - 11.0)
+                        .collect();
+                    x[3] = f32::NAN;
+                    x[h * w + 2 * w + 1] = f32::INFINITY;
+                    x[2 * h * w + w] = f32::NEG_INFINITY;
+                    let plane_out = p.oh * p.ow;
+                    let mut want = vec![0f32; 4 * plane_out];
+                    for (o, plane) in want.chunks_mut(plane_out).zip(x.chunks(h * w)) {
+                        p.plane(plane, o);
+                    }
+                    for parallel in [false, true] {
+                        let mut got = vec![0f32; 4 * plane_out];
+                        pool_into(true, k, st, pad, ceil, (h, w), &x, &mut got, parallel).unwrap();
+                        for (i, (a, b)) in got.iter().zip(&want).enumerate() {
+                            assert!(
+                                a == b || (a.is_nan() && b.is_nan()),
+                                "k{k} s{st} p{pad} ceil {ceil} {h}x{w} output {i}: {a} vs {b}"
+                            );
+                        }
+                    }
+                }
             }
         }
     }
