@@ -304,6 +304,13 @@ fn conv_under_different_thread_counts() {
             Conv::new(7, 4, 6, (5, 6), 2).kernel(1, 1, 0).check();
             Conv::new(7, 4, 4, (5, 7), 4).kernel(3, 2, 1).check();
             Conv::new(1, 64, 26, (17, 19), 1).check();
+            // Depthwise at batch 1: short rows run channels last; 3x3 kernels on 7x7
+            // outputs take the 4-wide row blocks, 5x5 ones channels last.
+            Conv::new(1, 37, 37, (4, 4), 37).check();
+            Conv::new(1, 40, 40, (5, 5), 40).kernel(3, 2, 1).check();
+            Conv::new(1, 20, 20, (7, 7), 20).check();
+            Conv::new(1, 20, 20, (7, 7), 20).kernel(5, 1, 2).check();
+            Conv::new(2, 6, 6, (14, 14), 6).kernel(3, 2, 1).check();
             Conv::new(5, 64, 5, (8, 8), 1).check();
             let c = Conv::new(7, 3, 4, (5, 6), 1).kernel(1, 1, 0);
             c.check();

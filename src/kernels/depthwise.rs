@@ -12,9 +12,11 @@
 //! k x k taps unrolled (k = 1, 3, 5, 7 and strides 1, 2 are compiled as constants).
 //!
 //! - forward: `y = corr(pad(x), w)` per (sample, channel), in parallel; output rows shorter
-//!   than 8 (the 4x4 and 2x2 planes of small inputs) instead run one sample at a time with
+//!   than 7 (the 4x4 and 2x2 planes of small inputs) instead run one sample at a time with
 //!   channels last, where each tap is a vector operation across channels and taps that only
-//!   meet padding are skipped (`narrow_body`);
+//!   meet padding are skipped (`narrow_body`). 3x3 kernels on 7x7 planes (224x224 inputs'
+//!   last stage) stay on the planes: two overlapping 4-wide blocks per row cost half of the
+//!   channels-last path's time, transposes included (see `narrow_rows`);
 //! - input gradient: the same correlation with the flipped filter over the output gradient
 //!   spread out by the stride (zeros between) and padded by k - 1 - p;
 //! - weight gradient: per tap, the dot product of the output gradient with the shifted padded
@@ -416,8 +418,9 @@ fn forward(g: &ConvGeom, x: &[f32], w: &[f32]) -> Vec<f32> {
 /// Writes the convolution into `y` (every value overwritten), calling `post(plane, values)`
 /// on each run of whole output planes right after it is computed, while it is in cache (the
 /// eval executor's fused epilogue): `values` starts at plane `plane` (= sample * C + channel)
-/// and never spans two samples (one plane, or for rows under 4 outputs a whole sample). With
-/// `parallel`, planes (or samples) run on the rayon pool; without, on the calling thread.
+/// and never spans two samples (one plane, or for short rows a whole sample). With
+/// `parallel`, planes (or samples) run on the rayon pool, or at batch 1 on the spinning team;
+/// without, on the calling thread.
 pub(crate) fn forward_into(
     g: &ConvGeom,
     x: &[f32],
@@ -434,7 +437,7 @@ pub(crate) fn forward_into(
         "conv2d: output buffer size"
     );
     // Short rows: one sample at a time, channels last.
-    if g.wo < NARROW {
+    if narrow_rows(g) {
         let (rows, cols) = (narrow_taps(g.ho, g.h, g), narrow_taps(g.wo, g.w, g));
         let mut ft = vec![0f32; kk * g.c_in];
         for (ch, f) in w.chunks_exact(kk).enumerate() {
@@ -518,8 +521,16 @@ fn narrow_taps(
         .collect()
 }
 
-/// Output rows shorter than this run channels last ([`narrow_body`]).
-const NARROW: usize = 8;
+/// Whether output rows are short enough to run channels last ([`narrow_body`]): under 7
+/// outputs, or under 8 for kernels of 5 and more. Measured on MobileNet V2: its 3x3
+/// depthwise convs on 7x7 planes (224x224, batch 8) took 54 ms on the planes' 4-wide row
+/// blocks against 27 ms channels last (`SLIMCANDLE_PROFILE=1`); on 4x4 planes (32x32, batch
+/// 64) channels last is twice as fast; MobileNet V3 small's 5x5 ones on 7x7 planes were 5%
+/// of the whole model faster channels last (25 taps of one vector across channels against
+/// two 4-wide blocks per row).
+fn narrow_rows(g: &ConvGeom) -> bool {
+    g.wo < 7 || (g.wo < 8 && g.k >= 5)
+}
 
 /// Scratch of the narrow path: one sample's input, filters and output, channels last.
 #[derive(Default)]
