@@ -16,6 +16,9 @@
 #   LAT_ITERS=100    timed images per run of the latency rows; LAT_WARMUP=10 untimed before
 #   AGG=median       how rounds are combined in the table: median or best (highest images/s)
 #   ORT=1            also time onnxruntime in the infer rows (0 to skip)
+#   OV=1             also time OpenVINO (CPU plugin, f32, one stream, THREADS threads) in the
+#                    infer and latency rows: installed with pip when missing; where pip cannot
+#                    reach it the column is skipped with the reason printed (0 to skip)
 #   CONFIGS=REGEX    run only the configs whose label matches
 #   NOSPIN=0         1: idle worker threads sleep instead of spinning, in PyTorch
 #                    (OMP_WAIT_POLICY=PASSIVE) and onnxruntime (allow_spinning=0). Use it when
@@ -45,6 +48,7 @@ ITERS=${ITERS:-10}
 WARMUP=${WARMUP:-3}
 AGG=${AGG:-median}
 ORT=${ORT:-1}
+OV=${OV:-1}
 CONFIGS=${CONFIGS:-}
 NOSPIN=${NOSPIN:-0}
 PYTHON=${PYTHON:-python3}
@@ -159,6 +163,14 @@ if [[ "$ORT" == 1 ]] && ! "$PYTHON" -c 'import onnx, onnxruntime' 2>/dev/null; t
     "$PYTHON" -m pip install --quiet onnx onnxruntime >&2
 fi
 
+if [[ "$OV" == 1 ]] && ! "$PYTHON" -c 'import openvino, onnx' 2>/dev/null; then
+    echo "installing openvino (pip); OV=0 skips it" >&2
+    if ! "$PYTHON" -m pip install --quiet openvino onnx >&2; then
+        echo "OpenVINO column skipped: pip could not install openvino" >&2
+        OV=0
+    fi
+fi
+
 RAW=${RAW:-$(mktemp /tmp/slimcandle-compare.XXXXXX.jsonl)}
 : >"$RAW"
 ERRLOG="$RAW.stderr"
@@ -175,13 +187,18 @@ try:
     o = ort.__version__
 except ImportError:
     o = "-"
-print(f"torch {t}, onnxruntime {o}")
+try:
+    import openvino as ov
+    v = ov.__version__
+except ImportError:
+    v = "-"
+print(f"torch {t}, onnxruntime {o}, openvino {v}")
 EOF
 )
 echo "# slimcandle vs PyTorch, CPU"
 echo
 echo "- $(date -u '+%Y-%m-%d %H:%M UTC'), $(nproc) cores, $("$SLIMCANDLE" --version), commit $(git rev-parse --short HEAD 2>/dev/null || echo '?'), $versions"
-echo "- THREADS=$THREADS ROUNDS=$ROUNDS ITERS=$ITERS WARMUP=$WARMUP AGG=$AGG ORT=$ORT NOSPIN=$NOSPIN, ${#SELECTED[@]} config(s), ${#INT8_SELECTED[@]} int8 row(s)"
+echo "- THREADS=$THREADS ROUNDS=$ROUNDS ITERS=$ITERS WARMUP=$WARMUP AGG=$AGG ORT=$ORT OV=$OV NOSPIN=$NOSPIN, ${#SELECTED[@]} config(s), ${#INT8_SELECTED[@]} int8 row(s)"
 echo "- load average at start: $(cut -d' ' -f1-3 /proc/loadavg)"
 load1=$(cut -d' ' -f1 /proc/loadavg)
 if awk -v l="$load1" 'BEGIN { exit !(l > 0.5) }'; then
@@ -224,6 +241,7 @@ for c in "${SELECTED[@]}"; do
     py_extra=()
     py_env=(OMP_NUM_THREADS="$THREADS" MKL_NUM_THREADS="$THREADS")
     [[ "$bench_mode" == infer && "$ORT" == 1 ]] && py_extra=(--onnxruntime)
+    [[ "$bench_mode" == infer && "$OV" == 1 ]] && py_extra+=(--openvino)
     if [[ "$NOSPIN" == 1 ]]; then
         py_env+=(OMP_WAIT_POLICY=PASSIVE)
         [[ "$bench_mode" == infer && "$ORT" == 1 ]] && py_extra+=(--onnxruntime-no-spin)
@@ -233,7 +251,7 @@ for c in "${SELECTED[@]}"; do
         rc=0
         out=$("$SLIMCANDLE" bench "${arch_args[@]}" "${common[@]}" 2>>"$ERRLOG") || rc=$?
         record "$label" "$order" slimcandle "$r" "$rc" "$out"
-        echo "[$label] round $r/$ROUNDS: pytorch${py_extra:+ + onnxruntime}" >&2
+        echo "[$label] round $r/$ROUNDS: pytorch${py_extra:+ + ${py_extra[*]}}" >&2
         rc=0
         out=$(env "${py_env[@]}" "$PYTHON" bench/pytorch_reference.py "${arch_args[@]}" "${common[@]}" "${py_extra[@]}" \
             2>>"$ERRLOG") || rc=$?

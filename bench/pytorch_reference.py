@@ -10,7 +10,8 @@ on the CPU, with the same thread count, and prints one JSON object with the same
 (`images_per_s`, `ms_per_batch`, `ms_median`, `ms_p95`, `threads`, `arch`, `mode`, `batch`,
 `size`, `stem`, `iterations`, `peak_memory`) plus a few of its own (`framework`, `params`,
 `torch_version`, and with --onnxruntime `onnxruntime_images_per_s`,
-`onnxruntime_ms_per_batch`, `onnxruntime_ms_median`, `onnxruntime_ms_p95`).
+`onnxruntime_ms_per_batch`, `onnxruntime_ms_median`, `onnxruntime_ms_p95`; with --openvino the
+same under `openvino_`).
 
 What is timed (warm-up batches excluded, the same random batch every step):
   train  model.train(); forward, cross-entropy, backward, SGD step (lr 1e-3, momentum 0.9,
@@ -20,6 +21,10 @@ What is timed (warm-up batches excluded, the same random batch every step):
          in a temporary folder) and run by an onnxruntime InferenceSession on the CPU with
          intra_op_num_threads = --threads, inter_op_num_threads = 1, sequential execution,
          all graph optimizations.
+  --openvino (infer only): the same ONNX export compiled by OpenVINO for its CPU plugin with
+         INFERENCE_NUM_THREADS = --threads, one stream, the LATENCY hint, and f32 inference
+         precision (on CPUs with AMX or AVX512-BF16 OpenVINO otherwise runs in bf16, which is
+         not the fp32 comparison), run by one synchronous infer request.
 
 Models: torchvision's mobilenet_v2, mobilenet_v3_small/large, shufflenet_v2_x*,
 squeezenet1_0/1_1, and MobileNet V1 / ShuffleNet V1 from scripts/make_reference_fixtures.py.
@@ -234,6 +239,33 @@ def bench_onnxruntime(model, x, threads, warmup, iterations, spin=True) -> dict:
     return {"times": time_loop(step, warmup, iterations), "version": ort.__version__}
 
 
+def bench_openvino(model, x, threads, warmup, iterations) -> dict:
+    try:
+        import openvino as ov
+    except ImportError as e:
+        raise SystemExit(f"pytorch_reference: --openvino needs openvino (pip install openvino): {e}")
+    model.eval()
+    core = ov.Core()
+    config = {
+        "INFERENCE_NUM_THREADS": threads,
+        "NUM_STREAMS": 1,
+        "PERFORMANCE_HINT": "LATENCY",
+        "INFERENCE_PRECISION_HINT": "f32",
+    }
+    with tempfile.TemporaryDirectory(prefix="slimcandle-ov-") as tmp:
+        path = os.path.join(tmp, "model.onnx")
+        with torch.no_grad():
+            export_onnx(model, x, path)
+        compiled = core.compile_model(path, "CPU", config)
+    request = compiled.create_infer_request()
+    feed = {0: x.numpy()}
+
+    def step(_i):
+        request.infer(feed)
+
+    return {"times": time_loop(step, warmup, iterations), "version": ov.__version__}
+
+
 def export_onnx(model, x, path) -> None:
     common = dict(input_names=["input"], output_names=["logits"], opset_version=17)
     try:
@@ -269,14 +301,16 @@ def main() -> int:
     ap.add_argument("--onnxruntime-no-spin", action="store_true",
                     help="onnxruntime: session.intra_op.allow_spinning=0 (the counterpart of "
                          "OMP_WAIT_POLICY=PASSIVE for PyTorch; helps on a busy machine)")
+    ap.add_argument("--openvino", action="store_true",
+                    help="infer mode: also time the exported model in OpenVINO (CPU, f32)")
     ap.add_argument("--no-torch", action="store_true",
-                    help="with --onnxruntime: time only onnxruntime")
+                    help="with --onnxruntime or --openvino: time only those")
     ap.add_argument("--json", action="store_true", help="accepted for symmetry; output is always JSON")
     args = ap.parse_args()
-    if args.onnxruntime and args.mode != "infer":
-        ap.error("--onnxruntime is for --mode infer only")
-    if args.no_torch and not args.onnxruntime:
-        ap.error("--no-torch needs --onnxruntime")
+    if (args.onnxruntime or args.openvino) and args.mode != "infer":
+        ap.error("--onnxruntime and --openvino are for --mode infer only")
+    if args.no_torch and not (args.onnxruntime or args.openvino):
+        ap.error("--no-torch needs --onnxruntime or --openvino")
 
     family, width, groups = parse_arch(args.arch, args.width, args.groups)
     if family == "shufflenet_v1" and groups is None:
@@ -324,6 +358,14 @@ def main() -> int:
         out["onnxruntime_version"] = r["version"]
         out["onnxruntime_threads"] = args.threads
         out["onnxruntime_spinning"] = not args.onnxruntime_no_spin
+    if args.openvino:
+        r = bench_openvino(model, x, args.threads, args.warmup, args.iterations)
+        seconds = sum(r["times"])
+        out["openvino_images_per_s"] = args.batch * args.iterations / seconds
+        out["openvino_ms_per_batch"] = 1000.0 * seconds / args.iterations
+        out.update({f"openvino_{k}": v for k, v in latency_ms(r["times"]).items()})
+        out["openvino_version"] = r["version"]
+        out["openvino_threads"] = args.threads
     out["omp_wait_policy"] = os.environ.get("OMP_WAIT_POLICY", "")
     out["peak_memory"] = peak_memory()
     print(json.dumps(out, indent=2, sort_keys=True))

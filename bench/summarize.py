@@ -10,8 +10,8 @@ own, followed by the largest peak RSS of any of their runs.
 
 The latency rows (configs "latency ...", batch 1) get a table of per-image times instead:
 the median and the 95th percentile (`ms_median`, `ms_p95`) of each tool, the median of the
-rounds' values, and the ratios of onnxruntime's and PyTorch's median to ours (above 1: ours
-is faster).
+rounds' values, and the ratios of onnxruntime's, OpenVINO's and PyTorch's median to ours
+(above 1: ours is faster). OpenVINO's columns appear when its results are in the input.
 
 Usage: summarize.py RAW.jsonl [--agg median|best]
 """
@@ -65,7 +65,7 @@ def main() -> int:
                     peaks.append((r["peak_memory"], cfg, rec["tool"]))
             elif cfg.startswith("latency"):
                 tools = [("slimcandle", "")] if rec["tool"] == "slimcandle" else [
-                    ("pytorch", ""), ("onnxruntime", "onnxruntime_")]
+                    ("pytorch", ""), ("onnxruntime", "onnxruntime_"), ("openvino", "openvino_")]
                 for tool, prefix in tools:
                     for stat in ("ms_median", "ms_p95"):
                         if prefix + stat in r:
@@ -77,6 +77,8 @@ def main() -> int:
                     vals.setdefault((cfg, "pytorch"), []).append(r["images_per_s"])
                 if "onnxruntime_images_per_s" in r:
                     vals.setdefault((cfg, "onnxruntime"), []).append(r["onnxruntime_images_per_s"])
+                if "openvino_images_per_s" in r:
+                    vals.setdefault((cfg, "openvino"), []).append(r["openvino_images_per_s"])
 
     def get(cfg, key):
         v = vals.get((cfg, key))
@@ -94,17 +96,23 @@ def main() -> int:
     configs = [c for c in configs if not c.startswith("latency")]
     float_configs = [c for c in configs if not c.startswith("int8")]
     int8_configs = [c for c in configs if c.startswith("int8")]
+    has_ov = any(k == "openvino" for _, k in vals) or any(t == "openvino" for _, t, _ in lat)
+    ov_head = " OpenVINO img/s | slimcandle/OpenVINO |" if has_ov else ""
     if float_configs:
         print(f"images/s, {args.agg} of {len(rounds)} round(s) per cell "
               f"(slimcandle and PyTorch run in alternation; ratio > 1 means slimcandle is faster)")
         print()
-        print("| config | slimcandle img/s | PyTorch img/s | slimcandle/PyTorch | onnxruntime img/s | slimcandle/onnxruntime |")
-        print("|---|---:|---:|---:|---:|---:|")
+        print("| config | slimcandle img/s | PyTorch img/s | slimcandle/PyTorch | onnxruntime img/s | "
+              f"slimcandle/onnxruntime |{ov_head}")
+        print("|---|---:|---:|---:|---:|---:|" + ("---:|---:|" if has_ov else ""))
     for cfg in float_configs:
         s, p, o = get(cfg, "slimcandle"), get(cfg, "pytorch"), get(cfg, "onnxruntime")
         infer = cfg.startswith("infer")
+        ov = get(cfg, "openvino")
+        ov_cells = (f" {fmt(ov) if infer else ''} | {ratio(s, ov) if infer else ''} |"
+                    if has_ov else "")
         print(f"| {cfg} | {fmt(s)} | {fmt(p)} | {ratio(s, p)} | "
-              f"{fmt(o) if infer else ''} | {ratio(s, o) if infer else ''} |")
+              f"{fmt(o) if infer else ''} | {ratio(s, o) if infer else ''} |{ov_cells}")
     if int8_configs:
         if float_configs:
             print()
@@ -131,15 +139,17 @@ def main() -> int:
               "(above 1: slimcandle is faster)")
         print()
         print("| config | slimcandle median | p95 | onnxruntime median | p95 | PyTorch median | p95 "
-              "| vs onnxruntime | vs PyTorch |")
-        print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+              + ("| OpenVINO median | p95 " if has_ov else "")
+              + "| vs onnxruntime | vs PyTorch |" + (" vs OpenVINO |" if has_ov else ""))
+        print("|---|---:|---:|---:|---:|---:|---:|---:|---:|" + ("---:|---:|---:|" if has_ov else ""))
+    lat_tools = ("slimcandle", "onnxruntime", "pytorch") + (("openvino",) if has_ov else ())
     for cfg in latency_configs:
-        row = {t: (get_ms(cfg, t, "ms_median"), get_ms(cfg, t, "ms_p95"))
-               for t in ("slimcandle", "onnxruntime", "pytorch")}
+        row = {t: (get_ms(cfg, t, "ms_median"), get_ms(cfg, t, "ms_p95")) for t in lat_tools}
         s_med = row["slimcandle"][0]
         cells = " | ".join(f"{ms(m)} | {ms(p)}" for m, p in row.values())
+        vs_ov = f" {ratio(row['openvino'][0], s_med)} |" if has_ov else ""
         print(f"| {cfg} | {cells} | {ratio(row['onnxruntime'][0], s_med)} | "
-              f"{ratio(row['pytorch'][0], s_med)} |")
+              f"{ratio(row['pytorch'][0], s_med)} |{vs_ov}")
     if peaks:
         peak, cfg, tool = max(peaks)
         print()
