@@ -221,8 +221,14 @@ fn sample_runs(n: usize, parallel: bool) -> usize {
 /// The column matrix of `m` consecutive samples of `x`: (C_in k k) x (m P), each sample's
 /// P columns side by side (for a 1x1 stride-1 convolution, just its planes).
 fn batch_cols(g: &ConvGeom, d: &Dims, x: &[f32], m: usize) -> Vec<f32> {
+    let mut cols = vec![0f32; d.kdim * m * d.p];
+    fill_batch_cols(g, d, x, m, &mut cols);
+    cols
+}
+
+/// [`batch_cols`] into `cols` (at least `kdim m P` values; every one of them written).
+fn fill_batch_cols(g: &ConvGeom, d: &Dims, x: &[f32], m: usize, cols: &mut [f32]) {
     let width = m * d.p;
-    let mut cols = vec![0f32; d.kdim * width];
     for (s, xs) in x.chunks_exact(g.c_in * d.hw).take(m).enumerate() {
         if d.direct {
             for (c, plane) in xs.chunks_exact(d.p).enumerate() {
@@ -232,7 +238,6 @@ fn batch_cols(g: &ConvGeom, d: &Dims, x: &[f32], m: usize) -> Vec<f32> {
             im2col_strided(g, g.c_in, xs, &mut cols[s * d.p..], width);
         }
     }
-    cols
 }
 
 /// `m` samples of an NCHW tensor with `c` channels of `p` values, as C x (m P).
@@ -264,22 +269,25 @@ fn forward_batched(
     let run = sample_runs(g.n, parallel);
     let one = |r: usize, yr: &mut [f32]| {
         let m = yr.len() / y_sample;
-        let cols = batch_cols(g, d, &x[r * run * x_sample..], m);
         let width = m * d.p;
-        let mut yb = vec![0f32; g.c_out * width];
-        matmul(
-            MatMut::rows(&mut yb, g.c_out, width),
-            false,
-            MatRef::rows(w, g.c_out, d.kdim),
-            MatRef::rows(&cols, d.kdim, width),
-            Parallelism::None,
-        );
-        for (s, ys) in yr.chunks_exact_mut(y_sample).enumerate() {
-            for (c, plane) in ys.chunks_exact_mut(d.p).enumerate() {
-                plane.copy_from_slice(&yb[c * width + s * d.p..c * width + (s + 1) * d.p]);
+        // Both temporaries in this thread's scratch: overwritten before they are read.
+        with_scratch((d.kdim + g.c_out) * width, |buf| {
+            let (cols, yb) = buf.split_at_mut(d.kdim * width);
+            fill_batch_cols(g, d, &x[r * run * x_sample..], m, cols);
+            matmul(
+                MatMut::rows(yb, g.c_out, width),
+                false,
+                MatRef::rows(w, g.c_out, d.kdim),
+                MatRef::rows(cols, d.kdim, width),
+                Parallelism::None,
+            );
+            for (s, ys) in yr.chunks_exact_mut(y_sample).enumerate() {
+                for (c, plane) in ys.chunks_exact_mut(d.p).enumerate() {
+                    plane.copy_from_slice(&yb[c * width + s * d.p..c * width + (s + 1) * d.p]);
+                }
+                post(r * run + s, 0, ys);
             }
-            post(r * run + s, 0, ys);
-        }
+        });
     };
     if run < g.n {
         y.par_chunks_mut(run * y_sample)
