@@ -219,6 +219,21 @@ fn depthwise_conv_tiny_planes() {
     }
 }
 
+/// Planes whose 16-value vectors read at most 64 input values run in AVX-512 registers
+/// (`depthwise_small`): one 4x4 plane per vector, four 2x2 ones, sixteen 1x1 ones, or a
+/// row of 16 of a 16x16 plane; channel counts past a multiple of four vectors too.
+#[test]
+fn depthwise_conv_small_planes_in_registers() {
+    Conv::new(2, 20, 20, (4, 4), 20).check();
+    Conv::new(2, 24, 24, (4, 4), 24).kernel(5, 1, 2).check();
+    Conv::new(2, 36, 36, (8, 8), 36).kernel(3, 2, 1).check();
+    Conv::new(2, 32, 32, (2, 2), 32).check();
+    Conv::new(1, 48, 48, (4, 4), 48).kernel(3, 2, 1).check();
+    Conv::new(2, 32, 32, (2, 2), 32).kernel(3, 2, 1).check();
+    Conv::new(3, 8, 8, (16, 16), 8).check();
+    Conv::new(2, 8, 8, (8, 8), 8).check();
+}
+
 #[test]
 fn depthwise_conv_wide_rows_batch_one_and_large_kernels() {
     // Rows long enough for the 16- and 8-wide blocks plus a scalar tail.

@@ -36,6 +36,7 @@ pub(crate) mod conv;
 pub(crate) mod conv_gemm;
 pub(crate) mod cpu;
 pub(crate) mod depthwise;
+mod depthwise_small;
 pub(crate) mod gemm;
 pub(crate) mod im2col;
 pub mod int8;
