@@ -6,11 +6,13 @@
 //! each sample is transposed in and out, and those scalar transposes cost more than the taps
 //! (the channels-last path was 10-13% of MobileNet V3 small at batch 64). Here a vector holds
 //! 16 output values in NCHW order as they are stored: one 4x4 plane, four 2x2 planes of
-//! consecutive channels, or sixteen 1x1 ones (or a quarter of an 8x8 plane). The input values
-//! those 16 outputs read span at most 64 consecutive values of the input (the same channels'
-//! planes, stored consecutively), which four registers hold; for each tap, a precomputed index
-//! vector picks every lane's input value out of them (`vpermt2ps` on two pairs, a blend on
-//! the index's sixth bit) and a mask leaves out the lanes whose tap meets padding. Each output
+//! consecutive channels, or sixteen 1x1 ones (or a quarter of an 8x8 plane, a row of a
+//! 16x16 one). The input values those 16 outputs read span at most 128 consecutive values of
+//! the input (the same channels' planes, stored consecutively), which two, four or eight
+//! registers hold; for each tap, a precomputed index vector picks every lane's input value out
+//! of them (`vpermt2ps` on each pair of registers, blends on the index's sixth and seventh
+//! bits) and a mask leaves out the lanes whose tap meets padding. Stride-2 convs reading 5
+//! rows of 16 (8x8 outputs) or 3 rows of 32 (16x16 outputs) take the eight-register windows. Each output
 //! sums its valid taps in the same order as the other depthwise paths (ky, then kx), so the
 //! values are the channels-last path's, bit for bit.
 
@@ -18,15 +20,33 @@ use super::conv::ConvGeom;
 
 /// Output values per vector.
 const LANES: usize = 16;
-/// Input values the registers of one vector's window hold.
-const WINDOW: usize = 64;
+/// Input values the registers of one vector's window hold (at most eight registers).
+const WINDOW: usize = 128;
+
+/// Registers a window needs: its span (from `start` to the last value a tap reads) in
+/// vectors, and never past the group's `group_in` input values.
+fn window_registers(start: usize, taps: &[Tap], group_in: usize) -> usize {
+    let last = taps
+        .iter()
+        .flat_map(|t| {
+            t.index
+                .iter()
+                .enumerate()
+                .filter(move |(l, _)| t.valid & (1 << l) != 0)
+                .map(|(_, &i)| i as usize)
+        })
+        .max()
+        .unwrap_or(0);
+    (last + 1).min(group_in - start.min(group_in)).div_ceil(16)
+}
 
 /// The precomputed selection of one geometry.
 pub(crate) struct SmallPlan {
     /// Channels per vector (`16 / plane` for planes of 16 or fewer outputs, else 1).
     group: usize,
-    /// Per vector (`plane / 16` of them for planes of 16 or more outputs, else 1): where its window starts in the group's input, and its taps.
-    windows: Vec<(usize, Vec<Tap>)>,
+    /// Per vector (`plane / 16` of them for planes of 16 or more outputs, else 1): where its
+    /// window starts in the group's input, how many registers it fills, and its taps.
+    windows: Vec<(usize, usize, Vec<Tap>)>,
 }
 
 /// One tap of one output vector: for every lane, the window position it reads (0..64) and
@@ -40,7 +60,7 @@ struct Tap {
 
 /// The selection for `g`, or `None` where this path does not apply: no AVX-512, output
 /// planes whose size neither divides nor is a multiple of 16, channels not a whole number of
-/// vectors, or a vector reading more than 64 consecutive input values.
+/// vectors, or a vector reading more than 128 consecutive input values.
 pub(crate) fn plan(g: &ConvGeom) -> Option<SmallPlan> {
     if !super::sgemm::available() || !g.is_depthwise() || g.dil != 1 || g.groups != g.c_in {
         return None;
@@ -78,7 +98,7 @@ pub(crate) fn plan(g: &ConvGeom) -> Option<SmallPlan> {
         let (lo, hi) = all.fold((usize::MAX, 0), |(lo, hi), at| (lo.min(at), hi.max(at)));
         if lo > hi {
             // Every tap of every lane meets padding: the outputs are zero.
-            windows.push((0, Vec::new()));
+            windows.push((0, 0, Vec::new()));
             continue;
         }
         if hi - lo >= WINDOW {
@@ -104,7 +124,8 @@ pub(crate) fn plan(g: &ConvGeom) -> Option<SmallPlan> {
                 }
             }
         }
-        windows.push((lo, taps));
+        let regs = window_registers(lo, &taps, group * hw);
+        windows.push((lo, regs, taps));
     }
     Some(SmallPlan { group, windows })
 }
@@ -169,106 +190,134 @@ mod x86 {
         // Lane l's channel within the group, to spread the group's weights over the lanes.
         let lane_channel: [u32; LANES] = std::array::from_fn(|l| (l / p.min(LANES)) as u32);
         let spread = unsafe { _mm512_loadu_si512(lane_channel.as_ptr() as *const _) };
+        let ctx = Ctx {
+            sp,
+            c,
+            x,
+            hw,
+            w,
+            kk,
+            p,
+            spread,
+        };
         let groups = c / sp.group;
-        let mut first = 0;
-        while first < groups {
-            let cg = sp.group;
-            if first + UNROLL <= groups {
-                unsafe { groups_at::<UNROLL>(sp, (first * cg, c), (x, hw), w, kk, (y, p), spread) };
-                first += UNROLL;
-            } else {
-                unsafe { groups_at::<1>(sp, (first * cg, c), (x, hw), w, kk, (y, p), spread) };
-                first += 1;
-            }
-        }
-    }
-
-    /// `U` consecutive groups of channels from channel `c0`.
-    #[allow(clippy::too_many_arguments)]
-    #[target_feature(enable = "avx512f")]
-    #[inline]
-    unsafe fn groups_at<const U: usize>(
-        sp: &SmallPlan,
-        (c0, c): (usize, usize),
-        (x, hw): (&[f32], usize),
-        w: &[f32],
-        kk: usize,
-        (y, p): (&mut [f32], usize),
-        spread: __m512i,
-    ) {
-        let group_in = sp.group * hw;
-        for (v, (start, taps)) in sp.windows.iter().enumerate() {
-            let mut acc = [_mm512_setzero_ps(); U];
-            if !taps.is_empty() {
-                // Each group's window: up to 64 input values from `start`, zero past the
-                // group's planes.
-                let mut regs = [[_mm512_setzero_ps(); 4]; U];
-                let used = (group_in - start).min(64).div_ceil(16);
-                for (u, win) in regs.iter_mut().enumerate() {
-                    let input = &x[(c0 + u * sp.group) * hw..][..group_in];
-                    for (r, reg) in win.iter_mut().enumerate().take(used) {
-                        let at = start + 16 * r;
-                        let left = (group_in - at).min(16);
-                        let mask: __mmask16 = if left == 16 {
-                            0xffff
-                        } else {
-                            (1u16 << left) - 1
-                        };
-                        *reg = unsafe { _mm512_maskz_loadu_ps(mask, input.as_ptr().add(at)) };
+        let out = y.as_mut_ptr();
+        for (v, (start, regs, taps)) in sp.windows.iter().enumerate() {
+            let at = (*start, v * LANES, taps.as_slice());
+            let mut first = 0;
+            while first < groups {
+                let c0 = first * sp.group;
+                // SAFETY: as for `sample`; `vector` writes the planes of its groups only.
+                unsafe {
+                    if first + UNROLL <= groups {
+                        match regs {
+                            0..=2 => vector::<UNROLL, 2>(&ctx, c0, at, out),
+                            3..=4 => vector::<UNROLL, 4>(&ctx, c0, at, out),
+                            _ => vector::<UNROLL, 8>(&ctx, c0, at, out),
+                        }
+                        first += UNROLL;
+                    } else {
+                        match regs {
+                            0..=2 => vector::<1, 2>(&ctx, c0, at, out),
+                            3..=4 => vector::<1, 4>(&ctx, c0, at, out),
+                            _ => vector::<1, 8>(&ctx, c0, at, out),
+                        }
+                        first += 1;
                     }
                 }
-                let wide = used > 2;
-                for tap in taps {
-                    tap_into::<U>(sp, (c0, c), w, kk, spread, &regs, tap, wide, &mut acc);
-                }
-            }
-            for (u, a) in acc.iter().enumerate() {
-                let out = (c0 + u * sp.group) * p + v * LANES;
-                unsafe { _mm512_storeu_ps(y.as_mut_ptr().add(out), *a) };
             }
         }
     }
 
-    /// One tap for `U` groups: pick every lane's value out of its group's window (two
-    /// registers, or four with `wide`), multiply by the lane's weight, add where valid.
-    #[allow(clippy::too_many_arguments)]
+    /// What every vector of one call reads.
+    struct Ctx<'a> {
+        sp: &'a SmallPlan,
+        c: usize,
+        x: &'a [f32],
+        hw: usize,
+        w: &'a [f32],
+        kk: usize,
+        p: usize,
+        spread: __m512i,
+    }
+
+    /// Output vector `(start, offset, taps)` (its window's start in a group's input, its
+    /// place in a group's output planes, its taps) for `U` consecutive groups of channels
+    /// from channel `c0`, the window of `16 R` input values held in `R` registers per group;
+    /// stored into `y`.
+    ///
+    /// # Safety
+    /// AVX-512F; `y` holds the output planes of the groups.
     #[target_feature(enable = "avx512f")]
     #[inline]
-    fn tap_into<const U: usize>(
-        sp: &SmallPlan,
-        (c0, c): (usize, usize),
-        w: &[f32],
-        kk: usize,
-        spread: __m512i,
-        regs: &[[__m512; 4]; U],
-        tap: &Tap,
-        wide: bool,
-        acc: &mut [__m512; U],
+    unsafe fn vector<const U: usize, const R: usize>(
+        ctx: &Ctx,
+        c0: usize,
+        (start, offset, taps): (usize, usize, &[Tap]),
+        y: *mut f32,
     ) {
-        // SAFETY: `tap.index` holds 16 u32.
-        let index = unsafe { _mm512_loadu_si512(tap.index.as_ptr() as *const _) };
-        let upper = _mm512_test_epi32_mask(index, _mm512_set1_epi32(32));
-        for u in 0..U {
-            let cu = c0 + u * sp.group;
-            let lo = _mm512_permutex2var_ps(regs[u][0], index, regs[u][1]);
-            let vals = if wide {
-                let hi = _mm512_permutex2var_ps(regs[u][2], index, regs[u][3]);
-                _mm512_mask_blend_ps(upper, lo, hi)
-            } else {
-                lo
-            };
-            let weights = if sp.group == 1 {
-                _mm512_set1_ps(w[cu * kk + tap.t])
-            } else {
-                // The group's weights of this tap (taps-major: consecutive), spread over
-                // each channel's lanes.
-                let at = &w[tap.t * c + cu..][..sp.group];
-                let mask = (((1u32 << sp.group) - 1) & 0xffff) as __mmask16;
-                // SAFETY: `group` values at `at`.
-                let packed = unsafe { _mm512_maskz_loadu_ps(mask, at.as_ptr()) };
-                _mm512_permutexvar_ps(spread, packed)
-            };
-            acc[u] = _mm512_mask3_fmadd_ps(weights, vals, acc[u], tap.valid);
+        let sp = ctx.sp;
+        let group_in = sp.group * ctx.hw;
+        let mut acc = [_mm512_setzero_ps(); U];
+        // Each group's window, zero past the group's planes.
+        let mut regs = [[_mm512_setzero_ps(); R]; U];
+        for (u, win) in regs.iter_mut().enumerate() {
+            let input = &ctx.x[(c0 + u * sp.group) * ctx.hw..][..group_in];
+            for (r, reg) in win.iter_mut().enumerate() {
+                let at = start + 16 * r;
+                let left = group_in.saturating_sub(at).min(16);
+                if left > 0 {
+                    let mask: __mmask16 = if left == 16 {
+                        0xffff
+                    } else {
+                        (1u16 << left) - 1
+                    };
+                    *reg = unsafe { _mm512_maskz_loadu_ps(mask, input.as_ptr().add(at)) };
+                }
+            }
+        }
+        for tap in taps {
+            // SAFETY: `tap.index` holds 16 u32.
+            let index = unsafe { _mm512_loadu_si512(tap.index.as_ptr() as *const _) };
+            let bit5 = _mm512_test_epi32_mask(index, _mm512_set1_epi32(32));
+            let bit6 = _mm512_test_epi32_mask(index, _mm512_set1_epi32(64));
+            for u in 0..U {
+                let r = &regs[u];
+                let vals = match R {
+                    2 => _mm512_permutex2var_ps(r[0], index, r[1]),
+                    4 => {
+                        let lo = _mm512_permutex2var_ps(r[0], index, r[1]);
+                        let hi = _mm512_permutex2var_ps(r[2], index, r[3]);
+                        _mm512_mask_blend_ps(bit5, lo, hi)
+                    }
+                    _ => {
+                        let a = _mm512_permutex2var_ps(r[0], index, r[1]);
+                        let b = _mm512_permutex2var_ps(r[2], index, r[3]);
+                        let c = _mm512_permutex2var_ps(r[4], index, r[5]);
+                        let d = _mm512_permutex2var_ps(r[6], index, r[7]);
+                        let lo = _mm512_mask_blend_ps(bit5, a, b);
+                        let hi = _mm512_mask_blend_ps(bit5, c, d);
+                        _mm512_mask_blend_ps(bit6, lo, hi)
+                    }
+                };
+                let cu = c0 + u * sp.group;
+                let weights = if sp.group == 1 {
+                    _mm512_set1_ps(ctx.w[cu * ctx.kk + tap.t])
+                } else {
+                    // The group's weights of this tap (taps-major: consecutive), spread over
+                    // each channel's lanes.
+                    let at = &ctx.w[tap.t * ctx.c + cu..][..sp.group];
+                    let mask = (((1u32 << sp.group) - 1) & 0xffff) as __mmask16;
+                    // SAFETY: `group` values at `at`.
+                    let packed = unsafe { _mm512_maskz_loadu_ps(mask, at.as_ptr()) };
+                    _mm512_permutexvar_ps(ctx.spread, packed)
+                };
+                acc[u] = _mm512_mask3_fmadd_ps(weights, vals, acc[u], tap.valid);
+            }
+        }
+        for (u, a) in acc.iter().enumerate() {
+            let at = (c0 + u * sp.group) * ctx.p + offset;
+            unsafe { _mm512_storeu_ps(y.add(at), *a) };
         }
     }
 }
@@ -325,6 +374,9 @@ mod tests {
             (8, 3, 1, 1),
             (3, 3, 2, 1),
             (16, 3, 2, 1),
+            (32, 3, 2, 1),
+            (16, 3, 1, 1),
+            (16, 5, 2, 2),
         ] {
             for c in [16, 48] {
                 let g = ConvGeom::new(&[1, c, h, h], &[c, 1, k, k], s, pad, 1, c).unwrap();
@@ -344,6 +396,6 @@ mod tests {
                 }
             }
         }
-        assert!(ran >= 20, "only {ran} geometries ran here");
+        assert!(ran >= 30, "only {ran} geometries ran here");
     }
 }
