@@ -342,28 +342,25 @@ def main() -> int:
         "mkldnn": torch.backends.mkldnn.is_available(),
         "python": platform.python_version(),
     }
-    if not args.no_torch:
-        times = bench_torch(model, x, labels, args.mode, args.warmup, args.iterations)
+    def timing(prefix, times):
+        """The timing keys of one tool's per-batch times, under `prefix`."""
         seconds = sum(times)
-        out["images_per_s"] = args.batch * args.iterations / seconds
-        out["ms_per_batch"] = 1000.0 * seconds / args.iterations
-        out.update(latency_ms(times))
+        out[f"{prefix}images_per_s"] = args.batch * args.iterations / seconds
+        out[f"{prefix}ms_per_batch"] = 1000.0 * seconds / args.iterations
+        out.update({f"{prefix}{k}": v for k, v in latency_ms(times).items()})
+
+    if not args.no_torch:
+        timing("", bench_torch(model, x, labels, args.mode, args.warmup, args.iterations))
     if args.onnxruntime:
         r = bench_onnxruntime(model, x, args.threads, args.warmup, args.iterations,
                               spin=not args.onnxruntime_no_spin)
-        seconds = sum(r["times"])
-        out["onnxruntime_images_per_s"] = args.batch * args.iterations / seconds
-        out["onnxruntime_ms_per_batch"] = 1000.0 * seconds / args.iterations
-        out.update({f"onnxruntime_{k}": v for k, v in latency_ms(r["times"]).items()})
+        timing("onnxruntime_", r["times"])
         out["onnxruntime_version"] = r["version"]
         out["onnxruntime_threads"] = args.threads
         out["onnxruntime_spinning"] = not args.onnxruntime_no_spin
     if args.openvino:
         r = bench_openvino(model, x, args.threads, args.warmup, args.iterations)
-        seconds = sum(r["times"])
-        out["openvino_images_per_s"] = args.batch * args.iterations / seconds
-        out["openvino_ms_per_batch"] = 1000.0 * seconds / args.iterations
-        out.update({f"openvino_{k}": v for k, v in latency_ms(r["times"]).items()})
+        timing("openvino_", r["times"])
         out["openvino_version"] = r["version"]
         out["openvino_threads"] = args.threads
     out["omp_wait_policy"] = os.environ.get("OMP_WAIT_POLICY", "")
