@@ -1,8 +1,10 @@
 //! Knowledge distillation end to end: the train-step executor's distillation gradient against
 //! the Candle autograd path on a whole model; alpha 0 equal to the plain step bit for bit on
-//! both paths; a short run whose teacher is another architecture (config, metrics, provenance,
-//! exact resume, a changed teacher refused); bad teachers and flags refused before any step;
-//! `bench --teacher`.
+//! both paths; feature hints (with and without a learned adapter) against autograd; a short
+//! run whose teacher is another architecture (config, metrics, provenance, exact resume, a
+//! changed teacher refused); a narrower student than its teacher through an adapter (the hint
+//! falls, no adapter in the checkpoints, exact resume); bad teachers and flags refused before
+//! any step; `bench --teacher`.
 
 mod common;
 
@@ -16,6 +18,7 @@ use slimcandle::model::{Model, Preprocessing};
 use slimcandle::models::{ArchOptions, ArchSpec, Stem};
 use slimcandle::rng::Rng;
 use slimcandle::train::KdWeights;
+use slimcandle::train::adapter::{Adapter, AdapterSpec};
 use slimcandle::train::feature_kd::{HintLoss, hint_loss, truncated};
 use slimcandle::train::loss::{cross_entropy, distillation_loss};
 use slimcandle::train::step::{HintTarget, Objective, train_step, train_step_with};
@@ -171,7 +174,10 @@ fn alpha_zero_is_the_plain_step_bit_for_bit_on_both_paths() {
 /// Feature hints in the executor against Candle autograd: the tap's value comes from the
 /// same weights through the truncated graph (same node ids, so the same dropout masks), the
 /// hint's gradient flows back from the tap through the rest of the network. The taps are a
-/// batch norm whose ReLU the executor would otherwise fuse, and a block output.
+/// batch norm whose ReLU the executor would otherwise fuse, and a block output. The third
+/// case is an `mse` hint against a teacher map with more channels, through a learned adapter
+/// (on the autograd side its graph, run by `forward_train`): the student's gradients and the
+/// adapter's own are both checked.
 #[test]
 fn feature_hint_gradients_match_autograd() {
     let (n, size, classes) = (4, 16, 5);
@@ -186,7 +192,15 @@ fn feature_hint_gradients_match_autograd() {
     for (loss, taps, extra_channels, weight) in [
         (HintLoss::Mse, vec![bn], 0, 3.0),
         (HintLoss::At, vec![bn, block], 3, 500.0),
+        (HintLoss::Mse, vec![bn], 5, 3.0),
     ] {
+        let adapter = (extra_channels > 0 && loss == HintLoss::Mse).then(|| {
+            let spec = AdapterSpec {
+                student_channels: dims[bn].c,
+                teacher_channels: dims[bn].c + extra_channels,
+            };
+            Adapter::new(spec, 17).unwrap()
+        });
         let maps: Vec<Tensor> = taps
             .iter()
             .enumerate()
@@ -204,6 +218,7 @@ fn feature_hint_gradients_match_autograd() {
                 teacher: map,
                 channels: dims[node].c + extra_channels,
                 weight,
+                adapter: adapter.as_ref(),
             })
             .collect();
         let objective = Objective {
@@ -222,7 +237,10 @@ fn feature_hint_gradients_match_autograd() {
         let mut total = cross_entropy(&logits, &label_t, SMOOTHING).unwrap();
         let mut hints = 0f32;
         for (&t, map) in taps.iter().zip(&maps) {
-            let value = forward_train(&truncated(&m.graph, t), &m.weights, &x, SEED).unwrap();
+            let mut value = forward_train(&truncated(&m.graph, t), &m.weights, &x, SEED).unwrap();
+            if let Some(a) = &adapter {
+                value = forward_train(&a.graph, &a.weights, &value, SEED).unwrap();
+            }
             let h = hint_loss(loss, &value, map, weight).unwrap();
             hints += h.to_scalar::<f32>().unwrap();
             total = (total + h).unwrap();
@@ -249,6 +267,23 @@ fn feature_hint_gradients_match_autograd() {
         for (name, want) in &reference {
             let err = scaled_error(&out.grads[name], want, 1e-3 * global);
             assert!(err < 1e-4, "{loss:?} {name}: scaled error {err:.2e}");
+        }
+        assert_eq!(out.adapter_grads.len(), taps.len());
+        match &adapter {
+            Some(a) => {
+                let got = out.adapter_grads[0]
+                    .as_ref()
+                    .expect("the adapter's gradients");
+                let trainable = a.weights.trainable(&a.graph);
+                assert_eq!(got.len(), trainable.len());
+                for (name, _, var) in trainable {
+                    let want = store.get(var.as_tensor()).unwrap();
+                    let top = values(want).iter().fold(0f32, |m, v| m.max(v.abs())) as f64;
+                    let err = scaled_error(&got[&name], want, 1e-3 * top);
+                    assert!(err < 1e-4, "adapter {name}: scaled error {err:.2e}");
+                }
+            }
+            None => assert!(out.adapter_grads.iter().all(Option::is_none)),
         }
     }
 }
@@ -447,6 +482,115 @@ fn distils_from_another_architecture_records_the_teacher_and_resumes_exactly() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
+/// A student narrower than its teacher at the tap (24 against 48 channels): the default `mse`
+/// hint goes through a learned adapter, which the run reports, records, trains (the hint
+/// falls from the first epoch to the second), keeps in the resume state and leaves out of the
+/// saved checkpoints; an interrupted and resumed run equals the uninterrupted one bit for bit.
+#[test]
+fn mse_hint_through_an_adapter_trains_drops_and_resumes_exactly() {
+    let dir = common::temp_dir("distill-adapter");
+    let teacher = dir.join("teacher.safetensors");
+    write_teacher(&teacher, 10, 5, |_| {});
+    let (full, parts) = (dir.join("full"), dir.join("parts"));
+    let tap = ["--feature-kd", "stage2.0.branch2.6:features.3.conv.1.1"];
+
+    let o = slimcandle(&train_args(s(&teacher), s(&full), &tap));
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains(
+            "feature hint (Mse): student `stage2.0.branch2.6` (24 ch) against teacher `features.3.conv.1.1` (48 ch) through a learned 1x1 conv + batch-norm adapter"
+        ),
+        "{}",
+        stderr(&o)
+    );
+    let config: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(full.join("config.json")).unwrap()).unwrap();
+    let d = &config["distill"];
+    assert_eq!(d["feature_loss"], "mse");
+    assert_eq!(
+        d["features"][0]["adapter"],
+        serde_json::json!({"student_channels": 24, "teacher_channels": 48})
+    );
+
+    let hints: Vec<f64> = std::fs::read_to_string(full.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| {
+            let v: serde_json::Value = serde_json::from_str(l).unwrap();
+            v["train_hint"].as_f64().unwrap()
+        })
+        .collect();
+    assert_eq!(hints.len(), 2);
+    assert!(hints[1] < hints[0], "the hint did not fall: {hints:?}");
+
+    // The checkpoints hold the student alone; the resume state holds the adapter.
+    let student_names: Vec<String> = model("shufflenet_v2", 0.5, 10, 0)
+        .weights
+        .names()
+        .map(String::from)
+        .collect();
+    for file in ["last.safetensors", "best.safetensors"] {
+        let path = full.join(file);
+        let (m, extras) = checkpoint::load_with_extra_prefixes(&path, &["adapter"]).unwrap();
+        assert!(
+            extras.tensors.is_empty(),
+            "{file}: {:?}",
+            extras.tensors.keys()
+        );
+        let names: Vec<String> = m.weights.names().map(String::from).collect();
+        assert_eq!(names, student_names, "{file}");
+        let history = m.meta.provenance.history.join("\n");
+        assert!(history.contains("adapter, 24 to 48 channels"), "{history}");
+    }
+    let (_, extras) = checkpoint::load_with_extra_prefixes(
+        &full.join("resume.safetensors"),
+        &["adapter.", "optimizer."],
+    )
+    .unwrap();
+    for name in [
+        "adapter.0.conv.weight",
+        "adapter.0.bn.weight",
+        "adapter.0.bn.bias",
+        "adapter.0.optimizer.m.conv.weight",
+    ] {
+        assert!(
+            extras.tensors.contains_key(name),
+            "{name} not in the resume state"
+        );
+    }
+    assert_eq!(
+        extras.tensors["adapter.0.conv.weight"].dims(),
+        [48, 24, 1, 1]
+    );
+
+    // Interrupted mid-epoch and resumed: exactly the uninterrupted run.
+    let mut stop = tap.to_vec();
+    stop.extend_from_slice(&["--stop-after-steps", "3"]);
+    let o = slimcandle(&train_args(s(&teacher), s(&parts), &stop));
+    assert_eq!(o.status.code(), Some(130), "{}", stderr(&o));
+    let o = slimcandle(&["--threads", "2", "train", "--resume", s(&parts)]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert_eq!(
+        weights_of(&full.join("last.safetensors")),
+        weights_of(&parts.join("last.safetensors"))
+    );
+    let strip = |p: &Path| -> Vec<serde_json::Value> {
+        std::fs::read_to_string(p.join("metrics.jsonl"))
+            .unwrap()
+            .lines()
+            .map(|l| {
+                let mut v: serde_json::Value = serde_json::from_str(l).unwrap();
+                for k in ["images_per_s", "seconds"] {
+                    v.as_object_mut().unwrap().remove(k);
+                }
+                v
+            })
+            .collect()
+    };
+    assert_eq!(strip(&full), strip(&parts));
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
 #[test]
 fn bad_teachers_and_settings_are_refused_before_any_step() {
     let dir = common::temp_dir("distill-bad");
@@ -511,21 +655,19 @@ fn bad_teachers_and_settings_are_refused_before_any_step() {
     );
     refused(
         &good,
-        &["--feature-kd", "stage2.0.branch2.6:features.3.conv.1.1"],
-        1,
-        &[
-            "24 student channels against 48 teacher channels",
-            "--feature-kd-loss at",
-        ],
-    );
-    refused(
-        &good,
         &[
             "--feature-kd",
             "stage2.0.branch2.6:features.5.conv.1.1",
             "--feature-kd-loss",
             "at",
         ],
+        1,
+        &["16x16 but the teacher's is 8x8"],
+    );
+    // The mse hint's adapter maps channels, not sizes.
+    refused(
+        &good,
+        &["--feature-kd", "stage2.0.branch2.6:features.5.conv.1.1"],
         1,
         &["16x16 but the teacher's is 8x8"],
     );

@@ -453,7 +453,7 @@ pub fn run(args: TrainArgs) -> Result<()> {
                 qat_args::check_float_init(init)?;
             }
             let kd = args.distill.weights()?;
-            let (taps, hint_loss) = args.distill.feature_taps()?;
+            let (mut taps, hint_loss) = args.distill.feature_taps()?;
             // The teacher file is checked before the (possibly slow) data loading.
             let mut teacher = match &args.distill.teacher {
                 Some(path) => Some(CheckpointTeacher::load(path)?),
@@ -484,7 +484,13 @@ pub fn run(args: TrainArgs) -> Result<()> {
                 t.prepare_for(&data.class_names, [size, size], data.mean, data.std)?;
                 let names: Vec<&str> = taps.iter().map(|f| f.teacher.as_str()).collect();
                 let teacher_dims = t.set_feature_taps(&names)?;
-                resolve_taps(&model.graph, [size, size], &taps, hint_loss, &teacher_dims)?;
+                resolve_taps(
+                    &model.graph,
+                    [size, size],
+                    &mut taps,
+                    hint_loss,
+                    &teacher_dims,
+                )?;
                 eprintln!("measuring the teacher on the test split");
                 let mut distill = t.config(t.test_top1(data.test.clone())?, kd);
                 distill.features = taps;
@@ -583,10 +589,21 @@ fn train_and_report(
             d.weights.temperature
         );
         for f in &d.features {
-            eprintln!(
-                "feature hint ({:?}): student `{}` against teacher `{}`, weight {}",
-                d.feature_loss, f.student, f.teacher, f.weight
-            );
+            match f.adapter {
+                Some(a) => eprintln!(
+                    "feature hint ({:?}): student `{}` ({} ch) against teacher `{}` ({} ch) through a learned 1x1 conv + batch-norm adapter, weight {}",
+                    d.feature_loss,
+                    f.student,
+                    a.student_channels,
+                    f.teacher,
+                    a.teacher_channels,
+                    f.weight
+                ),
+                None => eprintln!(
+                    "feature hint ({:?}): student `{}` against teacher `{}`, weight {}",
+                    d.feature_loss, f.student, f.teacher, f.weight
+                ),
+            }
         }
     }
     if run.config.bn_l1 > 0.0 {

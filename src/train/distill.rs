@@ -95,7 +95,18 @@ impl DistillConfig {
             let taps: Vec<String> = self
                 .features
                 .iter()
-                .map(|f| format!("{}:{}:{}", f.student, f.teacher, f.weight))
+                .map(|f| {
+                    let adapter = f
+                        .adapter
+                        .map(|a| {
+                            format!(
+                                " (through a learned 1x1 conv + batch-norm adapter, {} to {} channels)",
+                                a.student_channels, a.teacher_channels
+                            )
+                        })
+                        .unwrap_or_default();
+                    format!("{}:{}:{}{adapter}", f.student, f.teacher, f.weight)
+                })
                 .collect();
             let loss = match self.feature_loss {
                 HintLoss::Mse => "mse",

@@ -3,8 +3,9 @@
 //!
 //! Two losses, each averaged so that its size does not depend on the batch or map size:
 //!
-//! - `mse` (FitNets' hint, Romero et al. 2015, without the adapter): `w * mean (s - t)^2`
-//!   over every value; the two maps must have the same shape.
+//! - `mse` (FitNets' hint, Romero et al. 2015): `w * mean (s - t)^2` over every value. When
+//!   the channel counts differ, the student's map goes through a learned 1x1 conv + batch-norm
+//!   adapter first (`adapter.rs`): `w * mean (BN(W s) - t)^2`. The spatial sizes must match.
 //! - `at` (attention transfer, Zagoruyko and Komodakis 2017): each map is reduced to its
 //!   spatial attention `a = mean_c F_c^2`, normalised to unit L2 norm per sample, and the loss
 //!   is `w * mean (q_s - q_t)^2` over samples and positions, as the authors' code computes it.
@@ -13,6 +14,7 @@
 //! The student's gradient of each hint is added to its tap node's gradient in the train-step
 //! executor, and flows through the rest of the backward pass from there.
 
+use super::adapter::AdapterSpec;
 use crate::graph::{Dims, Graph, NodeId};
 use crate::models::edit_distance;
 use anyhow::{Context, Result, bail};
@@ -23,7 +25,8 @@ use serde::{Deserialize, Serialize};
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
 #[serde(rename_all = "snake_case")]
 pub enum HintLoss {
-    /// Mean squared difference of maps of the same shape.
+    /// Mean squared difference of the maps (through a learned adapter when the channel counts
+    /// differ).
     #[default]
     Mse,
     /// Attention transfer: normalised spatial attention maps.
@@ -47,6 +50,10 @@ pub struct FeatureTap {
     pub student: String,
     pub teacher: String,
     pub weight: f64,
+    /// An `mse` tap whose channel counts differ: the learned adapter between them, set by
+    /// [`resolve_taps`] (and recorded in `config.json`, so that a resumed run rebuilds it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub adapter: Option<AdapterSpec>,
 }
 
 impl FeatureTap {
@@ -73,6 +80,7 @@ impl FeatureTap {
             student: student.to_string(),
             teacher: teacher.to_string(),
             weight,
+            adapter: None,
         })
     }
 }
@@ -95,8 +103,14 @@ pub fn find_node(graph: &Graph, name: &str, whose: &str) -> Result<NodeId> {
     )
 }
 
-/// Checks that the maps of `s` (student) and `t` (teacher) can be compared by `loss`.
-pub fn check_shapes(tap: &FeatureTap, s: Dims, t: Dims, loss: HintLoss) -> Result<()> {
+/// Checks that the maps of `s` (student) and `t` (teacher) can be compared by `loss`, and
+/// returns the adapter an `mse` hint needs between different channel counts.
+pub fn check_shapes(
+    tap: &FeatureTap,
+    s: Dims,
+    t: Dims,
+    loss: HintLoss,
+) -> Result<Option<AdapterSpec>> {
     let what = format!("--feature-kd `{}:{}`", tap.student, tap.teacher);
     if (s.h, s.w) != (t.h, t.w) {
         bail!(
@@ -107,31 +121,32 @@ pub fn check_shapes(tap: &FeatureTap, s: Dims, t: Dims, loss: HintLoss) -> Resul
             t.w
         );
     }
-    if loss == HintLoss::Mse && s.c != t.c {
-        bail!(
-            "{what}: {} student channels against {} teacher channels; the mse hint needs the same shape (use --feature-kd-loss at, which compares attention maps)",
-            s.c,
-            t.c
-        );
-    }
-    Ok(())
+    // Same channels: the plain hint (an adapter would only add a learned map that the
+    // student's own layers can already be), as FitNets does when the shapes agree.
+    Ok(
+        (loss == HintLoss::Mse && s.c != t.c).then_some(AdapterSpec {
+            student_channels: s.c,
+            teacher_channels: t.c,
+        }),
+    )
 }
 
 /// The student's tap nodes, each checked against the teacher's map size (`teacher_dims`, in
-/// the taps' order) at the student's input size `input`.
+/// the taps' order) at the student's input size `input`; sets each tap's
+/// [`FeatureTap::adapter`].
 pub fn resolve_taps(
     graph: &Graph,
     input: [usize; 2],
-    taps: &[FeatureTap],
+    taps: &mut [FeatureTap],
     loss: HintLoss,
     teacher_dims: &[Dims],
 ) -> Result<Vec<NodeId>> {
     let dims = graph.infer_shapes(input[0], input[1])?;
-    taps.iter()
+    taps.iter_mut()
         .zip(teacher_dims)
         .map(|(tap, &t)| {
             let id = find_node(graph, &tap.student, "student")?;
-            check_shapes(tap, dims[id], t, loss)?;
+            tap.adapter = check_shapes(tap, dims[id], t, loss)?;
             Ok(id)
         })
         .collect()
@@ -188,7 +203,9 @@ pub fn hint_loss_grad(
     match loss {
         HintLoss::Mse => {
             if cs != ct {
-                bail!("the mse hint needs maps of the same shape ({cs} and {ct} channels)");
+                bail!(
+                    "the plain mse hint needs maps of the same shape ({cs} and {ct} channels; an adapter maps between them)"
+                );
             }
             let scale = weight / s.len() as f64;
             let mut total = 0f64;

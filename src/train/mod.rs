@@ -13,8 +13,11 @@
 //!
 //! With a teacher ([`TrainConfig::distill`], [`Run::attach_teacher`]) the loss is knowledge
 //! distillation's (`distill.rs`): the teacher's logits of each augmented batch, computed in
-//! eval mode, soften the student's targets.
+//! eval mode, soften the student's targets. Feature hints between maps of different channel
+//! counts go through learned adapters (`adapter.rs`), trained with the student, kept in the
+//! resume state and left out of the saved checkpoints.
 
+pub mod adapter;
 pub mod distill;
 mod elementwise;
 pub mod fake_quant;
@@ -37,6 +40,7 @@ use crate::prune::magnitude::{
 };
 use crate::rng::Rng;
 use crate::tensor_file::write_bytes_atomic;
+use adapter::Adapters;
 use anyhow::{Context, Result, bail};
 use candle_core::{Device, Tensor, Var};
 pub use distill::{DistillConfig, KdWeights, LossParts};
@@ -214,6 +218,8 @@ impl RunPaths {
 /// Tensor name prefixes of the resume state besides the model's parameters.
 const OPTIMIZER_PREFIX: &str = "optimizer.";
 const MASK_PREFIX: &str = "mask.";
+/// Feature-hint adapters: their parameters and optimizer buffers (`adapter.rs`).
+const ADAPTER_PREFIX: &str = "adapter.";
 /// Resume-state metadata key of the QAT ranges.
 const QAT_STATE_KEY: &str = "qat";
 
@@ -230,6 +236,9 @@ pub struct Run {
     teacher: Option<Box<dyn Teacher>>,
     /// The fake quantization of a QAT run.
     qat: Option<qat::Qat>,
+    /// The learned adapters of feature taps between different channel counts (trained with
+    /// the model, saved in the resume state only).
+    adapters: Adapters,
 }
 
 impl Run {
@@ -265,6 +274,7 @@ impl Run {
             &model.graph,
             &model.weights,
         );
+        let adapters = Self::fresh_adapters(&config)?;
         Ok(Run {
             paths,
             config,
@@ -274,6 +284,7 @@ impl Run {
             masks: None,
             teacher: None,
             qat: None,
+            adapters,
         })
     }
 
@@ -296,15 +307,18 @@ impl Run {
         }
         let (model, extras) = checkpoint::load_with_extra_prefixes(
             &paths.resume(),
-            &[OPTIMIZER_PREFIX, MASK_PREFIX],
+            &[OPTIMIZER_PREFIX, MASK_PREFIX, ADAPTER_PREFIX],
         )?;
         let mut optimizer_state = std::collections::HashMap::new();
         let mut mask_state = std::collections::HashMap::new();
+        let mut adapter_state = std::collections::HashMap::new();
         for (name, t) in extras.tensors {
             if let Some(n) = name.strip_prefix(OPTIMIZER_PREFIX) {
                 optimizer_state.insert(n.to_string(), t);
             } else if let Some(n) = name.strip_prefix(MASK_PREFIX) {
                 mask_state.insert(n.to_string(), t);
+            } else if let Some(n) = name.strip_prefix(ADAPTER_PREFIX) {
+                adapter_state.insert(n.to_string(), t);
             }
         }
         let masks = if mask_state.is_empty() {
@@ -329,6 +343,10 @@ impl Run {
             &model.weights,
         );
         optimizer.load_state(optimizer_state, progress.global_step as u64)?;
+        let mut adapters = Self::fresh_adapters(&config)?;
+        adapters
+            .load_state(adapter_state, progress.global_step as u64)
+            .with_context(|| format!("`{}`", paths.resume().display()))?;
         let qat = match &config.qat {
             Some(q) => {
                 let text = extras
@@ -350,6 +368,7 @@ impl Run {
             masks,
             teacher: None,
             qat,
+            adapters,
         };
         run.drop_metrics_after(run.progress.epoch)?;
         Ok(run)
@@ -385,6 +404,20 @@ impl Run {
         }
     }
 
+    /// The adapters the configuration's feature taps name, freshly initialised from the
+    /// run's seed (none without feature taps).
+    fn fresh_adapters(config: &TrainConfig) -> Result<Adapters> {
+        match &config.distill {
+            Some(d) => Adapters::for_taps(
+                &d.features,
+                config.seed,
+                config.optimizer,
+                config.weight_decay,
+            ),
+            None => Ok(Adapters::none()),
+        }
+    }
+
     fn save_resume(&self) -> Result<()> {
         let mut extras: Vec<(String, candle_core::Tensor)> = self
             .optimizer
@@ -396,6 +429,9 @@ impl Run {
             for (n, t) in masks.to_tensors()? {
                 extras.push((format!("{MASK_PREFIX}{n}"), t));
             }
+        }
+        for (n, t) in self.adapters.state() {
+            extras.push((format!("{ADAPTER_PREFIX}{n}"), t));
         }
         let mut metadata = vec![("progress".into(), serde_json::to_string(&self.progress)?)];
         if let Some(q) = &self.qat {
@@ -616,11 +652,13 @@ impl Run {
                             .iter()
                             .zip(&teacher_maps)
                             .zip(&hint_taps)
-                            .map(|((&node, (channels, map)), tap)| step::HintTarget {
+                            .enumerate()
+                            .map(|(k, ((&node, (channels, map)), tap))| step::HintTarget {
                                 node,
                                 teacher: map,
                                 channels: *channels,
                                 weight: tap.weight,
+                                adapter: self.adapters.get(k),
                             })
                             .collect()
                     });
@@ -660,6 +698,7 @@ impl Run {
                     None
                 };
                 let mut hint_value = None;
+                let mut adapter_grads = Vec::new();
                 let (logits, loss_value, parts, mut grads): (
                     Tensor,
                     f64,
@@ -668,6 +707,7 @@ impl Run {
                 ) = match fast {
                     Some(out) => {
                         hint_value = out.hint;
+                        adapter_grads = out.adapter_grads;
                         if let Some(q) = &mut self.qat
                             && !cfg.qat.as_ref().is_some_and(|c| c.observers_frozen(epoch))
                         {
@@ -727,6 +767,8 @@ impl Run {
                     }
                 }
                 self.optimizer.step(&*grads, lr, momentum)?;
+                // The adapters learn with the student, at its learning rate and momentum.
+                self.adapters.step(&adapter_grads, lr, momentum)?;
                 // Momentum, Adam moments and weight decay move pruned weights off zero: the
                 // masks go back on after every update.
                 if let Some(masks) = &self.masks {

@@ -30,6 +30,7 @@
 //! Only f32 CPU tensors run here ([`train_step`] returns `None` otherwise). The executor is
 //! used by `Run::train` and `bench --mode train` unless `SLIMCANDLE_TRAIN_EXEC=0`.
 
+use super::adapter::Adapter;
 use super::distill::{KdWeights, LossParts, distillation_loss_grad};
 use super::elementwise::{add_into, channel_sums, map, masked_channel_sums, per_sample, zip_map};
 use super::fake_quant::{FakeQuant, fake_quantize};
@@ -65,6 +66,9 @@ pub struct StepOutput {
     pub parts: Option<LossParts>,
     /// With feature hints: their weighted sum (included in `loss`).
     pub hint: Option<f64>,
+    /// With feature hints: per hint target, in order, the gradients of its adapter's
+    /// parameters (`None` for a target without an adapter); empty without hints.
+    pub adapter_grads: Vec<Option<HashMap<String, Tensor>>>,
     /// With fake quantization: per node, the min and max of its output before it was
     /// fake-quantized (`None` for the nodes not fake-quantized); empty without.
     pub observed: Vec<Option<(f32, f32)>>,
@@ -78,6 +82,10 @@ pub struct HintTarget<'a> {
     pub teacher: &'a [f32],
     pub channels: usize,
     pub weight: f64,
+    /// An `mse` hint between different channel counts: the learned adapter the student's map
+    /// goes through first (`adapter.rs`); its parameters' gradients come back in
+    /// [`StepOutput::adapter_grads`].
+    pub adapter: Option<&'a Adapter>,
 }
 
 /// What the loss compares the logits with.
@@ -667,21 +675,48 @@ fn step(
     let logits_t = Tensor::from_slice(logits, (n, classes), &Device::Cpu)?;
     let mut grads: Vec<Option<Vec<f32>>> = vec![None; count];
     let mut hint_total = None;
+    let mut adapter_grads = Vec::new();
     if let Some((hints, kind)) = objective.hints {
         let mut sum = 0f64;
         for h in hints {
             let d = dims[h.node];
             let value = vals[h.node].as_deref().expect("tap values are kept");
-            let (l, g) = hint_loss_grad(
-                kind,
-                value,
-                h.teacher,
-                n,
-                (d.c, h.channels),
-                d.h * d.w,
-                h.weight,
-            )
-            .with_context(|| format!("feature hint at `{}`", graph.nodes[h.node].name))?;
+            let what = || format!("feature hint at `{}`", graph.nodes[h.node].name);
+            let (l, g) = match h.adapter {
+                Some(a) => {
+                    let spec = a.spec;
+                    if kind != HintLoss::Mse
+                        || (spec.student_channels, spec.teacher_channels) != (d.c, h.channels)
+                    {
+                        bail!(
+                            "{}: an adapter from {} to {} channels for a {kind:?} hint from {} to {} channels",
+                            what(),
+                            spec.student_channels,
+                            spec.teacher_channels,
+                            d.c,
+                            h.channels
+                        );
+                    }
+                    let out = a
+                        .loss_grad(value, h.teacher, n, d.h * d.w, h.weight)
+                        .with_context(what)?;
+                    adapter_grads.push(Some(out.param_grads));
+                    (out.loss, out.student_grad)
+                }
+                None => {
+                    adapter_grads.push(None);
+                    hint_loss_grad(
+                        kind,
+                        value,
+                        h.teacher,
+                        n,
+                        (d.c, h.channels),
+                        d.h * d.w,
+                        h.weight,
+                    )
+                    .with_context(what)?
+                }
+            };
             sum += l;
             acc_owned(&mut grads[h.node], g);
         }
@@ -1039,6 +1074,7 @@ fn step(
         grads: out,
         parts,
         hint: hint_total,
+        adapter_grads,
         observed,
     }))
 }
