@@ -458,12 +458,7 @@ pub(crate) fn forward_into(
     // Short rows: one sample at a time, channels last.
     if narrow_rows(g) {
         let (rows, cols) = (narrow_taps(g.ho, g.h, g), narrow_taps(g.wo, g.w, g));
-        let mut ft = vec![0f32; kk * g.c_in];
-        for (ch, f) in w.chunks_exact(kk).enumerate() {
-            for (t, &v) in f.iter().enumerate() {
-                ft[t * g.c_in + ch] = v;
-            }
-        }
+        let ft = taps_major(w, g.c_in, kk);
         let sample_in = g.c_in * plane_in;
         let one = |scratch: &mut NarrowScratch, (n, out): (usize, &mut [f32])| {
             let xs = &x[n * sample_in..(n + 1) * sample_in];
@@ -538,6 +533,18 @@ fn narrow_taps(
             (taps, first)
         })
         .collect()
+}
+
+/// The `c` filters of `kk` taps in `w` (`c x kk`) transposed to `kk x c`: each tap's weights
+/// of consecutive channels side by side, for the loops that vectorise across channels.
+pub(crate) fn taps_major(w: &[f32], c: usize, kk: usize) -> Vec<f32> {
+    let mut ft = vec![0f32; kk * c];
+    for (ch, f) in w.chunks_exact(kk).take(c).enumerate() {
+        for (t, &v) in f.iter().enumerate() {
+            ft[t * c + ch] = v;
+        }
+    }
+    ft
 }
 
 /// Output planes up to this size run in registers where they can (`depthwise_small`), one

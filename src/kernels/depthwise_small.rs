@@ -12,33 +12,18 @@
 //! registers hold; for each tap, a precomputed index vector picks every lane's input value out
 //! of them (`vpermt2ps` on each pair of registers, blends on the index's sixth and seventh
 //! bits) and a mask leaves out the lanes whose tap meets padding. Stride-2 convs reading 5
-//! rows of 16 (8x8 outputs) or 3 rows of 32 (16x16 outputs) take the eight-register windows. Each output
-//! sums its valid taps in the same order as the other depthwise paths (ky, then kx), so the
-//! values are the channels-last path's, bit for bit.
+//! rows of 16 (8x8 outputs) or 3 rows of 32 (16x16 outputs) take the eight-register windows.
+//! Each output sums its valid taps in the same order as the other depthwise paths (ky, then
+//! kx), so the values are the channels-last path's, bit for bit.
 
 use super::conv::ConvGeom;
+use super::depthwise::taps_major;
+use std::borrow::Cow;
 
 /// Output values per vector.
 const LANES: usize = 16;
 /// Input values the registers of one vector's window hold (at most eight registers).
 const WINDOW: usize = 128;
-
-/// Registers a window needs: its span (from `start` to the last value a tap reads) in
-/// vectors, and never past the group's `group_in` input values.
-fn window_registers(start: usize, taps: &[Tap], group_in: usize) -> usize {
-    let last = taps
-        .iter()
-        .flat_map(|t| {
-            t.index
-                .iter()
-                .enumerate()
-                .filter(move |(l, _)| t.valid & (1 << l) != 0)
-                .map(|(_, &i)| i as usize)
-        })
-        .max()
-        .unwrap_or(0);
-    (last + 1).min(group_in - start.min(group_in)).div_ceil(16)
-}
 
 /// The precomputed selection of one geometry.
 pub(crate) struct SmallPlan {
@@ -49,7 +34,7 @@ pub(crate) struct SmallPlan {
     windows: Vec<(usize, usize, Vec<Tap>)>,
 }
 
-/// One tap of one output vector: for every lane, the window position it reads (0..64) and
+/// One tap of one output vector: for every lane, the window position it reads (0..128) and
 /// whether it reads anything (padding otherwise).
 struct Tap {
     /// Tap index `ky k + kx`.
@@ -124,27 +109,22 @@ pub(crate) fn plan(g: &ConvGeom) -> Option<SmallPlan> {
                 }
             }
         }
-        let regs = window_registers(lo, &taps, group * hw);
-        windows.push((lo, regs, taps));
+        // The window's registers: its span, from the first value a tap reads to the last.
+        windows.push((lo, (hi - lo + 1).div_ceil(LANES), taps));
     }
     Some(SmallPlan { group, windows })
 }
 
 /// The filters as [`forward_sample`] reads them: `w` (`C x k k`) as is for one channel per
-/// vector, else transposed to `k k x C` (each tap's weights of consecutive channels side by
-/// side, one load per vector).
-pub(crate) fn weights(sp: &SmallPlan, g: &ConvGeom, w: &[f32]) -> Vec<f32> {
+/// vector, else taps-major (each tap's weights of consecutive channels side by side, one load
+/// per vector).
+pub(crate) fn weights<'a>(sp: &SmallPlan, g: &ConvGeom, w: &'a [f32]) -> Cow<'a, [f32]> {
     let kk = g.k * g.k;
     if sp.group == 1 {
-        return w[..g.c_in * kk].to_vec();
+        Cow::Borrowed(&w[..g.c_in * kk])
+    } else {
+        Cow::Owned(taps_major(w, g.c_in, kk))
     }
-    let mut wt = vec![0f32; kk * g.c_in];
-    for (ch, f) in w.chunks_exact(kk).take(g.c_in).enumerate() {
-        for (t, &v) in f.iter().enumerate() {
-            wt[t * g.c_in + ch] = v;
-        }
-    }
-    wt
 }
 
 /// One sample: `x` its `C` input planes, `w` the filters from [`weights`], `y` its `C`
@@ -207,26 +187,45 @@ mod x86 {
             let mut first = 0;
             while first < groups {
                 let c0 = first * sp.group;
-                // SAFETY: as for `sample`; `vector` writes the planes of its groups only.
+                // SAFETY: as for `sample`; each call writes the planes of its groups only.
                 unsafe {
                     if first + UNROLL <= groups {
-                        match regs {
-                            0..=2 => vector::<UNROLL, 2>(&ctx, c0, at, out),
-                            3..=4 => vector::<UNROLL, 4>(&ctx, c0, at, out),
-                            _ => vector::<UNROLL, 8>(&ctx, c0, at, out),
-                        }
+                        vector_in::<UNROLL>(&ctx, *regs, c0, at, out);
                         first += UNROLL;
                     } else {
-                        match regs {
-                            0..=2 => vector::<1, 2>(&ctx, c0, at, out),
-                            3..=4 => vector::<1, 4>(&ctx, c0, at, out),
-                            _ => vector::<1, 8>(&ctx, c0, at, out),
-                        }
+                        vector_in::<1>(&ctx, *regs, c0, at, out);
                         first += 1;
                     }
                 }
             }
         }
+    }
+
+    /// [`vector`] with the window in as many registers as its span needs (2, 4 or 8).
+    ///
+    /// # Safety
+    /// As for [`vector`].
+    #[target_feature(enable = "avx512f")]
+    #[inline]
+    unsafe fn vector_in<const U: usize>(
+        ctx: &Ctx,
+        regs: usize,
+        c0: usize,
+        at: (usize, usize, &[Tap]),
+        y: *mut f32,
+    ) {
+        unsafe {
+            match regs {
+                0..=2 => vector::<U, 2>(ctx, c0, at, y),
+                3..=4 => vector::<U, 4>(ctx, c0, at, y),
+                _ => vector::<U, 8>(ctx, c0, at, y),
+            }
+        }
+    }
+
+    /// The mask of the first `n` of 16 lanes (`n` up to 16).
+    fn first_lanes(n: usize) -> __mmask16 {
+        ((1u32 << n) - 1) as __mmask16
     }
 
     /// What every vector of one call reads.
@@ -267,11 +266,7 @@ mod x86 {
                 let at = start + 16 * r;
                 let left = group_in.saturating_sub(at).min(16);
                 if left > 0 {
-                    let mask: __mmask16 = if left == 16 {
-                        0xffff
-                    } else {
-                        (1u16 << left) - 1
-                    };
+                    let mask = first_lanes(left);
                     *reg = unsafe { _mm512_maskz_loadu_ps(mask, input.as_ptr().add(at)) };
                 }
             }
@@ -307,9 +302,9 @@ mod x86 {
                     // The group's weights of this tap (taps-major: consecutive), spread over
                     // each channel's lanes.
                     let at = &ctx.w[tap.t * ctx.c + cu..][..sp.group];
-                    let mask = (((1u32 << sp.group) - 1) & 0xffff) as __mmask16;
                     // SAFETY: `group` values at `at`.
-                    let packed = unsafe { _mm512_maskz_loadu_ps(mask, at.as_ptr()) };
+                    let packed =
+                        unsafe { _mm512_maskz_loadu_ps(first_lanes(sp.group), at.as_ptr()) };
                     _mm512_permutexvar_ps(ctx.spread, packed)
                 };
                 acc[u] = _mm512_mask3_fmadd_ps(weights, vals, acc[u], tap.valid);
@@ -384,8 +379,7 @@ mod tests {
                     continue;
                 };
                 ran += 1;
-                let x: Vec<f32> = (0..c * h * h).map(|_| rng.normal() as f32).collect();
-                let w: Vec<f32> = (0..c * k * k).map(|_| rng.normal() as f32).collect();
+                let (x, w) = (rng.normals(c * h * h), rng.normals(c * k * k));
                 let mut y = vec![f32::NAN; c * g.ho * g.wo];
                 forward_sample(&sp, &g, &x, &weights(&sp, &g, &w), &mut y);
                 for (i, (a, b)) in y.iter().zip(reference(&g, &x, &w)).enumerate() {

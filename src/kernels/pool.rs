@@ -378,7 +378,7 @@ fn max_planes_body<M: Madd>(p: &Pool, x: &[f32], y: &mut [f32]) {
     // Positions -pad .. (ow - 1) s - pad + k of an input row, shifted by pad.
     let len = (ow - 1) * s + k;
     let used = w.min(len - pad);
-    let mut row = vec![f32::NEG_INFINITY; len.max(pad + used)];
+    let mut row = vec![f32::NEG_INFINITY; len];
     let rows: Vec<Range> = (0..oh).map(|oy| p.window(oy, 0).0).collect();
     for (plane, out) in x.chunks_exact(h * w).zip(y.chunks_exact_mut(oh * ow)) {
         for (out_row, ys) in out.chunks_exact_mut(ow).zip(&rows) {
