@@ -376,6 +376,46 @@ fn weights_of(path: &Path) -> Vec<(String, Vec<u32>)> {
     out
 }
 
+/// A run folder's `config.json`.
+fn run_config(dir: &Path) -> serde_json::Value {
+    serde_json::from_str(&std::fs::read_to_string(dir.join("config.json")).unwrap()).unwrap()
+}
+
+/// A run folder's `metrics.jsonl`, one value per epoch.
+fn run_metrics(dir: &Path) -> Vec<serde_json::Value> {
+    std::fs::read_to_string(dir.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
+/// The run of `train_args(teacher, .., extra)` stopped after 3 steps into `parts` and
+/// resumed there ends exactly as the uninterrupted run in `full`: the same weights bit for
+/// bit and the same metrics, timings aside.
+fn assert_resumes_exactly(teacher: &Path, full: &Path, parts: &Path, extra: &[&str]) {
+    let mut stop = extra.to_vec();
+    stop.extend_from_slice(&["--stop-after-steps", "3"]);
+    let o = slimcandle(&train_args(s(teacher), s(parts), &stop));
+    assert_eq!(o.status.code(), Some(130), "{}", stderr(&o));
+    let o = slimcandle(&["--threads", "2", "train", "--resume", s(parts)]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert_eq!(
+        weights_of(&full.join("last.safetensors")),
+        weights_of(&parts.join("last.safetensors"))
+    );
+    let untimed = |dir: &Path| -> Vec<serde_json::Value> {
+        let mut metrics = run_metrics(dir);
+        for v in &mut metrics {
+            for k in ["images_per_s", "seconds"] {
+                v.as_object_mut().unwrap().remove(k);
+            }
+        }
+        metrics
+    };
+    assert_eq!(untimed(full), untimed(parts));
+}
+
 #[test]
 fn distils_from_another_architecture_records_the_teacher_and_resumes_exactly() {
     let dir = common::temp_dir("distill-run");
@@ -392,8 +432,7 @@ fn distils_from_another_architecture_records_the_teacher_and_resumes_exactly() {
     );
 
     // config.json records the teacher: absolute path, hash, architecture, test top-1.
-    let config: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(full.join("config.json")).unwrap()).unwrap();
+    let config = run_config(&full);
     let d = &config["distill"];
     assert_eq!(d["alpha"], 0.7);
     assert_eq!(d["temperature"], 3.0);
@@ -412,11 +451,7 @@ fn distils_from_another_architecture_records_the_teacher_and_resumes_exactly() {
 
     // Each epoch reports the parts; the loss is their weighted sum plus the hints (each
     // step's total is rounded to f32, the parts are not).
-    let metrics: Vec<serde_json::Value> = std::fs::read_to_string(full.join("metrics.jsonl"))
-        .unwrap()
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect();
+    let metrics = run_metrics(&full);
     assert_eq!(metrics.len(), 2);
     for m in &metrics {
         let (ce, kd) = (
@@ -443,31 +478,7 @@ fn distils_from_another_architecture_records_the_teacher_and_resumes_exactly() {
     );
 
     // Interrupted and resumed: the same teacher, and exactly the uninterrupted result.
-    let o = slimcandle(&train_args(
-        s(&teacher),
-        s(&parts),
-        &["--stop-after-steps", "3"],
-    ));
-    assert_eq!(o.status.code(), Some(130), "{}", stderr(&o));
-    let o = slimcandle(&["--threads", "2", "train", "--resume", s(&parts)]);
-    assert!(o.status.success(), "{}", stderr(&o));
-    assert_eq!(
-        weights_of(&full.join("last.safetensors")),
-        weights_of(&parts.join("last.safetensors"))
-    );
-    let lines = |p: &Path| std::fs::read_to_string(p.join("metrics.jsonl")).unwrap();
-    let strip = |t: String| -> Vec<serde_json::Value> {
-        t.lines()
-            .map(|l| {
-                let mut v: serde_json::Value = serde_json::from_str(l).unwrap();
-                for k in ["images_per_s", "seconds"] {
-                    v.as_object_mut().unwrap().remove(k);
-                }
-                v
-            })
-            .collect()
-    };
-    assert_eq!(strip(lines(&full)), strip(lines(&parts)));
+    assert_resumes_exactly(&teacher, &full, &parts, &[]);
 
     // A teacher that changed since the run started is refused on resume, as is a missing one.
     write_teacher(&teacher, 10, 6, |_| {});
@@ -503,8 +514,7 @@ fn mse_hint_through_an_adapter_trains_drops_and_resumes_exactly() {
         "{}",
         stderr(&o)
     );
-    let config: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(full.join("config.json")).unwrap()).unwrap();
+    let config = run_config(&full);
     let d = &config["distill"];
     assert_eq!(d["feature_loss"], "mse");
     assert_eq!(
@@ -512,13 +522,9 @@ fn mse_hint_through_an_adapter_trains_drops_and_resumes_exactly() {
         serde_json::json!({"student_channels": 24, "teacher_channels": 48})
     );
 
-    let hints: Vec<f64> = std::fs::read_to_string(full.join("metrics.jsonl"))
-        .unwrap()
-        .lines()
-        .map(|l| {
-            let v: serde_json::Value = serde_json::from_str(l).unwrap();
-            v["train_hint"].as_f64().unwrap()
-        })
+    let hints: Vec<f64> = run_metrics(&full)
+        .iter()
+        .map(|v| v["train_hint"].as_f64().unwrap())
         .collect();
     assert_eq!(hints.len(), 2);
     assert!(hints[1] < hints[0], "the hint did not fall: {hints:?}");
@@ -564,30 +570,7 @@ fn mse_hint_through_an_adapter_trains_drops_and_resumes_exactly() {
     );
 
     // Interrupted mid-epoch and resumed: exactly the uninterrupted run.
-    let mut stop = tap.to_vec();
-    stop.extend_from_slice(&["--stop-after-steps", "3"]);
-    let o = slimcandle(&train_args(s(&teacher), s(&parts), &stop));
-    assert_eq!(o.status.code(), Some(130), "{}", stderr(&o));
-    let o = slimcandle(&["--threads", "2", "train", "--resume", s(&parts)]);
-    assert!(o.status.success(), "{}", stderr(&o));
-    assert_eq!(
-        weights_of(&full.join("last.safetensors")),
-        weights_of(&parts.join("last.safetensors"))
-    );
-    let strip = |p: &Path| -> Vec<serde_json::Value> {
-        std::fs::read_to_string(p.join("metrics.jsonl"))
-            .unwrap()
-            .lines()
-            .map(|l| {
-                let mut v: serde_json::Value = serde_json::from_str(l).unwrap();
-                for k in ["images_per_s", "seconds"] {
-                    v.as_object_mut().unwrap().remove(k);
-                }
-                v
-            })
-            .collect()
-    };
-    assert_eq!(strip(&full), strip(&parts));
+    assert_resumes_exactly(&teacher, &full, &parts, &tap);
     let _ = std::fs::remove_dir_all(&dir);
 }
 
