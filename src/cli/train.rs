@@ -591,12 +591,13 @@ fn train_and_report(
         for f in &d.features {
             match f.adapter {
                 Some(a) => eprintln!(
-                    "feature hint ({:?}): student `{}` ({} ch) against teacher `{}` ({} ch) through a learned 1x1 conv + batch-norm adapter, weight {}",
+                    "feature hint ({:?}): student `{}` ({} ch) against teacher `{}` ({} ch) through {}, weight {}",
                     d.feature_loss,
                     f.student,
                     a.student_channels,
                     f.teacher,
                     a.teacher_channels,
+                    slimcandle::train::adapter::DESCRIPTION,
                     f.weight
                 ),
                 None => eprintln!(

@@ -23,7 +23,7 @@
 //! its forward and backward pass on slices with the kernels the student's 1x1 convs and batch
 //! norms use ([`Adapter::loss_grad`]).
 
-use super::feature_kd::FeatureTap;
+use super::feature_kd::{FeatureTap, mse_into_grad};
 use super::optimizer::{Optimizer, OptimizerKind};
 use crate::graph::{Graph, GraphBuilder};
 use crate::kernels::batch_norm::{train_backward, train_forward_into};
@@ -33,7 +33,6 @@ use crate::rng::Rng;
 use crate::weights::Weights;
 use anyhow::{Context, Result, bail};
 use candle_core::{Device, Tensor};
-use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
 
@@ -44,6 +43,9 @@ pub const BN_EPS: f64 = 1e-5;
 /// `bn.weight` and `bn.bias`).
 const CONV: &str = "conv";
 const BN: &str = "bn";
+
+/// What an adapter is, in the run's header line and the checkpoint's provenance.
+pub const DESCRIPTION: &str = "a learned 1x1 conv + batch-norm adapter";
 
 /// The channel counts an adapter maps between; recorded with its tap in `config.json`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -130,25 +132,9 @@ impl Adapter {
         conv_gemm::forward_into(&geom, s, &w, &mut z, true, &|_, _, _| {});
         let mut y = vec![0f32; z.len()];
         let stats = train_forward_into(&z, &gamma, &beta, BN_EPS, (n, ct, plane), None, &mut y);
-        // As `hint_loss_grad`'s mse, on the adapter's output, written over it as its gradient:
-        // one plane per task (maps reach tens of millions of values), the planes' sums added
-        // in order so that the total does not depend on the thread count.
-        let scale = weight / y.len() as f64;
-        let sums: Vec<f64> = y
-            .par_chunks_mut(plane)
-            .zip(t.par_chunks(plane))
-            .map(|(ys, ts)| {
-                let mut sum = 0f64;
-                for (dv, &tv) in ys.iter_mut().zip(ts) {
-                    let d = *dv as f64 - tv as f64;
-                    sum += d * d;
-                    *dv = (2.0 * scale * d) as f32;
-                }
-                sum
-            })
-            .collect();
-        let total: f64 = sums.iter().sum();
-        let dy = y;
+        // The mse hint on the adapter's output, which becomes its gradient.
+        let mut dy = y;
+        let loss = mse_into_grad(&mut dy, t, plane, weight);
         let bn_out = train_backward(&z, &gamma, &dy, &stats, (n, ct, plane), true);
         let (dz, dbn) = bn_out.split_at(z.len());
         let mut conv_out = conv_gemm::backward(&geom, s, &w, dz, true, true);
@@ -169,7 +155,7 @@ impl Adapter {
             ),
         ]);
         Ok(AdapterLoss {
-            loss: scale * total,
+            loss,
             student_grad: conv_out,
             param_grads,
         })

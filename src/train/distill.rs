@@ -100,8 +100,10 @@ impl DistillConfig {
                         .adapter
                         .map(|a| {
                             format!(
-                                " (through a learned 1x1 conv + batch-norm adapter, {} to {} channels)",
-                                a.student_channels, a.teacher_channels
+                                " (through {}, {} to {} channels)",
+                                super::adapter::DESCRIPTION,
+                                a.student_channels,
+                                a.teacher_channels
                             )
                         })
                         .unwrap_or_default();

@@ -19,6 +19,7 @@ use crate::graph::{Dims, Graph, NodeId};
 use crate::models::edit_distance;
 use anyhow::{Context, Result, bail};
 use candle_core::{D, Tensor};
+use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
 /// How a student's feature map is compared with the teacher's.
@@ -181,6 +182,28 @@ fn attention(f: &[f32], n: usize, c: usize, plane: usize) -> (Vec<f64>, Vec<f64>
     (q, norms)
 }
 
+/// `weight * mean (v - t)^2` over maps `v` and `t` of the same shape, with `v` overwritten by
+/// its gradient `2 weight (v - t) / len`: the `mse` hint, and the adapter's on its output.
+/// One plane per task (maps reach tens of millions of values); the planes' sums are added
+/// in order, so the total does not depend on the thread count.
+pub fn mse_into_grad(v: &mut [f32], t: &[f32], plane: usize, weight: f64) -> f64 {
+    let scale = weight / v.len() as f64;
+    let sums: Vec<f64> = v
+        .par_chunks_mut(plane.max(1))
+        .zip(t.par_chunks(plane.max(1)))
+        .map(|(vs, ts)| {
+            let mut sum = 0f64;
+            for (dv, &tv) in vs.iter_mut().zip(ts) {
+                let d = *dv as f64 - tv as f64;
+                sum += d * d;
+                *dv = (2.0 * scale * d) as f32;
+            }
+            sum
+        })
+        .collect();
+    scale * sums.iter().sum::<f64>()
+}
+
 /// The hint loss of the student's map `s` (N x `cs` x `plane`) against the teacher's `t`
 /// (N x `ct` x `plane`), times `weight`, and its gradient with respect to `s`.
 #[allow(clippy::too_many_arguments)]
@@ -207,18 +230,9 @@ pub fn hint_loss_grad(
                     "the plain mse hint needs maps of the same shape ({cs} and {ct} channels; an adapter maps between them)"
                 );
             }
-            let scale = weight / s.len() as f64;
-            let mut total = 0f64;
-            let grad = s
-                .iter()
-                .zip(t)
-                .map(|(&a, &b)| {
-                    let d = a as f64 - b as f64;
-                    total += d * d;
-                    (2.0 * scale * d) as f32
-                })
-                .collect();
-            Ok((scale * total, grad))
+            let mut grad = s.to_vec();
+            let loss = mse_into_grad(&mut grad, t, plane, weight);
+            Ok((loss, grad))
         }
         HintLoss::At => {
             let (qs, norms) = attention(s, n, cs, plane);
