@@ -16,7 +16,7 @@
 use super::{
     conv::{ConvGeom, conv_backward},
     cpu::{SharedMut, f32_slice},
-    gemm::{MatMut, MatRef, Parallelism, matmul, parallelism},
+    gemm::{MatMut, MatRef, Parallelism, matmul, matmul_bt, parallelism},
     im2col::{col2im, col2im_strided, im2col, im2col_strided},
     scratch::with_scratch,
     team,
@@ -324,11 +324,11 @@ fn backward_batched(
         let mut dw_part = vec![0f32; dw_len];
         if need_w {
             let cols = batch_cols(g, d, &x[first * x_sample..], m);
-            matmul(
+            matmul_bt(
                 MatMut::rows(&mut dw_part, g.c_out, d.kdim),
                 false,
                 MatRef::rows(&dyb, g.c_out, width),
-                MatRef::rows(&cols, d.kdim, width).t(),
+                MatRef::rows(&cols, d.kdim, width),
                 Parallelism::None,
             );
         }
@@ -416,7 +416,7 @@ pub(crate) fn backward(
                         MatRef::rows(&cols, d.kdim, d.p)
                     };
                     let dst = MatMut::rows(&mut dw_part[gi * d.cog * d.kdim..], d.cog, d.kdim);
-                    matmul(dst, true, dyg, b.t(), par);
+                    matmul_bt(dst, true, dyg, b, par);
                 }
                 if need_x {
                     let dxg = &mut dxn[gi * d.cig * d.hw..(gi + 1) * d.cig * d.hw];

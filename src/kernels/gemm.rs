@@ -151,6 +151,43 @@ pub(crate) fn matmul(dst: MatMut, accumulate: bool, a: MatRef, b: MatRef, par: P
     }
 }
 
+/// `dst = a * b^T`, or `dst += a * b^T` with `accumulate`, for training's weight gradients:
+/// on our AVX-512 dot-product kernel ([`gemm_nt`](super::gemm_nt)) when the CPU has AVX-512
+/// and both `a` and `b` have contiguous rows, else on [`matmul`]. Unlike [`matmul`], the
+/// AVX-512 kernel sums along K in 16 interleaved lanes: never use this for a product the int8
+/// simulation rounds.
+pub(crate) fn matmul_bt(dst: MatMut, accumulate: bool, a: MatRef, b: MatRef, par: Parallelism) {
+    let (m, n, k) = (dst.rows, dst.cols, a.cols);
+    assert!(
+        a.rows == m && b.rows == n && b.cols == k,
+        "matmul_bt shapes: {}x{} * ({}x{})^T into {m}x{n}",
+        a.rows,
+        a.cols,
+        b.rows,
+        b.cols
+    );
+    if a.cs == 1 && b.cs == 1 && m > 0 && n > 0 && k > 0 && super::gemm_nt::available() {
+        let threads = match par {
+            Parallelism::Rayon(0) => rayon::current_num_threads(),
+            Parallelism::Rayon(t) => t,
+            _ => 1,
+        };
+        super::gemm_nt::gemm_nt(
+            (m, n, k),
+            a.data,
+            a.rs,
+            b.data,
+            b.rs,
+            dst.data,
+            n,
+            accumulate,
+            threads,
+        );
+        return;
+    }
+    matmul(dst, accumulate, a, b.t(), par);
+}
+
 /// Rayon parallelism for one large product, none inside an already parallel loop.
 pub(crate) fn parallelism(inside_parallel_loop: bool) -> Parallelism {
     let threads = rayon::current_num_threads();

@@ -38,6 +38,7 @@ pub(crate) mod cpu;
 pub(crate) mod depthwise;
 mod depthwise_small;
 pub(crate) mod gemm;
+mod gemm_nt;
 pub(crate) mod im2col;
 pub mod int8;
 pub(crate) mod pool;
