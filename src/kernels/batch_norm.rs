@@ -13,6 +13,7 @@
 //!
 //! with each plane's sums taken in f32 lanes and combined across planes in f64.
 
+use super::alloc::zeroed;
 use super::{
     activation::Kind,
     cpu::{SharedMut, all_cpu_f32, f32_slice, unpack},
@@ -277,7 +278,7 @@ pub(crate) fn train_backward(
     let Stats { mean, invstd, .. } = stats;
     let count = (n * plane) as f64;
     let dx_len = if need_x { x.len() } else { 0 };
-    let mut out = vec![0f32; dx_len + 2 * c];
+    let mut out = zeroed(dx_len + 2 * c);
     let shared = SharedMut::new(&mut out);
     (0..c).into_par_iter().for_each(|ch| {
         let planes = || (0..n).map(move |i| (i * c + ch) * plane);

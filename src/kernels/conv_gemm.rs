@@ -13,6 +13,7 @@
 //! (`forward_batched`). Everything is one op per convolution (no chunk-and-concatenate). Samples run in parallel with single-threaded GEMMs when the batch
 //! has at least one sample per thread; otherwise each GEMM uses all threads.
 
+use super::alloc::zeroed;
 use super::{
     conv::{ConvGeom, conv_backward},
     cpu::{SharedMut, f32_slice},
@@ -321,7 +322,7 @@ fn backward_batched(
     let (x_sample, y_sample) = (g.c_in * d.hw, g.c_out * d.p);
     let dx_len = if need_x { g.n * x_sample } else { 0 };
     let dw_len = if need_w { g.c_out * d.kdim } else { 0 };
-    let mut out = vec![0f32; dx_len + dw_len];
+    let mut out = zeroed(dx_len + dw_len);
     let (dx, dw) = out.split_at_mut(dx_len);
     let dx = SharedMut::new(dx);
     let run = sample_runs(g.n, true);
@@ -394,7 +395,7 @@ pub(crate) fn backward(
     let y_sample = g.c_out * d.p;
     let dx_len = if need_x { g.n * x_sample } else { 0 };
     let dw_len = if need_w { g.c_out * d.kdim } else { 0 };
-    let mut out = vec![0f32; dx_len + dw_len];
+    let mut out = zeroed(dx_len + dw_len);
     let (dx, dw) = out.split_at_mut(dx_len);
     let dx = SharedMut::new(dx);
 

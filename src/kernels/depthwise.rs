@@ -26,6 +26,7 @@
 //! The backward pass runs per channel (in parallel), so that it reads the output gradient once
 //! for both gradients and sums the weight gradient without a reduction.
 
+use super::alloc::zeroed;
 use super::{
     conv::{ConvGeom, conv_backward},
     cpu::{SharedMut, f32_slice},
@@ -632,7 +633,7 @@ pub(crate) fn backward(
 ) -> Vec<f32> {
     let (kk, plane_in, plane_out) = (g.k * g.k, g.h * g.w, g.ho * g.wo);
     let dx_len = if need_x { g.n * g.c_in * plane_in } else { 0 };
-    let mut out = vec![0f32; dx_len + if need_w { g.c_in * kk } else { 0 }];
+    let mut out = zeroed(dx_len + if need_w { g.c_in * kk } else { 0 });
     let shared = SharedMut::new(&mut out);
     let (pd_x, pd_dy) = (Padded::input(g), Padded::grad(g));
     // The output gradient's offset in the spread-out plane: k - 1 - p (may be negative).

@@ -29,7 +29,7 @@
 //! faults which otherwise dominate large-tensor steps on the CPU (`alloc.rs`).
 
 pub(crate) mod activation;
-mod alloc;
+pub(crate) mod alloc;
 pub(crate) mod batch_norm;
 mod bias;
 pub(crate) mod conv;

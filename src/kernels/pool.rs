@@ -2,6 +2,7 @@
 //! with backward passes. Candle's own pooling has no backward when windows overlap
 //! (kernel 3, stride 2), which SqueezeNet and both ShuffleNets use.
 
+use super::alloc::zeroed;
 use crate::graph::shape::pooled_len;
 use crate::kernels::simd::{Madd, simd_dispatch};
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, Layout, Result, Shape, Tensor, bail};
@@ -490,7 +491,7 @@ pub(crate) fn max_pool_backward_from(
         return Vec::new();
     }
     let planes = dy.len() / plane_out;
-    let mut dx = vec![0f32; planes * plane_in];
+    let mut dx = zeroed(planes * plane_in);
     dx.par_chunks_mut(plane_in)
         .zip(argmax.par_chunks(plane_out))
         .zip(dy.par_chunks(plane_out))

@@ -39,6 +39,7 @@ use super::loss::{cross_entropy_row, log_sum_exp, smoothed_target};
 use crate::exec::check_input;
 use crate::graph::{Activation, Graph, Op};
 use crate::kernels::activation::Kind;
+use crate::kernels::alloc::zeroed;
 use crate::kernels::batch_norm::{Stats, train_backward, train_forward_into};
 use crate::kernels::conv::ConvGeom;
 use crate::kernels::gemm::{MatMut, MatRef, matmul, parallelism};
@@ -429,7 +430,7 @@ fn step(
                 let g = conv_geom(&node.op, n, din, dout.c)?;
                 let wt = get(p("weight"));
                 let b = bias.then(|| get(p("bias")));
-                let mut y = vec![0f32; n * dout.elements()];
+                let mut y = zeroed(n * dout.elements());
                 let plane = dout.h * dout.w;
                 let xs = input(0);
                 // Bias, then the fused activation, on each block right after it is computed.
@@ -488,7 +489,7 @@ fn step(
                     );
                 }
                 let (gamma, beta) = (get(p("weight")), get(p("bias")));
-                let mut y = vec![0f32; n * dout.elements()];
+                let mut y = zeroed(n * dout.elements());
                 let stats = train_forward_into(
                     input(0),
                     gamma,
@@ -550,7 +551,7 @@ fn step(
                 let parts: Vec<(&[f32], usize)> = (0..node.inputs.len())
                     .map(|k| (input(k), dims[node.inputs[k]].elements()))
                     .collect();
-                let mut y = vec![0f32; n * total];
+                let mut y = zeroed(n * total);
                 per_sample(&mut y, total, |s, ys| {
                     let mut offset = 0;
                     for &(xs, len) in &parts {
@@ -565,7 +566,7 @@ fn step(
                 let plane = din.h * din.w;
                 let (sin, sout) = (din.elements(), dout.elements());
                 let xs = input(0);
-                let mut y = vec![0f32; n * sout];
+                let mut y = zeroed(n * sout);
                 per_sample(&mut y, sout, |s, dst| {
                     let from = s * sin + start * plane;
                     dst.copy_from_slice(&xs[from..from + (end - start) * plane]);
@@ -577,7 +578,7 @@ fn step(
                 let c = dout.c;
                 let per = c / groups;
                 let xs = input(0);
-                let mut y = vec![0f32; xs.len()];
+                let mut y = zeroed(xs.len());
                 per_sample(&mut y, c * plane, |s, ys| {
                     for (o, dst) in ys.chunks_mut(plane).enumerate() {
                         let src = s * c + (o % groups) * per + o / groups;
@@ -593,8 +594,8 @@ fn step(
                 ceil_mode,
             } => {
                 let din = dims[node.inputs[0]];
-                let mut y = vec![0f32; n * dout.elements()];
-                let mut argmax = vec![0u32; y.len()];
+                let mut y = zeroed(n * dout.elements());
+                let mut argmax = zeroed(y.len());
                 pool::max_pool_with_argmax(
                     *kernel,
                     *stride,
@@ -614,7 +615,7 @@ fn step(
                 padding,
             } => {
                 let din = dims[node.inputs[0]];
-                let mut y = vec![0f32; n * dout.elements()];
+                let mut y = zeroed(n * dout.elements());
                 pool::pool_into(
                     false,
                     *kernel,
@@ -861,7 +862,7 @@ fn step(
                     acc_param(&mut pgrads, p("bias"), db);
                 }
                 if need_grad[inp0] {
-                    let mut dx = vec![0f32; n * fin];
+                    let mut dx = zeroed(n * fin);
                     matmul(
                         MatMut::rows(&mut dx, n, fin),
                         false,
@@ -934,7 +935,7 @@ fn step(
                         match slot {
                             Some(acc) => per_sample(acc, len, |s, a| add_into(a, part(s))),
                             None => {
-                                let mut d = vec![0f32; n * len];
+                                let mut d = zeroed(n * len);
                                 per_sample(&mut d, len, |s, a| a.copy_from_slice(part(s)));
                                 *slot = Some(d);
                             }
@@ -949,7 +950,7 @@ fn step(
                     let plane = din.h * din.w;
                     let (sin, sout) = (din.elements(), dout.elements());
                     let slot = &mut grads[inp0];
-                    let acc = slot.get_or_insert_with(|| vec![0f32; n * sin]);
+                    let acc = slot.get_or_insert_with(|| zeroed(n * sin));
                     per_sample(acc, sin, |s, a| {
                         let from = start * plane;
                         add_into(&mut a[from..from + sout], &g[s * sout..(s + 1) * sout]);
@@ -961,7 +962,7 @@ fn step(
                     let plane = dout.h * dout.w;
                     let c = dout.c;
                     let per = c / groups;
-                    let mut dx = vec![0f32; g.len()];
+                    let mut dx = zeroed(g.len());
                     per_sample(&mut dx, c * plane, |s, ds| {
                         for o in 0..c {
                             let to = (o % groups) * per + o / groups;
@@ -1026,7 +1027,7 @@ fn step(
                     match slot {
                         Some(acc) => per_sample(acc, c * plane, spread(true)),
                         None => {
-                            let mut dx = vec![0f32; n * din.elements()];
+                            let mut dx = zeroed(n * din.elements());
                             per_sample(&mut dx, c * plane, spread(false));
                             *slot = Some(dx);
                         }
