@@ -476,6 +476,54 @@ fn batch_norm_train_matches_composition_and_finite_differences() {
     }
 }
 
+/// Batch statistics far from zero and with a small spread (where a one-pass variance would
+/// cancel) match a two-pass f64 computation.
+#[test]
+fn batch_norm_statistics_hold_far_from_zero() {
+    let shape = [16, 3, 12, 12];
+    for (offset, spread) in [(30.0, 0.05), (-200.0, 3.0), (0.0, 1e-3), (1e4, 1.0)] {
+        let x = (randn(&shape, 7) * spread)
+            .unwrap()
+            .affine(1.0, offset)
+            .unwrap();
+        let c = shape[1];
+        let (gamma, beta) = (
+            Tensor::ones(c, DType::F32, &Device::Cpu).unwrap(),
+            Tensor::zeros(c, DType::F32, &Device::Cpu).unwrap(),
+        );
+        let (y, mean, var) = kernels::batch_norm_train(&x, &gamma, &beta, 1e-5).unwrap();
+        let xv = values(&x);
+        let plane = shape[2] * shape[3];
+        let (mean, var) = (values(&mean), values(&var));
+        for ch in 0..c {
+            let vals: Vec<f64> = (0..shape[0])
+                .flat_map(|s| {
+                    xv[(s * c + ch) * plane..(s * c + ch + 1) * plane]
+                        .iter()
+                        .map(|&v| v as f64)
+                })
+                .collect();
+            let m = vals.iter().sum::<f64>() / vals.len() as f64;
+            let v = vals.iter().map(|x| (x - m) * (x - m)).sum::<f64>() / vals.len() as f64;
+            let what = format!("offset {offset} spread {spread} channel {ch}");
+            assert!(
+                (mean[ch] as f64 - m).abs() <= 1e-6 * (1.0 + m.abs()),
+                "{what}: mean {} vs {m}",
+                mean[ch]
+            );
+            assert!(
+                (var[ch] as f64 - v).abs() <= 1e-4 * v,
+                "{what}: variance {} vs {v}",
+                var[ch]
+            );
+        }
+        assert!(
+            values(&y).iter().all(|v| v.is_finite() && v.abs() < 10.0),
+            "offset {offset}"
+        );
+    }
+}
+
 #[test]
 fn batch_norm_train_non_contiguous_frozen_affine_and_errors() {
     let ours =
