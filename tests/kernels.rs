@@ -293,7 +293,7 @@ fn dense_conv() {
     Conv::new(3, 3, 4, (17, 19), 1).kernel(1, 1, 0).check();
     Conv::new(3, 3, 4, (16, 16), 1).kernel(1, 1, 0).check();
     // 1x1 convolutions of planes from 32 values on run their forward per sample on the NCHW
-    // planes (conv_gemm::DIRECT_PER_SAMPLE); below 32 they stay joined.
+    // planes (conv_gemm::direct_per_sample); below 32 values they stay joined.
     Conv::new(5, 20, 13, (4, 8), 1).kernel(1, 1, 0).check();
     Conv::new(5, 20, 13, (7, 7), 1).kernel(1, 1, 0).check();
     Conv::new(5, 20, 13, (5, 6), 1).kernel(1, 1, 0).check();

@@ -105,7 +105,7 @@ pub(crate) fn forward_into(
         }
         return;
     }
-    if batched(g, &d) && !(d.direct && d.p >= DIRECT_PER_SAMPLE) {
+    if batched(g, &d) && !direct_per_sample(&d) {
         forward_batched(g, &d, x, w, y, parallel, post);
         return;
     }
@@ -202,14 +202,17 @@ fn rows_on_team(
 /// Output planes up to this size run several samples per GEMM ([`forward_batched`]).
 const SMALL_PLANE: usize = 256;
 
-/// From this many output values per plane on, a 1x1 stride-1 convolution's forward runs one
-/// GEMM per sample straight on its input planes, even where [`batched`] would join samples:
-/// [`sgemm`](super::sgemm) does not pack, so two or more full 16-lane vectors of columns are
-/// as fast per sample as joined, and the joined path's two copies (the planes into the
-/// column matrix, the result back to NCHW) go. Inference b64 32x32, alternating builds:
-/// MobileNet V2 2,685 -> 2,763 images/s, ShuffleNet V2 1,854 -> 1,966; at 16 values (4x4
-/// planes, one half-used column panel) it lost 7-12%.
-const DIRECT_PER_SAMPLE: usize = 32;
+/// Whether a 1x1 stride-1 convolution's forward runs one GEMM per sample straight on its
+/// input planes, even where [`batched`] would join samples: planes of at least two 16-lane
+/// vectors that fill their vectors to 90% or more. [`sgemm`](super::sgemm) does not pack,
+/// so such products are as fast per sample as joined, and the joined path's two copies (the
+/// planes into the column matrix, the result back to NCHW) go. Inference, alternating
+/// builds: b64 32x32 MobileNet V2 2,685 -> 2,763 images/s, ShuffleNet V2 1,854 -> 1,966. Planes
+/// that leave a vector mostly empty stay joined: 16 values (4x4) lost 7-12% per sample, and
+/// 36 (6x6, three vectors for 2.25 of work) slowed MobileNet V2 at 96x96.
+fn direct_per_sample(d: &Dims) -> bool {
+    d.direct && d.p >= 32 && d.p * 10 >= d.p.next_multiple_of(16) * 9
+}
 
 /// Whether a convolution runs several samples per GEMM: a dense one whose output planes are
 /// small, so that one sample's GEMM would have only a few columns.

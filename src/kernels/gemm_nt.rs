@@ -51,19 +51,7 @@ pub(crate) fn gemm_nt(
     threads: usize,
 ) {
     assert!(available(), "gemm_nt needs AVX-512");
-    if m == 0 || n == 0 {
-        return;
-    }
-    assert!(
-        ldc >= n && (m - 1) * ldc + n <= c.len(),
-        "gemm_nt: C too short"
-    );
-    if k == 0 {
-        if !accumulate {
-            for row in c.chunks_mut(ldc).take(m) {
-                row[..n].fill(0.0);
-            }
-        }
+    if !super::sgemm::has_work("gemm_nt", (m, n, k), c, ldc, accumulate) {
         return;
     }
     assert!(

@@ -65,19 +65,7 @@ pub(crate) fn sgemm(
     threads: usize,
 ) {
     assert!(available(), "sgemm needs AVX-512");
-    if m == 0 || n == 0 {
-        return;
-    }
-    assert!(
-        ldc >= n && (m - 1) * ldc + n <= c.len(),
-        "sgemm: C too short"
-    );
-    if k == 0 {
-        if !accumulate {
-            for row in c.chunks_mut(ldc).take(m) {
-                row[..n].fill(0.0);
-            }
-        }
+    if !has_work("sgemm", (m, n, k), c, ldc, accumulate) {
         return;
     }
     assert!(
@@ -107,6 +95,35 @@ pub(crate) fn sgemm(
     } else {
         team::run_parts(panels, threads, run);
     }
+}
+
+/// Checks that `C` (m rows of n values, `ldc` apart) fits in `c` and settles the products
+/// with nothing to multiply: none when `m` or `n` is 0; with `k` = 0, `C = 0` (or, with
+/// `accumulate`, `C` unchanged). Returns whether a product remains to compute. Shared by
+/// this kernel and [`gemm_nt`](super::gemm_nt).
+pub(super) fn has_work(
+    who: &str,
+    (m, n, k): (usize, usize, usize),
+    c: &mut [f32],
+    ldc: usize,
+    accumulate: bool,
+) -> bool {
+    if m == 0 || n == 0 {
+        return false;
+    }
+    assert!(
+        ldc >= n && (m - 1) * ldc + n <= c.len(),
+        "{who}: C too short"
+    );
+    if k == 0 {
+        if !accumulate {
+            for row in c.chunks_mut(ldc).take(m) {
+                row[..n].fill(0.0);
+            }
+        }
+        return false;
+    }
+    true
 }
 
 #[cfg(target_arch = "x86_64")]
