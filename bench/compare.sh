@@ -55,48 +55,30 @@ PYTHON=${PYTHON:-python3}
 SLIMCANDLE=${SLIMCANDLE:-target/release/slimcandle}
 case "$AGG" in median|best) ;; *) echo "AGG must be median or best, not '$AGG'" >&2; exit 2 ;; esac
 
-# mode | batch | size | stem | model label | arch options (same for slimcandle and PyTorch)
-ALL_CONFIGS=(
-    "train|64|32|cifar|mobilenet_v2|--arch mobilenet_v2"
-    "train|64|32|cifar|mobilenet_v3_small|--arch mobilenet_v3_small"
-    "train|64|32|cifar|shufflenet_v2_x1_0|--arch shufflenet_v2 --width 1.0"
-    "train|64|32|cifar|shufflenet_v1_g3|--arch shufflenet_v1 --groups 3 --width 1.0"
-    "train|64|32|cifar|squeezenet1_1|--arch squeezenet1_1"
-    "train|64|32|cifar|mobilenet_v1_w0_5|--arch mobilenet_v1 --width 0.5"
-    # Torchvision's architectures at 96x96, batch 32 (issue #15: the speed must carry over to other sizes).
-    "train|32|96|imagenet|mobilenet_v2|--arch mobilenet_v2"
-    "train|32|96|imagenet|mobilenet_v3_small|--arch mobilenet_v3_small"
-    "train|32|96|imagenet|shufflenet_v2_x1_0|--arch shufflenet_v2 --width 1.0"
-    "train|32|96|imagenet|shufflenet_v1_g3|--arch shufflenet_v1 --groups 3 --width 1.0"
-    "train|32|96|imagenet|squeezenet1_1|--arch squeezenet1_1"
-    "train|32|96|imagenet|mobilenet_v1_w0_5|--arch mobilenet_v1 --width 0.5"
-    "infer|64|32|cifar|mobilenet_v2|--arch mobilenet_v2"
-    "infer|64|32|cifar|mobilenet_v3_small|--arch mobilenet_v3_small"
-    "infer|64|32|cifar|shufflenet_v2_x1_0|--arch shufflenet_v2 --width 1.0"
-    "infer|64|32|cifar|shufflenet_v1_g3|--arch shufflenet_v1 --groups 3 --width 1.0"
-    "infer|64|32|cifar|squeezenet1_1|--arch squeezenet1_1"
-    "infer|64|32|cifar|mobilenet_v1_w0_5|--arch mobilenet_v1 --width 0.5"
-    "infer|32|96|imagenet|mobilenet_v2|--arch mobilenet_v2"
-    "infer|32|96|imagenet|mobilenet_v3_small|--arch mobilenet_v3_small"
-    "infer|32|96|imagenet|shufflenet_v2_x1_0|--arch shufflenet_v2 --width 1.0"
-    "infer|32|96|imagenet|shufflenet_v1_g3|--arch shufflenet_v1 --groups 3 --width 1.0"
-    "infer|32|96|imagenet|squeezenet1_1|--arch squeezenet1_1"
-    "infer|32|96|imagenet|mobilenet_v1_w0_5|--arch mobilenet_v1 --width 0.5"
-    "infer|8|224|imagenet|mobilenet_v2|--arch mobilenet_v2"
-    "infer|8|224|imagenet|mobilenet_v3_small|--arch mobilenet_v3_small"
-    "infer|8|224|imagenet|shufflenet_v2_x1_0|--arch shufflenet_v2 --width 1.0"
-    "infer|8|224|imagenet|shufflenet_v1_g3|--arch shufflenet_v1 --groups 3 --width 1.0"
-    "infer|8|224|imagenet|squeezenet1_1|--arch squeezenet1_1"
-    "infer|8|224|imagenet|mobilenet_v1_w0_5|--arch mobilenet_v1 --width 0.5"
-    # The issue's figures for this one: PyTorch ~830 images/s, onnxruntime ~2,900.
-    "infer|500|32|cifar|mobilenet_v2|--arch mobilenet_v2"
+# The six families: model label | arch options (same for slimcandle and PyTorch).
+FAMILIES=(
+    "mobilenet_v2|--arch mobilenet_v2"
+    "mobilenet_v3_small|--arch mobilenet_v3_small"
+    "shufflenet_v2_x1_0|--arch shufflenet_v2 --width 1.0"
+    "shufflenet_v1_g3|--arch shufflenet_v1 --groups 3 --width 1.0"
+    "squeezenet1_1|--arch squeezenet1_1"
+    "mobilenet_v1_w0_5|--arch mobilenet_v1 --width 0.5"
 )
+# mode | batch | size | stem | model label | arch options, one block of the six families per
+# setting. 96x96 batch 32 is torchvision's architectures at another size (issue #15: the
+# speed must carry over to other sizes).
+ALL_CONFIGS=()
+for setting in "train|64|32|cifar" "train|32|96|imagenet" "infer|64|32|cifar" \
+               "infer|32|96|imagenet" "infer|8|224|imagenet"; do
+    for m in "${FAMILIES[@]}"; do
+        ALL_CONFIGS+=("$setting|$m")
+    done
+done
+# The issue's figures for this one: PyTorch ~830 images/s, onnxruntime ~2,900.
+ALL_CONFIGS+=("infer|500|32|cifar|mobilenet_v2|--arch mobilenet_v2")
 # The latency rows: one image at a time (eval mode), LAT_ITERS timed after LAT_WARMUP, median
 # and 95th percentile of the per-image times; label "latency NAME STEM b1 SxS".
-for m in "mobilenet_v2|--arch mobilenet_v2" "mobilenet_v3_small|--arch mobilenet_v3_small" \
-         "shufflenet_v2_x1_0|--arch shufflenet_v2 --width 1.0" \
-         "shufflenet_v1_g3|--arch shufflenet_v1 --groups 3 --width 1.0" \
-         "squeezenet1_1|--arch squeezenet1_1" "mobilenet_v1_w0_5|--arch mobilenet_v1 --width 0.5"; do
+for m in "${FAMILIES[@]}"; do
     ALL_CONFIGS+=("latency|1|224|imagenet|$m" "latency|1|32|cifar|$m")
 done
 LAT_ITERS=${LAT_ITERS:-100}
