@@ -27,8 +27,8 @@ pub fn reuse_freed_memory() -> bool {
     }
 }
 
-/// From this many values on, [`zeroed`] fills over the rayon pool (1 MB: below that the
-/// fork-join costs more than the fill).
+/// From this many values on, [`zeroed`] fills over the rayon pool (1 MB; not tuned: small
+/// buffers are not worth a fork-join).
 const PARALLEL_FILL_FROM: usize = 1 << 18;
 
 /// A zero-filled buffer of `len` values (`T::default()`, zero for the numbers the kernels

@@ -106,11 +106,7 @@ pub(crate) fn matmul(dst: MatMut, accumulate: bool, a: MatRef, b: MatRef, par: P
         return;
     }
     if b.cs == 1 && sgemm::available() && sgemm::worthwhile(n) {
-        let threads = match par {
-            Parallelism::Rayon(0) => rayon::current_num_threads(),
-            Parallelism::Rayon(t) => t,
-            _ => 1,
-        };
+        let threads = threads_of(par);
         sgemm::sgemm(
             (m, n, k),
             a.data,
@@ -166,12 +162,8 @@ pub(crate) fn matmul_bt(dst: MatMut, accumulate: bool, a: MatRef, b: MatRef, par
         b.rows,
         b.cols
     );
-    if a.cs == 1 && b.cs == 1 && m > 0 && n > 0 && k > 0 && super::gemm_nt::available() {
-        let threads = match par {
-            Parallelism::Rayon(0) => rayon::current_num_threads(),
-            Parallelism::Rayon(t) => t,
-            _ => 1,
-        };
+    if a.cs == 1 && b.cs == 1 && super::gemm_nt::available() {
+        let threads = threads_of(par);
         super::gemm_nt::gemm_nt(
             (m, n, k),
             a.data,
@@ -186,6 +178,16 @@ pub(crate) fn matmul_bt(dst: MatMut, accumulate: bool, a: MatRef, b: MatRef, par
         return;
     }
     matmul(dst, accumulate, a, b.t(), par);
+}
+
+/// The threads a `Parallelism` asks our kernels for (they split over the spinning team, not
+/// through the `gemm` crate's rayon parallelism).
+fn threads_of(par: Parallelism) -> usize {
+    match par {
+        Parallelism::Rayon(0) => rayon::current_num_threads(),
+        Parallelism::Rayon(t) => t,
+        _ => 1,
+    }
 }
 
 /// Rayon parallelism for one large product, none inside an already parallel loop.

@@ -18,7 +18,7 @@
 //! while the 16 vectors of each step stream in), and within a block the rows of `A` in runs
 //! of [`MC`] (about 256 KB) that every 4 rows of `B` pass over.
 
-use super::cpu::SharedMut;
+use super::{cpu::SharedMut, team};
 
 /// Rows of `A` (and of `C`) per tile.
 const TR: usize = 4;
@@ -36,7 +36,7 @@ pub(crate) fn available() -> bool {
 
 /// `C = A B^T`, or with `accumulate` `C += A B^T`. Row `i` of `A` is `a[i * lda..][..k]`,
 /// row `j` of `B` is `b[j * ldb..][..k]`, row `i` of `C` is `c[i * ldc..][..n]`. `threads` > 1
-/// splits the rows of `C` over the rayon pool. Panics if an operand is too short or the CPU
+/// splits the rows of `C` over the spinning team (`team.rs`). Panics if an operand is too short or the CPU
 /// lacks AVX-512.
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn gemm_nt(
@@ -79,16 +79,12 @@ pub(crate) fn gemm_nt(
             )
         }
     };
-    // Whole tiles of rows per thread; too few rows for that run on one thread.
-    let per_thread = m.div_ceil(threads.max(1)).next_multiple_of(TR);
-    if threads <= 1 || per_thread >= m {
+    // Whole tiles of rows per thread, on the spinning team as `sgemm`'s panels.
+    let tiles = m.div_ceil(TR);
+    if threads <= 1 {
         run(0..m);
     } else {
-        use rayon::prelude::*;
-        let starts: Vec<usize> = (0..m).step_by(per_thread).collect();
-        starts
-            .into_par_iter()
-            .for_each(|i0| run(i0..(i0 + per_thread).min(m)));
+        team::run_parts(tiles, threads, &|t| run(t.start * TR..(t.end * TR).min(m)));
     }
 }
 
