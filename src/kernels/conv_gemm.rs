@@ -16,6 +16,7 @@
 use super::alloc::zeroed;
 use super::{
     conv::{ConvGeom, conv_backward},
+    conv_implicit::{self, Taps},
     cpu::{SharedMut, f32_slice},
     gemm::{MatMut, MatRef, Parallelism, matmul, matmul_bt, parallelism},
     im2col::{col2im, col2im_strided, im2col, im2col_strided},
@@ -109,10 +110,22 @@ pub(crate) fn forward_into(
         forward_batched(g, &d, x, w, y, parallel, post);
         return;
     }
+    // A k x k convolution whose output rows are wide enough reads its taps in place.
+    let implicit = if d.direct { None } else { Taps::of(g) };
+    let scratch_len = implicit.as_ref().map_or(d.cols_len(), Taps::scratch_len);
     let sample = |n: usize, yn: &mut [f32], cols: &mut [f32], par: Parallelism| {
         let xn = &x[n * x_sample..(n + 1) * x_sample];
         for gi in 0..g.groups {
             let xg = &xn[gi * d.cig * d.hw..(gi + 1) * d.cig * d.hw];
+            let wg = &w[gi * d.cog * d.kdim..(gi + 1) * d.cog * d.kdim];
+            let block = &mut yn[gi * d.cog * d.p..(gi + 1) * d.cog * d.p];
+            if let Some(layout) = &implicit {
+                let on_team = matches!(par, Parallelism::Rayon(_));
+                conv_implicit::forward_group(layout, xg, wg, block, cols, on_team, &|r0, part| {
+                    post(n, gi * d.cog + r0, part)
+                });
+                continue;
+            }
             let b = if d.direct {
                 MatRef::rows(xg, d.kdim, d.p)
             } else {
@@ -123,8 +136,6 @@ pub(crate) fn forward_into(
                 }
                 MatRef::rows(cols, d.kdim, d.p)
             };
-            let wg = &w[gi * d.cog * d.kdim..(gi + 1) * d.cog * d.kdim];
-            let block = &mut yn[gi * d.cog * d.p..(gi + 1) * d.cog * d.p];
             if let Parallelism::Rayon(_) = par {
                 rows_on_team(wg, b, block, &|r0, part| post(n, gi * d.cog + r0, part));
             } else {
@@ -136,7 +147,7 @@ pub(crate) fn forward_into(
     };
     if parallel && batch_parallel(g.n) {
         y.par_chunks_mut(y_sample).enumerate().for_each(|(n, yn)| {
-            with_scratch(d.cols_len(), |cols| sample(n, yn, cols, Parallelism::None))
+            with_scratch(scratch_len, |cols| sample(n, yn, cols, Parallelism::None))
         });
     } else {
         let par = if parallel {
@@ -144,7 +155,7 @@ pub(crate) fn forward_into(
         } else {
             Parallelism::None
         };
-        with_scratch(d.cols_len(), |cols| {
+        with_scratch(scratch_len, |cols| {
             for (n, yn) in y.chunks_mut(y_sample).enumerate() {
                 sample(n, yn, cols, par);
             }

@@ -34,6 +34,7 @@ pub(crate) mod batch_norm;
 mod bias;
 pub(crate) mod conv;
 pub(crate) mod conv_gemm;
+mod conv_implicit;
 pub(crate) mod cpu;
 pub(crate) mod depthwise;
 mod depthwise_small;

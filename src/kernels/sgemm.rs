@@ -54,11 +54,48 @@ pub(crate) fn worthwhile(n: usize) -> bool {
 /// the team of spinning threads. Panics if an operand is too short or the CPU lacks AVX-512.
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn sgemm(
+    shape: (usize, usize, usize),
+    a: &[f32],
+    a_strides: (usize, usize),
+    b: &[f32],
+    ldb: usize,
+    c: &mut [f32],
+    ldc: usize,
+    accumulate: bool,
+    threads: usize,
+) {
+    sgemm_rows(
+        shape,
+        a,
+        a_strides,
+        b,
+        BRows::Strided(ldb),
+        c,
+        ldc,
+        accumulate,
+        threads,
+    );
+}
+
+/// Where each row of `B` starts in its buffer (the row's first of `n` contiguous values).
+#[derive(Clone, Copy)]
+pub(crate) enum BRows<'a> {
+    /// Row `p` at `p * ldb`: a row-major matrix.
+    Strided(usize),
+    /// Row `p` at `offsets[p]`: rows that are shifted, overlapping views of one buffer, as an
+    /// implicit-GEMM convolution's taps over its padded input
+    /// ([`conv_implicit`](super::conv_implicit)), which then needs no column matrix.
+    At(&'a [usize]),
+}
+
+/// [`sgemm`] with `B`'s rows wherever `rows` says (see [`BRows`]).
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn sgemm_rows(
     (m, n, k): (usize, usize, usize),
     a: &[f32],
     (a_rs, a_cs): (usize, usize),
     b: &[f32],
-    ldb: usize,
+    rows: BRows,
     c: &mut [f32],
     ldc: usize,
     accumulate: bool,
@@ -72,22 +109,32 @@ pub(crate) fn sgemm(
         (m - 1) * a_rs + (k - 1) * a_cs < a.len(),
         "sgemm: A too short"
     );
-    assert!((k - 1) * ldb + n <= b.len(), "sgemm: B too short");
+    let last_row = match rows {
+        BRows::Strided(ldb) => (k - 1) * ldb,
+        BRows::At(offsets) => {
+            assert!(offsets.len() >= k, "sgemm: fewer row offsets than K");
+            offsets[..k].iter().copied().max().unwrap_or(0)
+        }
+    };
+    assert!(last_row + n <= b.len(), "sgemm: B too short");
     let panels = n.div_ceil(NR);
     let c_shared = SharedMut::new(c);
     let run = &|panels: std::ops::Range<usize>| {
+        let (a, c) = ((a, a_rs, a_cs), (c_shared.as_ptr(), ldc));
         // SAFETY: every tile reads `A` and `k` rows of `B` within the checked bounds and
         // writes rows < m and columns < n of `C` (checked above); tasks take disjoint
         // panels, so no two write the same element, and `c` outlives them.
         unsafe {
-            x86::panels(
-                (m, n, k),
-                (a, a_rs, a_cs),
-                (b, ldb),
-                (c_shared.as_ptr(), ldc),
-                accumulate,
-                panels,
-            )
+            match rows {
+                BRows::Strided(ldb) => {
+                    let b = x86::Strided(b.as_ptr(), ldb);
+                    x86::panels((m, n, k), a, b, c, accumulate, panels)
+                }
+                BRows::At(offsets) => {
+                    let b = x86::Table(b.as_ptr(), offsets.as_ptr());
+                    x86::panels((m, n, k), a, b, c, accumulate, panels)
+                }
+            }
         }
     };
     if threads <= 1 {
@@ -131,17 +178,62 @@ mod x86 {
     use super::{MR, NR};
     use std::arch::x86_64::*;
 
+    /// How a tile finds row `p` of `B` (from the panel's first column): monomorphised, so
+    /// the strided case compiles to the pointer step it always was.
+    pub(super) trait RowAt: Copy {
+        /// Row `p`'s first value.
+        ///
+        /// # Safety
+        /// `p < k`, and the row within `B` (checked by the caller).
+        unsafe fn at(self, p: usize) -> *const f32;
+        /// The same rows, `j` columns further on.
+        ///
+        /// # Safety
+        /// Column `j` within every row.
+        unsafe fn at_column(self, j: usize) -> Self;
+    }
+
+    /// Row `p` at `base + p * ldb`.
+    #[derive(Clone, Copy)]
+    pub(super) struct Strided(pub *const f32, pub usize);
+
+    /// Row `p` at `base + offsets[p]`.
+    #[derive(Clone, Copy)]
+    pub(super) struct Table(pub *const f32, pub *const usize);
+
+    impl RowAt for Strided {
+        #[inline(always)]
+        unsafe fn at(self, p: usize) -> *const f32 {
+            unsafe { self.0.add(p * self.1) }
+        }
+        #[inline(always)]
+        unsafe fn at_column(self, j: usize) -> Self {
+            Strided(unsafe { self.0.add(j) }, self.1)
+        }
+    }
+
+    impl RowAt for Table {
+        #[inline(always)]
+        unsafe fn at(self, p: usize) -> *const f32 {
+            unsafe { self.0.add(*self.1.add(p)) }
+        }
+        #[inline(always)]
+        unsafe fn at_column(self, j: usize) -> Self {
+            Table(unsafe { self.0.add(j) }, self.1)
+        }
+    }
+
     /// Runs the column panels `panels` of the product (see `sgemm` for the operands).
     ///
     /// # Safety
     /// AVX-512F must be present; `a` holds the `m x k` matrix at strides `(rs, cs)`, `b`
-    /// holds `k` rows of `n` values at stride `ldb`, and `c` rows of `n` writable values at
+    /// finds `k` rows of `n` readable values, and `c` has rows of `n` writable values at
     /// stride `ldc` for `m` rows.
     #[target_feature(enable = "avx512f")]
-    pub(super) unsafe fn panels(
+    pub(super) unsafe fn panels<B: RowAt>(
         (m, n, k): (usize, usize, usize),
         (a, rs, cs): (&[f32], usize, usize),
-        (b, ldb): (&[f32], usize),
+        b: B,
         (c, ldc): (*mut f32, usize),
         accumulate: bool,
         panels: std::ops::Range<usize>,
@@ -157,7 +249,7 @@ mod x86 {
             } else {
                 (1u16 << last) - 1
             };
-            let bp = unsafe { b.as_ptr().add(j0) };
+            let bp = unsafe { b.at_column(j0) };
             for i0 in (0..m).step_by(MR) {
                 let rows = MR.min(m - i0);
                 let ap = unsafe { a.as_ptr().add(i0 * rs) };
@@ -167,20 +259,14 @@ mod x86 {
                 // The first row block of a panel prefetches the next panel's rows of `B`.
                 unsafe {
                     match (rows, cols > 16, i0 == 0) {
-                        (12, true, true) => tile::<12, 2, true>(k, a, bp, ldb, cp, ldc, mask, acc),
-                        (12, true, false) => {
-                            tile::<12, 2, false>(k, a, bp, ldb, cp, ldc, mask, acc)
-                        }
-                        (12, false, true) => tile::<12, 1, true>(k, a, bp, ldb, cp, ldc, mask, acc),
-                        (12, false, false) => {
-                            tile::<12, 1, false>(k, a, bp, ldb, cp, ldc, mask, acc)
-                        }
-                        (r, true, true) => short::<2, true>(r, k, a, bp, ldb, cp, ldc, mask, acc),
-                        (r, true, false) => short::<2, false>(r, k, a, bp, ldb, cp, ldc, mask, acc),
-                        (r, false, true) => short::<1, true>(r, k, a, bp, ldb, cp, ldc, mask, acc),
-                        (r, false, false) => {
-                            short::<1, false>(r, k, a, bp, ldb, cp, ldc, mask, acc)
-                        }
+                        (12, true, true) => tile::<12, 2, true, _>(k, a, bp, cp, ldc, mask, acc),
+                        (12, true, false) => tile::<12, 2, false, _>(k, a, bp, cp, ldc, mask, acc),
+                        (12, false, true) => tile::<12, 1, true, _>(k, a, bp, cp, ldc, mask, acc),
+                        (12, false, false) => tile::<12, 1, false, _>(k, a, bp, cp, ldc, mask, acc),
+                        (r, true, true) => short::<2, true, _>(r, k, a, bp, cp, ldc, mask, acc),
+                        (r, true, false) => short::<2, false, _>(r, k, a, bp, cp, ldc, mask, acc),
+                        (r, false, true) => short::<1, true, _>(r, k, a, bp, cp, ldc, mask, acc),
+                        (r, false, false) => short::<1, false, _>(r, k, a, bp, cp, ldc, mask, acc),
                     }
                 }
             }
@@ -191,12 +277,11 @@ mod x86 {
     #[allow(clippy::too_many_arguments)]
     #[target_feature(enable = "avx512f")]
     #[inline]
-    unsafe fn short<const V: usize, const PF: bool>(
+    unsafe fn short<const V: usize, const PF: bool, B: RowAt>(
         rows: usize,
         k: usize,
         a: (*const f32, usize, usize),
-        bp: *const f32,
-        ldb: usize,
+        bp: B,
         cp: *mut f32,
         ldc: usize,
         mask: __mmask16,
@@ -204,17 +289,17 @@ mod x86 {
     ) {
         unsafe {
             match rows {
-                1 => tile::<1, V, PF>(k, a, bp, ldb, cp, ldc, mask, acc),
-                2 => tile::<2, V, PF>(k, a, bp, ldb, cp, ldc, mask, acc),
-                3 => tile::<3, V, PF>(k, a, bp, ldb, cp, ldc, mask, acc),
-                4 => tile::<4, V, PF>(k, a, bp, ldb, cp, ldc, mask, acc),
-                5 => tile::<5, V, PF>(k, a, bp, ldb, cp, ldc, mask, acc),
-                6 => tile::<6, V, PF>(k, a, bp, ldb, cp, ldc, mask, acc),
-                7 => tile::<7, V, PF>(k, a, bp, ldb, cp, ldc, mask, acc),
-                8 => tile::<8, V, PF>(k, a, bp, ldb, cp, ldc, mask, acc),
-                9 => tile::<9, V, PF>(k, a, bp, ldb, cp, ldc, mask, acc),
-                10 => tile::<10, V, PF>(k, a, bp, ldb, cp, ldc, mask, acc),
-                11 => tile::<11, V, PF>(k, a, bp, ldb, cp, ldc, mask, acc),
+                1 => tile::<1, V, PF, _>(k, a, bp, cp, ldc, mask, acc),
+                2 => tile::<2, V, PF, _>(k, a, bp, cp, ldc, mask, acc),
+                3 => tile::<3, V, PF, _>(k, a, bp, cp, ldc, mask, acc),
+                4 => tile::<4, V, PF, _>(k, a, bp, cp, ldc, mask, acc),
+                5 => tile::<5, V, PF, _>(k, a, bp, cp, ldc, mask, acc),
+                6 => tile::<6, V, PF, _>(k, a, bp, cp, ldc, mask, acc),
+                7 => tile::<7, V, PF, _>(k, a, bp, cp, ldc, mask, acc),
+                8 => tile::<8, V, PF, _>(k, a, bp, cp, ldc, mask, acc),
+                9 => tile::<9, V, PF, _>(k, a, bp, cp, ldc, mask, acc),
+                10 => tile::<10, V, PF, _>(k, a, bp, cp, ldc, mask, acc),
+                11 => tile::<11, V, PF, _>(k, a, bp, cp, ldc, mask, acc),
                 _ => unreachable!("row blocks have 1 to MR rows"),
             }
         }
@@ -230,11 +315,10 @@ mod x86 {
     #[allow(clippy::too_many_arguments)]
     #[target_feature(enable = "avx512f")]
     #[inline]
-    unsafe fn tile<const R: usize, const V: usize, const PF: bool>(
+    unsafe fn tile<const R: usize, const V: usize, const PF: bool, B: RowAt>(
         k: usize,
         (ap, rs, cs): (*const f32, usize, usize),
-        bp: *const f32,
-        ldb: usize,
+        b: B,
         cp: *mut f32,
         ldc: usize,
         mask: __mmask16,
@@ -242,8 +326,9 @@ mod x86 {
     ) {
         unsafe {
             let mut sum = [[_mm512_setzero_ps(); V]; R];
-            let (mut ap, mut bp) = (ap, bp);
-            for _ in 0..k {
+            let mut ap = ap;
+            for p in 0..k {
+                let bp = b.at(p);
                 let mut bv = [_mm512_setzero_ps(); V];
                 for (v, vec) in bv.iter_mut().enumerate() {
                     *vec = if v + 1 == V {
@@ -265,7 +350,6 @@ mod x86 {
                     _mm_prefetch::<_MM_HINT_T0>(bp.add(NR + 16) as *const i8);
                 }
                 ap = ap.add(cs);
-                bp = bp.add(ldb);
             }
             for (r, row) in sum.iter().enumerate() {
                 let out = cp.add(r * ldc);
@@ -294,10 +378,13 @@ mod x86 {
 
 #[cfg(not(target_arch = "x86_64"))]
 mod x86 {
-    pub(super) unsafe fn panels(
+    pub(super) struct Strided(pub *const f32, pub usize);
+    pub(super) struct Table(pub *const f32, pub *const usize);
+
+    pub(super) unsafe fn panels<B>(
         _: (usize, usize, usize),
         _: (&[f32], usize, usize),
-        _: (&[f32], usize),
+        _: B,
         _: (*mut f32, usize),
         _: bool,
         _: std::ops::Range<usize>,
@@ -402,6 +489,30 @@ mod tests {
         sgemm((13, 40, 1), &a, (1, 1), &b, 0, &mut ours, 40, false, 2);
         reference((13, 40, 1), &a, (1, 1), &b, 0, &mut want, 40, false);
         assert_eq!(ours, want);
+    }
+
+    /// Rows of `B` at arbitrary, overlapping offsets of one buffer equal the same rows
+    /// copied out into a row-major matrix.
+    #[test]
+    fn rows_at_offsets_match_the_copied_rows() {
+        if !available() {
+            eprintln!("skipped: this CPU has no AVX-512");
+            return;
+        }
+        for &(m, n, k) in &[(13, 50, 9), (5, 17, 27), (24, 100, 4), (1, 16, 1)] {
+            let buf = Rng::new(6).normals(n + 40);
+            let offsets: Vec<usize> = (0..k).map(|p| (p * 7 + p * p) % 41).collect();
+            let mut copied = vec![0f32; k * n];
+            for (p, &off) in offsets.iter().enumerate() {
+                copied[p * n..(p + 1) * n].copy_from_slice(&buf[off..off + n]);
+            }
+            let a = Rng::new(7).normals(m * k);
+            let (mut ours, mut want) = (vec![0f32; m * n], vec![0f32; m * n]);
+            let rows = BRows::At(&offsets);
+            sgemm_rows((m, n, k), &a, (k, 1), &buf, rows, &mut ours, n, false, 2);
+            sgemm((m, n, k), &a, (k, 1), &copied, n, &mut want, n, false, 1);
+            assert_eq!(ours, want, "m {m} n {n} k {k}");
+        }
     }
 
     #[test]
