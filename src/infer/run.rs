@@ -58,6 +58,9 @@ struct Values<'a> {
     x: &'a [f32],
     vals: Vec<Option<Buf>>,
     uses: Vec<usize>,
+    /// Per value: written in place into its concatenation's output ([`placements`]), so it
+    /// has no buffer of its own and the concatenation does not copy it.
+    placed: Vec<bool>,
     pool: &'a mut Vec<Vec<f32>>,
 }
 
@@ -141,25 +144,52 @@ pub(crate) fn steps(
     {
         uses[v] += 1;
     }
+    let places = placements(plan, steps, &uses, n);
+    let mut placed = vec![false; plan.dims.len()];
+    for (step, place) in steps.iter().zip(&places) {
+        placed[step.out] = place.is_some();
+    }
     let mut values = Values {
         x,
         vals: (0..plan.dims.len()).map(|_| None).collect(),
         uses,
+        placed,
         pool,
     };
     for (v, buf) in given {
         values.vals[v] = Some(Buf::whole(buf));
     }
     let profiling = crate::profile::enabled();
-    for step in steps {
+    for (step, place) in steps.iter().zip(places) {
         let clock = profiling.then(std::time::Instant::now);
-        let y = run_step(plan, ws, step, &mut values, n, parallel)
-            .with_context(|| format!("eval step at node {}", step.node))?;
+        let y = match place {
+            Some((concat, offset)) => {
+                // The concatenation's output, allocated by the first of its placed inputs.
+                let mut out = match values.vals[concat].take() {
+                    Some(buf) => buf,
+                    None => values.alloc(n * plan.dims[concat].elements()),
+                };
+                let len = n * plan.dims[step.out].elements();
+                let done = conv(
+                    plan,
+                    ws,
+                    step,
+                    &values,
+                    n,
+                    parallel,
+                    &mut out[offset..][..len],
+                );
+                values.vals[concat] = Some(out);
+                done.map(|()| None)
+            }
+            None => run_step(plan, ws, step, &mut values, n, parallel).map(Some),
+        }
+        .with_context(|| format!("eval step at node {}", step.node))?;
         if let Some(start) = clock {
             crate::profile::record(&profile_label(plan, step), start.elapsed());
         }
         values.release(step);
-        values.vals[step.out] = Some(y);
+        values.vals[step.out] = y;
     }
     let out = export
         .iter()
@@ -171,6 +201,43 @@ pub(crate) fn steps(
     let rest: Vec<Vec<f32>> = values.vals.into_iter().flatten().map(|b| b.data).collect();
     values.pool.extend(rest);
     Ok(out)
+}
+
+/// Per step of `steps`: `Some((concatenation, offset))` where the step is a convolution whose
+/// output goes straight into a concatenation's output value, `offset` values in.
+///
+/// Why: SqueezeNet's fire modules concatenate two convolutions' outputs, and copying them
+/// was 6-7% of a batch-1 forward pass at 224x224. At batch 1 (`n` = 1) each input of a
+/// concatenation along channels is one contiguous run of its output, so the convolution
+/// can write there, epilogue included. With more samples each sample's run sits apart from
+/// the next (the other inputs' channels between them), and the copy stays. A convolution is
+/// placed when the concatenation, among these steps, is its output's only reader (`uses`,
+/// the reads counted over these steps and the exported values, is 1).
+fn placements(
+    plan: &Plan,
+    steps: &[Step],
+    uses: &[usize],
+    n: usize,
+) -> Vec<Option<(NodeId, usize)>> {
+    let mut places = vec![None; steps.len()];
+    if n != 1 {
+        return places;
+    }
+    for concat in steps.iter().filter(|s| matches!(s.kind, StepKind::Concat)) {
+        let mut offset = 0;
+        for &v in &concat.inputs {
+            let producer = steps.iter().position(|s| s.out == v);
+            if let Some(i) = producer
+                && v != 0
+                && uses[v] == 1
+                && matches!(steps[i].kind, StepKind::Conv { .. })
+            {
+                places[i] = Some((concat.out, offset));
+            }
+            offset += plan.dims[v].elements();
+        }
+    }
+    places
 }
 
 fn epilogue<'a>(plan: &'a Plan, ws: &[&'a [f32]], spec: &EpiSpec) -> Epilogue<'a> {
@@ -189,6 +256,59 @@ fn epilogue<'a>(plan: &'a Plan, ws: &[&'a [f32]], spec: &EpiSpec) -> Epilogue<'a
     }
 }
 
+/// A convolution step (with its fused epilogue) into `y`, its `n` samples' output: a fresh
+/// buffer, or the step's place in its concatenation's output ([`placements`]).
+fn conv(
+    plan: &Plan,
+    ws: &[&[f32]],
+    step: &Step,
+    values: &Values,
+    n: usize,
+    parallel: bool,
+    y: &mut [f32],
+) -> Result<()> {
+    let StepKind::Conv {
+        weight,
+        kernel,
+        stride,
+        padding,
+        dilation,
+        groups,
+        epi,
+    } = &step.kind
+    else {
+        unreachable!("conv() runs convolution steps")
+    };
+    let din = plan.dims[step.inputs[0]];
+    let dout = plan.dims[step.out];
+    let p_out = dout.h * dout.w;
+    let g = ConvGeom::new(
+        &[n, din.c, din.h, din.w],
+        &[dout.c, din.c / groups, *kernel, *kernel],
+        *stride,
+        *padding,
+        *dilation,
+        *groups,
+    )?;
+    let x = values.get(step.inputs[0]);
+    let res = epi.residual.map(|r| values.get(r));
+    let e = epilogue(plan, ws, epi);
+    let (c_out, w) = (dout.c, ws[*weight]);
+    if depthwise::supports(&g) {
+        depthwise::forward_into(&g, x, w, y, parallel, &|i, planes| {
+            let r = res.map(|r| &r[i * p_out..i * p_out + planes.len()]);
+            e.apply(planes, i % c_out, p_out, r);
+        });
+    } else {
+        conv_gemm::forward_into(&g, x, w, y, parallel, &|s, c0, block| {
+            let start = (s * c_out + c0) * p_out;
+            let r = res.map(|r| &r[start..start + block.len()]);
+            e.apply(block, c0, p_out, r);
+        });
+    }
+    Ok(())
+}
+
 fn run_step(
     plan: &Plan,
     ws: &[&[f32]],
@@ -201,40 +321,9 @@ fn run_step(
     let dout = plan.dims[step.out];
     let (p_in, p_out) = (din.h * din.w, dout.h * dout.w);
     Ok(match &step.kind {
-        StepKind::Conv {
-            weight,
-            kernel,
-            stride,
-            padding,
-            dilation,
-            groups,
-            epi,
-        } => {
+        StepKind::Conv { .. } => {
             let mut y = values.alloc(n * dout.elements());
-            let g = ConvGeom::new(
-                &[n, din.c, din.h, din.w],
-                &[dout.c, din.c / groups, *kernel, *kernel],
-                *stride,
-                *padding,
-                *dilation,
-                *groups,
-            )?;
-            let x = values.get(step.inputs[0]);
-            let res = epi.residual.map(|r| values.get(r));
-            let e = epilogue(plan, ws, epi);
-            let (c_out, w) = (dout.c, ws[*weight]);
-            if depthwise::supports(&g) {
-                depthwise::forward_into(&g, x, w, &mut y, parallel, &|i, planes| {
-                    let r = res.map(|r| &r[i * p_out..i * p_out + planes.len()]);
-                    e.apply(planes, i % c_out, p_out, r);
-                });
-            } else {
-                conv_gemm::forward_into(&g, x, w, &mut y, parallel, &|s, c0, block| {
-                    let start = (s * c_out + c0) * p_out;
-                    let r = res.map(|r| &r[start..start + block.len()]);
-                    e.apply(block, c0, p_out, r);
-                });
-            }
+            conv(plan, ws, step, values, n, parallel, &mut y)?;
             y
         }
         StepKind::Linear { weight, epi } => {
@@ -332,16 +421,21 @@ fn run_step(
         }
         StepKind::Concat => {
             let total = dout.elements();
-            let mut y = values.alloc(n * total);
-            // Each input's values and where they start in a sample of the output.
+            // Already there when placed inputs wrote into it ([`placements`]).
+            let mut y = match values.vals[step.out].take() {
+                Some(buf) => buf,
+                None => values.alloc(n * total),
+            };
+            // Each input's values and where they start in a sample of the output, but for
+            // the placed ones, already in place.
             let mut offset = 0;
             let parts: Vec<(&[f32], usize)> = step
                 .inputs
                 .iter()
-                .map(|&v| {
+                .filter_map(|&v| {
                     let start = offset;
                     offset += plan.dims[v].elements();
-                    (values.get(v), start)
+                    (!values.placed[v]).then(|| (values.get(v), start))
                 })
                 .collect();
             let out = SharedMut::new(&mut y);
@@ -468,4 +562,38 @@ fn sum(v: &[f32]) -> f32 {
         }
     }
     lanes.iter().sum::<f32>() + rest
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::Model;
+    use crate::models::{ArchOptions, ArchSpec};
+
+    /// SqueezeNet's eight fire modules each concatenate two expand convolutions: at batch 1
+    /// both write in place (the logits are checked against Candle in tests/infer.rs); with
+    /// more samples none does.
+    #[test]
+    fn fire_modules_write_their_expands_in_place_at_batch_1() {
+        let options = ArchOptions {
+            num_classes: Some(10),
+            ..Default::default()
+        };
+        let spec = ArchSpec::parse("squeezenet1_1", &options).unwrap();
+        let model = Model::init(&spec, 1).unwrap();
+        let dims = model.graph.infer_shapes(64, 64).unwrap();
+        let plan = super::super::plan::build(&model.graph, &model.weights, dims)
+            .unwrap()
+            .unwrap();
+        let mut uses = vec![0; plan.dims.len()];
+        for v in plan.steps.iter().flat_map(Step::reads).chain([plan.output]) {
+            uses[v] += 1;
+        }
+        let placed = |n| {
+            let places = placements(&plan, &plan.steps, &uses, n);
+            places.into_iter().flatten().count()
+        };
+        assert_eq!(placed(1), 16);
+        assert_eq!(placed(2), 0);
+    }
 }
