@@ -8,6 +8,11 @@ The int8 rows (configs "int8 ..."; tools slimcandle_int8, ort_int8_quantize_stat
 ort_int8_ours, slimcandle_fp32, ort_fp32, each result with `images_per_s`) get a table of their
 own, followed by the largest peak RSS of any of their runs.
 
+The training rows (configs "train ...") also get a table of peak memory: each tool's peak RSS
+(`peak_memory`, bytes; the largest over the rounds, each run being its own process) and the
+ratio of PyTorch's to ours (above 1: slimcandle needs less). PyTorch's figure includes the
+Python interpreter and the torch libraries (a few hundred MiB before any tensor).
+
 The latency rows (configs "latency ...", batch 1) get a table of per-image times instead:
 the median and the 95th percentile (`ms_median`, `ms_p95`) of each tool, the median of the
 rounds' values, and the ratios of onnxruntime's, OpenVINO's and PyTorch's median to ours
@@ -46,6 +51,7 @@ def main() -> int:
     lat = {}  # (config, tool, "ms_median" | "ms_p95") -> [ms per round], latency rows
     errors = {}
     peaks = []  # (peak RSS bytes, config, tool) of the int8 rows' runs
+    train_peaks = {}  # (config, "slimcandle" | "pytorch") -> [peak RSS bytes per round]
     rounds = set()
     with open(args.raw) as f:
         for line in f:
@@ -72,7 +78,11 @@ def main() -> int:
                             lat.setdefault((cfg, tool, stat), []).append(r[prefix + stat])
             elif rec["tool"] == "slimcandle":
                 vals.setdefault((cfg, "slimcandle"), []).append(r["images_per_s"])
+                if cfg.startswith("train") and r.get("peak_memory") is not None:
+                    train_peaks.setdefault((cfg, "slimcandle"), []).append(r["peak_memory"])
             else:
+                if cfg.startswith("train") and r.get("peak_memory") is not None:
+                    train_peaks.setdefault((cfg, "pytorch"), []).append(r["peak_memory"])
                 if "images_per_s" in r:
                     vals.setdefault((cfg, "pytorch"), []).append(r["images_per_s"])
                 if "onnxruntime_images_per_s" in r:
@@ -113,6 +123,24 @@ def main() -> int:
                     if has_ov else "")
         print(f"| {cfg} | {fmt(s)} | {fmt(p)} | {ratio(s, p)} | "
               f"{fmt(o) if infer else ''} | {ratio(s, o) if infer else ''} |{ov_cells}")
+    train_configs = [c for c in float_configs
+                     if any((c, t) in train_peaks for t in ("slimcandle", "pytorch"))]
+    if train_configs:
+        print()
+        print("Training peak memory, MiB (peak RSS of the run's process, the largest over the "
+              "rounds; PyTorch's includes its interpreter and libraries; ratio > 1 means "
+              "slimcandle needs less)")
+        print()
+        print("| config | slimcandle MiB | PyTorch MiB | PyTorch/slimcandle |")
+        print("|---|---:|---:|---:|")
+
+    def peak_mib(cfg, tool):
+        v = train_peaks.get((cfg, tool))
+        return max(v) / 2**20 if v else None
+
+    for cfg in train_configs:
+        s, p = peak_mib(cfg, "slimcandle"), peak_mib(cfg, "pytorch")
+        print(f"| {cfg} | {fmt(s)} | {fmt(p)} | {ratio(p, s)} |")
     if int8_configs:
         if float_configs:
             print()
