@@ -8,7 +8,9 @@
 //! - weight gradient: `dW_g += dY_g cols^T`, summed over the batch
 //!
 //! A 1x1 stride-1 unpadded convolution needs no im2col at all: `cols` is the input itself, and
-//! `dcols` is the input gradient. A dense convolution of small output planes (up to 256
+//! `dcols` is the input gradient. On the per-sample path, a k x k forward whose output rows
+//! are wide enough reads its taps in place as an implicit GEMM
+//! ([`conv_implicit`](super::conv_implicit)), with no column matrix either. A dense convolution of small output planes (up to 256
 //! values) puts several samples side by side in one GEMM, forward and backward
 //! (`forward_batched`). Everything is one op per convolution (no chunk-and-concatenate). Samples run in parallel with single-threaded GEMMs when the batch
 //! has at least one sample per thread; otherwise each GEMM uses all threads.

@@ -31,18 +31,23 @@ use std::ops::Range;
 pub(crate) struct Taps {
     /// The stride: phase planes per channel are `s x s`.
     s: usize,
+    /// Zero padding on each side of the input plane.
     pad: usize,
-    /// Input channels and output channels of the group.
+    /// Input channels of the group.
     cig: usize,
+    /// Output channels of the group.
     cog: usize,
-    /// Input plane.
+    /// Input plane rows.
     h: usize,
+    /// Input plane columns.
     w: usize,
-    /// Output plane.
+    /// Output plane rows.
     ho: usize,
+    /// Output plane columns.
     wo: usize,
-    /// Rows and width of each phase plane.
+    /// Rows of each phase plane.
     hq: usize,
+    /// Width of each phase plane, and of the grid the product is computed on.
     wq: usize,
     /// Values of the phase planes of all the group's channels: `cig s s hq wq`.
     input_len: usize,
@@ -81,7 +86,22 @@ impl Taps {
             input_len: (g.c_in / g.groups) * s * s * hq * wq,
             offsets: Vec::new(),
         };
-        if wq * WASTE_DEN > g.wo * WASTE_NUM || !sgemm::worthwhile(layout.columns()) {
+        // Also where the im2col path's product would not be ours (fewer than a vector of
+        // output values per plane), so that the two paths give the same bits; and where
+        // some phase plane would be filled but never read (the taps' offsets `ky d` meet
+        // every residue mod `s` only when `gcd(d, s)` = 1 and `k` >= `s`).
+        let gcd = |mut a: usize, mut b: usize| {
+            while b != 0 {
+                (a, b) = (b, a % b);
+            }
+            a
+        };
+        let phases_unread = s > 1 && (gcd(d, s) > 1 || k < s);
+        if wq * WASTE_DEN > g.wo * WASTE_NUM
+            || !sgemm::worthwhile(g.ho * g.wo)
+            || !sgemm::worthwhile(layout.columns())
+            || phases_unread
+        {
             return None;
         }
         let plane = hq * wq;
@@ -295,6 +315,9 @@ mod tests {
             (8, 12, 13, 13, 3, 1, 1, 1),
             (2, 30, 20, 24, 2, 2, 0, 1),
             (7, 5, 19, 22, 4, 2, 3, 1),
+            // Padding as wide as the kernel; dilation 3 with stride 2.
+            (3, 6, 20, 20, 3, 1, 3, 1),
+            (4, 6, 30, 34, 3, 2, 2, 3),
         ];
         for &(c_in, c_out, h, w, k, stride, pad, dil) in &cases {
             let g =
@@ -352,6 +375,14 @@ mod tests {
         // 1x1: no taps to shift; 5x5 output planes: 7 / 5 of the work.
         assert!(Taps::of(&geom(9, 1, 1, 0)).is_none());
         assert!(Taps::of(&geom(5, 3, 1, 1)).is_none());
+        // A 3x5 output (15 values, 17 columns 6 wide): im2col's product would go to the
+        // gemm crate, so this one stays there too.
+        let g = ConvGeom::new(&[1, 8, 7, 11], &[8, 8, 3, 3], 2, 0, 1, 1).unwrap();
+        assert_eq!((g.ho, g.wo), (3, 5));
+        assert!(Taps::of(&g).is_none());
+        // Stride 2 with dilation 2: only one of the four phase planes would be read.
+        let g = ConvGeom::new(&[1, 8, 40, 40], &[8, 8, 3, 3], 2, 2, 2, 1).unwrap();
+        assert!(Taps::of(&g).is_none());
         if sgemm::available() {
             assert!(Taps::of(&geom(13, 3, 1, 1)).is_some());
         }

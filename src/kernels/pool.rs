@@ -957,6 +957,45 @@ mod tests {
         assert!(max_pool2d(&input(1, 1, 2, 2, 1), 3, 2, 0, false).is_err());
     }
 
+    /// The argmax-saving max pooling picks the input `Pool::argmax` picks (the first of the
+    /// window's maxima, row by row, or its first NaN) and returns its value, with zeros of
+    /// both signs, infinities and NaNs among the ties.
+    #[test]
+    fn argmax_pooling_picks_the_searched_input() {
+        let values = [0.0, -0.0, 1.0, -1.0, f32::NEG_INFINITY, f32::INFINITY, 0.5];
+        for (k, st, pad, ceil, h, w) in [
+            (3, 2, 0, true, 9, 8),
+            (3, 2, 1, false, 7, 19),
+            (3, 1, 1, false, 5, 6),
+            (2, 2, 0, false, 6, 5),
+        ] {
+            for seed in 0..4usize {
+                let mut x: Vec<f32> = (0..2 * h * w)
+                    .map(|i| values[(i * 7919 + seed * 31) % (values.len() - seed.min(2))])
+                    .collect();
+                if seed == 3 {
+                    x[7] = f32::NAN;
+                    x[h * w + 3] = -f32::NAN;
+                }
+                let p = geometry((2, 1, h, w), Kind::Max, k, st, pad, ceil).unwrap();
+                let n = 2 * p.oh * p.ow;
+                let (mut y, mut argmax) = (vec![0f32; n], vec![0u32; n]);
+                max_pool_with_argmax(k, st, pad, ceil, (h, w), &x, &mut y, &mut argmax).unwrap();
+                for (plane_i, plane) in x.chunks_exact(h * w).enumerate() {
+                    for oy in 0..p.oh {
+                        for ox in 0..p.ow {
+                            let (ys, xs, _) = p.window(oy, ox);
+                            let want = p.argmax(plane, ys, xs);
+                            let i = plane_i * p.oh * p.ow + oy * p.ow + ox;
+                            assert_eq!(argmax[i] as usize, want, "k{k} s{st} ({oy}, {ox})");
+                            assert_eq!(y[i].to_bits(), plane[want].to_bits());
+                        }
+                    }
+                }
+            }
+        }
+    }
+
     /// The train step's argmax-saving max pooling against the searching forward and
     /// backward, with ties (rounded inputs) and a NaN, for overlapping, padded and
     /// ceil-mode windows.

@@ -105,18 +105,20 @@ pub(crate) fn sgemm_rows(
     if !has_work("sgemm", (m, n, k), c, ldc, accumulate) {
         return;
     }
-    assert!(
-        (m - 1) * a_rs + (k - 1) * a_cs < a.len(),
-        "sgemm: A too short"
-    );
+    // Checked arithmetic: a wrapped sum would pass the checks that keep the kernel in bounds.
+    let a_end = ((m - 1).checked_mul(a_rs))
+        .zip((k - 1).checked_mul(a_cs))
+        .and_then(|(r, c)| r.checked_add(c));
+    assert!(a_end.is_some_and(|e| e < a.len()), "sgemm: A too short");
     let last_row = match rows {
-        BRows::Strided(ldb) => (k - 1) * ldb,
+        BRows::Strided(ldb) => (k - 1).checked_mul(ldb),
         BRows::At(offsets) => {
             assert!(offsets.len() >= k, "sgemm: fewer row offsets than K");
-            offsets[..k].iter().copied().max().unwrap_or(0)
+            offsets[..k].iter().copied().max()
         }
     };
-    assert!(last_row + n <= b.len(), "sgemm: B too short");
+    let b_end = last_row.and_then(|r| r.checked_add(n));
+    assert!(b_end.is_some_and(|e| e <= b.len()), "sgemm: B too short");
     let panels = n.div_ceil(NR);
     let c_shared = SharedMut::new(c);
     let run = &|panels: std::ops::Range<usize>| {
@@ -346,8 +348,10 @@ mod x86 {
                 if PF {
                     // The same row of the next panel, two cache lines (never faults, even
                     // past the end of `B`).
-                    _mm_prefetch::<_MM_HINT_T0>(bp.add(NR) as *const i8);
-                    _mm_prefetch::<_MM_HINT_T0>(bp.add(NR + 16) as *const i8);
+                    // (`wrapping_add`: the address may lie past `B`, which a prefetch may
+                    // name but `add` may not.)
+                    _mm_prefetch::<_MM_HINT_T0>(bp.wrapping_add(NR) as *const i8);
+                    _mm_prefetch::<_MM_HINT_T0>(bp.wrapping_add(NR + 16) as *const i8);
                 }
                 ap = ap.add(cs);
             }
