@@ -353,11 +353,48 @@ impl Pool {
         if self.kind == Kind::Max {
             return max_planes(self, x, y);
         }
-        for (o, plane) in y
-            .chunks_exact_mut(self.oh * self.ow)
-            .zip(x.chunks_exact(self.h * self.w))
-        {
-            self.plane(plane, o);
+        self.avg_planes(x, y);
+    }
+
+    /// Average pooling of whole f32 planes, separably: per output row, the sums down the
+    /// window's rows for every column (contiguous, vectorised), then across each window's
+    /// columns, divided by the window's area (padding counted, as `Pool::plane`; a window's
+    /// area is its rows' extent times its columns'). Why: the search per window was 15% of
+    /// ShuffleNet V1's batch-1 inference at 224x224 (its stride-2 units' 3x3 shortcut pools,
+    /// 0.30 ms a call to 14x14). The sums are in another order than `Pool::plane`'s (columns
+    /// of row sums), so the last bits may differ.
+    fn avg_planes(&self, x: &[f32], y: &mut [f32]) {
+        let (h, w, oh, ow) = (self.h, self.w, self.oh, self.ow);
+        let rows: Vec<(Range, usize)> = (0..oh)
+            .map(|oy| {
+                let (ys, _, _) = self.window(oy, 0);
+                let y0 = (oy * self.stride) as isize - self.padding as isize;
+                let y1 = (y0 + self.kernel as isize).min((h + self.padding) as isize);
+                (ys, (y1 - y0) as usize)
+            })
+            .collect();
+        let cols: Vec<(Range, usize)> = (0..ow)
+            .map(|ox| {
+                let (_, xs, _) = self.window(0, ox);
+                let x0 = (ox * self.stride) as isize - self.padding as isize;
+                let x1 = (x0 + self.kernel as isize).min((w + self.padding) as isize);
+                (xs, (x1 - x0) as usize)
+            })
+            .collect();
+        let mut sums = vec![0f32; w];
+        for (plane, out) in x.chunks_exact(h * w).zip(y.chunks_exact_mut(oh * ow)) {
+            for ((ys, row_area), out_row) in rows.iter().zip(out.chunks_exact_mut(ow)) {
+                sums.fill(0.0);
+                for iy in ys.clone() {
+                    for (s, &v) in sums.iter_mut().zip(&plane[iy * w..(iy + 1) * w]) {
+                        *s += v;
+                    }
+                }
+                for ((xs, col_area), o) in cols.iter().zip(out_row.iter_mut()) {
+                    let sum: f32 = sums[xs.clone()].iter().sum();
+                    *o = sum / (row_area * col_area) as f32;
+                }
+            }
         }
     }
 }
@@ -812,6 +849,32 @@ mod tests {
                     (numeric - grad[i] as f64).abs() < 1e-2,
                     "{kind:?} grad {i}: {numeric} vs {}",
                     grad[i]
+                );
+            }
+        }
+    }
+
+    /// The separable average pooling of `pool_into` against the f64 reference, padding
+    /// counted in the divisor, for every window, stride, padding and ceil mode.
+    #[test]
+    fn separable_average_pooling_matches_the_reference() {
+        for (k, s, p, ceil, h, w) in [
+            (3, 2, 1, false, 28, 28),
+            (3, 2, 1, true, 7, 9),
+            (3, 1, 1, false, 5, 4),
+            (2, 2, 0, true, 5, 5),
+            (3, 3, 0, true, 10, 11),
+            (5, 2, 2, true, 12, 9),
+        ] {
+            let x = input(2, 3, h, w, (h * 7 + w) as u64);
+            let want = reference(&x, Kind::Avg, k, s, p, ceil);
+            let xs: Vec<f32> = x.flatten_all().unwrap().to_vec1().unwrap();
+            let mut got = vec![f32::NAN; want.len()];
+            pool_into(false, k, s, p, ceil, (h, w), &xs, &mut got, true).unwrap();
+            for (i, (a, b)) in got.iter().zip(&want).enumerate() {
+                assert!(
+                    (a - b).abs() < 1e-5,
+                    "k{k} s{s} p{p} ceil {ceil}: [{i}] {a} vs {b}"
                 );
             }
         }
