@@ -466,12 +466,18 @@ fn run_step(
             let x = values.get(step.inputs[0]);
             let (c, per_group) = (din.c, din.c / groups);
             if p_in > 0 {
-                for (j, dst) in y.chunks_mut(p_in).enumerate() {
-                    // Output plane (s, o) with o = i * g + gi is input plane (s, gi * C/g + i).
-                    let (s, o) = (j / c, j % c);
-                    let src = s * c + (o % groups) * per_group + o / groups;
-                    dst.copy_from_slice(&x[src * p_in..(src + 1) * p_in]);
-                }
+                let out = SharedMut::new(&mut y);
+                // Split over the team at batch 1 (a serial copy left the other core waiting).
+                split(parallel, n, n * c, &|planes| {
+                    // SAFETY: the parts of `split` are disjoint runs of planes.
+                    let part = unsafe { out.part(planes.start * p_in, planes.len() * p_in) };
+                    for (j, dst) in planes.zip(part.chunks_mut(p_in)) {
+                        // Output plane (s, o), o = i g + gi, is input plane (s, gi C/g + i).
+                        let (s, o) = (j / c, j % c);
+                        let src = s * c + (o % groups) * per_group + o / groups;
+                        dst.copy_from_slice(&x[src * p_in..(src + 1) * p_in]);
+                    }
+                });
             }
             y
         }
