@@ -452,6 +452,18 @@ mod tests {
     }
 
     #[test]
+    fn deinterleave_splits_even_and_odd_values() {
+        for n in 0..50 {
+            let row: Vec<f32> = (0..2 * n + 3).map(|v| v as f32).collect();
+            let (mut even, mut odd) = (vec![f32::NAN; n], vec![f32::NAN; n]);
+            deinterleave(&row, &mut even, &mut odd);
+            for j in 0..n {
+                assert_eq!((even[j], odd[j]), (row[2 * j], row[2 * j + 1]), "n {n} j {j}");
+            }
+        }
+    }
+
+    #[test]
     fn small_or_wasteful_rows_stay_on_im2col() {
         let geom = |h, k, stride, pad| {
             ConvGeom::new(&[1, 8, h, h], &[8, 8, k, k], stride, pad, 1, 1).unwrap()
