@@ -117,6 +117,33 @@ pub(crate) fn forward_into(
     let scratch_len = implicit.as_ref().map_or(d.cols_len(), Taps::scratch_len);
     let sample = |n: usize, yn: &mut [f32], cols: &mut [f32], par: Parallelism| {
         let xn = &x[n * x_sample..(n + 1) * x_sample];
+        if d.direct && g.groups > 1 && matches!(par, Parallelism::Rayon(_)) {
+            // A grouped 1x1 convolution at batch 1 (ShuffleNet V1's): one job on the team
+            // over all output channels, each part's rows split at group boundaries, instead
+            // of one job (and one wait) per group.
+            let out = SharedMut::new(yn);
+            team::run_parts(g.c_out, team::size(), &|rows| {
+                let mut r = rows.start;
+                while r < rows.end {
+                    let gi = r / d.cog;
+                    let end = rows.end.min((gi + 1) * d.cog);
+                    let xg = &xn[gi * d.cig * d.hw..(gi + 1) * d.cig * d.hw];
+                    // SAFETY: tasks take disjoint channel ranges of `yn`, which outlives
+                    // the job.
+                    let part = unsafe { out.part(r * d.p, (end - r) * d.p) };
+                    matmul(
+                        MatMut::rows(part, end - r, d.p),
+                        false,
+                        MatRef::rows(&w[r * d.kdim..end * d.kdim], end - r, d.kdim),
+                        MatRef::rows(xg, d.kdim, d.p),
+                        Parallelism::None,
+                    );
+                    post(n, r, part);
+                    r = end;
+                }
+            });
+            return;
+        }
         for gi in 0..g.groups {
             let xg = &xn[gi * d.cig * d.hw..(gi + 1) * d.cig * d.hw];
             let wg = &w[gi * d.cog * d.kdim..(gi + 1) * d.cog * d.kdim];

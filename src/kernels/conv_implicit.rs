@@ -458,7 +458,11 @@ mod tests {
             let (mut even, mut odd) = (vec![f32::NAN; n], vec![f32::NAN; n]);
             deinterleave(&row, &mut even, &mut odd);
             for j in 0..n {
-                assert_eq!((even[j], odd[j]), (row[2 * j], row[2 * j + 1]), "n {n} j {j}");
+                assert_eq!(
+                    (even[j], odd[j]),
+                    (row[2 * j], row[2 * j + 1]),
+                    "n {n} j {j}"
+                );
             }
         }
     }
