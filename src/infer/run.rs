@@ -95,6 +95,15 @@ impl Values<'_> {
         Buf { data, len }
     }
 
+    /// The buffer already holding part of `v` (a concatenation that placed inputs wrote
+    /// into, [`placements`]), else a new one of `len` values.
+    fn take_or_alloc(&mut self, v: NodeId, len: usize) -> Buf {
+        match self.vals[v].take() {
+            Some(buf) => buf,
+            None => self.alloc(len),
+        }
+    }
+
     /// The buffer of `v` to overwrite when this step is its last reader, else a copy.
     fn take_or_copy(&mut self, v: NodeId) -> Buf {
         if v != 0 && self.uses[v] == 1 {
@@ -165,10 +174,7 @@ pub(crate) fn steps(
         let y = match place {
             Some((concat, offset)) => {
                 // The concatenation's output, allocated by the first of its placed inputs.
-                let mut out = match values.vals[concat].take() {
-                    Some(buf) => buf,
-                    None => values.alloc(n * plan.dims[concat].elements()),
-                };
+                let mut out = values.take_or_alloc(concat, n * plan.dims[concat].elements());
                 let len = n * plan.dims[step.out].elements();
                 let done = conv(
                     plan,
@@ -422,10 +428,7 @@ fn run_step(
         StepKind::Concat => {
             let total = dout.elements();
             // Already there when placed inputs wrote into it ([`placements`]).
-            let mut y = match values.vals[step.out].take() {
-                Some(buf) => buf,
-                None => values.alloc(n * total),
-            };
+            let mut y = values.take_or_alloc(step.out, n * total);
             // Each input's values and where they start in a sample of the output, but for
             // the placed ones, already in place.
             let mut offset = 0;

@@ -123,11 +123,11 @@ impl Taps {
     /// phase row, split 16 at a time ([`deinterleave`]). Why: the gather per phase plane,
     /// one value at a time and each input row read twice, was a third of a 224x224 stem's
     /// time (MobileNet V3 small b8: the stem 13.5% of the pass, its fill 4.7%).
-    fn fill_stride_two(&self, src: &[f32], planes: &mut [f32]) {
+    /// `row` (`2 wq` values, zero outside the input row's place) is the padded row, shared
+    /// by the channels of one fill.
+    fn fill_stride_two(&self, src: &[f32], planes: &mut [f32], row: &mut [f32]) {
         let (hq, wq, h, w, pad) = (self.hq, self.wq, self.h, self.w, self.pad);
         let plane = hq * wq;
-        // Padded columns 0 .. 2 wq: the input row at `pad`, zeros around it.
-        let mut row = vec![0f32; 2 * wq];
         let used = w.min(2 * wq - pad.min(2 * wq));
         for py in 0..2 {
             let rows = valid_range(hq, h, 2, py as isize - pad as isize);
@@ -144,7 +144,7 @@ impl Taps {
                 }
                 let r = 2 * i + py - pad;
                 row[pad..pad + used].copy_from_slice(&src[r * w..r * w + used]);
-                deinterleave(&row, e, o);
+                deinterleave(row, e, o);
             }
         }
     }
@@ -178,10 +178,13 @@ impl Taps {
         let (s, hq, wq) = (self.s, self.hq, self.wq);
         let (h, w) = (self.h, self.w);
         let pad = self.pad as isize;
+        // Stride 2: padded columns 0 .. 2 wq, the input row at `pad` and zeros around it
+        // (each row overwrites only its own place).
+        let mut padded_row = vec![0f32; if s == 2 { 2 * wq } else { 0 }];
         for (ci, planes) in channels.zip(dst.chunks_exact_mut(s * s * hq * wq)) {
             let src = &x[ci * h * w..(ci + 1) * h * w];
             if s == 2 {
-                self.fill_stride_two(src, planes);
+                self.fill_stride_two(src, planes, &mut padded_row);
                 continue;
             }
             for (phase, plane) in planes.chunks_exact_mut(hq * wq).enumerate() {

@@ -89,17 +89,19 @@ impl Pool {
     /// The valid input window of output (oy, ox): row and column ranges (PyTorch clips a
     /// window to the input; for average pooling the divisor counts the padded area).
     fn window(&self, oy: usize, ox: usize) -> (Range, Range, usize) {
-        let y0 = (oy * self.stride) as isize - self.padding as isize;
-        let x0 = (ox * self.stride) as isize - self.padding as isize;
-        let y1 = (y0 + self.kernel as isize).min((self.h + self.padding) as isize);
-        let x1 = (x0 + self.kernel as isize).min((self.w + self.padding) as isize);
-        let area = ((y1 - y0) * (x1 - x0)) as usize;
-        let clip = |a: isize, hi: usize| a.clamp(0, hi as isize) as usize;
-        (
-            clip(y0, self.h)..clip(y1, self.h),
-            clip(x0, self.w)..clip(x1, self.w),
-            area,
-        )
+        let (ys, rows) = self.span(oy, self.h);
+        let (xs, cols) = self.span(ox, self.w);
+        (ys, xs, rows * cols)
+    }
+
+    /// The window of output `o` along one axis of `len` inputs: the input range it covers
+    /// and its extent with the padding counted (the window's area is the rows' extent times
+    /// the columns').
+    fn span(&self, o: usize, len: usize) -> (Range, usize) {
+        let lo = (o * self.stride) as isize - self.padding as isize;
+        let hi = (lo + self.kernel as isize).min((len + self.padding) as isize);
+        let clip = |a: isize| a.clamp(0, len as isize) as usize;
+        (clip(lo)..clip(hi), (hi - lo) as usize)
     }
 
     /// Position (within the plane) of the first maximum of a window, as PyTorch picks it.
@@ -358,29 +360,15 @@ impl Pool {
 
     /// Average pooling of whole f32 planes, separably: per output row, the sums down the
     /// window's rows for every column (contiguous, vectorised), then across each window's
-    /// columns, divided by the window's area (padding counted, as `Pool::plane`; a window's
-    /// area is its rows' extent times its columns'). Why: the search per window was 15% of
+    /// columns, divided by the window's area (padding counted, as `Pool::plane`: its rows'
+    /// extent times its columns', [`Pool::span`]). Why: the search per window was 15% of
     /// ShuffleNet V1's batch-1 inference at 224x224 (its stride-2 units' 3x3 shortcut pools,
     /// 0.30 ms a call to 14x14). The sums are in another order than `Pool::plane`'s (columns
     /// of row sums), so the last bits may differ.
     fn avg_planes(&self, x: &[f32], y: &mut [f32]) {
         let (h, w, oh, ow) = (self.h, self.w, self.oh, self.ow);
-        let rows: Vec<(Range, usize)> = (0..oh)
-            .map(|oy| {
-                let (ys, _, _) = self.window(oy, 0);
-                let y0 = (oy * self.stride) as isize - self.padding as isize;
-                let y1 = (y0 + self.kernel as isize).min((h + self.padding) as isize);
-                (ys, (y1 - y0) as usize)
-            })
-            .collect();
-        let cols: Vec<(Range, usize)> = (0..ow)
-            .map(|ox| {
-                let (_, xs, _) = self.window(0, ox);
-                let x0 = (ox * self.stride) as isize - self.padding as isize;
-                let x1 = (x0 + self.kernel as isize).min((w + self.padding) as isize);
-                (xs, (x1 - x0) as usize)
-            })
-            .collect();
+        let rows: Vec<(Range, usize)> = (0..oh).map(|oy| self.span(oy, h)).collect();
+        let cols: Vec<(Range, usize)> = (0..ow).map(|ox| self.span(ox, w)).collect();
         let mut sums = vec![0f32; w];
         for (plane, out) in x.chunks_exact(h * w).zip(y.chunks_exact_mut(oh * ow)) {
             for ((ys, row_area), out_row) in rows.iter().zip(out.chunks_exact_mut(ow)) {
