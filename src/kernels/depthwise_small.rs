@@ -149,6 +149,7 @@ pub(crate) fn forward_sample(sp: &SmallPlan, g: &ConvGeom, x: &[f32], w: &[f32],
 #[cfg(target_arch = "x86_64")]
 mod x86 {
     use super::{LANES, SmallPlan, Tap};
+    use crate::kernels::simd::first_lanes;
     use std::arch::x86_64::*;
 
     /// Channel groups computed side by side: each tap's index vector is loaded once for
@@ -221,11 +222,6 @@ mod x86 {
                 _ => vector::<U, 8>(ctx, c0, at, y),
             }
         }
-    }
-
-    /// The mask of the first `n` of 16 lanes (`n` up to 16).
-    fn first_lanes(n: usize) -> __mmask16 {
-        ((1u32 << n) - 1) as __mmask16
     }
 
     /// What every vector of one call reads.

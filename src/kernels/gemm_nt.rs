@@ -91,6 +91,7 @@ pub(crate) fn gemm_nt(
 #[cfg(target_arch = "x86_64")]
 mod x86 {
     use super::{KC, MC, TC, TR};
+    use crate::kernels::simd::first_lanes;
     use std::arch::x86_64::*;
 
     /// Rows `rows` of `C` (see [`gemm_nt`](super::gemm_nt) for the operands).
@@ -213,7 +214,7 @@ mod x86 {
                     self.step(p, 0xffff, &mut sum);
                 }
                 if full < self.kc {
-                    self.step(full, (1u16 << (self.kc - full)) - 1, &mut sum);
+                    self.step(full, first_lanes(self.kc - full), &mut sum);
                 }
                 for (i, row) in sum.iter().enumerate() {
                     for (j, &v) in row.iter().enumerate() {

@@ -503,7 +503,7 @@ fn across<const K: usize, const S: usize>(row: &[f32], out: &mut [f32]) {
 #[cfg(target_arch = "x86_64")]
 mod avx512 {
     use super::{Pool, Range};
-    use crate::kernels::simd::{Level, level};
+    use crate::kernels::simd::{Level, first_lanes, level};
     use std::arch::x86_64::*;
 
     /// Negative infinities after the row buffer's `len` values, so that every step of 16
@@ -543,12 +543,6 @@ mod avx512 {
         }
     }
 
-    /// The first `n` (all if `n` >= 16) of 16 lanes.
-    #[inline(always)]
-    fn lanes(n: usize) -> __mmask16 {
-        if n >= 16 { !0 } else { (1 << n) - 1 }
-    }
-
     /// `maxima[j]` = the maximum of column `j` over the input rows `ys` of `plane` (rows of
     /// `w` values), as `max_or_nan` gives it down the rows if no input is a NaN. Returns
     /// whether some input is a NaN (then `maxima` is not to be used).
@@ -557,7 +551,7 @@ mod avx512 {
         let used = maxima.len();
         let mut nan: __mmask16 = 0;
         for j in (0..used).step_by(16) {
-            let mask = lanes(used - j);
+            let mask = first_lanes(used - j);
             let n = (used - j).min(16);
             let first = &plane[ys.start * w + j..][..n];
             // SAFETY: the masked loads and the store touch the first `n` values of slices
@@ -619,7 +613,7 @@ mod avx512 {
             };
             let n = (out.len() - ox).min(16);
             // SAFETY: the masked store writes the first `n` values of a slice of `n`.
-            unsafe { _mm512_mask_storeu_ps(out[ox..ox + n].as_mut_ptr(), lanes(n), m) };
+            unsafe { _mm512_mask_storeu_ps(out[ox..ox + n].as_mut_ptr(), first_lanes(n), m) };
         }
     }
 }

@@ -178,6 +178,7 @@ pub(super) fn has_work(
 #[cfg(target_arch = "x86_64")]
 mod x86 {
     use super::{MR, NR};
+    use crate::kernels::simd::first_lanes;
     use std::arch::x86_64::*;
 
     /// How a tile finds row `p` of `B` (from the panel's first column): monomorphised, so
@@ -246,11 +247,7 @@ mod x86 {
             let cols = NR.min(n - j0);
             // The last vector's lanes: all 16, or the columns left.
             let last = cols - if cols > 16 { 16 } else { 0 };
-            let mask: __mmask16 = if last == 16 {
-                0xffff
-            } else {
-                (1u16 << last) - 1
-            };
+            let mask = first_lanes(last);
             let bp = unsafe { b.at_column(j0) };
             for i0 in (0..m).step_by(MR) {
                 let rows = MR.min(m - i0);

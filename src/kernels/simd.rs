@@ -40,6 +40,13 @@ pub(crate) enum Level {
     Avx512,
 }
 
+/// The AVX-512 mask (`__mmask16`) of the first `n` of 16 lanes, all 16 from `n` = 16 on: the
+/// masked loads and stores of a vector loop's last, partial vector.
+#[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
+pub(crate) fn first_lanes(n: usize) -> u16 {
+    if n >= 16 { u16::MAX } else { (1u16 << n) - 1 }
+}
+
 /// The best instruction set level this CPU supports (detected once, then cached), capped by
 /// the environment variable `SLIMCANDLE_SIMD` (`baseline`, `avx2`), which exists to test and
 /// time the other variants.
