@@ -43,6 +43,7 @@ pub(crate) enum Level {
 /// The AVX-512 mask (`__mmask16`) of the first `n` of 16 lanes, all 16 from `n` = 16 on: the
 /// masked loads and stores of a vector loop's last, partial vector.
 #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
+#[inline]
 pub(crate) fn first_lanes(n: usize) -> u16 {
     if n >= 16 { u16::MAX } else { (1u16 << n) - 1 }
 }
