@@ -10,6 +10,7 @@ use candle_core::{Device, Tensor};
 use common::scaled_error;
 use slimcandle::exec::{self, Mode};
 use slimcandle::graph::Op;
+use slimcandle::infer::Layout;
 use slimcandle::model::Model;
 use slimcandle::models::{ArchOptions, ArchSpec, Stem, catalog};
 use slimcandle::passes::fold_batch_norm;
@@ -56,6 +57,14 @@ fn check(model: &Model, x: &Tensor, what: &str) {
         .expect("f32 CPU tensors run the fused executor");
     let err = scaled_error(&got, &want, 1e-6);
     assert!(err < 1e-4, "{what}: fused eval differs by {err} (relative)");
+    // Both layouts of the executor, whichever one the call above chose.
+    for layout in [Layout::Planes, Layout::ChannelsLast] {
+        let got = slimcandle::infer::forward_with(&model.graph, &model.weights, x, layout)
+            .unwrap()
+            .unwrap();
+        let err = scaled_error(&got, &want, 1e-6);
+        assert!(err < 1e-4, "{what}: {layout:?} differs by {err} (relative)");
+    }
     // The public entry point takes the same route.
     let routed = model.forward(x, Mode::Eval).unwrap();
     assert_eq!(scaled_error(&routed, &got, 1e-6), 0.0, "{what}: routing");

@@ -48,6 +48,29 @@ impl Epilogue<'_> {
             pass(block, c0, plane, None, None, self.act_after, None);
         }
     }
+
+    /// Applies the epilogue to `rows` pixel rows stored channels last: row `r`'s channels
+    /// (all of them, from channel 0) are `block[r * ld..r * ld + width]`, its residual
+    /// `res.0[r * res.1..r * res.1 + width]`.
+    pub fn apply_rows(
+        &self,
+        block: &mut [f32],
+        rows: usize,
+        (ld, width): (usize, usize),
+        res: Option<(&[f32], usize)>,
+    ) {
+        if self.is_identity() || rows == 0 {
+            return;
+        }
+        debug_assert_eq!(self.residual, res.is_some(), "residual given iff expected");
+        let (scale, shift) = (self.scale, self.shift);
+        if scale.is_some() || shift.is_some() || self.act.is_some() || res.is_some() {
+            pass_rows(block, (rows, ld, width), scale, shift, self.act, res);
+        }
+        if self.act_after.is_some() {
+            pass_rows(block, (rows, ld, width), None, None, self.act_after, None);
+        }
+    }
 }
 
 /// One pass: `v = act(v * scale[c] + shift[c]) + res`, for the given activation.
@@ -71,6 +94,26 @@ fn pass_body<M: Madd>(
         Some(Activation::Sigmoid) => channels::<M>(args, |v| 1.0 / (1.0 + (-v).exp())),
     }
 }
+
+/// [`pass_body`] on each of `rows` rows of `width` channels, `ld` apart (one dispatch for
+/// all of them: the rows of a channels-last block are short).
+#[inline(always)]
+fn pass_rows_body<M: Madd>(
+    block: &mut [f32],
+    (rows, ld, width): (usize, usize, usize),
+    scale: Option<&[f32]>,
+    shift: Option<&[f32]>,
+    act: Option<Activation>,
+    res: Option<(&[f32], usize)>,
+) {
+    for r in 0..rows {
+        let row = &mut block[r * ld..r * ld + width];
+        let res = res.map(|(v, l)| &v[r * l..r * l + width]);
+        pass_body::<M>(row, 0, 1, scale, shift, act, res);
+    }
+}
+
+simd_dispatch!(fn pass_rows(block: &mut [f32], shape: (usize, usize, usize), scale: Option<&[f32]>, shift: Option<&[f32]>, act: Option<Activation>, res: Option<(&[f32], usize)>) => pass_rows_body);
 
 type Args<'a, 'b> = (
     &'a mut [f32],

@@ -19,6 +19,7 @@
 //!
 //! `SLIMCANDLE_INFER_CHUNK=n` overrides the chunk size (samples), for timing experiments.
 
+mod channels_last;
 mod epilogue;
 mod plan;
 mod run;
@@ -36,14 +37,59 @@ use std::cell::RefCell;
 const CHUNK_BUDGET: usize = 1 << 18;
 const MAX_CHUNK: usize = 16;
 
+/// With [`Layout::Auto`] and a batch for every thread, the steps from where the output planes
+/// stay at or below this many values to the tail run channels last (see `channels_last.rs`).
+const CHANNELS_LAST_PLANE: usize = 64;
+
+/// Values per chunk of the largest channels-last value: its chunks hold as many samples as
+/// fit (at most the batch shared by the threads). Larger than [`CHUNK_BUDGET`]: the rows of
+/// a channels-last product are the chunk's pixels, and each chunk reads every weight again.
+const CHANNELS_LAST_BUDGET: usize = 1 << 19;
+
 thread_local! {
     /// Each thread's recycled buffers, kept between calls.
     static POOL: RefCell<Vec<Vec<f32>>> = const { RefCell::new(Vec::new()) };
 }
 
+/// How the executor stores the values of the chunked steps (the linear tail reads one value
+/// per channel, the same in both).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Layout {
+    /// Chosen per call from the batch and the shapes ([`Layout::choose`]); the environment
+    /// variable `SLIMCANDLE_LAYOUT=nchw|nhwc` overrides it, for timing experiments.
+    Auto,
+    /// NCHW: each channel's plane contiguous (`run.rs`).
+    Planes,
+    /// NHWC: each pixel's channels contiguous (`channels_last.rs`), where the CPU runs it.
+    ChannelsLast,
+}
+
+impl Layout {
+    /// The layout for a call (`Auto` resolved).
+    fn choose(self) -> Layout {
+        if self != Layout::Auto {
+            return self;
+        }
+        match std::env::var("SLIMCANDLE_LAYOUT").as_deref() {
+            Ok("nhwc") => Layout::ChannelsLast,
+            _ => Layout::Planes,
+        }
+    }
+}
+
 /// Eval-mode forward pass of `graph` on `x` (N x C x H x W). Returns `None` when the input or
 /// a parameter is not an f32 CPU tensor, which the Candle path handles instead.
 pub fn forward(graph: &Graph, weights: &Weights, x: &Tensor) -> Result<Option<Tensor>> {
+    forward_with(graph, weights, x, Layout::Auto)
+}
+
+/// [`forward`] with the layout given (the tests run both).
+pub fn forward_with(
+    graph: &Graph,
+    weights: &Weights,
+    x: &Tensor,
+    layout: Layout,
+) -> Result<Option<Tensor>> {
     check_input(graph, x.dims())?;
     if !x.device().is_cpu() || x.dtype() != DType::F32 {
         return Ok(None);
@@ -85,78 +131,141 @@ pub fn forward(graph: &Graph, weights: &Weights, x: &Tensor) -> Result<Option<Te
         chunk = c.max(1);
     }
     let chunk = chunk.min(n).max(1);
-    // The values the tail reads from the chunked part (or the output, without a tail).
-    let split = match plan.small_tail {
-        Some((start, widest)) if chunk * widest < plan::TAIL_COLUMNS => start,
-        _ => plan.tail,
+    // Three phases: steps [0, a) in NCHW and [a, b) channels last, both chunk by chunk, then
+    // the tail [b, ..) on the whole batch (NCHW). Each phase receives the values it reads
+    // from the ones before as whole-batch NCHW vectors (node 0, the input, included).
+    let cl_start = match layout.choose() {
+        Layout::ChannelsLast => Some(0),
+        Layout::Auto if across => plan.small_planes(CHANNELS_LAST_PLANE),
+        _ => None,
+    }
+    .filter(|&a| a < plan.tail && channels_last::supports(&plan, a..plan.tail));
+    let (a, b) = match (cl_start, plan.small_tail) {
+        (Some(a), _) => (a, plan.tail),
+        (None, Some((start, widest))) if chunk * widest < plan::TAIL_COLUMNS => (start, start),
+        (None, _) => (plan.tail, plan.tail),
     };
-    let mut boundary: Vec<NodeId> = plan.steps[split..]
-        .iter()
-        .flat_map(|s| s.reads())
-        .chain(std::iter::once(plan.output))
-        .filter(|&v| !plan.steps[split..].iter().any(|s| s.out == v))
-        .collect();
-    boundary.sort_unstable();
-    boundary.dedup();
-    let per_chunk = |i: usize| -> Result<Vec<Vec<f32>>> {
-        let samples = chunk.min(n - i * chunk);
-        let xs = &x[i * chunk * in_len..(i * chunk + samples) * in_len];
-        let mut pool = POOL.with(|p| p.take());
-        let parallel = threads > 1 && !across;
-        let result = run::steps(
-            &plan,
-            &ws,
-            xs,
-            Vec::new(),
-            0..split,
-            samples,
-            parallel,
-            &mut pool,
-            &boundary,
-        );
-        POOL.with(|p| *p.borrow_mut() = pool);
-        result
-    };
-    let chunks = n.div_ceil(chunk);
-    let parts: Vec<Vec<Vec<f32>>> = if across {
-        (0..chunks)
-            .into_par_iter()
-            .map(per_chunk)
-            .collect::<Result<_>>()?
-    } else {
-        (0..chunks).map(per_chunk).collect::<Result<_>>()?
-    };
-    // Whole-batch values, chunks in order.
-    let mut given: Vec<(NodeId, Vec<f32>)> = boundary
-        .iter()
-        .enumerate()
-        .map(|(k, &v)| (v, parts.iter().flat_map(|p| p[k].iter().copied()).collect()))
-        .collect();
+    let mut given: Vec<(NodeId, Vec<f32>)> = Vec::new();
+    if a > 0 {
+        let export = read_from(&plan, a);
+        given = chunked(n, chunk, across, &export, &|first, samples| {
+            let xs = &x[first * in_len..(first + samples) * in_len];
+            let parallel = threads > 1 && !across;
+            with_pool(|pool| {
+                let steps = 0..a;
+                run::steps(
+                    &plan,
+                    &ws,
+                    xs,
+                    Vec::new(),
+                    steps,
+                    samples,
+                    parallel,
+                    pool,
+                    &export,
+                )
+            })
+        })?;
+    }
+    if a < b {
+        let prepared = channels_last::prepare(&plan, &ws, a..b);
+        let largest = plan.steps[a..b]
+            .iter()
+            .map(|s| plan.dims[s.out].elements())
+            .max()
+            .unwrap_or(1);
+        let mut chunk = (CHANNELS_LAST_BUDGET / largest.max(1)).max(1);
+        if across {
+            chunk = chunk.min(n.div_ceil(threads));
+        }
+        let export = read_from(&plan, b);
+        let before = std::mem::take(&mut given);
+        given = chunked(n, chunk.min(n), across, &export, &|first, samples| {
+            // This chunk's samples of the values read (the input when a = 0).
+            let mut inputs: Vec<(NodeId, &[f32])> = before
+                .iter()
+                .map(|(v, vals)| (*v, &vals[first * plan.dims[*v].elements()..]))
+                .collect();
+            if a == 0 {
+                inputs.push((0, &x[first * in_len..]));
+            }
+            let inputs = inputs
+                .into_iter()
+                .map(|(v, vals)| (v, &vals[..samples * plan.dims[v].elements()]))
+                .collect();
+            with_pool(|pool| {
+                let steps = a..b;
+                channels_last::steps(&plan, &ws, &prepared, inputs, steps, samples, pool, &export)
+            })
+        })?;
+    }
+    let split = b;
     let out = if split < plan.steps.len() {
-        let mut pool = POOL.with(|p| p.take());
-        let result = run::steps(
-            &plan,
-            &ws,
-            x,
-            given,
-            split..plan.steps.len(),
-            n,
-            threads > 1,
-            &mut pool,
-            &[plan.output],
-        );
-        POOL.with(|p| *p.borrow_mut() = pool);
+        let steps = split..plan.steps.len();
+        let parallel = threads > 1;
+        let export = [plan.output];
+        let result =
+            with_pool(|pool| run::steps(&plan, &ws, x, given, steps, n, parallel, pool, &export));
         result?.pop().expect("one export")
     } else {
-        let k = boundary
-            .iter()
-            .position(|&v| v == plan.output)
-            .expect("exported");
-        given.swap_remove(k).1
+        match given.iter().position(|(v, _)| *v == plan.output) {
+            Some(k) => given.swap_remove(k).1,
+            None => x.to_vec(),
+        }
     };
     Ok(Some(Tensor::from_vec(
         out,
         out_dims.with_batch(n),
         &Device::Cpu,
     )?))
+}
+
+/// The values that `plan.steps[from..]` read (and the output) but do not compute, sorted.
+fn read_from(plan: &plan::Plan, from: usize) -> Vec<NodeId> {
+    let later = &plan.steps[from..];
+    let mut values: Vec<NodeId> = later
+        .iter()
+        .flat_map(|s| s.reads())
+        .chain(std::iter::once(plan.output))
+        .filter(|&v| !later.iter().any(|s| s.out == v))
+        .collect();
+    values.sort_unstable();
+    values.dedup();
+    values
+}
+
+/// Runs `run(first, samples)` on the chunks of `chunk` samples of a batch of `n` (on the
+/// rayon pool with `across`), each returning the values `export`; returns those values
+/// for the whole batch, chunks in order.
+fn chunked(
+    n: usize,
+    chunk: usize,
+    across: bool,
+    export: &[NodeId],
+    run: &(dyn Fn(usize, usize) -> Result<Vec<Vec<f32>>> + Sync),
+) -> Result<Vec<(NodeId, Vec<f32>)>> {
+    let chunk = chunk.max(1);
+    let one = |i: usize| run(i * chunk, chunk.min(n - i * chunk));
+    let chunks = n.div_ceil(chunk);
+    let parts: Vec<Vec<Vec<f32>>> = if across {
+        (0..chunks)
+            .into_par_iter()
+            .map(one)
+            .collect::<Result<_>>()?
+    } else {
+        (0..chunks).map(one).collect::<Result<_>>()?
+    };
+    Ok(export
+        .iter()
+        .enumerate()
+        .map(|(k, &v)| (v, parts.iter().flat_map(|p| p[k].iter().copied()).collect()))
+        .collect())
+}
+
+/// `f` with this thread's recycled buffers.
+fn with_pool<T>(f: impl FnOnce(&mut Vec<Vec<f32>>) -> T) -> T {
+    let mut pool = POOL.with(|p| p.take());
+    let result = f(&mut pool);
+    POOL.with(|p| *p.borrow_mut() = pool);
+    result
 }

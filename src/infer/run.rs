@@ -20,20 +20,20 @@ use rayon::prelude::*;
 /// vector itself would make the next, longer use refill the tail with zeros (a memset over
 /// memory that is about to be overwritten anyway, and page faults where it had been given
 /// back), which was 5% of a batch-1 forward pass. `data` keeps every value it ever held.
-struct Buf {
-    data: Vec<f32>,
+pub(super) struct Buf {
+    pub(super) data: Vec<f32>,
     len: usize,
 }
 
 impl Buf {
-    fn whole(data: Vec<f32>) -> Buf {
+    pub(super) fn whole(data: Vec<f32>) -> Buf {
         Buf {
             len: data.len(),
             data,
         }
     }
 
-    fn into_vec(mut self) -> Vec<f32> {
+    pub(super) fn into_vec(mut self) -> Vec<f32> {
         self.data.truncate(self.len);
         self.data
     }
@@ -54,30 +54,30 @@ impl std::ops::DerefMut for Buf {
 }
 
 /// The values of one chunk, indexed by node id; the network input is borrowed.
-struct Values<'a> {
-    x: &'a [f32],
-    vals: Vec<Option<Buf>>,
-    uses: Vec<usize>,
+pub(super) struct Values<'a> {
+    pub(super) x: &'a [f32],
+    pub(super) vals: Vec<Option<Buf>>,
+    pub(super) uses: Vec<usize>,
     /// Per value: written in place into its concatenation's output ([`placements`]), so it
     /// has no buffer of its own and the concatenation does not copy it.
-    placed: Vec<bool>,
-    pool: &'a mut Vec<Vec<f32>>,
+    pub(super) placed: Vec<bool>,
+    pub(super) pool: &'a mut Vec<Vec<f32>>,
 }
 
 impl Values<'_> {
-    fn get(&self, v: NodeId) -> &[f32] {
-        if v == 0 {
-            self.x
-        } else {
-            self.vals[v]
-                .as_deref()
-                .expect("values are computed before use")
+    /// Value `v`: the network input `x` for node 0 unless a buffer was given for it (the
+    /// channels-last executor's transposed copy).
+    pub(super) fn get(&self, v: NodeId) -> &[f32] {
+        match self.vals[v].as_deref() {
+            Some(vals) => vals,
+            None if v == 0 => self.x,
+            None => panic!("values are computed before use"),
         }
     }
 
     /// A buffer of `len` values with arbitrary contents (the step overwrites all of them):
     /// the smallest pooled buffer that is long enough, so nothing is cleared.
-    fn alloc(&mut self, len: usize) -> Buf {
+    pub(super) fn alloc(&mut self, len: usize) -> Buf {
         let best = (0..self.pool.len())
             .filter(|&i| self.pool[i].len() >= len)
             .min_by_key(|&i| self.pool[i].len());
@@ -97,7 +97,7 @@ impl Values<'_> {
 
     /// The buffer already holding part of `v` (a concatenation that placed inputs wrote
     /// into, [`placements`]), else a new one of `len` values.
-    fn take_or_alloc(&mut self, v: NodeId, len: usize) -> Buf {
+    pub(super) fn take_or_alloc(&mut self, v: NodeId, len: usize) -> Buf {
         match self.vals[v].take() {
             Some(buf) => buf,
             None => self.alloc(len),
@@ -105,7 +105,7 @@ impl Values<'_> {
     }
 
     /// The buffer of `v` to overwrite when this step is its last reader, else a copy.
-    fn take_or_copy(&mut self, v: NodeId) -> Buf {
+    pub(super) fn take_or_copy(&mut self, v: NodeId) -> Buf {
         if v != 0 && self.uses[v] == 1 {
             return self.vals[v].take().expect("values are computed before use");
         }
@@ -116,7 +116,7 @@ impl Values<'_> {
     }
 
     /// Counts the step's reads and recycles the buffers nobody reads any more.
-    fn release(&mut self, step: &Step) {
+    pub(super) fn release(&mut self, step: &Step) {
         for v in step.reads() {
             self.uses[v] -= 1;
             if self.uses[v] == 0
@@ -153,7 +153,7 @@ pub(crate) fn steps(
     {
         uses[v] += 1;
     }
-    let places = placements(plan, steps, &uses, n);
+    let places = placements(plan, steps, &uses, n == 1);
     let mut placed = vec![false; plan.dims.len()];
     for (step, place) in steps.iter().zip(&places) {
         placed[step.out] = place.is_some();
@@ -172,9 +172,10 @@ pub(crate) fn steps(
     for (step, place) in steps.iter().zip(places) {
         let clock = profiling.then(std::time::Instant::now);
         let y = match place {
-            Some((concat, offset)) => {
+            Some((concat, channel)) => {
                 // The concatenation's output, allocated by the first of its placed inputs.
                 let mut out = values.take_or_alloc(concat, n * plan.dims[concat].elements());
+                let offset = channel * plan.dims[concat].h * plan.dims[concat].w;
                 let len = n * plan.dims[step.out].elements();
                 let done = conv(
                     plan,
@@ -209,24 +210,25 @@ pub(crate) fn steps(
     Ok(out)
 }
 
-/// Per step of `steps`: `Some((concatenation, offset))` where the step is a convolution whose
-/// output goes straight into a concatenation's output value, `offset` values in.
+/// Per step of `steps`: `Some((concatenation, channel))` where the step is a convolution whose
+/// output goes straight into a concatenation's output value, from channel `channel` on.
 ///
 /// Why: SqueezeNet's fire modules concatenate two convolutions' outputs, and copying them
-/// was 6-7% of a batch-1 forward pass at 224x224. At batch 1 (`n` = 1) each input of a
+/// was 6-7% of a batch-1 forward pass at 224x224. In NCHW at batch 1 each input of a
 /// concatenation along channels is one contiguous run of its output, so the convolution
-/// can write there, epilogue included. With more samples each sample's run sits apart from
-/// the next (the other inputs' channels between them), and the copy stays. A convolution is
+/// can write there, epilogue included; channels last, at any batch, as a run of columns
+/// (`contiguous`, either of those). In NCHW with more samples each sample's run sits apart
+/// from the next (the other inputs' channels between them), and the copy stays. A convolution is
 /// placed when the concatenation, among these steps, is its output's only reader (`uses`,
 /// the reads counted over these steps and the exported values, is 1).
-fn placements(
+pub(super) fn placements(
     plan: &Plan,
     steps: &[Step],
     uses: &[usize],
-    n: usize,
+    contiguous: bool,
 ) -> Vec<Option<(NodeId, usize)>> {
     let mut places = vec![None; steps.len()];
-    if n != 1 {
+    if !contiguous {
         return places;
     }
     for concat in steps.iter().filter(|s| matches!(s.kind, StepKind::Concat)) {
@@ -240,13 +242,13 @@ fn placements(
             {
                 places[i] = Some((concat.out, offset));
             }
-            offset += plan.dims[v].elements();
+            offset += plan.dims[v].c;
         }
     }
     places
 }
 
-fn epilogue<'a>(plan: &'a Plan, ws: &[&'a [f32]], spec: &EpiSpec) -> Epilogue<'a> {
+pub(super) fn epilogue<'a>(plan: &'a Plan, ws: &[&'a [f32]], spec: &EpiSpec) -> Epilogue<'a> {
     let src = |s: Option<Src>| {
         s.map(|s| match s {
             Src::Param(i) => ws[i],
@@ -524,7 +526,7 @@ fn split(parallel: bool, n: usize, units: usize, f: &(dyn Fn(std::ops::Range<usi
 
 /// A step's row in the `SLIMCANDLE_PROFILE=1` table: its kind, kernel and output plane
 /// (convolutions by kind and size, since they differ most).
-fn profile_label(plan: &Plan, step: &Step) -> String {
+pub(super) fn profile_label(plan: &Plan, step: &Step) -> String {
     let out = plan.dims[step.out];
     let plane = format!("{}x{}", out.h, out.w);
     match &step.kind {
@@ -599,7 +601,7 @@ mod tests {
             uses[v] += 1;
         }
         let placed = |n| {
-            let places = placements(&plan, &plan.steps, &uses, n);
+            let places = placements(&plan, &plan.steps, &uses, n == 1);
             places.into_iter().flatten().count()
         };
         assert_eq!(placed(1), 16);

@@ -597,21 +597,10 @@ fn narrow_body<M: Madd>(
             xt[q * c + ch] = v;
         }
     }
-    yt.clear();
     yt.resize(p * c, 0.0);
-    for (oy, (kys, iy)) in rows.iter().enumerate() {
-        for (ox, (kxs, ix)) in cols.iter().enumerate() {
-            let acc = &mut yt[(oy * g.wo + ox) * c..][..c];
-            for (dy, ky) in kys.clone().enumerate() {
-                for (dx, kx) in kxs.clone().enumerate() {
-                    let f = &ft[(ky * g.k + kx) * c..][..c];
-                    let v = &xt[((iy + dy) * g.w + ix + dx) * c..][..c];
-                    for j in 0..c {
-                        acc[j] = M::madd(f[j], v[j], acc[j]);
-                    }
-                }
-            }
-        }
+    for (oy, kys) in rows.iter().enumerate() {
+        let row = &mut yt[oy * g.wo * c..(oy + 1) * g.wo * c];
+        row_channels_last::<M>(g, kys, cols, ft, xt, row, c);
     }
     for (ch, plane) in out.chunks_exact_mut(p).enumerate() {
         for (q, o) in plane.iter_mut().enumerate() {
@@ -621,6 +610,105 @@ fn narrow_body<M: Madd>(
 }
 
 simd_dispatch!(fn narrow(g: &ConvGeom, taps: (&Taps, &Taps), ft: &[f32], x: &[f32], out: &mut [f32], scratch: &mut NarrowScratch) => narrow_body);
+
+/// One output row of one sample, channels last: `x` holds the sample's H x W pixels of C
+/// values, `ft` the filters as (k k) x C, `(kys, iy)` the row's taps ([`narrow_taps`]); output
+/// pixel `ox` goes to `out[ox * ldc..ox * ldc + C]`. Each output sums its valid taps in the
+/// order ky, then kx, from zero, 16 channels at a time in registers.
+#[inline(always)]
+fn row_channels_last<M: Madd>(
+    g: &ConvGeom,
+    (kys, iy): &(std::ops::Range<usize>, usize),
+    cols: &Taps,
+    ft: &[f32],
+    x: &[f32],
+    out: &mut [f32],
+    ldc: usize,
+) {
+    const V: usize = 16;
+    let c = g.c_in;
+    for (ox, (kxs, ix)) in cols.iter().enumerate() {
+        let acc_row = &mut out[ox * ldc..ox * ldc + c];
+        let mut c0 = 0;
+        while c0 < c {
+            let width = V.min(c - c0);
+            let mut acc = [0f32; V];
+            for (dy, ky) in kys.clone().enumerate() {
+                let line = &x[(iy + dy) * g.w * c..];
+                for (dx, kx) in kxs.clone().enumerate() {
+                    let f = &ft[(ky * g.k + kx) * c + c0..][..width];
+                    let v = &line[(ix + dx) * c + c0..][..width];
+                    if width == V {
+                        for j in 0..V {
+                            acc[j] = M::madd(f[j], v[j], acc[j]);
+                        }
+                    } else {
+                        for j in 0..width {
+                            acc[j] = M::madd(f[j], v[j], acc[j]);
+                        }
+                    }
+                }
+            }
+            acc_row[c0..c0 + width].copy_from_slice(&acc[..width]);
+            c0 += width;
+        }
+    }
+}
+
+/// The rows `rows` of one sample's output, channels last (see [`forward_channels_last`]).
+#[inline(always)]
+fn rows_channels_last_body<M: Madd>(
+    g: &ConvGeom,
+    taps: (&Taps, &Taps),
+    ft: &[f32],
+    x: &[f32],
+    out: &mut [f32],
+    ldc: usize,
+) {
+    let (rows, cols) = taps;
+    for (oy, kys) in rows.iter().enumerate() {
+        let row = &mut out[oy * g.wo * ldc..];
+        row_channels_last::<M>(g, kys, cols, ft, x, row, ldc);
+    }
+}
+
+simd_dispatch!(fn rows_channels_last(g: &ConvGeom, taps: (&Taps, &Taps), ft: &[f32], x: &[f32], out: &mut [f32], ldc: usize) => rows_channels_last_body);
+
+/// Depthwise convolution of `g.n` samples stored channels last (NHWC), for the eval
+/// executor's channels-last plans: `x` holds each pixel's `g.c_in` values side by side, `ft`
+/// the filters as (k k) x C ([`taps_major`]); output pixel `r` (counted over the samples) goes
+/// to `y[r * ldc..r * ldc + C]` (`ldc` > C when the output is part of a concatenation).
+/// `post(first, values)` runs on each output row right after it is computed: `values` starts
+/// at pixel `first` and spans the row's `wo` pixels (`ldc` apart).
+///
+/// Why: with channels last every tap is a vector operation across channels, whatever the
+/// plane's size, where the NCHW paths vectorise along rows (a 6x6 plane's rows fill 6 of 16
+/// lanes). On the calling thread; the executor runs chunks of the batch in parallel.
+pub(crate) fn forward_channels_last(
+    g: &ConvGeom,
+    x: &[f32],
+    ft: &[f32],
+    y: &mut [f32],
+    ldc: usize,
+    post: &mut dyn FnMut(usize, &mut [f32]),
+) {
+    assert!(supports(g), "depthwise: unsupported geometry");
+    let (c, plane_in, plane_out) = (g.c_in, g.h * g.w, g.ho * g.wo);
+    assert!(ldc >= c && ft.len() == g.k * g.k * c);
+    assert!(x.len() == g.n * plane_in * c, "depthwise: input size");
+    assert!(g.n * plane_out == 0 || y.len() >= (g.n * plane_out - 1) * ldc + c);
+    let (rows, cols) = (narrow_taps(g.ho, g.h, g), narrow_taps(g.wo, g.w, g));
+    for s in 0..g.n {
+        let xs = &x[s * plane_in * c..(s + 1) * plane_in * c];
+        for oy in 0..g.ho {
+            let first = s * plane_out + oy * g.wo;
+            let len = (g.wo - 1) * ldc + c;
+            let out = &mut y[first * ldc..first * ldc + len];
+            rows_channels_last(g, (&rows[oy..oy + 1], &cols), ft, xs, out, ldc);
+            post(first, out);
+        }
+    }
+}
 
 /// Returns `[dX | dW]` (each part only when requested).
 pub(crate) fn backward(

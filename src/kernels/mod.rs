@@ -33,6 +33,7 @@ pub(crate) mod alloc;
 pub(crate) mod batch_norm;
 mod bias;
 pub(crate) mod conv;
+pub(crate) mod conv_channels_last;
 pub(crate) mod conv_gemm;
 mod conv_implicit;
 pub(crate) mod cpu;

@@ -349,6 +349,69 @@ pub(crate) fn pool_into(
     Ok(())
 }
 
+/// Max or average pooling as [`pool_into`] computes it, of `n` samples stored channels last
+/// (NHWC, `c` values per pixel), for the eval executor's channels-last plans. Each output
+/// pixel's `c` values are one vector operation per window position, across channels.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn pool_channels_last_into(
+    max: bool,
+    kernel: usize,
+    stride: usize,
+    padding: usize,
+    ceil: bool,
+    (n, h, w, c): (usize, usize, usize, usize),
+    x: &[f32],
+    y: &mut [f32],
+) -> Result<()> {
+    let kind = if max { Kind::Max } else { Kind::Avg };
+    let p = geometry((n, c, h, w), kind, kernel, stride, padding, ceil)?;
+    if x.len() != n * h * w * c || y.len() != n * p.oh * p.ow * c {
+        bail!("pooling: buffer sizes");
+    }
+    pool_channels_last(&p, x, y);
+    Ok(())
+}
+
+#[inline(always)]
+fn pool_channels_last_body<M: Madd>(p: &Pool, x: &[f32], y: &mut [f32]) {
+    let (c, sample_in) = (p.c, p.h * p.w * p.c);
+    let windows: Vec<(Range, Range, usize)> = (0..p.oh)
+        .flat_map(|oy| (0..p.ow).map(move |ox| (oy, ox)))
+        .map(|(oy, ox)| p.window(oy, ox))
+        .collect();
+    let samples = x.chunks_exact(sample_in.max(1));
+    for (xs, out) in samples.zip(y.chunks_exact_mut((p.oh * p.ow * c).max(1))) {
+        for ((ys, cols, area), o) in windows.iter().zip(out.chunks_exact_mut(c)) {
+            let pixel = |iy: usize, ix: usize| &xs[(iy * p.w + ix) * c..][..c];
+            if p.kind == Kind::Max {
+                o.fill(f32::NEG_INFINITY);
+                for iy in ys.clone() {
+                    for ix in cols.clone() {
+                        for (m, &v) in o.iter_mut().zip(pixel(iy, ix)) {
+                            *m = max_or_nan(*m, v);
+                        }
+                    }
+                }
+            } else {
+                o.fill(0.0);
+                for iy in ys.clone() {
+                    for ix in cols.clone() {
+                        for (m, &v) in o.iter_mut().zip(pixel(iy, ix)) {
+                            *m += v;
+                        }
+                    }
+                }
+                let inv = *area as f32;
+                for m in o.iter_mut() {
+                    *m /= inv;
+                }
+            }
+        }
+    }
+}
+
+simd_dispatch!(fn pool_channels_last(p: &Pool, x: &[f32], y: &mut [f32]) => pool_channels_last_body);
+
 impl Pool {
     /// Whole f32 planes: max pooling vectorised ([`max_planes`]), average pooling by windows.
     fn planes_f32(&self, x: &[f32], y: &mut [f32]) {

@@ -1,0 +1,248 @@
+//! Dense and grouped convolutions with channels last (NHWC), for the eval executor's
+//! channels-last plans: the pixels are the rows of the product, `Y[pixels x C_out] =
+//! X[pixels x C_in] W^T` for a 1x1 convolution (the input rows read in place), or the rows of
+//! a channels-last im2col block for k x k kernels and strides.
+//!
+//! Why: in NCHW a convolution's product has one column per output pixel of a sample, so the
+//! small planes of the last stages (6x6 at 96x96 inputs, 2x2 at 32x32) give products of 36 or
+//! 4 columns, which a 16-lane kernel fills poorly. Channels last, the rows are the pixels of
+//! all the samples of a chunk and the columns the output channels (16 to 1,280 in these
+//! networks): the plane's size no longer matters.
+//!
+//! The right-hand matrices are the weights rearranged once per forward pass ([`weights`]):
+//! our GEMM (`sgemm`) wants B's rows contiguous.
+
+use super::conv::ConvGeom;
+use super::sgemm;
+
+/// Values of the output block (rows x C_out) that a product and its epilogue should keep in
+/// cache: rows per block are chosen to fit this.
+const BLOCK_VALUES: usize = 1 << 15;
+
+/// `w` (PyTorch's C_out x C_in/groups x k x k) as the products' right-hand matrices: per
+/// group, `k k C_in/groups` rows of `C_out/groups` values, row `(ky k + kx) C_in/groups + ci`
+/// (the order of a channels-last im2col row).
+pub(crate) fn weights(g: &ConvGeom, w: &[f32]) -> Vec<f32> {
+    let (cg, og, kk) = (g.c_in / g.groups, g.c_out / g.groups, g.k * g.k);
+    let mut wt = vec![0f32; g.c_out * cg * kk];
+    for grp in 0..g.groups {
+        let dst = &mut wt[grp * kk * cg * og..(grp + 1) * kk * cg * og];
+        for co in 0..og {
+            let filter = &w[(grp * og + co) * cg * kk..(grp * og + co + 1) * cg * kk];
+            for ci in 0..cg {
+                for t in 0..kk {
+                    dst[(t * cg + ci) * og + co] = filter[ci * kk + t];
+                }
+            }
+        }
+    }
+    wt
+}
+
+/// Whether this path runs `g`: our GEMM needs AVX-512 (the executor checks before choosing
+/// channels last).
+pub(crate) fn available() -> bool {
+    sgemm::available()
+}
+
+/// The convolution `g` of `g.n` samples stored channels last: `x` holds each pixel's C_in
+/// values side by side, `wt` comes from [`weights`]; output pixel `r` (counted over the
+/// samples) goes to `y[r * ldc..r * ldc + C_out]` (`ldc` > C_out when the output is part of
+/// a concatenation). `post(first, rows, values)` runs on each block of output rows right
+/// after it is computed: `values` starts at pixel `first` and spans `rows` pixels (`ldc`
+/// apart). `cols` is scratch for the im2col blocks. On the calling thread.
+pub(crate) fn forward(
+    g: &ConvGeom,
+    x: &[f32],
+    wt: &[f32],
+    y: &mut [f32],
+    ldc: usize,
+    cols: &mut Vec<f32>,
+    post: &mut dyn FnMut(usize, usize, &mut [f32]),
+) {
+    let (cg, og, kk) = (g.c_in / g.groups, g.c_out / g.groups, g.k * g.k);
+    let kdim = kk * cg;
+    let pixels = g.n * g.ho * g.wo;
+    assert!(x.len() == g.n * g.h * g.w * g.c_in, "conv: input size");
+    assert!(wt.len() == g.groups * kdim * og, "conv: weight size");
+    assert!(ldc >= g.c_out && (pixels == 0 || y.len() >= (pixels - 1) * ldc + g.c_out));
+    let direct = g.k == 1 && g.stride == 1 && g.pad == 0;
+    let widest = if direct { ldc } else { ldc.max(kdim) };
+    let block = (BLOCK_VALUES / widest.max(1)).clamp(sgemm::MR, 1024) / sgemm::MR * sgemm::MR;
+    let mut r0 = 0;
+    while r0 < pixels {
+        let m = block.min(pixels - r0);
+        for grp in 0..g.groups {
+            let (a, a_rs) = if direct {
+                (&x[r0 * g.c_in + grp * cg..], g.c_in)
+            } else {
+                cols.resize(m * kdim, 0.0);
+                im2col_rows(g, x, grp * cg, r0..r0 + m, cols);
+                (&cols[..], kdim)
+            };
+            let b = &wt[grp * kdim * og..(grp + 1) * kdim * og];
+            let c = &mut y[r0 * ldc + grp * og..];
+            sgemm::sgemm((m, og, kdim), a, (a_rs, 1), b, og, c, ldc, false, 1);
+        }
+        let end = (r0 + m - 1) * ldc + g.c_out;
+        post(r0, m, &mut y[r0 * ldc..end]);
+        r0 += m;
+    }
+}
+
+/// The im2col rows of output pixels `pixels` (counted over the samples), channels last: row
+/// `r` holds, for each tap `(ky, kx)` in order, the `C_in/groups` input values of channels
+/// `c0..` at the pixel that tap reads (zeros where it meets padding).
+fn im2col_rows(
+    g: &ConvGeom,
+    x: &[f32],
+    c0: usize,
+    pixels: std::ops::Range<usize>,
+    cols: &mut [f32],
+) {
+    let cg = g.c_in / g.groups;
+    let kdim = g.k * g.k * cg;
+    let plane = g.ho * g.wo;
+    for (r, q) in pixels.enumerate() {
+        let (s, oy, ox) = (q / plane, q % plane / g.wo, q % g.wo);
+        let row = &mut cols[r * kdim..(r + 1) * kdim];
+        for ky in 0..g.k {
+            let iy = (oy * g.stride + ky * g.dil) as isize - g.pad as isize;
+            for kx in 0..g.k {
+                let ix = (ox * g.stride + kx * g.dil) as isize - g.pad as isize;
+                let dst = &mut row[(ky * g.k + kx) * cg..][..cg];
+                if (0..g.h as isize).contains(&iy) && (0..g.w as isize).contains(&ix) {
+                    let at = ((s * g.h + iy as usize) * g.w + ix as usize) * g.c_in + c0;
+                    dst.copy_from_slice(&x[at..at + cg]);
+                } else {
+                    dst.fill(0.0);
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A scalar reference in f64: NCHW in, NCHW out.
+    fn reference(g: &ConvGeom, x: &[f32], w: &[f32]) -> Vec<f64> {
+        let (cg, og) = (g.c_in / g.groups, g.c_out / g.groups);
+        let mut y = vec![0f64; g.n * g.c_out * g.ho * g.wo];
+        for s in 0..g.n {
+            for co in 0..g.c_out {
+                let grp = co / og;
+                for oy in 0..g.ho {
+                    for ox in 0..g.wo {
+                        let mut acc = 0f64;
+                        for ci in 0..cg {
+                            for ky in 0..g.k {
+                                for kx in 0..g.k {
+                                    let iy = (oy * g.stride + ky * g.dil) as isize - g.pad as isize;
+                                    let ix = (ox * g.stride + kx * g.dil) as isize - g.pad as isize;
+                                    if iy < 0 || ix < 0 || iy >= g.h as isize || ix >= g.w as isize
+                                    {
+                                        continue;
+                                    }
+                                    let c = grp * cg + ci;
+                                    let xv = x[((s * g.c_in + c) * g.h + iy as usize) * g.w
+                                        + ix as usize];
+                                    let wv = w[((co * cg + ci) * g.k + ky) * g.k + kx];
+                                    acc += xv as f64 * wv as f64;
+                                }
+                            }
+                        }
+                        y[((s * g.c_out + co) * g.ho + oy) * g.wo + ox] = acc;
+                    }
+                }
+            }
+        }
+        y
+    }
+
+    /// NCHW to NHWC (`c` channels of `p` pixels per sample).
+    fn to_channels_last(x: &[f32], n: usize, c: usize, p: usize) -> Vec<f32> {
+        let mut out = vec![0f32; x.len()];
+        for s in 0..n {
+            for ch in 0..c {
+                for q in 0..p {
+                    out[(s * p + q) * c + ch] = x[(s * c + ch) * p + q];
+                }
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn matches_a_scalar_reference() {
+        if !available() {
+            eprintln!("skipped: the channels-last convolution needs AVX-512");
+            return;
+        }
+        // (n, c_in, h, w, c_out, k, stride, pad, dil, groups)
+        let cases = [
+            (3, 16, 6, 6, 24, 1, 1, 0, 1, 1),
+            (2, 3, 11, 9, 32, 3, 2, 1, 1, 1),
+            (1, 12, 7, 7, 36, 1, 1, 0, 1, 3),
+            (2, 8, 9, 10, 20, 3, 1, 1, 1, 1),
+            (2, 6, 8, 8, 9, 3, 1, 2, 2, 3),
+            (1, 5, 13, 13, 17, 5, 3, 2, 1, 1),
+            (4, 40, 2, 2, 100, 1, 1, 0, 1, 1),
+            (2, 4, 9, 9, 8, 1, 2, 0, 1, 1),
+        ];
+        for (n, c_in, h, w, c_out, k, stride, pad, dil, groups) in cases {
+            let g = ConvGeom::new(
+                &[n, c_in, h, w],
+                &[c_out, c_in / groups, k, k],
+                stride,
+                pad,
+                dil,
+                groups,
+            )
+            .unwrap();
+            let x: Vec<f32> = (0..n * c_in * h * w)
+                .map(|i| ((i * 37 % 101) as f32 - 50.0) / 25.0)
+                .collect();
+            let wv: Vec<f32> = (0..c_out * c_in / groups * k * k)
+                .map(|i| ((i * 53 % 89) as f32 - 44.0) / 40.0)
+                .collect();
+            let want = reference(&g, &x, &wv);
+            let xl = to_channels_last(&x, n, c_in, h * w);
+            let wt = weights(&g, &wv);
+            let p = g.ho * g.wo;
+            // Into a wider buffer (as into a concatenation), the epilogue counting rows.
+            let ldc = c_out + 5;
+            let mut y = vec![f32::NAN; n * p * ldc];
+            let mut rows_seen = 0;
+            let mut scratch = Vec::new();
+            forward(
+                &g,
+                &xl,
+                &wt,
+                &mut y,
+                ldc,
+                &mut scratch,
+                &mut |first, rows, vals| {
+                    assert_eq!(first, rows_seen);
+                    assert_eq!(vals.len(), (rows - 1) * ldc + c_out);
+                    rows_seen += rows;
+                },
+            );
+            assert_eq!(rows_seen, n * p);
+            for s in 0..n {
+                for co in 0..c_out {
+                    for q in 0..p {
+                        let got = y[(s * p + q) * ldc + co] as f64;
+                        let exp = want[(s * c_out + co) * p + q];
+                        assert!(
+                            (got - exp).abs() <= 1e-4 * (1.0 + exp.abs()),
+                            "case {:?}: {got} vs {exp}",
+                            (n, c_in, h, w, c_out, k, stride, pad, dil, groups)
+                        );
+                    }
+                }
+            }
+        }
+    }
+}
