@@ -20,7 +20,9 @@ use super::plan::{Plan, Step, StepKind};
 use super::run::{Buf, Values, epilogue, placements, profile_label};
 use crate::graph::NodeId;
 use crate::kernels::conv::ConvGeom;
-use crate::kernels::{conv_channels_last, depthwise, pool};
+use crate::kernels::{
+    conv_channels_last, depthwise, depthwise_channels_last, pool, team, transpose,
+};
 use anyhow::{Context, Result, bail};
 use rayon::prelude::*;
 use std::ops::Range;
@@ -35,44 +37,88 @@ pub(crate) fn supports(plan: &Plan, steps: Range<usize>) -> bool {
             .all(|s| !matches!(s.kind, StepKind::Linear { .. }))
 }
 
+/// Where [`Layout::Auto`](super::Layout::Auto) starts running channels last (with a batch
+/// for every thread), or `None` to stay in NCHW:
+///
+/// - a stem (the steps that read the network input) with fewer than 32 output channels
+///   stays in NCHW, its output transposed within the chunk: channels last, its product is
+///   27 values deep (3 channels, 3x3) and 16 columns wide, a third of our GEMM's register
+///   tile, where the NCHW implicit GEMM has a plane's pixels as columns (MobileNet V1 0.5 at
+///   32x32: 17.3 ms channels last against 7.0 per 8 batches). Wider stems (SqueezeNet's 64
+///   channels) are faster channels last (224x224 batch 8: 383-396 images/s against 317-353);
+/// - plans that split channels (`Slice`, ShuffleNet V2's units) stay in NCHW: a split,
+///   concatenation and shuffle move whole planes there but gather every pixel's channels
+///   here (ShuffleNet V2 ran 10-45% slower channels last).
+///
+/// Measured with every family at 32x32 (batch 64), 96x96 (32), 224x224 (8) and MobileNet
+/// V2 at batch 500, against NCHW: MobileNet V2 +14% to +60%, V3 small +10% to +45%,
+/// SqueezeNet 1.1 +5% to +20%, MobileNet V1 0.5 level to +43%, ShuffleNet V1 -2% to +28%
+/// (docs/performance.md). At batch 1 (fewer samples than threads) NCHW stays: its kernels
+/// share each layer out over the team, where channels last ran 20-65% slower.
+pub(crate) fn auto_start(plan: &Plan) -> Option<usize> {
+    let end = plan.tail;
+    let splits = plan.steps[..end]
+        .iter()
+        .any(|s| matches!(s.kind, StepKind::Slice { .. }));
+    if splits {
+        return None;
+    }
+    let narrow_stem = |s: &&Step| s.inputs.contains(&0) && plan.dims[s.out].c < 32;
+    Some(plan.steps[..end].iter().take_while(narrow_stem).count())
+}
+
 /// The weights of each convolution step among `plan.steps[steps]` in the layout its
 /// channels-last kernel reads (`None` for the other steps): depthwise filters tap-major,
 /// other convolutions as their products' right-hand matrices. Once per forward pass, on
-/// the rayon pool.
+/// the rayon pool, into buffers kept from the last call ([`recycle`]): fresh ones would be
+/// page-faulted in every time.
 pub(crate) fn prepare(plan: &Plan, ws: &[&[f32]], steps: Range<usize>) -> Vec<Option<Vec<f32>>> {
+    let mut kept = PREPARED
+        .lock()
+        .map(|mut k| std::mem::take(&mut *k))
+        .unwrap_or_default();
+    kept.resize_with(steps.len(), Vec::new);
     plan.steps[steps]
         .par_iter()
-        .map(|step| {
+        .zip(kept)
+        .map(|(step, mut wt)| {
             let StepKind::Conv { weight, .. } = step.kind else {
                 return None;
             };
             let g = geometry(plan, step, 1).ok()?;
             let w = ws[weight];
-            Some(if depthwise::supports(&g) {
-                depthwise::taps_major(w, g.c_in, g.k * g.k)
+            if depthwise::supports(&g) {
+                // c x (k k) to (k k) x c.
+                wt.resize(w.len(), 0.0);
+                transpose::transpose(w, (g.c_in, g.k * g.k), &mut wt);
             } else {
-                conv_channels_last::weights(&g, w)
-            })
+                conv_channels_last::weights(&g, w, &mut wt);
+            }
+            Some(wt)
         })
         .collect()
 }
 
+/// The buffers of [`prepare`], kept for the next call (by step, so that each is usually the
+/// right size already).
+static PREPARED: std::sync::Mutex<Vec<Vec<f32>>> = std::sync::Mutex::new(Vec::new());
+
+/// Gives [`prepare`]'s buffers back for the next call.
+pub(crate) fn recycle(prepared: Vec<Option<Vec<f32>>>) {
+    let buffers = prepared
+        .into_iter()
+        .map(Option::unwrap_or_default)
+        .collect();
+    if let Ok(mut kept) = PREPARED.lock() {
+        *kept = buffers;
+    }
+}
+
 /// `n` samples of `c` planes of `p` values, NCHW to NHWC (`back`: NHWC to NCHW).
 pub(crate) fn transpose(x: &[f32], (n, c, p): (usize, usize, usize), back: bool, y: &mut [f32]) {
-    for s in 0..n {
-        let (xs, ys) = (
-            &x[s * c * p..(s + 1) * c * p],
-            &mut y[s * c * p..(s + 1) * c * p],
-        );
-        for ch in 0..c {
-            for q in 0..p {
-                if back {
-                    ys[ch * p + q] = xs[q * c + ch];
-                } else {
-                    ys[q * c + ch] = xs[ch * p + q];
-                }
-            }
-        }
+    let shape = if back { (p, c) } else { (c, p) };
+    for (xs, ys) in x.chunks_exact(c * p).zip(y.chunks_exact_mut(c * p)).take(n) {
+        transpose::transpose(xs, shape, ys);
     }
 }
 
@@ -103,7 +149,7 @@ fn geometry(plan: &Plan, step: &Step, n: usize) -> Result<ConvGeom> {
 /// Runs `plan.steps[steps]` on `n` samples with values channels last; `given` are the values
 /// they read from earlier steps (node 0 for the network input), in NCHW. Returns the values
 /// in `export`, in that order, in NCHW. `prepared` comes from [`prepare`] for the same
-/// steps. On the calling thread.
+/// steps. With `parallel` (batch 1), the convolutions share their rows out over the team.
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn steps(
     plan: &Plan,
@@ -112,6 +158,7 @@ pub(crate) fn steps(
     given: Vec<(NodeId, &[f32])>,
     steps: Range<usize>,
     n: usize,
+    parallel: bool,
     pool: &mut Vec<Vec<f32>>,
     export: &[NodeId],
 ) -> Result<Vec<Vec<f32>>> {
@@ -155,14 +202,17 @@ pub(crate) fn steps(
                     ws,
                     (step, &prepared[i]),
                     &values,
-                    n,
+                    (n, parallel),
                     &mut cols,
                     (&mut out[channel..], dc.c),
                 );
                 values.vals[concat] = Some(out);
                 done.map(|()| None)
             }
-            None => run_step(plan, ws, (step, &prepared[i]), &mut values, n, &mut cols).map(Some),
+            None => {
+                let step = (step, &prepared[i]);
+                run_step(plan, ws, step, &mut values, (n, parallel), &mut cols).map(Some)
+            }
         }
         .with_context(|| format!("eval step at node {}", step.node))?;
         if let Some(start) = clock {
@@ -193,7 +243,7 @@ fn conv(
     ws: &[&[f32]],
     (step, prepared): (&Step, &Option<Vec<f32>>),
     values: &Values,
-    n: usize,
+    (n, parallel): (usize, bool),
     cols: &mut Vec<f32>,
     (y, ldc): (&mut [f32], usize),
 ) -> Result<()> {
@@ -206,16 +256,16 @@ fn conv(
     let c_out = g.c_out;
     let res = epi.residual.map(|r| values.get(r));
     let e = epilogue(plan, ws, epi);
-    let mut post = |first: usize, rows: usize, block: &mut [f32]| {
+    let threads = if parallel { team::size() } else { 1 };
+    let post = |first: usize, rows: usize, block: &mut [f32]| {
         let r = res.map(|r| (&r[first * c_out..], c_out));
         e.apply_rows(block, rows, (ldc, c_out), r);
     };
     if depthwise::supports(&g) {
-        depthwise::forward_channels_last(&g, x, wt, y, ldc, &mut |first, block| {
-            post(first, g.wo, block)
-        });
+        let post = |first: usize, block: &mut [f32]| post(first, g.wo, block);
+        depthwise_channels_last::forward(&g, x, wt, y, ldc, threads, &post);
     } else {
-        conv_channels_last::forward(&g, x, wt, y, ldc, cols, &mut post);
+        conv_channels_last::forward(&g, x, wt, y, ldc, cols, threads, &post);
     }
     Ok(())
 }
@@ -225,7 +275,7 @@ fn run_step(
     ws: &[&[f32]],
     (step, prepared): (&Step, &Option<Vec<f32>>),
     values: &mut Values,
-    n: usize,
+    (n, parallel): (usize, bool),
     cols: &mut Vec<f32>,
 ) -> Result<Buf> {
     let din = plan.dims[step.inputs[0]];
@@ -239,7 +289,7 @@ fn run_step(
                 ws,
                 (step, prepared),
                 values,
-                n,
+                (n, parallel),
                 cols,
                 (&mut y, dout.c),
             )?;

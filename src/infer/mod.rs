@@ -37,10 +37,6 @@ use std::cell::RefCell;
 const CHUNK_BUDGET: usize = 1 << 18;
 const MAX_CHUNK: usize = 16;
 
-/// With [`Layout::Auto`] and a batch for every thread, the steps from where the output planes
-/// stay at or below this many values to the tail run channels last (see `channels_last.rs`).
-const CHANNELS_LAST_PLANE: usize = 64;
-
 /// Values per chunk of the largest channels-last value: its chunks hold as many samples as
 /// fit (at most the batch shared by the threads). Larger than [`CHUNK_BUDGET`]: the rows of
 /// a channels-last product are the chunk's pixels, and each chunk reads every weight again.
@@ -65,14 +61,15 @@ pub enum Layout {
 }
 
 impl Layout {
-    /// The layout for a call (`Auto` resolved).
+    /// The layout for a call: as given, but `Auto` overridden by `SLIMCANDLE_LAYOUT`.
     fn choose(self) -> Layout {
         if self != Layout::Auto {
             return self;
         }
         match std::env::var("SLIMCANDLE_LAYOUT").as_deref() {
             Ok("nhwc") => Layout::ChannelsLast,
-            _ => Layout::Planes,
+            Ok("nchw") => Layout::Planes,
+            _ => Layout::Auto,
         }
     }
 }
@@ -131,45 +128,25 @@ pub fn forward_with(
         chunk = c.max(1);
     }
     let chunk = chunk.min(n).max(1);
-    // Three phases: steps [0, a) in NCHW and [a, b) channels last, both chunk by chunk, then
-    // the tail [b, ..) on the whole batch (NCHW). Each phase receives the values it reads
-    // from the ones before as whole-batch NCHW vectors (node 0, the input, included).
+    // The chunked steps [0, b), then the tail [b, ..) on the whole batch (NCHW), which
+    // receives the values it reads as whole-batch NCHW vectors. Channels last, the chunks run
+    // [0, a) in NCHW (the stem, `channels_last::auto_start`) and [a, b) channels last, the
+    // values crossing transposed within the chunk.
     let cl_start = match layout.choose() {
         Layout::ChannelsLast => Some(0),
-        Layout::Auto if across => plan.small_planes(CHANNELS_LAST_PLANE),
+        Layout::Auto if across => channels_last::auto_start(&plan),
         _ => None,
     }
     .filter(|&a| a < plan.tail && channels_last::supports(&plan, a..plan.tail));
-    let (a, b) = match (cl_start, plan.small_tail) {
-        (Some(a), _) => (a, plan.tail),
-        (None, Some((start, widest))) if chunk * widest < plan::TAIL_COLUMNS => (start, start),
-        (None, _) => (plan.tail, plan.tail),
-    };
-    let mut given: Vec<(NodeId, Vec<f32>)> = Vec::new();
-    if a > 0 {
-        let export = read_from(&plan, a);
-        given = chunked(n, chunk, across, &export, &|first, samples| {
-            let xs = &x[first * in_len..(first + samples) * in_len];
-            let parallel = threads > 1 && !across;
-            with_pool(|pool| {
-                let steps = 0..a;
-                run::steps(
-                    &plan,
-                    &ws,
-                    xs,
-                    Vec::new(),
-                    steps,
-                    samples,
-                    parallel,
-                    pool,
-                    &export,
-                )
-            })
-        })?;
-    }
-    if a < b {
+    let parallel = threads > 1 && !across;
+    let (given, b) = if let Some(a) = cl_start {
+        let b = plan.tail;
+        let clock = crate::profile::enabled().then(std::time::Instant::now);
         let prepared = channels_last::prepare(&plan, &ws, a..b);
-        let largest = plan.steps[a..b]
+        if let Some(start) = clock {
+            crate::profile::record("eval channels-last weights", start.elapsed());
+        }
+        let largest = plan.steps[..b]
             .iter()
             .map(|s| plan.dims[s.out].elements())
             .max()
@@ -178,27 +155,62 @@ pub fn forward_with(
         if across {
             chunk = chunk.min(n.div_ceil(threads));
         }
-        let export = read_from(&plan, b);
-        let before = std::mem::take(&mut given);
-        given = chunked(n, chunk.min(n), across, &export, &|first, samples| {
-            // This chunk's samples of the values read (the input when a = 0).
-            let mut inputs: Vec<(NodeId, &[f32])> = before
-                .iter()
-                .map(|(v, vals)| (*v, &vals[first * plan.dims[*v].elements()..]))
-                .collect();
-            if a == 0 {
-                inputs.push((0, &x[first * in_len..]));
-            }
-            let inputs = inputs
-                .into_iter()
-                .map(|(v, vals)| (v, &vals[..samples * plan.dims[v].elements()]))
-                .collect();
+        let (lead_export, export) = (read_from(&plan, a), read_from(&plan, b));
+        let result = chunked(n, chunk.min(n), across, &export, &|first, samples| {
+            let xs = &x[first * in_len..(first + samples) * in_len];
             with_pool(|pool| {
-                let steps = a..b;
-                channels_last::steps(&plan, &ws, &prepared, inputs, steps, samples, pool, &export)
+                let lead = if a > 0 {
+                    let (steps, n) = (0..a, samples);
+                    let export = &lead_export;
+                    run::steps(&plan, &ws, xs, Vec::new(), steps, n, parallel, pool, export)?
+                } else {
+                    Vec::new()
+                };
+                let mut inputs: Vec<(NodeId, &[f32])> = lead_export
+                    .iter()
+                    .zip(&lead)
+                    .map(|(&v, vals)| (v, vals.as_slice()))
+                    .collect();
+                if a == 0 {
+                    inputs.push((0, xs));
+                }
+                let (steps, n) = (a..b, samples);
+                let ws = &ws;
+                let result = channels_last::steps(
+                    &plan, ws, &prepared, inputs, steps, n, parallel, pool, &export,
+                );
+                pool.extend(lead);
+                result
             })
-        })?;
-    }
+        });
+        channels_last::recycle(prepared);
+        (result?, b)
+    } else {
+        let b = match plan.small_tail {
+            Some((start, widest)) if chunk * widest < plan::TAIL_COLUMNS => start,
+            _ => plan.tail,
+        };
+        let export = read_from(&plan, b);
+        let result = chunked(n, chunk, across, &export, &|first, samples| {
+            let xs = &x[first * in_len..(first + samples) * in_len];
+            with_pool(|pool| {
+                let (steps, n) = (0..b, samples);
+                run::steps(
+                    &plan,
+                    &ws,
+                    xs,
+                    Vec::new(),
+                    steps,
+                    n,
+                    parallel,
+                    pool,
+                    &export,
+                )
+            })
+        });
+        (result?, b)
+    };
+    let mut given = given;
     let split = b;
     let out = if split < plan.steps.len() {
         let steps = split..plan.steps.len();
@@ -258,7 +270,13 @@ fn chunked(
     Ok(export
         .iter()
         .enumerate()
-        .map(|(k, &v)| (v, parts.iter().flat_map(|p| p[k].iter().copied()).collect()))
+        .map(|(k, &v)| {
+            let mut whole = Vec::with_capacity(parts.iter().map(|p| p[k].len()).sum());
+            for p in &parts {
+                whole.extend_from_slice(&p[k]);
+            }
+            (v, whole)
+        })
         .collect())
 }
 

@@ -125,19 +125,6 @@ pub(crate) struct Plan {
     pub consts: Vec<Vec<f32>>,
 }
 
-impl Plan {
-    /// The first step of the run of steps before [`Plan::tail`] whose output planes all have
-    /// at most `limit` values; `None` when the step just before the tail has larger ones.
-    pub fn small_planes(&self, limit: usize) -> Option<usize> {
-        let small = self.steps[..self.tail]
-            .iter()
-            .rev()
-            .take_while(|s| self.dims[s.out].h * self.dims[s.out].w <= limit)
-            .count();
-        (small > 0).then_some(self.tail - small)
-    }
-}
-
 /// Builds the plan; `None` when a parameter is not an f32 CPU tensor (the Candle path runs
 /// those).
 pub(crate) fn build(graph: &Graph, weights: &Weights, dims: Vec<Dims>) -> Result<Option<Plan>> {

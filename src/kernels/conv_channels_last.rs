@@ -13,7 +13,9 @@
 //! our GEMM (`sgemm`) wants B's rows contiguous.
 
 use super::conv::ConvGeom;
-use super::sgemm;
+use super::cpu::SharedMut;
+use super::transpose::transpose;
+use super::{sgemm, team};
 
 /// Values of the output block (rows x C_out) that a product and its epilogue should keep in
 /// cache: rows per block are chosen to fit this.
@@ -22,21 +24,33 @@ const BLOCK_VALUES: usize = 1 << 15;
 /// `w` (PyTorch's C_out x C_in/groups x k x k) as the products' right-hand matrices: per
 /// group, `k k C_in/groups` rows of `C_out/groups` values, row `(ky k + kx) C_in/groups + ci`
 /// (the order of a channels-last im2col row).
-pub(crate) fn weights(g: &ConvGeom, w: &[f32]) -> Vec<f32> {
+///
+/// Into `wt` (resized; its old contents are overwritten): the executor recycles these
+/// buffers between calls.
+pub(crate) fn weights(g: &ConvGeom, w: &[f32], wt: &mut Vec<f32>) {
     let (cg, og, kk) = (g.c_in / g.groups, g.c_out / g.groups, g.k * g.k);
-    let mut wt = vec![0f32; g.c_out * cg * kk];
+    let size = kk * cg * og;
+    wt.resize(g.c_out * cg * kk, 0.0);
+    // Per group: og x (cg kk) transposed to rows `ci kk + t`, then the rows reordered to
+    // `t cg + ci` (a no-op for 1x1 kernels).
+    let mut rows = if kk > 1 { vec![0f32; size] } else { Vec::new() };
     for grp in 0..g.groups {
-        let dst = &mut wt[grp * kk * cg * og..(grp + 1) * kk * cg * og];
-        for co in 0..og {
-            let filter = &w[(grp * og + co) * cg * kk..(grp * og + co + 1) * cg * kk];
-            for ci in 0..cg {
-                for t in 0..kk {
-                    dst[(t * cg + ci) * og + co] = filter[ci * kk + t];
-                }
+        let (src, dst) = (
+            &w[grp * size..(grp + 1) * size],
+            &mut wt[grp * size..(grp + 1) * size],
+        );
+        if kk == 1 {
+            transpose(src, (og, cg), dst);
+            continue;
+        }
+        transpose(src, (og, cg * kk), &mut rows);
+        for ci in 0..cg {
+            for t in 0..kk {
+                let from = &rows[(ci * kk + t) * og..][..og];
+                dst[(t * cg + ci) * og..][..og].copy_from_slice(from);
             }
         }
     }
-    wt
 }
 
 /// Whether this path runs `g`: our GEMM needs AVX-512 (the executor checks before choosing
@@ -50,7 +64,10 @@ pub(crate) fn available() -> bool {
 /// samples) goes to `y[r * ldc..r * ldc + C_out]` (`ldc` > C_out when the output is part of
 /// a concatenation). `post(first, rows, values)` runs on each block of output rows right
 /// after it is computed: `values` starts at pixel `first` and spans `rows` pixels (`ldc`
-/// apart). `cols` is scratch for the im2col blocks. On the calling thread.
+/// apart). `cols` is scratch for the im2col blocks. With `threads` > 1 (batch 1, on the
+/// spinning team) the row blocks are shared out, or where there are fewer blocks than
+/// threads, each product's column panels.
+#[allow(clippy::too_many_arguments)]
 pub(crate) fn forward(
     g: &ConvGeom,
     x: &[f32],
@@ -58,7 +75,8 @@ pub(crate) fn forward(
     y: &mut [f32],
     ldc: usize,
     cols: &mut Vec<f32>,
-    post: &mut dyn FnMut(usize, usize, &mut [f32]),
+    threads: usize,
+    post: &(dyn Fn(usize, usize, &mut [f32]) + Sync),
 ) {
     let (cg, og, kk) = (g.c_in / g.groups, g.c_out / g.groups, g.k * g.k);
     let kdim = kk * cg;
@@ -69,9 +87,14 @@ pub(crate) fn forward(
     let direct = g.k == 1 && g.stride == 1 && g.pad == 0;
     let widest = if direct { ldc } else { ldc.max(kdim) };
     let block = (BLOCK_VALUES / widest.max(1)).clamp(sgemm::MR, 1024) / sgemm::MR * sgemm::MR;
-    let mut r0 = 0;
-    while r0 < pixels {
+    let blocks = pixels.div_ceil(block);
+    let out = SharedMut::new(y);
+    // Rows `r0..r0 + m` of every group's product, then their epilogue.
+    let run_block = |r0: usize, cols: &mut Vec<f32>, panel_threads: usize| {
         let m = block.min(pixels - r0);
+        let len = (m - 1) * ldc + g.c_out;
+        // SAFETY: blocks are disjoint runs of output rows (each task takes its own).
+        let y = unsafe { out.part(r0 * ldc, len) };
         for grp in 0..g.groups {
             let (a, a_rs) = if direct {
                 (&x[r0 * g.c_in + grp * cg..], g.c_in)
@@ -81,12 +104,32 @@ pub(crate) fn forward(
                 (&cols[..], kdim)
             };
             let b = &wt[grp * kdim * og..(grp + 1) * kdim * og];
-            let c = &mut y[r0 * ldc + grp * og..];
-            sgemm::sgemm((m, og, kdim), a, (a_rs, 1), b, og, c, ldc, false, 1);
+            let c = &mut y[grp * og..];
+            sgemm::sgemm(
+                (m, og, kdim),
+                a,
+                (a_rs, 1),
+                b,
+                og,
+                c,
+                ldc,
+                false,
+                panel_threads,
+            );
         }
-        let end = (r0 + m - 1) * ldc + g.c_out;
-        post(r0, m, &mut y[r0 * ldc..end]);
-        r0 += m;
+        post(r0, m, y);
+    };
+    if threads > 1 && blocks >= threads {
+        team::run_parts(blocks, threads, &|part| {
+            let mut cols = Vec::new();
+            for i in part {
+                run_block(i * block, &mut cols, 1);
+            }
+        });
+    } else {
+        for i in 0..blocks {
+            run_block(i * block, cols, threads);
+        }
     }
 }
 
@@ -106,8 +149,21 @@ fn im2col_rows(
     for (r, q) in pixels.enumerate() {
         let (s, oy, ox) = (q / plane, q % plane / g.wo, q % g.wo);
         let row = &mut cols[r * kdim..(r + 1) * kdim];
+        let ix0 = (ox * g.stride) as isize - g.pad as isize;
+        // Without groups or dilation a window row's taps are one run of the input row.
+        let runs = g.groups == 1 && g.dil == 1 && ix0 >= 0 && ix0 as usize + g.k <= g.w;
         for ky in 0..g.k {
             let iy = (oy * g.stride + ky * g.dil) as isize - g.pad as isize;
+            if runs {
+                let dst = &mut row[ky * g.k * cg..(ky + 1) * g.k * cg];
+                if (0..g.h as isize).contains(&iy) {
+                    let at = ((s * g.h + iy as usize) * g.w + ix0 as usize) * g.c_in;
+                    dst.copy_from_slice(&x[at..at + g.k * cg]);
+                } else {
+                    dst.fill(0.0);
+                }
+                continue;
+            }
             for kx in 0..g.k {
                 let ix = (ox * g.stride + kx * g.dil) as isize - g.pad as isize;
                 let dst = &mut row[(ky * g.k + kx) * cg..][..cg];
@@ -209,37 +265,33 @@ mod tests {
                 .collect();
             let want = reference(&g, &x, &wv);
             let xl = to_channels_last(&x, n, c_in, h * w);
-            let wt = weights(&g, &wv);
+            let mut wt = Vec::new();
+            weights(&g, &wv, &mut wt);
             let p = g.ho * g.wo;
             // Into a wider buffer (as into a concatenation), the epilogue counting rows.
             let ldc = c_out + 5;
             let mut y = vec![f32::NAN; n * p * ldc];
-            let mut rows_seen = 0;
-            let mut scratch = Vec::new();
-            forward(
-                &g,
-                &xl,
-                &wt,
-                &mut y,
-                ldc,
-                &mut scratch,
-                &mut |first, rows, vals| {
-                    assert_eq!(first, rows_seen);
+            for threads in [1, 2] {
+                y.fill(f32::NAN);
+                let rows_seen = std::sync::atomic::AtomicUsize::new(0);
+                let mut scratch = Vec::new();
+                let post = |_: usize, rows: usize, vals: &mut [f32]| {
                     assert_eq!(vals.len(), (rows - 1) * ldc + c_out);
-                    rows_seen += rows;
-                },
-            );
-            assert_eq!(rows_seen, n * p);
-            for s in 0..n {
-                for co in 0..c_out {
-                    for q in 0..p {
-                        let got = y[(s * p + q) * ldc + co] as f64;
-                        let exp = want[(s * c_out + co) * p + q];
-                        assert!(
-                            (got - exp).abs() <= 1e-4 * (1.0 + exp.abs()),
-                            "case {:?}: {got} vs {exp}",
-                            (n, c_in, h, w, c_out, k, stride, pad, dil, groups)
-                        );
+                    rows_seen.fetch_add(rows, std::sync::atomic::Ordering::Relaxed);
+                };
+                forward(&g, &xl, &wt, &mut y, ldc, &mut scratch, threads, &post);
+                assert_eq!(rows_seen.into_inner(), n * p);
+                for s in 0..n {
+                    for co in 0..c_out {
+                        for q in 0..p {
+                            let got = y[(s * p + q) * ldc + co] as f64;
+                            let exp = want[(s * c_out + co) * p + q];
+                            assert!(
+                                (got - exp).abs() <= 1e-4 * (1.0 + exp.abs()),
+                                "case {:?} threads {threads}: {got} vs {exp}",
+                                (n, c_in, h, w, c_out, k, stride, pad, dil, groups)
+                            );
+                        }
                     }
                 }
             }

@@ -521,7 +521,7 @@ pub(crate) fn forward_into(
 
 /// `taps[o]`: the taps of output row (or column) `o` that fall inside the input, and the
 /// input position of the first of them.
-fn narrow_taps(
+pub(super) fn narrow_taps(
     out_len: usize,
     in_len: usize,
     g: &ConvGeom,
@@ -575,7 +575,7 @@ struct NarrowScratch {
     yt: Vec<f32>,
 }
 
-type Taps = [(std::ops::Range<usize>, usize)];
+pub(super) type Taps = [(std::ops::Range<usize>, usize)];
 
 /// One sample of a depthwise conv whose output rows are too short to vectorise along: with
 /// channels last, every tap is a vector operation across channels, and only the taps that
@@ -616,7 +616,7 @@ simd_dispatch!(fn narrow(g: &ConvGeom, taps: (&Taps, &Taps), ft: &[f32], x: &[f3
 /// pixel `ox` goes to `out[ox * ldc..ox * ldc + C]`. Each output sums its valid taps in the
 /// order ky, then kx, from zero, 16 channels at a time in registers.
 #[inline(always)]
-fn row_channels_last<M: Madd>(
+pub(super) fn row_channels_last<M: Madd>(
     g: &ConvGeom,
     (kys, iy): &(std::ops::Range<usize>, usize),
     cols: &Taps,
@@ -651,61 +651,6 @@ fn row_channels_last<M: Madd>(
             }
             acc_row[c0..c0 + width].copy_from_slice(&acc[..width]);
             c0 += width;
-        }
-    }
-}
-
-/// The rows `rows` of one sample's output, channels last (see [`forward_channels_last`]).
-#[inline(always)]
-fn rows_channels_last_body<M: Madd>(
-    g: &ConvGeom,
-    taps: (&Taps, &Taps),
-    ft: &[f32],
-    x: &[f32],
-    out: &mut [f32],
-    ldc: usize,
-) {
-    let (rows, cols) = taps;
-    for (oy, kys) in rows.iter().enumerate() {
-        let row = &mut out[oy * g.wo * ldc..];
-        row_channels_last::<M>(g, kys, cols, ft, x, row, ldc);
-    }
-}
-
-simd_dispatch!(fn rows_channels_last(g: &ConvGeom, taps: (&Taps, &Taps), ft: &[f32], x: &[f32], out: &mut [f32], ldc: usize) => rows_channels_last_body);
-
-/// Depthwise convolution of `g.n` samples stored channels last (NHWC), for the eval
-/// executor's channels-last plans: `x` holds each pixel's `g.c_in` values side by side, `ft`
-/// the filters as (k k) x C ([`taps_major`]); output pixel `r` (counted over the samples) goes
-/// to `y[r * ldc..r * ldc + C]` (`ldc` > C when the output is part of a concatenation).
-/// `post(first, values)` runs on each output row right after it is computed: `values` starts
-/// at pixel `first` and spans the row's `wo` pixels (`ldc` apart).
-///
-/// Why: with channels last every tap is a vector operation across channels, whatever the
-/// plane's size, where the NCHW paths vectorise along rows (a 6x6 plane's rows fill 6 of 16
-/// lanes). On the calling thread; the executor runs chunks of the batch in parallel.
-pub(crate) fn forward_channels_last(
-    g: &ConvGeom,
-    x: &[f32],
-    ft: &[f32],
-    y: &mut [f32],
-    ldc: usize,
-    post: &mut dyn FnMut(usize, &mut [f32]),
-) {
-    assert!(supports(g), "depthwise: unsupported geometry");
-    let (c, plane_in, plane_out) = (g.c_in, g.h * g.w, g.ho * g.wo);
-    assert!(ldc >= c && ft.len() == g.k * g.k * c);
-    assert!(x.len() == g.n * plane_in * c, "depthwise: input size");
-    assert!(g.n * plane_out == 0 || y.len() >= (g.n * plane_out - 1) * ldc + c);
-    let (rows, cols) = (narrow_taps(g.ho, g.h, g), narrow_taps(g.wo, g.w, g));
-    for s in 0..g.n {
-        let xs = &x[s * plane_in * c..(s + 1) * plane_in * c];
-        for oy in 0..g.ho {
-            let first = s * plane_out + oy * g.wo;
-            let len = (g.wo - 1) * ldc + c;
-            let out = &mut y[first * ldc..first * ldc + len];
-            rows_channels_last(g, (&rows[oy..oy + 1], &cols), ft, xs, out, ldc);
-            post(first, out);
         }
     }
 }

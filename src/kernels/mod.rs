@@ -38,6 +38,7 @@ pub(crate) mod conv_gemm;
 mod conv_implicit;
 pub(crate) mod cpu;
 pub(crate) mod depthwise;
+pub(crate) mod depthwise_channels_last;
 mod depthwise_small;
 pub(crate) mod gemm;
 mod gemm_nt;
@@ -51,6 +52,7 @@ pub(crate) mod sgemm;
 mod shuffle;
 pub(crate) mod simd;
 pub(crate) mod team;
+pub(crate) mod transpose;
 
 pub use activation::{hardsigmoid, hardswish, relu, relu6};
 pub use alloc::reuse_freed_memory;

@@ -1,0 +1,243 @@
+//! Depthwise convolution with channels last (NHWC), for the eval executor's channels-last
+//! plans: every tap is a vector operation across 16 channels, whatever the plane's size.
+//!
+//! Why: the NCHW paths (`depthwise.rs`) vectorise along a plane's rows, and the small planes
+//! of the last stages fill few lanes (a 6x6 plane's rows fill 6 of 16; MobileNet V2's 6x6
+//! depthwise convs ran at 4-17 GMAC/s at 96x96 inputs). Here, per output row and block of
+//! 16 channels, four output pixels at a time sum their taps in four registers, each tap's
+//! weights loaded once for the four; pixels whose window meets the padding (the row's
+//! edges, the first and last rows) sum only their valid taps. Each output sums its taps in
+//! the order ky, then kx, from zero, as the NCHW narrow path does.
+
+use super::conv::ConvGeom;
+use super::cpu::SharedMut;
+use super::depthwise::{Taps, narrow_taps, row_channels_last, supports};
+use super::simd::{Madd, simd_dispatch};
+use super::team;
+
+/// Depthwise convolution of `g.n` samples stored channels last: `x` holds each pixel's
+/// `g.c_in` values side by side, `ft` the filters as (k k) x C (`depthwise::taps_major`);
+/// output pixel `r` (counted over the samples) goes to `y[r * ldc..r * ldc + C]` (`ldc` > C
+/// when the output is part of a concatenation). `post(first, values)` runs on each output
+/// row right after it is computed: `values` starts at pixel `first` and spans the row's
+/// `wo` pixels (`ldc` apart). With `threads` > 1 (batch 1) the output rows are shared out
+/// over the spinning team.
+pub(crate) fn forward(
+    g: &ConvGeom,
+    x: &[f32],
+    ft: &[f32],
+    y: &mut [f32],
+    ldc: usize,
+    threads: usize,
+    post: &(dyn Fn(usize, &mut [f32]) + Sync),
+) {
+    assert!(supports(g), "depthwise: unsupported geometry");
+    let (c, plane_in, plane_out) = (g.c_in, g.h * g.w, g.ho * g.wo);
+    assert!(
+        ldc >= c && ft.len() == g.k * g.k * c,
+        "depthwise: weight size"
+    );
+    assert!(x.len() == g.n * plane_in * c, "depthwise: input size");
+    let needed = (g.n * plane_out).checked_sub(1).map(|last| last * ldc + c);
+    assert!(
+        needed.is_none_or(|len| y.len() >= len),
+        "depthwise: output size"
+    );
+    let (rows, cols) = (narrow_taps(g.ho, g.h, g), narrow_taps(g.wo, g.w, g));
+    let out = SharedMut::new(y);
+    // Output rows (sample, oy), counted over the samples.
+    let run = |units: std::ops::Range<usize>| {
+        for u in units {
+            let (s, oy) = (u / g.ho, u % g.ho);
+            let xs = &x[s * plane_in * c..(s + 1) * plane_in * c];
+            let first = s * plane_out + oy * g.wo;
+            // SAFETY: rows are disjoint runs of the output (each task takes its own).
+            let out = unsafe { out.part(first * ldc, (g.wo - 1) * ldc + c) };
+            row(g, &rows[oy], &cols, ft, xs, out, ldc);
+            post(first, out);
+        }
+    };
+    let units = g.n * g.ho;
+    if threads > 1 && units > 1 {
+        team::run_parts(units, threads, &run);
+    } else {
+        run(0..units);
+    }
+}
+
+/// One output row: the AVX-512 kernel where the CPU has it, else the generic loop.
+fn row(
+    g: &ConvGeom,
+    row_taps: &(std::ops::Range<usize>, usize),
+    cols: &Taps,
+    ft: &[f32],
+    x: &[f32],
+    out: &mut [f32],
+    ldc: usize,
+) {
+    #[cfg(target_arch = "x86_64")]
+    if super::simd::level() == super::simd::Level::Avx512 {
+        // SAFETY: AVX-512F is present; the bounds are those `forward` checked (the taps
+        // come from `narrow_taps`, within the input; outputs within the row).
+        return unsafe { x86::row(g, row_taps, cols, ft, x, out, ldc) };
+    }
+    generic_row(g, row_taps, cols, ft, x, out, ldc);
+}
+
+#[inline(always)]
+fn generic_row_body<M: Madd>(
+    g: &ConvGeom,
+    row_taps: &(std::ops::Range<usize>, usize),
+    cols: &Taps,
+    ft: &[f32],
+    x: &[f32],
+    out: &mut [f32],
+    ldc: usize,
+) {
+    row_channels_last::<M>(g, row_taps, cols, ft, x, out, ldc);
+}
+
+simd_dispatch!(fn generic_row(g: &ConvGeom, row_taps: &(std::ops::Range<usize>, usize), cols: &Taps, ft: &[f32], x: &[f32], out: &mut [f32], ldc: usize) => generic_row_body);
+
+#[cfg(target_arch = "x86_64")]
+mod x86 {
+    use super::{ConvGeom, Taps};
+    use crate::kernels::simd::first_lanes;
+    use std::arch::x86_64::*;
+
+    /// Pixels per step of the interior loop (one accumulator each).
+    const PIXELS: usize = 4;
+
+    /// See [`super::row`].
+    ///
+    /// # Safety
+    /// AVX-512F; `x` holds the sample, `ft` the (k k) x C filters, `out` the row's pixels
+    /// (`ldc` apart), and the taps lie within the input.
+    #[target_feature(enable = "avx512f")]
+    pub(super) unsafe fn row(
+        g: &ConvGeom,
+        (kys, iy): &(std::ops::Range<usize>, usize),
+        cols: &Taps,
+        ft: &[f32],
+        x: &[f32],
+        out: &mut [f32],
+        ldc: usize,
+    ) {
+        let (c, k, wo) = (g.c_in, g.k, g.wo);
+        let (xp, fp, op) = (x.as_ptr(), ft.as_ptr(), out.as_mut_ptr());
+        let line = |dy: usize| (iy + dy) * g.w * c;
+        let mut c0 = 0;
+        while c0 < c {
+            let mask = first_lanes(c - c0);
+            let mut ox = 0;
+            while ox < wo {
+                let (kxs, ix) = &cols[ox];
+                let full = kxs.start == 0 && kxs.end == k;
+                if full && ox + PIXELS <= wo && cols[ox + PIXELS - 1].0 == (0..k) {
+                    // Four pixels whose windows lie inside the row (stride apart).
+                    let mut acc = [_mm512_setzero_ps(); PIXELS];
+                    for (dy, ky) in kys.clone().enumerate() {
+                        let base = line(dy) + ix * c + c0;
+                        for kx in 0..k {
+                            // SAFETY (all pointer arithmetic here): within the checked
+                            // buffers, as the caller guarantees.
+                            let f = unsafe {
+                                _mm512_maskz_loadu_ps(mask, fp.add((ky * k + kx) * c + c0))
+                            };
+                            for (j, a) in acc.iter_mut().enumerate() {
+                                let at = base + (j * g.stride + kx) * c;
+                                let v = unsafe { _mm512_maskz_loadu_ps(mask, xp.add(at)) };
+                                *a = _mm512_fmadd_ps(f, v, *a);
+                            }
+                        }
+                    }
+                    for (j, a) in acc.into_iter().enumerate() {
+                        unsafe { _mm512_mask_storeu_ps(op.add((ox + j) * ldc + c0), mask, a) };
+                    }
+                    ox += PIXELS;
+                    continue;
+                }
+                let mut acc = _mm512_setzero_ps();
+                for (dy, ky) in kys.clone().enumerate() {
+                    for (dx, kx) in kxs.clone().enumerate() {
+                        let at = line(dy) + (ix + dx) * c + c0;
+                        let f =
+                            unsafe { _mm512_maskz_loadu_ps(mask, fp.add((ky * k + kx) * c + c0)) };
+                        let v = unsafe { _mm512_maskz_loadu_ps(mask, xp.add(at)) };
+                        acc = _mm512_fmadd_ps(f, v, acc);
+                    }
+                }
+                unsafe { _mm512_mask_storeu_ps(op.add(ox * ldc + c0), mask, acc) };
+                ox += 1;
+            }
+            c0 += 16;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Against the NCHW depthwise path (itself tested against a reference), on widths that
+    /// exercise the four-pixel steps, their edges, channel tails and strides.
+    #[test]
+    fn matches_the_planes_path() {
+        let cases = [
+            // (n, c, h, w, k, stride, pad)
+            (2, 16, 6, 6, 3, 1, 1),
+            (1, 40, 13, 11, 3, 2, 1),
+            (3, 7, 9, 9, 5, 1, 2),
+            (1, 72, 4, 4, 3, 1, 1),
+            (2, 33, 17, 19, 3, 2, 1),
+            (1, 24, 1, 1, 3, 1, 1),
+            (1, 20, 8, 8, 1, 1, 0),
+            (1, 18, 12, 10, 5, 2, 2),
+        ];
+        for (n, c, h, w, k, stride, pad) in cases {
+            let g = ConvGeom::new(&[n, c, h, w], &[c, 1, k, k], stride, pad, 1, c).unwrap();
+            let x: Vec<f32> = (0..n * c * h * w)
+                .map(|i| ((i * 37 % 101) as f32 - 50.0) / 25.0)
+                .collect();
+            let wv: Vec<f32> = (0..c * k * k)
+                .map(|i| ((i * 53 % 89) as f32 - 44.0) / 40.0)
+                .collect();
+            let p = g.ho * g.wo;
+            let mut want = vec![0f32; n * c * p];
+            super::super::depthwise::forward_into(&g, &x, &wv, &mut want, false, &|_, _| {});
+            let mut xl = vec![0f32; x.len()];
+            for s in 0..n {
+                for ch in 0..c {
+                    for q in 0..h * w {
+                        xl[(s * h * w + q) * c + ch] = x[(s * c + ch) * h * w + q];
+                    }
+                }
+            }
+            let ft = super::super::depthwise::taps_major(&wv, c, k * k);
+            let ldc = c + 3;
+            let mut y = vec![f32::NAN; n * p * ldc];
+            for threads in [1, 2] {
+                let rows = std::sync::atomic::AtomicUsize::new(0);
+                forward(&g, &xl, &ft, &mut y, ldc, threads, &|first, vals| {
+                    assert_eq!(first % g.wo, 0);
+                    assert_eq!(vals.len(), (g.wo - 1) * ldc + c);
+                    rows.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                });
+                assert_eq!(rows.into_inner(), n * g.ho);
+                for s in 0..n {
+                    for ch in 0..c {
+                        for q in 0..p {
+                            let got = y[(s * p + q) * ldc + ch];
+                            let exp = want[(s * c + ch) * p + q];
+                            assert!(
+                                (got - exp).abs() <= 1e-5 * (1.0 + exp.abs()),
+                                "case {:?}: {got} vs {exp}",
+                                (n, c, h, w, k, stride, pad)
+                            );
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
