@@ -12,12 +12,18 @@
 //! - the batch is split into chunks that each run the whole network (`run.rs`), on the rayon
 //!   pool when there are enough samples for every thread, with buffers recycled after their
 //!   last reader. Batches smaller than the thread count run one chunk with multi-threaded
-//!   convolutions instead.
+//!   convolutions instead;
+//! - with a batch for every thread, the chunks run channels last (NHWC, `channels_last.rs`),
+//!   where a convolution's product has the chunk's pixels as rows and depthwise, pooling and
+//!   epilogues vectorise across channels: the small planes of the last stages no longer
+//!   starve the vector units (`Layout`, `channels_last::auto_start` for when).
 //!
-//! Parameters are borrowed from the weights for the call, not copied. Only f32 CPU tensors
-//! run here; `exec::forward` sends anything else down the Candle path.
+//! Parameters are borrowed from the weights for the call, not copied (channels last, the
+//! convolution weights are rearranged once per call, into buffers kept between calls). Only
+//! f32 CPU tensors run here; `exec::forward` sends anything else down the Candle path.
 //!
-//! `SLIMCANDLE_INFER_CHUNK=n` overrides the chunk size (samples), for timing experiments.
+//! `SLIMCANDLE_INFER_CHUNK=n` overrides the NCHW chunk size (samples), and
+//! `SLIMCANDLE_LAYOUT=nchw|nhwc` the layout, for timing experiments.
 
 mod channels_last;
 mod epilogue;

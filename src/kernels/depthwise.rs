@@ -597,10 +597,21 @@ fn narrow_body<M: Madd>(
             xt[q * c + ch] = v;
         }
     }
+    yt.clear();
     yt.resize(p * c, 0.0);
-    for (oy, kys) in rows.iter().enumerate() {
-        let row = &mut yt[oy * g.wo * c..(oy + 1) * g.wo * c];
-        row_channels_last::<M>(g, kys, cols, ft, xt, row, c);
+    for (oy, (kys, iy)) in rows.iter().enumerate() {
+        for (ox, (kxs, ix)) in cols.iter().enumerate() {
+            let acc = &mut yt[(oy * g.wo + ox) * c..][..c];
+            for (dy, ky) in kys.clone().enumerate() {
+                for (dx, kx) in kxs.clone().enumerate() {
+                    let f = &ft[(ky * g.k + kx) * c..][..c];
+                    let v = &xt[((iy + dy) * g.w + ix + dx) * c..][..c];
+                    for j in 0..c {
+                        acc[j] = M::madd(f[j], v[j], acc[j]);
+                    }
+                }
+            }
+        }
     }
     for (ch, plane) in out.chunks_exact_mut(p).enumerate() {
         for (q, o) in plane.iter_mut().enumerate() {
@@ -610,50 +621,6 @@ fn narrow_body<M: Madd>(
 }
 
 simd_dispatch!(fn narrow(g: &ConvGeom, taps: (&Taps, &Taps), ft: &[f32], x: &[f32], out: &mut [f32], scratch: &mut NarrowScratch) => narrow_body);
-
-/// One output row of one sample, channels last: `x` holds the sample's H x W pixels of C
-/// values, `ft` the filters as (k k) x C, `(kys, iy)` the row's taps ([`narrow_taps`]); output
-/// pixel `ox` goes to `out[ox * ldc..ox * ldc + C]`. Each output sums its valid taps in the
-/// order ky, then kx, from zero, 16 channels at a time in registers.
-#[inline(always)]
-pub(super) fn row_channels_last<M: Madd>(
-    g: &ConvGeom,
-    (kys, iy): &(std::ops::Range<usize>, usize),
-    cols: &Taps,
-    ft: &[f32],
-    x: &[f32],
-    out: &mut [f32],
-    ldc: usize,
-) {
-    const V: usize = 16;
-    let c = g.c_in;
-    for (ox, (kxs, ix)) in cols.iter().enumerate() {
-        let acc_row = &mut out[ox * ldc..ox * ldc + c];
-        let mut c0 = 0;
-        while c0 < c {
-            let width = V.min(c - c0);
-            let mut acc = [0f32; V];
-            for (dy, ky) in kys.clone().enumerate() {
-                let line = &x[(iy + dy) * g.w * c..];
-                for (dx, kx) in kxs.clone().enumerate() {
-                    let f = &ft[(ky * g.k + kx) * c + c0..][..width];
-                    let v = &line[(ix + dx) * c + c0..][..width];
-                    if width == V {
-                        for j in 0..V {
-                            acc[j] = M::madd(f[j], v[j], acc[j]);
-                        }
-                    } else {
-                        for j in 0..width {
-                            acc[j] = M::madd(f[j], v[j], acc[j]);
-                        }
-                    }
-                }
-            }
-            acc_row[c0..c0 + width].copy_from_slice(&acc[..width]);
-            c0 += width;
-        }
-    }
-}
 
 /// Returns `[dX | dW]` (each part only when requested).
 pub(crate) fn backward(

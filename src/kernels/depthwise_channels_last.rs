@@ -11,7 +11,7 @@
 
 use super::conv::ConvGeom;
 use super::cpu::SharedMut;
-use super::depthwise::{Taps, narrow_taps, row_channels_last, supports};
+use super::depthwise::{Taps, narrow_taps, supports};
 use super::simd::{Madd, simd_dispatch};
 use super::team;
 
@@ -82,6 +82,50 @@ fn row(
         return unsafe { x86::row(g, row_taps, cols, ft, x, out, ldc) };
     }
     generic_row(g, row_taps, cols, ft, x, out, ldc);
+}
+
+/// One output row of one sample, channels last: `x` holds the sample's H x W pixels of C
+/// values, `ft` the filters as (k k) x C, `(kys, iy)` the row's taps ([`narrow_taps`]); output
+/// pixel `ox` goes to `out[ox * ldc..ox * ldc + C]`. Each output sums its valid taps in the
+/// order ky, then kx, from zero, 16 channels at a time in registers.
+#[inline(always)]
+fn row_channels_last<M: Madd>(
+    g: &ConvGeom,
+    (kys, iy): &(std::ops::Range<usize>, usize),
+    cols: &Taps,
+    ft: &[f32],
+    x: &[f32],
+    out: &mut [f32],
+    ldc: usize,
+) {
+    const V: usize = 16;
+    let c = g.c_in;
+    for (ox, (kxs, ix)) in cols.iter().enumerate() {
+        let acc_row = &mut out[ox * ldc..ox * ldc + c];
+        let mut c0 = 0;
+        while c0 < c {
+            let width = V.min(c - c0);
+            let mut acc = [0f32; V];
+            for (dy, ky) in kys.clone().enumerate() {
+                let line = &x[(iy + dy) * g.w * c..];
+                for (dx, kx) in kxs.clone().enumerate() {
+                    let f = &ft[(ky * g.k + kx) * c + c0..][..width];
+                    let v = &line[(ix + dx) * c + c0..][..width];
+                    if width == V {
+                        for j in 0..V {
+                            acc[j] = M::madd(f[j], v[j], acc[j]);
+                        }
+                    } else {
+                        for j in 0..width {
+                            acc[j] = M::madd(f[j], v[j], acc[j]);
+                        }
+                    }
+                }
+            }
+            acc_row[c0..c0 + width].copy_from_slice(&acc[..width]);
+            c0 += width;
+        }
+    }
 }
 
 #[inline(always)]
