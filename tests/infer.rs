@@ -1,8 +1,8 @@
 //! The fused eval executor (`slimcandle::infer`) against the Candle eval path, for every
 //! family, with random weights and batch norm statistics, odd input sizes, batch 1 (one
-//! chunk, multi-threaded kernels) and batch 3 (chunks across threads, and the small planes
-//! at the end on the whole batch); and batch-norm folding,
-//! which keeps the logits of every family.
+//! chunk, multi-threaded kernels), batch 3 (chunks across threads, and the small planes
+//! at the end on the whole batch) and batch 4 (channels last, `infer::Layout`), each also
+//! in both layouts forced; and batch-norm folding, which keeps the logits of every family.
 
 mod common;
 
@@ -103,7 +103,8 @@ fn run_family(arch: &str, width: Option<f64>) {
         let mut model = Model::init(&spec, 11).unwrap();
         randomise_bn(&mut model, 12);
         let folded = fold_batch_norm(&model).unwrap();
-        for n in [1, 3] {
+        // Batch 4 runs channels last in `Layout::Auto` (a narrow stem in NCHW first).
+        for n in [1, 3, 4] {
             let x = input(n, h, w, 13 + n as u64);
             let what = format!("{} {stem:?} batch {n} {h}x{w}", spec.variant_name());
             check(&model, &x, &what);

@@ -140,7 +140,9 @@ pub fn forward_with(
     // values crossing transposed within the chunk.
     let cl_start = match layout.choose() {
         Layout::ChannelsLast => Some(0),
-        Layout::Auto if across => channels_last::auto_start(&plan),
+        Layout::Auto if n >= threads.max(channels_last::MIN_BATCH) => {
+            channels_last::auto_start(&plan)
+        }
         _ => None,
     }
     .filter(|&a| a < plan.tail && channels_last::supports(&plan, a..plan.tail));
