@@ -103,7 +103,7 @@ fn run_family(arch: &str, width: Option<f64>) {
         let mut model = Model::init(&spec, 11).unwrap();
         randomise_bn(&mut model, 12);
         let folded = fold_batch_norm(&model).unwrap();
-        // Batch 4 runs channels last in `Layout::Auto` (a narrow stem in NCHW first).
+        // Batch 4 runs channels last in `Layout::Auto` (but ShuffleNet V2).
         for n in [1, 3, 4] {
             let x = input(n, h, w, 13 + n as u64);
             let what = format!("{} {stem:?} batch {n} {h}x{w}", spec.variant_name());

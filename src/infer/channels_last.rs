@@ -10,8 +10,9 @@
 //! is a vector operation across channels, whatever the plane's size. This is how
 //! onnxruntime's and OpenVINO's CPU kernels lay out these networks.
 //!
-//! The same plan and buffer pool as the NCHW executor (`run.rs`); the chunk's input is
-//! transposed in, and exported values with planes larger than one pixel are transposed back.
+//! The same plan and buffer pool as the NCHW executor (`run.rs`). The network input stays
+//! NCHW for the stem convolution, which reads it in place (`kernels::stem_channels_last`);
+//! it is transposed only for other readers, as are the exported values back to NCHW.
 //! The weights are rearranged once per forward pass ([`prepare`]). A convolution whose only
 //! reader is a concatenation writes into its columns of the concatenation's output, at any
 //! batch size.
@@ -21,7 +22,8 @@ use super::run::{Buf, Values, epilogue, placements, profile_label};
 use crate::graph::NodeId;
 use crate::kernels::conv::ConvGeom;
 use crate::kernels::{
-    conv_channels_last, depthwise, depthwise_channels_last, pool, team, transpose,
+    conv_channels_last, depthwise, depthwise_channels_last, pool, stem_channels_last, team,
+    transpose,
 };
 use anyhow::{Context, Result, bail};
 use rayon::prelude::*;
@@ -44,34 +46,20 @@ pub(crate) fn supports(plan: &Plan, steps: Range<usize>) -> bool {
 /// 107-115; at batch 8 (two threads, 224x224) channels last was 19% faster.
 pub(crate) const MIN_BATCH: usize = 4;
 
-/// Where [`Layout::Auto`](super::Layout::Auto) starts running channels last (given a batch
-/// of [`MIN_BATCH`] and a sample for every thread), or `None` to stay in NCHW:
-///
-/// - a stem (the steps that read the network input) with fewer than 32 output channels
-///   stays in NCHW, its output transposed within the chunk: channels last, its product is
-///   27 values deep (3 channels, 3x3) and 16 columns wide, a third of our GEMM's register
-///   tile, where the NCHW implicit GEMM has a plane's pixels as columns (MobileNet V1 0.5 at
-///   32x32: 17.3 ms channels last against 7.0 per 8 batches). Wider stems (SqueezeNet's 64
-///   channels) are faster channels last (224x224 batch 8: 383-396 images/s against 317-353);
-/// - plans that split channels (`Slice`, ShuffleNet V2's units) stay in NCHW: a split,
-///   concatenation and shuffle move whole planes there but gather every pixel's channels
-///   here (ShuffleNet V2 ran 10-45% slower channels last).
+/// Whether [`Layout::Auto`](super::Layout::Auto) runs `plan` channels last (given a batch of
+/// [`MIN_BATCH`] and a sample for every thread): all but plans that split channels
+/// (`Slice`, ShuffleNet V2's units), which stay NCHW: a split, concatenation and shuffle
+/// move whole planes there but gather every pixel's channels here (ShuffleNet V2 ran 10-45%
+/// slower channels last).
 ///
 /// Measured with every family at 32x32 (batch 64), 96x96 (32), 224x224 (8) and MobileNet
-/// V2 at batch 500, against NCHW: MobileNet V2 +14% to +60%, V3 small +10% to +45%,
-/// SqueezeNet 1.1 +5% to +20%, MobileNet V1 0.5 level to +43%, ShuffleNet V1 -2% to +28%
-/// (docs/performance.md). At batch 1 (fewer samples than threads) NCHW stays: its kernels
-/// share each layer out over the team, where channels last ran 20-65% slower.
-pub(crate) fn auto_start(plan: &Plan) -> Option<usize> {
-    let end = plan.tail;
-    let splits = plan.steps[..end]
+/// V2 at batch 500, against NCHW (docs/performance.md): MobileNet V2 +14% to +60%, V3 small
+/// +15% to +50%, SqueezeNet 1.1 +15% to +25%, MobileNet V1 0.5 +8% to +50%, ShuffleNet V1
+/// level to +30%.
+pub(crate) fn suits(plan: &Plan) -> bool {
+    !plan.steps[..plan.tail]
         .iter()
-        .any(|s| matches!(s.kind, StepKind::Slice { .. }));
-    if splits {
-        return None;
-    }
-    let narrow_stem = |s: &&Step| s.inputs.contains(&0) && plan.dims[s.out].c < 32;
-    Some(plan.steps[..end].iter().take_while(narrow_stem).count())
+        .any(|s| matches!(s.kind, StepKind::Slice { .. }))
 }
 
 /// The weights of each convolution step among `plan.steps[steps]` in the layout its
@@ -94,7 +82,9 @@ pub(crate) fn prepare(plan: &Plan, ws: &[&[f32]], steps: Range<usize>) -> Vec<Op
             };
             let g = geometry(plan, step, 1).ok()?;
             let w = ws[weight];
-            if depthwise::supports(&g) {
+            if reads_stem(step, &g) {
+                stem_channels_last::weights(&g, w, &mut wt);
+            } else if depthwise::supports(&g) {
                 // c x (k k) to (k k) x c.
                 wt.resize(w.len(), 0.0);
                 transpose::transpose(w, (g.c_in, g.k * g.k), &mut wt);
@@ -104,6 +94,12 @@ pub(crate) fn prepare(plan: &Plan, ws: &[&[f32]], steps: Range<usize>) -> Vec<Op
             Some(wt)
         })
         .collect()
+}
+
+/// Whether `step` (a convolution of geometry `g`) reads the network input in NCHW, in place
+/// (`kernels::stem_channels_last`).
+fn reads_stem(step: &Step, g: &ConvGeom) -> bool {
+    step.inputs[0] == 0 && stem_channels_last::supports(g)
 }
 
 /// The buffers of [`prepare`], kept for the next call (by step, so that each is usually the
@@ -191,6 +187,17 @@ pub(crate) fn steps(
         pool,
     };
     for (v, vals) in given {
+        if v == 0 {
+            // The network input stays NCHW for the stems that read it in place; the other
+            // readers get it transposed.
+            values.x = vals;
+            let transposed = steps.iter().any(|s| {
+                s.reads().any(|r| r == 0) && !geometry(plan, s, n).is_ok_and(|g| reads_stem(s, &g))
+            });
+            if !transposed {
+                continue;
+            }
+        }
         let d = plan.dims[v];
         let mut buf = values.alloc(vals.len());
         transpose(vals, (n, d.c, d.h * d.w), false, &mut buf);
@@ -268,7 +275,10 @@ fn conv(
         let r = res.map(|r| (&r[first * c_out..], c_out));
         e.apply_rows(block, rows, (ldc, c_out), r);
     };
-    if depthwise::supports(&g) {
+    if reads_stem(step, &g) {
+        let post = |first: usize, block: &mut [f32]| post(first, g.wo, block);
+        stem_channels_last::forward(&g, values.x, wt, y, ldc, threads, &post);
+    } else if depthwise::supports(&g) {
         let post = |first: usize, block: &mut [f32]| post(first, g.wo, block);
         depthwise_channels_last::forward(&g, x, wt, y, ldc, threads, &post);
     } else {

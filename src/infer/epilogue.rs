@@ -95,8 +95,11 @@ fn pass_body<M: Madd>(
     }
 }
 
-/// [`pass_body`] on each of `rows` rows of `width` channels, `ld` apart (one dispatch for
-/// all of them: the rows of a channels-last block are short).
+/// One pass over `rows` rows of `width` channels, `ld` apart: `v = act(v * scale[c] +
+/// shift[c]) + res`. Why its own loop: as [`pass_body`] on each row, the per-row setup
+/// (the activation's match, the optional vectors) cost more than the row's one or two
+/// vectors of work (the epilogue was 14% of MobileNet V3 small at 96x96 channels last);
+/// here the channels' multipliers and offsets are plain slices and each row one loop.
 #[inline(always)]
 fn pass_rows_body<M: Madd>(
     block: &mut [f32],
@@ -106,10 +109,139 @@ fn pass_rows_body<M: Madd>(
     act: Option<Activation>,
     res: Option<(&[f32], usize)>,
 ) {
+    let ones;
+    let scale = match scale {
+        Some(s) => &s[..width],
+        None => {
+            ones = vec![1f32; width];
+            &ones[..]
+        }
+    };
+    let zeros;
+    let shift = match shift {
+        Some(b) => &b[..width],
+        None => {
+            zeros = vec![0f32; width];
+            &zeros[..]
+        }
+    };
+    #[cfg(target_arch = "x86_64")]
+    if crate::kernels::simd::level() == crate::kernels::simd::Level::Avx512
+        && !matches!(act, Some(Activation::Sigmoid))
+    {
+        // SAFETY: AVX-512F is present; the slices cover `rows` rows of `width` values.
+        return unsafe { x86::rows(block, (rows, ld, width), scale, shift, act, res) };
+    }
+    let args = (block, (rows, ld, width), scale, shift, res);
+    match act {
+        None => rows_loop::<M>(args, |v| v),
+        Some(Activation::Relu) => rows_loop::<M>(args, |v| Kind::Relu.forward(v)),
+        Some(Activation::Relu6) => rows_loop::<M>(args, |v| Kind::Relu6.forward(v)),
+        Some(Activation::Hardsigmoid) => rows_loop::<M>(args, |v| Kind::Hardsigmoid.forward(v)),
+        Some(Activation::Hardswish) => rows_loop::<M>(args, |v| Kind::Hardswish.forward(v)),
+        Some(Activation::Sigmoid) => rows_loop::<M>(args, |v| 1.0 / (1.0 + (-v).exp())),
+    }
+}
+
+type RowArgs<'a, 'b> = (
+    &'a mut [f32],
+    (usize, usize, usize),
+    &'b [f32],
+    &'b [f32],
+    Option<(&'b [f32], usize)>,
+);
+
+/// The rows' loop, monomorphic in the activation (CPUs without AVX-512, and the sigmoid).
+#[inline(always)]
+fn rows_loop<M: Madd>(
+    (block, (rows, ld, width), scale, shift, res): RowArgs,
+    f: impl Fn(f32) -> f32,
+) {
     for r in 0..rows {
         let row = &mut block[r * ld..r * ld + width];
-        let res = res.map(|(v, l)| &v[r * l..r * l + width]);
-        pass_body::<M>(row, 0, 1, scale, shift, act, res);
+        match res {
+            Some((v, l)) => {
+                let res = &v[r * l..r * l + width];
+                for c in 0..width {
+                    row[c] = f(M::madd(row[c], scale[c], shift[c])) + res[c];
+                }
+            }
+            None => {
+                for c in 0..width {
+                    row[c] = f(M::madd(row[c], scale[c], shift[c]));
+                }
+            }
+        }
+    }
+}
+
+/// The rows' loop in AVX-512 registers. Why by hand: the compiler leaves the loop over a
+/// row's 16 to 64 channels scalar (unrolled, `vmovss` and `vdivss`), which made the
+/// epilogue a third of MobileNet V3 small's time channels last. The same operations in the
+/// same order as [`Kind::forward`] after a fused multiply-add, so the values are bit for bit
+/// the scalar loop's (the clamps keep NaN: `max(lo, v)` returns `v` when it is NaN).
+#[cfg(target_arch = "x86_64")]
+mod x86 {
+    use crate::graph::Activation;
+    use crate::kernels::simd::first_lanes;
+    use std::arch::x86_64::*;
+
+    /// # Safety
+    /// AVX-512F; `block` holds `rows` rows of `width` values `ld` apart, `scale` and `shift`
+    /// `width` values, `res` rows of `width` values `res.1` apart; `act` is not the sigmoid.
+    #[target_feature(enable = "avx512f")]
+    pub(super) unsafe fn rows(
+        block: &mut [f32],
+        (rows, ld, width): (usize, usize, usize),
+        scale: &[f32],
+        shift: &[f32],
+        act: Option<Activation>,
+        res: Option<(&[f32], usize)>,
+    ) {
+        assert!(rows == 0 || block.len() >= (rows - 1) * ld + width);
+        assert!(scale.len() >= width && shift.len() >= width);
+        if let Some((v, l)) = res {
+            assert!(rows == 0 || v.len() >= (rows - 1) * l + width);
+        }
+        let (three, six, zero) = (
+            _mm512_set1_ps(3.0),
+            _mm512_set1_ps(6.0),
+            _mm512_setzero_ps(),
+        );
+        let clamp = |v: __m512, hi: __m512| _mm512_min_ps(hi, _mm512_max_ps(zero, v));
+        let f = |v: __m512| match act {
+            None => v,
+            Some(Activation::Relu) => _mm512_max_ps(zero, v),
+            Some(Activation::Relu6) => clamp(v, six),
+            Some(Activation::Hardsigmoid) => {
+                _mm512_div_ps(clamp(_mm512_add_ps(v, three), six), six)
+            }
+            Some(Activation::Hardswish) => {
+                _mm512_div_ps(_mm512_mul_ps(v, clamp(_mm512_add_ps(v, three), six)), six)
+            }
+            Some(Activation::Sigmoid) => unreachable!("the sigmoid runs the scalar loop"),
+        };
+        let (bp, sp, tp) = (block.as_mut_ptr(), scale.as_ptr(), shift.as_ptr());
+        for c0 in (0..width).step_by(16) {
+            let mask = first_lanes(width - c0);
+            // SAFETY (all pointer arithmetic below): within the checked lengths.
+            let (s, t) = unsafe {
+                (
+                    _mm512_maskz_loadu_ps(mask, sp.add(c0)),
+                    _mm512_maskz_loadu_ps(mask, tp.add(c0)),
+                )
+            };
+            for r in 0..rows {
+                let at = unsafe { bp.add(r * ld + c0) };
+                let v = unsafe { _mm512_maskz_loadu_ps(mask, at) };
+                let mut v = f(_mm512_fmadd_ps(v, s, t));
+                if let Some((res, l)) = res {
+                    let add = unsafe { _mm512_maskz_loadu_ps(mask, res.as_ptr().add(r * l + c0)) };
+                    v = _mm512_add_ps(v, add);
+                }
+                unsafe { _mm512_mask_storeu_ps(at, mask, v) };
+            }
+        }
     }
 }
 

@@ -135,22 +135,17 @@ pub fn forward_with(
     }
     let chunk = chunk.min(n).max(1);
     // The chunked steps [0, b), then the tail [b, ..) on the whole batch (NCHW), which
-    // receives the values it reads as whole-batch NCHW vectors. Channels last, the chunks run
-    // [0, a) in NCHW (the stem, `channels_last::auto_start`) and [a, b) channels last, the
-    // values crossing transposed within the chunk.
-    let cl_start = match layout.choose() {
-        Layout::ChannelsLast => Some(0),
-        Layout::Auto if n >= threads.max(channels_last::MIN_BATCH) => {
-            channels_last::auto_start(&plan)
-        }
-        _ => None,
-    }
-    .filter(|&a| a < plan.tail && channels_last::supports(&plan, a..plan.tail));
+    // receives the values it reads as whole-batch NCHW vectors.
+    let channels_last = match layout.choose() {
+        Layout::ChannelsLast => true,
+        Layout::Auto => n >= threads.max(channels_last::MIN_BATCH) && channels_last::suits(&plan),
+        Layout::Planes => false,
+    } && channels_last::supports(&plan, 0..plan.tail);
     let parallel = threads > 1 && !across;
-    let (given, b) = if let Some(a) = cl_start {
+    let (given, b) = if channels_last {
         let b = plan.tail;
         let clock = crate::profile::enabled().then(std::time::Instant::now);
-        let prepared = channels_last::prepare(&plan, &ws, a..b);
+        let prepared = channels_last::prepare(&plan, &ws, 0..b);
         if let Some(start) = clock {
             crate::profile::record("eval channels-last weights", start.elapsed());
         }
@@ -163,32 +158,16 @@ pub fn forward_with(
         if across {
             chunk = chunk.min(n.div_ceil(threads));
         }
-        let (lead_export, export) = (read_from(&plan, a), read_from(&plan, b));
+        let export = read_from(&plan, b);
         let result = chunked(n, chunk.min(n), across, &export, &|first, samples| {
             let xs = &x[first * in_len..(first + samples) * in_len];
             with_pool(|pool| {
-                let lead = if a > 0 {
-                    let (steps, n) = (0..a, samples);
-                    let export = &lead_export;
-                    run::steps(&plan, &ws, xs, Vec::new(), steps, n, parallel, pool, export)?
-                } else {
-                    Vec::new()
-                };
-                let mut inputs: Vec<(NodeId, &[f32])> = lead_export
-                    .iter()
-                    .zip(&lead)
-                    .map(|(&v, vals)| (v, vals.as_slice()))
-                    .collect();
-                if a == 0 {
-                    inputs.push((0, xs));
-                }
-                let (steps, n) = (a..b, samples);
+                let (steps, n) = (0..b, samples);
+                let inputs = vec![(0, xs)];
                 let ws = &ws;
-                let result = channels_last::steps(
+                channels_last::steps(
                     &plan, ws, &prepared, inputs, steps, n, parallel, pool, &export,
-                );
-                pool.extend(lead);
-                result
+                )
             })
         });
         channels_last::recycle(prepared);

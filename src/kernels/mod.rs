@@ -51,6 +51,7 @@ pub(crate) mod sgd;
 pub(crate) mod sgemm;
 mod shuffle;
 pub(crate) mod simd;
+pub(crate) mod stem_channels_last;
 pub(crate) mod team;
 pub(crate) mod transpose;
 
