@@ -1,8 +1,8 @@
 //! The fused eval executor (`slimcandle::infer`) against the Candle eval path, for every
 //! family, with random weights and batch norm statistics, odd input sizes, batch 1 (one
 //! chunk, multi-threaded kernels), batch 3 (chunks across threads, and the small planes
-//! at the end on the whole batch) and batch 4 (channels last, `infer::Layout`), each also
-//! in both layouts forced; and batch-norm folding, which keeps the logits of every family.
+//! at the end on the whole batch) and batch 4 (channels last with up to 4 threads,
+//! `infer::Layout`), each also in both layouts forced; and batch-norm folding, which keeps the logits of every family.
 
 mod common;
 
@@ -103,7 +103,8 @@ fn run_family(arch: &str, width: Option<f64>) {
         let mut model = Model::init(&spec, 11).unwrap();
         randomise_bn(&mut model, 12);
         let folded = fold_batch_norm(&model).unwrap();
-        // Batch 4 runs channels last in `Layout::Auto` (but ShuffleNet V2).
+        // Batch 4 runs channels last in `Layout::Auto` with up to 4 threads (but ShuffleNet
+        // V2); the forced layouts below cover both either way.
         for n in [1, 3, 4] {
             let x = input(n, h, w, 13 + n as u64);
             let what = format!("{} {stem:?} batch {n} {h}x{w}", spec.variant_name());
@@ -208,6 +209,76 @@ fn standalone_nodes_run_in_place_or_copied() {
     randomise_bn(&mut model, 4);
     for n in [1, 2, 5] {
         check(&model, &input(n, 9, 7, n as u64), &format!("batch {n}"));
+    }
+}
+
+/// The network input read by a stem convolution and also as that convolution's residual
+/// (channels last keeps the input NCHW for the stem, and must transpose it for the add), and
+/// by a linear layer straight after a flatten (no chunked steps at all; the graph takes a
+/// flatten of one-pixel planes only).
+#[test]
+fn the_network_input_read_by_a_stem_and_a_residual_or_a_linear_layer() {
+    use slimcandle::graph::{Graph, Node};
+    let node = |name: &str, op: Op, inputs: Vec<usize>| Node {
+        name: name.into(),
+        op,
+        inputs,
+    };
+    let meta = Model::init(
+        &ArchSpec::parse("mobilenet_v2", &Default::default()).unwrap(),
+        1,
+    )
+    .unwrap()
+    .meta;
+    let residual = Graph {
+        nodes: vec![
+            node("input", Op::Input { channels: 3 }, vec![]),
+            node(
+                "stem",
+                Op::Conv2d {
+                    in_channels: 3,
+                    out_channels: 3,
+                    kernel: 3,
+                    stride: 1,
+                    padding: 1,
+                    dilation: 1,
+                    groups: 1,
+                    bias: true,
+                },
+                vec![0],
+            ),
+            node("add", Op::Add, vec![1, 0]),
+        ],
+        output: 2,
+    };
+    let linear = Graph {
+        nodes: vec![
+            node("input", Op::Input { channels: 3 }, vec![]),
+            node("flatten", Op::Flatten, vec![0]),
+            node(
+                "fc",
+                Op::Linear {
+                    in_features: 3,
+                    out_features: 6,
+                    bias: true,
+                },
+                vec![1],
+            ),
+        ],
+        output: 2,
+    };
+    for (graph, (h, w)) in [(residual, (9, 7)), (linear, (1, 1))] {
+        graph.validate().unwrap();
+        let weights = slimcandle::weights::Weights::init(&graph, 3).unwrap();
+        let meta = meta.clone();
+        let model = Model {
+            graph,
+            weights,
+            meta,
+        };
+        for n in [1, 4, 5] {
+            check(&model, &input(n, h, w, n as u64), &format!("batch {n}"));
+        }
     }
 }
 

@@ -18,7 +18,7 @@
 //! batch size.
 
 use super::plan::{Plan, Step, StepKind};
-use super::run::{Buf, Values, epilogue, placements, profile_label};
+use super::run::{Buf, Values, conv_geometry, epilogue, profile_label};
 use crate::graph::NodeId;
 use crate::kernels::conv::ConvGeom;
 use crate::kernels::{
@@ -80,7 +80,7 @@ pub(crate) fn prepare(plan: &Plan, ws: &[&[f32]], steps: Range<usize>) -> Vec<Op
             let StepKind::Conv { weight, .. } = step.kind else {
                 return None;
             };
-            let g = geometry(plan, step, 1).ok()?;
+            let g = conv_geometry(plan, step, 1).ok()?;
             let w = ws[weight];
             if reads_stem(step, &g) {
                 stem_channels_last::weights(&g, w, &mut wt);
@@ -125,34 +125,11 @@ pub(crate) fn transpose(x: &[f32], (n, c, p): (usize, usize, usize), back: bool,
     }
 }
 
-fn geometry(plan: &Plan, step: &Step, n: usize) -> Result<ConvGeom> {
-    let StepKind::Conv {
-        kernel,
-        stride,
-        padding,
-        dilation,
-        groups,
-        ..
-    } = step.kind
-    else {
-        bail!("not a convolution");
-    };
-    let din = plan.dims[step.inputs[0]];
-    let dout = plan.dims[step.out];
-    Ok(ConvGeom::new(
-        &[n, din.c, din.h, din.w],
-        &[dout.c, din.c / groups, kernel, kernel],
-        stride,
-        padding,
-        dilation,
-        groups,
-    )?)
-}
-
 /// Runs `plan.steps[steps]` on `n` samples with values channels last; `given` are the values
 /// they read from earlier steps (node 0 for the network input), in NCHW. Returns the values
 /// in `export`, in that order, in NCHW. `prepared` comes from [`prepare`] for the same
-/// steps. With `parallel` (batch 1), the convolutions share their rows out over the team.
+/// steps. With `parallel` (a batch smaller than the thread count), the convolutions share
+/// their rows out over the team.
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn steps(
     plan: &Plan,
@@ -166,35 +143,20 @@ pub(crate) fn steps(
     export: &[NodeId],
 ) -> Result<Vec<Vec<f32>>> {
     let steps = &plan.steps[steps];
-    let mut uses = vec![0; plan.dims.len()];
-    for v in steps
-        .iter()
-        .flat_map(Step::reads)
-        .chain(export.iter().copied())
-    {
-        uses[v] += 1;
-    }
-    let places = placements(plan, steps, &uses, true);
-    let mut placed = vec![false; plan.dims.len()];
-    for (step, place) in steps.iter().zip(&places) {
-        placed[step.out] = place.is_some();
-    }
-    let mut values = Values {
-        x: &[],
-        vals: (0..plan.dims.len()).map(|_| None).collect(),
-        uses,
-        placed,
-        pool,
-    };
+    let (mut values, places) = Values::for_steps(plan, steps, export, &[], true, pool);
     for (v, vals) in given {
         if v == 0 {
-            // The network input stays NCHW for the stems that read it in place; the other
-            // readers get it transposed.
+            // The network input stays NCHW for the stems that read it in place; any other
+            // read (another step, a residual, an export) gets it transposed.
             values.x = vals;
-            let transposed = steps.iter().any(|s| {
-                s.reads().any(|r| r == 0) && !geometry(plan, s, n).is_ok_and(|g| reads_stem(s, &g))
-            });
-            if !transposed {
+            let other_reads = export.contains(&0)
+                || steps.iter().any(|s| {
+                    let stem = conv_geometry(plan, s, n).is_ok_and(|g| reads_stem(s, &g));
+                    s.reads()
+                        .enumerate()
+                        .any(|(i, r)| r == 0 && !(i == 0 && stem))
+                });
+            if !other_reads {
                 continue;
             }
         }
@@ -264,7 +226,7 @@ fn conv(
     let StepKind::Conv { epi, .. } = &step.kind else {
         unreachable!("conv() runs convolution steps")
     };
-    let g = geometry(plan, step, n)?;
+    let g = conv_geometry(plan, step, n)?;
     let wt = prepared.as_deref().context("weights not prepared")?;
     let x = values.get(step.inputs[0]);
     let c_out = g.c_out;

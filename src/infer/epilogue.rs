@@ -109,7 +109,15 @@ fn pass_rows_body<M: Madd>(
     act: Option<Activation>,
     res: Option<(&[f32], usize)>,
 ) {
-    let ones;
+    #[cfg(target_arch = "x86_64")]
+    if crate::kernels::simd::level() == crate::kernels::simd::Level::Avx512
+        && !matches!(act, Some(Activation::Sigmoid))
+    {
+        // SAFETY: AVX-512F is present; `rows` checks the lengths it relies on.
+        return unsafe { x86::rows(block, (rows, ld, width), scale, shift, act, res) };
+    }
+    // A missing multiplier or offset as ones or zeros (as `channels` takes them).
+    let (ones, zeros);
     let scale = match scale {
         Some(s) => &s[..width],
         None => {
@@ -117,7 +125,6 @@ fn pass_rows_body<M: Madd>(
             &ones[..]
         }
     };
-    let zeros;
     let shift = match shift {
         Some(b) => &b[..width],
         None => {
@@ -125,13 +132,6 @@ fn pass_rows_body<M: Madd>(
             &zeros[..]
         }
     };
-    #[cfg(target_arch = "x86_64")]
-    if crate::kernels::simd::level() == crate::kernels::simd::Level::Avx512
-        && !matches!(act, Some(Activation::Sigmoid))
-    {
-        // SAFETY: AVX-512F is present; the slices cover `rows` rows of `width` values.
-        return unsafe { x86::rows(block, (rows, ld, width), scale, shift, act, res) };
-    }
     let args = (block, (rows, ld, width), scale, shift, res);
     match act {
         None => rows_loop::<M>(args, |v| v),
@@ -187,19 +187,18 @@ mod x86 {
     use std::arch::x86_64::*;
 
     /// # Safety
-    /// AVX-512F; `block` holds `rows` rows of `width` values `ld` apart, `scale` and `shift`
-    /// `width` values, `res` rows of `width` values `res.1` apart; `act` is not the sigmoid.
+    /// AVX-512F (the lengths are checked here); `act` is not the sigmoid.
     #[target_feature(enable = "avx512f")]
     pub(super) unsafe fn rows(
         block: &mut [f32],
         (rows, ld, width): (usize, usize, usize),
-        scale: &[f32],
-        shift: &[f32],
+        scale: Option<&[f32]>,
+        shift: Option<&[f32]>,
         act: Option<Activation>,
         res: Option<(&[f32], usize)>,
     ) {
         assert!(rows == 0 || block.len() >= (rows - 1) * ld + width);
-        assert!(scale.len() >= width && shift.len() >= width);
+        assert!(scale.is_none_or(|s| s.len() >= width) && shift.is_none_or(|b| b.len() >= width));
         if let Some((v, l)) = res {
             assert!(rows == 0 || v.len() >= (rows - 1) * l + width);
         }
@@ -221,16 +220,17 @@ mod x86 {
             }
             Some(Activation::Sigmoid) => unreachable!("the sigmoid runs the scalar loop"),
         };
-        let (bp, sp, tp) = (block.as_mut_ptr(), scale.as_ptr(), shift.as_ptr());
+        let bp = block.as_mut_ptr();
         for c0 in (0..width).step_by(16) {
             let mask = first_lanes(width - c0);
-            // SAFETY (all pointer arithmetic below): within the checked lengths.
-            let (s, t) = unsafe {
-                (
-                    _mm512_maskz_loadu_ps(mask, sp.add(c0)),
-                    _mm512_maskz_loadu_ps(mask, tp.add(c0)),
-                )
-            };
+            // SAFETY (all pointer arithmetic below): within the checked lengths. A missing
+            // multiplier or offset is one or zero (as the scalar loops take them).
+            let s = scale.map_or(_mm512_set1_ps(1.0), |s| unsafe {
+                _mm512_maskz_loadu_ps(mask, s.as_ptr().add(c0))
+            });
+            let t = shift.map_or(zero, |b| unsafe {
+                _mm512_maskz_loadu_ps(mask, b.as_ptr().add(c0))
+            });
             for r in 0..rows {
                 let at = unsafe { bp.add(r * ld + c0) };
                 let v = unsafe { _mm512_maskz_loadu_ps(mask, at) };

@@ -13,10 +13,11 @@
 //!   pool when there are enough samples for every thread, with buffers recycled after their
 //!   last reader. Batches smaller than the thread count run one chunk with multi-threaded
 //!   convolutions instead;
-//! - with a batch for every thread, the chunks run channels last (NHWC, `channels_last.rs`),
-//!   where a convolution's product has the chunk's pixels as rows and depthwise, pooling and
-//!   epilogues vectorise across channels: the small planes of the last stages no longer
-//!   starve the vector units (`Layout`, `channels_last::auto_start` for when).
+//! - with a batch of 4 or more and a sample for every thread, the chunks run channels last
+//!   (NHWC, `channels_last.rs`), where a convolution's product has the chunk's pixels as rows
+//!   and depthwise, pooling and epilogues vectorise across channels: the small planes of the
+//!   last stages no longer starve the vector units (`Layout`; `channels_last::suits` and
+//!   `MIN_BATCH` for when).
 //!
 //! Parameters are borrowed from the weights for the call, not copied (channels last, the
 //! convolution weights are rearranged once per call, into buffers kept between calls). Only
@@ -57,8 +58,10 @@ thread_local! {
 /// per channel, the same in both).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Layout {
-    /// Chosen per call from the batch and the shapes ([`Layout::choose`]); the environment
-    /// variable `SLIMCANDLE_LAYOUT=nchw|nhwc` overrides it, for timing experiments.
+    /// Chosen per call: channels last for a batch of at least `channels_last::MIN_BATCH`
+    /// with a sample for every thread and a plan that `channels_last::suits`, else NCHW.
+    /// The environment variable `SLIMCANDLE_LAYOUT=nchw|nhwc` overrides it (timing
+    /// experiments).
     Auto,
     /// NCHW: each channel's plane contiguous (`run.rs`).
     Planes,
@@ -140,7 +143,8 @@ pub fn forward_with(
         Layout::ChannelsLast => true,
         Layout::Auto => n >= threads.max(channels_last::MIN_BATCH) && channels_last::suits(&plan),
         Layout::Planes => false,
-    } && channels_last::supports(&plan, 0..plan.tail);
+    } && plan.tail > 0
+        && channels_last::supports(&plan, 0..plan.tail);
     let parallel = threads > 1 && !across;
     let (given, b) = if channels_last {
         let b = plan.tail;

@@ -64,7 +64,41 @@ pub(super) struct Values<'a> {
     pub(super) pool: &'a mut Vec<Vec<f32>>,
 }
 
-impl Values<'_> {
+impl<'a> Values<'a> {
+    /// The values of a run of `steps` that exports `export`, with `x` as the network input
+    /// (reads counted over both), and each step's placement ([`placements`], `contiguous`
+    /// as there). Shared by both layouts' executors.
+    pub(super) fn for_steps(
+        plan: &Plan,
+        steps: &[Step],
+        export: &[NodeId],
+        x: &'a [f32],
+        contiguous: bool,
+        pool: &'a mut Vec<Vec<f32>>,
+    ) -> (Self, Vec<Option<(NodeId, usize)>>) {
+        let mut uses = vec![0; plan.dims.len()];
+        for v in steps
+            .iter()
+            .flat_map(Step::reads)
+            .chain(export.iter().copied())
+        {
+            uses[v] += 1;
+        }
+        let places = placements(plan, steps, &uses, contiguous);
+        let mut placed = vec![false; plan.dims.len()];
+        for (step, place) in steps.iter().zip(&places) {
+            placed[step.out] = place.is_some();
+        }
+        let values = Values {
+            x,
+            vals: (0..plan.dims.len()).map(|_| None).collect(),
+            uses,
+            placed,
+            pool,
+        };
+        (values, places)
+    }
+
     /// Value `v`: the network input `x` for node 0 unless a buffer was given for it (the
     /// channels-last executor's transposed copy).
     pub(super) fn get(&self, v: NodeId) -> &[f32] {
@@ -145,26 +179,7 @@ pub(crate) fn steps(
     export: &[NodeId],
 ) -> Result<Vec<Vec<f32>>> {
     let steps = &plan.steps[steps];
-    let mut uses = vec![0; plan.dims.len()];
-    for v in steps
-        .iter()
-        .flat_map(Step::reads)
-        .chain(export.iter().copied())
-    {
-        uses[v] += 1;
-    }
-    let places = placements(plan, steps, &uses, n == 1);
-    let mut placed = vec![false; plan.dims.len()];
-    for (step, place) in steps.iter().zip(&places) {
-        placed[step.out] = place.is_some();
-    }
-    let mut values = Values {
-        x,
-        vals: (0..plan.dims.len()).map(|_| None).collect(),
-        uses,
-        placed,
-        pool,
-    };
+    let (mut values, places) = Values::for_steps(plan, steps, export, x, n == 1, pool);
     for (v, buf) in given {
         values.vals[v] = Some(Buf::whole(buf));
     }
@@ -221,7 +236,7 @@ pub(crate) fn steps(
 /// from the next (the other inputs' channels between them), and the copy stays. A convolution is
 /// placed when the concatenation, among these steps, is its output's only reader (`uses`,
 /// the reads counted over these steps and the exported values, is 1).
-pub(super) fn placements(
+fn placements(
     plan: &Plan,
     steps: &[Step],
     uses: &[usize],
@@ -246,6 +261,31 @@ pub(super) fn placements(
         }
     }
     places
+}
+
+/// The geometry of convolution step `step` on `n` samples.
+pub(super) fn conv_geometry(plan: &Plan, step: &Step, n: usize) -> Result<ConvGeom> {
+    let StepKind::Conv {
+        kernel,
+        stride,
+        padding,
+        dilation,
+        groups,
+        ..
+    } = step.kind
+    else {
+        anyhow::bail!("step at node {} is not a convolution", step.node);
+    };
+    let din = plan.dims[step.inputs[0]];
+    let dout = plan.dims[step.out];
+    Ok(ConvGeom::new(
+        &[n, din.c, din.h, din.w],
+        &[dout.c, din.c / groups, kernel, kernel],
+        stride,
+        padding,
+        dilation,
+        groups,
+    )?)
 }
 
 pub(super) fn epilogue<'a>(plan: &'a Plan, ws: &[&'a [f32]], spec: &EpiSpec) -> Epilogue<'a> {
@@ -275,29 +315,12 @@ fn conv(
     parallel: bool,
     y: &mut [f32],
 ) -> Result<()> {
-    let StepKind::Conv {
-        weight,
-        kernel,
-        stride,
-        padding,
-        dilation,
-        groups,
-        epi,
-    } = &step.kind
-    else {
+    let StepKind::Conv { weight, epi, .. } = &step.kind else {
         unreachable!("conv() runs convolution steps")
     };
-    let din = plan.dims[step.inputs[0]];
     let dout = plan.dims[step.out];
     let p_out = dout.h * dout.w;
-    let g = ConvGeom::new(
-        &[n, din.c, din.h, din.w],
-        &[dout.c, din.c / groups, *kernel, *kernel],
-        *stride,
-        *padding,
-        *dilation,
-        *groups,
-    )?;
+    let g = conv_geometry(plan, step, n)?;
     let x = values.get(step.inputs[0]);
     let res = epi.residual.map(|r| values.get(r));
     let e = epilogue(plan, ws, epi);

@@ -64,8 +64,8 @@ pub(crate) fn available() -> bool {
 /// samples) goes to `y[r * ldc..r * ldc + C_out]` (`ldc` > C_out when the output is part of
 /// a concatenation). `post(first, rows, values)` runs on each block of output rows right
 /// after it is computed: `values` starts at pixel `first` and spans `rows` pixels (`ldc`
-/// apart). `cols` is scratch for the im2col blocks. With `threads` > 1 (batch 1, on the
-/// spinning team) the row blocks are shared out, or where there are fewer blocks than
+/// apart). `cols` is scratch for the im2col blocks. With `threads` > 1 (a batch smaller than
+/// the thread count, on the spinning team) the row blocks are shared out, or where there are fewer blocks than
 /// threads, each product's column panels.
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn forward(
@@ -130,6 +130,45 @@ pub(crate) fn forward(
         for i in 0..blocks {
             run_block(i * block, cols, threads);
         }
+    }
+}
+
+/// Computes every output row of `g` channels last, `row(sample, oy, values)` filling one (the
+/// row's `wo` pixels of C_out values, `ldc` apart, in `y`) and `post(first, values)` run on
+/// it right after (`first`: its first pixel, counted over the samples); with `threads` > 1
+/// the rows are shared out over the team. The driver of the depthwise and stem kernels.
+pub(crate) fn output_rows(
+    g: &ConvGeom,
+    (y, ldc): (&mut [f32], usize),
+    threads: usize,
+    row: &(dyn Fn(usize, usize, &mut [f32]) + Sync),
+    post: &(dyn Fn(usize, &mut [f32]) + Sync),
+) {
+    let plane_out = g.ho * g.wo;
+    let needed = (g.n * plane_out)
+        .checked_sub(1)
+        .map(|last| last * ldc + g.c_out);
+    assert!(
+        ldc >= g.c_out && needed.is_none_or(|len| y.len() >= len),
+        "conv: output size"
+    );
+    let out = SharedMut::new(y);
+    let run = |units: std::ops::Range<usize>| {
+        for u in units {
+            let (s, oy) = (u / g.ho, u % g.ho);
+            let first = s * plane_out + oy * g.wo;
+            // SAFETY: rows are disjoint runs of the output (each task takes its own), within
+            // `y` (checked above).
+            let values = unsafe { out.part(first * ldc, (g.wo - 1) * ldc + g.c_out) };
+            row(s, oy, values);
+            post(first, values);
+        }
+    };
+    let units = g.n * g.ho;
+    if threads > 1 && units > 1 {
+        team::run_parts(units, threads, &run);
+    } else {
+        run(0..units);
     }
 }
 

@@ -540,11 +540,7 @@ pub(super) fn narrow_taps(
 /// of consecutive channels side by side, for the loops that vectorise across channels.
 pub(crate) fn taps_major(w: &[f32], c: usize, kk: usize) -> Vec<f32> {
     let mut ft = vec![0f32; kk * c];
-    for (ch, f) in w.chunks_exact(kk).take(c).enumerate() {
-        for (t, &v) in f.iter().enumerate() {
-            ft[t * c + ch] = v;
-        }
-    }
+    super::transpose::transpose(&w[..c * kk], (c, kk), &mut ft);
     ft
 }
 

@@ -10,10 +10,9 @@
 //! the order ky, then kx, from zero, as the NCHW narrow path does.
 
 use super::conv::ConvGeom;
-use super::cpu::SharedMut;
+use super::conv_channels_last::output_rows;
 use super::depthwise::{Taps, narrow_taps, supports};
 use super::simd::{Madd, simd_dispatch};
-use super::team;
 
 /// Depthwise convolution of `g.n` samples stored channels last: `x` holds each pixel's
 /// `g.c_in` values side by side, `ft` the filters as (k k) x C (`depthwise::taps_major`);
@@ -32,37 +31,18 @@ pub(crate) fn forward(
     post: &(dyn Fn(usize, &mut [f32]) + Sync),
 ) {
     assert!(supports(g), "depthwise: unsupported geometry");
-    let (c, plane_in, plane_out) = (g.c_in, g.h * g.w, g.ho * g.wo);
+    let (c, plane_in) = (g.c_in, g.h * g.w);
     assert!(
         ldc >= c && ft.len() == g.k * g.k * c,
         "depthwise: weight size"
     );
     assert!(x.len() == g.n * plane_in * c, "depthwise: input size");
-    let needed = (g.n * plane_out).checked_sub(1).map(|last| last * ldc + c);
-    assert!(
-        needed.is_none_or(|len| y.len() >= len),
-        "depthwise: output size"
-    );
     let (rows, cols) = (narrow_taps(g.ho, g.h, g), narrow_taps(g.wo, g.w, g));
-    let out = SharedMut::new(y);
-    // Output rows (sample, oy), counted over the samples.
-    let run = |units: std::ops::Range<usize>| {
-        for u in units {
-            let (s, oy) = (u / g.ho, u % g.ho);
-            let xs = &x[s * plane_in * c..(s + 1) * plane_in * c];
-            let first = s * plane_out + oy * g.wo;
-            // SAFETY: rows are disjoint runs of the output (each task takes its own).
-            let out = unsafe { out.part(first * ldc, (g.wo - 1) * ldc + c) };
-            row(g, &rows[oy], &cols, ft, xs, out, ldc);
-            post(first, out);
-        }
+    let row_of = |s: usize, oy: usize, out: &mut [f32]| {
+        let xs = &x[s * plane_in * c..(s + 1) * plane_in * c];
+        row(g, &rows[oy], &cols, ft, xs, out, ldc);
     };
-    let units = g.n * g.ho;
-    if threads > 1 && units > 1 {
-        team::run_parts(units, threads, &run);
-    } else {
-        run(0..units);
-    }
+    output_rows(g, (y, ldc), threads, &row_of, post);
 }
 
 /// One output row: the AVX-512 kernel where the CPU has it, else the generic loop.
@@ -84,7 +64,8 @@ fn row(
     generic_row(g, row_taps, cols, ft, x, out, ldc);
 }
 
-/// One output row of one sample, channels last: `x` holds the sample's H x W pixels of C
+/// The loop for CPUs without AVX-512 (the executor only runs channels last with our
+/// AVX-512 GEMM, so only the tests reach it there). One output row of one sample, channels last: `x` holds the sample's H x W pixels of C
 /// values, `ft` the filters as (k k) x C, `(kys, iy)` the row's taps ([`narrow_taps`]); output
 /// pixel `ox` goes to `out[ox * ldc..ox * ldc + C]`. Each output sums its valid taps in the
 /// order ky, then kx, from zero, 16 channels at a time in registers.

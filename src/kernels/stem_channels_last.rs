@@ -7,13 +7,12 @@
 //! register tile and a third of another. Here each step computes 8 output pixels of up to
 //! 32 channels in 16 registers: per input value, one broadcast per pixel and one fused
 //! multiply-add per pixel and vector, the two weight vectors loaded once for the 8 pixels.
-//! The input is read in place from a zero-padded copy of each sample (a few channels), so
-//! the input needs no transposition either.
+//! The input is read as NCHW (through a zero-padded copy of each sample's few planes, so
+//! that no tap needs a bounds check): it needs no transposition to channels last.
 
 use super::conv::ConvGeom;
-use super::cpu::SharedMut;
+use super::conv_channels_last::output_rows;
 use super::scratch::with_scratch;
-use super::team;
 
 /// Whether `g` runs here: a dense convolution of at most [`MAX_CHANNELS`] input channels,
 /// dilation 1, on a CPU with AVX-512.
@@ -76,26 +75,13 @@ pub(crate) fn forward(
             }
         }
         let padded = &*padded;
-        let out = SharedMut::new(y);
-        let run = |rows: std::ops::Range<usize>| {
-            for u in rows {
-                let (s, oy) = (u / g.ho, u % g.ho);
-                let xs = &padded[s * g.c_in * hp * wp..(s + 1) * g.c_in * hp * wp];
-                let first = s * plane_out + oy * g.wo;
-                // SAFETY: rows are disjoint runs of the output (each task takes its own).
-                let row = unsafe { out.part(first * ldc, (g.wo - 1) * ldc + g.c_out) };
-                // SAFETY: AVX-512F is present (`supports`); `xs` is the padded sample, `wt`
-                // the checked weights, `row` the output row.
-                unsafe { x86::row(g, (hp, wp), xs, oy, wt, row, ldc) };
-                post(first, row);
-            }
+        let row = |s: usize, oy: usize, row: &mut [f32]| {
+            let xs = &padded[s * g.c_in * hp * wp..(s + 1) * g.c_in * hp * wp];
+            // SAFETY: AVX-512F is present (`supports`); `xs` is the padded sample, `wt` the
+            // checked weights, `row` the output row (`output_rows`).
+            unsafe { x86::row(g, (hp, wp), xs, oy, wt, row, ldc) };
         };
-        let units = g.n * g.ho;
-        if threads > 1 && units > 1 {
-            team::run_parts(units, threads, &run);
-        } else {
-            run(0..units);
-        }
+        output_rows(g, (y, ldc), threads, &row, post);
     });
 }
 
