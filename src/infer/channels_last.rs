@@ -18,7 +18,7 @@
 //! batch size.
 
 use super::plan::{Plan, Step, StepKind};
-use super::run::{Buf, Values, conv_geometry, epilogue, profile_label};
+use super::run::{Buf, Values, conv_geometry, epilogue};
 use crate::graph::NodeId;
 use crate::kernels::conv::ConvGeom;
 use crate::kernels::{
@@ -191,11 +191,7 @@ pub(crate) fn steps(
             }
         }
         .with_context(|| format!("eval step at node {}", step.node))?;
-        if let Some(start) = clock {
-            crate::profile::record(&profile_label(plan, step), start.elapsed());
-        }
-        values.release(step);
-        values.vals[step.out] = y;
+        values.finish(plan, step, clock, y);
     }
     let out = export
         .iter()

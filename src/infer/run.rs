@@ -99,6 +99,23 @@ impl<'a> Values<'a> {
         (values, places)
     }
 
+    /// After `step` ran (from `clock`, when profiling): its time in the profile, its reads
+    /// counted (buffers nobody reads any more recycled), its value `y` stored (`None` when it
+    /// was written into its concatenation's output).
+    pub(super) fn finish(
+        &mut self,
+        plan: &Plan,
+        step: &Step,
+        clock: Option<std::time::Instant>,
+        y: Option<Buf>,
+    ) {
+        if let Some(start) = clock {
+            crate::profile::record(&profile_label(plan, step), start.elapsed());
+        }
+        self.release(step);
+        self.vals[step.out] = y;
+    }
+
     /// Value `v`: the network input `x` for node 0 unless a buffer was given for it (the
     /// channels-last executor's transposed copy).
     pub(super) fn get(&self, v: NodeId) -> &[f32] {
@@ -150,7 +167,7 @@ impl<'a> Values<'a> {
     }
 
     /// Counts the step's reads and recycles the buffers nobody reads any more.
-    pub(super) fn release(&mut self, step: &Step) {
+    fn release(&mut self, step: &Step) {
         for v in step.reads() {
             self.uses[v] -= 1;
             if self.uses[v] == 0
@@ -207,11 +224,7 @@ pub(crate) fn steps(
             None => run_step(plan, ws, step, &mut values, n, parallel).map(Some),
         }
         .with_context(|| format!("eval step at node {}", step.node))?;
-        if let Some(start) = clock {
-            crate::profile::record(&profile_label(plan, step), start.elapsed());
-        }
-        values.release(step);
-        values.vals[step.out] = y;
+        values.finish(plan, step, clock, y);
     }
     let out = export
         .iter()
@@ -549,7 +562,7 @@ fn split(parallel: bool, n: usize, units: usize, f: &(dyn Fn(std::ops::Range<usi
 
 /// A step's row in the `SLIMCANDLE_PROFILE=1` table: its kind, kernel and output plane
 /// (convolutions by kind and size, since they differ most).
-pub(super) fn profile_label(plan: &Plan, step: &Step) -> String {
+fn profile_label(plan: &Plan, step: &Step) -> String {
     let out = plan.dims[step.out];
     let plane = format!("{}x{}", out.h, out.w);
     match &step.kind {
