@@ -125,8 +125,8 @@ pub(crate) fn transpose(x: &[f32], (n, c, p): (usize, usize, usize), back: bool,
     }
 }
 
-/// Runs `plan.steps[steps]` on `n` samples with values channels last; `given` are the values
-/// they read from earlier steps (node 0 for the network input), in NCHW. Returns the values
+/// Runs `plan.steps[steps]` (the chunked steps from the first) on the `n` samples of `x`, the
+/// network input in NCHW, with values channels last. Returns the values
 /// in `export`, in that order, in NCHW. `prepared` comes from [`prepare`] for the same
 /// steps. With `parallel` (a batch smaller than the thread count), the convolutions share
 /// their rows out over the team.
@@ -135,7 +135,7 @@ pub(crate) fn steps(
     plan: &Plan,
     ws: &[&[f32]],
     prepared: &[Option<Vec<f32>>],
-    given: Vec<(NodeId, &[f32])>,
+    x: &[f32],
     steps: Range<usize>,
     n: usize,
     parallel: bool,
@@ -143,27 +143,21 @@ pub(crate) fn steps(
     export: &[NodeId],
 ) -> Result<Vec<Vec<f32>>> {
     let steps = &plan.steps[steps];
-    let (mut values, places) = Values::for_steps(plan, steps, export, &[], true, pool);
-    for (v, vals) in given {
-        if v == 0 {
-            // The network input stays NCHW for the stems that read it in place; any other
-            // read (another step, a residual, an export) gets it transposed.
-            values.x = vals;
-            let other_reads = export.contains(&0)
-                || steps.iter().any(|s| {
-                    let stem = conv_geometry(plan, s, n).is_ok_and(|g| reads_stem(s, &g));
-                    s.reads()
-                        .enumerate()
-                        .any(|(i, r)| r == 0 && !(i == 0 && stem))
-                });
-            if !other_reads {
-                continue;
-            }
-        }
-        let d = plan.dims[v];
-        let mut buf = values.alloc(vals.len());
-        transpose(vals, (n, d.c, d.h * d.w), false, &mut buf);
-        values.vals[v] = Some(buf);
+    let (mut values, places) = Values::for_steps(plan, steps, export, x, true, pool);
+    // The network input stays NCHW for the stems that read it in place; any other read
+    // (another step, a residual, an export) gets it transposed.
+    let other_reads = export.contains(&0)
+        || steps.iter().any(|s| {
+            let stem = conv_geometry(plan, s, n).is_ok_and(|g| reads_stem(s, &g));
+            s.reads()
+                .enumerate()
+                .any(|(i, r)| r == 0 && !(i == 0 && stem))
+        });
+    if other_reads {
+        let d = plan.dims[0];
+        let mut buf = values.alloc(x.len());
+        transpose(x, (n, d.c, d.h * d.w), false, &mut buf);
+        values.vals[0] = Some(buf);
     }
     let mut cols = Vec::new();
     let profiling = crate::profile::enabled();

@@ -85,15 +85,24 @@ fn pass_body<M: Madd>(
     res: Option<&[f32]>,
 ) {
     let args = (block, c0, plane, scale, shift, res);
-    match act {
-        None => channels::<M>(args, |v| v),
-        Some(Activation::Relu) => channels::<M>(args, |v| Kind::Relu.forward(v)),
-        Some(Activation::Relu6) => channels::<M>(args, |v| Kind::Relu6.forward(v)),
-        Some(Activation::Hardsigmoid) => channels::<M>(args, |v| Kind::Hardsigmoid.forward(v)),
-        Some(Activation::Hardswish) => channels::<M>(args, |v| Kind::Hardswish.forward(v)),
-        Some(Activation::Sigmoid) => channels::<M>(args, |v| 1.0 / (1.0 + (-v).exp())),
-    }
+    per_activation!(act, channels::<M>, args)
 }
+
+/// `$run(args, f)` with `f` the scalar function of activation `$act` (the identity for
+/// none): one monomorphic call per activation, so that each loop vectorises.
+macro_rules! per_activation {
+    ($act:expr, $run:path, $args:expr) => {
+        match $act {
+            None => $run($args, |v| v),
+            Some(Activation::Relu) => $run($args, |v| Kind::Relu.forward(v)),
+            Some(Activation::Relu6) => $run($args, |v| Kind::Relu6.forward(v)),
+            Some(Activation::Hardsigmoid) => $run($args, |v| Kind::Hardsigmoid.forward(v)),
+            Some(Activation::Hardswish) => $run($args, |v| Kind::Hardswish.forward(v)),
+            Some(Activation::Sigmoid) => $run($args, |v| 1.0 / (1.0 + (-v).exp())),
+        }
+    };
+}
+use per_activation;
 
 /// One pass over `rows` rows of `width` channels, `ld` apart: `v = act(v * scale[c] +
 /// shift[c]) + res`. Why its own loop: as [`pass_body`] on each row, the per-row setup
@@ -133,14 +142,7 @@ fn pass_rows_body<M: Madd>(
         }
     };
     let args = (block, (rows, ld, width), scale, shift, res);
-    match act {
-        None => rows_loop::<M>(args, |v| v),
-        Some(Activation::Relu) => rows_loop::<M>(args, |v| Kind::Relu.forward(v)),
-        Some(Activation::Relu6) => rows_loop::<M>(args, |v| Kind::Relu6.forward(v)),
-        Some(Activation::Hardsigmoid) => rows_loop::<M>(args, |v| Kind::Hardsigmoid.forward(v)),
-        Some(Activation::Hardswish) => rows_loop::<M>(args, |v| Kind::Hardswish.forward(v)),
-        Some(Activation::Sigmoid) => rows_loop::<M>(args, |v| 1.0 / (1.0 + (-v).exp())),
-    }
+    per_activation!(act, rows_loop::<M>, args)
 }
 
 type RowArgs<'a, 'b> = (

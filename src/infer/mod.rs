@@ -146,7 +146,7 @@ pub fn forward_with(
     } && plan.tail > 0
         && channels_last::supports(&plan, 0..plan.tail);
     let parallel = threads > 1 && !across;
-    let (given, b) = if channels_last {
+    let (mut given, split) = if channels_last {
         let b = plan.tail;
         let clock = crate::profile::enabled().then(std::time::Instant::now);
         let prepared = channels_last::prepare(&plan, &ws, 0..b);
@@ -167,11 +167,8 @@ pub fn forward_with(
             let xs = &x[first * in_len..(first + samples) * in_len];
             with_pool(|pool| {
                 let (steps, n) = (0..b, samples);
-                let inputs = vec![(0, xs)];
                 let ws = &ws;
-                channels_last::steps(
-                    &plan, ws, &prepared, inputs, steps, n, parallel, pool, &export,
-                )
+                channels_last::steps(&plan, ws, &prepared, xs, steps, n, parallel, pool, &export)
             })
         });
         channels_last::recycle(prepared);
@@ -201,8 +198,6 @@ pub fn forward_with(
         });
         (result?, b)
     };
-    let mut given = given;
-    let split = b;
     let out = if split < plan.steps.len() {
         let steps = split..plan.steps.len();
         let parallel = threads > 1;

@@ -588,11 +588,7 @@ fn narrow_body<M: Madd>(
     let (c, hw, p) = (g.c_in, g.h * g.w, g.ho * g.wo);
     let NarrowScratch { xt, yt } = scratch;
     xt.resize(hw * c, 0.0);
-    for (ch, plane) in x.chunks_exact(hw).enumerate() {
-        for (q, &v) in plane.iter().enumerate() {
-            xt[q * c + ch] = v;
-        }
-    }
+    super::transpose::transpose(&x[..c * hw], (c, hw), xt);
     yt.clear();
     yt.resize(p * c, 0.0);
     for (oy, (kys, iy)) in rows.iter().enumerate() {
@@ -609,11 +605,7 @@ fn narrow_body<M: Madd>(
             }
         }
     }
-    for (ch, plane) in out.chunks_exact_mut(p).enumerate() {
-        for (q, o) in plane.iter_mut().enumerate() {
-            *o = yt[q * c + ch];
-        }
-    }
+    super::transpose::transpose(&yt[..p * c], (p, c), out);
 }
 
 simd_dispatch!(fn narrow(g: &ConvGeom, taps: (&Taps, &Taps), ft: &[f32], x: &[f32], out: &mut [f32], scratch: &mut NarrowScratch) => narrow_body);
