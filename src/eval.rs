@@ -1,7 +1,6 @@
 //! Evaluation: top-1/top-5, per-class accuracy, confusion matrix and latency.
 
 use crate::data::{BatchLoader, EpochPlan, Images};
-use crate::exec::Mode;
 use crate::model::{Model, ModelMeta};
 use crate::passes::fold_batch_norm;
 use crate::train::loss::{cross_entropy, top_k};
@@ -31,9 +30,8 @@ pub struct EvalReport {
 /// preprocessing.
 pub fn evaluate(model: &Model, images: Arc<Images>, batch_size: usize) -> Result<EvalReport> {
     let model = &fold_batch_norm(model)?;
-    evaluate_with(&model.meta, images, batch_size, |x| {
-        model.forward(x, Mode::Eval)
-    })
+    let engine = model.engine();
+    evaluate_with(&model.meta, images, batch_size, |x| engine.forward(x))
 }
 
 /// Evaluates an int8 model on the integer engine (planned once for all batches).

@@ -154,6 +154,12 @@ impl Model {
         exec::forward(&self.graph, &self.weights, x, mode)
     }
 
+    /// An eval-mode engine on this model's weights (shared: make a new one after they
+    /// change), planned once for many forward passes (see [`crate::infer::Engine`]).
+    pub fn engine(&self) -> crate::infer::Engine {
+        crate::infer::Engine::new(&self.graph, &self.weights)
+    }
+
     /// Replaces the last weight layer (the classifier) by a freshly initialised one with
     /// `classes` outputs; class names become placeholders until the caller sets them.
     pub fn replace_classifier(&mut self, classes: usize, seed: u64) -> Result<()> {

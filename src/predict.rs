@@ -1,7 +1,6 @@
 //! Classifying image files with a checkpoint's own preprocessing and class names.
 
 use crate::data::{read_image_chw, resize_center_crop};
-use crate::exec::Mode;
 use crate::model::{Model, ModelMeta, Preprocessing};
 use anyhow::Result;
 use candle_core::{D, Device, Tensor};
@@ -36,7 +35,8 @@ pub fn predict_files(
     k: usize,
 ) -> Result<Vec<Vec<(String, f32)>>> {
     let model = &crate::passes::fold_batch_norm(model)?;
-    predict_files_with(&model.meta, paths, k, |x| model.forward(x, Mode::Eval))
+    let engine = model.engine();
+    predict_files_with(&model.meta, paths, k, |x| engine.forward(x))
 }
 
 /// [`predict_files`] for an int8 model, on the integer engine (planned once).

@@ -2,7 +2,8 @@
 //! family, with random weights and batch norm statistics, odd input sizes, batch 1 (one
 //! chunk, multi-threaded kernels), batch 3 (chunks across threads, and the small planes
 //! at the end on the whole batch) and batch 4 (channels last with up to 4 threads,
-//! `infer::Layout`), each also in both layouts forced; and batch-norm folding, which keeps the logits of every family.
+//! `infer::Layout`), each also in both layouts forced and from an `infer::Engine` kept
+//! across sizes and batches; and batch-norm folding, which keeps the logits of every family.
 
 mod common;
 
@@ -10,7 +11,7 @@ use candle_core::{Device, Tensor};
 use common::scaled_error;
 use slimcandle::exec::{self, Mode};
 use slimcandle::graph::Op;
-use slimcandle::infer::Layout;
+use slimcandle::infer::{Engine, Layout};
 use slimcandle::model::Model;
 use slimcandle::models::{ArchOptions, ArchSpec, Stem, catalog};
 use slimcandle::passes::fold_batch_norm;
@@ -50,7 +51,10 @@ fn input(n: usize, h: usize, w: usize, seed: u64) -> Tensor {
     Tensor::from_vec(v, (n, 3, h, w), &Device::Cpu).unwrap()
 }
 
-fn check(model: &Model, x: &Tensor, what: &str) {
+/// `model`'s logits on `x` from the fused executor against Candle's: per call, in both
+/// layouts, and from `engine` (an [`Engine`] of `model` kept across the caller's sizes and
+/// batches, so that its plans and rearranged weights are reused).
+fn check(model: &Model, engine: &Engine, x: &Tensor, what: &str) {
     let want = exec::forward_candle(&model.graph, &model.weights, x, Mode::Eval).unwrap();
     let got = slimcandle::infer::forward(&model.graph, &model.weights, x)
         .unwrap()
@@ -68,6 +72,16 @@ fn check(model: &Model, x: &Tensor, what: &str) {
     // The public entry point takes the same route.
     let routed = model.forward(x, Mode::Eval).unwrap();
     assert_eq!(scaled_error(&routed, &got, 1e-6), 0.0, "{what}: routing");
+    for layout in [Layout::Auto, Layout::Planes, Layout::ChannelsLast] {
+        let got = engine.forward_with(x, layout).unwrap().unwrap();
+        let err = scaled_error(&got, &want, 1e-6);
+        assert!(
+            err < 1e-4,
+            "{what}: engine, {layout:?}, differs by {err} (relative)"
+        );
+    }
+    let kept = engine.forward(x).unwrap();
+    assert!(scaled_error(&kept, &want, 1e-6) < 1e-4, "{what}: engine");
 }
 
 /// Architectures and widths (narrow, to keep the test quick).
@@ -85,10 +99,9 @@ const FAMILIES: [(&str, Option<f64>); 8] = [
 fn run_family(arch: &str, width: Option<f64>) {
     // 16x17 with the CIFAR stem ends in planes under 16 values, which a batch of 3 (chunks
     // of 2 samples) runs in the tail, on the whole batch.
-    for (stem, (h, w)) in [
-        (Stem::Cifar, (33, 35)),
-        (Stem::Cifar, (16, 17)),
-        (Stem::Imagenet, (71, 65)),
+    for (stem, sizes) in [
+        (Stem::Cifar, &[(33, 35), (16, 17)][..]),
+        (Stem::Imagenet, &[(71, 65)]),
     ] {
         let spec = ArchSpec::parse(
             arch,
@@ -103,13 +116,21 @@ fn run_family(arch: &str, width: Option<f64>) {
         let mut model = Model::init(&spec, 11).unwrap();
         randomise_bn(&mut model, 12);
         let folded = fold_batch_norm(&model).unwrap();
+        let engines = (model.engine(), folded.engine());
         // Batch 4 runs channels last in `Layout::Auto` with up to 4 threads (but ShuffleNet
         // V2); the forced layouts below cover both either way.
-        for n in [1, 3, 4] {
-            let x = input(n, h, w, 13 + n as u64);
-            let what = format!("{} {stem:?} batch {n} {h}x{w}", spec.variant_name());
-            check(&model, &x, &what);
-            check(&folded, &x, &format!("{what} (batch norm folded)"));
+        for &(h, w) in sizes {
+            for n in [1, 3, 4] {
+                let x = input(n, h, w, 13 + n as u64);
+                let what = format!("{} {stem:?} batch {n} {h}x{w}", spec.variant_name());
+                check(&model, &engines.0, &x, &what);
+                check(
+                    &folded,
+                    &engines.1,
+                    &x,
+                    &format!("{what} (batch norm folded)"),
+                );
+            }
         }
     }
 }
@@ -207,8 +228,14 @@ fn standalone_nodes_run_in_place_or_copied() {
         .meta,
     };
     randomise_bn(&mut model, 4);
+    let engine = model.engine();
     for n in [1, 2, 5] {
-        check(&model, &input(n, 9, 7, n as u64), &format!("batch {n}"));
+        check(
+            &model,
+            &engine,
+            &input(n, 9, 7, n as u64),
+            &format!("batch {n}"),
+        );
     }
 }
 
@@ -276,8 +303,14 @@ fn the_network_input_read_by_a_stem_and_a_residual_or_a_linear_layer() {
             weights,
             meta,
         };
+        let engine = model.engine();
         for n in [1, 4, 5] {
-            check(&model, &input(n, h, w, n as u64), &format!("batch {n}"));
+            check(
+                &model,
+                &engine,
+                &input(n, h, w, n as u64),
+                &format!("batch {n}"),
+            );
         }
     }
 }
@@ -351,5 +384,32 @@ fn folded_models_compute_the_same_logits_for_every_family() {
             "{}: folded logits differ by {err}",
             spec.variant_name()
         );
+    }
+}
+
+/// An empty batch gives an empty batch of logits, per call and from an engine, in both
+/// layouts (no chunk runs at all).
+#[test]
+fn an_empty_batch_gives_no_logits() {
+    let spec = ArchSpec::parse(
+        "mobilenet_v2",
+        &ArchOptions {
+            width: Some(0.5),
+            num_classes: Some(7),
+            stem: Some(Stem::Cifar),
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    let model = Model::init(&spec, 3).unwrap();
+    let x = input(0, 16, 16, 1);
+    let engine = model.engine();
+    for layout in [Layout::Auto, Layout::Planes, Layout::ChannelsLast] {
+        let per_call = slimcandle::infer::forward_with(&model.graph, &model.weights, &x, layout)
+            .unwrap()
+            .unwrap();
+        let kept = engine.forward_with(&x, layout).unwrap().unwrap();
+        assert_eq!(per_call.dims(), &[0, 7], "{layout:?}");
+        assert_eq!(kept.dims(), &[0, 7], "{layout:?}");
     }
 }

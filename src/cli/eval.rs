@@ -6,7 +6,6 @@ use serde_json::json;
 use slimcandle::checkpoint;
 use slimcandle::data::{DataSpec, LoadOptions};
 use slimcandle::eval::{check_classes, evaluate_with};
-use slimcandle::exec::Mode;
 use slimcandle::report::Table;
 use std::path::PathBuf;
 
@@ -54,8 +53,9 @@ pub fn run(args: EvalArgs) -> Result<()> {
     let report = match &model {
         checkpoint::AnyModel::Float(m) => {
             let m = slimcandle::passes::fold_batch_norm(m)?;
+            let engine = m.engine();
             evaluate_with(&m.meta, data.test.clone(), args.batch_size, |x| {
-                counted(m.forward(x, Mode::Eval))
+                counted(engine.forward(x))
             })?
         }
         checkpoint::AnyModel::Int8(q) => {

@@ -1,7 +1,7 @@
 use anyhow::{Context, Result, bail};
 use clap::Args;
 use slimcandle::checkpoint;
-use slimcandle::exec::{Mode, check_input};
+use slimcandle::exec::check_input;
 use slimcandle::tensor_file::{RawTensor, TensorFile, write_atomic};
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -36,7 +36,10 @@ pub fn run(args: ForwardArgs) -> Result<()> {
     let graph = model.graph();
     // The int8 engine is planned (weights packed) once for all the file's tensors.
     let run: Forward<'_> = match &model {
-        checkpoint::AnyModel::Float(m) => Box::new(|x| m.forward(x, Mode::Eval)),
+        checkpoint::AnyModel::Float(m) => {
+            let engine = m.engine();
+            Box::new(move |x| engine.forward(x))
+        }
         checkpoint::AnyModel::Int8(q) => {
             let engine = slimcandle::int8::Engine::new(q)?;
             Box::new(move |x| engine.forward_tensor(x))

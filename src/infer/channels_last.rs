@@ -13,7 +13,8 @@
 //! The same plan and buffer pool as the NCHW executor (`run.rs`). The network input stays
 //! NCHW for the stem convolution, which reads it in place (`kernels::stem_channels_last`);
 //! it is transposed only for other readers, as are the exported values back to NCHW.
-//! The weights are rearranged once per forward pass ([`prepare`]). A convolution whose only
+//! The weights are rearranged by [`prepare`]: per call in `infer::forward`, once per input
+//! size in an `infer::Engine`. A convolution whose only
 //! reader is a concatenation writes into its columns of the concatenation's output, at any
 //! batch size.
 
@@ -39,43 +40,64 @@ pub(crate) fn supports(plan: &Plan, steps: Range<usize>) -> bool {
             .all(|s| !matches!(s.kind, StepKind::Linear { .. }))
 }
 
-/// The smallest batch that [`Layout::Auto`](super::Layout::Auto) runs channels last (and at
-/// least a sample for every thread): the weights are rearranged on every call ([`prepare`]),
-/// which a batch of one does not pay back. One thread, batch 1: MobileNet V2 at 32x32 ran
-/// 447-467 images/s channels last against 805-822 in NCHW, at 224x224 98-107 against
-/// 107-115; at batch 8 (two threads, 224x224) channels last was 19% faster.
-pub(crate) const MIN_BATCH: usize = 4;
-
-/// Whether [`Layout::Auto`](super::Layout::Auto) runs `plan` channels last (given a batch of
-/// [`MIN_BATCH`] and a sample for every thread): all but plans that split channels
-/// (`Slice`, ShuffleNet V2's units), which stay NCHW: a split, concatenation and shuffle
-/// move whole planes there but gather every pixel's channels here (ShuffleNet V2 ran 10-45%
-/// slower channels last).
+/// Whether [`Layout::Auto`](super::Layout::Auto) runs `plan` channels last for a batch of
+/// `n` on `threads` threads, with the weights rearranged on every call (`kept` false,
+/// [`super::forward`]) or kept between calls (an [`super::Engine`]).
 ///
-/// Measured with every family at 32x32 (batch 64), 96x96 (32), 224x224 (8) and MobileNet
-/// V2 at batch 500, against NCHW (docs/performance.md): MobileNet V2 +14% to +60%, V3 small
-/// +15% to +50%, SqueezeNet 1.1 +15% to +25%, MobileNet V1 0.5 +8% to +50%, ShuffleNet V1
-/// level to +30%.
-pub(crate) fn suits(plan: &Plan) -> bool {
-    !plan.steps[..plan.tail]
+/// Never for plans that split channels (`Slice`, ShuffleNet V2's units): a split,
+/// concatenation and shuffle move whole planes in NCHW but gather every pixel's channels
+/// here (ShuffleNet V2 ran 10-45% slower channels last). Otherwise, measured with every
+/// family against NCHW (docs/performance.md):
+/// - weights rearranged per call: from a batch of [`MIN_BATCH`] with a sample for every
+///   thread (MobileNet V2 +14% to +60%, V3 small +15% to +50%, SqueezeNet 1.1 +15% to +25%,
+///   MobileNet V1 0.5 +8% to +50%, ShuffleNet V1 level to +30%, at 32x32 batch 64, 96x96
+///   batch 32, 224x224 batch 8); a smaller batch does not pay the rearrangement back;
+/// - weights kept: at any batch, but for plans with a channel shuffle (ShuffleNet V1) on a
+///   batch smaller than the thread count, where the shuffle's per-pixel gather and the
+///   grouped products' few rows cost more than NCHW (batch 1, two threads: 2.6-3.0 against
+///   2.4-2.5 ms at 224x224). Batch 1, two threads: MobileNet V2 224x224 5.4-5.7 -> 4.0-4.4
+///   ms, SqueezeNet 1.1 3.8 -> 3.0, MobileNet V1 0.5 2.35 -> 1.66, V3 small 1.76-1.85 ->
+///   1.47; one thread: MobileNet V2 224x224 8.3 -> 6.6, 32x32 1.30 -> 0.83.
+pub(crate) fn chosen(plan: &Plan, n: usize, threads: usize, kept: bool) -> bool {
+    let splits = plan.steps[..plan.tail]
         .iter()
-        .any(|s| matches!(s.kind, StepKind::Slice { .. }))
+        .any(|s| matches!(s.kind, StepKind::Slice { .. }));
+    let shuffles = plan.steps[..plan.tail]
+        .iter()
+        .any(|s| matches!(s.kind, StepKind::Shuffle { .. }));
+    !splits
+        && if kept {
+            n >= threads || !shuffles
+        } else {
+            n >= threads.max(MIN_BATCH)
+        }
 }
 
+/// The smallest batch that runs channels last when the weights are rearranged on every
+/// call ([`chosen`]): one thread, batch 1, MobileNet V2 at 32x32 ran 447-467 images/s
+/// channels last against 805-822 in NCHW, at 224x224 98-107 against 107-115; at batch 8
+/// (two threads, 224x224) channels last was 19% faster.
+pub(crate) const MIN_BATCH: usize = 4;
+
+/// Per step: a convolution's weights in the layout its channels-last kernel reads (`None`
+/// for the other steps), from [`prepare`].
+pub(crate) type Prepared = Vec<Option<Vec<f32>>>;
+
 /// The weights of each convolution step among `plan.steps[steps]` in the layout its
-/// channels-last kernel reads (`None` for the other steps): depthwise filters tap-major,
-/// other convolutions as their products' right-hand matrices. Once per forward pass, on
-/// the rayon pool, into buffers kept from the last call ([`recycle`]): fresh ones would be
-/// page-faulted in every time.
-pub(crate) fn prepare(plan: &Plan, ws: &[&[f32]], steps: Range<usize>) -> Vec<Option<Vec<f32>>> {
-    let mut kept = PREPARED
-        .lock()
-        .map(|mut k| std::mem::take(&mut *k))
-        .unwrap_or_default();
-    kept.resize_with(steps.len(), Vec::new);
+/// channels-last kernel reads: depthwise filters tap-major, other convolutions as their
+/// products' right-hand matrices. On the rayon pool, into `buffers` (by step; fresh ones
+/// where missing): a forward pass that rearranges the weights on every call passes the
+/// last call's ([`recycled`]), which fresh ones would page-fault in every time.
+pub(crate) fn prepare(
+    plan: &Plan,
+    ws: &[&[f32]],
+    steps: Range<usize>,
+    mut buffers: Vec<Vec<f32>>,
+) -> Prepared {
+    buffers.resize_with(steps.len(), Vec::new);
     plan.steps[steps]
         .par_iter()
-        .zip(kept)
+        .zip(buffers)
         .map(|(step, mut wt)| {
             let StepKind::Conv { weight, .. } = step.kind else {
                 return None;
@@ -102,17 +124,25 @@ fn reads_stem(step: &Step, g: &ConvGeom) -> bool {
     step.inputs[0] == 0 && stem_channels_last::supports(g)
 }
 
-/// The buffers of [`prepare`], kept for the next call (by step, so that each is usually the
-/// right size already).
-static PREPARED: std::sync::Mutex<Vec<Vec<f32>>> = std::sync::Mutex::new(Vec::new());
+/// The buffers of the last per-call [`prepare`], kept for the next call (by step, so that
+/// each is usually the right size already).
+static RECYCLED: std::sync::Mutex<Vec<Vec<f32>>> = std::sync::Mutex::new(Vec::new());
 
-/// Gives [`prepare`]'s buffers back for the next call.
-pub(crate) fn recycle(prepared: Vec<Option<Vec<f32>>>) {
+/// The buffers [`recycle`] kept (empty when another call holds them).
+pub(crate) fn recycled() -> Vec<Vec<f32>> {
+    RECYCLED
+        .lock()
+        .map(|mut k| std::mem::take(&mut *k))
+        .unwrap_or_default()
+}
+
+/// Gives a per-call [`prepare`]'s buffers back for the next call.
+pub(crate) fn recycle(prepared: Prepared) {
     let buffers = prepared
         .into_iter()
         .map(Option::unwrap_or_default)
         .collect();
-    if let Ok(mut kept) = PREPARED.lock() {
+    if let Ok(mut kept) = RECYCLED.lock() {
         *kept = buffers;
     }
 }
@@ -148,7 +178,9 @@ pub(crate) fn steps(
     // (another step, a residual, an export) gets it transposed.
     let other_reads = export.contains(&0)
         || steps.iter().any(|s| {
-            let stem = conv_geometry(plan, s, n).is_ok_and(|g| reads_stem(s, &g));
+            // (Only convolutions: a geometry error costs a captured backtrace per step.)
+            let stem = matches!(s.kind, StepKind::Conv { .. })
+                && conv_geometry(plan, s, n).is_ok_and(|g| reads_stem(s, &g));
             s.reads()
                 .enumerate()
                 .any(|(i, r)| r == 0 && !(i == 0 && stem))
@@ -308,6 +340,7 @@ fn run_step(
                 (n, din.h, din.w, din.c),
                 x,
                 &mut y,
+                if parallel { team::size() } else { 1 },
             )?;
             y
         }

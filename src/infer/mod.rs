@@ -13,23 +13,27 @@
 //!   pool when there are enough samples for every thread, with buffers recycled after their
 //!   last reader. Batches smaller than the thread count run one chunk with multi-threaded
 //!   convolutions instead;
-//! - with a batch of 4 or more and a sample for every thread, the chunks run channels last
-//!   (NHWC, `channels_last.rs`), where a convolution's product has the chunk's pixels as rows
-//!   and depthwise, pooling and epilogues vectorise across channels: the small planes of the
-//!   last stages no longer starve the vector units (`Layout`; `channels_last::suits` and
-//!   `MIN_BATCH` for when).
+//! - where it measured faster (`channels_last::chosen`), the chunks run channels last (NHWC,
+//!   `channels_last.rs`), where a convolution's product has the chunk's pixels as rows and
+//!   depthwise, pooling and epilogues vectorise across channels: the small planes of the
+//!   last stages no longer starve the vector units.
 //!
-//! Parameters are borrowed from the weights for the call, not copied (channels last, the
-//! convolution weights are rearranged once per call, into buffers kept between calls). Only
+//! Parameters are borrowed from the weights for the call, not copied. Channels last, the
+//! convolution weights are rearranged: once per call in [`forward`] (training changes the
+//! weights in place), once per model in an [`Engine`], which also keeps the plans. Only
 //! f32 CPU tensors run here; `exec::forward` sends anything else down the Candle path.
 //!
-//! `SLIMCANDLE_INFER_CHUNK=n` overrides the NCHW chunk size (samples), and
+//! `SLIMCANDLE_INFER_CHUNK=n` overrides the NCHW chunk size (samples; across threads an upper
+//! bound, the chunks balanced below it), and
 //! `SLIMCANDLE_LAYOUT=nchw|nhwc` the layout, for timing experiments.
 
 mod channels_last;
+mod engine;
 mod epilogue;
 mod plan;
 mod run;
+
+pub use engine::Engine;
 
 use crate::exec::check_input;
 use crate::graph::{Graph, NodeId};
@@ -37,7 +41,9 @@ use crate::weights::Weights;
 use anyhow::Result;
 use candle_core::{CpuStorage, DType, Device, Storage, Tensor};
 use rayon::prelude::*;
+use std::borrow::Cow;
 use std::cell::RefCell;
+use std::sync::OnceLock;
 
 /// Values per sample of the largest activation that a chunk should keep in cache: the chunk
 /// holds as many samples as fit this budget (between 1 and [`MAX_CHUNK`]).
@@ -58,8 +64,9 @@ thread_local! {
 /// per channel, the same in both).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Layout {
-    /// Chosen per call: channels last for a batch of at least `channels_last::MIN_BATCH`
-    /// with a sample for every thread and a plan that `channels_last::suits`, else NCHW.
+    /// Chosen per call (`channels_last::chosen`): channels last where it measured faster,
+    /// which depends on the batch and on whether the weights' rearrangement is kept between
+    /// calls ([`Engine`]) or made on each.
     /// The environment variable `SLIMCANDLE_LAYOUT=nchw|nhwc` overrides it (timing
     /// experiments).
     Auto,
@@ -100,11 +107,30 @@ pub fn forward_with(
     if !x.device().is_cpu() || x.dtype() != DType::F32 {
         return Ok(None);
     }
-    let (n, _, h, w) = x.dims4()?;
+    let (_, _, h, w) = x.dims4()?;
     let dims = graph.infer_shapes(h, w)?;
     let Some(plan) = plan::build(graph, weights, dims)? else {
         return Ok(None);
     };
+    execute(&plan, x, layout, Rearranged::PerCall)
+}
+
+/// Where a channels-last pass gets its rearranged weights.
+enum Rearranged<'a> {
+    /// Made for this call, into buffers recycled between calls ([`forward`]).
+    PerCall,
+    /// Made on the first call and kept ([`Engine`]).
+    Kept(&'a OnceLock<channels_last::Prepared>),
+}
+
+/// Runs `plan` on `x` (an f32 CPU tensor of the plan's input size, checked by the caller).
+fn execute(
+    plan: &plan::Plan,
+    x: &Tensor,
+    layout: Layout,
+    rearranged: Rearranged<'_>,
+) -> Result<Option<Tensor>> {
+    let n = x.dims()[0];
     let x = x.contiguous()?;
     let mut owned = plan.params.clone();
     owned.push(x);
@@ -121,7 +147,7 @@ pub fn forward_with(
     let x = slices.pop().expect("the input was pushed last");
     let ws = slices;
 
-    let out_dims = plan.dims[graph.output];
+    let out_dims = plan.output_dims;
     let in_len = plan.dims[0].elements();
     let largest = plan.dims.iter().map(|d| d.elements()).max().unwrap_or(1);
     let threads = rayon::current_num_threads();
@@ -141,15 +167,28 @@ pub fn forward_with(
     // receives the values it reads as whole-batch NCHW vectors.
     let channels_last = match layout.choose() {
         Layout::ChannelsLast => true,
-        Layout::Auto => n >= threads.max(channels_last::MIN_BATCH) && channels_last::suits(&plan),
+        Layout::Auto => {
+            let kept = matches!(rearranged, Rearranged::Kept(_));
+            channels_last::chosen(plan, n, threads, kept)
+        }
         Layout::Planes => false,
     } && plan.tail > 0
-        && channels_last::supports(&plan, 0..plan.tail);
+        && channels_last::supports(plan, 0..plan.tail);
     let parallel = threads > 1 && !across;
     let (mut given, split) = if channels_last {
         let b = plan.tail;
         let clock = crate::profile::enabled().then(std::time::Instant::now);
-        let prepared = channels_last::prepare(&plan, &ws, 0..b);
+        let prepared: Cow<'_, [Option<Vec<f32>>]> = match rearranged {
+            Rearranged::PerCall => Cow::Owned(channels_last::prepare(
+                plan,
+                &ws,
+                0..b,
+                channels_last::recycled(),
+            )),
+            Rearranged::Kept(kept) => Cow::Borrowed(
+                kept.get_or_init(|| channels_last::prepare(plan, &ws, 0..b, Vec::new())),
+            ),
+        };
         if let Some(start) = clock {
             crate::profile::record("eval channels-last weights", start.elapsed());
         }
@@ -162,38 +201,30 @@ pub fn forward_with(
         if across {
             chunk = chunk.min(n.div_ceil(threads));
         }
-        let export = read_from(&plan, b);
+        let export = read_from(plan, b);
         let result = chunked(n, chunk.min(n), across, &export, &|first, samples| {
             let xs = &x[first * in_len..(first + samples) * in_len];
             with_pool(|pool| {
                 let (steps, n) = (0..b, samples);
                 let ws = &ws;
-                channels_last::steps(&plan, ws, &prepared, xs, steps, n, parallel, pool, &export)
+                channels_last::steps(plan, ws, &prepared, xs, steps, n, parallel, pool, &export)
             })
         });
-        channels_last::recycle(prepared);
+        if let Cow::Owned(fresh) = prepared {
+            channels_last::recycle(fresh);
+        }
         (result?, b)
     } else {
         let b = match plan.small_tail {
             Some((start, widest)) if chunk * widest < plan::TAIL_COLUMNS => start,
             _ => plan.tail,
         };
-        let export = read_from(&plan, b);
+        let export = read_from(plan, b);
         let result = chunked(n, chunk, across, &export, &|first, samples| {
             let xs = &x[first * in_len..(first + samples) * in_len];
             with_pool(|pool| {
                 let (steps, n) = (0..b, samples);
-                run::steps(
-                    &plan,
-                    &ws,
-                    xs,
-                    Vec::new(),
-                    steps,
-                    n,
-                    parallel,
-                    pool,
-                    &export,
-                )
+                run::steps(plan, &ws, xs, Vec::new(), steps, n, parallel, pool, &export)
             })
         });
         (result?, b)
@@ -203,7 +234,7 @@ pub fn forward_with(
         let parallel = threads > 1;
         let export = [plan.output];
         let result =
-            with_pool(|pool| run::steps(&plan, &ws, x, given, steps, n, parallel, pool, &export));
+            with_pool(|pool| run::steps(plan, &ws, x, given, steps, n, parallel, pool, &export));
         result?.pop().expect("one export")
     } else {
         match given.iter().position(|(v, _)| *v == plan.output) {
@@ -232,9 +263,15 @@ fn read_from(plan: &plan::Plan, from: usize) -> Vec<NodeId> {
     values
 }
 
-/// Runs `run(first, samples)` on the chunks of `chunk` samples of a batch of `n` (on the
+/// Runs `run(first, samples)` on chunks of at most `chunk` samples of a batch of `n` (on the
 /// rayon pool with `across`), each returning the values `export`; returns those values
 /// for the whole batch, chunks in order.
+///
+/// Across threads, the chunks are a multiple of the thread count (unless that exceeds the
+/// samples: then one sample each) and differ in size by one
+/// sample at most, so that every thread gets the same work: chunks of the largest size that
+/// fits left 32 samples as 7, 7, 7, 7 and 4 (MobileNet V1 0.5 at 96x96), one thread running
+/// 18 while the other ran 14 (MobileNet V3 small 14, 14 and 4: 18 against 14).
 fn chunked(
     n: usize,
     chunk: usize,
@@ -242,9 +279,15 @@ fn chunked(
     export: &[NodeId],
     run: &(dyn Fn(usize, usize) -> Result<Vec<Vec<f32>>> + Sync),
 ) -> Result<Vec<(NodeId, Vec<f32>)>> {
-    let chunk = chunk.max(1);
-    let one = |i: usize| run(i * chunk, chunk.min(n - i * chunk));
-    let chunks = n.div_ceil(chunk);
+    let mut chunks = n.div_ceil(chunk.max(1));
+    if across {
+        let threads = rayon::current_num_threads();
+        chunks = chunks.div_ceil(threads) * threads;
+    }
+    // (No chunk at all for an empty batch, as before.)
+    let chunks = chunks.min(n);
+    let bound = |i: usize| i * n / chunks;
+    let one = |i: usize| run(bound(i), bound(i + 1) - bound(i));
     let parts: Vec<Vec<Vec<f32>>> = if across {
         (0..chunks)
             .into_par_iter()

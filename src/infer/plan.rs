@@ -120,6 +120,9 @@ pub(crate) struct Plan {
     pub small_tail: Option<(usize, usize)>,
     /// The value the network returns.
     pub output: NodeId,
+    /// The shape of one sample of the network's output (its graph node's, which may be a
+    /// reshape of [`Self::output`]'s value).
+    pub output_dims: Dims,
     /// Parameter tensors (f32, on the CPU), borrowed at run time.
     pub params: Vec<Tensor>,
     pub consts: Vec<Vec<f32>>,
@@ -246,6 +249,7 @@ pub(crate) fn build(graph: &Graph, weights: &Weights, dims: Vec<Dims>) -> Result
         });
     }
     let output = value_of[graph.output];
+    let output_dims = dims[graph.output];
     let first_linear = steps
         .iter()
         .position(|s| matches!(s.kind, StepKind::Linear { .. }))
@@ -271,6 +275,7 @@ pub(crate) fn build(graph: &Graph, weights: &Weights, dims: Vec<Dims>) -> Result
         tail: first_linear,
         small_tail,
         output,
+        output_dims,
         params: b.params,
         consts: b.consts,
     }))

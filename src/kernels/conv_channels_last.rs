@@ -9,7 +9,8 @@
 //! all the samples of a chunk and the columns the output channels (16 to 1,280 in these
 //! networks): the plane's size no longer matters.
 //!
-//! The right-hand matrices are the weights rearranged once per forward pass ([`weights`]):
+//! The right-hand matrices are the weights rearranged ([`weights`]; per call, or once in an
+//! `infer::Engine`):
 //! our GEMM (`sgemm`) wants B's rows contiguous.
 
 use super::conv::ConvGeom;
@@ -20,6 +21,11 @@ use super::{sgemm, team};
 /// Values of the output block (rows x C_out) that a product and its epilogue should keep in
 /// cache: rows per block are chosen to fit this.
 const BLOCK_VALUES: usize = 1 << 15;
+
+thread_local! {
+    /// The im2col rows of a team thread's blocks at batch 1 ([`forward`]).
+    static TEAM_COLS: std::cell::Cell<Vec<f32>> = const { std::cell::Cell::new(Vec::new()) };
+}
 
 /// `w` (PyTorch's C_out x C_in/groups x k x k) as the products' right-hand matrices: per
 /// group, `k k C_in/groups` rows of `C_out/groups` values, row `(ky k + kx) C_in/groups + ci`
@@ -65,8 +71,8 @@ pub(crate) fn available() -> bool {
 /// a concatenation). `post(first, rows, values)` runs on each block of output rows right
 /// after it is computed: `values` starts at pixel `first` and spans `rows` pixels (`ldc`
 /// apart). `cols` is scratch for the im2col blocks. With `threads` > 1 (a batch smaller than
-/// the thread count, on the spinning team) the row blocks are shared out, or where there are fewer blocks than
-/// threads, each product's column panels.
+/// the thread count, on the spinning team) the rows are shared out, or for a dense 1x1
+/// convolution with few rows, each product's column panels.
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn forward(
     g: &ConvGeom,
@@ -90,8 +96,7 @@ pub(crate) fn forward(
     let blocks = pixels.div_ceil(block);
     let out = SharedMut::new(y);
     // Rows `r0..r0 + m` of every group's product, then their epilogue.
-    let run_block = |r0: usize, cols: &mut Vec<f32>, panel_threads: usize| {
-        let m = block.min(pixels - r0);
+    let run_block = |r0: usize, m: usize, cols: &mut Vec<f32>, panel_threads: usize| {
         let len = (m - 1) * ldc + g.c_out;
         // SAFETY: blocks are disjoint runs of output rows (each task takes its own).
         let y = unsafe { out.part(r0 * ldc, len) };
@@ -119,17 +124,35 @@ pub(crate) fn forward(
         }
         post(r0, m, y);
     };
-    if threads > 1 && blocks >= threads {
-        team::run_parts(blocks, threads, &|part| {
-            let mut cols = Vec::new();
-            for i in part {
-                run_block(i * block, &mut cols, 1);
+    // With a team (batch 1): each thread a balanced share of the row tiles, reading all of
+    // the weights; or, for a dense 1x1 convolution on fewer than four row tiles per thread,
+    // each product's column panels shared out instead, every thread reading all the rows
+    // and its share of the weights. Row blocks dealt out whole left one thread 48 of 7x7's
+    // 49 rows (MobileNet V2 224x224: its 7x7 and 14x14 products 1.4-1.7x slower than
+    // NCHW); balanced rows alone left the 7x7 products 30-40% slower than panels, and
+    // panels for ShuffleNet V1's grouped products (a job per group) were 40% slower than rows.
+    let tiles = pixels.div_ceil(sgemm::MR);
+    if threads > 1 && (g.groups > 1 || !direct || tiles >= 4 * threads) {
+        let parts = threads.min(tiles);
+        team::run(parts, &|t| {
+            // Each team thread's own im2col buffer, kept between calls (a fresh one per
+            // call is allocated and page-faulted in again).
+            let mut cols = TEAM_COLS.with(|c| c.take());
+            let r0 = (t * tiles / parts * sgemm::MR).min(pixels);
+            let r1 = ((t + 1) * tiles / parts * sgemm::MR).min(pixels);
+            let mut r = r0;
+            while r < r1 {
+                let m = block.min(r1 - r);
+                run_block(r, m, &mut cols, 1);
+                r += m;
             }
+            TEAM_COLS.with(|c| c.replace(cols));
         });
-    } else {
-        for i in 0..blocks {
-            run_block(i * block, cols, threads);
-        }
+        return;
+    }
+    for i in 0..blocks {
+        let r0 = i * block;
+        run_block(r0, block.min(pixels - r0), cols, threads);
     }
 }
 

@@ -189,6 +189,30 @@ pub(crate) fn run_parts(units: usize, parts: usize, f: &(dyn Fn(std::ops::Range<
     });
 }
 
+/// Runs `f(u, row)` on every row `u` of `y` (`row_len` values each, one task per run of
+/// rows), shared out over `threads` tasks of the team (on this thread for one): the
+/// channels-last pooling's output rows and the stem's padded input rows.
+pub(crate) fn rows(
+    y: &mut [f32],
+    row_len: usize,
+    threads: usize,
+    f: &(dyn Fn(usize, &mut [f32]) + Sync),
+) {
+    let units = y.len().checked_div(row_len).unwrap_or(0);
+    let out = super::cpu::SharedMut::new(y);
+    let run = |units: std::ops::Range<usize>| {
+        for u in units {
+            // SAFETY: each row is written by the one task that takes it, within `y`.
+            f(u, unsafe { out.part(u * row_len, row_len) });
+        }
+    };
+    if threads > 1 && units > 1 {
+        run_parts(units, threads, &run);
+    } else {
+        run(0..units);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::run;

@@ -10,8 +10,8 @@ use super::feature_kd::{find_node, truncated};
 use crate::checkpoint;
 use crate::data::Images;
 use crate::eval::evaluate;
-use crate::exec::Mode;
 use crate::graph::Dims;
+use crate::infer::Engine;
 use crate::model::Model;
 use crate::passes::fold_batch_norm;
 use anyhow::{Context, Result, bail};
@@ -41,8 +41,10 @@ pub struct CheckpointTeacher {
     model: Model,
     /// The checkpoint as stored, whose node names feature taps use.
     stored: Model,
+    /// [`Self::model`] planned once for every batch (the teacher's weights never change).
+    engine: Engine,
     /// For each feature tap, the network up to the tap node, batch norms folded.
-    taps: Vec<Model>,
+    taps: Vec<Engine>,
     /// Per-channel scale and shift that take the student's normalisation to the teacher's
     /// (`None` when they are the same): the teacher sees the student's augmented pixels as
     /// its own preprocessing would have presented them.
@@ -60,6 +62,7 @@ impl CheckpointTeacher {
         Ok(CheckpointTeacher {
             path,
             sha256,
+            engine: model.engine(),
             model,
             stored,
             taps: Vec::new(),
@@ -160,7 +163,7 @@ impl CheckpointTeacher {
                 weights: self.stored.weights.clone(),
                 meta: self.stored.meta.clone(),
             };
-            taps.push(fold_batch_norm(&prefix)?);
+            taps.push(fold_batch_norm(&prefix)?.engine());
             sizes.push(dims[id]);
         }
         self.taps = taps;
@@ -214,14 +217,11 @@ impl CheckpointTeacher {
 
 impl Teacher for CheckpointTeacher {
     fn logits(&self, x: &Tensor) -> Result<Tensor> {
-        self.model.forward(&self.input(x)?, Mode::Eval)
+        self.engine.forward(&self.input(x)?)
     }
 
     fn features(&self, x: &Tensor) -> Result<Vec<Tensor>> {
         let input = self.input(x)?;
-        self.taps
-            .iter()
-            .map(|m| m.forward(&input, Mode::Eval))
-            .collect()
+        self.taps.iter().map(|tap| tap.forward(&input)).collect()
     }
 }
