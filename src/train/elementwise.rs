@@ -67,6 +67,63 @@ pub(super) fn per_sample(
     }
 }
 
+/// A new buffer of `n` samples of `sample_len` values, each sample's part the
+/// concatenation of the slices `pieces(sample)` yields, in order, in parallel when large.
+///
+/// Why: the step's copies (concat, slice and channel shuffle, both ways) overwrite every
+/// value of their output, so filling it with zeros first (as [`crate::kernels::alloc::zeroed`]
+/// does) is a whole extra write of each activation or gradient they make. The pieces are
+/// written in sequence straight into the new buffer's spare capacity; a sample whose pieces
+/// do not add up to exactly `sample_len` values panics before the buffer is exposed.
+pub(super) fn gather<'a, I>(
+    n: usize,
+    sample_len: usize,
+    pieces: impl Fn(usize) -> I + Sync,
+) -> Vec<f32>
+where
+    I: Iterator<Item = &'a [f32]>,
+{
+    use std::mem::MaybeUninit;
+    let len = n * sample_len;
+    let mut y: Vec<f32> = Vec::with_capacity(len);
+    if sample_len == 0 {
+        return y;
+    }
+    let fill = |s: usize, part: &mut [MaybeUninit<f32>]| {
+        let mut at = 0;
+        for piece in pieces(s) {
+            assert!(
+                at + piece.len() <= part.len(),
+                "gather: sample {s}'s pieces exceed its {} values",
+                part.len()
+            );
+            part[at..at + piece.len()].write_copy_of_slice(piece);
+            at += piece.len();
+        }
+        assert_eq!(
+            at,
+            part.len(),
+            "gather: sample {s}'s pieces fill {at} values"
+        );
+    };
+    let spare = &mut y.spare_capacity_mut()[..len];
+    if len < PAR_MIN {
+        spare
+            .chunks_mut(sample_len)
+            .enumerate()
+            .for_each(|(s, p)| fill(s, p));
+    } else {
+        spare
+            .par_chunks_mut(sample_len)
+            .enumerate()
+            .for_each(|(s, p)| fill(s, p));
+    }
+    // SAFETY: every sample's part (the `n` parts cover the first `len` values of the
+    // capacity) was written in full, or `fill` panicked before this line.
+    unsafe { y.set_len(len) };
+    y
+}
+
 /// Per-channel sums of NCHW values (`c` channels of `plane` values per sample): each
 /// sample's plane sums in parallel, then added in sample order, which is the serial loop's
 /// order and rounding.
@@ -137,5 +194,52 @@ fn add_in_order(sums: &mut [f32], parts: Vec<Vec<f32>>) {
         for (s, v) in sums.iter_mut().zip(part) {
             *s += v;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{PAR_MIN, gather};
+
+    /// Each sample's part is its pieces in order, on the serial path and the parallel one.
+    #[test]
+    fn gather_concatenates_each_samples_pieces() {
+        for n in [1, 3, 2 * PAR_MIN / 7 + 1] {
+            let (a_len, b_len) = (3, 4);
+            let a: Vec<f32> = (0..n * a_len).map(|i| i as f32).collect();
+            let b: Vec<f32> = (0..n * b_len).map(|i| -(i as f32)).collect();
+            let y = gather(n, a_len + b_len, |s| {
+                [
+                    &b[s * b_len..(s + 1) * b_len],
+                    &a[s * a_len..(s + 1) * a_len],
+                ]
+                .into_iter()
+            });
+            let expected: Vec<f32> = (0..n)
+                .flat_map(|s| {
+                    b[s * b_len..(s + 1) * b_len]
+                        .iter()
+                        .chain(&a[s * a_len..(s + 1) * a_len])
+                        .copied()
+                })
+                .collect();
+            assert_eq!(y, expected, "batch {n}");
+        }
+        assert!(gather(4, 0, |_| std::iter::empty()).is_empty());
+    }
+
+    /// Pieces that leave part of a sample unwritten never hand out the buffer.
+    #[test]
+    #[should_panic(expected = "pieces fill 2 values")]
+    fn gather_refuses_pieces_short_of_a_sample() {
+        let x = [1.0f32, 2.0];
+        gather(1, 3, |_| std::iter::once(&x[..]));
+    }
+
+    #[test]
+    #[should_panic(expected = "exceed")]
+    fn gather_refuses_pieces_beyond_a_sample() {
+        let x = [1.0f32, 2.0, 3.0];
+        gather(1, 2, |_| std::iter::once(&x[..]));
     }
 }

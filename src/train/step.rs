@@ -32,7 +32,9 @@
 
 use super::adapter::Adapter;
 use super::distill::{KdWeights, LossParts, distillation_loss_grad};
-use super::elementwise::{add_into, channel_sums, map, masked_channel_sums, per_sample, zip_map};
+use super::elementwise::{
+    add_into, channel_sums, gather, map, masked_channel_sums, per_sample, zip_map,
+};
 use super::fake_quant::{FakeQuant, fake_quantize};
 use super::feature_kd::{HintLoss, hint_loss_grad};
 use super::loss::{cross_entropy_row, log_sum_exp, smoothed_target};
@@ -551,41 +553,33 @@ fn step(
                 let parts: Vec<(&[f32], usize)> = (0..node.inputs.len())
                     .map(|k| (input(k), dims[node.inputs[k]].elements()))
                     .collect();
-                let mut y = zeroed(n * total);
-                per_sample(&mut y, total, |s, ys| {
-                    let mut offset = 0;
-                    for &(xs, len) in &parts {
-                        ys[offset..offset + len].copy_from_slice(&xs[s * len..(s + 1) * len]);
-                        offset += len;
-                    }
-                });
-                y
+                gather(n, total, |s| {
+                    parts
+                        .iter()
+                        .map(move |&(xs, len)| &xs[s * len..(s + 1) * len])
+                })
             }
             Op::Slice { start, end } => {
                 let din = dims[node.inputs[0]];
                 let plane = din.h * din.w;
                 let (sin, sout) = (din.elements(), dout.elements());
                 let xs = input(0);
-                let mut y = zeroed(n * sout);
-                per_sample(&mut y, sout, |s, dst| {
+                gather(n, sout, |s| {
                     let from = s * sin + start * plane;
-                    dst.copy_from_slice(&xs[from..from + (end - start) * plane]);
-                });
-                y
+                    std::iter::once(&xs[from..from + (end - start) * plane])
+                })
             }
             Op::ChannelShuffle { groups } => {
                 let plane = dout.h * dout.w;
                 let c = dout.c;
                 let per = c / groups;
                 let xs = input(0);
-                let mut y = zeroed(xs.len());
-                per_sample(&mut y, c * plane, |s, ys| {
-                    for (o, dst) in ys.chunks_mut(plane).enumerate() {
+                gather(n, c * plane, |s| {
+                    (0..c).map(move |o| {
                         let src = s * c + (o % groups) * per + o / groups;
-                        dst.copy_from_slice(&xs[src * plane..(src + 1) * plane]);
-                    }
-                });
-                y
+                        &xs[src * plane..(src + 1) * plane]
+                    })
+                })
             }
             Op::MaxPool {
                 kernel,
@@ -934,11 +928,7 @@ fn step(
                         let slot = &mut grads[v];
                         match slot {
                             Some(acc) => per_sample(acc, len, |s, a| add_into(a, part(s))),
-                            None => {
-                                let mut d = zeroed(n * len);
-                                per_sample(&mut d, len, |s, a| a.copy_from_slice(part(s)));
-                                *slot = Some(d);
-                            }
+                            None => *slot = Some(gather(n, len, |s| std::iter::once(part(s)))),
                         }
                     }
                     offset += len;
@@ -949,12 +939,22 @@ fn step(
                     let din = dims[inp0];
                     let plane = din.h * din.w;
                     let (sin, sout) = (din.elements(), dout.elements());
-                    let slot = &mut grads[inp0];
-                    let acc = slot.get_or_insert_with(|| zeroed(n * sin));
-                    per_sample(acc, sin, |s, a| {
-                        let from = start * plane;
-                        add_into(&mut a[from..from + sout], &g[s * sout..(s + 1) * sout]);
-                    });
+                    let from = start * plane;
+                    let part = |s: usize| &g[s * sout..(s + 1) * sout];
+                    match &mut grads[inp0] {
+                        Some(acc) => per_sample(acc, sin, |s, a| {
+                            add_into(&mut a[from..from + sout], part(s))
+                        }),
+                        // The first slice's gradient, zeros around it (the other slices of
+                        // the same input add theirs).
+                        slot @ None => {
+                            let zeros = vec![0f32; sin - sout];
+                            let after = sin - from - sout;
+                            *slot = Some(gather(n, sin, |s| {
+                                [&zeros[..from], part(s), &zeros[..after]].into_iter()
+                            }));
+                        }
+                    }
                 }
             }
             Op::ChannelShuffle { groups } => {
@@ -962,14 +962,14 @@ fn step(
                     let plane = dout.h * dout.w;
                     let c = dout.c;
                     let per = c / groups;
-                    let mut dx = zeroed(g.len());
-                    per_sample(&mut dx, c * plane, |s, ds| {
-                        for o in 0..c {
-                            let to = (o % groups) * per + o / groups;
-                            let from = (s * c + o) * plane;
-                            ds[to * plane..(to + 1) * plane]
-                                .copy_from_slice(&g[from..from + plane]);
-                        }
+                    // Input channel `to` went to output channel `o` with
+                    // to = (o % groups) * per + o / groups, so o = (to % per) * groups + to / per.
+                    let g = &g;
+                    let dx = gather(n, c * plane, |s| {
+                        (0..c).map(move |to| {
+                            let from = (s * c + (to % per) * groups + to / per) * plane;
+                            &g[from..from + plane]
+                        })
                     });
                     acc_owned(&mut grads[inp0], dx);
                 }
