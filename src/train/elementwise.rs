@@ -125,19 +125,14 @@ where
 }
 
 /// Per-channel sums of NCHW values (`c` channels of `plane` values per sample): each
-/// sample's plane sums in parallel, then added in sample order, which is the serial loop's
-/// order and rounding.
+/// sample's plane sums (in lanes, [`lane_sum`]) in parallel, then added in sample order.
 pub(super) fn channel_sums(g: &[f32], c: usize, plane: usize) -> Vec<f32> {
     let sample = c * plane;
     let mut sums = vec![0f32; c];
     if sample == 0 {
         return sums;
     }
-    let per_sample = |gs: &[f32]| -> Vec<f32> {
-        gs.chunks_exact(plane)
-            .map(|pl| pl.iter().sum::<f32>())
-            .collect()
-    };
+    let per_sample = |gs: &[f32]| -> Vec<f32> { gs.chunks_exact(plane).map(lane_sum).collect() };
     let parts: Vec<Vec<f32>> = if g.len() < PAR_MIN {
         g.chunks_exact(sample).map(per_sample).collect()
     } else {
@@ -164,14 +159,7 @@ pub(super) fn masked_channel_sums(
     let per_sample = |(gs, ys): (&mut [f32], &[f32])| -> Vec<f32> {
         gs.chunks_exact_mut(plane)
             .zip(ys.chunks_exact(plane))
-            .map(|(gp, yp)| {
-                let mut sum = 0f32;
-                for (d, &v) in gp.iter_mut().zip(yp) {
-                    *d = f(*d, v);
-                    sum += *d;
-                }
-                sum
-            })
+            .map(|(gp, yp)| map_and_sum(gp, yp, &f))
             .collect()
     };
     let parts: Vec<Vec<f32>> = if g.len() < PAR_MIN {
@@ -189,6 +177,45 @@ pub(super) fn masked_channel_sums(
     sums
 }
 
+/// The sum of `v` in 16 f32 lanes.
+///
+/// Why lanes: a running sum is a chain of dependent additions, one value per addition's
+/// latency, which the compiler may not reorder into vectors; the bias gradients' channel sums
+/// written that way were 8% of a SqueezeNet 1.1 training step (all its convolutions have a
+/// bias).
+#[inline]
+fn lane_sum(v: &[f32]) -> f32 {
+    let mut lanes = [0f32; 16];
+    let mut chunks = v.chunks_exact(16);
+    for c in &mut chunks {
+        for i in 0..16 {
+            lanes[i] += c[i];
+        }
+    }
+    lanes.iter().sum::<f32>() + chunks.remainder().iter().sum::<f32>()
+}
+
+/// `g[i] = f(g[i], y[i])` over a plane, and the sum of the new values in 16 f32 lanes (as
+/// [`lane_sum`]).
+#[inline]
+fn map_and_sum(g: &mut [f32], y: &[f32], f: &impl Fn(f32, f32) -> f32) -> f32 {
+    let mut lanes = [0f32; 16];
+    let mut gc = g.chunks_exact_mut(16);
+    let mut yc = y.chunks_exact(16);
+    for (gs, ys) in (&mut gc).zip(&mut yc) {
+        for i in 0..16 {
+            gs[i] = f(gs[i], ys[i]);
+            lanes[i] += gs[i];
+        }
+    }
+    let mut rest = 0f32;
+    for (d, &v) in gc.into_remainder().iter_mut().zip(yc.remainder()) {
+        *d = f(*d, v);
+        rest += *d;
+    }
+    lanes.iter().sum::<f32>() + rest
+}
+
 fn add_in_order(sums: &mut [f32], parts: Vec<Vec<f32>>) {
     for part in parts {
         for (s, v) in sums.iter_mut().zip(part) {
@@ -199,7 +226,44 @@ fn add_in_order(sums: &mut [f32], parts: Vec<Vec<f32>>) {
 
 #[cfg(test)]
 mod tests {
-    use super::{PAR_MIN, gather};
+    use super::{PAR_MIN, channel_sums, gather, masked_channel_sums};
+
+    /// The lane sums against f64 sums, on planes with and without a partial vector, on the
+    /// serial path and the parallel one; the masked version also rewrites the gradient.
+    #[test]
+    fn channel_sums_match_f64_sums() {
+        for (n, c, plane) in [(2, 3, 49), (3, 5, 16), (4, 2, 7), (64, 8, 81)] {
+            let g: Vec<f32> = (0..n * c * plane)
+                .map(|i| ((i * 7919 % 1013) as f32 - 500.0) / 97.0)
+                .collect();
+            let y: Vec<f32> = (0..g.len()).map(|i| (i % 5) as f32 - 2.0).collect();
+            let mask = |d: f32, v: f32| if v > 0.0 { d } else { 0.0 };
+            let expected = |g: &[f32], masked: bool| -> Vec<f64> {
+                (0..c)
+                    .map(|ch| {
+                        (0..n)
+                            .flat_map(|s| (0..plane).map(move |i| (s * c + ch) * plane + i))
+                            .map(|i| if masked { mask(g[i], y[i]) } else { g[i] } as f64)
+                            .sum()
+                    })
+                    .collect()
+            };
+            let close = |got: &[f32], want: &[f64]| {
+                for (a, b) in got.iter().zip(want) {
+                    assert!(
+                        (*a as f64 - b).abs() <= 1e-4 * (1.0 + b.abs()),
+                        "{a} vs {b}"
+                    );
+                }
+            };
+            close(&channel_sums(&g, c, plane), &expected(&g, false));
+            let mut masked = g.clone();
+            let sums = masked_channel_sums(&mut masked, &y, mask, c, plane);
+            close(&sums, &expected(&g, true));
+            let rewritten: Vec<f32> = g.iter().zip(&y).map(|(&d, &v)| mask(d, v)).collect();
+            assert_eq!(masked, rewritten, "{n}x{c}x{plane}");
+        }
+    }
 
     /// Each sample's part is its pieces in order, on the serial path and the parallel one.
     #[test]

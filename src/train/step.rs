@@ -761,6 +761,16 @@ fn step(
                 let act = deferred[id].take();
                 if *bias {
                     let db = match &act {
+                        // One closure per kind, so that each loop is vectorised without
+                        // a branch on the kind per value.
+                        Some((Kind::Relu, ys)) => {
+                            let f = |d, v| Kind::Relu.backward(v, d);
+                            masked_channel_sums(&mut g, ys, f, dout.c, plane)
+                        }
+                        Some((Kind::Relu6, ys)) => {
+                            let f = |d, v| Kind::Relu6.backward(v, d);
+                            masked_channel_sums(&mut g, ys, f, dout.c, plane)
+                        }
                         Some((k, ys)) => {
                             let k = *k;
                             masked_channel_sums(&mut g, ys, |d, v| k.backward(v, d), dout.c, plane)
