@@ -232,6 +232,11 @@ fn depthwise_conv_small_planes_in_registers() {
     Conv::new(2, 32, 32, (2, 2), 32).kernel(3, 2, 1).check();
     Conv::new(3, 8, 8, (16, 16), 8).check();
     Conv::new(2, 8, 8, (8, 8), 8).check();
+    // Stride 1: the input gradient takes the same kernel with the flipped filters and
+    // padding k - 1 - p (5x5 on 2x2 and 1x1 planes, and without padding: 4x4 -> 2x2).
+    Conv::new(2, 32, 32, (2, 2), 32).kernel(5, 1, 2).check();
+    Conv::new(2, 32, 32, (1, 1), 32).kernel(3, 1, 1).check();
+    Conv::new(2, 16, 16, (4, 4), 16).kernel(3, 1, 0).check();
 }
 
 #[test]
