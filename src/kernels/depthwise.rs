@@ -654,7 +654,19 @@ pub(crate) fn backward(
             });
     }
     let need_x_planes = need_x && small_dx.is_none();
-    if !need_w && !need_x_planes {
+    // The filter gradient on small planes in registers too, a channel group per task.
+    let small_dw = (need_w && plane_out <= SMALL_PLANE_BATCHED)
+        .then(|| depthwise_small::plan(g))
+        .flatten();
+    if let Some(sp) = &small_dw {
+        let per = depthwise_small::group(sp) * kk;
+        out[dx_len..]
+            .par_chunks_mut(per)
+            .enumerate()
+            .for_each(|(grp, dw)| depthwise_small::filter_grad(sp, g, x, dy, grp, dw));
+    }
+    let need_w_planes = need_w && small_dw.is_none();
+    if !need_w_planes && !need_x_planes {
         return out;
     }
     let shared = SharedMut::new(&mut out);
@@ -667,9 +679,9 @@ pub(crate) fn backward(
     let flat_len = (g.ho - 1) * pd_x.row_len() + g.wo;
     (0..g.c_in).into_par_iter().for_each_init(
         || {
-            let bx = vec![0f32; if need_w { pd_x.len() } else { 0 }];
+            let bx = vec![0f32; if need_w_planes { pd_x.len() } else { 0 }];
             let bd = vec![0f32; if need_x_planes { pd_dy.len() } else { 0 }];
-            let bf = vec![0f32; if need_w && flat { flat_len } else { 0 }];
+            let bf = vec![0f32; if need_w_planes && flat { flat_len } else { 0 }];
             (bx, bd, bf)
         },
         |(bx, bd, bf), c| {
@@ -678,7 +690,7 @@ pub(crate) fn backward(
             for n in 0..g.n {
                 let i = n * g.c_in + c;
                 let d = &dy[i * plane_out..(i + 1) * plane_out];
-                if need_w {
+                if need_w_planes {
                     let src = &x[i * plane_in..(i + 1) * plane_in];
                     fill(bx, &pd_x, src, (g.h, g.w), g.pad as isize, 1);
                     if flat {
@@ -699,7 +711,7 @@ pub(crate) fn backward(
                     corr(g.k, 1, pd_dy.view(bd), &flipped, dx, g.h, g.w);
                 }
             }
-            if need_w {
+            if need_w_planes {
                 // SAFETY: channel c's filter gradient is written by this iteration only.
                 let dw = unsafe { shared.part(dx_len + c * kk, kk) };
                 for (d, lanes) in dw.iter_mut().zip(&acc) {

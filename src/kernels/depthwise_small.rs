@@ -146,6 +146,45 @@ pub(crate) fn forward_sample(sp: &SmallPlan, g: &ConvGeom, x: &[f32], w: &[f32],
     unreachable!("plan() returns None off x86-64")
 }
 
+/// Channels per vector of a plan: the channel groups [`filter_grad`] takes are this many
+/// consecutive channels.
+pub(crate) fn group(sp: &SmallPlan) -> usize {
+    sp.group
+}
+
+/// The filter gradient of the channels of group `grp` (channels `grp * group(sp)` on) of
+/// the depthwise convolution `g` over all `g.n` samples: `x` the input, `dy` the output
+/// gradient, into `dw` (those channels' `k k` values each, overwritten).
+///
+/// Why: on planes of 16x16 outputs or fewer, a padded copy of each plane and a 16-lane pass
+/// per tap that is mostly padding cost more than the products; here each tap's input values
+/// come out of the window's registers as in the forward pass.
+pub(crate) fn filter_grad(
+    sp: &SmallPlan,
+    g: &ConvGeom,
+    x: &[f32],
+    dy: &[f32],
+    grp: usize,
+    dw: &mut [f32],
+) {
+    let (hw, p, kk) = (g.h * g.w, g.ho * g.wo, g.k * g.k);
+    assert!(
+        x.len() >= g.n * g.c_in * hw
+            && dy.len() >= g.n * g.c_in * p
+            && (grp + 1) * sp.group <= g.c_in
+            && dw.len() == sp.group * kk,
+        "depthwise_small: filter gradient buffers"
+    );
+    #[cfg(target_arch = "x86_64")]
+    // SAFETY: `plan` returned a plan only where AVX-512 is present; the reads stay within
+    // the group's planes of each sample (checked above, windows masked to them).
+    unsafe {
+        x86::filter_grad(sp, (g.n, g.c_in, hw, p, kk), x, dy, grp, dw)
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    unreachable!("plan() returns None off x86-64")
+}
+
 #[cfg(target_arch = "x86_64")]
 mod x86 {
     use super::{LANES, SmallPlan, Tap};
@@ -258,39 +297,13 @@ mod x86 {
         let mut regs = [[_mm512_setzero_ps(); R]; U];
         for (u, win) in regs.iter_mut().enumerate() {
             let input = &ctx.x[(c0 + u * sp.group) * ctx.hw..][..group_in];
-            for (r, reg) in win.iter_mut().enumerate() {
-                let at = start + 16 * r;
-                let left = group_in.saturating_sub(at).min(16);
-                if left > 0 {
-                    let mask = first_lanes(left);
-                    *reg = unsafe { _mm512_maskz_loadu_ps(mask, input.as_ptr().add(at)) };
-                }
-            }
+            // SAFETY: AVX-512F (this function's feature).
+            *win = unsafe { window::<R>(input, start) };
         }
         for tap in taps {
-            // SAFETY: `tap.index` holds 16 u32.
-            let index = unsafe { _mm512_loadu_si512(tap.index.as_ptr() as *const _) };
-            let bit5 = _mm512_test_epi32_mask(index, _mm512_set1_epi32(32));
-            let bit6 = _mm512_test_epi32_mask(index, _mm512_set1_epi32(64));
+            let selection = Selection::of(tap);
             for u in 0..U {
-                let r = &regs[u];
-                let vals = match R {
-                    2 => _mm512_permutex2var_ps(r[0], index, r[1]),
-                    4 => {
-                        let lo = _mm512_permutex2var_ps(r[0], index, r[1]);
-                        let hi = _mm512_permutex2var_ps(r[2], index, r[3]);
-                        _mm512_mask_blend_ps(bit5, lo, hi)
-                    }
-                    _ => {
-                        let a = _mm512_permutex2var_ps(r[0], index, r[1]);
-                        let b = _mm512_permutex2var_ps(r[2], index, r[3]);
-                        let c = _mm512_permutex2var_ps(r[4], index, r[5]);
-                        let d = _mm512_permutex2var_ps(r[6], index, r[7]);
-                        let lo = _mm512_mask_blend_ps(bit5, a, b);
-                        let hi = _mm512_mask_blend_ps(bit5, c, d);
-                        _mm512_mask_blend_ps(bit6, lo, hi)
-                    }
-                };
+                let vals = selection.pick(&regs[u]);
                 let cu = c0 + u * sp.group;
                 let weights = if sp.group == 1 {
                     _mm512_set1_ps(ctx.w[cu * ctx.kk + tap.t])
@@ -309,6 +322,137 @@ mod x86 {
         for (u, a) in acc.iter().enumerate() {
             let at = (c0 + u * sp.group) * ctx.p + offset;
             unsafe { _mm512_storeu_ps(y.add(at), *a) };
+        }
+    }
+
+    /// The `16 R` input values from `start` of `input` in `R` registers, zero past its end.
+    ///
+    /// # Safety
+    /// AVX-512F.
+    #[target_feature(enable = "avx512f")]
+    #[inline]
+    unsafe fn window<const R: usize>(input: &[f32], start: usize) -> [__m512; R] {
+        let mut regs = [_mm512_setzero_ps(); R];
+        for (r, reg) in regs.iter_mut().enumerate() {
+            let at = start + 16 * r;
+            let left = input.len().saturating_sub(at).min(16);
+            if left > 0 {
+                // SAFETY: the mask keeps the load within `input`.
+                *reg = unsafe { _mm512_maskz_loadu_ps(first_lanes(left), input.as_ptr().add(at)) };
+            }
+        }
+        regs
+    }
+
+    /// A tap's index vector and the bits that choose between register pairs.
+    struct Selection {
+        index: __m512i,
+        bit5: __mmask16,
+        bit6: __mmask16,
+    }
+
+    impl Selection {
+        #[target_feature(enable = "avx512f")]
+        #[inline]
+        fn of(tap: &Tap) -> Selection {
+            // SAFETY: `tap.index` holds 16 u32.
+            let index = unsafe { _mm512_loadu_si512(tap.index.as_ptr() as *const _) };
+            Selection {
+                index,
+                bit5: _mm512_test_epi32_mask(index, _mm512_set1_epi32(32)),
+                bit6: _mm512_test_epi32_mask(index, _mm512_set1_epi32(64)),
+            }
+        }
+
+        /// Every lane's input value of the tap out of the window's registers.
+        #[target_feature(enable = "avx512f")]
+        #[inline]
+        fn pick<const R: usize>(&self, r: &[__m512; R]) -> __m512 {
+            let (index, bit5, bit6) = (self.index, self.bit5, self.bit6);
+            match R {
+                2 => _mm512_permutex2var_ps(r[0], index, r[1]),
+                4 => {
+                    let lo = _mm512_permutex2var_ps(r[0], index, r[1]);
+                    let hi = _mm512_permutex2var_ps(r[2], index, r[3]);
+                    _mm512_mask_blend_ps(bit5, lo, hi)
+                }
+                _ => {
+                    let a = _mm512_permutex2var_ps(r[0], index, r[1]);
+                    let b = _mm512_permutex2var_ps(r[2], index, r[3]);
+                    let c = _mm512_permutex2var_ps(r[4], index, r[5]);
+                    let d = _mm512_permutex2var_ps(r[6], index, r[7]);
+                    let lo = _mm512_mask_blend_ps(bit5, a, b);
+                    let hi = _mm512_mask_blend_ps(bit5, c, d);
+                    _mm512_mask_blend_ps(bit6, lo, hi)
+                }
+            }
+        }
+    }
+
+    /// The filter gradient of channel group `grp`: for every tap, the input values it reads
+    /// (as the forward picks them) times the output gradient, summed over the samples and
+    /// then over each channel's lanes, into `dw` (the group's `group x kk` values).
+    ///
+    /// # Safety
+    /// AVX-512F; `x` holds `n` samples of `c` planes of `hw`, `dy` of `c` planes of `p`.
+    #[target_feature(enable = "avx512f")]
+    pub(super) unsafe fn filter_grad(
+        sp: &SmallPlan,
+        (n, c, hw, p, kk): (usize, usize, usize, usize, usize),
+        x: &[f32],
+        dy: &[f32],
+        grp: usize,
+        dw: &mut [f32],
+    ) {
+        let c0 = grp * sp.group;
+        let (group_in, group_out) = (sp.group * hw, sp.group * p);
+        let mut acc = vec![_mm512_setzero_ps(); kk];
+        for s in 0..n {
+            let input = &x[(s * c + c0) * hw..][..group_in];
+            let grad = &dy[(s * c + c0) * p..][..group_out];
+            for (v, (start, regs, taps)) in sp.windows.iter().enumerate() {
+                // SAFETY: 16 values at `16 v` of the group's output planes (a plan's vectors
+                // cover them exactly).
+                let d = unsafe { _mm512_loadu_ps(grad[v * LANES..][..LANES].as_ptr()) };
+                // SAFETY: AVX-512F (this function's feature).
+                unsafe {
+                    match regs {
+                        0..=2 => tap_products::<2>(input, *start, taps, d, &mut acc),
+                        3..=4 => tap_products::<4>(input, *start, taps, d, &mut acc),
+                        _ => tap_products::<8>(input, *start, taps, d, &mut acc),
+                    }
+                }
+            }
+        }
+        let per = p.min(LANES);
+        for (t, a) in acc.iter().enumerate() {
+            let mut lanes = [0f32; LANES];
+            // SAFETY: 16 values.
+            unsafe { _mm512_storeu_ps(lanes.as_mut_ptr(), *a) };
+            for (j, channel) in lanes.chunks_exact(per).enumerate() {
+                dw[j * kk + t] = channel.iter().sum();
+            }
+        }
+    }
+
+    /// `acc[t] += (tap t's input values) * d` for each tap of one vector's window.
+    ///
+    /// # Safety
+    /// AVX-512F.
+    #[target_feature(enable = "avx512f")]
+    #[inline]
+    unsafe fn tap_products<const R: usize>(
+        input: &[f32],
+        start: usize,
+        taps: &[Tap],
+        d: __m512,
+        acc: &mut [__m512],
+    ) {
+        // SAFETY: AVX-512F (this function's feature).
+        let regs = unsafe { window::<R>(input, start) };
+        for tap in taps {
+            let vals = Selection::of(tap).pick(&regs);
+            acc[tap.t] = _mm512_mask3_fmadd_ps(vals, d, acc[tap.t], tap.valid);
         }
     }
 }
@@ -387,5 +531,66 @@ mod tests {
             }
         }
         assert!(ran >= 30, "only {ran} geometries ran here");
+    }
+
+    /// The filter gradient, group by group, against direct loops in f64 over the samples.
+    #[test]
+    fn filter_gradients_match_direct_loops() {
+        if !crate::kernels::sgemm::available() {
+            eprintln!("skipped: needs AVX-512");
+            return;
+        }
+        let mut rng = Rng::new(11);
+        let mut ran = 0;
+        for (h, k, s, pad) in [
+            (4, 3, 1, 1),
+            (2, 5, 1, 2),
+            (1, 3, 1, 1),
+            (8, 3, 2, 1),
+            (4, 5, 2, 2),
+            (8, 3, 1, 1),
+            (16, 3, 1, 1),
+            (16, 5, 2, 2),
+            (4, 3, 1, 0),
+        ] {
+            let (n, c) = (3, 32);
+            let g = ConvGeom::new(&[n, c, h, h], &[c, 1, k, k], s, pad, 1, c).unwrap();
+            let Some(sp) = plan(&g) else {
+                continue;
+            };
+            ran += 1;
+            let (hw, p, kk) = (h * h, g.ho * g.wo, k * k);
+            let (x, dy) = (rng.normals(n * c * hw), rng.normals(n * c * p));
+            let mut dw = vec![f32::NAN; c * kk];
+            for (grp, part) in dw.chunks_mut(group(&sp) * kk).enumerate() {
+                filter_grad(&sp, &g, &x, &dy, grp, part);
+            }
+            let (k, s, pad) = (k as isize, s as isize, pad as isize);
+            for ch in 0..c {
+                for t in 0..kk as isize {
+                    let (ky, kx) = (t / k, t % k);
+                    let mut sum = 0f64;
+                    for smp in 0..n {
+                        for oy in 0..g.ho as isize {
+                            for ox in 0..g.wo as isize {
+                                let (iy, ix) = (oy * s + ky - pad, ox * s + kx - pad);
+                                if iy < 0 || ix < 0 || iy >= h as isize || ix >= h as isize {
+                                    continue;
+                                }
+                                let xi = (smp * c + ch) * hw + (iy * h as isize + ix) as usize;
+                                let di = (smp * c + ch) * p + (oy * g.wo as isize + ox) as usize;
+                                sum += x[xi] as f64 * dy[di] as f64;
+                            }
+                        }
+                    }
+                    let got = dw[ch * kk + t as usize];
+                    assert!(
+                        (got as f64 - sum).abs() <= 1e-5 * (1.0 + sum.abs()),
+                        "{h}x{h} k{k} s{s} p{pad} channel {ch} tap {t}: {got} vs {sum}"
+                    );
+                }
+            }
+        }
+        assert!(ran >= 8, "only {ran} geometries ran here");
     }
 }
