@@ -180,6 +180,28 @@ fn acc_owned(slot: &mut Option<Vec<f32>>, g: Vec<f32>) {
     }
 }
 
+/// `g = k'(y) g` for an activation of kind `k` and its output (or input) `y`. Each kind has
+/// its own closure, so that the loop is vectorised without a branch on the kind per value
+/// (ShuffleNet V2's batch-norm backward laps, ReLU mask included: 572-611 -> 409-463 ms).
+fn act_backward(g: &mut [f32], y: &[f32], k: Kind) {
+    match k {
+        Kind::Relu => zip_map(g, y, |d, v| Kind::Relu.backward(v, d)),
+        Kind::Relu6 => zip_map(g, y, |d, v| Kind::Relu6.backward(v, d)),
+        Kind::Hardsigmoid => zip_map(g, y, |d, v| Kind::Hardsigmoid.backward(v, d)),
+        Kind::Hardswish => zip_map(g, y, |d, v| Kind::Hardswish.backward(v, d)),
+    }
+}
+
+/// `k(x)` as a new buffer, one closure per kind as in [`act_backward`].
+fn act_forward(x: &[f32], k: Kind) -> Vec<f32> {
+    match k {
+        Kind::Relu => map(x, |v| Kind::Relu.forward(v)),
+        Kind::Relu6 => map(x, |v| Kind::Relu6.forward(v)),
+        Kind::Hardsigmoid => map(x, |v| Kind::Hardsigmoid.forward(v)),
+        Kind::Hardswish => map(x, |v| Kind::Hardswish.forward(v)),
+    }
+}
+
 /// Adds the borrowed gradient `g` into `slot` (copied if the slot is empty).
 fn acc_ref(slot: &mut Option<Vec<f32>>, g: &[f32]) {
     match slot {
@@ -528,7 +550,7 @@ fn step(
             Op::Act { act } => {
                 let xs = input(0);
                 match kind_of(*act) {
-                    Some(k) => map(xs, |v| k.forward(v)),
+                    Some(k) => act_forward(xs, k),
                     None => map(xs, sigmoid),
                 }
             }
@@ -779,7 +801,7 @@ fn step(
                     };
                     acc_param(&mut pgrads, p("bias"), db);
                 } else if let Some((k, ys)) = act {
-                    zip_map(&mut g, &ys, |d, v| k.backward(v, d));
+                    act_backward(&mut g, &ys, k);
                 }
                 let need_x = need_grad[inp0];
                 let wt = get(&p("weight"));
@@ -797,7 +819,7 @@ fn step(
             }
             Op::BatchNorm { eps, .. } if frozen_bn => {
                 if let Some((k, ys)) = deferred[id].take() {
-                    zip_map(&mut g, &ys, |d, v| k.backward(v, d));
+                    act_backward(&mut g, &ys, k);
                 }
                 let plane = dout.h * dout.w;
                 let c = dout.c;
@@ -830,7 +852,7 @@ fn step(
                     unreachable!("saved by the forward pass")
                 };
                 if let Some((k, ys)) = deferred[id].take() {
-                    zip_map(&mut g, &ys, |d, v| k.backward(v, d));
+                    act_backward(&mut g, &ys, k);
                 }
                 let need_x = need_grad[inp0];
                 let plane = dout.h * dout.w;
@@ -890,7 +912,7 @@ fn step(
             Op::Act { act } => {
                 let xs = val(0);
                 match kind_of(*act) {
-                    Some(k) => zip_map(&mut g, xs, |d, v| k.backward(v, d)),
+                    Some(k) => act_backward(&mut g, xs, k),
                     None => zip_map(&mut g, xs, |d, v| {
                         let s = sigmoid(v);
                         d * (s * (1.0 - s))
