@@ -237,6 +237,11 @@ fn depthwise_conv_small_planes_in_registers() {
     Conv::new(2, 32, 32, (2, 2), 32).kernel(5, 1, 2).check();
     Conv::new(2, 32, 32, (1, 1), 32).kernel(3, 1, 1).check();
     Conv::new(2, 16, 16, (4, 4), 16).kernel(3, 1, 0).check();
+    // Planes with a partial last vector (the backward's `plan_partial`): 6x6, 3x3, 7x7.
+    Conv::new(2, 16, 16, (6, 6), 16).check();
+    Conv::new(2, 16, 16, (3, 3), 16).kernel(5, 1, 2).check();
+    Conv::new(2, 8, 8, (7, 7), 8).check();
+    Conv::new(2, 8, 8, (12, 12), 8).kernel(3, 2, 1).check();
 }
 
 #[test]

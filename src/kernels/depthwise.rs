@@ -636,7 +636,7 @@ pub(crate) fn backward(
         ..*g
     };
     let small_dx = (need_x && g.stride == 1 && g.pad < g.k && plane_in <= SMALL_PLANE_BATCHED)
-        .then(|| depthwise_small::plan(&transposed))
+        .then(|| depthwise_small::plan_partial(&transposed))
         .flatten();
     if let Some(sp) = &small_dx {
         let flipped: Vec<f32> = w[..g.c_in * kk]
@@ -656,7 +656,7 @@ pub(crate) fn backward(
     let need_x_planes = need_x && small_dx.is_none();
     // The filter gradient on small planes in registers too, a channel group per task.
     let small_dw = (need_w && plane_out <= SMALL_PLANE_BATCHED)
-        .then(|| depthwise_small::plan(g))
+        .then(|| depthwise_small::plan_partial(g))
         .flatten();
     if let Some(sp) = &small_dw {
         let per = depthwise_small::group(sp) * kk;

@@ -18,6 +18,7 @@
 
 use super::conv::ConvGeom;
 use super::depthwise::taps_major;
+use super::simd::first_lanes;
 use std::borrow::Cow;
 
 /// Output values per vector.
@@ -29,9 +30,11 @@ const WINDOW: usize = 128;
 pub(crate) struct SmallPlan {
     /// Channels per vector (`16 / plane` for planes of 16 or fewer outputs, else 1).
     group: usize,
-    /// Per vector (`plane / 16` of them for planes of 16 or more outputs, else 1): where its
-    /// window starts in the group's input, how many registers it fills, and its taps.
-    windows: Vec<(usize, usize, Vec<Tap>)>,
+    /// Per vector (`plane / 16` of them for planes of 16 or more outputs, rounded up in a
+    /// [`plan_partial`], else 1): where its window starts in the group's input, how many
+    /// registers it fills, its taps, and the lanes it stores (all but in a plane's last,
+    /// partial vector).
+    windows: Vec<(usize, usize, Vec<Tap>, u16)>,
 }
 
 /// One tap of one output vector: for every lane, the window position it reads (0..128) and
@@ -47,14 +50,25 @@ struct Tap {
 /// planes whose size neither divides nor is a multiple of 16, channels not a whole number of
 /// vectors, or a vector reading more than 128 consecutive input values.
 pub(crate) fn plan(g: &ConvGeom) -> Option<SmallPlan> {
+    plan_with(g, false)
+}
+
+/// [`plan`], and for planes of other sizes one channel per vector with the plane's last
+/// vector partial (6x6, 3x3, 7x7 ...): for the training backward passes, whose planes at
+/// 96x96 inputs end in 6x6 and 3x3.
+pub(crate) fn plan_partial(g: &ConvGeom) -> Option<SmallPlan> {
+    plan_with(g, true)
+}
+
+fn plan_with(g: &ConvGeom, partial: bool) -> Option<SmallPlan> {
     if !super::sgemm::available() || !g.is_depthwise() || g.dil != 1 || g.groups != g.c_in {
         return None;
     }
     let p = g.ho * g.wo;
     let (group, vectors) = if p <= LANES && LANES.is_multiple_of(p) {
         (LANES / p, 1)
-    } else if p.is_multiple_of(LANES) {
-        (1, p / LANES)
+    } else if p.is_multiple_of(LANES) || partial {
+        (1, p.div_ceil(LANES))
     } else {
         return None;
     };
@@ -64,6 +78,11 @@ pub(crate) fn plan(g: &ConvGeom) -> Option<SmallPlan> {
     let hw = g.h * g.w;
     let mut windows = Vec::with_capacity(vectors);
     for v in 0..vectors {
+        let stored = if group > 1 {
+            u16::MAX
+        } else {
+            first_lanes(p - v * LANES)
+        };
         // Lane l: channel l / p of the group (with several planes per vector), output
         // position v * 16 + l % p; the input positions each tap reads, or none.
         let reads = |l: usize, ky: usize, kx: usize| -> Option<usize> {
@@ -72,6 +91,10 @@ pub(crate) fn plan(g: &ConvGeom) -> Option<SmallPlan> {
             } else {
                 (0, v * LANES + l)
             };
+            if pos >= p {
+                // Past the plane's end in its last, partial vector.
+                return None;
+            }
             let (oy, ox) = (pos / g.wo, pos % g.wo);
             let iy = (oy * g.stride + ky).checked_sub(g.pad)?;
             let ix = (ox * g.stride + kx).checked_sub(g.pad)?;
@@ -83,7 +106,7 @@ pub(crate) fn plan(g: &ConvGeom) -> Option<SmallPlan> {
         let (lo, hi) = all.fold((usize::MAX, 0), |(lo, hi), at| (lo.min(at), hi.max(at)));
         if lo > hi {
             // Every tap of every lane meets padding: the outputs are zero.
-            windows.push((0, 0, Vec::new()));
+            windows.push((0, 0, Vec::new(), stored));
             continue;
         }
         if hi - lo >= WINDOW {
@@ -110,7 +133,7 @@ pub(crate) fn plan(g: &ConvGeom) -> Option<SmallPlan> {
             }
         }
         // The window's registers: its span, from the first value a tap reads to the last.
-        windows.push((lo, (hi - lo + 1).div_ceil(LANES), taps));
+        windows.push((lo, (hi - lo + 1).div_ceil(LANES), taps, stored));
     }
     Some(SmallPlan { group, windows })
 }
@@ -222,8 +245,8 @@ mod x86 {
         };
         let groups = c / sp.group;
         let out = y.as_mut_ptr();
-        for (v, (start, regs, taps)) in sp.windows.iter().enumerate() {
-            let at = (*start, v * LANES, taps.as_slice());
+        for (v, (start, regs, taps, stored)) in sp.windows.iter().enumerate() {
+            let at = (*start, v * LANES, taps.as_slice(), *stored);
             let mut first = 0;
             while first < groups {
                 let c0 = first * sp.group;
@@ -251,7 +274,7 @@ mod x86 {
         ctx: &Ctx,
         regs: usize,
         c0: usize,
-        at: (usize, usize, &[Tap]),
+        at: (usize, usize, &[Tap], u16),
         y: *mut f32,
     ) {
         unsafe {
@@ -275,10 +298,10 @@ mod x86 {
         spread: __m512i,
     }
 
-    /// Output vector `(start, offset, taps)` (its window's start in a group's input, its
-    /// place in a group's output planes, its taps) for `U` consecutive groups of channels
-    /// from channel `c0`, the window of `16 R` input values held in `R` registers per group;
-    /// stored into `y`.
+    /// Output vector `(start, offset, taps, stored)` (its window's start in a group's input,
+    /// its place in a group's output planes, its taps, the lanes it stores) for `U`
+    /// consecutive groups of channels from channel `c0`, the window of `16 R` input values
+    /// held in `R` registers per group; stored into `y`.
     ///
     /// # Safety
     /// AVX-512F; `y` holds the output planes of the groups.
@@ -287,7 +310,7 @@ mod x86 {
     unsafe fn vector<const U: usize, const R: usize>(
         ctx: &Ctx,
         c0: usize,
-        (start, offset, taps): (usize, usize, &[Tap]),
+        (start, offset, taps, stored): (usize, usize, &[Tap], u16),
         y: *mut f32,
     ) {
         let sp = ctx.sp;
@@ -321,7 +344,7 @@ mod x86 {
         }
         for (u, a) in acc.iter().enumerate() {
             let at = (c0 + u * sp.group) * ctx.p + offset;
-            unsafe { _mm512_storeu_ps(y.add(at), *a) };
+            unsafe { _mm512_mask_storeu_ps(y.add(at), stored, *a) };
         }
     }
 
@@ -410,10 +433,10 @@ mod x86 {
         for s in 0..n {
             let input = &x[(s * c + c0) * hw..][..group_in];
             let grad = &dy[(s * c + c0) * p..][..group_out];
-            for (v, (start, regs, taps)) in sp.windows.iter().enumerate() {
-                // SAFETY: 16 values at `16 v` of the group's output planes (a plan's vectors
-                // cover them exactly).
-                let d = unsafe { _mm512_loadu_ps(grad[v * LANES..][..LANES].as_ptr()) };
+            for (v, (start, regs, taps, stored)) in sp.windows.iter().enumerate() {
+                // SAFETY: the stored lanes at `16 v` of the group's output planes are within
+                // them (a plan's vectors cover them, the last one maybe in part).
+                let d = unsafe { _mm512_maskz_loadu_ps(*stored, grad.as_ptr().add(v * LANES)) };
                 // SAFETY: AVX-512F (this function's feature).
                 unsafe {
                     match regs {
@@ -424,7 +447,9 @@ mod x86 {
                 }
             }
         }
-        let per = p.min(LANES);
+        // Each channel of the group owns `16 / group` lanes (lanes past a plane's end in a
+        // partial vector stayed zero).
+        let per = LANES / sp.group;
         for (t, a) in acc.iter().enumerate() {
             let mut lanes = [0f32; LANES];
             // SAFETY: 16 values.
@@ -533,6 +558,53 @@ mod tests {
         assert!(ran >= 30, "only {ran} geometries ran here");
     }
 
+    /// Planes that need a partial last vector (6x6, 3x3, 7x7 ...; [`plan_partial`]): the
+    /// forward against direct loops, with the values past each plane left as they were.
+    #[test]
+    fn partial_vectors_match_direct_loops() {
+        if !crate::kernels::sgemm::available() {
+            eprintln!("skipped: needs AVX-512");
+            return;
+        }
+        let mut rng = Rng::new(5);
+        let mut ran = 0;
+        for (h, k, s, pad) in [
+            (6, 3, 1, 1),
+            (3, 3, 1, 1),
+            (6, 5, 1, 2),
+            (3, 5, 1, 2),
+            (7, 3, 1, 1),
+            (5, 3, 2, 1),
+            (12, 3, 2, 1),
+            (6, 3, 2, 1),
+        ] {
+            for c in [16, 17] {
+                let g = ConvGeom::new(&[1, c, h, h], &[c, 1, k, k], s, pad, 1, c).unwrap();
+                // The forward's own plan keeps leaving these planes to the other paths.
+                assert!(
+                    plan(&g).is_none(),
+                    "{h}x{h} k{k} s{s}: plan() took a partial plane"
+                );
+                let Some(sp) = plan_partial(&g) else {
+                    continue;
+                };
+                ran += 1;
+                let (x, w) = (rng.normals(c * h * h), rng.normals(c * k * k));
+                let len = c * g.ho * g.wo;
+                let mut y = vec![f32::NAN; len + 16];
+                forward_sample(&sp, &g, &x, &weights(&sp, &g, &w), &mut y);
+                for (i, (a, b)) in y.iter().zip(reference(&g, &x, &w)).enumerate() {
+                    assert!(
+                        (a - b).abs() <= 1e-5 * (1.0 + b.abs()),
+                        "{h}x{h} k{k} s{s} p{pad} c{c} output {i}: {a} vs {b}"
+                    );
+                }
+                assert!(y[len..].iter().all(|v| v.is_nan()), "wrote past the planes");
+            }
+        }
+        assert!(ran >= 12, "only {ran} geometries ran here");
+    }
+
     /// The filter gradient, group by group, against direct loops in f64 over the samples.
     #[test]
     fn filter_gradients_match_direct_loops() {
@@ -552,10 +624,15 @@ mod tests {
             (16, 3, 1, 1),
             (16, 5, 2, 2),
             (4, 3, 1, 0),
+            (6, 3, 1, 1),
+            (3, 3, 1, 1),
+            (3, 5, 1, 2),
+            (7, 3, 1, 1),
+            (12, 3, 2, 1),
         ] {
             let (n, c) = (3, 32);
             let g = ConvGeom::new(&[n, c, h, h], &[c, 1, k, k], s, pad, 1, c).unwrap();
-            let Some(sp) = plan(&g) else {
+            let Some(sp) = plan_partial(&g) else {
                 continue;
             };
             ran += 1;
@@ -591,6 +668,6 @@ mod tests {
                 }
             }
         }
-        assert!(ran >= 8, "only {ran} geometries ran here");
+        assert!(ran >= 13, "only {ran} geometries ran here");
     }
 }
