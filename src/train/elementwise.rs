@@ -34,15 +34,38 @@ pub(super) fn zip_map(a: &mut [f32], b: &[f32], f: impl Fn(f32, f32) -> f32 + Sy
     }
 }
 
-/// `f(x[i])` for every i, as a new buffer.
+/// `f(x[i])` for every i, as a new buffer (written once, as [`zip_new`]).
 pub(super) fn map(x: &[f32], f: impl Fn(f32) -> f32 + Sync) -> Vec<f32> {
-    let mut y = x.to_vec();
-    if y.len() < PAR_MIN {
-        y.iter_mut().for_each(|v| *v = f(*v));
+    zip_new(x, x, |v, _| f(v))
+}
+
+/// `f(a[i], b[i])` for every i, as a new buffer written once, in parallel when large.
+///
+/// Why: a copy of `a` updated in place (as `map` and the residual add did) is two passes over
+/// the output; written straight into the new buffer's spare capacity it is one.
+pub(super) fn zip_new(a: &[f32], b: &[f32], f: impl Fn(f32, f32) -> f32 + Sync) -> Vec<f32> {
+    use std::mem::MaybeUninit;
+    let len = a.len();
+    assert_eq!(b.len(), len, "zip_new: operand lengths");
+    let mut y: Vec<f32> = Vec::with_capacity(len);
+    let write = |dst: &mut [MaybeUninit<f32>], a: &[f32], b: &[f32]| {
+        for ((d, &u), &v) in dst.iter_mut().zip(a).zip(b) {
+            d.write(f(u, v));
+        }
+    };
+    let spare = &mut y.spare_capacity_mut()[..len];
+    if len < PAR_MIN {
+        write(spare, a, b);
     } else {
-        y.par_chunks_mut(TASK)
-            .for_each(|c| c.iter_mut().for_each(|v| *v = f(*v)));
+        spare
+            .par_chunks_mut(TASK)
+            .zip(a.par_chunks(TASK))
+            .zip(b.par_chunks(TASK))
+            .for_each(|((d, a), b)| write(d, a, b));
     }
+    // SAFETY: `spare`, `a` and `b` have `len` values each and are cut into chunks of the
+    // same lengths, so every value of the first `len` was written above.
+    unsafe { y.set_len(len) };
     y
 }
 
@@ -226,7 +249,24 @@ fn add_in_order(sums: &mut [f32], parts: Vec<Vec<f32>>) {
 
 #[cfg(test)]
 mod tests {
-    use super::{PAR_MIN, channel_sums, gather, masked_channel_sums};
+    use super::{PAR_MIN, channel_sums, gather, map, masked_channel_sums, zip_new};
+
+    /// Written once, on the serial path and the parallel one.
+    #[test]
+    fn zip_new_and_map_write_every_value() {
+        for len in [0, 5, PAR_MIN - 1, 3 * PAR_MIN + 7] {
+            let a: Vec<f32> = (0..len).map(|i| i as f32).collect();
+            let b: Vec<f32> = (0..len).map(|i| (i % 7) as f32).collect();
+            let sum = zip_new(&a, &b, |u, v| u + v);
+            assert_eq!(sum.len(), len);
+            assert!(
+                sum.iter().enumerate().all(|(i, &s)| s == a[i] + b[i]),
+                "{len}"
+            );
+            let halves = map(&a, |u| u * 0.5);
+            assert!(halves.iter().zip(&a).all(|(h, u)| *h == u * 0.5), "{len}");
+        }
+    }
 
     /// The lane sums against f64 sums, on planes with and without a partial vector, on the
     /// serial path and the parallel one; the masked version also rewrites the gradient.

@@ -33,7 +33,7 @@
 use super::adapter::Adapter;
 use super::distill::{KdWeights, LossParts, distillation_loss_grad};
 use super::elementwise::{
-    add_into, channel_sums, gather, map, masked_channel_sums, per_sample, zip_map,
+    add_into, channel_sums, gather, map, masked_channel_sums, per_sample, zip_map, zip_new,
 };
 use super::fake_quant::{FakeQuant, fake_quantize};
 use super::feature_kd::{HintLoss, hint_loss_grad};
@@ -554,11 +554,7 @@ fn step(
                     None => map(xs, sigmoid),
                 }
             }
-            Op::Add => {
-                let mut y = input(0).to_vec();
-                add_into(&mut y, input(1));
-                y
-            }
+            Op::Add => zip_new(input(0), input(1), |a, b| a + b),
             Op::ChannelMul => {
                 let (xs, s) = (input(0), input(1));
                 let plane = dout.h * dout.w;
