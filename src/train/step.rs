@@ -180,26 +180,41 @@ fn acc_owned(slot: &mut Option<Vec<f32>>, g: Vec<f32>) {
     }
 }
 
-/// `g = k'(y) g` for an activation of kind `k` and its output (or input) `y`. Each kind has
-/// its own closure, so that the loop is vectorised without a branch on the kind per value
-/// (ShuffleNet V2's batch-norm backward laps, ReLU mask included: 572-611 -> 409-463 ms).
-fn act_backward(g: &mut [f32], y: &[f32], k: Kind) {
-    match k {
-        Kind::Relu => zip_map(g, y, |d, v| Kind::Relu.backward(v, d)),
-        Kind::Relu6 => zip_map(g, y, |d, v| Kind::Relu6.backward(v, d)),
-        Kind::Hardsigmoid => zip_map(g, y, |d, v| Kind::Hardsigmoid.backward(v, d)),
-        Kind::Hardswish => zip_map(g, y, |d, v| Kind::Hardswish.backward(v, d)),
-    }
+/// `$body` with `$k` (a [`Kind`] value) bound to the constant `$kind`, one arm per kind, so
+/// that a loop calling `$kind.forward` or `$kind.backward` is compiled for that kind alone and
+/// vectorised, without a branch on the kind per value (ShuffleNet V2's batch-norm backward
+/// laps, ReLU mask included: 572-611 -> 409-463 ms).
+macro_rules! per_kind {
+    ($k:expr, $kind:ident => $body:expr) => {
+        match $k {
+            Kind::Relu => {
+                const $kind: Kind = Kind::Relu;
+                $body
+            }
+            Kind::Relu6 => {
+                const $kind: Kind = Kind::Relu6;
+                $body
+            }
+            Kind::Hardsigmoid => {
+                const $kind: Kind = Kind::Hardsigmoid;
+                $body
+            }
+            Kind::Hardswish => {
+                const $kind: Kind = Kind::Hardswish;
+                $body
+            }
+        }
+    };
 }
 
-/// `k(x)` as a new buffer, one closure per kind as in [`act_backward`].
+/// `g = k'(y) g` for an activation of kind `k` and its output (or input) `y`.
+fn act_backward(g: &mut [f32], y: &[f32], k: Kind) {
+    per_kind!(k, K => zip_map(g, y, |d, v| K.backward(v, d)))
+}
+
+/// `k(x)` as a new buffer.
 fn act_forward(x: &[f32], k: Kind) -> Vec<f32> {
-    match k {
-        Kind::Relu => map(x, |v| Kind::Relu.forward(v)),
-        Kind::Relu6 => map(x, |v| Kind::Relu6.forward(v)),
-        Kind::Hardsigmoid => map(x, |v| Kind::Hardsigmoid.forward(v)),
-        Kind::Hardswish => map(x, |v| Kind::Hardswish.forward(v)),
-    }
+    per_kind!(k, K => map(x, |v| K.forward(v)))
 }
 
 /// Adds the borrowed gradient `g` into `slot` (copied if the slot is empty).
@@ -779,20 +794,10 @@ fn step(
                 let act = deferred[id].take();
                 if *bias {
                     let db = match &act {
-                        // One closure per kind, so that each loop is vectorised without
-                        // a branch on the kind per value.
-                        Some((Kind::Relu, ys)) => {
-                            let f = |d, v| Kind::Relu.backward(v, d);
+                        Some((k, ys)) => per_kind!(*k, K => {
+                            let f = |d, v| K.backward(v, d);
                             masked_channel_sums(&mut g, ys, f, dout.c, plane)
-                        }
-                        Some((Kind::Relu6, ys)) => {
-                            let f = |d, v| Kind::Relu6.backward(v, d);
-                            masked_channel_sums(&mut g, ys, f, dout.c, plane)
-                        }
-                        Some((k, ys)) => {
-                            let k = *k;
-                            masked_channel_sums(&mut g, ys, |d, v| k.backward(v, d), dout.c, plane)
-                        }
+                        }),
                         None => channel_sums(&g, dout.c, plane),
                     };
                     acc_param(&mut pgrads, p("bias"), db);
