@@ -9,12 +9,12 @@
 //! 1.0-1.2 ms of a 5.3 ms image rearranging weights. Evaluation, prediction, `bench` and a
 //! distillation teacher hold their weights still, so they run here.
 
-use super::{Layout, Rearranged, channels_last, execute, plan};
-use crate::exec::{Mode, check_input, forward_candle};
+use super::{Layout, Rearranged, channels_last, execute, input_size, plan};
+use crate::exec::{Mode, forward_candle};
 use crate::graph::Graph;
 use crate::weights::Weights;
 use anyhow::Result;
-use candle_core::{DType, Tensor};
+use candle_core::Tensor;
 use std::sync::{Arc, Mutex, OnceLock};
 
 /// A graph and its weights, planned for eval-mode inference. The weights must not change
@@ -60,11 +60,9 @@ impl Engine {
     /// The fused executor with the layout given; `None` where it does not run `x` (see
     /// [`super::forward`]).
     pub fn forward_with(&self, x: &Tensor, layout: Layout) -> Result<Option<Tensor>> {
-        check_input(&self.graph, x.dims())?;
-        if !x.device().is_cpu() || x.dtype() != DType::F32 {
+        let Some((h, w)) = input_size(&self.graph, x)? else {
             return Ok(None);
-        }
-        let (_, _, h, w) = x.dims4()?;
+        };
         let planned = self.planned(h, w)?;
         let Some(plan) = &planned.plan else {
             return Ok(None);

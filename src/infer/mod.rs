@@ -103,16 +103,25 @@ pub fn forward_with(
     x: &Tensor,
     layout: Layout,
 ) -> Result<Option<Tensor>> {
-    check_input(graph, x.dims())?;
-    if !x.device().is_cpu() || x.dtype() != DType::F32 {
+    let Some((h, w)) = input_size(graph, x)? else {
         return Ok(None);
-    }
-    let (_, _, h, w) = x.dims4()?;
+    };
     let dims = graph.infer_shapes(h, w)?;
     let Some(plan) = plan::build(graph, weights, dims)? else {
         return Ok(None);
     };
     execute(&plan, x, layout, Rearranged::PerCall)
+}
+
+/// The height and width of `x` once it is checked against `graph`'s input, or `None` where
+/// the fused executor does not run it (not an f32 CPU tensor).
+fn input_size(graph: &Graph, x: &Tensor) -> Result<Option<(usize, usize)>> {
+    check_input(graph, x.dims())?;
+    if !x.device().is_cpu() || x.dtype() != DType::F32 {
+        return Ok(None);
+    }
+    let (_, _, h, w) = x.dims4()?;
+    Ok(Some((h, w)))
 }
 
 /// Where a channels-last pass gets its rearranged weights.
