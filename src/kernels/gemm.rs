@@ -147,11 +147,11 @@ pub(crate) fn matmul(dst: MatMut, accumulate: bool, a: MatRef, b: MatRef, par: P
     }
 }
 
-/// `dst = a * b^T`, or `dst += a * b^T` with `accumulate`, for training's weight gradients:
-/// on our AVX-512 dot-product kernel ([`gemm_nt`](super::gemm_nt)) when the CPU has AVX-512
-/// and both `a` and `b` have contiguous rows, else on [`matmul`]. Unlike [`matmul`], the
-/// AVX-512 kernel sums along K in 16 interleaved lanes: never use this for a product the int8
-/// simulation rounds.
+/// `dst = a * b^T`, or `dst += a * b^T` with `accumulate`, for training's weight gradients
+/// (`dW = dY cols^T`, both operands as they lie in memory): on [`sgemm`] with `B` read
+/// transposed ([`BRows::Transposed`](sgemm::BRows): each panel transposed as it is packed)
+/// when the CPU has AVX-512, both operands have contiguous rows and `b` has at least a
+/// vector of rows; else on [`matmul`]. Sums along K in order, as [`matmul`]'s.
 pub(crate) fn matmul_bt(dst: MatMut, accumulate: bool, a: MatRef, b: MatRef, par: Parallelism) {
     let (m, n, k) = (dst.rows, dst.cols, a.cols);
     assert!(
@@ -162,18 +162,17 @@ pub(crate) fn matmul_bt(dst: MatMut, accumulate: bool, a: MatRef, b: MatRef, par
         b.rows,
         b.cols
     );
-    if a.cs == 1 && b.cs == 1 && super::gemm_nt::available() {
-        let threads = threads_of(par);
-        super::gemm_nt::gemm_nt(
+    if a.cs == 1 && b.cs == 1 && sgemm::available() && sgemm::worthwhile(n) {
+        sgemm::sgemm_rows(
             (m, n, k),
             a.data,
-            a.rs,
+            (a.rs, 1),
             b.data,
-            b.rs,
+            sgemm::BRows::Transposed(b.rs),
             dst.data,
             n,
             accumulate,
-            threads,
+            threads_of(par),
         );
         return;
     }

@@ -41,7 +41,6 @@ pub(crate) mod depthwise;
 pub(crate) mod depthwise_channels_last;
 mod depthwise_small;
 pub(crate) mod gemm;
-mod gemm_nt;
 pub(crate) mod im2col;
 pub mod int8;
 pub(crate) mod pool;

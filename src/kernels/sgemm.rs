@@ -86,6 +86,10 @@ pub(crate) enum BRows<'a> {
     /// implicit-GEMM convolution's taps over its padded input
     /// ([`conv_implicit`](super::conv_implicit)), which then needs no column matrix.
     At(&'a [usize]),
+    /// `B` given transposed: element `(p, j)` at `p + j * ldb`, so that `C = A X^T` for a
+    /// row-major `X` (n x k). Each panel is transposed into the packed buffer as it is
+    /// packed; this is the weight gradient's product `dW = dY cols^T`.
+    Transposed(usize),
 }
 
 /// [`sgemm`] with `B`'s rows wherever `rows` says (see [`BRows`]).
@@ -110,14 +114,18 @@ pub(crate) fn sgemm_rows(
         .zip((k - 1).checked_mul(a_cs))
         .and_then(|(r, c)| r.checked_add(c));
     assert!(a_end.is_some_and(|e| e < a.len()), "sgemm: A too short");
-    let last_row = match rows {
-        BRows::Strided(ldb) => (k - 1).checked_mul(ldb),
+    let b_end = match rows {
+        BRows::Strided(ldb) => (k - 1).checked_mul(ldb).and_then(|r| r.checked_add(n)),
         BRows::At(offsets) => {
             assert!(offsets.len() >= k, "sgemm: fewer row offsets than K");
-            offsets[..k].iter().copied().max()
+            offsets[..k]
+                .iter()
+                .copied()
+                .max()
+                .and_then(|r| r.checked_add(n))
         }
+        BRows::Transposed(ldb) => (n - 1).checked_mul(ldb).and_then(|r| r.checked_add(k)),
     };
-    let b_end = last_row.and_then(|r| r.checked_add(n));
     assert!(b_end.is_some_and(|e| e <= b.len()), "sgemm: B too short");
     let panels = n.div_ceil(NR);
     let c_shared = SharedMut::new(c);
@@ -136,6 +144,10 @@ pub(crate) fn sgemm_rows(
                     let b = x86::Table(b.as_ptr(), offsets.as_ptr());
                     x86::panels((m, n, k), a, b, c, accumulate, panels)
                 }
+                BRows::Transposed(ldb) => {
+                    let b = x86::Transposed(b.as_ptr(), ldb);
+                    x86::panels((m, n, k), a, b, c, accumulate, panels)
+                }
             }
         }
     };
@@ -148,9 +160,8 @@ pub(crate) fn sgemm_rows(
 
 /// Checks that `C` (m rows of n values, `ldc` apart) fits in `c` and settles the products
 /// with nothing to multiply: none when `m` or `n` is 0; with `k` = 0, `C = 0` (or, with
-/// `accumulate`, `C` unchanged). Returns whether a product remains to compute. Shared by
-/// this kernel and [`gemm_nt`](super::gemm_nt).
-pub(super) fn has_work(
+/// `accumulate`, `C` unchanged). Returns whether a product remains to compute.
+fn has_work(
     who: &str,
     (m, n, k): (usize, usize, usize),
     c: &mut [f32],
@@ -199,8 +210,18 @@ mod x86 {
         /// # Safety
         /// `p < k`.
         unsafe fn at_row(self, p: usize) -> Self;
-        /// Whether consecutive rows may lie a page (4 KiB) or more apart.
-        fn far_apart(self) -> bool;
+        /// Whether a product of `m` rows packs the panels ([`pack_panel`]): when more than
+        /// two row blocks read each panel and its rows lie a page (4 KiB) or more apart.
+        fn packed(self, m: usize) -> bool;
+        /// Copies the `k` rows of the panel's `cols` (<= `NR`) columns into `packed`, `NR`
+        /// values apart.
+        ///
+        /// # Safety
+        /// `k` rows and `cols` columns within `B`; `packed` holds `k NR` values.
+        #[target_feature(enable = "avx512f")]
+        unsafe fn pack(self, k: usize, cols: usize, packed: &mut [f32]) {
+            unsafe { pack_panel(k, self, cols, packed) }
+        }
     }
 
     /// Row `p` at `base + p * ldb`.
@@ -220,8 +241,8 @@ mod x86 {
         unsafe fn at_column(self, j: usize) -> Self {
             Strided(unsafe { self.0.add(j) }, self.1)
         }
-        fn far_apart(self) -> bool {
-            self.1 >= 1024
+        fn packed(self, m: usize) -> bool {
+            m > 2 * MR && self.1 >= 1024
         }
         #[inline(always)]
         unsafe fn at_row(self, p: usize) -> Self {
@@ -238,12 +259,53 @@ mod x86 {
         unsafe fn at_column(self, j: usize) -> Self {
             Table(unsafe { self.0.add(j) }, self.1)
         }
-        fn far_apart(self) -> bool {
+        fn packed(self, _: usize) -> bool {
             false
         }
         #[inline(always)]
         unsafe fn at_row(self, p: usize) -> Self {
             Table(self.0, unsafe { self.1.add(p) })
+        }
+    }
+
+    /// `B` transposed: element `(p, j)` at `base + p + j * ldb`. Always packed: the packing
+    /// transposes 16 x 16 tiles in registers, and the tiles then read the packed panel.
+    #[derive(Clone, Copy)]
+    pub(super) struct Transposed(pub *const f32, pub usize);
+
+    impl RowAt for Transposed {
+        unsafe fn at(self, _: usize) -> *const f32 {
+            unreachable!("a transposed B is read only through its packed panels")
+        }
+        #[inline(always)]
+        unsafe fn at_column(self, j: usize) -> Self {
+            Transposed(unsafe { self.0.add(j * self.1) }, self.1)
+        }
+        #[inline(always)]
+        unsafe fn at_row(self, p: usize) -> Self {
+            Transposed(unsafe { self.0.add(p) }, self.1)
+        }
+        fn packed(self, _: usize) -> bool {
+            true
+        }
+        #[target_feature(enable = "avx512f")]
+        unsafe fn pack(self, k: usize, cols: usize, packed: &mut [f32]) {
+            assert!(packed.len() >= k * NR && cols <= NR);
+            let dst = packed.as_mut_ptr();
+            for j0 in (0..cols).step_by(16) {
+                let rows = 16.min(cols - j0);
+                for p0 in (0..k).step_by(16) {
+                    let lanes = 16.min(k - p0);
+                    // SAFETY: rows j0.. of B^T (columns of the panel) for `lanes` values
+                    // from p0 lie within B (the caller's contract); the packed rows p0.. for
+                    // 16 values from j0 <= 16 lie within `packed` (asserted).
+                    unsafe {
+                        let from = (self.0.add(j0 * self.1 + p0), self.1);
+                        let to = (dst.add(p0 * NR + j0), NR);
+                        crate::kernels::transpose::x86::tile(from, (rows, lanes), to);
+                    }
+                }
+            }
         }
     }
 
@@ -262,8 +324,7 @@ mod x86 {
         accumulate: bool,
         panels: std::ops::Range<usize>,
     ) {
-        // Packed panels when more than two row blocks read each one and its rows are apart.
-        let pack = m > 2 * MR && b.far_apart();
+        let pack = b.packed(m);
         let mut packed = if pack {
             PACKED.with(|p| p.take())
         } else {
@@ -282,7 +343,7 @@ mod x86 {
                     // In runs of KC rows, so that the packed panel stays in L1.
                     for k0 in (0..k).step_by(KC) {
                         let kc = KC.min(k - k0);
-                        pack_panel(kc, bp.at_row(k0), cols, &mut packed);
+                        bp.at_row(k0).pack(kc, cols, &mut packed);
                         let bp = Strided(packed.as_ptr(), NR);
                         let a = (&a.0[k0 * a.2..], a.1, a.2);
                         let acc = accumulate || k0 > 0;
@@ -479,6 +540,7 @@ mod x86 {
 mod x86 {
     pub(super) struct Strided(pub *const f32, pub usize);
     pub(super) struct Table(pub *const f32, pub *const usize);
+    pub(super) struct Transposed(pub *const f32, pub usize);
 
     pub(super) unsafe fn panels<B>(
         _: (usize, usize, usize),
@@ -572,6 +634,44 @@ mod tests {
                             shape, &a, strides, &b, ldb, &mut ours, ldc, accumulate, threads,
                         );
                         reference(shape, &a, strides, &b, ldb, &mut want, ldc, accumulate);
+                        assert_close(shape, (&ours, &want, &c0), ldc, &format!("{accumulate}"));
+                    }
+                }
+            }
+        }
+    }
+
+    /// `B` given transposed (`C = A X^T`): every panel transposed as it is packed, with
+    /// partial 16 x 16 tiles on both sides (n and k not multiples of 16) and K over one to
+    /// three runs of `KC`.
+    #[test]
+    fn transposed_b_matches_the_reference() {
+        if !available() {
+            eprintln!("skipped: this CPU has no AVX-512");
+            return;
+        }
+        for &m in &[1, 13, 40] {
+            for &n in &[16, 17, 33, 58, 100] {
+                for &k in &[1, 15, 16, 100, 300, 600] {
+                    for &(accumulate, threads) in &[(false, 1), (true, 2)] {
+                        let (ldx, ldc) = (k + 3, n + 5);
+                        let a = Rng::new(1).normals(m * k);
+                        let x = Rng::new(2).normals(n * ldx);
+                        // X^T as a row-major k x n matrix, for the reference.
+                        let mut b = vec![0f32; k * n];
+                        for p in 0..k {
+                            for j in 0..n {
+                                b[p * n + j] = x[j * ldx + p];
+                            }
+                        }
+                        let c0 = Rng::new(3).normals(m * ldc);
+                        let (mut ours, mut want) = (c0.clone(), c0.clone());
+                        let (shape, strides) = ((m, n, k), (k, 1));
+                        let rows = BRows::Transposed(ldx);
+                        sgemm_rows(
+                            shape, &a, strides, &x, rows, &mut ours, ldc, accumulate, threads,
+                        );
+                        reference(shape, &a, strides, &b, n, &mut want, ldc, accumulate);
                         assert_close(shape, (&ours, &want, &c0), ldc, &format!("{accumulate}"));
                     }
                 }

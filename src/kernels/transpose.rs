@@ -43,12 +43,11 @@ pub(crate) fn transpose(src: &[f32], (rows, cols): (usize, usize), dst: &mut [f3
 }
 
 #[cfg(target_arch = "x86_64")]
-mod x86 {
+pub(crate) mod x86 {
     use super::TILE;
     use std::arch::x86_64::*;
 
-    /// The whole 16 x 16 tiles of the transposition, each in registers: 16 rows loaded,
-    /// four rounds of shuffles, 16 rows stored.
+    /// The whole 16 x 16 tiles of the transposition, each in registers ([`tile`]).
     ///
     /// # Safety
     /// AVX-512F; `src` and `dst` hold `rows x cols` values.
@@ -59,48 +58,76 @@ mod x86 {
             for c0 in (0..cols / TILE * TILE).step_by(TILE) {
                 // SAFETY: rows r0..r0+16 and columns c0..c0+16 lie within both matrices.
                 unsafe {
-                    let r: [__m512; 16] =
-                        std::array::from_fn(|i| _mm512_loadu_ps(sp.add((r0 + i) * cols + c0)));
-                    let t: [__m512; 16] = std::array::from_fn(|i| {
-                        let (a, b) = (r[i / 2 * 2], r[i / 2 * 2 + 1]);
-                        if i % 2 == 0 {
-                            _mm512_unpacklo_ps(a, b)
-                        } else {
-                            _mm512_unpackhi_ps(a, b)
-                        }
-                    });
-                    let u: [__m512; 16] = std::array::from_fn(|i| {
-                        // Groups of four: (t0, t2) low, (t0, t2) high, (t1, t3) low, high.
-                        let g = i / 4 * 4;
-                        let (a, b) = match i % 4 {
-                            0 | 1 => (t[g], t[g + 2]),
-                            _ => (t[g + 1], t[g + 3]),
-                        };
-                        if i % 2 == 0 {
-                            _mm512_shuffle_ps::<0x44>(a, b)
-                        } else {
-                            _mm512_shuffle_ps::<0xEE>(a, b)
-                        }
-                    });
-                    let v: [__m512; 16] = std::array::from_fn(|i| {
-                        let g = i / 8 * 8;
-                        let (a, b) = (u[g + i % 4], u[g + i % 4 + 4]);
-                        if i % 8 < 4 {
-                            _mm512_shuffle_f32x4::<0x88>(a, b)
-                        } else {
-                            _mm512_shuffle_f32x4::<0xDD>(a, b)
-                        }
-                    });
-                    for i in 0..16 {
-                        let (a, b) = (v[i % 8], v[i % 8 + 8]);
-                        let out = if i < 8 {
-                            _mm512_shuffle_f32x4::<0x88>(a, b)
-                        } else {
-                            _mm512_shuffle_f32x4::<0xDD>(a, b)
-                        };
-                        _mm512_storeu_ps(dp.add((c0 + i) * rows + r0), out);
-                    }
+                    let from = (sp.add(r0 * cols + c0), cols);
+                    tile(from, (16, 16), (dp.add(c0 * rows + r0), rows));
                 }
+            }
+        }
+    }
+
+    /// Transposes a tile of up to 16 x 16 in registers: the `valid.0` rows of `valid.1`
+    /// values at `src` (row `i` at `src.0 + i src.1`) become `valid.1` rows at `dst` (row `j`
+    /// at `dst.0 + j dst.1`) of 16 values each, the values past `valid.0` zero. Sixteen rows
+    /// loaded, four rounds of shuffles, the rows stored.
+    ///
+    /// # Safety
+    /// AVX-512F; `valid` at most (16, 16); the source rows readable for `valid.1` values and
+    /// the destination rows writable for 16.
+    #[target_feature(enable = "avx512f")]
+    #[inline]
+    pub(crate) unsafe fn tile(
+        (sp, s_stride): (*const f32, usize),
+        (rows, lanes): (usize, usize),
+        (dp, d_stride): (*mut f32, usize),
+    ) {
+        let mask = crate::kernels::simd::first_lanes(lanes);
+        // SAFETY: the reads and writes stay within the rows the caller vouches for.
+        unsafe {
+            let r: [__m512; 16] = std::array::from_fn(|i| {
+                if i < rows {
+                    _mm512_maskz_loadu_ps(mask, sp.add(i * s_stride))
+                } else {
+                    _mm512_setzero_ps()
+                }
+            });
+            let t: [__m512; 16] = std::array::from_fn(|i| {
+                let (a, b) = (r[i / 2 * 2], r[i / 2 * 2 + 1]);
+                if i % 2 == 0 {
+                    _mm512_unpacklo_ps(a, b)
+                } else {
+                    _mm512_unpackhi_ps(a, b)
+                }
+            });
+            let u: [__m512; 16] = std::array::from_fn(|i| {
+                // Groups of four: (t0, t2) low, (t0, t2) high, (t1, t3) low, high.
+                let g = i / 4 * 4;
+                let (a, b) = match i % 4 {
+                    0 | 1 => (t[g], t[g + 2]),
+                    _ => (t[g + 1], t[g + 3]),
+                };
+                if i % 2 == 0 {
+                    _mm512_shuffle_ps::<0x44>(a, b)
+                } else {
+                    _mm512_shuffle_ps::<0xEE>(a, b)
+                }
+            });
+            let v: [__m512; 16] = std::array::from_fn(|i| {
+                let g = i / 8 * 8;
+                let (a, b) = (u[g + i % 4], u[g + i % 4 + 4]);
+                if i % 8 < 4 {
+                    _mm512_shuffle_f32x4::<0x88>(a, b)
+                } else {
+                    _mm512_shuffle_f32x4::<0xDD>(a, b)
+                }
+            });
+            for i in 0..lanes {
+                let (a, b) = (v[i % 8], v[i % 8 + 8]);
+                let out = if i < 8 {
+                    _mm512_shuffle_f32x4::<0x88>(a, b)
+                } else {
+                    _mm512_shuffle_f32x4::<0xDD>(a, b)
+                };
+                _mm512_storeu_ps(dp.add(i * d_stride), out);
             }
         }
     }
