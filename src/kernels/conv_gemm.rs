@@ -264,14 +264,8 @@ fn sample_runs(n: usize, parallel: bool) -> usize {
 }
 
 /// The column matrix of `m` consecutive samples of `x`: (C_in k k) x (m P), each sample's
-/// P columns side by side (for a 1x1 stride-1 convolution, just its planes).
-fn batch_cols(g: &ConvGeom, d: &Dims, x: &[f32], m: usize) -> Vec<f32> {
-    let mut cols = vec![0f32; d.kdim * m * d.p];
-    fill_batch_cols(g, d, x, m, &mut cols);
-    cols
-}
-
-/// [`batch_cols`] into `cols` (at least `kdim m P` values; every one of them written).
+/// P columns side by side (for a 1x1 stride-1 convolution, just its planes), into `cols`
+/// (at least `kdim m P` values; every one of them written).
 fn fill_batch_cols(g: &ConvGeom, d: &Dims, x: &[f32], m: usize, cols: &mut [f32]) {
     let width = m * d.p;
     for (s, xs) in x.chunks_exact(g.c_in * d.hw).take(m).enumerate() {
@@ -285,16 +279,15 @@ fn fill_batch_cols(g: &ConvGeom, d: &Dims, x: &[f32], m: usize, cols: &mut [f32]
     }
 }
 
-/// `m` samples of an NCHW tensor with `c` channels of `p` values, as C x (m P).
-fn channel_major(t: &[f32], c: usize, p: usize, m: usize) -> Vec<f32> {
+/// `m` samples of an NCHW tensor with `c` channels of `p` values, as C x (m P), into `out`
+/// (at least `c m P` values; every one of them written).
+fn fill_channel_major(t: &[f32], c: usize, p: usize, m: usize, out: &mut [f32]) {
     let width = m * p;
-    let mut out = vec![0f32; c * width];
     for (s, ts) in t.chunks_exact(c * p).take(m).enumerate() {
         for (ch, plane) in ts.chunks_exact(p).enumerate() {
             out[ch * width + s * p..ch * width + (s + 1) * p].copy_from_slice(plane);
         }
     }
-    out
 }
 
 /// A dense convolution of small output planes with several samples per GEMM: per run of
@@ -365,42 +358,49 @@ fn backward_batched(
         let first = r * run;
         let m = run.min(g.n - first);
         let width = m * d.p;
-        let dyb = channel_major(&dy[first * y_sample..], g.c_out, d.p, m);
         let mut dw_part = vec![0f32; dw_len];
-        if need_w {
-            let cols = batch_cols(g, d, &x[first * x_sample..], m);
-            matmul_bt(
-                MatMut::rows(&mut dw_part, g.c_out, d.kdim),
-                false,
-                MatRef::rows(&dyb, g.c_out, width),
-                MatRef::rows(&cols, d.kdim, width),
-                Parallelism::None,
-            );
-        }
-        if need_x {
-            let mut dcols = vec![0f32; d.kdim * width];
-            matmul(
-                MatMut::rows(&mut dcols, d.kdim, width),
-                false,
-                MatRef::rows(w, g.c_out, d.kdim).t(),
-                MatRef::rows(&dyb, g.c_out, width),
-                Parallelism::None,
-            );
-            for s in 0..m {
-                // SAFETY: each sample's input gradient is written by exactly one run, and
-                // `out` outlives the parallel loop below.
-                let dxs = unsafe { dx.part((first + s) * x_sample, x_sample) };
-                if d.direct {
-                    for (c, plane) in dxs.chunks_exact_mut(d.p).enumerate() {
-                        plane.copy_from_slice(
-                            &dcols[c * width + s * d.p..c * width + (s + 1) * d.p],
-                        );
+        let cols_len = if need_w { d.kdim * width } else { 0 };
+        let dcols_len = if need_x { d.kdim * width } else { 0 };
+        // The run's temporaries in this thread's scratch, each overwritten before it is
+        // read: fresh zero-filled buffers were ~5% of a SqueezeNet training step in memset.
+        with_scratch(g.c_out * width + cols_len + dcols_len, |buf| {
+            let (dyb, rest) = buf.split_at_mut(g.c_out * width);
+            let (cols, dcols) = rest.split_at_mut(cols_len);
+            fill_channel_major(&dy[first * y_sample..], g.c_out, d.p, m, dyb);
+            if need_w {
+                fill_batch_cols(g, d, &x[first * x_sample..], m, cols);
+                matmul_bt(
+                    MatMut::rows(&mut dw_part, g.c_out, d.kdim),
+                    false,
+                    MatRef::rows(dyb, g.c_out, width),
+                    MatRef::rows(cols, d.kdim, width),
+                    Parallelism::None,
+                );
+            }
+            if need_x {
+                matmul(
+                    MatMut::rows(dcols, d.kdim, width),
+                    false,
+                    MatRef::rows(w, g.c_out, d.kdim).t(),
+                    MatRef::rows(dyb, g.c_out, width),
+                    Parallelism::None,
+                );
+                for s in 0..m {
+                    // SAFETY: each sample's input gradient is written by exactly one run, and
+                    // `out` outlives the parallel loop below.
+                    let dxs = unsafe { dx.part((first + s) * x_sample, x_sample) };
+                    if d.direct {
+                        for (c, plane) in dxs.chunks_exact_mut(d.p).enumerate() {
+                            plane.copy_from_slice(
+                                &dcols[c * width + s * d.p..c * width + (s + 1) * d.p],
+                            );
+                        }
+                    } else {
+                        col2im_strided(g, g.c_in, &dcols[s * d.p..], dxs, width);
                     }
-                } else {
-                    col2im_strided(g, g.c_in, &dcols[s * d.p..], dxs, width);
                 }
             }
-        }
+        });
         dw_part
     };
     let runs = g.n.div_ceil(run);
