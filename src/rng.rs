@@ -71,24 +71,64 @@ impl Rng {
 ///
 /// Why not a loop over `uniform()`: SplitMix64's i-th output is a pure function of
 /// `seed` and `i`, so the draws are computed independently, in parallel and without the
-/// float division (`u / 2^53 < rate` is exactly `u < rate * 2^53`: both sides are exact).
+/// float division or conversion: for the 53-bit integer `u`, `u / 2^53 < rate` is exactly
+/// `u < ceil(rate 2^53)`.
 pub fn dropout_mask(seed: u64, len: usize, rate: f64) -> Vec<f32> {
     use rayon::prelude::*;
     let keep = (1.0 / (1.0 - rate)) as f32;
-    let threshold = rate * (1u64 << 53) as f64;
+    let threshold = (rate * (1u64 << 53) as f64).ceil() as u64;
     let start = Rng::new(seed).state;
-    let mut mask = vec![0f32; len];
-    mask.par_chunks_mut(1 << 14)
+    let mut mask = Vec::with_capacity(len);
+    mask.spare_capacity_mut()[..len]
+        .par_chunks_mut(1 << 14)
         .enumerate()
         .for_each(|(chunk, part)| {
-            let first = (chunk << 14) as u64;
-            for (i, m) in part.iter_mut().enumerate() {
-                let state = start.wrapping_add(GAMMA.wrapping_mul(first + i as u64 + 1));
-                let u = (mix(state) >> 11) as f64;
-                *m = if u < threshold { 0.0 } else { keep };
+            let draws = Draws {
+                start,
+                first: (chunk << 14) as u64,
+                threshold,
+                keep,
+            };
+            #[cfg(target_arch = "x86_64")]
+            if is_x86_feature_detected!("avx512f") && is_x86_feature_detected!("avx512dq") {
+                // SAFETY: the CPU has the features the function is compiled for.
+                return unsafe { draws.fill_avx512(part) };
             }
+            draws.fill(part)
         });
+    // SAFETY: the chunks above wrote all `len` values, within the capacity.
+    unsafe { mask.set_len(len) };
     mask
+}
+
+/// One chunk of [`dropout_mask`]: draws `first + 1 ..` of the stream from `start`.
+struct Draws {
+    start: u64,
+    first: u64,
+    threshold: u64,
+    keep: f32,
+}
+
+impl Draws {
+    #[inline(always)]
+    fn fill(&self, part: &mut [std::mem::MaybeUninit<f32>]) {
+        for (i, m) in part.iter_mut().enumerate() {
+            let state = self
+                .start
+                .wrapping_add(GAMMA.wrapping_mul(self.first + i as u64 + 1));
+            let dropped = mix(state) >> 11 < self.threshold;
+            m.write(if dropped { 0.0 } else { self.keep });
+        }
+    }
+
+    /// [`Draws::fill`] compiled for AVX-512 with its 64-bit multiplies (AVX512DQ), which the
+    /// baseline build runs one value at a time: the mask was 3% of a SqueezeNet 1.1
+    /// training step.
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx512f,avx512dq")]
+    fn fill_avx512(&self, part: &mut [std::mem::MaybeUninit<f32>]) {
+        self.fill(part)
+    }
 }
 
 #[cfg(test)]
@@ -118,6 +158,10 @@ mod tests {
             (3, 17, 0.2),
             (0, 1, 0.9),
             (1, 0, 0.5),
+            // Rates whose threshold is not a whole number of 2^-53 steps, and none.
+            (5, 20_000, 0.1),
+            (9, 1000, 1.0 / 3.0),
+            (2, 300, 0.0),
         ] {
             let mut rng = Rng::new(seed);
             let keep = (1.0 / (1.0 - rate)) as f32;
