@@ -308,6 +308,10 @@ fn dense_conv() {
     Conv::new(5, 20, 13, (7, 7), 1).kernel(1, 1, 0).check();
     Conv::new(5, 20, 13, (5, 6), 1).kernel(1, 1, 0).check();
     Conv::new(3, 3, 4, (31, 33), 1).kernel(3, 2, 1).check();
+    // Planes of whole 32-value panels (8x8, 4x8) run the batched products per sample on
+    // the NCHW planes (conv_gemm::planes_in_place), with more than two 12-row blocks.
+    Conv::new(5, 20, 30, (8, 8), 1).kernel(1, 1, 0).check();
+    Conv::new(4, 7, 26, (4, 8), 1).check();
     // Many input channels (column matrices of 576 rows), one sample per GEMM and, with
     // small planes, several side by side.
     Conv::new(2, 64, 5, (17, 19), 1).check();

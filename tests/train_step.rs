@@ -219,6 +219,9 @@ fn check(arch: &str, width: Option<f64>, stem: Stem, batch: usize, size: usize) 
 #[test]
 fn mobilenet_v1_matches_autograd() {
     check("mobilenet_v1", Some(0.25), Stem::Cifar, 3, 19);
+    // 16x16 and 8x8 planes: the batched 1x1 convolutions' backward per sample on the NCHW
+    // planes (conv_gemm::planes_in_place).
+    check("mobilenet_v1", Some(0.25), Stem::Cifar, 8, 32);
     check("mobilenet_v1", Some(0.25), Stem::Imagenet, 2, 45);
 }
 
@@ -251,6 +254,8 @@ fn shufflenet_v2_matches_autograd() {
 #[test]
 fn squeezenet1_1_matches_autograd() {
     check("squeezenet1_1", None, Stem::Cifar, 3, 21);
+    // The fire modules' 3x3 expands on 16x16 and 8x8 planes, forward and backward per sample.
+    check("squeezenet1_1", None, Stem::Cifar, 4, 32);
     check("squeezenet1_1", None, Stem::Imagenet, 2, 47);
 }
 

@@ -263,8 +263,11 @@ fn cli_training_learns_and_the_checkpoint_evaluates_and_predicts() {
         "cifar",
         "--data",
         &data,
+        // Ten epochs: at six the best checkpoint was at the edge (one change of the
+        // gradients' summation order left it at 93% and the red test image called blue);
+        // at ten both orders reach 100% with every prediction above 0.9.
         "--epochs",
-        "6",
+        "10",
         // Small batches: enough steps for the batch-norm running statistics to settle.
         "--batch-size",
         "8",
@@ -284,8 +287,8 @@ fn cli_training_learns_and_the_checkpoint_evaluates_and_predicts() {
     let summary: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(summary["finished"], true);
     let metrics = metrics_of(&run_dir);
-    assert_eq!(metrics.len(), 6);
-    assert!(metrics[5].train_loss < metrics[0].train_loss, "{metrics:?}");
+    assert_eq!(metrics.len(), 10);
+    assert!(metrics[9].train_loss < metrics[0].train_loss, "{metrics:?}");
     let best = summary["best_top1"].as_f64().unwrap();
     assert!(
         best >= 90.0,
