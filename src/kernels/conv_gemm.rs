@@ -729,21 +729,14 @@ mod tests {
     }
 
     fn geom(n: usize, c_in: usize, hw: usize, c_out: usize, k: usize, stride: usize) -> ConvGeom {
-        let (pad, dil, groups) = (k / 2, 1, 1);
-        let ho = (hw + 2 * pad - k) / stride + 1;
-        ConvGeom {
-            n,
-            c_in,
-            h: hw,
-            w: hw,
-            c_out,
-            k,
+        ConvGeom::new(
+            &[n, c_in, hw, hw],
+            &[c_out, c_in, k, k],
             stride,
-            pad,
-            dil,
-            groups,
-            ho,
-            wo: ho,
-        }
+            k / 2,
+            1,
+            1,
+        )
+        .unwrap()
     }
 }

@@ -704,9 +704,10 @@ mod avx512 {
             let step = _mm512_set1_epi32(s as i32);
             for oy in 0..p.oh {
                 let (ys, _, _) = p.window(oy, 0);
-                // Each window's first input (its position if every value is -inf).
+                // Each window's first input (its position if every value is -inf); the
+                // lanes past the row's outputs are never stored.
                 for ox in 0..ow16 {
-                    let first = (ox * s).saturating_sub(pad).min(w - 1);
+                    let first = if ox < p.ow { p.span(ox, w).0.start } else { 0 };
                     self.best[ox] = f32::NEG_INFINITY;
                     self.at[ox] = (ys.start * w + first) as u32;
                 }
