@@ -19,8 +19,16 @@ use super::transpose::transpose;
 use super::{sgemm, team};
 
 /// Values of the output block (rows x C_out) that a product and its epilogue should keep in
-/// cache: rows per block are chosen to fit this.
+/// cache: rows per block are chosen to fit this, but no fewer than [`MIN_BLOCK_ROWS`].
 const BLOCK_VALUES: usize = 1 << 15;
+
+/// The fewest output rows per block. Every block reads all of `B` (the weights): each
+/// column panel is reused by the block's row tiles only, so a wide layer's short blocks
+/// streamed its weights from L2 or L3 for two tiles at a time (SqueezeNet's 13x13 classifier,
+/// 512 -> 1,000: 24 rows a block, 2 MB of weights per 24 rows, half of the kernel's peak).
+/// Eight tiles a panel: that layer's laps 135-172 -> 106-122 ms, SqueezeNet 1.1 224x224 b8
+/// and 96x96 b32 +10% (alternating builds), the other families level.
+const MIN_BLOCK_ROWS: usize = 8 * sgemm::MR;
 
 thread_local! {
     /// The im2col rows of a team thread's blocks at batch 1 ([`forward`]).
@@ -92,7 +100,7 @@ pub(crate) fn forward(
     assert!(ldc >= g.c_out && (pixels == 0 || y.len() >= (pixels - 1) * ldc + g.c_out));
     let direct = g.k == 1 && g.stride == 1 && g.pad == 0;
     let widest = if direct { ldc } else { ldc.max(kdim) };
-    let block = (BLOCK_VALUES / widest.max(1)).clamp(sgemm::MR, 1024) / sgemm::MR * sgemm::MR;
+    let block = (BLOCK_VALUES / widest.max(1)).clamp(MIN_BLOCK_ROWS, 1024) / sgemm::MR * sgemm::MR;
     let blocks = pixels.div_ceil(block);
     let out = SharedMut::new(y);
     // Rows `r0..r0 + m` of every group's product, then their epilogue.
