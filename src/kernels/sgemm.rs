@@ -127,26 +127,127 @@ pub(crate) fn sgemm_rows(
         BRows::Transposed(ldb) => (n - 1).checked_mul(ldb).and_then(|r| r.checked_add(k)),
     };
     assert!(b_end.is_some_and(|e| e <= b.len()), "sgemm: B too short");
+    if !packs_a((m, n), (a_rs, a_cs)) {
+        let a = ARef::Strided(a, a_rs, a_cs);
+        run_panels((m, n, k), a, b, rows, c, ldc, accumulate, threads);
+        return;
+    }
+    let mut packed = PACKED_A.with(|p| p.take());
+    pack_a(a, (m, k), (a_rs, a_cs), &mut packed);
+    run_panels(
+        (m, n, k),
+        ARef::Packed(&packed),
+        b,
+        rows,
+        c,
+        ldc,
+        accumulate,
+        threads,
+    );
+    PACKED_A.with(|p| p.replace(packed));
+}
+
+/// The fewest column panels for which a product packs `A` ([`pack_a`]): each panel reads
+/// all of `A` again, so the packing (about a sixteenth of a panel's pass) pays from a few
+/// panels on. Measured on one core (same process, alternating): 1587 x 64 x 144 (two panels)
+/// lost 20% with the packing and gained 15% without it; 336 x 1,000 x 512 and
+/// 128 x 2,048 x 288 gained 2-5% with it; 64 x 4,096 x 16 gained 24%.
+const PACK_A_PANELS: usize = 8;
+
+thread_local! {
+    /// Each thread's packed `A` ([`pack_a`]), kept between calls.
+    static PACKED_A: std::cell::Cell<Vec<f32>> = const { std::cell::Cell::new(Vec::new()) };
+}
+
+/// Whether a product of `m` rows and `n` columns with `A` at strides `a_strides` packs `A`:
+/// from [`PACK_A_PANELS`] panels, with a row block or more, for the two layouts that
+/// [`pack_a`] copies with vector moves (rows or columns of `A` contiguous).
+fn packs_a((m, n): (usize, usize), (rs, cs): (usize, usize)) -> bool {
+    n.div_ceil(NR) >= PACK_A_PANELS && m >= MR && (cs == 1 || rs == 1)
+}
+
+/// Values of an `m x k` matrix packed by [`pack_a`]: whole row blocks of `MR` rows, and the
+/// slack that the packing's 16-value stores may write past the last.
+fn packed_a_len(m: usize, k: usize) -> usize {
+    m.div_ceil(MR) * MR * k + 16
+}
+
+/// Packs `A` (`m x k`, element `(i, p)` at `a[i rs + p cs]`, with `cs` or `rs` 1) for the
+/// micro-kernel: each block of `MR` rows as `k` runs of `MR` values (column by column), the
+/// rows past `m` zero. Why: a tile then reads its twelve rows' values at constant offsets
+/// from one pointer that steps by `MR` values per column, where a strided `A` took a chain
+/// of twelve dependent address additions per column (the kernel's critical path). The
+/// products' sums are unchanged, term for term.
+fn pack_a(a: &[f32], (m, k): (usize, usize), (rs, cs): (usize, usize), packed: &mut Vec<f32>) {
+    assert!(
+        cs == 1 || rs == 1,
+        "pack_a: rows or columns of A contiguous"
+    );
+    packed.clear();
+    packed.resize(packed_a_len(m, k), 0.0);
+    let dst = packed.as_mut_ptr();
+    for i0 in (0..m).step_by(MR) {
+        let rows = MR.min(m - i0);
+        if cs == 1 {
+            for p0 in (0..k).step_by(16) {
+                let lanes = 16.min(k - p0);
+                // SAFETY: AVX-512 (the caller's `available()`); rows i0.. (`rows` of them)
+                // are readable for `lanes` values from p0 (the caller checked A's extent);
+                // packed column p (p0 <= p < p0 + lanes) is written for 16 values from
+                // `i0 k + p MR`: within the block's `k MR` values but for the last column's
+                // 4 past it, which the next column (written later) or the slack of
+                // `packed_a_len` takes.
+                unsafe {
+                    let from = (a.as_ptr().add(i0 * rs + p0), rs);
+                    let to = (dst.add(i0 * k + p0 * MR), MR);
+                    super::transpose::x86::tile(from, (rows, lanes), to);
+                }
+            }
+        } else {
+            // Columns contiguous: column p's values of rows i0.. are one run.
+            let block = &mut packed[i0 * k..(i0 + MR) * k];
+            for (p, run) in block.chunks_exact_mut(MR).enumerate() {
+                run[..rows].copy_from_slice(&a[p * cs + i0..][..rows]);
+            }
+        }
+    }
+}
+
+/// How `A` is stored: row-major at strides `(rs, cs)`, or packed by [`pack_a`].
+#[derive(Clone, Copy)]
+enum ARef<'a> {
+    Strided(&'a [f32], usize, usize),
+    Packed(&'a [f32]),
+}
+
+/// The panels of a product on the team (or this thread); the operands checked by the caller.
+#[allow(clippy::too_many_arguments)]
+fn run_panels(
+    (m, n, k): (usize, usize, usize),
+    a: ARef,
+    b: &[f32],
+    rows: BRows,
+    c: &mut [f32],
+    ldc: usize,
+    accumulate: bool,
+    threads: usize,
+) {
     let panels = n.div_ceil(NR);
     let c_shared = SharedMut::new(c);
     let run = &|panels: std::ops::Range<usize>| {
-        let (a, c) = ((a, a_rs, a_cs), (c_shared.as_ptr(), ldc));
+        let c = (c_shared.as_ptr(), ldc);
         // SAFETY: every tile reads `A` and `k` rows of `B` within the checked bounds and
         // writes rows < m and columns < n of `C` (checked above); tasks take disjoint
         // panels, so no two write the same element, and `c` outlives them.
         unsafe {
-            match rows {
-                BRows::Strided(ldb) => {
-                    let b = x86::Strided(b.as_ptr(), ldb);
-                    x86::panels((m, n, k), a, b, c, accumulate, panels)
+            match a {
+                ARef::Strided(a, rs, cs) => {
+                    let a = x86::AStrided(a.as_ptr(), rs, cs);
+                    panels_of(a, (m, n, k), b, rows, c, accumulate, panels)
                 }
-                BRows::At(offsets) => {
-                    let b = x86::Table(b.as_ptr(), offsets.as_ptr());
-                    x86::panels((m, n, k), a, b, c, accumulate, panels)
-                }
-                BRows::Transposed(ldb) => {
-                    let b = x86::Transposed(b.as_ptr(), ldb);
-                    x86::panels((m, n, k), a, b, c, accumulate, panels)
+                ARef::Packed(a) => {
+                    let a = x86::APacked(a.as_ptr(), k);
+                    panels_of(a, (m, n, k), b, rows, c, accumulate, panels)
                 }
             }
         }
@@ -155,6 +256,38 @@ pub(crate) fn sgemm_rows(
         run(0..panels);
     } else {
         team::run_parts(panels, threads, run);
+    }
+}
+
+/// [`x86::panels`] with `B` read as `rows` says.
+///
+/// # Safety
+/// As `x86::panels`: the operands' extents checked by the caller.
+unsafe fn panels_of<A: x86::ARead>(
+    a: A,
+    shape: (usize, usize, usize),
+    b: &[f32],
+    rows: BRows,
+    c: (*mut f32, usize),
+    accumulate: bool,
+    panels: std::ops::Range<usize>,
+) {
+    // SAFETY: the caller's.
+    unsafe {
+        match rows {
+            BRows::Strided(ldb) => {
+                let b = x86::Strided(b.as_ptr(), ldb);
+                x86::panels(shape, a, b, c, accumulate, panels)
+            }
+            BRows::At(offsets) => {
+                let b = x86::Table(b.as_ptr(), offsets.as_ptr());
+                x86::panels(shape, a, b, c, accumulate, panels)
+            }
+            BRows::Transposed(ldb) => {
+                let b = x86::Transposed(b.as_ptr(), ldb);
+                x86::panels(shape, a, b, c, accumulate, panels)
+            }
+        }
     }
 }
 
@@ -221,6 +354,72 @@ mod x86 {
         #[target_feature(enable = "avx512f")]
         unsafe fn pack(self, k: usize, cols: usize, packed: &mut [f32]) {
             unsafe { pack_panel(k, self, cols, packed) }
+        }
+    }
+
+    /// How a tile reads `A`'s values: monomorphised like [`RowAt`], so that a packed `A`
+    /// is read at constant offsets from one pointer.
+    pub(super) trait ARead: Copy {
+        /// Row `r`'s value (from the tile's first row) at the current column.
+        ///
+        /// # Safety
+        /// Row and column within `A`.
+        unsafe fn value(self, r: usize) -> f32;
+        /// The same rows, one column on (past the last one only if it is not read).
+        fn next(self) -> Self;
+        /// The row block from row `i0` (a multiple of `MR`) on, at the same column.
+        ///
+        /// # Safety
+        /// `i0` within `A`.
+        unsafe fn rows_from(self, i0: usize) -> Self;
+        /// The same rows, `p` columns on (the K blocks of a packed `B`).
+        fn skip_columns(self, p: usize) -> Self;
+    }
+
+    /// `A`'s element `(i, p)` at `base + i rs + p cs`.
+    #[derive(Clone, Copy)]
+    pub(super) struct AStrided(pub *const f32, pub usize, pub usize);
+
+    impl ARead for AStrided {
+        #[inline(always)]
+        unsafe fn value(self, r: usize) -> f32 {
+            unsafe { *self.0.add(r * self.1) }
+        }
+        #[inline(always)]
+        fn next(self) -> Self {
+            AStrided(self.0.wrapping_add(self.2), self.1, self.2)
+        }
+        #[inline(always)]
+        unsafe fn rows_from(self, i0: usize) -> Self {
+            AStrided(unsafe { self.0.add(i0 * self.1) }, self.1, self.2)
+        }
+        #[inline(always)]
+        fn skip_columns(self, p: usize) -> Self {
+            AStrided(self.0.wrapping_add(p * self.2), self.1, self.2)
+        }
+    }
+
+    /// `A` packed by [`pack_a`](super::pack_a): row block `t` (rows `t MR..`) at
+    /// `base + t MR k`, its element `(r, p)` at `p MR + r`; `.1` is K.
+    #[derive(Clone, Copy)]
+    pub(super) struct APacked(pub *const f32, pub usize);
+
+    impl ARead for APacked {
+        #[inline(always)]
+        unsafe fn value(self, r: usize) -> f32 {
+            unsafe { *self.0.add(r) }
+        }
+        #[inline(always)]
+        fn next(self) -> Self {
+            APacked(self.0.wrapping_add(MR), self.1)
+        }
+        #[inline(always)]
+        unsafe fn rows_from(self, i0: usize) -> Self {
+            APacked(unsafe { self.0.add(i0 * self.1) }, self.1)
+        }
+        #[inline(always)]
+        fn skip_columns(self, p: usize) -> Self {
+            APacked(self.0.wrapping_add(p * MR), self.1)
         }
     }
 
@@ -316,9 +515,9 @@ mod x86 {
     /// finds `k` rows of `n` readable values, and `c` has rows of `n` writable values at
     /// stride `ldc` for `m` rows.
     #[target_feature(enable = "avx512f")]
-    pub(super) unsafe fn panels<B: RowAt>(
+    pub(super) unsafe fn panels<A: ARead, B: RowAt>(
         (m, n, k): (usize, usize, usize),
-        a: (&[f32], usize, usize),
+        a: A,
         b: B,
         c: (*mut f32, usize),
         accumulate: bool,
@@ -345,7 +544,7 @@ mod x86 {
                         let kc = KC.min(k - k0);
                         bp.at_row(k0).pack(kc, cols, &mut packed);
                         let bp = Strided(packed.as_ptr(), NR);
-                        let a = (&a.0[k0 * a.2..], a.1, a.2);
+                        let a = a.skip_columns(k0);
                         let acc = accumulate || k0 > 0;
                         panel((m, kc), a, bp, cols, (c.0.add(j0), c.1), acc, false);
                     }
@@ -398,9 +597,9 @@ mod x86 {
     /// # Safety
     /// As [`panels`], with `bp` and `cp` at the panel's first column.
     #[target_feature(enable = "avx512f")]
-    unsafe fn panel<B: RowAt>(
+    unsafe fn panel<A: ARead, B: RowAt>(
         (m, k): (usize, usize),
-        (a, rs, cs): (&[f32], usize, usize),
+        a: A,
         bp: B,
         cols: usize,
         (cp0, ldc): (*mut f32, usize),
@@ -412,20 +611,19 @@ mod x86 {
         let mask = first_lanes(last);
         for i0 in (0..m).step_by(MR) {
             let rows = MR.min(m - i0);
-            let ap = unsafe { a.as_ptr().add(i0 * rs) };
-            let a = (ap, rs, cs);
+            let a = unsafe { a.rows_from(i0) };
             let cp = unsafe { cp0.add(i0 * ldc) };
             // The first row block of a panel prefetches the next panel's rows of `B`.
             unsafe {
                 match (rows, cols > 16, prefetch && i0 == 0) {
-                    (12, true, true) => tile::<12, 2, true, _>(k, a, bp, cp, ldc, mask, acc),
-                    (12, true, false) => tile::<12, 2, false, _>(k, a, bp, cp, ldc, mask, acc),
-                    (12, false, true) => tile::<12, 1, true, _>(k, a, bp, cp, ldc, mask, acc),
-                    (12, false, false) => tile::<12, 1, false, _>(k, a, bp, cp, ldc, mask, acc),
-                    (r, true, true) => short::<2, true, _>(r, k, a, bp, cp, ldc, mask, acc),
-                    (r, true, false) => short::<2, false, _>(r, k, a, bp, cp, ldc, mask, acc),
-                    (r, false, true) => short::<1, true, _>(r, k, a, bp, cp, ldc, mask, acc),
-                    (r, false, false) => short::<1, false, _>(r, k, a, bp, cp, ldc, mask, acc),
+                    (12, true, true) => tile::<12, 2, true, _, _>(k, a, bp, cp, ldc, mask, acc),
+                    (12, true, false) => tile::<12, 2, false, _, _>(k, a, bp, cp, ldc, mask, acc),
+                    (12, false, true) => tile::<12, 1, true, _, _>(k, a, bp, cp, ldc, mask, acc),
+                    (12, false, false) => tile::<12, 1, false, _, _>(k, a, bp, cp, ldc, mask, acc),
+                    (r, true, true) => short::<2, true, _, _>(r, k, a, bp, cp, ldc, mask, acc),
+                    (r, true, false) => short::<2, false, _, _>(r, k, a, bp, cp, ldc, mask, acc),
+                    (r, false, true) => short::<1, true, _, _>(r, k, a, bp, cp, ldc, mask, acc),
+                    (r, false, false) => short::<1, false, _, _>(r, k, a, bp, cp, ldc, mask, acc),
                 }
             }
         }
@@ -435,10 +633,10 @@ mod x86 {
     #[allow(clippy::too_many_arguments)]
     #[target_feature(enable = "avx512f")]
     #[inline]
-    unsafe fn short<const V: usize, const PF: bool, B: RowAt>(
+    unsafe fn short<const V: usize, const PF: bool, A: ARead, B: RowAt>(
         rows: usize,
         k: usize,
-        a: (*const f32, usize, usize),
+        a: A,
         bp: B,
         cp: *mut f32,
         ldc: usize,
@@ -447,35 +645,36 @@ mod x86 {
     ) {
         unsafe {
             match rows {
-                1 => tile::<1, V, PF, _>(k, a, bp, cp, ldc, mask, acc),
-                2 => tile::<2, V, PF, _>(k, a, bp, cp, ldc, mask, acc),
-                3 => tile::<3, V, PF, _>(k, a, bp, cp, ldc, mask, acc),
-                4 => tile::<4, V, PF, _>(k, a, bp, cp, ldc, mask, acc),
-                5 => tile::<5, V, PF, _>(k, a, bp, cp, ldc, mask, acc),
-                6 => tile::<6, V, PF, _>(k, a, bp, cp, ldc, mask, acc),
-                7 => tile::<7, V, PF, _>(k, a, bp, cp, ldc, mask, acc),
-                8 => tile::<8, V, PF, _>(k, a, bp, cp, ldc, mask, acc),
-                9 => tile::<9, V, PF, _>(k, a, bp, cp, ldc, mask, acc),
-                10 => tile::<10, V, PF, _>(k, a, bp, cp, ldc, mask, acc),
-                11 => tile::<11, V, PF, _>(k, a, bp, cp, ldc, mask, acc),
+                1 => tile::<1, V, PF, _, _>(k, a, bp, cp, ldc, mask, acc),
+                2 => tile::<2, V, PF, _, _>(k, a, bp, cp, ldc, mask, acc),
+                3 => tile::<3, V, PF, _, _>(k, a, bp, cp, ldc, mask, acc),
+                4 => tile::<4, V, PF, _, _>(k, a, bp, cp, ldc, mask, acc),
+                5 => tile::<5, V, PF, _, _>(k, a, bp, cp, ldc, mask, acc),
+                6 => tile::<6, V, PF, _, _>(k, a, bp, cp, ldc, mask, acc),
+                7 => tile::<7, V, PF, _, _>(k, a, bp, cp, ldc, mask, acc),
+                8 => tile::<8, V, PF, _, _>(k, a, bp, cp, ldc, mask, acc),
+                9 => tile::<9, V, PF, _, _>(k, a, bp, cp, ldc, mask, acc),
+                10 => tile::<10, V, PF, _, _>(k, a, bp, cp, ldc, mask, acc),
+                11 => tile::<11, V, PF, _, _>(k, a, bp, cp, ldc, mask, acc),
                 _ => unreachable!("row blocks have 1 to MR rows"),
             }
         }
     }
 
     /// One `R x (16 V)` tile of `C`: the whole K loop in registers, then one store (adding
-    /// to `C` with `acc`). The last vector's columns are `mask`. `A`'s element (r, p) is at
-    /// `ap + r * rs + p * cs`: its values are broadcast straight from the weights, unpacked
-    /// (packing them on every call cost 16% of a batch-1 forward pass, more than it saved).
+    /// to `C` with `acc`). The last vector's columns are `mask`. `A`'s values, read through
+    /// `a`, are broadcast in place, or from the packed copy of a product of eight panels or
+    /// more ([`PACK_A_PANELS`](super::PACK_A_PANELS)): packing on every call cost 16% of a
+    /// batch-1 forward pass when it was done for every product, more than it saved.
     /// With `PF` (the first row block of each panel), it also prefetches the next panel's
     /// rows of `B`: a panel's K rows are K streams a row stride apart, more than the
     /// hardware prefetchers follow, and `B` is a fresh activation, not yet in cache.
     #[allow(clippy::too_many_arguments)]
     #[target_feature(enable = "avx512f")]
     #[inline]
-    unsafe fn tile<const R: usize, const V: usize, const PF: bool, B: RowAt>(
+    unsafe fn tile<const R: usize, const V: usize, const PF: bool, A: ARead, B: RowAt>(
         k: usize,
-        (ap, rs, cs): (*const f32, usize, usize),
+        a: A,
         b: B,
         cp: *mut f32,
         ldc: usize,
@@ -484,7 +683,7 @@ mod x86 {
     ) {
         unsafe {
             let mut sum = [[_mm512_setzero_ps(); V]; R];
-            let mut ap = ap;
+            let mut a = a;
             for p in 0..k {
                 let bp = b.at(p);
                 let mut bv = [_mm512_setzero_ps(); V];
@@ -496,7 +695,7 @@ mod x86 {
                     };
                 }
                 for (r, row) in sum.iter_mut().enumerate() {
-                    let s = _mm512_set1_ps(*ap.add(r * rs));
+                    let s = _mm512_set1_ps(a.value(r));
                     for v in 0..V {
                         row[v] = _mm512_fmadd_ps(s, bv[v], row[v]);
                     }
@@ -509,7 +708,7 @@ mod x86 {
                     _mm_prefetch::<_MM_HINT_T0>(bp.wrapping_add(NR) as *const i8);
                     _mm_prefetch::<_MM_HINT_T0>(bp.wrapping_add(NR + 16) as *const i8);
                 }
-                ap = ap.add(cs);
+                a = a.next();
             }
             for (r, row) in sum.iter().enumerate() {
                 let out = cp.add(r * ldc);
@@ -538,13 +737,18 @@ mod x86 {
 
 #[cfg(not(target_arch = "x86_64"))]
 mod x86 {
+    pub(super) trait ARead {}
+    pub(super) struct AStrided(pub *const f32, pub usize, pub usize);
+    pub(super) struct APacked(pub *const f32, pub usize);
+    impl ARead for AStrided {}
+    impl ARead for APacked {}
     pub(super) struct Strided(pub *const f32, pub usize);
     pub(super) struct Table(pub *const f32, pub *const usize);
     pub(super) struct Transposed(pub *const f32, pub usize);
 
-    pub(super) unsafe fn panels<B>(
+    pub(super) unsafe fn panels<A, B>(
         _: (usize, usize, usize),
-        _: (&[f32], usize, usize),
+        _: A,
         _: B,
         _: (*mut f32, usize),
         _: bool,
@@ -752,6 +956,81 @@ mod tests {
             sgemm_rows((m, n, k), &a, (k, 1), &buf, rows, &mut ours, n, false, 2);
             sgemm((m, n, k), &a, (k, 1), &copied, n, &mut want, n, false, 1);
             assert_eq!(ours, want, "m {m} n {n} k {k}");
+        }
+    }
+
+    /// Products of eight panels or more pack `A` (rows or columns contiguous): against the
+    /// reference, and bit for bit against the same `A` read in place (stored with a column
+    /// stride of 2, which is not packed), with B row-major, transposed and at offsets.
+    #[test]
+    fn packed_a_matches_the_reference_and_the_unpacked_kernel() {
+        if !available() {
+            eprintln!("skipped: this CPU has no AVX-512");
+            return;
+        }
+        for &(m, n, k) in &[(12, 256, 1), (13, 257, 17), (37, 300, 40), (25, 512, 300)] {
+            for &(transposed_a, accumulate, threads) in
+                &[(false, false, 1), (true, true, 2), (false, true, 2)]
+            {
+                let case = format!("m {m} n {n} k {k} A^T {transposed_a} acc {accumulate}");
+                let values = Rng::new(8).normals(m * k);
+                // The same matrix three ways: rows contiguous, columns contiguous, and
+                // every value two apart (read in place).
+                let mut a_t = vec![0f32; m * k];
+                let mut spread = vec![0f32; 2 * m * k];
+                for i in 0..m {
+                    for p in 0..k {
+                        a_t[p * m + i] = values[i * k + p];
+                        spread[2 * (i * k + p)] = values[i * k + p];
+                    }
+                }
+                let (a, strides) = if transposed_a {
+                    (&a_t, (1, m))
+                } else {
+                    (&values, (k, 1))
+                };
+                assert!(packs_a((m, n), strides) && !packs_a((m, n), (2 * k, 2)));
+                let ldc = n + 3;
+                let b = Rng::new(9).normals(k * n);
+                let c0 = Rng::new(10).normals(m * ldc);
+                let (mut ours, mut unpacked, mut want) = (c0.clone(), c0.clone(), c0.clone());
+                let shape = (m, n, k);
+                sgemm(
+                    shape, a, strides, &b, n, &mut ours, ldc, accumulate, threads,
+                );
+                sgemm(
+                    shape,
+                    &spread,
+                    (2 * k, 2),
+                    &b,
+                    n,
+                    &mut unpacked,
+                    ldc,
+                    accumulate,
+                    1,
+                );
+                reference(shape, &values, (k, 1), &b, n, &mut want, ldc, accumulate);
+                assert_close(shape, (&ours, &want, &c0), ldc, &case);
+                assert!(ours == unpacked, "{case}: packed and unpacked A differ");
+                // B transposed (n x k row-major) and B at row offsets.
+                let mut b_t = vec![0f32; n * k];
+                for p in 0..k {
+                    for j in 0..n {
+                        b_t[j * k + p] = b[p * n + j];
+                    }
+                }
+                let offsets: Vec<usize> = (0..k).map(|p| p * n).collect();
+                for rows in [BRows::Transposed(k), BRows::At(&offsets)] {
+                    let mut other = c0.clone();
+                    let b = if matches!(rows, BRows::Transposed(_)) {
+                        &b_t
+                    } else {
+                        &b
+                    };
+                    sgemm_rows(shape, a, strides, b, rows, &mut other, ldc, accumulate, 1);
+                    assert_close(shape, (&other, &want, &c0), ldc, &case);
+                }
+            }
         }
     }
 
