@@ -48,7 +48,7 @@ pub mod reference;
 pub(crate) mod scratch;
 pub(crate) mod sgd;
 pub(crate) mod sgemm;
-mod shuffle;
+pub(crate) mod shuffle;
 pub(crate) mod simd;
 pub(crate) mod stem_channels_last;
 pub(crate) mod team;
