@@ -125,14 +125,14 @@ impl CustomOp1 for ChannelShuffle {
         let &[_, c, h, w] = l.dims() else {
             bail!("{}: expected a 4-D input", self.name())
         };
-        let (g, plane) = (self.groups, h * w);
-        let per_group = c / g;
+        let plane = h * w;
+        let from = sources(c, self.groups);
         let mut y = vec![0f32; x.len()];
         if plane > 0 {
             y.par_chunks_mut(plane).enumerate().for_each(|(j, dst)| {
-                // Output plane j = (n, o) with o = i * g + gi comes from input (n, gi * C/g + i).
+                // Output plane j = (n, o) comes from input plane (n, from[o]).
                 let (n, o) = (j / c, j % c);
-                let src = n * c + (o % g) * per_group + o / g;
+                let src = n * c + from[o];
                 dst.copy_from_slice(&x[src * plane..(src + 1) * plane]);
             });
         }
