@@ -183,7 +183,8 @@ fn pack_a(a: &[f32], (m, k): (usize, usize), (rs, cs): (usize, usize), packed: &
         cs == 1 || rs == 1,
         "pack_a: rows or columns of A contiguous"
     );
-    packed.clear();
+    // Every value the kernel reads is written below (the transposes write zeros for the
+    // rows past `m`; the copies clear them), so the buffer is not cleared first.
     packed.resize(packed_a_len(m, k), 0.0);
     let dst = packed.as_mut_ptr();
     for i0 in (0..m).step_by(MR) {
@@ -208,6 +209,7 @@ fn pack_a(a: &[f32], (m, k): (usize, usize), (rs, cs): (usize, usize), packed: &
             let block = &mut packed[i0 * k..(i0 + MR) * k];
             for (p, run) in block.chunks_exact_mut(MR).enumerate() {
                 run[..rows].copy_from_slice(&a[p * cs + i0..][..rows]);
+                run[rows..].fill(0.0);
             }
         }
     }
