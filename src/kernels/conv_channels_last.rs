@@ -10,8 +10,7 @@
 //! networks): the plane's size no longer matters.
 //!
 //! The right-hand matrices are the weights rearranged ([`weights`]; per call, or once in an
-//! `infer::Engine`):
-//! our GEMM (`sgemm`) wants B's rows contiguous.
+//! `infer::Engine`): rows in im2col order, packed panel by panel for our GEMM (`sgemm`).
 
 use super::conv::ConvGeom;
 use super::cpu::SharedMut;
@@ -37,34 +36,41 @@ thread_local! {
 
 /// `w` (PyTorch's C_out x C_in/groups x k x k) as the products' right-hand matrices: per
 /// group, `k k C_in/groups` rows of `C_out/groups` values, row `(ky k + kx) C_in/groups + ci`
-/// (the order of a channels-last im2col row).
+/// (the order of a channels-last im2col row), packed panel by panel for our GEMM
+/// ([`sgemm::pack_panels`]; [`group_len`] values a group).
 ///
 /// Into `wt` (resized; its old contents are overwritten): the executor recycles these
 /// buffers between calls.
 pub(crate) fn weights(g: &ConvGeom, w: &[f32], wt: &mut Vec<f32>) {
     let (cg, og, kk) = (g.c_in / g.groups, g.c_out / g.groups, g.k * g.k);
-    let size = kk * cg * og;
-    wt.resize(g.c_out * cg * kk, 0.0);
+    let (size, packed) = (kk * cg * og, group_len(g));
+    wt.resize(g.groups * packed, 0.0);
     // Per group: og x (cg kk) transposed to rows `ci kk + t`, then the rows reordered to
-    // `t cg + ci` (a no-op for 1x1 kernels).
-    let mut rows = if kk > 1 { vec![0f32; size] } else { Vec::new() };
+    // `t cg + ci` (a no-op for 1x1 kernels), then packed.
+    let mut rows = vec![0f32; size];
+    let mut reordered = if kk > 1 { vec![0f32; size] } else { Vec::new() };
     for grp in 0..g.groups {
-        let (src, dst) = (
-            &w[grp * size..(grp + 1) * size],
-            &mut wt[grp * size..(grp + 1) * size],
-        );
-        if kk == 1 {
-            transpose(src, (og, cg), dst);
-            continue;
-        }
+        let src = &w[grp * size..(grp + 1) * size];
         transpose(src, (og, cg * kk), &mut rows);
-        for ci in 0..cg {
-            for t in 0..kk {
-                let from = &rows[(ci * kk + t) * og..][..og];
-                dst[(t * cg + ci) * og..][..og].copy_from_slice(from);
+        let matrix = if kk == 1 {
+            &rows
+        } else {
+            for ci in 0..cg {
+                for t in 0..kk {
+                    let from = &rows[(ci * kk + t) * og..][..og];
+                    reordered[(t * cg + ci) * og..][..og].copy_from_slice(from);
+                }
             }
-        }
+            &reordered
+        };
+        let dst = &mut wt[grp * packed..(grp + 1) * packed];
+        sgemm::pack_panels(matrix, og, (kk * cg, og), dst);
     }
+}
+
+/// Values of one group's right-hand matrix as [`weights`] packs it.
+fn group_len(g: &ConvGeom) -> usize {
+    sgemm::panels_len(g.k * g.k * g.c_in / g.groups, g.c_out / g.groups)
 }
 
 /// Whether this path runs `g`: our GEMM needs AVX-512 (the executor checks before choosing
@@ -96,7 +102,7 @@ pub(crate) fn forward(
     let kdim = kk * cg;
     let pixels = g.n * g.ho * g.wo;
     assert!(x.len() == g.n * g.h * g.w * g.c_in, "conv: input size");
-    assert!(wt.len() == g.groups * kdim * og, "conv: weight size");
+    assert!(wt.len() == g.groups * group_len(g), "conv: weight size");
     assert!(ldc >= g.c_out && (pixels == 0 || y.len() >= (pixels - 1) * ldc + g.c_out));
     let direct = g.k == 1 && g.stride == 1 && g.pad == 0;
     let widest = if direct { ldc } else { ldc.max(kdim) };
@@ -116,14 +122,14 @@ pub(crate) fn forward(
                 im2col_rows(g, x, grp * cg, r0..r0 + m, cols);
                 (&cols[..], kdim)
             };
-            let b = &wt[grp * kdim * og..(grp + 1) * kdim * og];
+            let b = &wt[grp * group_len(g)..(grp + 1) * group_len(g)];
             let c = &mut y[grp * og..];
-            sgemm::sgemm(
+            sgemm::sgemm_rows(
                 (m, og, kdim),
                 a,
                 (a_rs, 1),
                 b,
-                og,
+                sgemm::BRows::Panels,
                 c,
                 ldc,
                 false,

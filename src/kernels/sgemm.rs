@@ -90,6 +90,44 @@ pub(crate) enum BRows<'a> {
     /// row-major `X` (n x k). Each panel is transposed into the packed buffer as it is
     /// packed; this is the weight gradient's product `dW = dY cols^T`.
     Transposed(usize),
+    /// `B` packed once by [`pack_panels`], panel by panel: the tiles read each panel's rows
+    /// one after the other. For constant right-hand matrices (the channels-last
+    /// convolutions' weights, packed once per `infer::Engine`).
+    Panels,
+}
+
+/// Values of a `k x n` matrix packed by [`pack_panels`]: `n` rounded up to whole panels.
+pub(crate) fn panels_len(k: usize, n: usize) -> usize {
+    n.div_ceil(NR) * NR * k
+}
+
+/// Packs the `k x n` matrix `b` (row `p` at `b[p * ldb..p * ldb + n]`) into `out`
+/// ([`panels_len`] values) for [`BRows::Panels`]: column panel `t` (columns `t NR..`) as `k`
+/// rows of `NR` values from `t k NR`, the columns past `n` zero. Why: a row-major `B` puts
+/// a panel's `k` rows of 128 bytes a row stride apart; at strides of 1 or 2 KiB (256 or 512
+/// output channels) they fall on 8 or 4 of L1's 64 sets, so a panel of 256 rows (32 KiB)
+/// cannot stay in L1 while the row tiles pass over it, and each row is a separate stream
+/// for the prefetchers. Packed, a panel is one sequential run.
+pub(crate) fn pack_panels(b: &[f32], ldb: usize, (k, n): (usize, usize), out: &mut [f32]) {
+    assert!(
+        out.len() >= panels_len(k, n),
+        "pack_panels: output too short"
+    );
+    assert!(
+        k == 0 || n == 0 || (k - 1) * ldb + n <= b.len(),
+        "pack_panels: B too short"
+    );
+    for (t, panel) in out
+        .chunks_exact_mut(k * NR)
+        .take(n.div_ceil(NR))
+        .enumerate()
+    {
+        let (j0, cols) = (t * NR, NR.min(n - t * NR));
+        for (p, row) in panel.chunks_exact_mut(NR).enumerate() {
+            row[..cols].copy_from_slice(&b[p * ldb + j0..][..cols]);
+            row[cols..].fill(0.0);
+        }
+    }
 }
 
 /// [`sgemm`] with `B`'s rows wherever `rows` says (see [`BRows`]).
@@ -125,6 +163,7 @@ pub(crate) fn sgemm_rows(
                 .and_then(|r| r.checked_add(n))
         }
         BRows::Transposed(ldb) => (n - 1).checked_mul(ldb).and_then(|r| r.checked_add(k)),
+        BRows::Panels => Some(panels_len(k, n)),
     };
     assert!(b_end.is_some_and(|e| e <= b.len()), "sgemm: B too short");
     if !packs_a((m, n), (a_rs, a_cs)) {
@@ -289,6 +328,10 @@ unsafe fn panels_of<A: x86::ARead>(
                 let b = x86::Transposed(b.as_ptr(), ldb);
                 x86::panels(shape, a, b, c, accumulate, panels)
             }
+            BRows::Panels => {
+                let b = x86::PanelMajor(b.as_ptr(), shape.2);
+                x86::panels(shape, a, b, c, accumulate, panels)
+            }
         }
     }
 }
@@ -348,6 +391,13 @@ mod x86 {
         /// Whether a product of `m` rows packs the panels ([`pack_panel`]): when more than
         /// two row blocks read each panel and its rows lie a page (4 KiB) or more apart.
         fn packed(self, m: usize) -> bool;
+        /// Whether the first row block of a panel prefetches the next panel's rows: they
+        /// are `k` streams a row stride apart, unless `B` is packed panel by panel, where
+        /// prefetching them was slower (MobileNet V1 0.5's 2x2 512 -> 512 products at batch
+        /// 1: 28-31 us against 25).
+        fn prefetches(self) -> bool {
+            true
+        }
         /// Copies the `k` rows of the panel's `cols` (<= `NR`) columns into `packed`, `NR`
         /// values apart.
         ///
@@ -469,6 +519,34 @@ mod x86 {
         }
     }
 
+    /// `B` packed by [`pack_panels`](super::pack_panels): panel `t` at `base + t k NR`, its
+    /// row `p` at `+ p NR`; `.1` is K.
+    #[derive(Clone, Copy)]
+    pub(super) struct PanelMajor(pub *const f32, pub usize);
+
+    impl RowAt for PanelMajor {
+        #[inline(always)]
+        unsafe fn at(self, p: usize) -> *const f32 {
+            unsafe { self.0.add(p * NR) }
+        }
+        /// `j` is a panel's first column (a multiple of `NR`): the tiles start at panels.
+        #[inline(always)]
+        unsafe fn at_column(self, j: usize) -> Self {
+            debug_assert!(j.is_multiple_of(NR));
+            PanelMajor(unsafe { self.0.add(j / NR * self.1 * NR) }, self.1)
+        }
+        fn packed(self, _: usize) -> bool {
+            false
+        }
+        fn prefetches(self) -> bool {
+            false
+        }
+        #[inline(always)]
+        unsafe fn at_row(self, p: usize) -> Self {
+            PanelMajor(unsafe { self.0.add(p * NR) }, self.1)
+        }
+    }
+
     /// `B` transposed: element `(p, j)` at `base + p + j * ldb`. Always packed: the packing
     /// transposes 16 x 16 tiles in registers, and the tiles then read the packed panel.
     #[derive(Clone, Copy)]
@@ -551,7 +629,16 @@ mod x86 {
                         panel((m, kc), a, bp, cols, (c.0.add(j0), c.1), acc, false);
                     }
                 } else {
-                    panel((m, k), a, bp, cols, (c.0.add(j0), c.1), accumulate, true);
+                    let prefetch = b.prefetches();
+                    panel(
+                        (m, k),
+                        a,
+                        bp,
+                        cols,
+                        (c.0.add(j0), c.1),
+                        accumulate,
+                        prefetch,
+                    );
                 }
             }
         }
@@ -747,6 +834,7 @@ mod x86 {
     pub(super) struct Strided(pub *const f32, pub usize);
     pub(super) struct Table(pub *const f32, pub *const usize);
     pub(super) struct Transposed(pub *const f32, pub usize);
+    pub(super) struct PanelMajor(pub *const f32, pub usize);
 
     pub(super) unsafe fn panels<A, B>(
         _: (usize, usize, usize),
@@ -1034,6 +1122,73 @@ mod tests {
                 }
             }
         }
+    }
+
+    /// `B` packed panel by panel ([`pack_panels`], columns past `n` zero): against the
+    /// reference, and bit for bit against the same `B` read row-major (the same sums in the
+    /// same order), with row blocks short and whole, `A` packed and not, and two threads.
+    #[test]
+    fn panel_major_b_matches_the_row_major_kernel() {
+        if !available() {
+            eprintln!("skipped: this CPU has no AVX-512");
+            return;
+        }
+        for &(m, n, k) in &[
+            (1, 16, 1),
+            (5, 17, 7),
+            (16, 256, 256),
+            (4, 500, 33),
+            (37, 70, 300),
+        ] {
+            for &(accumulate, threads) in &[(false, 1), (true, 2)] {
+                let case = format!("m {m} n {n} k {k} acc {accumulate} threads {threads}");
+                let ldb = n + 3;
+                let (a, b) = (Rng::new(11).normals(m * k), Rng::new(12).normals(k * ldb));
+                let mut packed = vec![f32::NAN; panels_len(k, n)];
+                pack_panels(&b, ldb, (k, n), &mut packed);
+                let ldc = n + 2;
+                let c0 = Rng::new(13).normals(m * ldc);
+                let (mut ours, mut row_major, mut want) = (c0.clone(), c0.clone(), c0.clone());
+                let shape = (m, n, k);
+                let rows = BRows::Panels;
+                sgemm_rows(
+                    shape,
+                    &a,
+                    (k, 1),
+                    &packed,
+                    rows,
+                    &mut ours,
+                    ldc,
+                    accumulate,
+                    threads,
+                );
+                sgemm(
+                    shape,
+                    &a,
+                    (k, 1),
+                    &b,
+                    ldb,
+                    &mut row_major,
+                    ldc,
+                    accumulate,
+                    1,
+                );
+                reference(shape, &a, (k, 1), &b, ldb, &mut want, ldc, accumulate);
+                assert_close(shape, (&ours, &want, &c0), ldc, &case);
+                assert!(
+                    ours == row_major,
+                    "{case}: panel-major and row-major B differ"
+                );
+            }
+        }
+        // The padding columns of the last panel are zero.
+        let mut packed = vec![f32::NAN; panels_len(3, 40)];
+        pack_panels(&Rng::new(14).normals(3 * 40), 40, (3, 40), &mut packed);
+        let last = &packed[3 * NR..];
+        assert!(
+            last.chunks(NR)
+                .all(|row| row[8..].iter().all(|&v| v == 0.0))
+        );
     }
 
     #[test]
