@@ -248,15 +248,15 @@ fn conv(
     let res = epi.residual.map(|r| values.get(r));
     let e = epilogue(plan, ws, epi);
     let threads = if parallel { team::size() } else { 1 };
-    let post = |first: usize, rows: usize, block: &mut [f32]| {
-        let r = res.map(|r| (&r[first * c_out..], c_out));
-        e.apply_rows(block, rows, (ldc, c_out), r);
+    let post = |first: usize, rows: usize, channels: Range<usize>, block: &mut [f32]| {
+        let r = res.map(|r| (&r[first * c_out + channels.start..], c_out));
+        e.apply_channels(block, rows, (ldc, channels), r);
     };
     if reads_stem(step, &g) {
-        let post = |first: usize, block: &mut [f32]| post(first, g.wo, block);
+        let post = |first: usize, block: &mut [f32]| post(first, g.wo, 0..c_out, block);
         stem_channels_last::forward(&g, values.x, wt, y, ldc, threads, &post);
     } else if depthwise::supports(&g) {
-        let post = |first: usize, block: &mut [f32]| post(first, g.wo, block);
+        let post = |first: usize, block: &mut [f32]| post(first, g.wo, 0..c_out, block);
         depthwise_channels_last::forward(&g, x, wt, y, ldc, threads, &post);
     } else {
         conv_channels_last::forward(&g, x, wt, y, ldc, cols, threads, &post);

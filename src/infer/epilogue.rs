@@ -59,11 +59,28 @@ impl Epilogue<'_> {
         (ld, width): (usize, usize),
         res: Option<(&[f32], usize)>,
     ) {
-        if self.is_identity() || rows == 0 {
+        self.apply_channels(block, rows, (ld, 0..width), res);
+    }
+
+    /// [`apply_rows`](Self::apply_rows) on the channels `channels` of each row only:
+    /// `block[r * ld..]` and the residual's `res.0[r * res.1..]` start at channel
+    /// `channels.start` (the share of one thread when a product's columns are split).
+    pub fn apply_channels(
+        &self,
+        block: &mut [f32],
+        rows: usize,
+        (ld, channels): (usize, std::ops::Range<usize>),
+        res: Option<(&[f32], usize)>,
+    ) {
+        if self.is_identity() || rows == 0 || channels.is_empty() {
             return;
         }
         debug_assert_eq!(self.residual, res.is_some(), "residual given iff expected");
-        let (scale, shift) = (self.scale, self.shift);
+        let width = channels.len();
+        let (scale, shift) = (
+            self.scale.map(|s| &s[channels.clone()]),
+            self.shift.map(|b| &b[channels]),
+        );
         if scale.is_some() || shift.is_some() || self.act.is_some() || res.is_some() {
             pass_rows(block, (rows, ld, width), scale, shift, self.act, res);
         }

@@ -16,6 +16,7 @@ use super::conv::ConvGeom;
 use super::cpu::SharedMut;
 use super::transpose::transpose;
 use super::{sgemm, team};
+use std::ops::Range;
 
 /// Values of the output block (rows x C_out) that a product and its epilogue should keep in
 /// cache: rows per block are chosen to fit this, but no fewer than [`MIN_BLOCK_ROWS`].
@@ -82,11 +83,12 @@ pub(crate) fn available() -> bool {
 /// The convolution `g` of `g.n` samples stored channels last: `x` holds each pixel's C_in
 /// values side by side, `wt` comes from [`weights`]; output pixel `r` (counted over the
 /// samples) goes to `y[r * ldc..r * ldc + C_out]` (`ldc` > C_out when the output is part of
-/// a concatenation). `post(first, rows, values)` runs on each block of output rows right
-/// after it is computed: `values` starts at pixel `first` and spans `rows` pixels (`ldc`
-/// apart). `cols` is scratch for the im2col blocks. With `threads` > 1 (a batch smaller than
-/// the thread count, on the spinning team) the rows are shared out, or for a dense 1x1
-/// convolution with few rows, each product's column panels.
+/// a concatenation). `post(first, rows, channels, values)` runs on each block of output
+/// values right after it is computed: `values` starts at channel `channels.start` of pixel
+/// `first` and spans `rows` pixels (`ldc` apart), `channels` of each (all of them, unless
+/// a thread computed a share of the columns). `cols` is scratch for the im2col blocks. With
+/// `threads` > 1 (a batch smaller than the thread count, on the spinning team) the rows are
+/// shared out, or for a dense 1x1 convolution with few rows, the column panels.
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn forward(
     g: &ConvGeom,
@@ -96,7 +98,7 @@ pub(crate) fn forward(
     ldc: usize,
     cols: &mut Vec<f32>,
     threads: usize,
-    post: &(dyn Fn(usize, usize, &mut [f32]) + Sync),
+    post: &(dyn Fn(usize, usize, Range<usize>, &mut [f32]) + Sync),
 ) {
     let (cg, og, kk) = (g.c_in / g.groups, g.c_out / g.groups, g.k * g.k);
     let kdim = kk * cg;
@@ -110,7 +112,7 @@ pub(crate) fn forward(
     let blocks = pixels.div_ceil(block);
     let out = SharedMut::new(y);
     // Rows `r0..r0 + m` of every group's product, then their epilogue.
-    let run_block = |r0: usize, m: usize, cols: &mut Vec<f32>, panel_threads: usize| {
+    let run_block = |r0: usize, m: usize, cols: &mut Vec<f32>| {
         let len = (m - 1) * ldc + g.c_out;
         // SAFETY: blocks are disjoint runs of output rows (each task takes its own).
         let y = unsafe { out.part(r0 * ldc, len) };
@@ -124,29 +126,38 @@ pub(crate) fn forward(
             };
             let b = &wt[grp * group_len(g)..(grp + 1) * group_len(g)];
             let c = &mut y[grp * og..];
-            sgemm::sgemm_rows(
-                (m, og, kdim),
-                a,
-                (a_rs, 1),
-                b,
-                sgemm::BRows::Panels,
-                c,
-                ldc,
-                false,
-                panel_threads,
-            );
+            let rows = sgemm::BRows::Panels;
+            sgemm::sgemm_rows((m, og, kdim), a, (a_rs, 1), b, rows, c, ldc, false, 1);
         }
-        post(r0, m, y);
+        post(r0, m, 0..g.c_out, y);
     };
-    // With a team (batch 1): each thread a balanced share of the row tiles, reading all of
-    // the weights; or, for a dense 1x1 convolution on fewer than four row tiles per thread,
-    // each product's column panels shared out instead, every thread reading all the rows
-    // and its share of the weights. Row blocks dealt out whole left one thread 48 of 7x7's
-    // 49 rows (MobileNet V2 224x224: its 7x7 and 14x14 products 1.4-1.7x slower than
-    // NCHW); balanced rows alone left the 7x7 products 30-40% slower than panels, and
-    // panels for ShuffleNet V1's grouped products (a job per group) were 40% slower than rows.
     let tiles = pixels.div_ceil(sgemm::MR);
-    if threads > 1 && (g.groups > 1 || !direct || tiles >= 4 * threads) {
+    if threads > 1 && direct && g.groups == 1 && tiles < 4 * threads {
+        // A dense 1x1 convolution on fewer than four row tiles per thread: each thread its
+        // share of the column panels (of the weights), over all the rows, and the epilogue
+        // on its columns (run after the product on the caller, it left the other thread
+        // waiting: MobileNet V1 0.5's 4x4 and 2x2 layers at batch 1). The rows fit one
+        // block (fewer than 4 threads x 12 rows).
+        let (panels, kp) = (og.div_ceil(sgemm::NR), kdim * sgemm::NR);
+        team::run_parts(panels, threads, &|share| {
+            let channels = share.start * sgemm::NR..(share.end * sgemm::NR).min(og);
+            let len = (pixels - 1) * ldc + channels.len();
+            // SAFETY: the tasks write disjoint column ranges of the output rows.
+            let y = unsafe { out.part(channels.start, len) };
+            let b = &wt[share.start * kp..share.end * kp];
+            let shape = (pixels, channels.len(), kdim);
+            let rows = sgemm::BRows::Panels;
+            sgemm::sgemm_rows(shape, x, (g.c_in, 1), b, rows, y, ldc, false, 1);
+            post(0, pixels, channels, y);
+        });
+        return;
+    }
+    // With a team (batch 1): each thread a balanced share of the row tiles, reading all of
+    // the weights. Row blocks dealt out whole left one thread 48 of 7x7's 49 rows (MobileNet
+    // V2 224x224: its 7x7 and 14x14 products 1.4-1.7x slower than NCHW); balanced rows alone
+    // left the 7x7 products 30-40% slower than panels (above), and panels for ShuffleNet V1's
+    // grouped products (a job per group) were 40% slower than rows.
+    if threads > 1 {
         let parts = threads.min(tiles);
         team::run(parts, &|t| {
             // Each team thread's own im2col buffer, kept between calls (a fresh one per
@@ -157,7 +168,7 @@ pub(crate) fn forward(
             let mut r = r0;
             while r < r1 {
                 let m = block.min(r1 - r);
-                run_block(r, m, &mut cols, 1);
+                run_block(r, m, &mut cols);
                 r += m;
             }
             TEAM_COLS.with(|c| c.replace(cols));
@@ -166,7 +177,7 @@ pub(crate) fn forward(
     }
     for i in 0..blocks {
         let r0 = i * block;
-        run_block(r0, block.min(pixels - r0), cols, threads);
+        run_block(r0, block.min(pixels - r0), cols);
     }
 }
 
@@ -349,14 +360,15 @@ mod tests {
             let mut y = vec![f32::NAN; n * p * ldc];
             for threads in [1, 2] {
                 y.fill(f32::NAN);
-                let rows_seen = std::sync::atomic::AtomicUsize::new(0);
+                let values_seen = std::sync::atomic::AtomicUsize::new(0);
                 let mut scratch = Vec::new();
-                let post = |_: usize, rows: usize, vals: &mut [f32]| {
-                    assert_eq!(vals.len(), (rows - 1) * ldc + c_out);
-                    rows_seen.fetch_add(rows, std::sync::atomic::Ordering::Relaxed);
+                let post = |_: usize, rows: usize, channels: Range<usize>, vals: &mut [f32]| {
+                    assert_eq!(vals.len(), (rows - 1) * ldc + channels.len());
+                    let values = rows * channels.len();
+                    values_seen.fetch_add(values, std::sync::atomic::Ordering::Relaxed);
                 };
                 forward(&g, &xl, &wt, &mut y, ldc, &mut scratch, threads, &post);
-                assert_eq!(rows_seen.into_inner(), n * p);
+                assert_eq!(values_seen.into_inner(), n * p * c_out);
                 for s in 0..n {
                     for co in 0..c_out {
                         for q in 0..p {
