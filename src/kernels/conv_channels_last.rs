@@ -74,6 +74,10 @@ fn group_len(g: &ConvGeom) -> usize {
     sgemm::panels_len(g.k * g.k * g.c_in / g.groups, g.c_out / g.groups)
 }
 
+/// What [`forward`] runs on each block of output values it computed: `(first pixel, rows,
+/// channels, values)`.
+pub(crate) type BlockEpilogue<'a> = dyn Fn(usize, usize, Range<usize>, &mut [f32]) + Sync + 'a;
+
 /// Whether this path runs `g`: our GEMM needs AVX-512 (the executor checks before choosing
 /// channels last).
 pub(crate) fn available() -> bool {
@@ -98,7 +102,7 @@ pub(crate) fn forward(
     ldc: usize,
     cols: &mut Vec<f32>,
     threads: usize,
-    post: &(dyn Fn(usize, usize, Range<usize>, &mut [f32]) + Sync),
+    post: &BlockEpilogue<'_>,
 ) {
     let (cg, og, kk) = (g.c_in / g.groups, g.c_out / g.groups, g.k * g.k);
     let kdim = kk * cg;
