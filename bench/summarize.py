@@ -18,6 +18,12 @@ the median and the 95th percentile (`ms_median`, `ms_p95`) of each tool, the med
 rounds' values, and the ratios of onnxruntime's, OpenVINO's and PyTorch's median to ours
 (above 1: ours is faster). OpenVINO's columns appear when its results are in the input.
 
+Beside the ratio of the medians, the inference and latency tables give the ratio to
+onnxruntime per round: the median, over the rounds, of the ratio of the two tools' figures in
+the same round (ours and onnxruntime run back to back in each round). Why: the host's speed
+drifts by up to 2x within minutes, moving both tools' figures in a round together; the
+medians of two or three rounds taken apart could land in different minutes.
+
 Usage: summarize.py RAW.jsonl [--agg median|best]
 """
 
@@ -48,6 +54,7 @@ def main() -> int:
 
     order = {}
     vals = {}  # (config, key) -> [images/s per round]
+    by_round = {}  # (config, key) -> {round: images/s, or ms_median for the latency rows}
     lat = {}  # (config, tool, "ms_median" | "ms_p95") -> [ms per round], latency rows
     errors = {}
     peaks = []  # (peak RSS bytes, config, tool) of the int8 rows' runs
@@ -76,8 +83,12 @@ def main() -> int:
                     for stat in ("ms_median", "ms_p95"):
                         if prefix + stat in r:
                             lat.setdefault((cfg, tool, stat), []).append(r[prefix + stat])
+                    if prefix + "ms_median" in r:
+                        by_round.setdefault((cfg, tool), {})[rec.get("round")] = \
+                            r[prefix + "ms_median"]
             elif rec["tool"] == "slimcandle":
                 vals.setdefault((cfg, "slimcandle"), []).append(r["images_per_s"])
+                by_round.setdefault((cfg, "slimcandle"), {})[rec.get("round")] = r["images_per_s"]
                 if cfg.startswith("train") and r.get("peak_memory") is not None:
                     train_peaks.setdefault((cfg, "slimcandle"), []).append(r["peak_memory"])
             else:
@@ -87,6 +98,8 @@ def main() -> int:
                     vals.setdefault((cfg, "pytorch"), []).append(r["images_per_s"])
                 if "onnxruntime_images_per_s" in r:
                     vals.setdefault((cfg, "onnxruntime"), []).append(r["onnxruntime_images_per_s"])
+                    by_round.setdefault((cfg, "onnxruntime"), {})[rec.get("round")] = \
+                        r["onnxruntime_images_per_s"]
                 if "openvino_images_per_s" in r:
                     vals.setdefault((cfg, "openvino"), []).append(r["openvino_images_per_s"])
 
@@ -101,6 +114,12 @@ def main() -> int:
     def ms(v):
         return "-" if v is None else f"{v:.2f}"
 
+    def per_round(cfg, num, den):
+        """The median over the rounds of `num`'s figure over `den`'s in the same round."""
+        a, b = by_round.get((cfg, num), {}), by_round.get((cfg, den), {})
+        r = [a[k] / b[k] for k in a if k in b and b[k]]
+        return f"{statistics.median(r):.2f}x" if r else "-"
+
     configs = sorted(order, key=order.get)
     latency_configs = [c for c in configs if c.startswith("latency")]
     configs = [c for c in configs if not c.startswith("latency")]
@@ -113,16 +132,17 @@ def main() -> int:
               f"(slimcandle and PyTorch run in alternation; ratio > 1 means slimcandle is faster)")
         print()
         print("| config | slimcandle img/s | PyTorch img/s | slimcandle/PyTorch | onnxruntime img/s | "
-              f"slimcandle/onnxruntime |{ov_head}")
-        print("|---|---:|---:|---:|---:|---:|" + ("---:|---:|" if has_ov else ""))
+              f"slimcandle/onnxruntime | per round |{ov_head}")
+        print("|---|---:|---:|---:|---:|---:|---:|" + ("---:|---:|" if has_ov else ""))
     for cfg in float_configs:
         s, p, o = get(cfg, "slimcandle"), get(cfg, "pytorch"), get(cfg, "onnxruntime")
         infer = cfg.startswith("infer")
         ov = get(cfg, "openvino")
         ov_cells = (f" {fmt(ov) if infer else ''} | {ratio(s, ov) if infer else ''} |"
                     if has_ov else "")
+        paired = per_round(cfg, "slimcandle", "onnxruntime") if infer else ""
         print(f"| {cfg} | {fmt(s)} | {fmt(p)} | {ratio(s, p)} | "
-              f"{fmt(o) if infer else ''} | {ratio(s, o) if infer else ''} |{ov_cells}")
+              f"{fmt(o) if infer else ''} | {ratio(s, o) if infer else ''} | {paired} |{ov_cells}")
     train_configs = [c for c in float_configs
                      if any((c, t) in train_peaks for t in ("slimcandle", "pytorch"))]
     if train_configs:
@@ -168,8 +188,8 @@ def main() -> int:
         print()
         print("| config | slimcandle median | p95 | onnxruntime median | p95 | PyTorch median | p95 "
               + ("| OpenVINO median | p95 " if has_ov else "")
-              + "| vs onnxruntime | vs PyTorch |" + (" vs OpenVINO |" if has_ov else ""))
-        print("|---|---:|---:|---:|---:|---:|---:|---:|---:|" + ("---:|---:|---:|" if has_ov else ""))
+              + "| vs onnxruntime | per round | vs PyTorch |" + (" vs OpenVINO |" if has_ov else ""))
+        print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|" + ("---:|---:|---:|" if has_ov else ""))
     lat_tools = ("slimcandle", "onnxruntime", "pytorch") + (("openvino",) if has_ov else ())
     for cfg in latency_configs:
         row = {t: (get_ms(cfg, t, "ms_median"), get_ms(cfg, t, "ms_p95")) for t in lat_tools}
@@ -177,6 +197,7 @@ def main() -> int:
         cells = " | ".join(f"{ms(m)} | {ms(p)}" for m, p in row.values())
         vs_ov = f" {ratio(row['openvino'][0], s_med)} |" if has_ov else ""
         print(f"| {cfg} | {cells} | {ratio(row['onnxruntime'][0], s_med)} | "
+              f"{per_round(cfg, 'onnxruntime', 'slimcandle')} | "
               f"{ratio(row['pytorch'][0], s_med)} |{vs_ov}")
     if peaks:
         peak, cfg, tool = max(peaks)
