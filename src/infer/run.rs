@@ -10,7 +10,7 @@ use crate::graph::NodeId;
 use crate::kernels::conv::ConvGeom;
 use crate::kernels::cpu::SharedMut;
 use crate::kernels::gemm::{MatMut, MatRef, Parallelism, matmul, parallelism};
-use crate::kernels::{conv_gemm, depthwise, pool, team};
+use crate::kernels::{conv_gemm, depthwise, pool, sgemm, team};
 use anyhow::{Context, Result};
 use rayon::prelude::*;
 
@@ -370,22 +370,36 @@ fn run_step(
             conv(plan, ws, step, values, n, parallel, &mut y)?;
             y
         }
-        StepKind::Linear { weight, epi } => {
+        StepKind::Linear {
+            weight,
+            packed,
+            epi,
+        } => {
             let (fin, fout) = (din.elements(), dout.c);
             let mut y = values.alloc(n * fout);
             let x = values.get(step.inputs[0]);
-            let par = if parallel {
-                parallelism(false)
-            } else {
-                Parallelism::None
-            };
-            matmul(
-                MatMut::rows(&mut y, n, fout),
-                false,
-                MatRef::rows(x, n, fin),
-                MatRef::rows(ws[*weight], fout, fin).t(),
-                par,
-            );
+            match packed {
+                Some(p) => {
+                    let threads = if parallel { team::size() } else { 1 };
+                    let (b, rows) = (&plan.consts[*p], sgemm::BRows::Panels);
+                    let shape = (n, fout, fin);
+                    sgemm::sgemm_rows(shape, x, (fin, 1), b, rows, &mut y, fout, false, threads);
+                }
+                None => {
+                    let par = if parallel {
+                        parallelism(false)
+                    } else {
+                        Parallelism::None
+                    };
+                    matmul(
+                        MatMut::rows(&mut y, n, fout),
+                        false,
+                        MatRef::rows(x, n, fin),
+                        MatRef::rows(ws[*weight], fout, fin).t(),
+                        par,
+                    );
+                }
+            }
             let res = epi.residual.map(|r| values.get(r));
             let e = epilogue(plan, ws, epi);
             for (i, row) in y.chunks_mut(fout).enumerate() {
