@@ -18,6 +18,7 @@
 //! reader is a concatenation writes into its columns of the concatenation's output, at any
 //! batch size.
 
+use super::epilogue::Epilogue;
 use super::plan::{Plan, Step, StepKind};
 use super::run::{Buf, Values, conv_geometry, epilogue};
 use crate::graph::NodeId;
@@ -301,18 +302,7 @@ fn run_step(
             let c = din.c;
             let mut y = values.alloc(n * c);
             let x = values.get(step.inputs[0]);
-            let inv = 1.0 / p_in as f32;
-            for (out, sample) in y.chunks_exact_mut(c).zip(x.chunks_exact(p_in * c)) {
-                out.fill(0.0);
-                for pixel in sample.chunks_exact(c) {
-                    for (o, &v) in out.iter_mut().zip(pixel) {
-                        *o += v;
-                    }
-                }
-                for o in out.iter_mut() {
-                    *o *= inv;
-                }
-            }
+            pool::global_avg_channels_last(x, (n, p_in, c), &mut y);
             y
         }
         StepKind::Pool {
@@ -373,12 +363,14 @@ fn run_step(
             let scale = values.get(step.inputs[1]);
             let c = din.c;
             if p_in > 0 {
+                // Each sample's pixels times its channels' factors: the epilogue's vector
+                // pass (`v s + 0`, the same product), where this loop was left at four lanes.
                 for (sample, s) in y.chunks_exact_mut(p_in * c).zip(scale.chunks_exact(c)) {
-                    for pixel in sample.chunks_exact_mut(c) {
-                        for (v, &m) in pixel.iter_mut().zip(s) {
-                            *v *= m;
-                        }
-                    }
+                    let e = Epilogue {
+                        scale: Some(s),
+                        ..Epilogue::default()
+                    };
+                    e.apply_rows(sample, p_in, (c, c), None);
                 }
             }
             y

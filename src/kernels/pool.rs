@@ -381,6 +381,99 @@ pub(crate) fn pool_channels_last_into(
     Ok(())
 }
 
+/// Global average pooling channels last: `y[s c + ch]` is the mean of channel `ch` over the
+/// `pixels` pixels of sample `s` in `x` (each pixel's `c` values side by side). The pixels
+/// go into [`SUMS`] interleaved partial sums (pixel `i` into sum `i % SUMS`), added pairwise
+/// at the end and scaled by `1 / pixels`. Why: with one running sum, a plane of few channels
+/// is one chain of dependent additions (MobileNet V3 small's 56x56 x 16 squeeze-and-excite
+/// input: 3,136 in a row), and the compiled loop kept its sums in memory; MobileNet V3
+/// small's ten global pools took 7.8 us a call at batch 1 (6% of a 224x224 pass).
+pub(crate) fn global_avg_channels_last(
+    x: &[f32],
+    (n, pixels, c): (usize, usize, usize),
+    y: &mut [f32],
+) {
+    assert!(
+        x.len() == n * pixels * c && y.len() == n * c,
+        "global pooling: buffer sizes"
+    );
+    #[cfg(target_arch = "x86_64")]
+    if super::simd::level() == super::simd::Level::Avx512 {
+        // SAFETY: AVX-512F is present; the lengths are checked above.
+        return unsafe { global_avg_x86::channels_last(x, (n, pixels, c), y) };
+    }
+    let inv = 1.0 / pixels as f32;
+    let mut partial = vec![0f32; SUMS * c];
+    for (out, sample) in y.chunks_exact_mut(c).zip(x.chunks_exact(pixels * c)) {
+        partial.fill(0.0);
+        for (i, pixel) in sample.chunks_exact(c).enumerate() {
+            let sum = &mut partial[(i % SUMS) * c..][..c];
+            for (o, &v) in sum.iter_mut().zip(pixel) {
+                *o += v;
+            }
+        }
+        let (p01, p23) = partial.split_at(2 * c);
+        let (p0, p1) = p01.split_at(c);
+        let (p2, p3) = p23.split_at(c);
+        for (j, o) in out.iter_mut().enumerate() {
+            *o = ((p0[j] + p1[j]) + (p2[j] + p3[j])) * inv;
+        }
+    }
+}
+
+/// Partial sums per channel in [`global_avg_channels_last`].
+const SUMS: usize = 4;
+
+/// [`global_avg_channels_last`] with its partial sums in AVX-512 registers, sixteen
+/// channels a step.
+#[cfg(target_arch = "x86_64")]
+mod global_avg_x86 {
+    use super::SUMS;
+    use crate::kernels::simd::first_lanes;
+    use std::arch::x86_64::*;
+
+    /// # Safety
+    /// AVX-512F; `x` holds `n pixels c` values and `y` `n c`.
+    #[target_feature(enable = "avx512f")]
+    pub(super) unsafe fn channels_last(
+        x: &[f32],
+        (n, pixels, c): (usize, usize, usize),
+        y: &mut [f32],
+    ) {
+        assert!(x.len() >= n * pixels * c && y.len() >= n * c);
+        let inv = _mm512_set1_ps(1.0 / pixels as f32);
+        for s in 0..n {
+            let (xs, ys) = (&x[s * pixels * c..], &mut y[s * c..]);
+            for c0 in (0..c).step_by(16) {
+                let mask = first_lanes(c - c0);
+                let mut sums = [_mm512_setzero_ps(); SUMS];
+                let at = |i: usize| {
+                    // SAFETY: pixel i's channels c0.. (masked to c) lie within the sample.
+                    unsafe { _mm512_maskz_loadu_ps(mask, xs.as_ptr().add(i * c + c0)) }
+                };
+                // SUMS pixels a step (constant indices: the sums stay in registers), then
+                // the last pixels.
+                let whole = pixels / SUMS * SUMS;
+                for i in (0..whole).step_by(SUMS) {
+                    for (j, sum) in sums.iter_mut().enumerate() {
+                        *sum = _mm512_add_ps(*sum, at(i + j));
+                    }
+                }
+                for (j, sum) in sums.iter_mut().enumerate().take(pixels - whole) {
+                    *sum = _mm512_add_ps(*sum, at(whole + j));
+                }
+                let total = _mm512_add_ps(
+                    _mm512_add_ps(sums[0], sums[1]),
+                    _mm512_add_ps(sums[2], sums[3]),
+                );
+                let mean = _mm512_mul_ps(total, inv);
+                // SAFETY: channels c0.. (masked) of the sample's output.
+                unsafe { _mm512_mask_storeu_ps(ys.as_mut_ptr().add(c0), mask, mean) };
+            }
+        }
+    }
+}
+
 /// Output row `oy` of one sample `xs` (channels last) into `out` (`ow` pixels of `c`).
 #[inline(always)]
 fn pool_row_channels_last_body<M: Madd>(p: &Pool, xs: &[f32], oy: usize, out: &mut [f32]) {
@@ -925,6 +1018,36 @@ pub fn avg_pool2d(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Global average pooling channels last against the f64 mean, on pixel counts under,
+    /// at and over a multiple of the partial sums and channel counts around a vector.
+    #[test]
+    fn global_average_matches_the_mean() {
+        for &(n, pixels, c) in &[
+            (1, 1, 1),
+            (2, 3, 17),
+            (1, 49, 576),
+            (2, 3136, 16),
+            (3, 6, 100),
+        ] {
+            let x = crate::rng::Rng::new(5).normals(n * pixels * c);
+            let mut y = vec![f32::NAN; n * c];
+            global_avg_channels_last(&x, (n, pixels, c), &mut y);
+            for s in 0..n {
+                for ch in 0..c {
+                    let mean = (0..pixels)
+                        .map(|i| x[(s * pixels + i) * c + ch] as f64)
+                        .sum::<f64>()
+                        / pixels as f64;
+                    let got = y[s * c + ch] as f64;
+                    assert!(
+                        (got - mean).abs() <= 1e-5,
+                        "{n} x {pixels} x {c}: {got} vs {mean}"
+                    );
+                }
+            }
+        }
+    }
     use candle_core::{Device, Var};
 
     fn input(n: usize, c: usize, h: usize, w: usize, seed: u64) -> Tensor {
