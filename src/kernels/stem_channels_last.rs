@@ -263,6 +263,8 @@ mod tests {
             (1, 4, 10, 10, 64, 5, 2, 2),
             (1, 3, 8, 8, 40, 3, 1, 0),
             (2, 3, 7, 5, 9, 1, 1, 0),
+            // A stride other than 1 and 2 (known only at run time), rows with a tail.
+            (1, 3, 31, 29, 20, 3, 3, 1),
         ];
         for (n, c_in, h, w, c_out, k, stride, pad) in cases {
             let g =
