@@ -502,12 +502,12 @@ mod rows_x86 {
     pub(super) unsafe fn row(p: &Pool, xs: &[f32], oy: usize, out: &mut [f32]) {
         let c = p.c;
         assert!(xs.len() >= p.h * p.w * c && out.len() >= p.ow * c);
-        let (ys, _) = p.span(oy, p.h);
+        let (ys, rows) = p.span(oy, p.h);
         let max = p.kind == Kind::Max;
         for ox in 0..p.ow {
-            let (cols, _) = p.span(ox, p.w);
-            let (_, _, area) = p.window(oy, ox);
-            let area = _mm512_set1_ps(area as f32);
+            // The divisor is the window's area with the padding counted (`Pool::window`).
+            let (cols, extent) = p.span(ox, p.w);
+            let area = _mm512_set1_ps((rows * extent) as f32);
             for c0 in (0..c).step_by(16 * V) {
                 // Vectors past the last channel have no lanes: nothing is read or written.
                 let masks: [__mmask16; V] =
@@ -552,9 +552,9 @@ mod rows_x86 {
 #[inline(always)]
 fn pool_row_channels_last_body<M: Madd>(p: &Pool, xs: &[f32], oy: usize, out: &mut [f32]) {
     let c = p.c;
-    let (ys, _) = p.span(oy, p.h);
+    let (ys, rows) = p.span(oy, p.h);
     for (ox, o) in out.chunks_exact_mut(c).enumerate() {
-        let (cols, _) = p.span(ox, p.w);
+        let (cols, extent) = p.span(ox, p.w);
         let pixel = |iy: usize, ix: usize| &xs[(iy * p.w + ix) * c..][..c];
         if p.kind == Kind::Max {
             o.fill(f32::NEG_INFINITY);
@@ -574,10 +574,10 @@ fn pool_row_channels_last_body<M: Madd>(p: &Pool, xs: &[f32], oy: usize, out: &m
                     }
                 }
             }
-            let (_, _, area) = p.window(oy, ox);
-            let inv = area as f32;
+            // The window's area with the padding counted (`Pool::window`).
+            let area = (rows * extent) as f32;
             for m in o.iter_mut() {
-                *m /= inv;
+                *m /= area;
             }
         }
     }
@@ -1092,6 +1092,7 @@ pub fn avg_pool2d(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use candle_core::{Device, Var};
 
     /// Global average pooling channels last against the f64 mean, on pixel counts under,
     /// at and over a multiple of the partial sums and channel counts around a vector.
@@ -1122,7 +1123,6 @@ mod tests {
             }
         }
     }
-    use candle_core::{Device, Var};
 
     fn input(n: usize, c: usize, h: usize, w: usize, seed: u64) -> Tensor {
         let mut rng = crate::rng::Rng::new(seed);

@@ -153,7 +153,8 @@ mod x86 {
     /// then at a constant offset from the window row's pointer, where a stride known only at
     /// run time made the compiler step from pixel to pixel, a chain of dependent address
     /// additions per tap as long as the tap's multiply-adds (MobileNet V2's stem, 224x224 at
-    /// stride 2: 30-33 GMAC/s on one core; at 2, 4-15% faster in alternating probes).
+    /// stride 2: 30-33 GMAC/s on one core; with the stride a constant, 4-15% faster in
+    /// alternating probes).
     ///
     /// # Safety
     /// As [`block`].
