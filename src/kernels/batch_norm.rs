@@ -3,17 +3,22 @@
 //!
 //! Why: composed from generic Candle ops, train-mode batch norm is a chain of reductions and
 //! broadcasts, each a full pass over the activations, and its backward retraces all of them.
-//! Here each channel's N x H x W values are handled by one task: the statistics, then `y`
-//! (the channel's data is still in cache for the second and third pass). The backward is
+//! Here each channel's N x H x W values are handled by one task: the statistics in one pass,
+//! then `y` (the channel's data is still in cache for the second pass). The backward is
 //!
 //! ```text
 //! dbeta  = sum dy          dgamma = sum dy * xhat          (xhat = (x - mean) * invstd)
 //! dx     = gamma * invstd * (dy - dbeta / M - xhat * dgamma / M)      (M = N H W)
 //! ```
 //!
-//! with each channel's sums taken in f32 lanes and added into f64 every [`FLUSH`] values.
+//! with both sums in one pass and `dx` in a second; the passes are in `channel`, each
+//! channel's sums taken in f32 lanes and added into f64 every thousand values or so.
 
-use super::alloc::zeroed;
+mod channel;
+
+pub(crate) use channel::ActMask;
+use channel::Planes;
+
 use super::{
     activation::Kind,
     cpu::{SharedMut, all_cpu_f32, f32_slice, unpack},
@@ -22,50 +27,6 @@ use super::{
 use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, Tensor, bail};
 use rayon::prelude::*;
 use std::sync::{Arc, OnceLock};
-
-/// Values a channel's sums take in f32 lanes before the lanes are added into the f64
-/// total: at most `FLUSH / 16` values per lane (a 64 x 64 plane's share), while small planes
-/// (4 x 4 to 16 x 16 in the last stages) share one reduction between several of them.
-const FLUSH: usize = 1 << 10;
-
-/// `sum f(a_i, b_i)` over one channel's planes (at the offsets `planes`, `plane` values each)
-/// of `a` and `b`, in 16 f32 lanes (vectorisable) added into an f64 total every [`FLUSH`]
-/// values or more.
-///
-/// Why: reducing the lanes to f64 once per plane (as this did) cost more than the sum itself
-/// on small planes: 32 scalar operations after one (4 x 4) or four (8 x 8) vector steps.
-/// Batch norm was a third of a ShuffleNet V2 training step at 32 x 32.
-#[inline]
-fn channel_sum(
-    a: &[f32],
-    b: &[f32],
-    plane: usize,
-    planes: impl Iterator<Item = usize>,
-    f: impl Fn(f32, f32) -> f32,
-) -> f64 {
-    let mut lanes = [0f32; 16];
-    let mut rest = 0f32;
-    let mut total = 0f64;
-    let mut pending = 0;
-    for o in planes {
-        let mut ac = a[o..o + plane].chunks_exact(16);
-        let mut bc = b[o..o + plane].chunks_exact(16);
-        for (x, y) in (&mut ac).zip(&mut bc) {
-            for i in 0..16 {
-                lanes[i] += f(x[i], y[i]);
-            }
-        }
-        for (&x, &y) in ac.remainder().iter().zip(bc.remainder()) {
-            rest += f(x, y);
-        }
-        pending += plane;
-        if pending >= FLUSH {
-            total += lanes.iter().map(|&l| l as f64).sum::<f64>() + rest as f64;
-            (lanes, rest, pending) = ([0.0; 16], 0.0, 0);
-        }
-    }
-    total + lanes.iter().map(|&l| l as f64).sum::<f64>() + rest as f64
-}
 
 /// Per-channel batch statistics of one forward pass.
 #[derive(Debug)]
@@ -157,8 +118,7 @@ impl CustomOp3 for BatchNormTrain {
         let gamma = f32_slice(s2, l2, self.name())?;
         let beta = f32_slice(s3, l3, self.name())?;
         let (n, c, plane) = nc_plane(l1.dims())?;
-        let mut y = vec![0f32; x.len()];
-        let stats = train_forward_into(x, gamma, beta, self.eps, (n, c, plane), None, &mut y);
+        let (y, stats) = train_forward(x, gamma, beta, self.eps, (n, c, plane), None);
         // A second evaluation of the same op (not done by Candle) would keep the first stats.
         let _ = self.stats.set(stats);
         Ok((CpuStorage::F32(y), l1.shape().clone()))
@@ -219,80 +179,99 @@ impl CustomOp3 for BatchNormBackward {
         let Some(stats) = self.stats.get() else {
             bail!("{}: backward before the forward pass", self.name())
         };
-        let out = train_backward(x, gamma, dy, stats, (n, c, plane), self.need_x);
+        let out = train_backward(x, gamma, dy, stats, (n, c, plane), self.need_x, None);
         let len = out.len();
         Ok((CpuStorage::F32(out), Shape::from_dims(&[len])))
     }
 }
 
-/// Train-mode batch norm on slices: writes `y` (same layout as `x`, NCHW with `dims` =
-/// (N, C, H * W)), followed by the activation `act` if given, and returns the batch
-/// statistics.
-pub(crate) fn train_forward_into(
+/// Train-mode batch norm on slices: `y` (same layout as `x`, NCHW with `dims` = (N, C,
+/// H * W)), followed by the activation `act` if given, and the batch statistics.
+///
+/// Per channel: the sums about the first plane's mean (one pass, [`channel::shifted_sums`]),
+/// then `y` in a second pass with a ReLU or ReLU6 applied in it. `y` is written once, never
+/// zero-filled first (a zero fill was a whole extra pass over the output).
+pub(crate) fn train_forward(
     x: &[f32],
     gamma: &[f32],
     beta: &[f32],
     eps: f64,
-    (n, c, plane): (usize, usize, usize),
+    dims @ (n, c, plane): (usize, usize, usize),
     act: Option<Kind>,
-    y: &mut [f32],
-) -> Stats {
+) -> (Vec<f32>, Stats) {
+    let len = n * c * plane;
+    assert!(
+        x.len() == len,
+        "batch norm: input of {} values for {dims:?}",
+        x.len()
+    );
     let count = (n * plane) as f64;
-    let out = SharedMut::new(y);
+    let upper = act.and_then(ActMask::upper);
+    let mut y: Vec<f32> = Vec::with_capacity(len);
+    let out = SharedMut::uninit(&mut y.spare_capacity_mut()[..len]);
     let per_channel: Vec<(f32, f32, f32)> = (0..c)
         .into_par_iter()
         .map(|ch| {
-            let planes = || (0..n).map(move |i| (i * c + ch) * plane);
-            let mean = channel_sum(x, x, plane, planes(), |v, _| v) / count;
-            let m = mean as f32;
-            let var = channel_sum(x, x, plane, planes(), |v, _| (v - m) * (v - m)) / count;
+            let planes = Planes::of(ch, dims);
+            // The shift: the first plane's mean (near the channel's, so the one-pass
+            // variance does not cancel when the values sit far from zero).
+            let first = channel::shifted_sums(x, planes.first_only(), 0.0).0 / plane as f64;
+            let (s1, s2) = channel::shifted_sums(x, planes, first as f32);
+            let d = s1 / count;
+            let mean = (first as f32) as f64 + d;
+            let var = (s2 / count - d * d).max(0.0);
             let invstd = 1.0 / (var + eps).sqrt();
-            let scale = (gamma[ch] as f64 * invstd) as f32;
-            let shift = (beta[ch] as f64 - mean * gamma[ch] as f64 * invstd) as f32;
-            for o in planes() {
-                // SAFETY: plane (n, ch) is written by this task only; `y` outlives it.
-                let dst = unsafe { out.part(o, plane) };
-                for (d, v) in dst.iter_mut().zip(&x[o..o + plane]) {
-                    *d = v * scale + shift;
-                }
-                match act {
-                    Some(Kind::Relu) => dst.iter_mut().for_each(|v| *v = Kind::Relu.forward(*v)),
-                    Some(Kind::Relu6) => dst.iter_mut().for_each(|v| *v = Kind::Relu6.forward(*v)),
-                    Some(k) => dst.iter_mut().for_each(|v| *v = k.forward(*v)),
-                    None => {}
+            let g = gamma[ch] as f64;
+            let affine = (
+                (g * invstd) as f32,
+                (beta[ch] as f64 - mean * g * invstd) as f32,
+            );
+            // SAFETY: channel ch's planes are written by this task only; `y` outlives it.
+            unsafe { channel::normalize(x, &out, planes, affine, upper) };
+            if let (Some(k), None) = (act, upper) {
+                for o in planes.offsets() {
+                    // SAFETY: as above; the planes were written by `normalize`.
+                    let dst = unsafe { out.part(o, plane) };
+                    dst.iter_mut().for_each(|v| *v = k.forward(*v));
                 }
             }
-            (m, var as f32, invstd as f32)
+            (mean as f32, var as f32, invstd as f32)
         })
         .collect();
-    Stats {
+    // SAFETY: the channels' planes cover all `len` values, each written above.
+    unsafe { y.set_len(len) };
+    let stats = Stats {
         mean: per_channel.iter().map(|s| s.0).collect(),
         var: per_channel.iter().map(|s| s.1).collect(),
         invstd: per_channel.iter().map(|s| s.2).collect(),
-    }
+    };
+    (y, stats)
 }
 
 /// The closed-form backward on slices: `[dx | dgamma | dbeta]` (dx only with `need_x`), from
-/// the forward's input, `gamma`, the output gradient and the forward's statistics.
+/// the forward's input, `gamma`, the output gradient and the forward's statistics. With
+/// `mask`, `dy` is the gradient of the ReLU or ReLU6 that followed the batch norm, masked
+/// here inside both passes (a separate pass over `dy` before this one cost as much as one of
+/// them).
 pub(crate) fn train_backward(
     x: &[f32],
     gamma: &[f32],
     dy: &[f32],
     stats: &Stats,
-    (n, c, plane): (usize, usize, usize),
+    dims @ (n, c, plane): (usize, usize, usize),
     need_x: bool,
+    mask: Option<ActMask>,
 ) -> Vec<f32> {
     let Stats { mean, invstd, .. } = stats;
     let count = (n * plane) as f64;
     let dx_len = if need_x { x.len() } else { 0 };
-    let mut out = zeroed(dx_len + 2 * c);
-    let shared = SharedMut::new(&mut out);
+    let len = dx_len + 2 * c;
+    let mut out: Vec<f32> = Vec::with_capacity(len);
+    let shared = SharedMut::uninit(&mut out.spare_capacity_mut()[..len]);
     (0..c).into_par_iter().for_each(|ch| {
-        let planes = || (0..n).map(move |i| (i * c + ch) * plane);
+        let planes = Planes::of(ch, dims);
         let m = mean[ch];
-        // Two passes: one loop with both sums' lanes ran 50% slower (ShuffleNet V2 b64).
-        let sum_dy = channel_sum(dy, dy, plane, planes(), |d, _| d);
-        let sum_dy_xc = channel_sum(dy, x, plane, planes(), |d, v| d * (v - m));
+        let (sum_dy, sum_dy_xc) = channel::grad_sums(dy, x, mask, planes, m);
         let is = invstd[ch] as f64;
         let g = gamma[ch] as f64;
         if need_x {
@@ -300,21 +279,20 @@ pub(crate) fn train_backward(
             let k1 = (g * is) as f32;
             let k2 = (-g * is * is * is * sum_dy_xc / count) as f32;
             let k3 = (-g * is * sum_dy / count) as f32;
-            let bias = k3 - k2 * m;
-            for o in planes() {
-                // SAFETY: plane (n, ch) is written by this task only.
-                let dst = unsafe { shared.part(o, plane) };
-                for ((d, gy), v) in dst.iter_mut().zip(&dy[o..o + plane]).zip(&x[o..o + plane]) {
-                    *d = k1 * gy + k2 * v + bias;
-                }
-            }
+            // SAFETY: channel ch's planes of dx are written by this task only.
+            unsafe { channel::grad_input(dy, x, mask, &shared, planes, (k1, k2, k3 - k2 * m)) };
         }
         // SAFETY: entries ch of dgamma and dbeta are written by this task only.
         unsafe {
-            shared.part(dx_len + ch, 1)[0] = (sum_dy_xc * is) as f32;
-            shared.part(dx_len + c + ch, 1)[0] = sum_dy as f32;
+            shared
+                .as_ptr()
+                .add(dx_len + ch)
+                .write((sum_dy_xc * is) as f32);
+            shared.as_ptr().add(dx_len + c + ch).write(sum_dy as f32);
         }
     });
+    // SAFETY: dx (each channel's planes) and both parameter gradients were written above.
+    unsafe { out.set_len(len) };
     out
 }
 

@@ -49,6 +49,23 @@ impl SharedMut {
         }
     }
 
+    /// A buffer not yet written, for kernels that write every value through [`as_ptr`]
+    /// (never through [`part`], which would reference unwritten values).
+    ///
+    /// [`as_ptr`]: SharedMut::as_ptr
+    /// [`part`]: SharedMut::part
+    pub(crate) fn uninit(data: &mut [std::mem::MaybeUninit<f32>]) -> Self {
+        SharedMut {
+            ptr: data.as_mut_ptr().cast(),
+            len: data.len(),
+        }
+    }
+
+    /// The length of the buffer given to `new`.
+    pub(crate) fn len(&self) -> usize {
+        self.len
+    }
+
     /// The start of the buffer given to `new`, for kernels that write disjoint strided
     /// tiles through raw pointers.
     pub(crate) fn as_ptr(&self) -> *mut f32 {

@@ -26,7 +26,7 @@
 use super::feature_kd::{FeatureTap, mse_into_grad};
 use super::optimizer::{Optimizer, OptimizerKind};
 use crate::graph::{Graph, GraphBuilder};
-use crate::kernels::batch_norm::{train_backward, train_forward_into};
+use crate::kernels::batch_norm::{train_backward, train_forward};
 use crate::kernels::conv::ConvGeom;
 use crate::kernels::conv_gemm;
 use crate::rng::Rng;
@@ -130,12 +130,11 @@ impl Adapter {
         let beta = self.values(&format!("{BN}.bias"))?;
         let mut z = vec![0f32; n * ct * plane];
         conv_gemm::forward_into(&geom, s, &w, &mut z, true, &|_, _, _| {});
-        let mut y = vec![0f32; z.len()];
-        let stats = train_forward_into(&z, &gamma, &beta, BN_EPS, (n, ct, plane), None, &mut y);
+        let (y, stats) = train_forward(&z, &gamma, &beta, BN_EPS, (n, ct, plane), None);
         // The mse hint on the adapter's output, which becomes its gradient.
         let mut dy = y;
         let loss = mse_into_grad(&mut dy, t, plane, weight);
-        let bn_out = train_backward(&z, &gamma, &dy, &stats, (n, ct, plane), true);
+        let bn_out = train_backward(&z, &gamma, &dy, &stats, (n, ct, plane), true, None);
         let (dz, dbn) = bn_out.split_at(z.len());
         let mut conv_out = conv_gemm::backward(&geom, s, &w, dz, true, true);
         let dw = conv_out.split_off(s.len());

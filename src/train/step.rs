@@ -42,7 +42,7 @@ use crate::exec::check_input;
 use crate::graph::{Activation, Graph, Op};
 use crate::kernels::activation::Kind;
 use crate::kernels::alloc::zeroed;
-use crate::kernels::batch_norm::{Stats, train_backward, train_forward_into};
+use crate::kernels::batch_norm::{ActMask, Stats, train_backward, train_forward};
 use crate::kernels::conv::ConvGeom;
 use crate::kernels::gemm::{MatMut, MatRef, matmul, parallelism};
 use crate::kernels::{conv_gemm, depthwise, pool};
@@ -528,16 +528,8 @@ fn step(
                     );
                 }
                 let (gamma, beta) = (get(p("weight")), get(p("bias")));
-                let mut y = zeroed(n * dout.elements());
-                let stats = train_forward_into(
-                    input(0),
-                    gamma,
-                    beta,
-                    *eps,
-                    (n, dout.c, plane),
-                    act,
-                    &mut y,
-                );
+                let (y, stats) =
+                    train_forward(input(0), gamma, beta, *eps, (n, dout.c, plane), act);
                 update_running(weights, &node.name, &stats, n * plane, *momentum)?;
                 saved[id] = Saved::Bn(stats);
                 y
@@ -852,14 +844,18 @@ fn step(
                 let Saved::Bn(stats) = &saved[id] else {
                     unreachable!("saved by the forward pass")
                 };
-                if let Some((k, ys)) = deferred[id].take() {
-                    act_backward(&mut g, &ys, k);
+                // A ReLU or ReLU6 after it masks the gradient inside the batch norm's passes.
+                let act = deferred[id].take();
+                let mask = act.as_ref().and_then(|(k, ys)| ActMask::of(*k, ys));
+                if let (Some((k, ys)), None) = (&act, mask) {
+                    act_backward(&mut g, ys, *k);
                 }
                 let need_x = need_grad[inp0];
                 let plane = dout.h * dout.w;
                 let c = dout.c;
                 let gamma = get(&p("weight"));
-                let mut out = train_backward(val(0), gamma, &g, stats, (n, c, plane), need_x);
+                let dims = (n, c, plane);
+                let mut out = train_backward(val(0), gamma, &g, stats, dims, need_x, mask);
                 let dx_len = if need_x { n * dout.elements() } else { 0 };
                 acc_param(&mut pgrads, p("weight"), out[dx_len..dx_len + c].to_vec());
                 acc_param(&mut pgrads, p("bias"), out[dx_len + c..].to_vec());

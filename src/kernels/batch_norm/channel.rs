@@ -1,0 +1,576 @@
+//! The per-channel passes of train-mode batch norm: one channel's `N` planes of an NCHW
+//! buffer at a time, in AVX-512 registers where the CPU has it, portable loops elsewhere.
+//!
+//! Why AVX-512 by hand: the crate is built for baseline x86-64, and these loops are not
+//! dispatched through `simd_dispatch!` (their closures and lane arrays compiled to 4-wide SSE
+//! with a scalar tail per plane); in the last stages a plane is 36 or 9 values, so the tail
+//! was most of the work. Batch norm was about a third of a MobileNet V1 0.5 or V2 training
+//! step at 96x96. Here a plane's last partial vector is a masked load and store, the
+//! statistics are one pass (sums about a shift, below) and an activation that follows the
+//! batch norm (ReLU, ReLU6) is applied in the same pass forward and masks the gradient in the
+//! same passes backward.
+//!
+//! Sums go into f32 vectors (two of each, to halve the chains of dependent additions) and are
+//! added into f64 every [`FLUSH`] values or more, as the portable loops do.
+
+use super::super::{activation::Kind, cpu::SharedMut};
+
+/// Values a channel's sums take in f32 lanes before they are added into the f64 totals: at
+/// most about `FLUSH / 16` values per lane (or one plane's share of them, for planes larger
+/// than this), while small planes (3 x 3 to 16 x 16 in the last stages) share one reduction
+/// between several of them.
+const FLUSH: usize = 1 << 10;
+
+/// One channel's planes in an NCHW buffer of `(n, c, plane)`: plane `i` of channel `ch` holds
+/// the values `(i c + ch) plane ..` `+ plane`.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Planes {
+    first: usize,
+    step: usize,
+    count: usize,
+    len: usize,
+}
+
+impl Planes {
+    pub(crate) fn of(ch: usize, (n, c, plane): (usize, usize, usize)) -> Self {
+        Planes {
+            first: ch * plane,
+            step: c * plane,
+            count: n,
+            len: plane,
+        }
+    }
+
+    /// The first of these planes alone.
+    pub(crate) fn first_only(self) -> Self {
+        Planes {
+            count: self.count.min(1),
+            ..self
+        }
+    }
+
+    pub(crate) fn offsets(self) -> impl Iterator<Item = usize> {
+        (0..self.count).map(move |i| self.first + i * self.step)
+    }
+
+    /// The buffer length these planes need.
+    fn end(self) -> usize {
+        match self.count {
+            0 => 0,
+            n => self.first + (n - 1) * self.step + self.len,
+        }
+    }
+}
+
+/// The ReLU or ReLU6 after a batch norm, as its backward sees it: the gradient passes where
+/// the activation's output `y` is in `(0, upper)` (`upper` infinite for ReLU) and is zero
+/// elsewhere (a NaN in `y` blocks it), as `Kind::backward` does on the output.
+#[derive(Clone, Copy)]
+pub(crate) struct ActMask<'a> {
+    pub y: &'a [f32],
+    pub upper: f32,
+}
+
+impl<'a> ActMask<'a> {
+    /// The mask of activation `k` with outputs `y`; `None` for activations other than ReLU
+    /// and ReLU6 (whose backward is not a mask of the output).
+    pub(crate) fn of(k: Kind, y: &'a [f32]) -> Option<Self> {
+        match k {
+            Kind::Relu => Some(ActMask {
+                y,
+                upper: f32::INFINITY,
+            }),
+            Kind::Relu6 => Some(ActMask { y, upper: 6.0 }),
+            _ => None,
+        }
+    }
+
+    /// The clamp's upper end of activation `k` in the forward pass (`None`: not a clamp).
+    pub(crate) fn upper(k: Kind) -> Option<f32> {
+        Self::of(k, &[]).map(|m| m.upper)
+    }
+}
+
+/// Applies the mask to one gradient value (the portable loops' form of it).
+#[inline(always)]
+fn masked(g: f32, y: f32, upper: f32) -> f32 {
+    if y > 0.0 && y < upper { g } else { 0.0 }
+}
+
+/// Whether the AVX-512 loops run (checked once per call of a public pass).
+#[inline]
+fn avx512() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        super::super::simd::level() == super::super::simd::Level::Avx512
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
+/// `(sum (x - shift), sum (x - shift)^2)` over the planes of `x`.
+///
+/// Why a shift: the statistics in one pass (`var = E[(x - s)^2] - E[x - s]^2`) lose the
+/// variance to cancellation when the mean is far from zero relative to the spread; with `s`
+/// near the mean (the caller's: the first plane's mean) the two terms stay of the variance's
+/// size.
+pub(crate) fn shifted_sums(x: &[f32], p: Planes, shift: f32) -> (f64, f64) {
+    assert!(x.len() >= p.end(), "batch norm: planes outside the input");
+    #[cfg(target_arch = "x86_64")]
+    if avx512() {
+        // SAFETY: AVX-512F is present; the planes lie within `x` (checked above).
+        return unsafe { x86::shifted_sums(x, p, shift) };
+    }
+    lane_sums(p, |o, lanes| {
+        for (l, &v) in lanes.iter_mut().zip(&x[o..]) {
+            let d = v - shift;
+            l.0 += d;
+            l.1 += d * d;
+        }
+    })
+}
+
+/// `y = act(x scale + shift)` over the planes, `act` the clamp to `[0, upper]` when given
+/// (ReLU: `upper` infinite; NaN stays NaN, as `Kind::forward`).
+///
+/// # Safety
+/// No other thread reads or writes these planes of `y` during the call (they may be
+/// uninitialised before it).
+pub(crate) unsafe fn normalize(
+    x: &[f32],
+    y: &SharedMut,
+    p: Planes,
+    (scale, shift): (f32, f32),
+    upper: Option<f32>,
+) {
+    assert!(
+        x.len() >= p.end() && y.len() >= p.end(),
+        "batch norm: planes outside the buffers"
+    );
+    #[cfg(target_arch = "x86_64")]
+    if avx512() {
+        // SAFETY: AVX-512F is present; bounds checked above.
+        return unsafe { x86::normalize(x, y.as_ptr(), p, (scale, shift), upper) };
+    }
+    for o in p.offsets() {
+        for (i, &v) in x[o..o + p.len].iter().enumerate() {
+            let t = v * scale + shift;
+            let t = match upper {
+                Some(u) => clamp(t, u),
+                None => t,
+            };
+            // SAFETY: within the planes, which the caller gives this call alone.
+            unsafe { y.as_ptr().add(o + i).write(t) };
+        }
+    }
+}
+
+/// `min(max(t, 0), upper)` with NaN kept, as `Kind::forward` clamps.
+#[inline(always)]
+fn clamp(t: f32, upper: f32) -> f32 {
+    let t = if t < 0.0 { 0.0 } else { t };
+    if t > upper { upper } else { t }
+}
+
+/// `(sum g, sum g (x - mean))` over the planes, `g` the output gradient `dy` with the mask
+/// applied when given.
+pub(crate) fn grad_sums(
+    dy: &[f32],
+    x: &[f32],
+    mask: Option<ActMask>,
+    p: Planes,
+    mean: f32,
+) -> (f64, f64) {
+    assert!(
+        dy.len() >= p.end() && x.len() >= p.end() && mask.is_none_or(|m| m.y.len() >= p.end()),
+        "batch norm: planes outside the gradient"
+    );
+    #[cfg(target_arch = "x86_64")]
+    if avx512() {
+        // SAFETY: AVX-512F is present; all planes lie within the buffers (checked above).
+        return unsafe { x86::grad_sums(dy, x, mask, p, mean) };
+    }
+    lane_sums(p, |o, lanes| {
+        for (i, l) in lanes.iter_mut().enumerate() {
+            let at = o + i;
+            let g = mask.map_or(dy[at], |m| masked(dy[at], m.y[at], m.upper));
+            l.0 += g;
+            l.1 += g * (x[at] - mean);
+        }
+    })
+}
+
+/// `dx = k1 g + k2 x + bias` over the planes (`g` as in [`grad_sums`]).
+///
+/// # Safety
+/// As [`normalize`], for `dx`.
+pub(crate) unsafe fn grad_input(
+    dy: &[f32],
+    x: &[f32],
+    mask: Option<ActMask>,
+    dx: &SharedMut,
+    p: Planes,
+    (k1, k2, bias): (f32, f32, f32),
+) {
+    assert!(
+        dy.len() >= p.end()
+            && x.len() >= p.end()
+            && dx.len() >= p.end()
+            && mask.is_none_or(|m| m.y.len() >= p.end()),
+        "batch norm: planes outside the gradient"
+    );
+    #[cfg(target_arch = "x86_64")]
+    if avx512() {
+        // SAFETY: AVX-512F is present; bounds checked above.
+        return unsafe { x86::grad_input(dy, x, mask, dx.as_ptr(), p, (k1, k2, bias)) };
+    }
+    for o in p.offsets() {
+        for i in o..o + p.len {
+            let g = mask.map_or(dy[i], |m| masked(dy[i], m.y[i], m.upper));
+            // SAFETY: within the planes, which the caller gives this call alone.
+            unsafe { dx.as_ptr().add(i).write(k1 * g + k2 * x[i] + bias) };
+        }
+    }
+}
+
+/// Two sums over the planes in 16 f32 lanes each: `add(offset, lanes)` adds up to 16
+/// consecutive values from `offset` (fewer at a plane's end: `lanes` is cut to the plane),
+/// lanes added into f64 every [`FLUSH`] values or more.
+fn lane_sums(p: Planes, add: impl Fn(usize, &mut [(f32, f32)])) -> (f64, f64) {
+    let mut lanes = [(0f32, 0f32); 16];
+    let (mut total, mut pending) = ((0f64, 0f64), 0);
+    let flush = |lanes: &mut [(f32, f32); 16], total: &mut (f64, f64)| {
+        for l in lanes.iter_mut() {
+            total.0 += l.0 as f64;
+            total.1 += l.1 as f64;
+            *l = (0.0, 0.0);
+        }
+    };
+    for o in p.offsets() {
+        for start in (0..p.len).step_by(16) {
+            let width = (p.len - start).min(16);
+            add(o + start, &mut lanes[..width]);
+        }
+        pending += p.len;
+        if pending >= FLUSH {
+            flush(&mut lanes, &mut total);
+            pending = 0;
+        }
+    }
+    flush(&mut lanes, &mut total);
+    total
+}
+
+#[cfg(target_arch = "x86_64")]
+mod x86 {
+    use super::{ActMask, FLUSH, Planes};
+    use crate::kernels::simd::first_lanes;
+    use std::arch::x86_64::*;
+
+    /// Two running sums, each in two f32 vectors, added into f64 every [`FLUSH`] values.
+    struct Sums {
+        a: [__m512; 2],
+        b: [__m512; 2],
+        total: (f64, f64),
+        pending: usize,
+    }
+
+    impl Sums {
+        #[target_feature(enable = "avx512f")]
+        fn new() -> Self {
+            let z = _mm512_setzero_ps();
+            Sums {
+                a: [z; 2],
+                b: [z; 2],
+                total: (0.0, 0.0),
+                pending: 0,
+            }
+        }
+
+        /// Adds `a` and `b` into sums `k` (0 or 1).
+        #[inline]
+        #[target_feature(enable = "avx512f")]
+        fn add(&mut self, k: usize, a: __m512, b: __m512) {
+            self.a[k] = _mm512_add_ps(self.a[k], a);
+            self.b[k] = _mm512_add_ps(self.b[k], b);
+        }
+
+        /// Counts a plane of `len` values; flushes the vectors once [`FLUSH`] are pending.
+        #[inline]
+        #[target_feature(enable = "avx512f")]
+        fn plane_done(&mut self, len: usize) {
+            self.pending += len;
+            if self.pending >= FLUSH {
+                self.flush();
+            }
+        }
+
+        #[target_feature(enable = "avx512f")]
+        fn flush(&mut self) {
+            let wide = |v: __m512| {
+                let lo = _mm512_cvtps_pd(_mm512_castps512_ps256(v));
+                let hi = _mm512_cvtps_pd(_mm256_castpd_ps(_mm512_extractf64x4_pd::<1>(
+                    _mm512_castps_pd(v),
+                )));
+                _mm512_reduce_add_pd(_mm512_add_pd(lo, hi))
+            };
+            self.total.0 += wide(self.a[0]) + wide(self.a[1]);
+            self.total.1 += wide(self.b[0]) + wide(self.b[1]);
+            let z = _mm512_setzero_ps();
+            (self.a, self.b, self.pending) = ([z; 2], [z; 2], 0);
+        }
+
+        #[target_feature(enable = "avx512f")]
+        fn finish(mut self) -> (f64, f64) {
+            self.flush();
+            self.total
+        }
+    }
+
+    /// Calls `step(i, mask)` for each vector of a plane of `len` values: `i` its first value,
+    /// `mask` its lanes (all but in the last, partial one).
+    #[inline(always)]
+    fn vectors(len: usize, mut step: impl FnMut(usize, __mmask16)) {
+        let full = len / 16 * 16;
+        let mut i = 0;
+        while i < full {
+            step(i, u16::MAX);
+            i += 16;
+        }
+        if full < len {
+            step(full, first_lanes(len - full));
+        }
+    }
+
+    /// # Safety
+    /// AVX-512F; the planes lie within `x`.
+    #[target_feature(enable = "avx512f")]
+    pub(super) unsafe fn shifted_sums(x: &[f32], p: Planes, shift: f32) -> (f64, f64) {
+        let s = _mm512_set1_ps(shift);
+        let mut sums = Sums::new();
+        for o in p.offsets() {
+            let base = x[o..o + p.len].as_ptr();
+            vectors(p.len, |i, m| {
+                // SAFETY: value i.. of the plane (masked lanes are not read).
+                let v = unsafe { _mm512_maskz_loadu_ps(m, base.add(i)) };
+                let d = _mm512_maskz_sub_ps(m, v, s);
+                sums.add((i / 16) & 1, d, _mm512_mul_ps(d, d));
+            });
+            sums.plane_done(p.len);
+        }
+        sums.finish()
+    }
+
+    /// # Safety
+    /// AVX-512F; the planes lie within `x` and `y` (whose planes no one else touches).
+    #[target_feature(enable = "avx512f")]
+    pub(super) unsafe fn normalize(
+        x: &[f32],
+        y: *mut f32,
+        p: Planes,
+        (scale, shift): (f32, f32),
+        upper: Option<f32>,
+    ) {
+        let (a, b) = (_mm512_set1_ps(scale), _mm512_set1_ps(shift));
+        let zero = _mm512_setzero_ps();
+        let top = _mm512_set1_ps(upper.unwrap_or(f32::INFINITY));
+        for o in p.offsets() {
+            let src = x[o..o + p.len].as_ptr();
+            vectors(p.len, |i, m| {
+                // SAFETY: value i.. of the plane in `x` and `y` (masked lanes untouched).
+                unsafe {
+                    let t = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, src.add(i)), a, b);
+                    // `max_ps(0, t)` is t unless 0 > t (a NaN t stays), then `min_ps(top, .)`.
+                    let t = match upper {
+                        Some(_) => _mm512_min_ps(top, _mm512_max_ps(zero, t)),
+                        None => t,
+                    };
+                    _mm512_mask_storeu_ps(y.add(o + i), m, t);
+                }
+            });
+        }
+    }
+
+    /// The gradient's vector at value `at` with the mask applied (lanes outside `m` zero).
+    ///
+    /// # Safety
+    /// AVX-512F; the lanes `m` from `at` lie within `dy` and the mask's `y`.
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    unsafe fn gradient(dy: &[f32], mask: Option<ActMask>, at: usize, m: __mmask16) -> __m512 {
+        // SAFETY: the caller's.
+        unsafe {
+            match mask {
+                None => _mm512_maskz_loadu_ps(m, dy.as_ptr().add(at)),
+                Some(act) => {
+                    let y = _mm512_maskz_loadu_ps(m, act.y.as_ptr().add(at));
+                    let pass = _mm512_mask_cmp_ps_mask::<_CMP_GT_OQ>(m, y, _mm512_setzero_ps())
+                        & _mm512_cmp_ps_mask::<_CMP_LT_OQ>(y, _mm512_set1_ps(act.upper));
+                    _mm512_maskz_loadu_ps(pass, dy.as_ptr().add(at))
+                }
+            }
+        }
+    }
+
+    /// # Safety
+    /// AVX-512F; the planes lie within `dy`, `x` and the mask's `y`.
+    #[target_feature(enable = "avx512f")]
+    pub(super) unsafe fn grad_sums(
+        dy: &[f32],
+        x: &[f32],
+        mask: Option<ActMask>,
+        p: Planes,
+        mean: f32,
+    ) -> (f64, f64) {
+        let mv = _mm512_set1_ps(mean);
+        let mut sums = Sums::new();
+        for o in p.offsets() {
+            vectors(p.len, |i, m| {
+                // SAFETY: value o + i.. of the plane in each buffer (masked lanes not read).
+                unsafe {
+                    let g = gradient(dy, mask, o + i, m);
+                    let xc = _mm512_sub_ps(_mm512_maskz_loadu_ps(m, x.as_ptr().add(o + i)), mv);
+                    sums.add((i / 16) & 1, g, _mm512_mul_ps(g, xc));
+                }
+            });
+            sums.plane_done(p.len);
+        }
+        sums.finish()
+    }
+
+    /// # Safety
+    /// AVX-512F; the planes lie within every buffer, and no one else touches them in `dx`.
+    #[target_feature(enable = "avx512f")]
+    pub(super) unsafe fn grad_input(
+        dy: &[f32],
+        x: &[f32],
+        mask: Option<ActMask>,
+        dx: *mut f32,
+        p: Planes,
+        (k1, k2, bias): (f32, f32, f32),
+    ) {
+        let (k1, k2, bias) = (_mm512_set1_ps(k1), _mm512_set1_ps(k2), _mm512_set1_ps(bias));
+        for o in p.offsets() {
+            vectors(p.len, |i, m| {
+                // SAFETY: value o + i.. of the plane in each buffer (masked lanes untouched).
+                unsafe {
+                    let g = gradient(dy, mask, o + i, m);
+                    let v = _mm512_maskz_loadu_ps(m, x.as_ptr().add(o + i));
+                    let d = _mm512_fmadd_ps(k2, v, _mm512_fmadd_ps(k1, g, bias));
+                    _mm512_mask_storeu_ps(dx.add(o + i), m, d);
+                }
+            });
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn data(len: usize, seed: u32) -> Vec<f32> {
+        let mut s = seed.wrapping_mul(2_654_435_761).wrapping_add(12_345);
+        (0..len)
+            .map(|_| {
+                s ^= s << 13;
+                s ^= s >> 17;
+                s ^= s << 5;
+                (s % 20_000) as f32 / 2_000.0 - 3.0
+            })
+            .collect()
+    }
+
+    /// Every pass against f64 sums and f32 element formulas, on plane sizes with and
+    /// without a partial vector (1, 9, 36, 40, 144 values), with and without the mask, on
+    /// whichever loops this CPU runs (the portable ones with `SLIMCANDLE_SIMD=avx2`).
+    #[test]
+    fn channel_passes_match_f64_sums_and_element_formulas() {
+        for (n, c, plane) in [(5, 3, 1), (4, 5, 9), (3, 4, 36), (2, 3, 40), (33, 2, 144)] {
+            let dims = (n, c, plane);
+            let x = data(n * c * plane, 1);
+            let dy = data(n * c * plane, 2);
+            // The activation's outputs include 0, 6, a NaN and values around both ends.
+            let mut y = data(n * c * plane, 3);
+            y[0] = 0.0;
+            let second = 1 % y.len();
+            y[second] = f32::NAN;
+            if y.len() > 2 {
+                y[2] = 6.0;
+            }
+            for ch in 0..c {
+                let p = Planes::of(ch, dims);
+                let idx: Vec<usize> = p.offsets().flat_map(|o| o..o + plane).collect();
+                let close = |what: &str, got: f64, want: f64| {
+                    assert!(
+                        (got - want).abs() <= 1e-5 * (1.0 + want.abs()),
+                        "{what} {dims:?} channel {ch}: {got} vs {want}"
+                    )
+                };
+                let shift = 0.25;
+                let (s1, s2) = shifted_sums(&x, p, shift);
+                let d = |i: usize| x[i] as f64 - shift as f64;
+                close("shifted sum", s1, idx.iter().map(|&i| d(i)).sum());
+                close(
+                    "shifted squares",
+                    s2,
+                    idx.iter().map(|&i| d(i) * d(i)).sum(),
+                );
+
+                for upper in [None, Some(f32::INFINITY), Some(6.0)] {
+                    let mask = upper.map(|upper| ActMask { y: &y, upper });
+                    let g = |i: usize| mask.map_or(dy[i], |m| masked(dy[i], y[i], m.upper));
+                    let mean = 0.5;
+                    let (a, b) = grad_sums(&dy, &x, mask, p, mean);
+                    close("gradient sum", a, idx.iter().map(|&i| g(i) as f64).sum());
+                    let xc: f64 = idx
+                        .iter()
+                        .map(|&i| g(i) as f64 * (x[i] as f64 - mean as f64))
+                        .sum();
+                    close("gradient x centred", b, xc);
+
+                    let (k1, k2, bias) = (0.7, -0.3, 0.1);
+                    let mut dx = vec![f32::NAN; x.len()];
+                    // SAFETY: dx has the input's length; this call alone writes it.
+                    unsafe {
+                        grad_input(&dy, &x, mask, &SharedMut::new(&mut dx), p, (k1, k2, bias))
+                    };
+                    let mut out = vec![f32::NAN; x.len()];
+                    let (scale, sh) = (1.3, -0.2);
+                    // SAFETY: as above.
+                    unsafe { normalize(&x, &SharedMut::new(&mut out), p, (scale, sh), upper) };
+                    for &i in &idx {
+                        let want = k1 * g(i) + k2 * x[i] + bias;
+                        assert!((dx[i] - want).abs() <= 1e-6, "dx {dims:?} at {i}");
+                        let t = x[i] * scale + sh;
+                        let want = upper.map_or(t, |u| clamp(t, u));
+                        assert!((out[i] - want).abs() <= 1e-6, "y {dims:?} at {i}");
+                    }
+                    // Values of other channels are not written.
+                    let others = (0..x.len()).filter(|i| !idx.contains(i));
+                    for i in others {
+                        assert!(dx[i].is_nan() && out[i].is_nan(), "{dims:?}: wrote {i}");
+                    }
+                }
+            }
+        }
+    }
+
+    /// The forward clamp keeps a NaN and maps the ends as `Kind::forward`; the mask blocks
+    /// the gradient at 0, at `upper` and at a NaN output.
+    #[test]
+    fn clamp_and_mask_edges() {
+        let x = [f32::NAN, -1.0, -0.0, 0.5, 6.0, 7.0, f32::INFINITY];
+        let mut out = vec![0f32; x.len()];
+        let p = Planes::of(0, (1, 1, x.len()));
+        // SAFETY: out has x's length; this call alone writes it.
+        unsafe { normalize(&x, &SharedMut::new(&mut out), p, (1.0, 0.0), Some(6.0)) };
+        assert!(out[0].is_nan());
+        assert_eq!(&out[1..], &[0.0, -0.0, 0.5, 6.0, 6.0, 6.0]);
+        let dy = [1.0f32; 7];
+        let mask = ActMask { y: &x, upper: 6.0 };
+        let (sum, _) = grad_sums(&dy, &[0.0; 7], Some(mask), p, 0.0);
+        assert_eq!(sum, 1.0, "only 0.5 is strictly inside (0, 6)");
+    }
+}
