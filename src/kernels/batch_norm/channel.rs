@@ -329,18 +329,23 @@ mod x86 {
         }
     }
 
-    /// Calls `step(i, mask)` for each vector of a plane of `len` values: `i` its first value,
-    /// `mask` its lanes (all but in the last, partial one).
+    /// Calls `step(i, mask, k)` for each vector of a plane of `len` values: `i` its first
+    /// value, `mask` its lanes (all but in the last, partial one), `k` which of two sums it
+    /// goes into (alternating, a constant in each call so that the sums stay in registers).
     #[inline(always)]
-    fn vectors(len: usize, mut step: impl FnMut(usize, __mmask16)) {
+    fn vectors(len: usize, mut step: impl FnMut(usize, __mmask16, usize)) {
         let full = len / 16 * 16;
         let mut i = 0;
-        while i < full {
-            step(i, u16::MAX);
-            i += 16;
+        while i + 32 <= full {
+            step(i, u16::MAX, 0);
+            step(i + 16, u16::MAX, 1);
+            i += 32;
+        }
+        if i < full {
+            step(i, u16::MAX, 0);
         }
         if full < len {
-            step(full, first_lanes(len - full));
+            step(full, first_lanes(len - full), 1);
         }
     }
 
@@ -352,11 +357,11 @@ mod x86 {
         let mut sums = Sums::new();
         for o in p.offsets() {
             let base = x[o..o + p.len].as_ptr();
-            vectors(p.len, |i, m| {
+            vectors(p.len, |i, m, k| {
                 // SAFETY: value i.. of the plane (masked lanes are not read).
                 let v = unsafe { _mm512_maskz_loadu_ps(m, base.add(i)) };
                 let d = _mm512_maskz_sub_ps(m, v, s);
-                sums.add((i / 16) & 1, d, _mm512_mul_ps(d, d));
+                sums.add(k, d, _mm512_mul_ps(d, d));
             });
             sums.plane_done(p.len);
         }
@@ -378,7 +383,7 @@ mod x86 {
         let top = _mm512_set1_ps(upper.unwrap_or(f32::INFINITY));
         for o in p.offsets() {
             let src = x[o..o + p.len].as_ptr();
-            vectors(p.len, |i, m| {
+            vectors(p.len, |i, m, _| {
                 // SAFETY: value i.. of the plane in `x` and `y` (masked lanes untouched).
                 unsafe {
                     let t = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, src.add(i)), a, b);
@@ -427,12 +432,12 @@ mod x86 {
         let mv = _mm512_set1_ps(mean);
         let mut sums = Sums::new();
         for o in p.offsets() {
-            vectors(p.len, |i, m| {
+            vectors(p.len, |i, m, k| {
                 // SAFETY: value o + i.. of the plane in each buffer (masked lanes not read).
                 unsafe {
                     let g = gradient(dy, mask, o + i, m);
                     let xc = _mm512_sub_ps(_mm512_maskz_loadu_ps(m, x.as_ptr().add(o + i)), mv);
-                    sums.add((i / 16) & 1, g, _mm512_mul_ps(g, xc));
+                    sums.add(k, g, _mm512_mul_ps(g, xc));
                 }
             });
             sums.plane_done(p.len);
@@ -453,7 +458,7 @@ mod x86 {
     ) {
         let (k1, k2, bias) = (_mm512_set1_ps(k1), _mm512_set1_ps(k2), _mm512_set1_ps(bias));
         for o in p.offsets() {
-            vectors(p.len, |i, m| {
+            vectors(p.len, |i, m, _| {
                 // SAFETY: value o + i.. of the plane in each buffer (masked lanes untouched).
                 unsafe {
                     let g = gradient(dy, mask, o + i, m);
