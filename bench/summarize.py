@@ -22,7 +22,8 @@ Beside the ratio of the medians, the inference and latency tables give the ratio
 onnxruntime per round: the median, over the rounds, of the ratio of the two tools' figures in
 the same round (ours and onnxruntime run back to back in each round). Why: the host's speed
 drifts by up to 2x within minutes, moving both tools' figures in a round together; the
-medians of two or three rounds taken apart could land in different minutes.
+medians of two or three rounds taken apart could land in different minutes. Training rows
+(no onnxruntime) give the ratio to PyTorch per round in that column.
 
 Usage: summarize.py RAW.jsonl [--agg median|best]
 """
@@ -96,6 +97,8 @@ def main() -> int:
                     train_peaks.setdefault((cfg, "pytorch"), []).append(r["peak_memory"])
                 if "images_per_s" in r:
                     vals.setdefault((cfg, "pytorch"), []).append(r["images_per_s"])
+                    by_round.setdefault((cfg, "pytorch"), {})[rec.get("round")] = \
+                        r["images_per_s"]
                 if "onnxruntime_images_per_s" in r:
                     vals.setdefault((cfg, "onnxruntime"), []).append(r["onnxruntime_images_per_s"])
                     by_round.setdefault((cfg, "onnxruntime"), {})[rec.get("round")] = \
@@ -140,7 +143,8 @@ def main() -> int:
         ov = get(cfg, "openvino")
         ov_cells = (f" {fmt(ov) if infer else ''} | {ratio(s, ov) if infer else ''} |"
                     if has_ov else "")
-        paired = per_round(cfg, "slimcandle", "onnxruntime") if infer else ""
+        # Training rows have no onnxruntime figure: their per-round ratio is to PyTorch.
+        paired = per_round(cfg, "slimcandle", "onnxruntime" if infer else "pytorch")
         print(f"| {cfg} | {fmt(s)} | {fmt(p)} | {ratio(s, p)} | "
               f"{fmt(o) if infer else ''} | {ratio(s, o) if infer else ''} | {paired} |{ov_cells}")
     train_configs = [c for c in float_configs
