@@ -3,8 +3,9 @@
 //!
 //! Why: composed from generic Candle ops, train-mode batch norm is a chain of reductions and
 //! broadcasts, each a full pass over the activations, and its backward retraces all of them.
-//! Here each channel's N x H x W values are handled by one task: the statistics in one pass,
-//! then `y` (the channel's data is still in cache for the second pass). The backward is
+//! Here each block of channels' N x H x W values is handled by one task: the statistics in
+//! one pass, then `y` (the block's data is still in cache for the second pass). The backward
+//! is
 //!
 //! ```text
 //! dbeta  = sum dy          dgamma = sum dy * xhat          (xhat = (x - mean) * invstd)
@@ -185,12 +186,34 @@ impl CustomOp3 for BatchNormBackward {
     }
 }
 
+/// Values per sample that a task's block of channels should span at least (1 KB): small
+/// planes are walked a block of channels at a time, each sample's block one contiguous run.
+///
+/// Why: a channel's 6x6 planes are 144 bytes, 36 KB apart at 256 channels (a multiple of
+/// 4 KB: all on one L1 set), so a task per channel missed L1 on every plane, and its
+/// neighbour read the same lines again; those batch norms ran at a third of the large
+/// planes' values per second.
+const BLOCK_VALUES: usize = 256;
+
+/// The channels per task for `c` channels of `plane` values: enough to span
+/// [`BLOCK_VALUES`], but at least eight tasks where there are that many channels.
+fn channel_block(c: usize, plane: usize) -> usize {
+    BLOCK_VALUES.div_ceil(plane.max(1)).min((c / 8).max(1))
+}
+
+/// The blocks of channels, one task each.
+fn blocks((_, c, plane): (usize, usize, usize)) -> Vec<std::ops::Range<usize>> {
+    let b = channel_block(c, plane);
+    (0..c).step_by(b).map(|c0| c0..(c0 + b).min(c)).collect()
+}
+
 /// Train-mode batch norm on slices: `y` (same layout as `x`, NCHW with `dims` = (N, C,
 /// H * W)), followed by the activation `act` if given, and the batch statistics.
 ///
-/// Per channel: the sums about the first plane's mean (one pass, [`channel::shifted_sums`]),
-/// then `y` in a second pass with a ReLU or ReLU6 applied in it. `y` is written once, never
-/// zero-filled first (a zero fill was a whole extra pass over the output).
+/// Per block of channels ([`blocks`]): the sums about each channel's first plane's mean (one
+/// pass, [`channel::shifted_sums`]), then `y` in a second pass with a ReLU or ReLU6 applied
+/// in it. `y` is written once, never zero-filled first (a zero fill was a whole extra pass
+/// over the output).
 pub(crate) fn train_forward(
     x: &[f32],
     gamma: &[f32],
@@ -209,37 +232,47 @@ pub(crate) fn train_forward(
     let upper = act.and_then(ActMask::upper);
     let mut y: Vec<f32> = Vec::with_capacity(len);
     let out = SharedMut::uninit(&mut y.spare_capacity_mut()[..len]);
-    let per_channel: Vec<(f32, f32, f32)> = (0..c)
+    let per_block: Vec<Vec<(f32, f32, f32)>> = blocks(dims)
         .into_par_iter()
-        .map(|ch| {
-            let planes = Planes::of(ch, dims);
-            // The shift: the first plane's mean (near the channel's, so the one-pass
-            // variance does not cancel when the values sit far from zero).
-            let first = channel::shifted_sums(x, planes.first_only(), 0.0).0 / plane as f64;
-            let (s1, s2) = channel::shifted_sums(x, planes, first as f32);
-            let d = s1 / count;
-            let mean = (first as f32) as f64 + d;
-            let var = (s2 / count - d * d).max(0.0);
-            let invstd = 1.0 / (var + eps).sqrt();
-            let g = gamma[ch] as f64;
-            let affine = (
-                (g * invstd) as f32,
-                (beta[ch] as f64 - mean * g * invstd) as f32,
-            );
-            // SAFETY: channel ch's planes are written by this task only; `y` outlives it.
-            unsafe { channel::normalize(x, &out, planes, affine, upper) };
+        .map(|chans| {
+            let planes = Planes::block(chans.clone(), dims);
+            // The shifts: each channel's first plane's mean (near the channel's, so the
+            // one-pass variance does not cancel when the values sit far from zero).
+            let zeros = vec![0f32; chans.len()];
+            let shifts: Vec<f32> = channel::shifted_sums(x, planes.first_only(), &zeros)
+                .iter()
+                .map(|s| (s.0 / plane as f64) as f32)
+                .collect();
+            let sums = channel::shifted_sums(x, planes, &shifts);
+            let mut stats = Vec::with_capacity(chans.len());
+            let mut affine = Vec::with_capacity(chans.len());
+            for ((ch, (s1, s2)), shift) in chans.zip(sums).zip(shifts) {
+                let d = s1 / count;
+                let mean = shift as f64 + d;
+                let var = (s2 / count - d * d).max(0.0);
+                let invstd = 1.0 / (var + eps).sqrt();
+                let g = gamma[ch] as f64;
+                affine.push((
+                    (g * invstd) as f32,
+                    (beta[ch] as f64 - mean * g * invstd) as f32,
+                ));
+                stats.push((mean as f32, var as f32, invstd as f32));
+            }
+            // SAFETY: this block's planes are written by this task only; `y` outlives it.
+            unsafe { channel::normalize(x, &out, planes, &affine, upper) };
             if let (Some(k), None) = (act, upper) {
-                for o in planes.offsets() {
+                for (o, _) in planes.offsets() {
                     // SAFETY: as above; the planes were written by `normalize`.
                     let dst = unsafe { out.part(o, plane) };
                     dst.iter_mut().for_each(|v| *v = k.forward(*v));
                 }
             }
-            (mean as f32, var as f32, invstd as f32)
+            stats
         })
         .collect();
-    // SAFETY: the channels' planes cover all `len` values, each written above.
+    // SAFETY: the blocks' planes cover all `len` values, each written above.
     unsafe { y.set_len(len) };
+    let per_channel: Vec<(f32, f32, f32)> = per_block.into_iter().flatten().collect();
     let stats = Stats {
         mean: per_channel.iter().map(|s| s.0).collect(),
         var: per_channel.iter().map(|s| s.1).collect(),
@@ -268,30 +301,32 @@ pub(crate) fn train_backward(
     let len = dx_len + 2 * c;
     let mut out: Vec<f32> = Vec::with_capacity(len);
     let shared = SharedMut::uninit(&mut out.spare_capacity_mut()[..len]);
-    (0..c).into_par_iter().for_each(|ch| {
-        let planes = Planes::of(ch, dims);
-        let m = mean[ch];
-        let (sum_dy, sum_dy_xc) = channel::grad_sums(dy, x, mask, planes, m);
-        let is = invstd[ch] as f64;
-        let g = gamma[ch] as f64;
-        if need_x {
+    blocks(dims).into_par_iter().for_each(|chans| {
+        let planes = Planes::block(chans.clone(), dims);
+        let sums = channel::grad_sums(dy, x, mask, planes, &mean[chans.clone()]);
+        let mut k = Vec::with_capacity(chans.len());
+        for (ch, (sum_dy, sum_dy_xc)) in chans.zip(sums) {
+            let (is, g) = (invstd[ch] as f64, gamma[ch] as f64);
+            // SAFETY: entries ch of dgamma and dbeta are written by this task only.
+            unsafe {
+                shared
+                    .as_ptr()
+                    .add(dx_len + ch)
+                    .write((sum_dy_xc * is) as f32);
+                shared.as_ptr().add(dx_len + c + ch).write(sum_dy as f32);
+            }
             // dx = k1 dy + k2 (x - mean) + k3
             let k1 = (g * is) as f32;
             let k2 = (-g * is * is * is * sum_dy_xc / count) as f32;
             let k3 = (-g * is * sum_dy / count) as f32;
-            // SAFETY: channel ch's planes of dx are written by this task only.
-            unsafe { channel::grad_input(dy, x, mask, &shared, planes, (k1, k2, k3 - k2 * m)) };
+            k.push((k1, k2, k3 - k2 * mean[ch]));
         }
-        // SAFETY: entries ch of dgamma and dbeta are written by this task only.
-        unsafe {
-            shared
-                .as_ptr()
-                .add(dx_len + ch)
-                .write((sum_dy_xc * is) as f32);
-            shared.as_ptr().add(dx_len + c + ch).write(sum_dy as f32);
+        if need_x {
+            // SAFETY: this block's planes of dx are written by this task only.
+            unsafe { channel::grad_input(dy, x, mask, &shared, planes, &k) };
         }
     });
-    // SAFETY: dx (each channel's planes) and both parameter gradients were written above.
+    // SAFETY: dx (each block's planes) and both parameter gradients were written above.
     unsafe { out.set_len(len) };
     out
 }

@@ -1,5 +1,5 @@
-//! The per-channel passes of train-mode batch norm: one channel's `N` planes of an NCHW
-//! buffer at a time, in AVX-512 registers where the CPU has it, portable loops elsewhere.
+//! The per-channel passes of train-mode batch norm over a block of channels' `N` planes each
+//! in an NCHW buffer, in AVX-512 registers where the CPU has it, portable loops elsewhere.
 //!
 //! Why AVX-512 by hand: the crate is built for baseline x86-64, and these loops are not
 //! dispatched through `simd_dispatch!` (their closures and lane arrays compiled to 4-wide SSE
@@ -21,27 +21,34 @@ use super::super::{activation::Kind, cpu::SharedMut};
 /// between several of them.
 const FLUSH: usize = 1 << 10;
 
-/// One channel's planes in an NCHW buffer of `(n, c, plane)`: plane `i` of channel `ch` holds
-/// the values `(i c + ch) plane ..` `+ plane`.
+/// A block of consecutive channels' planes in an NCHW buffer of `(n, c, plane)`: plane `i`
+/// of channel `ch` holds the values `(i c + ch) plane ..` `+ plane`. The passes walk them
+/// sample by sample, the block's planes of a sample being one contiguous run.
 #[derive(Clone, Copy, Debug)]
 pub(crate) struct Planes {
     first: usize,
     step: usize,
     count: usize,
     len: usize,
+    channels: usize,
 }
 
 impl Planes {
-    pub(crate) fn of(ch: usize, (n, c, plane): (usize, usize, usize)) -> Self {
+    /// Channels `channels` (consecutive) of an NCHW buffer of `dims`.
+    pub(crate) fn block(
+        channels: std::ops::Range<usize>,
+        (n, c, plane): (usize, usize, usize),
+    ) -> Self {
         Planes {
-            first: ch * plane,
+            first: channels.start * plane,
             step: c * plane,
             count: n,
             len: plane,
+            channels: channels.len(),
         }
     }
 
-    /// The first of these planes alone.
+    /// The first sample's planes alone.
     pub(crate) fn first_only(self) -> Self {
         Planes {
             count: self.count.min(1),
@@ -49,15 +56,22 @@ impl Planes {
         }
     }
 
-    pub(crate) fn offsets(self) -> impl Iterator<Item = usize> {
-        (0..self.count).map(move |i| self.first + i * self.step)
+    /// Where sample `s`'s plane of the block's channel `j` starts.
+    #[inline(always)]
+    fn at(self, s: usize, j: usize) -> usize {
+        self.first + s * self.step + j * self.len
+    }
+
+    /// `(offset, j)` of every plane, sample by sample.
+    pub(crate) fn offsets(self) -> impl Iterator<Item = (usize, usize)> {
+        (0..self.count).flat_map(move |s| (0..self.channels).map(move |j| (self.at(s, j), j)))
     }
 
     /// The buffer length these planes need.
     fn end(self) -> usize {
-        match self.count {
-            0 => 0,
-            n => self.first + (n - 1) * self.step + self.len,
+        match (self.count, self.channels) {
+            (0, _) | (_, 0) => 0,
+            (n, _) => self.at(n - 1, self.channels - 1) + self.len,
         }
     }
 }
@@ -110,30 +124,37 @@ fn avx512() -> bool {
     }
 }
 
-/// `(sum (x - shift), sum (x - shift)^2)` over the planes of `x`.
+/// `(sum (x - shift), sum (x - shift)^2)` over each channel's planes of `x`, with the
+/// channel's `shifts[j]`.
 ///
 /// Why a shift: the statistics in one pass (`var = E[(x - s)^2] - E[x - s]^2`) lose the
 /// variance to cancellation when the mean is far from zero relative to the spread; with `s`
 /// near the mean (the caller's: the first plane's mean) the two terms stay of the variance's
 /// size.
-pub(crate) fn shifted_sums(x: &[f32], p: Planes, shift: f32) -> (f64, f64) {
+pub(crate) fn shifted_sums(x: &[f32], p: Planes, shifts: &[f32]) -> Vec<(f64, f64)> {
     assert!(x.len() >= p.end(), "batch norm: planes outside the input");
+    assert_eq!(
+        shifts.len(),
+        p.channels,
+        "batch norm: one shift per channel"
+    );
     #[cfg(target_arch = "x86_64")]
     if avx512() {
         // SAFETY: AVX-512F is present; the planes lie within `x` (checked above).
-        return unsafe { x86::shifted_sums(x, p, shift) };
+        return unsafe { x86::shifted_sums(x, p, shifts) };
     }
-    lane_sums(p, |o, lanes| {
+    lane_sums(p, |o, j, lanes| {
         for (l, &v) in lanes.iter_mut().zip(&x[o..]) {
-            let d = v - shift;
+            let d = v - shifts[j];
             l.0 += d;
             l.1 += d * d;
         }
     })
 }
 
-/// `y = act(x scale + shift)` over the planes, `act` the clamp to `[0, upper]` when given
-/// (ReLU: `upper` infinite; NaN stays NaN, as `Kind::forward`).
+/// `y = act(x scale + shift)` over the planes with each channel's `affine[j]`, `act` the
+/// clamp to `[0, upper]` when given (ReLU: `upper` infinite; NaN stays NaN, as
+/// `Kind::forward`).
 ///
 /// # Safety
 /// No other thread reads or writes these planes of `y` during the call (they may be
@@ -142,19 +163,25 @@ pub(crate) unsafe fn normalize(
     x: &[f32],
     y: &SharedMut,
     p: Planes,
-    (scale, shift): (f32, f32),
+    affine: &[(f32, f32)],
     upper: Option<f32>,
 ) {
     assert!(
         x.len() >= p.end() && y.len() >= p.end(),
         "batch norm: planes outside the buffers"
     );
+    assert_eq!(
+        affine.len(),
+        p.channels,
+        "batch norm: one affine map per channel"
+    );
     #[cfg(target_arch = "x86_64")]
     if avx512() {
         // SAFETY: AVX-512F is present; bounds checked above.
-        return unsafe { x86::normalize(x, y.as_ptr(), p, (scale, shift), upper) };
+        return unsafe { x86::normalize(x, y.as_ptr(), p, affine, upper) };
     }
-    for o in p.offsets() {
+    for (o, j) in p.offsets() {
+        let (scale, shift) = affine[j];
         for (i, &v) in x[o..o + p.len].iter().enumerate() {
             let t = v * scale + shift;
             let t = match upper {
@@ -174,35 +201,37 @@ fn clamp(t: f32, upper: f32) -> f32 {
     if t > upper { upper } else { t }
 }
 
-/// `(sum g, sum g (x - mean))` over the planes, `g` the output gradient `dy` with the mask
-/// applied when given.
+/// `(sum g, sum g (x - mean))` over each channel's planes (`means[j]`), `g` the output
+/// gradient `dy` with the mask applied when given.
 pub(crate) fn grad_sums(
     dy: &[f32],
     x: &[f32],
     mask: Option<ActMask>,
     p: Planes,
-    mean: f32,
-) -> (f64, f64) {
+    means: &[f32],
+) -> Vec<(f64, f64)> {
     assert!(
         dy.len() >= p.end() && x.len() >= p.end() && mask.is_none_or(|m| m.y.len() >= p.end()),
         "batch norm: planes outside the gradient"
     );
+    assert_eq!(means.len(), p.channels, "batch norm: one mean per channel");
     #[cfg(target_arch = "x86_64")]
     if avx512() {
         // SAFETY: AVX-512F is present; all planes lie within the buffers (checked above).
-        return unsafe { x86::grad_sums(dy, x, mask, p, mean) };
+        return unsafe { x86::grad_sums(dy, x, mask, p, means) };
     }
-    lane_sums(p, |o, lanes| {
+    lane_sums(p, |o, j, lanes| {
         for (i, l) in lanes.iter_mut().enumerate() {
             let at = o + i;
             let g = mask.map_or(dy[at], |m| masked(dy[at], m.y[at], m.upper));
             l.0 += g;
-            l.1 += g * (x[at] - mean);
+            l.1 += g * (x[at] - means[j]);
         }
     })
 }
 
-/// `dx = k1 g + k2 x + bias` over the planes (`g` as in [`grad_sums`]).
+/// `dx = k1 g + k2 x + bias` over the planes with each channel's `k[j]` (`g` as in
+/// [`grad_sums`]).
 ///
 /// # Safety
 /// As [`normalize`], for `dx`.
@@ -212,7 +241,7 @@ pub(crate) unsafe fn grad_input(
     mask: Option<ActMask>,
     dx: &SharedMut,
     p: Planes,
-    (k1, k2, bias): (f32, f32, f32),
+    k: &[(f32, f32, f32)],
 ) {
     assert!(
         dy.len() >= p.end()
@@ -221,12 +250,18 @@ pub(crate) unsafe fn grad_input(
             && mask.is_none_or(|m| m.y.len() >= p.end()),
         "batch norm: planes outside the gradient"
     );
+    assert_eq!(
+        k.len(),
+        p.channels,
+        "batch norm: one set of terms per channel"
+    );
     #[cfg(target_arch = "x86_64")]
     if avx512() {
         // SAFETY: AVX-512F is present; bounds checked above.
-        return unsafe { x86::grad_input(dy, x, mask, dx.as_ptr(), p, (k1, k2, bias)) };
+        return unsafe { x86::grad_input(dy, x, mask, dx.as_ptr(), p, k) };
     }
-    for o in p.offsets() {
+    for (o, j) in p.offsets() {
+        let (k1, k2, bias) = k[j];
         for i in o..o + p.len {
             let g = mask.map_or(dy[i], |m| masked(dy[i], m.y[i], m.upper));
             // SAFETY: within the planes, which the caller gives this call alone.
@@ -235,23 +270,28 @@ pub(crate) unsafe fn grad_input(
     }
 }
 
-/// Two sums over the planes in 16 f32 lanes each: `add(offset, lanes)` adds up to 16
-/// consecutive values from `offset` (fewer at a plane's end: `lanes` is cut to the plane),
-/// lanes added into f64 every [`FLUSH`] values or more.
-fn lane_sums(p: Planes, add: impl Fn(usize, &mut [(f32, f32)])) -> (f64, f64) {
-    let mut lanes = [(0f32, 0f32); 16];
-    let (mut total, mut pending) = ((0f64, 0f64), 0);
-    let flush = |lanes: &mut [(f32, f32); 16], total: &mut (f64, f64)| {
-        for l in lanes.iter_mut() {
-            total.0 += l.0 as f64;
-            total.1 += l.1 as f64;
-            *l = (0.0, 0.0);
+/// Two sums per channel over the planes in 16 f32 lanes each: `add(offset, j, lanes)` adds
+/// up to 16 consecutive values of channel `j` from `offset` (fewer at a plane's end: `lanes`
+/// is cut to the plane), lanes added into f64 every [`FLUSH`] values or more.
+fn lane_sums(p: Planes, add: impl Fn(usize, usize, &mut [(f32, f32)])) -> Vec<(f64, f64)> {
+    let mut lanes = vec![[(0f32, 0f32); 16]; p.channels];
+    let mut total = vec![(0f64, 0f64); p.channels];
+    let flush = |lanes: &mut [[(f32, f32); 16]], total: &mut [(f64, f64)]| {
+        for (ls, t) in lanes.iter_mut().zip(total.iter_mut()) {
+            for l in ls.iter_mut() {
+                (t.0, t.1) = (t.0 + l.0 as f64, t.1 + l.1 as f64);
+                *l = (0.0, 0.0);
+            }
         }
     };
-    for o in p.offsets() {
-        for start in (0..p.len).step_by(16) {
-            let width = (p.len - start).min(16);
-            add(o + start, &mut lanes[..width]);
+    let mut pending = 0;
+    for s in 0..p.count {
+        for (j, ls) in lanes.iter_mut().enumerate() {
+            let o = p.at(s, j);
+            for start in (0..p.len).step_by(16) {
+                let width = (p.len - start).min(16);
+                add(o + start, j, &mut ls[..width]);
+            }
         }
         pending += p.len;
         if pending >= FLUSH {
@@ -269,38 +309,37 @@ mod x86 {
     use crate::kernels::simd::first_lanes;
     use std::arch::x86_64::*;
 
-    /// Two running sums, each in two f32 vectors, added into f64 every [`FLUSH`] values.
+    /// Two running sums per channel of the block in f32 vectors, added into f64 every
+    /// [`FLUSH`] values of each channel.
     struct Sums {
-        a: [__m512; 2],
-        b: [__m512; 2],
-        total: (f64, f64),
+        vectors: Vec<[__m512; 2]>,
+        total: Vec<(f64, f64)>,
         pending: usize,
     }
 
     impl Sums {
         #[target_feature(enable = "avx512f")]
-        fn new() -> Self {
-            let z = _mm512_setzero_ps();
+        fn new(channels: usize) -> Self {
             Sums {
-                a: [z; 2],
-                b: [z; 2],
-                total: (0.0, 0.0),
+                vectors: vec![[_mm512_setzero_ps(); 2]; channels],
+                total: vec![(0.0, 0.0); channels],
                 pending: 0,
             }
         }
 
-        /// Adds `a` and `b` into sums `k` (0 or 1).
+        /// Adds one plane's two sums (each in two vectors) into channel `j`'s.
         #[inline]
         #[target_feature(enable = "avx512f")]
-        fn add(&mut self, k: usize, a: __m512, b: __m512) {
-            self.a[k] = _mm512_add_ps(self.a[k], a);
-            self.b[k] = _mm512_add_ps(self.b[k], b);
+        fn add_plane(&mut self, j: usize, [a0, a1, b0, b1]: [__m512; 4]) {
+            let v = &mut self.vectors[j];
+            v[0] = _mm512_add_ps(v[0], _mm512_add_ps(a0, a1));
+            v[1] = _mm512_add_ps(v[1], _mm512_add_ps(b0, b1));
         }
 
-        /// Counts a plane of `len` values; flushes the vectors once [`FLUSH`] are pending.
+        /// Counts a sample's planes of `len` values; flushes once [`FLUSH`] are pending.
         #[inline]
         #[target_feature(enable = "avx512f")]
-        fn plane_done(&mut self, len: usize) {
+        fn sample_done(&mut self, len: usize) {
             self.pending += len;
             if self.pending >= FLUSH {
                 self.flush();
@@ -316,14 +355,15 @@ mod x86 {
                 )));
                 _mm512_reduce_add_pd(_mm512_add_pd(lo, hi))
             };
-            self.total.0 += wide(self.a[0]) + wide(self.a[1]);
-            self.total.1 += wide(self.b[0]) + wide(self.b[1]);
-            let z = _mm512_setzero_ps();
-            (self.a, self.b, self.pending) = ([z; 2], [z; 2], 0);
+            for (v, t) in self.vectors.iter_mut().zip(self.total.iter_mut()) {
+                (t.0, t.1) = (t.0 + wide(v[0]), t.1 + wide(v[1]));
+                *v = [_mm512_setzero_ps(); 2];
+            }
+            self.pending = 0;
         }
 
         #[target_feature(enable = "avx512f")]
-        fn finish(mut self) -> (f64, f64) {
+        fn finish(mut self) -> Vec<(f64, f64)> {
             self.flush();
             self.total
         }
@@ -349,21 +389,41 @@ mod x86 {
         }
     }
 
-    /// # Safety
-    /// AVX-512F; the planes lie within `x`.
+    /// Both sums of one plane: `terms(i, mask)` gives the two terms of vector `i` (lanes
+    /// outside `mask` zero), each summed in two alternating vectors.
+    #[inline]
     #[target_feature(enable = "avx512f")]
-    pub(super) unsafe fn shifted_sums(x: &[f32], p: Planes, shift: f32) -> (f64, f64) {
-        let s = _mm512_set1_ps(shift);
-        let mut sums = Sums::new();
-        for o in p.offsets() {
-            let base = x[o..o + p.len].as_ptr();
-            vectors(p.len, |i, m, k| {
-                // SAFETY: value i.. of the plane (masked lanes are not read).
-                let v = unsafe { _mm512_maskz_loadu_ps(m, base.add(i)) };
-                let d = _mm512_maskz_sub_ps(m, v, s);
-                sums.add(k, d, _mm512_mul_ps(d, d));
-            });
-            sums.plane_done(p.len);
+    fn plane_sums(
+        len: usize,
+        mut terms: impl FnMut(usize, __mmask16) -> (__m512, __m512),
+    ) -> [__m512; 4] {
+        let mut s = [_mm512_setzero_ps(); 4];
+        vectors(len, |i, m, k| {
+            let (a, b) = terms(i, m);
+            s[k] = _mm512_add_ps(s[k], a);
+            s[2 + k] = _mm512_add_ps(s[2 + k], b);
+        });
+        s
+    }
+
+    /// # Safety
+    /// AVX-512F; the planes lie within `x`; one shift per channel.
+    #[target_feature(enable = "avx512f")]
+    pub(super) unsafe fn shifted_sums(x: &[f32], p: Planes, shifts: &[f32]) -> Vec<(f64, f64)> {
+        let mut sums = Sums::new(p.channels);
+        for s in 0..p.count {
+            for (j, &shift) in shifts.iter().enumerate() {
+                let base = x[p.at(s, j)..][..p.len].as_ptr();
+                let sh = _mm512_set1_ps(shift);
+                let plane = plane_sums(p.len, |i, m| {
+                    // SAFETY: value i.. of the plane (masked lanes are not read).
+                    let v = unsafe { _mm512_maskz_loadu_ps(m, base.add(i)) };
+                    let d = _mm512_maskz_sub_ps(m, v, sh);
+                    (d, _mm512_mul_ps(d, d))
+                });
+                sums.add_plane(j, plane);
+            }
+            sums.sample_done(p.len);
         }
         sums.finish()
     }
@@ -375,13 +435,13 @@ mod x86 {
         x: &[f32],
         y: *mut f32,
         p: Planes,
-        (scale, shift): (f32, f32),
+        affine: &[(f32, f32)],
         upper: Option<f32>,
     ) {
-        let (a, b) = (_mm512_set1_ps(scale), _mm512_set1_ps(shift));
         let zero = _mm512_setzero_ps();
         let top = _mm512_set1_ps(upper.unwrap_or(f32::INFINITY));
-        for o in p.offsets() {
+        for (o, j) in p.offsets() {
+            let (a, b) = (_mm512_set1_ps(affine[j].0), _mm512_set1_ps(affine[j].1));
             let src = x[o..o + p.len].as_ptr();
             vectors(p.len, |i, m, _| {
                 // SAFETY: value i.. of the plane in `x` and `y` (masked lanes untouched).
@@ -420,27 +480,30 @@ mod x86 {
     }
 
     /// # Safety
-    /// AVX-512F; the planes lie within `dy`, `x` and the mask's `y`.
+    /// AVX-512F; the planes lie within `dy`, `x` and the mask's `y`; one mean per channel.
     #[target_feature(enable = "avx512f")]
     pub(super) unsafe fn grad_sums(
         dy: &[f32],
         x: &[f32],
         mask: Option<ActMask>,
         p: Planes,
-        mean: f32,
-    ) -> (f64, f64) {
-        let mv = _mm512_set1_ps(mean);
-        let mut sums = Sums::new();
-        for o in p.offsets() {
-            vectors(p.len, |i, m, k| {
-                // SAFETY: value o + i.. of the plane in each buffer (masked lanes not read).
-                unsafe {
-                    let g = gradient(dy, mask, o + i, m);
-                    let xc = _mm512_sub_ps(_mm512_maskz_loadu_ps(m, x.as_ptr().add(o + i)), mv);
-                    sums.add(k, g, _mm512_mul_ps(g, xc));
-                }
-            });
-            sums.plane_done(p.len);
+        means: &[f32],
+    ) -> Vec<(f64, f64)> {
+        let mut sums = Sums::new(p.channels);
+        for s in 0..p.count {
+            for (j, &mean) in means.iter().enumerate() {
+                let (o, mv) = (p.at(s, j), _mm512_set1_ps(mean));
+                let plane = plane_sums(p.len, |i, m| {
+                    // SAFETY: value o + i.. of the plane in each buffer (masked lanes not read).
+                    unsafe {
+                        let g = gradient(dy, mask, o + i, m);
+                        let v = _mm512_maskz_loadu_ps(m, x.as_ptr().add(o + i));
+                        (g, _mm512_mul_ps(g, _mm512_sub_ps(v, mv)))
+                    }
+                });
+                sums.add_plane(j, plane);
+            }
+            sums.sample_done(p.len);
         }
         sums.finish()
     }
@@ -454,10 +517,11 @@ mod x86 {
         mask: Option<ActMask>,
         dx: *mut f32,
         p: Planes,
-        (k1, k2, bias): (f32, f32, f32),
+        k: &[(f32, f32, f32)],
     ) {
-        let (k1, k2, bias) = (_mm512_set1_ps(k1), _mm512_set1_ps(k2), _mm512_set1_ps(bias));
-        for o in p.offsets() {
+        for (o, j) in p.offsets() {
+            let (k1, k2, bias) = k[j];
+            let (k1, k2, bias) = (_mm512_set1_ps(k1), _mm512_set1_ps(k2), _mm512_set1_ps(bias));
             vectors(p.len, |i, m, _| {
                 // SAFETY: value o + i.. of the plane in each buffer (masked lanes untouched).
                 unsafe {
@@ -488,8 +552,9 @@ mod tests {
     }
 
     /// Every pass against f64 sums and f32 element formulas, on plane sizes with and
-    /// without a partial vector (1, 9, 36, 40, 144 values), with and without the mask, on
-    /// whichever loops this CPU runs (the portable ones with `SLIMCANDLE_SIMD=avx2`).
+    /// without a partial vector (1, 9, 36, 40, 144 values), blocks of one and of several
+    /// channels, with and without the mask, on whichever loops this CPU runs (the portable
+    /// ones with `SLIMCANDLE_SIMD=avx2`).
     #[test]
     fn channel_passes_match_f64_sums_and_element_formulas() {
         for (n, c, plane) in [(5, 3, 1), (4, 5, 9), (3, 4, 36), (2, 3, 40), (33, 2, 144)] {
@@ -504,57 +569,73 @@ mod tests {
             if y.len() > 2 {
                 y[2] = 6.0;
             }
-            for ch in 0..c {
-                let p = Planes::of(ch, dims);
-                let idx: Vec<usize> = p.offsets().flat_map(|o| o..o + plane).collect();
+            for chans in [0..1, 1..c, 0..c] {
+                let p = Planes::block(chans.clone(), dims);
+                let cb = chans.len();
+                let idx = |j: usize| -> Vec<usize> {
+                    let ch = chans.start + j;
+                    (0..n)
+                        .flat_map(|s| (s * c + ch) * plane..(s * c + ch + 1) * plane)
+                        .collect()
+                };
                 let close = |what: &str, got: f64, want: f64| {
                     assert!(
                         (got - want).abs() <= 1e-5 * (1.0 + want.abs()),
-                        "{what} {dims:?} channel {ch}: {got} vs {want}"
+                        "{what} {dims:?} channels {chans:?}: {got} vs {want}"
                     )
                 };
-                let shift = 0.25;
-                let (s1, s2) = shifted_sums(&x, p, shift);
-                let d = |i: usize| x[i] as f64 - shift as f64;
-                close("shifted sum", s1, idx.iter().map(|&i| d(i)).sum());
-                close(
-                    "shifted squares",
-                    s2,
-                    idx.iter().map(|&i| d(i) * d(i)).sum(),
-                );
+                let shifts: Vec<f32> = (0..cb).map(|j| 0.25 * j as f32 - 0.1).collect();
+                let sums = shifted_sums(&x, p, &shifts);
+                for j in 0..cb {
+                    let d = |i: usize| x[i] as f64 - shifts[j] as f64;
+                    close("shifted sum", sums[j].0, idx(j).iter().map(|&i| d(i)).sum());
+                    close(
+                        "shifted squares",
+                        sums[j].1,
+                        idx(j).iter().map(|&i| d(i) * d(i)).sum(),
+                    );
+                }
 
                 for upper in [None, Some(f32::INFINITY), Some(6.0)] {
                     let mask = upper.map(|upper| ActMask { y: &y, upper });
                     let g = |i: usize| mask.map_or(dy[i], |m| masked(dy[i], y[i], m.upper));
-                    let mean = 0.5;
-                    let (a, b) = grad_sums(&dy, &x, mask, p, mean);
-                    close("gradient sum", a, idx.iter().map(|&i| g(i) as f64).sum());
-                    let xc: f64 = idx
-                        .iter()
-                        .map(|&i| g(i) as f64 * (x[i] as f64 - mean as f64))
-                        .sum();
-                    close("gradient x centred", b, xc);
-
-                    let (k1, k2, bias) = (0.7, -0.3, 0.1);
+                    let means: Vec<f32> = (0..cb).map(|j| 0.5 - 0.2 * j as f32).collect();
+                    let sums = grad_sums(&dy, &x, mask, p, &means);
+                    let k: Vec<(f32, f32, f32)> =
+                        (0..cb).map(|j| (0.7, -0.3 + 0.1 * j as f32, 0.1)).collect();
+                    let affine: Vec<(f32, f32)> = (0..cb).map(|j| (1.3, -0.2 * j as f32)).collect();
                     let mut dx = vec![f32::NAN; x.len()];
                     // SAFETY: dx has the input's length; this call alone writes it.
-                    unsafe {
-                        grad_input(&dy, &x, mask, &SharedMut::new(&mut dx), p, (k1, k2, bias))
-                    };
+                    unsafe { grad_input(&dy, &x, mask, &SharedMut::new(&mut dx), p, &k) };
                     let mut out = vec![f32::NAN; x.len()];
-                    let (scale, sh) = (1.3, -0.2);
                     // SAFETY: as above.
-                    unsafe { normalize(&x, &SharedMut::new(&mut out), p, (scale, sh), upper) };
-                    for &i in &idx {
-                        let want = k1 * g(i) + k2 * x[i] + bias;
-                        assert!((dx[i] - want).abs() <= 1e-6, "dx {dims:?} at {i}");
-                        let t = x[i] * scale + sh;
-                        let want = upper.map_or(t, |u| clamp(t, u));
-                        assert!((out[i] - want).abs() <= 1e-6, "y {dims:?} at {i}");
+                    unsafe { normalize(&x, &SharedMut::new(&mut out), p, &affine, upper) };
+                    let mut written = vec![false; x.len()];
+                    for j in 0..cb {
+                        let ids = idx(j);
+                        close(
+                            "gradient sum",
+                            sums[j].0,
+                            ids.iter().map(|&i| g(i) as f64).sum(),
+                        );
+                        let xc: f64 = ids
+                            .iter()
+                            .map(|&i| g(i) as f64 * (x[i] as f64 - means[j] as f64))
+                            .sum();
+                        close("gradient x centred", sums[j].1, xc);
+                        let (k1, k2, bias) = k[j];
+                        let (scale, sh) = affine[j];
+                        for &i in &ids {
+                            let want = k1 * g(i) + k2 * x[i] + bias;
+                            assert!((dx[i] - want).abs() <= 1e-6, "dx {dims:?} at {i}");
+                            let t = x[i] * scale + sh;
+                            let want = upper.map_or(t, |u| clamp(t, u));
+                            assert!((out[i] - want).abs() <= 1e-6, "y {dims:?} at {i}");
+                            written[i] = true;
+                        }
                     }
                     // Values of other channels are not written.
-                    let others = (0..x.len()).filter(|i| !idx.contains(i));
-                    for i in others {
+                    for i in (0..x.len()).filter(|&i| !written[i]) {
                         assert!(dx[i].is_nan() && out[i].is_nan(), "{dims:?}: wrote {i}");
                     }
                 }
@@ -568,14 +649,14 @@ mod tests {
     fn clamp_and_mask_edges() {
         let x = [f32::NAN, -1.0, -0.0, 0.5, 6.0, 7.0, f32::INFINITY];
         let mut out = vec![0f32; x.len()];
-        let p = Planes::of(0, (1, 1, x.len()));
+        let p = Planes::block(0..1, (1, 1, x.len()));
         // SAFETY: out has x's length; this call alone writes it.
-        unsafe { normalize(&x, &SharedMut::new(&mut out), p, (1.0, 0.0), Some(6.0)) };
+        unsafe { normalize(&x, &SharedMut::new(&mut out), p, &[(1.0, 0.0)], Some(6.0)) };
         assert!(out[0].is_nan());
         assert_eq!(&out[1..], &[0.0, -0.0, 0.5, 6.0, 6.0, 6.0]);
         let dy = [1.0f32; 7];
         let mask = ActMask { y: &x, upper: 6.0 };
-        let (sum, _) = grad_sums(&dy, &[0.0; 7], Some(mask), p, 0.0);
-        assert_eq!(sum, 1.0, "only 0.5 is strictly inside (0, 6)");
+        let sums = grad_sums(&dy, &[0.0; 7], Some(mask), p, &[0.0]);
+        assert_eq!(sums[0].0, 1.0, "only 0.5 is strictly inside (0, 6)");
     }
 }
