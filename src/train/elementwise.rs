@@ -174,6 +174,42 @@ pub(super) fn masked_channel_sums(
     c: usize,
     plane: usize,
 ) -> Vec<f32> {
+    plane_sums_in_place(g, y, c, plane, |gp, yp| map_and_sum(gp, yp, &f))
+}
+
+/// [`masked_channel_sums`] for a ReLU (`upper` infinite) or ReLU6 (`upper` 6): the
+/// gradient kept where `0 < y < upper`, zero elsewhere (and where `y` is NaN), in AVX-512
+/// registers where the CPU has them, with the same sums bit for bit.
+///
+/// Why: compiled for baseline x86-64, the generic loop ran 4 lanes wide, 5% of a SqueezeNet
+/// 1.1 training step (every convolution there has a bias and a ReLU).
+pub(super) fn window_channel_sums(
+    g: &mut [f32],
+    y: &[f32],
+    upper: f32,
+    c: usize,
+    plane: usize,
+) -> Vec<f32> {
+    let window = move |d: f32, v: f32| if v > 0.0 && v < upper { d } else { 0.0 };
+    #[cfg(target_arch = "x86_64")]
+    if crate::kernels::simd::level() == crate::kernels::simd::Level::Avx512 {
+        return plane_sums_in_place(g, y, c, plane, |gp, yp| {
+            // SAFETY: AVX-512F is present.
+            unsafe { x86::window_and_sum(gp, yp, upper) }
+        });
+    }
+    plane_sums_in_place(g, y, c, plane, |gp, yp| map_and_sum(gp, yp, &window))
+}
+
+/// `plane_sum(g_plane, y_plane)` (which may rewrite its gradient plane) over every plane,
+/// each sample in parallel when large, the channels' sums added in sample order.
+fn plane_sums_in_place(
+    g: &mut [f32],
+    y: &[f32],
+    c: usize,
+    plane: usize,
+    plane_sum: impl Fn(&mut [f32], &[f32]) -> f32 + Sync,
+) -> Vec<f32> {
     let sample = c * plane;
     let mut sums = vec![0f32; c];
     if sample == 0 {
@@ -182,7 +218,7 @@ pub(super) fn masked_channel_sums(
     let per_sample = |(gs, ys): (&mut [f32], &[f32])| -> Vec<f32> {
         gs.chunks_exact_mut(plane)
             .zip(ys.chunks_exact(plane))
-            .map(|(gp, yp)| map_and_sum(gp, yp, &f))
+            .map(|(gp, yp)| plane_sum(gp, yp))
             .collect()
     };
     let parts: Vec<Vec<f32>> = if g.len() < PAR_MIN {
@@ -198,6 +234,44 @@ pub(super) fn masked_channel_sums(
     };
     add_in_order(&mut sums, parts);
     sums
+}
+
+#[cfg(target_arch = "x86_64")]
+mod x86 {
+    use std::arch::x86_64::*;
+
+    /// [`map_and_sum`](super::map_and_sum) with the window mask `0 < y < upper`: the same
+    /// 16 lanes (one vector), summed in the same order, then the tail one value at a time.
+    ///
+    /// # Safety
+    /// AVX-512F.
+    #[target_feature(enable = "avx512f")]
+    pub(super) unsafe fn window_and_sum(g: &mut [f32], y: &[f32], upper: f32) -> f32 {
+        let len = g.len().min(y.len());
+        let full = len / 16 * 16;
+        let (zero, top) = (_mm512_setzero_ps(), _mm512_set1_ps(upper));
+        let mut acc = _mm512_setzero_ps();
+        for i in (0..full).step_by(16) {
+            // SAFETY: values i..i + 16 lie within both planes (i + 16 <= full <= len).
+            unsafe {
+                let yv = _mm512_loadu_ps(y.as_ptr().add(i));
+                let pass = _mm512_cmp_ps_mask::<_CMP_GT_OQ>(yv, zero)
+                    & _mm512_cmp_ps_mask::<_CMP_LT_OQ>(yv, top);
+                let d = _mm512_maskz_loadu_ps(pass, g.as_ptr().add(i));
+                _mm512_storeu_ps(g.as_mut_ptr().add(i), d);
+                acc = _mm512_add_ps(acc, d);
+            }
+        }
+        let mut lanes = [0f32; 16];
+        // SAFETY: `lanes` holds 16 values.
+        unsafe { _mm512_storeu_ps(lanes.as_mut_ptr(), acc) };
+        let mut rest = 0f32;
+        for (d, &v) in g[full..len].iter_mut().zip(&y[full..len]) {
+            *d = if v > 0.0 && v < upper { *d } else { 0.0 };
+            rest += *d;
+        }
+        lanes.iter().sum::<f32>() + rest
+    }
 }
 
 /// The sum of `v` in 16 f32 lanes.
@@ -249,7 +323,9 @@ fn add_in_order(sums: &mut [f32], parts: Vec<Vec<f32>>) {
 
 #[cfg(test)]
 mod tests {
-    use super::{PAR_MIN, channel_sums, gather, map, masked_channel_sums, zip_new};
+    use super::{
+        PAR_MIN, channel_sums, gather, map, masked_channel_sums, window_channel_sums, zip_new,
+    };
 
     /// Written once, on the serial path and the parallel one.
     #[test]
@@ -302,6 +378,32 @@ mod tests {
             close(&sums, &expected(&g, true));
             let rewritten: Vec<f32> = g.iter().zip(&y).map(|(&d, &v)| mask(d, v)).collect();
             assert_eq!(masked, rewritten, "{n}x{c}x{plane}");
+        }
+    }
+
+    /// The ReLU and ReLU6 window masks give the generic loop's sums and gradient bit for
+    /// bit (NaN, 0 and 6 outputs included), on plane sizes with and without a tail.
+    #[test]
+    fn window_sums_match_the_generic_loop() {
+        for (n, c, plane) in [(2, 3, 1), (3, 2, 16), (2, 5, 37), (4, 3, 121)] {
+            let len = n * c * plane;
+            let g: Vec<f32> = (0..len)
+                .map(|i| ((i * 37) % 101) as f32 / 7.0 - 5.0)
+                .collect();
+            let mut y: Vec<f32> = (0..len)
+                .map(|i| ((i * 53) % 89) as f32 / 6.0 - 2.0)
+                .collect();
+            y[0] = f32::NAN;
+            y[len / 2] = 6.0;
+            y[len - 1] = 0.0;
+            for upper in [f32::INFINITY, 6.0] {
+                let f = |d: f32, v: f32| if v > 0.0 && v < upper { d } else { 0.0 };
+                let (mut a, mut b) = (g.clone(), g.clone());
+                let want = masked_channel_sums(&mut a, &y, f, c, plane);
+                let got = window_channel_sums(&mut b, &y, upper, c, plane);
+                assert_eq!(got, want, "{n}x{c}x{plane} upper {upper}");
+                assert_eq!(a, b, "{n}x{c}x{plane} upper {upper}");
+            }
         }
     }
 

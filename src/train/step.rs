@@ -33,7 +33,8 @@
 use super::adapter::Adapter;
 use super::distill::{KdWeights, LossParts, distillation_loss_grad};
 use super::elementwise::{
-    add_into, channel_sums, gather, map, masked_channel_sums, per_sample, zip_map, zip_new,
+    add_into, channel_sums, gather, map, masked_channel_sums, per_sample, window_channel_sums,
+    zip_map, zip_new,
 };
 use super::fake_quant::{FakeQuant, fake_quantize};
 use super::feature_kd::{HintLoss, hint_loss_grad};
@@ -786,10 +787,13 @@ fn step(
                 let act = deferred[id].take();
                 if *bias {
                     let db = match &act {
-                        Some((k, ys)) => per_kind!(*k, K => {
-                            let f = |d, v| K.backward(v, d);
-                            masked_channel_sums(&mut g, ys, f, dout.c, plane)
-                        }),
+                        Some((k, ys)) => match ActMask::upper(*k) {
+                            Some(upper) => window_channel_sums(&mut g, ys, upper, dout.c, plane),
+                            None => per_kind!(*k, K => {
+                                let f = |d, v| K.backward(v, d);
+                                masked_channel_sums(&mut g, ys, f, dout.c, plane)
+                            }),
+                        },
                         None => channel_sums(&g, dout.c, plane),
                     };
                     acc_param(&mut pgrads, p("bias"), db);
