@@ -186,6 +186,63 @@ pub(crate) fn sgemm_rows(
     PACKED_A.with(|p| p.replace(packed));
 }
 
+/// Where an implicit-GEMM convolution's left-hand matrix finds its rows in a zero-padded
+/// channels-last input: element `(i, p)`, with `p = t cg + ci` (tap `t`, channel `ci`), at
+/// `a[offsets[t] + i rs + ci]`. Row `i` is an output pixel of one output row (`rs` = the
+/// stride times C), tap `t`'s offset the kernel position's shift in the padded input.
+#[derive(Clone, Copy)]
+pub(crate) struct Taps<'a> {
+    pub offsets: &'a [usize],
+    pub rs: usize,
+    pub cg: usize,
+}
+
+/// `C = A B` (or `C += A B`) with `A` read in place through `taps` (see [`Taps`]; `K` =
+/// taps x `cg`) and `B` packed by [`pack_panels`]: a convolution's product with no column
+/// matrix. `A` is never packed (its rows are not strided), so the tiles broadcast from it.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn sgemm_taps(
+    (m, n, k): (usize, usize, usize),
+    a: &[f32],
+    taps: Taps,
+    b: &[f32],
+    c: &mut [f32],
+    ldc: usize,
+    accumulate: bool,
+    threads: usize,
+) {
+    assert!(available(), "sgemm needs AVX-512");
+    assert_eq!(
+        k,
+        taps.offsets.len() * taps.cg,
+        "sgemm_taps: K is taps x channels"
+    );
+    if !has_work("sgemm", (m, n, k), c, ldc, accumulate) {
+        return;
+    }
+    let a_end = taps
+        .offsets
+        .iter()
+        .max()
+        .and_then(|o| (m - 1).checked_mul(taps.rs).and_then(|r| r.checked_add(*o)))
+        .and_then(|e| e.checked_add(taps.cg));
+    assert!(
+        a_end.is_some_and(|e| e <= a.len()),
+        "sgemm_taps: A too short"
+    );
+    assert!(panels_len(k, n) <= b.len(), "sgemm_taps: B too short");
+    run_panels(
+        (m, n, k),
+        ARef::Taps(a, taps),
+        b,
+        BRows::Panels,
+        c,
+        ldc,
+        accumulate,
+        threads,
+    );
+}
+
 /// The fewest column panels for which a product packs `A` ([`pack_a`]): each panel reads
 /// all of `A` again, so the packing (about a sixteenth of a panel's pass) pays from a few
 /// panels on. Measured on one core (same process, alternating): 1587 x 64 x 144 (two panels)
@@ -259,6 +316,7 @@ fn pack_a(a: &[f32], (m, k): (usize, usize), (rs, cs): (usize, usize), packed: &
 enum ARef<'a> {
     Strided(&'a [f32], usize, usize),
     Packed(&'a [f32]),
+    Taps(&'a [f32], Taps<'a>),
 }
 
 /// The panels of a product on the team (or this thread); the operands checked by the caller.
@@ -288,6 +346,10 @@ fn run_panels(
                 }
                 ARef::Packed(a) => {
                     let a = x86::APacked(a.as_ptr(), k);
+                    panels_of(a, (m, n, k), b, rows, c, accumulate, panels)
+                }
+                ARef::Taps(a, taps) => {
+                    let a = x86::ATaps::new(a.as_ptr(), taps.offsets, taps.rs, taps.cg);
                     panels_of(a, (m, n, k), b, rows, c, accumulate, panels)
                 }
             }
@@ -426,6 +488,11 @@ mod x86 {
         unsafe fn rows_from(self, i0: usize) -> Self;
         /// The same rows, `p` columns on (the K blocks of a packed `B`).
         fn skip_columns(self, p: usize) -> Self;
+        /// What the tile's inner loop reads the columns from the current one with, and how
+        /// many columns that reader covers before `A`'s layout jumps (`usize::MAX`: none):
+        /// the taps of an implicit convolution, each a plain strided run.
+        type Run: ARead;
+        fn run(self) -> (Self::Run, usize);
     }
 
     /// `A`'s element `(i, p)` at `base + i rs + p cs`.
@@ -448,6 +515,11 @@ mod x86 {
         #[inline(always)]
         fn skip_columns(self, p: usize) -> Self {
             AStrided(self.0.wrapping_add(p * self.2), self.1, self.2)
+        }
+        type Run = Self;
+        #[inline(always)]
+        fn run(self) -> (Self, usize) {
+            (self, usize::MAX)
         }
     }
 
@@ -472,6 +544,96 @@ mod x86 {
         #[inline(always)]
         fn skip_columns(self, p: usize) -> Self {
             APacked(self.0.wrapping_add(p * MR), self.1)
+        }
+        type Run = Self;
+        #[inline(always)]
+        fn run(self) -> (Self, usize) {
+            (self, usize::MAX)
+        }
+    }
+
+    /// `A` read in place through a convolution's taps ([`Taps`](super::Taps)): the current
+    /// column is channel `cg - left` of tap `t`, at `cur` for the tile's first row.
+    #[derive(Clone, Copy)]
+    pub(super) struct ATaps {
+        /// The tile's first row at tap offset 0.
+        row: *const f32,
+        cur: *const f32,
+        offsets: *const usize,
+        taps: usize,
+        t: usize,
+        left: usize,
+        rs: usize,
+        cg: usize,
+    }
+
+    impl ATaps {
+        pub(super) fn new(base: *const f32, offsets: &[usize], rs: usize, cg: usize) -> Self {
+            let first = offsets.first().copied().unwrap_or(0);
+            ATaps {
+                row: base,
+                cur: base.wrapping_add(first),
+                offsets: offsets.as_ptr(),
+                taps: offsets.len(),
+                t: 0,
+                left: cg,
+                rs,
+                cg,
+            }
+        }
+
+        /// Column `p` (from the first) of the same rows.
+        #[inline(always)]
+        fn at_column(self, p: usize) -> Self {
+            let (t, ci) = (p / self.cg, p % self.cg);
+            let cur = if t < self.taps {
+                // SAFETY: t < taps, within the offsets.
+                self.row.wrapping_add(unsafe { *self.offsets.add(t) } + ci)
+            } else {
+                self.row
+            };
+            ATaps {
+                cur,
+                t,
+                left: self.cg - ci,
+                ..self
+            }
+        }
+    }
+
+    impl ARead for ATaps {
+        #[inline(always)]
+        unsafe fn value(self, r: usize) -> f32 {
+            unsafe { *self.cur.add(r * self.rs) }
+        }
+        #[inline(always)]
+        fn next(self) -> Self {
+            if self.left > 1 {
+                return ATaps {
+                    cur: self.cur.wrapping_add(1),
+                    left: self.left - 1,
+                    ..self
+                };
+            }
+            self.at_column((self.t + 1) * self.cg)
+        }
+        #[inline(always)]
+        unsafe fn rows_from(self, i0: usize) -> Self {
+            let shift = i0 * self.rs;
+            ATaps {
+                row: self.row.wrapping_add(shift),
+                cur: self.cur.wrapping_add(shift),
+                ..self
+            }
+        }
+        #[inline(always)]
+        fn skip_columns(self, p: usize) -> Self {
+            self.at_column(self.t * self.cg + (self.cg - self.left) + p)
+        }
+        type Run = AStrided;
+        #[inline(always)]
+        fn run(self) -> (AStrided, usize) {
+            (AStrided(self.cur, self.rs, 1), self.left)
         }
     }
 
@@ -773,31 +935,39 @@ mod x86 {
         unsafe {
             let mut sum = [[_mm512_setzero_ps(); V]; R];
             let mut a = a;
-            for p in 0..k {
-                let bp = b.at(p);
-                let mut bv = [_mm512_setzero_ps(); V];
-                for (v, vec) in bv.iter_mut().enumerate() {
-                    *vec = if v + 1 == V {
-                        _mm512_maskz_loadu_ps(mask, bp.add(16 * v))
-                    } else {
-                        _mm512_loadu_ps(bp.add(16 * v))
-                    };
-                }
-                for (r, row) in sum.iter_mut().enumerate() {
-                    let s = _mm512_set1_ps(a.value(r));
-                    for v in 0..V {
-                        row[v] = _mm512_fmadd_ps(s, bv[v], row[v]);
+            let mut p0 = 0;
+            while p0 < k {
+                // The columns up to where `A`'s layout jumps (all of them but for taps).
+                let (mut ar, len) = a.run();
+                let end = k.min(p0.saturating_add(len));
+                for p in p0..end {
+                    let bp = b.at(p);
+                    let mut bv = [_mm512_setzero_ps(); V];
+                    for (v, vec) in bv.iter_mut().enumerate() {
+                        *vec = if v + 1 == V {
+                            _mm512_maskz_loadu_ps(mask, bp.add(16 * v))
+                        } else {
+                            _mm512_loadu_ps(bp.add(16 * v))
+                        };
                     }
+                    for (r, row) in sum.iter_mut().enumerate() {
+                        let s = _mm512_set1_ps(ar.value(r));
+                        for v in 0..V {
+                            row[v] = _mm512_fmadd_ps(s, bv[v], row[v]);
+                        }
+                    }
+                    if PF {
+                        // The same row of the next panel, two cache lines (never faults, even
+                        // past the end of `B`).
+                        // (`wrapping_add`: the address may lie past `B`, which a prefetch may
+                        // name but `add` may not.)
+                        _mm_prefetch::<_MM_HINT_T0>(bp.wrapping_add(NR) as *const i8);
+                        _mm_prefetch::<_MM_HINT_T0>(bp.wrapping_add(NR + 16) as *const i8);
+                    }
+                    ar = ar.next();
                 }
-                if PF {
-                    // The same row of the next panel, two cache lines (never faults, even
-                    // past the end of `B`).
-                    // (`wrapping_add`: the address may lie past `B`, which a prefetch may
-                    // name but `add` may not.)
-                    _mm_prefetch::<_MM_HINT_T0>(bp.wrapping_add(NR) as *const i8);
-                    _mm_prefetch::<_MM_HINT_T0>(bp.wrapping_add(NR + 16) as *const i8);
-                }
-                a = a.next();
+                a = a.skip_columns(end - p0);
+                p0 = end;
             }
             for (r, row) in sum.iter().enumerate() {
                 let out = cp.add(r * ldc);
@@ -829,8 +999,15 @@ mod x86 {
     pub(super) trait ARead {}
     pub(super) struct AStrided(pub *const f32, pub usize, pub usize);
     pub(super) struct APacked(pub *const f32, pub usize);
+    pub(super) struct ATaps;
+    impl ATaps {
+        pub(super) fn new(_: *const f32, _: &[usize], _: usize, _: usize) -> Self {
+            ATaps
+        }
+    }
     impl ARead for AStrided {}
     impl ARead for APacked {}
+    impl ARead for ATaps {}
     pub(super) struct Strided(pub *const f32, pub usize);
     pub(super) struct Table(pub *const f32, pub *const usize);
     pub(super) struct Transposed(pub *const f32, pub usize);
