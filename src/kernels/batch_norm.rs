@@ -17,8 +17,8 @@
 
 mod channel;
 
-pub(crate) use channel::ActMask;
 use channel::Planes;
+pub(crate) use channel::{ActMask, Source};
 
 use super::{
     activation::Kind,
@@ -36,6 +36,9 @@ pub(crate) struct Stats {
     /// Biased (divided by N H W).
     pub var: Vec<f32>,
     pub invstd: Vec<f32>,
+    /// The per-channel map `y = x scale + shift` the forward applied (before its clamp): a
+    /// following ReLU's mask is recomputed from it in the backward ([`channel::Source`]).
+    pub affine: Vec<(f32, f32)>,
 }
 
 /// `(n, c, h * w)` of an NCHW tensor.
@@ -232,7 +235,7 @@ pub(crate) fn train_forward(
     let upper = act.and_then(ActMask::upper);
     let mut y: Vec<f32> = Vec::with_capacity(len);
     let out = SharedMut::uninit(&mut y.spare_capacity_mut()[..len]);
-    let per_block: Vec<Vec<(f32, f32, f32)>> = blocks(dims)
+    let per_block: Vec<Vec<((f32, f32, f32), (f32, f32))>> = blocks(dims)
         .into_par_iter()
         .map(|chans| {
             let planes = Planes::block(chans.clone(), dims);
@@ -267,16 +270,17 @@ pub(crate) fn train_forward(
                     dst.iter_mut().for_each(|v| *v = k.forward(*v));
                 }
             }
-            stats
+            stats.into_iter().zip(affine).collect()
         })
         .collect();
     // SAFETY: the blocks' planes cover all `len` values, each written above.
     unsafe { y.set_len(len) };
-    let per_channel: Vec<(f32, f32, f32)> = per_block.into_iter().flatten().collect();
+    let per_channel: Vec<_> = per_block.into_iter().flatten().collect();
     let stats = Stats {
-        mean: per_channel.iter().map(|s| s.0).collect(),
-        var: per_channel.iter().map(|s| s.1).collect(),
-        invstd: per_channel.iter().map(|s| s.2).collect(),
+        mean: per_channel.iter().map(|s| s.0.0).collect(),
+        var: per_channel.iter().map(|s| s.0.1).collect(),
+        invstd: per_channel.iter().map(|s| s.0.2).collect(),
+        affine: per_channel.iter().map(|s| s.1).collect(),
     };
     (y, stats)
 }
@@ -303,6 +307,7 @@ pub(crate) fn train_backward(
     let shared = SharedMut::uninit(&mut out.spare_capacity_mut()[..len]);
     blocks(dims).into_par_iter().for_each(|chans| {
         let planes = Planes::block(chans.clone(), dims);
+        let mask = mask.map(|m| m.for_channels(chans.clone()));
         let sums = channel::grad_sums(dy, x, mask, planes, &mean[chans.clone()]);
         let mut k = Vec::with_capacity(chans.len());
         for (ch, (sum_dy, sum_dy_xc)) in chans.zip(sums) {

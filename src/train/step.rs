@@ -43,7 +43,7 @@ use crate::exec::check_input;
 use crate::graph::{Activation, Graph, Op};
 use crate::kernels::activation::Kind;
 use crate::kernels::alloc::zeroed;
-use crate::kernels::batch_norm::{ActMask, Stats, train_backward, train_forward};
+use crate::kernels::batch_norm::{ActMask, Source, Stats, train_backward, train_forward};
 use crate::kernels::conv::ConvGeom;
 use crate::kernels::gemm::{MatMut, MatRef, matmul, parallelism};
 use crate::kernels::{conv_gemm, depthwise, pool};
@@ -756,6 +756,8 @@ fn step(
     let mut left: Vec<usize> = consumers.iter().map(Vec::len).collect();
     // A fused activation's kind and output, for its producer's backward to apply.
     let mut deferred: Vec<Option<(Kind, Vec<f32>)>> = (0..count).map(|_| None).collect();
+    // Whether a deferred activation's values are its output (not a fake-quantization mask).
+    let mut deferred_is_output = vec![false; count];
     acc_owned(&mut grads[graph.output], dlogits);
     for id in (0..count).rev() {
         let node = &graph.nodes[id];
@@ -848,9 +850,18 @@ fn step(
                 let Saved::Bn(stats) = &saved[id] else {
                     unreachable!("saved by the forward pass")
                 };
-                // A ReLU or ReLU6 after it masks the gradient inside the batch norm's passes.
+                // A ReLU or ReLU6 after it masks the gradient inside the batch norm's passes,
+                // from its output recomputed out of the input when `ys` is that output (one
+                // buffer fewer to read), else from `ys` (a fake-quantization mask).
                 let act = deferred[id].take();
-                let mask = act.as_ref().and_then(|(k, ys)| ActMask::of(*k, ys));
+                let mask = act.as_ref().and_then(|(k, ys)| {
+                    let upper = ActMask::upper(*k)?;
+                    let source = match deferred_is_output[id] {
+                        true => Source::Affine(&stats.affine),
+                        false => Source::Output(ys),
+                    };
+                    Some(ActMask { source, upper })
+                });
                 if let (Some((k, ys)), None) = (&act, mask) {
                     act_backward(&mut g, ys, *k);
                 }
@@ -906,6 +917,7 @@ fn step(
                 let k = kind_of(*act).expect("only ReLU and ReLU6 are fused");
                 // Fake-quantized, the mask (1 or 0) stands for the output: the activation's
                 // backward passes exactly where the mask does.
+                deferred_is_output[inp0] = fq_mask.is_none();
                 let ys = fq_mask.unwrap_or_else(|| own.expect("kept for the backward pass"));
                 deferred[inp0] = Some((k, ys));
                 acc_owned(&mut grads[inp0], g);

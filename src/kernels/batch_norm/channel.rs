@@ -77,38 +77,65 @@ impl Planes {
 }
 
 /// The ReLU or ReLU6 after a batch norm, as its backward sees it: the gradient passes where
-/// the activation's output `y` is in `(0, upper)` (`upper` infinite for ReLU) and is zero
-/// elsewhere (a NaN in `y` blocks it), as `Kind::backward` does on the output.
+/// the activation's output is in `(0, upper)` (`upper` infinite for ReLU) and is zero
+/// elsewhere (a NaN blocks it), as `Kind::backward` does on the output.
 #[derive(Clone, Copy)]
 pub(crate) struct ActMask<'a> {
-    pub y: &'a [f32],
+    pub source: Source<'a>,
     pub upper: f32,
 }
 
+/// Where [`ActMask`] finds the activation's output.
+#[derive(Clone, Copy)]
+pub(crate) enum Source<'a> {
+    /// As the forward pass stored it (or a fake-quantization mask of 1 and 0 standing for it).
+    Output(&'a [f32]),
+    /// Recomputed from the batch norm's input with the forward's affine map, `affine[j]` for
+    /// channel `j` of the block: the same operations as [`normalize`], so the same values,
+    /// and one buffer fewer read in each backward pass (the output is not read at all).
+    Affine(&'a [(f32, f32)]),
+}
+
 impl<'a> ActMask<'a> {
-    /// The mask of activation `k` with outputs `y`; `None` for activations other than ReLU
-    /// and ReLU6 (whose backward is not a mask of the output).
-    pub(crate) fn of(k: Kind, y: &'a [f32]) -> Option<Self> {
+    /// The clamp's upper end of activation `k` in the forward pass (`None`: not a clamp).
+    pub(crate) fn upper(k: Kind) -> Option<f32> {
         match k {
-            Kind::Relu => Some(ActMask {
-                y,
-                upper: f32::INFINITY,
-            }),
-            Kind::Relu6 => Some(ActMask { y, upper: 6.0 }),
+            Kind::Relu => Some(f32::INFINITY),
+            Kind::Relu6 => Some(6.0),
             _ => None,
         }
     }
 
-    /// The clamp's upper end of activation `k` in the forward pass (`None`: not a clamp).
-    pub(crate) fn upper(k: Kind) -> Option<f32> {
-        Self::of(k, &[]).map(|m| m.upper)
+    /// The mask for the block of channels `channels` (an affine source cut to them).
+    pub(crate) fn for_channels(self, channels: std::ops::Range<usize>) -> Self {
+        match self.source {
+            Source::Output(_) => self,
+            Source::Affine(a) => ActMask {
+                source: Source::Affine(&a[channels]),
+                upper: self.upper,
+            },
+        }
     }
-}
 
-/// Applies the mask to one gradient value (the portable loops' form of it).
-#[inline(always)]
-fn masked(g: f32, y: f32, upper: f32) -> f32 {
-    if y > 0.0 && y < upper { g } else { 0.0 }
+    /// Whether the source covers these planes.
+    fn covers(&self, p: Planes) -> bool {
+        match self.source {
+            Source::Output(y) => y.len() >= p.end(),
+            Source::Affine(a) => a.len() >= p.channels,
+        }
+    }
+
+    /// The gradient `g` at value `at` (input `x`, block channel `j`) with the mask applied:
+    /// the portable loops' form.
+    #[inline(always)]
+    fn apply(&self, g: f32, at: usize, x: f32, j: usize) -> f32 {
+        let y = match self.source {
+            Source::Output(y) => y[at],
+            // As `normalize` computes it (before the clamp, which keeps (0, upper) as is).
+            Source::Affine(a) => x * a[j].0 + a[j].1,
+        };
+        if y > 0.0 && y < self.upper { g } else { 0.0 }
+    }
 }
 
 /// Whether the AVX-512 loops run (checked once per call of a public pass).
@@ -211,7 +238,7 @@ pub(crate) fn grad_sums(
     means: &[f32],
 ) -> Vec<(f64, f64)> {
     assert!(
-        dy.len() >= p.end() && x.len() >= p.end() && mask.is_none_or(|m| m.y.len() >= p.end()),
+        dy.len() >= p.end() && x.len() >= p.end() && mask.is_none_or(|m| m.covers(p)),
         "batch norm: planes outside the gradient"
     );
     assert_eq!(means.len(), p.channels, "batch norm: one mean per channel");
@@ -223,7 +250,7 @@ pub(crate) fn grad_sums(
     lane_sums(p, |o, j, lanes| {
         for (i, l) in lanes.iter_mut().enumerate() {
             let at = o + i;
-            let g = mask.map_or(dy[at], |m| masked(dy[at], m.y[at], m.upper));
+            let g = mask.map_or(dy[at], |m| m.apply(dy[at], at, x[at], j));
             l.0 += g;
             l.1 += g * (x[at] - means[j]);
         }
@@ -247,7 +274,7 @@ pub(crate) unsafe fn grad_input(
         dy.len() >= p.end()
             && x.len() >= p.end()
             && dx.len() >= p.end()
-            && mask.is_none_or(|m| m.y.len() >= p.end()),
+            && mask.is_none_or(|m| m.covers(p)),
         "batch norm: planes outside the gradient"
     );
     assert_eq!(
@@ -263,7 +290,7 @@ pub(crate) unsafe fn grad_input(
     for (o, j) in p.offsets() {
         let (k1, k2, bias) = k[j];
         for i in o..o + p.len {
-            let g = mask.map_or(dy[i], |m| masked(dy[i], m.y[i], m.upper));
+            let g = mask.map_or(dy[i], |m| m.apply(dy[i], i, x[i], j));
             // SAFETY: within the planes, which the caller gives this call alone.
             unsafe { dx.as_ptr().add(i).write(k1 * g + k2 * x[i] + bias) };
         }
@@ -305,7 +332,7 @@ fn lane_sums(p: Planes, add: impl Fn(usize, usize, &mut [(f32, f32)])) -> Vec<(f
 
 #[cfg(target_arch = "x86_64")]
 mod x86 {
-    use super::{ActMask, FLUSH, Planes};
+    use super::{ActMask, FLUSH, Planes, Source};
     use crate::kernels::simd::first_lanes;
     use std::arch::x86_64::*;
 
@@ -458,24 +485,45 @@ mod x86 {
         }
     }
 
-    /// The gradient's vector at value `at` with the mask applied (lanes outside `m` zero).
-    ///
-    /// # Safety
-    /// AVX-512F; the lanes `m` from `at` lie within `dy` and the mask's `y`.
+    /// The mask's recomputing map for block channel `j` as vectors (zeros for no mask or a
+    /// stored output).
     #[inline]
     #[target_feature(enable = "avx512f")]
-    unsafe fn gradient(dy: &[f32], mask: Option<ActMask>, at: usize, m: __mmask16) -> __m512 {
+    fn affine_of(mask: Option<ActMask>, j: usize) -> (__m512, __m512) {
+        match mask.map(|m| m.source) {
+            Some(Source::Affine(a)) => (_mm512_set1_ps(a[j].0), _mm512_set1_ps(a[j].1)),
+            _ => (_mm512_setzero_ps(), _mm512_setzero_ps()),
+        }
+    }
+
+    /// The gradient's vector at value `at` with the mask applied (lanes outside `m` zero);
+    /// `v` is the input's vector there and `ab` [`affine_of`] its channel.
+    ///
+    /// # Safety
+    /// AVX-512F; the lanes `m` from `at` lie within `dy` and a stored output.
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    unsafe fn gradient(
+        dy: &[f32],
+        mask: Option<ActMask>,
+        at: usize,
+        m: __mmask16,
+        v: __m512,
+        (a, b): (__m512, __m512),
+    ) -> __m512 {
         // SAFETY: the caller's.
         unsafe {
-            match mask {
-                None => _mm512_maskz_loadu_ps(m, dy.as_ptr().add(at)),
-                Some(act) => {
-                    let y = _mm512_maskz_loadu_ps(m, act.y.as_ptr().add(at));
-                    let pass = _mm512_mask_cmp_ps_mask::<_CMP_GT_OQ>(m, y, _mm512_setzero_ps())
-                        & _mm512_cmp_ps_mask::<_CMP_LT_OQ>(y, _mm512_set1_ps(act.upper));
-                    _mm512_maskz_loadu_ps(pass, dy.as_ptr().add(at))
-                }
-            }
+            let Some(act) = mask else {
+                return _mm512_maskz_loadu_ps(m, dy.as_ptr().add(at));
+            };
+            let y = match act.source {
+                Source::Output(y) => _mm512_maskz_loadu_ps(m, y.as_ptr().add(at)),
+                // `normalize`'s value before its clamp (the clamp keeps (0, upper) as is).
+                Source::Affine(_) => _mm512_fmadd_ps(v, a, b),
+            };
+            let pass = _mm512_mask_cmp_ps_mask::<_CMP_GT_OQ>(m, y, _mm512_setzero_ps())
+                & _mm512_cmp_ps_mask::<_CMP_LT_OQ>(y, _mm512_set1_ps(act.upper));
+            _mm512_maskz_loadu_ps(pass, dy.as_ptr().add(at))
         }
     }
 
@@ -492,12 +540,12 @@ mod x86 {
         let mut sums = Sums::new(p.channels);
         for s in 0..p.count {
             for (j, &mean) in means.iter().enumerate() {
-                let (o, mv) = (p.at(s, j), _mm512_set1_ps(mean));
+                let (o, mv, ab) = (p.at(s, j), _mm512_set1_ps(mean), affine_of(mask, j));
                 let plane = plane_sums(p.len, |i, m| {
                     // SAFETY: value o + i.. of the plane in each buffer (masked lanes not read).
                     unsafe {
-                        let g = gradient(dy, mask, o + i, m);
                         let v = _mm512_maskz_loadu_ps(m, x.as_ptr().add(o + i));
+                        let g = gradient(dy, mask, o + i, m, v, ab);
                         (g, _mm512_mul_ps(g, _mm512_sub_ps(v, mv)))
                     }
                 });
@@ -522,11 +570,12 @@ mod x86 {
         for (o, j) in p.offsets() {
             let (k1, k2, bias) = k[j];
             let (k1, k2, bias) = (_mm512_set1_ps(k1), _mm512_set1_ps(k2), _mm512_set1_ps(bias));
+            let ab = affine_of(mask, j);
             vectors(p.len, |i, m, _| {
                 // SAFETY: value o + i.. of the plane in each buffer (masked lanes untouched).
                 unsafe {
-                    let g = gradient(dy, mask, o + i, m);
                     let v = _mm512_maskz_loadu_ps(m, x.as_ptr().add(o + i));
+                    let g = gradient(dy, mask, o + i, m, v, ab);
                     let d = _mm512_fmadd_ps(k2, v, _mm512_fmadd_ps(k1, g, bias));
                     _mm512_mask_storeu_ps(dx.add(o + i), m, d);
                 }
@@ -538,6 +587,11 @@ mod x86 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The mask on one value of a stored output.
+    fn masked(g: f32, y: f32, upper: f32) -> f32 {
+        if y > 0.0 && y < upper { g } else { 0.0 }
+    }
 
     fn data(len: usize, seed: u32) -> Vec<f32> {
         let mut s = seed.wrapping_mul(2_654_435_761).wrapping_add(12_345);
@@ -597,7 +651,10 @@ mod tests {
                 }
 
                 for upper in [None, Some(f32::INFINITY), Some(6.0)] {
-                    let mask = upper.map(|upper| ActMask { y: &y, upper });
+                    let mask = upper.map(|upper| ActMask {
+                        source: Source::Output(&y),
+                        upper,
+                    });
                     let g = |i: usize| mask.map_or(dy[i], |m| masked(dy[i], y[i], m.upper));
                     let means: Vec<f32> = (0..cb).map(|j| 0.5 - 0.2 * j as f32).collect();
                     let sums = grad_sums(&dy, &x, mask, p, &means);
@@ -638,6 +695,35 @@ mod tests {
                     for i in (0..x.len()).filter(|&i| !written[i]) {
                         assert!(dx[i].is_nan() && out[i].is_nan(), "{dims:?}: wrote {i}");
                     }
+                    // The mask recomputed from x and the forward's map is the mask of the
+                    // forward's output, bit for bit (values at 0 and at the clamp included).
+                    if let Some(upper) = upper {
+                        let stored = ActMask {
+                            source: Source::Output(&out),
+                            upper,
+                        };
+                        let again = ActMask {
+                            source: Source::Affine(&affine),
+                            upper,
+                        };
+                        let (a, b) = (Some(stored), Some(again));
+                        let bits = |v: &[(f64, f64)]| -> Vec<(u64, u64)> {
+                            v.iter().map(|s| (s.0.to_bits(), s.1.to_bits())).collect()
+                        };
+                        assert_eq!(
+                            bits(&grad_sums(&dy, &x, a, p, &means)),
+                            bits(&grad_sums(&dy, &x, b, p, &means)),
+                            "{dims:?}"
+                        );
+                        let (mut da, mut db) = (vec![0f32; x.len()], vec![0f32; x.len()]);
+                        // SAFETY: as above.
+                        unsafe {
+                            grad_input(&dy, &x, a, &SharedMut::new(&mut da), p, &k);
+                            grad_input(&dy, &x, b, &SharedMut::new(&mut db), p, &k);
+                        }
+                        let eq = da.iter().zip(&db).all(|(u, v)| u.to_bits() == v.to_bits());
+                        assert!(eq, "{dims:?}: dx");
+                    }
                 }
             }
         }
@@ -655,7 +741,10 @@ mod tests {
         assert!(out[0].is_nan());
         assert_eq!(&out[1..], &[0.0, -0.0, 0.5, 6.0, 6.0, 6.0]);
         let dy = [1.0f32; 7];
-        let mask = ActMask { y: &x, upper: 6.0 };
+        let mask = ActMask {
+            source: Source::Output(&x),
+            upper: 6.0,
+        };
         let sums = grad_sums(&dy, &[0.0; 7], Some(mask), p, &[0.0]);
         assert_eq!(sums[0].0, 1.0, "only 0.5 is strictly inside (0, 6)");
     }
