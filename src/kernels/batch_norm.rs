@@ -210,6 +210,14 @@ fn blocks((_, c, plane): (usize, usize, usize)) -> Vec<std::ops::Range<usize>> {
     (0..c).step_by(b).map(|c0| c0..(c0 + b).min(c)).collect()
 }
 
+/// One channel's entries of [`Stats`].
+struct ChannelStats {
+    mean: f32,
+    var: f32,
+    invstd: f32,
+    affine: (f32, f32),
+}
+
 /// Train-mode batch norm on slices: `y` (same layout as `x`, NCHW with `dims` = (N, C,
 /// H * W)), followed by the activation `act` if given, and the batch statistics.
 ///
@@ -235,7 +243,7 @@ pub(crate) fn train_forward(
     let upper = act.and_then(ActMask::upper);
     let mut y: Vec<f32> = Vec::with_capacity(len);
     let out = SharedMut::uninit(&mut y.spare_capacity_mut()[..len]);
-    let per_block: Vec<Vec<((f32, f32, f32), (f32, f32))>> = blocks(dims)
+    let per_block: Vec<Vec<ChannelStats>> = blocks(dims)
         .into_par_iter()
         .map(|chans| {
             let planes = Planes::block(chans.clone(), dims);
@@ -247,20 +255,24 @@ pub(crate) fn train_forward(
                 .map(|s| (s.0 / plane as f64) as f32)
                 .collect();
             let sums = channel::shifted_sums(x, planes, &shifts);
-            let mut stats = Vec::with_capacity(chans.len());
-            let mut affine = Vec::with_capacity(chans.len());
+            let mut stats: Vec<ChannelStats> = Vec::with_capacity(chans.len());
             for ((ch, (s1, s2)), shift) in chans.zip(sums).zip(shifts) {
                 let d = s1 / count;
                 let mean = shift as f64 + d;
                 let var = (s2 / count - d * d).max(0.0);
                 let invstd = 1.0 / (var + eps).sqrt();
                 let g = gamma[ch] as f64;
-                affine.push((
-                    (g * invstd) as f32,
-                    (beta[ch] as f64 - mean * g * invstd) as f32,
-                ));
-                stats.push((mean as f32, var as f32, invstd as f32));
+                stats.push(ChannelStats {
+                    mean: mean as f32,
+                    var: var as f32,
+                    invstd: invstd as f32,
+                    affine: (
+                        (g * invstd) as f32,
+                        (beta[ch] as f64 - mean * g * invstd) as f32,
+                    ),
+                });
             }
+            let affine: Vec<(f32, f32)> = stats.iter().map(|s| s.affine).collect();
             // SAFETY: this block's planes are written by this task only; `y` outlives it.
             unsafe { channel::normalize(x, &out, planes, &affine, upper) };
             if let (Some(k), None) = (act, upper) {
@@ -270,17 +282,17 @@ pub(crate) fn train_forward(
                     dst.iter_mut().for_each(|v| *v = k.forward(*v));
                 }
             }
-            stats.into_iter().zip(affine).collect()
+            stats
         })
         .collect();
     // SAFETY: the blocks' planes cover all `len` values, each written above.
     unsafe { y.set_len(len) };
-    let per_channel: Vec<_> = per_block.into_iter().flatten().collect();
+    let per_channel: Vec<ChannelStats> = per_block.into_iter().flatten().collect();
     let stats = Stats {
-        mean: per_channel.iter().map(|s| s.0.0).collect(),
-        var: per_channel.iter().map(|s| s.0.1).collect(),
-        invstd: per_channel.iter().map(|s| s.0.2).collect(),
-        affine: per_channel.iter().map(|s| s.1).collect(),
+        mean: per_channel.iter().map(|s| s.mean).collect(),
+        var: per_channel.iter().map(|s| s.var).collect(),
+        invstd: per_channel.iter().map(|s| s.invstd).collect(),
+        affine: per_channel.iter().map(|s| s.affine).collect(),
     };
     (y, stats)
 }
