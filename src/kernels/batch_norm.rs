@@ -443,3 +443,86 @@ impl CustomOp3 for BatchNormEval {
         Ok((Some(dx), Some(dscale), Some(dshift)))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The forward (ReLU fused) and backward (its mask read from the output and recomputed)
+    /// against an f64 reference, on shapes whose small planes run in blocks of several
+    /// channels and whose large ones one channel a task.
+    #[test]
+    fn train_passes_match_an_f64_reference_in_channel_blocks() {
+        for dims @ (n, c, plane) in [(8, 64, 64), (6, 40, 9), (3, 16, 300), (4, 24, 36)] {
+            assert!(plane >= BLOCK_VALUES || channel_block(c, plane) > 1 || c < 16);
+            let len = n * c * plane;
+            let x: Vec<f32> = (0..len)
+                .map(|i| ((i * 7919) % 1013) as f32 / 200.0 - 2.0)
+                .collect();
+            let dy: Vec<f32> = (0..len)
+                .map(|i| ((i * 104_729) % 997) as f32 / 500.0 - 1.0)
+                .collect();
+            let gamma: Vec<f32> = (0..c).map(|j| 0.5 + j as f32 / c as f32).collect();
+            let beta: Vec<f32> = (0..c).map(|j| 0.3 - j as f32 / (2 * c) as f32).collect();
+            let (y, stats) = train_forward(&x, &gamma, &beta, 1e-5, dims, Some(Kind::Relu));
+            let at = |s: usize, ch: usize, i: usize| (s * c + ch) * plane + i;
+            let m = (n * plane) as f64;
+            let mut want_dx = vec![0f64; len];
+            let mut want_dg = vec![0f64; c];
+            let mut want_db = vec![0f64; c];
+            for ch in 0..c {
+                let idx: Vec<usize> = (0..n)
+                    .flat_map(|s| (0..plane).map(move |i| at(s, ch, i)))
+                    .collect();
+                let mean = idx.iter().map(|&k| x[k] as f64).sum::<f64>() / m;
+                let var = idx
+                    .iter()
+                    .map(|&k| (x[k] as f64 - mean).powi(2))
+                    .sum::<f64>()
+                    / m;
+                let is = 1.0 / (var + 1e-5).sqrt();
+                assert!(
+                    (stats.mean[ch] as f64 - mean).abs() < 1e-5,
+                    "{dims:?} mean {ch}"
+                );
+                assert!(
+                    (stats.var[ch] as f64 - var).abs() < 1e-4 * (1.0 + var),
+                    "{dims:?} var {ch}"
+                );
+                let xhat = |k: usize| (x[k] as f64 - mean) * is;
+                let yv = |k: usize| (gamma[ch] as f64 * xhat(k) + beta[ch] as f64).max(0.0);
+                for &k in &idx {
+                    assert!((y[k] as f64 - yv(k)).abs() < 1e-4, "{dims:?} y at {k}");
+                }
+                let g = |k: usize| if yv(k) > 0.0 { dy[k] as f64 } else { 0.0 };
+                let db: f64 = idx.iter().map(|&k| g(k)).sum();
+                let dg: f64 = idx.iter().map(|&k| g(k) * xhat(k)).sum();
+                want_db[ch] = db;
+                want_dg[ch] = dg;
+                for &k in &idx {
+                    want_dx[k] = gamma[ch] as f64 * is * (g(k) - db / m - xhat(k) * dg / m);
+                }
+            }
+            for source in [Source::Output(&y), Source::Affine(&stats.affine)] {
+                let mask = Some(ActMask {
+                    source,
+                    upper: f32::INFINITY,
+                });
+                let out = train_backward(&x, &gamma, &dy, &stats, dims, true, mask);
+                let close = |a: f32, b: f64| (a as f64 - b).abs() <= 2e-3 * (1.0 + b.abs());
+                for k in 0..len {
+                    assert!(
+                        close(out[k], want_dx[k]),
+                        "{dims:?} dx at {k}: {} vs {}",
+                        out[k],
+                        want_dx[k]
+                    );
+                }
+                for ch in 0..c {
+                    assert!(close(out[len + ch], want_dg[ch]), "{dims:?} dgamma {ch}");
+                    assert!(close(out[len + c + ch], want_db[ch]), "{dims:?} dbeta {ch}");
+                }
+            }
+        }
+    }
+}
