@@ -222,19 +222,9 @@ fn forward_implicit(
 ) {
     let c = g.c_in;
     let (hp, wp) = (g.h + 2 * g.pad, g.w + 2 * g.pad);
-    // `resize` keeps old values: every padded value is written below.
+    // `resize` keeps old values: every padded value is written by `pad_planes`.
     cols.resize(g.n * hp * wp * c, 0.0);
-    team::rows(cols, wp * c, threads, &|u, out| {
-        let (s, r) = (u / hp, u % hp);
-        if r < g.pad || r >= g.pad + g.h {
-            out.fill(0.0);
-            return;
-        }
-        let from = &x[(s * g.h + r - g.pad) * g.w * c..][..g.w * c];
-        out[..g.pad * c].fill(0.0);
-        out[g.pad * c..(g.pad + g.w) * c].copy_from_slice(from);
-        out[(g.pad + g.w) * c..].fill(0.0);
-    });
+    pad_planes(x, (g.h, g.w * c), (g.pad, g.pad * c), cols, threads);
     let padded = &cols[..];
     let offsets: Vec<usize> = (0..g.k)
         .flat_map(|ky| (0..g.k).map(move |kx| (ky * wp + kx) * c))
@@ -244,26 +234,38 @@ fn forward_implicit(
         rs: c,
         cg: c,
     };
-    let out = SharedMut::new(y);
-    let rows = g.n * g.ho;
-    let run = |range: Range<usize>| {
-        for row in range {
-            let (s, oy) = (row / g.ho, row % g.ho);
-            let first = row * g.wo;
-            let a = &padded[(s * hp + oy) * wp * c..];
-            let len = (g.wo - 1) * ldc + g.c_out;
-            // SAFETY: each output row is written by the one task that takes it.
-            let y = unsafe { out.part(first * ldc, len) };
-            let shape = (g.wo, g.c_out, g.k * g.k * c);
-            sgemm::sgemm_taps(shape, a, taps, wt, y, ldc, false, 1);
-            post(first, g.wo, 0..g.c_out, y);
-        }
+    let row = |s: usize, oy: usize, values: &mut [f32]| {
+        let a = &padded[(s * hp + oy) * wp * c..];
+        let shape = (g.wo, g.c_out, g.k * g.k * c);
+        sgemm::sgemm_taps(shape, a, taps, wt, values, ldc, false, 1);
     };
-    if threads > 1 && rows > 1 {
-        team::run_parts(rows, threads, &run);
-    } else {
-        run(0..rows);
-    }
+    let post_row = |first: usize, values: &mut [f32]| post(first, g.wo, 0..g.c_out, values);
+    output_rows(g, (y, ldc), threads, &row, &post_row);
+}
+
+/// Zero-padded copies of `x`'s planes into `out`: each plane's `h` rows of `w` values get
+/// `pad.0` rows of zeros above and below and `pad.1` zeros on each side, row by row over
+/// `threads` tasks of the team. A row's values are a plane row of NCHW input (the stem) or
+/// the pixels' channels of channels-last input (`w` = W C, `pad.1` = pad C).
+pub(crate) fn pad_planes(
+    x: &[f32],
+    (h, w): (usize, usize),
+    pad: (usize, usize),
+    out: &mut [f32],
+    threads: usize,
+) {
+    let hp = h + 2 * pad.0;
+    team::rows(out, w + 2 * pad.1, threads, &|u, row| {
+        let (plane, r) = (u / hp, u % hp);
+        if r < pad.0 || r >= pad.0 + h {
+            row.fill(0.0);
+            return;
+        }
+        let from = &x[(plane * h + r - pad.0) * w..][..w];
+        row[..pad.1].fill(0.0);
+        row[pad.1..pad.1 + w].copy_from_slice(from);
+        row[pad.1 + w..].fill(0.0);
+    });
 }
 
 /// Computes every output row of `g` channels last, `row(sample, oy, values)` filling one (the

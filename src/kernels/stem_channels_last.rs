@@ -11,9 +11,8 @@
 //! that no tap needs a bounds check): it needs no transposition to channels last.
 
 use super::conv::ConvGeom;
-use super::conv_channels_last::output_rows;
+use super::conv_channels_last::{output_rows, pad_planes};
 use super::scratch::with_scratch;
-use super::team;
 
 /// Whether `g` runs here: a dense convolution of at most [`MAX_CHANNELS`] input channels,
 /// dilation 1, on a CPU with AVX-512.
@@ -54,20 +53,9 @@ pub(crate) fn forward(
     // Zero-padded copies of the samples (in this thread's scratch buffer: a fresh one would
     // be page-faulted in on every call): the kernel reads every tap without a bounds check.
     with_scratch(g.n * g.c_in * hp * wp, |padded| {
-        // Row `u` of the padded planes (counted over the samples' planes), shared out over
-        // the team with the rows of the output (the copy on one thread was a quarter of
-        // MobileNet V3 small's stem at batch 1).
-        team::rows(padded, wp, threads, &|u, out| {
-            let (plane, r) = (u / hp, u % hp);
-            if r < g.pad || r >= g.pad + g.h {
-                out.fill(0.0);
-                return;
-            }
-            let from = &x[(plane * g.h + r - g.pad) * g.w..][..g.w];
-            out[..g.pad].fill(0.0);
-            out[g.pad..g.pad + g.w].copy_from_slice(from);
-            out[g.pad + g.w..].fill(0.0);
-        });
+        // The padded rows shared out over the team, as the output rows are (the copy on one
+        // thread was a quarter of MobileNet V3 small's stem at batch 1).
+        pad_planes(x, (g.h, g.w), (g.pad, g.pad), padded, threads);
         let padded = &*padded;
         let row = |s: usize, oy: usize, row: &mut [f32]| {
             let xs = &padded[s * g.c_in * hp * wp..(s + 1) * g.c_in * hp * wp];
