@@ -34,7 +34,7 @@ pub(crate) enum Kind {
 
 /// `min(max(v, lo), hi)`, keeping NaN (two selects, which vectorise).
 #[inline(always)]
-fn clamp(v: f32, lo: f32, hi: f32) -> f32 {
+pub(crate) fn clamp(v: f32, lo: f32, hi: f32) -> f32 {
     let v = if v < lo { lo } else { v };
     if v > hi { hi } else { v }
 }
@@ -66,6 +66,17 @@ fn map2(x: &[f32], dy: &[f32], f: impl Fn(f32, f32) -> f32 + Sync) -> Vec<f32> {
 }
 
 impl Kind {
+    /// The upper end of the clamp a ReLU (infinite) or ReLU6 (6) is, whose backward passes
+    /// the gradient where the output lies strictly inside `(0, upper)`; `None` for the
+    /// activations that are not a clamp.
+    pub(crate) fn clamp_upper(self) -> Option<f32> {
+        match self {
+            Kind::Relu => Some(f32::INFINITY),
+            Kind::Relu6 => Some(6.0),
+            _ => None,
+        }
+    }
+
     fn name(self) -> &'static str {
         match self {
             Kind::Relu => "relu",

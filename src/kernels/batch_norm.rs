@@ -240,7 +240,7 @@ pub(crate) fn train_forward(
         x.len()
     );
     let count = (n * plane) as f64;
-    let upper = act.and_then(ActMask::upper);
+    let upper = act.and_then(Kind::clamp_upper);
     let mut y: Vec<f32> = Vec::with_capacity(len);
     let out = SharedMut::uninit(&mut y.spare_capacity_mut()[..len]);
     let per_block: Vec<Vec<ChannelStats>> = blocks(dims)

@@ -789,7 +789,7 @@ fn step(
                 let act = deferred[id].take();
                 if *bias {
                     let db = match &act {
-                        Some((k, ys)) => match ActMask::upper(*k) {
+                        Some((k, ys)) => match k.clamp_upper() {
                             Some(upper) => window_channel_sums(&mut g, ys, upper, dout.c, plane),
                             None => per_kind!(*k, K => {
                                 let f = |d, v| K.backward(v, d);
@@ -855,7 +855,7 @@ fn step(
                 // buffer fewer to read), else from `ys` (a fake-quantization mask).
                 let act = deferred[id].take();
                 let mask = act.as_ref().and_then(|(k, ys)| {
-                    let upper = ActMask::upper(*k)?;
+                    let upper = k.clamp_upper()?;
                     let source = match deferred_is_output[id] {
                         true => Source::Affine(&stats.affine),
                         false => Source::Output(ys),

@@ -13,7 +13,7 @@
 //! Sums go into f32 vectors (two of each, to halve the chains of dependent additions) and are
 //! added into f64 every [`FLUSH`] values or more, as the portable loops do.
 
-use super::super::{activation::Kind, cpu::SharedMut};
+use super::super::{activation::clamp, cpu::SharedMut};
 
 /// Values a channel's sums take in f32 lanes before they are added into the f64 totals: at
 /// most about `FLUSH / 16` values per lane (or one plane's share of them, for planes larger
@@ -78,7 +78,8 @@ impl Planes {
 
 /// The ReLU or ReLU6 after a batch norm, as its backward sees it: the gradient passes where
 /// the activation's output is in `(0, upper)` (`upper` infinite for ReLU) and is zero
-/// elsewhere (a NaN blocks it), as `Kind::backward` does on the output.
+/// elsewhere (a NaN blocks it), as `Kind::backward` does on the output (`upper` from
+/// `Kind::clamp_upper`).
 #[derive(Clone, Copy)]
 pub(crate) struct ActMask<'a> {
     pub source: Source<'a>,
@@ -97,15 +98,6 @@ pub(crate) enum Source<'a> {
 }
 
 impl<'a> ActMask<'a> {
-    /// The clamp's upper end of activation `k` in the forward pass (`None`: not a clamp).
-    pub(crate) fn upper(k: Kind) -> Option<f32> {
-        match k {
-            Kind::Relu => Some(f32::INFINITY),
-            Kind::Relu6 => Some(6.0),
-            _ => None,
-        }
-    }
-
     /// The mask for the block of channels `channels` (an affine source cut to them).
     pub(crate) fn for_channels(self, channels: std::ops::Range<usize>) -> Self {
         match self.source {
@@ -212,20 +204,13 @@ pub(crate) unsafe fn normalize(
         for (i, &v) in x[o..o + p.len].iter().enumerate() {
             let t = v * scale + shift;
             let t = match upper {
-                Some(u) => clamp(t, u),
+                Some(u) => clamp(t, 0.0, u),
                 None => t,
             };
             // SAFETY: within the planes, which the caller gives this call alone.
             unsafe { y.as_ptr().add(o + i).write(t) };
         }
     }
-}
-
-/// `min(max(t, 0), upper)` with NaN kept, as `Kind::forward` clamps.
-#[inline(always)]
-fn clamp(t: f32, upper: f32) -> f32 {
-    let t = if t < 0.0 { 0.0 } else { t };
-    if t > upper { upper } else { t }
 }
 
 /// `(sum g, sum g (x - mean))` over each channel's planes (`means[j]`), `g` the output
@@ -686,7 +671,7 @@ mod tests {
                             let want = k1 * g(i) + k2 * x[i] + bias;
                             assert!((dx[i] - want).abs() <= 1e-6, "dx {dims:?} at {i}");
                             let t = x[i] * scale + sh;
-                            let want = upper.map_or(t, |u| clamp(t, u));
+                            let want = upper.map_or(t, |u| clamp(t, 0.0, u));
                             assert!((out[i] - want).abs() <= 1e-6, "y {dims:?} at {i}");
                             written[i] = true;
                         }
