@@ -817,18 +817,26 @@ mod avx512 {
     }
 
     /// Max pooling with the position of each window's maximum (the training step's
-    /// forward), 16 outputs of a row at a time: for every input row of the windows and
-    /// every column offset `kx`, the 16 windows' values at that tap side by side (a load, or
-    /// for stride 2 the even lanes of two), each replacing the running maximum and its
-    /// position where it is greater (or the first NaN), taps in PyTorch's order (rows, then
-    /// columns), so the positions are [`Pool::argmax`]'s. Why: the scalar search per window,
-    /// its branch on `v > best` a coin toss on real activations, was 7% of a SqueezeNet 1.1
-    /// training step (its two 3x3 / stride-2 pools).
+    /// forward), in two passes over a plane, 16 outputs of a row at a time:
+    ///
+    /// 1. across: for every input row, each window's maximum along that row and its
+    ///    position, its taps from the left (a load each, or for stride 2 the even lanes of
+    ///    two), replacing the running maximum where greater (or the first NaN);
+    /// 2. down: for every output row, its windows' rows' results from the top, by the same
+    ///    rule.
+    ///
+    /// So the winner is the first of the window's maxima row by row (or its first NaN), the
+    /// position [`Pool::argmax`] picks, PyTorch's. Why two passes: searching each window's
+    /// rows in turn read every input row for each of the (up to `kernel / stride`) output
+    /// rows sharing it, and the 3 x 3 / stride-2 pools of SqueezeNet 1.1 were 8% of its
+    /// 96x96 training step; the scalar search per window before that, its branch on `v >
+    /// best` a coin toss on real activations, was 7%.
     pub(super) struct ArgmaxRows {
         /// One input row with negative infinity on both sides: column `c` at `pad + c`.
         row: Vec<f32>,
-        /// The running maxima and their positions of an output row (padded to 16).
-        best: Vec<f32>,
+        /// Pass 1's maxima and positions: input row `iy`'s at `iy * ow16`, an output row
+        /// padded to a multiple of 16 windows.
+        across: Vec<f32>,
         at: Vec<u32>,
     }
 
@@ -839,8 +847,8 @@ mod avx512 {
             let len = ow16 * p.stride + p.kernel + 32;
             ArgmaxRows {
                 row: vec![f32::NEG_INFINITY; len],
-                best: vec![0.0; ow16],
-                at: vec![0; ow16],
+                across: vec![0.0; p.h * ow16],
+                at: vec![0; p.h * ow16],
             }
         }
 
@@ -858,9 +866,10 @@ mod avx512 {
             idx: &mut [u32],
         ) {
             let (w, s, pad) = (p.w, p.stride, p.padding);
-            let ow16 = self.best.len();
+            let ow16 = p.ow.next_multiple_of(16);
             assert!(plane.len() == p.h * w && o.len() == p.oh * p.ow && idx.len() == o.len());
             assert!(self.row.len() >= ow16 * s + p.kernel + 32 && pad + w <= self.row.len());
+            assert!(self.across.len() == p.h * ow16 && self.at.len() == self.across.len());
             // SAFETY: loads of 16 values from arrays of 16.
             let (even, lanes) = unsafe {
                 (
@@ -868,60 +877,93 @@ mod avx512 {
                     _mm512_loadu_epi32(LANES.as_ptr()),
                 )
             };
-            let step = _mm512_set1_epi32(s as i32);
-            for oy in 0..p.oh {
-                let (ys, _, _) = p.window(oy, 0);
-                // Each window's first input (its position if every value is -inf); the
-                // lanes past the row's outputs are never stored.
-                for ox in 0..ow16 {
-                    let first = if ox < p.ow { p.span(ox, w).0.start } else { 0 };
-                    self.best[ox] = f32::NEG_INFINITY;
-                    self.at[ox] = (ys.start * w + first) as u32;
-                }
-                for iy in ys {
-                    self.row[pad..pad + w].copy_from_slice(&plane[iy * w..(iy + 1) * w]);
-                    for ox0 in (0..ow16).step_by(16) {
-                        // SAFETY: `best` and `at` hold `ow16` values; the row loads read at
-                        // most 32 values from ox0 s + kx <= (ow16 - 16) s + k - 1, within
-                        // `row` (asserted above).
-                        unsafe {
-                            let mut best = _mm512_loadu_ps(self.best.as_ptr().add(ox0));
-                            let mut at =
-                                _mm512_loadu_epi32(self.at.as_ptr().add(ox0) as *const i32);
-                            // Position of tap kx = 0 for the 16 windows: iy w + ox s - pad.
-                            let base = (iy * w + ox0 * s) as i32 - pad as i32;
-                            let mut pos = _mm512_add_epi32(
-                                _mm512_set1_epi32(base),
-                                _mm512_mullo_epi32(lanes, step),
-                            );
-                            let from = self.row.as_ptr().add(ox0 * s);
-                            for kx in 0..p.kernel {
-                                let v = if s == 1 {
-                                    _mm512_loadu_ps(from.add(kx))
-                                } else {
-                                    let (a, b) = (
-                                        _mm512_loadu_ps(from.add(kx)),
-                                        _mm512_loadu_ps(from.add(kx + 16)),
-                                    );
-                                    _mm512_permutex2var_ps(a, even, b)
-                                };
-                                let greater = _mm512_cmp_ps_mask::<_CMP_GT_OQ>(v, best);
-                                let first_nan = _mm512_cmp_ps_mask::<_CMP_UNORD_Q>(v, v)
-                                    & !_mm512_cmp_ps_mask::<_CMP_UNORD_Q>(best, best);
-                                let take = greater | first_nan;
-                                best = _mm512_mask_blend_ps(take, best, v);
-                                at = _mm512_mask_blend_epi32(take, at, pos);
-                                pos = _mm512_add_epi32(pos, _mm512_set1_epi32(1));
+            let step = _mm512_mullo_epi32(lanes, _mm512_set1_epi32(s as i32));
+            for iy in 0..p.h {
+                self.row[pad..pad + w].copy_from_slice(&plane[iy * w..(iy + 1) * w]);
+                for ox0 in (0..ow16).step_by(16) {
+                    // Column of tap kx = 0 of the 16 windows: ox s - pad (the padding's
+                    // negative infinities are never taken).
+                    let column =
+                        _mm512_add_epi32(_mm512_set1_epi32((ox0 * s) as i32 - pad as i32), step);
+                    let row_start = _mm512_set1_epi32((iy * w) as i32);
+                    let mut pos = _mm512_add_epi32(row_start, column);
+                    // Each window's first input of the row (its position if every value is
+                    // -inf).
+                    let mut at = _mm512_add_epi32(
+                        row_start,
+                        _mm512_max_epi32(column, _mm512_setzero_si512()),
+                    );
+                    let mut best = _mm512_set1_ps(f32::NEG_INFINITY);
+                    // SAFETY: the row loads read at most 32 values from ox0 s + kx <= (ow16 -
+                    // 16) s + k - 1, within `row` (asserted above).
+                    let from = unsafe { self.row.as_ptr().add(ox0 * s) };
+                    for kx in 0..p.kernel {
+                        // SAFETY: as above.
+                        let v = unsafe {
+                            if s == 1 {
+                                _mm512_loadu_ps(from.add(kx))
+                            } else {
+                                let (a, b) = (
+                                    _mm512_loadu_ps(from.add(kx)),
+                                    _mm512_loadu_ps(from.add(kx + 16)),
+                                );
+                                _mm512_permutex2var_ps(a, even, b)
                             }
-                            _mm512_storeu_ps(self.best.as_mut_ptr().add(ox0), best);
-                            _mm512_storeu_epi32(self.at.as_mut_ptr().add(ox0) as *mut i32, at);
-                        }
+                        };
+                        let take = takes(v, best);
+                        best = _mm512_mask_blend_ps(take, best, v);
+                        at = _mm512_mask_blend_epi32(take, at, pos);
+                        pos = _mm512_add_epi32(pos, _mm512_set1_epi32(1));
+                    }
+                    let i = iy * ow16 + ox0;
+                    // SAFETY: `across` and `at` hold `h ow16` values (asserted above).
+                    unsafe {
+                        _mm512_storeu_ps(self.across.as_mut_ptr().add(i), best);
+                        _mm512_storeu_epi32(self.at.as_mut_ptr().add(i) as *mut i32, at);
                     }
                 }
-                o[oy * p.ow..][..p.ow].copy_from_slice(&self.best[..p.ow]);
-                idx[oy * p.ow..][..p.ow].copy_from_slice(&self.at[..p.ow]);
+            }
+            for oy in 0..p.oh {
+                let (ys, _, _) = p.window(oy, 0);
+                for ox0 in (0..p.ow).step_by(16) {
+                    let row = |iy: usize| iy * ow16 + ox0;
+                    // SAFETY: `across` and `at` hold `h ow16` values and every row of `ys` is
+                    // below `h`.
+                    let load = |iy: usize| unsafe {
+                        (
+                            _mm512_loadu_ps(self.across.as_ptr().add(row(iy))),
+                            _mm512_loadu_epi32(self.at.as_ptr().add(row(iy)) as *const i32),
+                        )
+                    };
+                    let (mut best, mut at) = load(ys.start);
+                    for iy in ys.start + 1..ys.end {
+                        let (v, pos) = load(iy);
+                        let take = takes(v, best);
+                        best = _mm512_mask_blend_ps(take, best, v);
+                        at = _mm512_mask_blend_epi32(take, at, pos);
+                    }
+                    let n = (p.ow - ox0).min(16);
+                    let out = oy * p.ow + ox0;
+                    // SAFETY: masked stores of the first `n` values of slices of `n`.
+                    unsafe {
+                        _mm512_mask_storeu_ps(o[out..out + n].as_mut_ptr(), first_lanes(n), best);
+                        _mm512_mask_storeu_epi32(
+                            idx[out..out + n].as_mut_ptr() as *mut i32,
+                            first_lanes(n),
+                            at,
+                        );
+                    }
+                }
             }
         }
+    }
+
+    /// The lanes where `v` replaces the running maximum `best`: greater, or the first NaN.
+    #[target_feature(enable = "avx512f")]
+    fn takes(v: __m512, best: __m512) -> __mmask16 {
+        _mm512_cmp_ps_mask::<_CMP_GT_OQ>(v, best)
+            | (_mm512_cmp_ps_mask::<_CMP_UNORD_Q>(v, v)
+                & !_mm512_cmp_ps_mask::<_CMP_UNORD_Q>(best, best))
     }
 
     /// Lane `i` = `i`.
