@@ -9,6 +9,8 @@
 //! allocates several such tensors per layer. Keeping freed memory in the heap lets the next
 //! step reuse it without faults, at the price of the process holding on to its peak memory.
 
+use std::mem::MaybeUninit;
+
 /// Tells glibc to serve large allocations from the heap and to keep freed memory for reuse
 /// (process-wide; call once at start-up of a training process). Returns whether the setting
 /// was applied (false on other C libraries and platforms).
@@ -40,7 +42,6 @@ const PARALLEL_FILL_FROM: usize = 1 << 18;
 /// that thread was 6-7% of a SqueezeNet 1.1 or ShuffleNet V2 training step.
 pub(crate) fn zeroed<T: Copy + Default + Send>(len: usize) -> Vec<T> {
     use rayon::prelude::*;
-    use std::mem::MaybeUninit;
     if len < PARALLEL_FILL_FROM || rayon::current_num_threads() == 1 {
         return vec![T::default(); len];
     }
@@ -51,6 +52,16 @@ pub(crate) fn zeroed<T: Copy + Default + Send>(len: usize) -> Vec<T> {
     // SAFETY: the loop above initialised all `len` values, within the capacity.
     unsafe { v.set_len(len) };
     v
+}
+
+/// `chunk` zero-filled (`T::default()`), as initialised values. For kernels that build a
+/// fresh buffer a chunk at a time over the thread pool: each chunk zeroed right before the
+/// kernel writes it, while in cache, instead of a pass over the whole buffer ahead of them
+/// ([`zeroed`]), which for a buffer larger than the caches goes out to memory and back.
+pub(crate) fn init_zeros<T: Copy + Default>(chunk: &mut [MaybeUninit<T>]) -> &mut [T] {
+    chunk.fill(MaybeUninit::new(T::default()));
+    // SAFETY: every value was initialised just above, and `MaybeUninit<T>` has `T`'s layout.
+    unsafe { &mut *(chunk as *mut [MaybeUninit<T>] as *mut [T]) }
 }
 
 #[cfg(test)]

@@ -2,7 +2,7 @@
 //! with backward passes. Candle's own pooling has no backward when windows overlap
 //! (kernel 3, stride 2), which SqueezeNet and both ShuffleNets use.
 
-use super::alloc::zeroed;
+use super::alloc::init_zeros;
 use super::team;
 use crate::graph::shape::pooled_len;
 use crate::kernels::simd::{Madd, simd_dispatch};
@@ -1033,11 +1033,10 @@ pub(crate) fn pool_backward(
     Ok(p.backward(x, dy))
 }
 
-/// Train-mode max pooling of the H x W planes in `x` into `y` (planes in parallel), also
-/// writing each output's window maximum position within its input plane to `argmax`, so
-/// the backward pass is a scatter ([`max_pool_backward_from`]) instead of a second search
-/// of every window (PyTorch keeps these indices too).
-#[allow(clippy::too_many_arguments)]
+/// Train-mode max pooling of the H x W planes in `x` (planes in parallel): the window
+/// maxima, and each one's position within its input plane, so that the backward pass is a
+/// scatter ([`max_pool_backward_from`]) instead of a second search of every window (PyTorch
+/// keeps these indices too).
 pub(crate) fn max_pool_with_argmax(
     kernel: usize,
     stride: usize,
@@ -1045,34 +1044,35 @@ pub(crate) fn max_pool_with_argmax(
     ceil: bool,
     (h, w): (usize, usize),
     x: &[f32],
-    y: &mut [f32],
-    argmax: &mut [u32],
-) -> Result<()> {
+) -> Result<(Vec<f32>, Vec<u32>)> {
     let planes = x.len() / (h * w).max(1);
     let p = geometry((planes, 1, h, w), Kind::Max, kernel, stride, padding, ceil)?;
     let plane_out = p.oh * p.ow;
-    if y.len() != planes * plane_out || argmax.len() != y.len() {
-        bail!("max pooling: output buffer size");
-    }
+    let len = planes * plane_out;
+    let (mut y, mut argmax) = (Vec::with_capacity(len), Vec::with_capacity(len));
     if plane_out == 0 {
-        return Ok(());
+        return Ok((y, argmax));
     }
-    #[cfg(target_arch = "x86_64")]
-    if avx512::handles_argmax(&p) {
-        y.par_chunks_mut(plane_out)
-            .zip(argmax.par_chunks_mut(plane_out))
-            .zip(x.par_chunks(h * w))
-            .for_each_init(
-                || avx512::ArgmaxRows::new(&p),
-                // SAFETY: `handles_argmax` checked that the CPU has AVX-512F.
-                |rows, ((o, idx), plane)| unsafe { rows.plane(&p, plane, o, idx) },
-            );
-        return Ok(());
-    }
-    y.par_chunks_mut(plane_out)
-        .zip(argmax.par_chunks_mut(plane_out))
+    // Each output plane zero-filled right before the kernel writes it (while in cache),
+    // instead of a pass over both buffers ahead of it.
+    let planes_iter = y.spare_capacity_mut()[..len]
+        .par_chunks_mut(plane_out)
+        .zip(argmax.spare_capacity_mut()[..len].par_chunks_mut(plane_out))
         .zip(x.par_chunks(h * w))
-        .for_each(|((o, idx), plane)| {
+        .map(|((o, idx), plane)| ((init_zeros(o), init_zeros(idx)), plane));
+    #[cfg(target_arch = "x86_64")]
+    let vectorised = avx512::handles_argmax(&p);
+    #[cfg(not(target_arch = "x86_64"))]
+    let vectorised = false;
+    if vectorised {
+        #[cfg(target_arch = "x86_64")]
+        planes_iter.for_each_init(
+            || avx512::ArgmaxRows::new(&p),
+            // SAFETY: `handles_argmax` checked that the CPU has AVX-512F.
+            |rows, ((o, idx), plane)| unsafe { rows.plane(&p, plane, o, idx) },
+        );
+    } else {
+        planes_iter.for_each(|((o, idx), plane)| {
             for oy in 0..p.oh {
                 for ox in 0..p.ow {
                     let (ys, xs, _) = p.window(oy, ox);
@@ -1082,7 +1082,13 @@ pub(crate) fn max_pool_with_argmax(
                 }
             }
         });
-    Ok(())
+    }
+    // SAFETY: the loops above initialised all `len` values of both, within the capacity.
+    unsafe {
+        y.set_len(len);
+        argmax.set_len(len);
+    }
+    Ok((y, argmax))
 }
 
 /// The input gradient (planes of `plane_in` values) of [`max_pool_with_argmax`] from its
@@ -1096,16 +1102,22 @@ pub(crate) fn max_pool_backward_from(
     if plane_out == 0 {
         return Vec::new();
     }
-    let planes = dy.len() / plane_out;
-    let mut dx = zeroed(planes * plane_in);
-    dx.par_chunks_mut(plane_in)
+    let len = dy.len() / plane_out * plane_in;
+    let mut dx = Vec::with_capacity(len);
+    // Each plane zero-filled right before its scatter, while in cache, instead of a pass
+    // over the whole gradient ahead of them.
+    dx.spare_capacity_mut()[..len]
+        .par_chunks_mut(plane_in)
         .zip(argmax.par_chunks(plane_out))
         .zip(dy.par_chunks(plane_out))
         .for_each(|((d, idx), g)| {
+            let d = init_zeros(d);
             for (&i, &gv) in idx.iter().zip(g) {
                 d[i as usize] += gv;
             }
         });
+    // SAFETY: the loop above initialised all `len` values, within the capacity.
+    unsafe { dx.set_len(len) };
     dx
 }
 
@@ -1524,8 +1536,8 @@ mod tests {
                 }
                 let p = geometry((2, 1, h, w), Kind::Max, k, st, pad, ceil).unwrap();
                 let n = 2 * p.oh * p.ow;
-                let (mut y, mut argmax) = (vec![0f32; n], vec![0u32; n]);
-                max_pool_with_argmax(k, st, pad, ceil, (h, w), &x, &mut y, &mut argmax).unwrap();
+                let (y, argmax) = max_pool_with_argmax(k, st, pad, ceil, (h, w), &x).unwrap();
+                assert_eq!((y.len(), argmax.len()), (n, n));
                 for (plane_i, plane) in x.chunks_exact(h * w).enumerate() {
                     for oy in 0..p.oh {
                         for ox in 0..p.ow {
@@ -1559,8 +1571,7 @@ mod tests {
             let dy: Vec<f32> = (0..dy_len).map(|i| i as f32 * 0.5 - 3.0).collect();
             let mut want = vec![0f32; dy_len];
             pool_into(true, k, st, pad, ceil, (h, w), &x, &mut want, false).unwrap();
-            let (mut got, mut argmax) = (vec![0f32; dy_len], vec![0u32; dy_len]);
-            max_pool_with_argmax(k, st, pad, ceil, (h, w), &x, &mut got, &mut argmax).unwrap();
+            let (got, argmax) = max_pool_with_argmax(k, st, pad, ceil, (h, w), &x).unwrap();
             let bits = |v: &[f32]| v.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
             assert_eq!(bits(&got), bits(&want), "forward k{k} s{st} p{pad}");
             let want_dx = pool_backward(true, k, st, pad, ceil, (h, w), &x, &dy).unwrap();

@@ -614,17 +614,13 @@ fn step(
                 ceil_mode,
             } => {
                 let din = dims[node.inputs[0]];
-                let mut y = zeroed(n * dout.elements());
-                let mut argmax = zeroed(y.len());
-                pool::max_pool_with_argmax(
+                let (y, argmax) = pool::max_pool_with_argmax(
                     *kernel,
                     *stride,
                     *padding,
                     *ceil_mode,
                     (din.h, din.w),
                     input(0),
-                    &mut y,
-                    &mut argmax,
                 )?;
                 saved[id] = Saved::Argmax(argmax);
                 y
