@@ -15,7 +15,7 @@
 use super::conv::ConvGeom;
 use super::cpu::SharedMut;
 use super::transpose::transpose;
-use super::{sgemm, team};
+use super::{sgemm, team, winograd};
 use std::ops::Range;
 
 /// Values of the output block (rows x C_out) that a product and its epilogue should keep in
@@ -42,7 +42,19 @@ thread_local! {
 ///
 /// Into `wt` (resized; its old contents are overwritten): the executor recycles these
 /// buffers between calls.
+///
+/// The convolutions that run as Winograd products ([`winograd::applies`]) get their
+/// transformed filters instead ([`winograd::weights`]).
 pub(crate) fn weights(g: &ConvGeom, w: &[f32], wt: &mut Vec<f32>) {
+    if winograd::applies(g) {
+        winograd::weights(g, w, wt);
+    } else {
+        tap_weights(g, w, wt);
+    }
+}
+
+/// [`weights`] for the im2col and implicit products.
+fn tap_weights(g: &ConvGeom, w: &[f32], wt: &mut Vec<f32>) {
     let (cg, og, kk) = (g.c_in / g.groups, g.c_out / g.groups, g.k * g.k);
     let (size, packed) = (kk * cg * og, group_len(g));
     wt.resize(g.groups * packed, 0.0);
@@ -104,6 +116,10 @@ pub(crate) fn forward(
     threads: usize,
     post: &BlockEpilogue<'_>,
 ) {
+    if winograd::applies(g) {
+        winograd::forward(g, x, wt, y, ldc, cols, threads, post);
+        return;
+    }
     let (cg, og, kk) = (g.c_in / g.groups, g.c_out / g.groups, g.k * g.k);
     let kdim = kk * cg;
     let pixels = g.n * g.ho * g.wo;
@@ -497,11 +513,11 @@ mod tests {
                 .map(|i| ((i * 53 % 89) as f32 - 44.0) / 40.0)
                 .collect();
             let mut wt = Vec::new();
-            weights(&g, &wv, &mut wt);
+            tap_weights(&g, &wv, &mut wt);
             let pixels = n * g.ho * g.wo;
             let mut got = vec![0f32; pixels * c_out];
             let post = |_: usize, _: usize, _: Range<usize>, _: &mut [f32]| {};
-            forward(&g, &x, &wt, &mut got, c_out, &mut Vec::new(), 1, &post);
+            forward_implicit(&g, &x, &wt, &mut got, c_out, &mut Vec::new(), 1, &post);
             let kdim = 9 * c_in;
             let mut cols = vec![0f32; pixels * kdim];
             im2col_rows(&g, &x, 0, 0..pixels, &mut cols);

@@ -53,6 +53,7 @@ pub(crate) mod simd;
 pub(crate) mod stem_channels_last;
 pub(crate) mod team;
 pub(crate) mod transpose;
+mod winograd;
 
 pub use activation::{hardsigmoid, hardswish, relu, relu6};
 pub use alloc::reuse_freed_memory;
