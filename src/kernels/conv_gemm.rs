@@ -23,7 +23,7 @@ use super::{
     gemm::{MatMut, MatRef, Parallelism, matmul, matmul_bt, parallelism},
     im2col::{col2im, col2im_strided, im2col, im2col_strided},
     scratch::with_scratch,
-    sgemm, team,
+    sgemm, team, winograd,
 };
 use candle_core::{CpuStorage, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
@@ -106,6 +106,10 @@ pub(crate) fn forward_into(
         for (n, row) in y.chunks_mut(g.c_out).enumerate() {
             post(n, 0, row);
         }
+        return;
+    }
+    if parallel && g.n > 1 && winograd::pays_in_nchw(g) {
+        winograd::forward_nchw(g, x, w, y, post);
         return;
     }
     if batched(g, &d) && !direct_per_sample(&d) {
