@@ -369,11 +369,11 @@ fn im2col_rows(
 }
 
 #[cfg(test)]
-mod tests {
+pub(super) mod tests {
     use super::*;
 
     /// A scalar reference in f64: NCHW in, NCHW out.
-    fn reference(g: &ConvGeom, x: &[f32], w: &[f32]) -> Vec<f64> {
+    pub(in crate::kernels) fn reference(g: &ConvGeom, x: &[f32], w: &[f32]) -> Vec<f64> {
         let (cg, og) = (g.c_in / g.groups, g.c_out / g.groups);
         let mut y = vec![0f64; g.n * g.c_out * g.ho * g.wo];
         for s in 0..g.n {
@@ -408,7 +408,12 @@ mod tests {
     }
 
     /// NCHW to NHWC (`c` channels of `p` pixels per sample).
-    fn to_channels_last(x: &[f32], n: usize, c: usize, p: usize) -> Vec<f32> {
+    pub(in crate::kernels) fn to_channels_last(
+        x: &[f32],
+        n: usize,
+        c: usize,
+        p: usize,
+    ) -> Vec<f32> {
         let mut out = vec![0f32; x.len()];
         for s in 0..n {
             for ch in 0..c {

@@ -515,36 +515,7 @@ mod x86 {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    /// The direct convolution in f64, channels last in and out.
-    fn reference(g: &ConvGeom, x: &[f32], w: &[f32]) -> Vec<f64> {
-        let mut y = vec![0f64; g.n * g.ho * g.wo * g.c_out];
-        for s in 0..g.n {
-            for oy in 0..g.ho {
-                for ox in 0..g.wo {
-                    for co in 0..g.c_out {
-                        let mut acc = 0f64;
-                        for ky in 0..3 {
-                            for kx in 0..3 {
-                                let iy = (oy + ky) as isize - g.pad as isize;
-                                let ix = (ox + kx) as isize - g.pad as isize;
-                                if iy < 0 || ix < 0 || iy >= g.h as isize || ix >= g.w as isize {
-                                    continue;
-                                }
-                                let at = ((s * g.h + iy as usize) * g.w + ix as usize) * g.c_in;
-                                for ci in 0..g.c_in {
-                                    let wv = w[((co * g.c_in + ci) * 3 + ky) * 3 + kx] as f64;
-                                    acc += wv * x[at + ci] as f64;
-                                }
-                            }
-                        }
-                        y[((s * g.ho + oy) * g.wo + ox) * g.c_out + co] = acc;
-                    }
-                }
-            }
-        }
-        y
-    }
+    use crate::kernels::conv_channels_last::tests::{reference, to_channels_last};
 
     /// The filter transform of a single tap at each of the 9 positions gives the rows of
     /// `G` (times the columns of `Gt`): checked on the centre tap and a corner by hand.
@@ -599,8 +570,9 @@ mod tests {
             let wv: Vec<f32> = (0..c_out * c_in * 9)
                 .map(|i| ((i * 53 % 89) as f32 - 44.0) / 40.0)
                 .collect();
-            let xl = x_last(&x, n, c_in, h * w);
-            let want = reference(&g, &xl, &wv);
+            let xl = to_channels_last(&x, n, c_in, h * w);
+            // NCHW, as the input given to it.
+            let want = reference(&g, &x, &wv);
             let mut wt = Vec::new();
             weights(&g, &wv, &mut wt);
             let pixels = n * g.ho * g.wo;
@@ -617,9 +589,11 @@ mod tests {
                 forward(&g, &xl, &wt, &mut y, ldc, &mut Vec::new(), threads, &post);
                 assert!(seen.into_inner().unwrap().iter().all(|&s| s == 1));
                 let scale = c_in as f64 * 9.0;
+                let p = g.ho * g.wo;
                 for r in 0..pixels {
                     for co in 0..c_out {
-                        let (got, exp) = (y[r * ldc + co] as f64, want[r * c_out + co]);
+                        let exp = want[(r / p * c_out + co) * p + r % p];
+                        let got = y[r * ldc + co] as f64;
                         assert!(
                             (got - exp).abs() <= 1e-6 * scale * (1.0 + exp.abs()),
                             "{:?} threads {threads} pixel {r} channel {co}: {got} vs {exp}",
@@ -650,7 +624,7 @@ mod tests {
             let wv: Vec<f32> = (0..c_out * c_in * 9)
                 .map(|i| ((i * 53 % 89) as f32 - 44.0) / 40.0)
                 .collect();
-            let want = reference(&g, &x_last(&x, n, c_in, h * h), &wv);
+            let want = reference(&g, &x, &wv);
             let p = g.ho * g.wo;
             let mut y = vec![f32::NAN; n * c_out * p];
             let seen = std::sync::Mutex::new(vec![0u8; n]);
@@ -664,7 +638,7 @@ mod tests {
                 for co in 0..c_out {
                     for q in 0..p {
                         let got = y[(s * c_out + co) * p + q] as f64;
-                        let exp = want[(s * p + q) * c_out + co];
+                        let exp = want[(s * c_out + co) * p + q];
                         assert!(
                             (got - exp).abs() <= 1e-6 * (c_in * 9) as f64 * (1.0 + exp.abs()),
                             "{:?} sample {s} channel {co} pixel {q}: {got} vs {exp}",
@@ -674,19 +648,6 @@ mod tests {
                 }
             }
         }
-    }
-
-    /// NCHW to channels last.
-    fn x_last(x: &[f32], n: usize, c: usize, p: usize) -> Vec<f32> {
-        let mut out = vec![0f32; x.len()];
-        for s in 0..n {
-            for ch in 0..c {
-                for q in 0..p {
-                    out[(s * p + q) * c + ch] = x[(s * c + ch) * p + q];
-                }
-            }
-        }
-        out
     }
 
     /// Small outputs where the tiles would cost more than the direct sums are left to the
