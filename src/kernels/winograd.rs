@@ -1,5 +1,6 @@
 //! Winograd F(2x2, 3x3) convolutions, channels last: the eval executor's dense 3x3 stride-1
-//! layers (SqueezeNet's expands).
+//! layers (SqueezeNet's expands), and through two transposes some of the train step's
+//! ([`forward_nchw`]).
 //!
 //! Why: as products over im2col rows or implicit taps those layers ran at 85-95% of this
 //! core's FMA rate and SqueezeNet 1.1 still trailed onnxruntime (0.91x-0.93x at 96x96 and
@@ -26,7 +27,6 @@ use super::conv_channels_last::BlockEpilogue;
 use super::cpu::SharedMut;
 use super::scratch::with_scratch;
 use super::transpose::transpose;
-
 use super::{sgemm, team};
 use std::ops::Range;
 
@@ -39,14 +39,13 @@ const BLOCK_VALUES: usize = 1 << 18;
 thread_local! {
     /// A team thread's `V` and `M` blocks at batch 1 ([`forward`]), or a rayon worker's in
     /// the train step ([`forward_nchw`]).
-    static TEAM_SCRATCH: std::cell::Cell<Vec<f32>> = const { std::cell::Cell::new(Vec::new()) };
+    static BLOCKS: std::cell::Cell<Vec<f32>> = const { std::cell::Cell::new(Vec::new()) };
 }
 
 /// Whether `g` runs here (on a CPU with AVX-512, as our GEMM): a dense 3x3 convolution of
-/// stride 1 whose 2x2 tiles cover the
-/// output with at most 80% of the direct method's multiplications (a 1x1 output, one tile
-/// of 16 for 9, does not), and with enough channels to keep the products' 16-value rows
-/// full.
+/// stride 1 whose 2x2 tiles cover the output with at most 80% of the direct method's
+/// multiplications (a 1x1 output, one tile of 16 for 9, does not), and with enough channels
+/// to keep the products' 16-value rows full.
 pub(crate) fn applies(g: &ConvGeom) -> bool {
     let tiles = g.ho.div_ceil(2) * g.wo.div_ceil(2);
     sgemm::available()
@@ -180,12 +179,8 @@ pub(crate) fn forward(
         let mut u = units.start;
         while u < units.end {
             let block = u..(u + per_block).min(units.end);
-            let first = t.first_pixel(block.start);
-            let end = if block.end == g.n * t.th {
-                pixels
-            } else {
-                t.first_pixel(block.end)
-            };
+            // The block's pixels (the unit past the last is the pixel past the last).
+            let (first, end) = (t.first_pixel(block.start), t.first_pixel(block.end));
             // SAFETY: blocks are disjoint runs of output pixels (each task takes its own),
             // within `y` (checked above).
             let values = unsafe { out.part(first * ldc, (end - first - 1) * ldc + g.c_out) };
@@ -196,9 +191,9 @@ pub(crate) fn forward(
     };
     if threads > 1 && units > 1 {
         team::run_parts(units, threads, &|part| {
-            let mut scratch = TEAM_SCRATCH.with(|c| c.take());
+            let mut scratch = BLOCKS.with(|c| c.take());
             run(part, &mut scratch);
-            TEAM_SCRATCH.with(|c| c.replace(scratch));
+            BLOCKS.with(|c| c.replace(scratch));
         });
     } else {
         run(0..units, scratch);
@@ -257,7 +252,7 @@ pub(crate) fn forward_nchw(
                 {
                     transpose(from, (g.c_in, plane_in), to);
                 }
-                let mut scratch = TEAM_SCRATCH.with(|c| c.take());
+                let mut scratch = BLOCKS.with(|c| c.take());
                 let no_epilogue = |_: usize, _: usize, _: Range<usize>, _: &mut [f32]| {};
                 forward(
                     &part,
@@ -269,7 +264,7 @@ pub(crate) fn forward_nchw(
                     1,
                     &no_epilogue,
                 );
-                TEAM_SCRATCH.with(|c| c.replace(scratch));
+                BLOCKS.with(|c| c.replace(scratch));
                 for (s, (from, to)) in y_last
                     .chunks_exact(y_sample)
                     .zip(ys.chunks_exact_mut(y_sample))
