@@ -925,6 +925,9 @@ mod avx512 {
             }
             for oy in 0..p.oh {
                 let (ys, _, _) = p.window(oy, 0);
+                // Every window has a row (PyTorch's rule for the last window in ceil mode);
+                // the loads below rely on it.
+                assert!(ys.start < ys.end && ys.end <= p.h, "pooling: empty window");
                 for ox0 in (0..p.ow).step_by(16) {
                     let row = |iy: usize| iy * ow16 + ox0;
                     // SAFETY: `across` and `at` hold `h ow16` values and every row of `ys` is
