@@ -682,7 +682,7 @@ fn step(
             observed[id] = Some(range);
         }
         vals[id] = Some(y);
-        lap(&|| format!("fwd {} {}x{}", node.op.kind(), dout.h, dout.w));
+        lap(&|| format!("fwd {}", lap_label(&node.op, dout)));
     }
 
     // Loss and its gradient.
@@ -1097,7 +1097,7 @@ fn step(
                 vals[i] = None;
             }
         }
-        lap(&|| format!("bwd {} {}x{}", node.op.kind(), dout.h, dout.w));
+        lap(&|| format!("bwd {}", lap_label(&node.op, dout)));
     }
 
     let mut out = HashMap::with_capacity(pgrads.len());
@@ -1119,6 +1119,28 @@ fn step(
         adapter_grads,
         observed,
     }))
+}
+
+/// A node's label in the `SLIMCANDLE_PROFILE=1` laps: its kind and output plane, and for a
+/// convolution its kernel, stride and channels, as the eval executor labels its steps (so
+/// that layers of one kind and plane size but different shapes, which take different
+/// kernel paths, are told apart).
+fn lap_label(op: &Op, out: crate::graph::Dims) -> String {
+    match op {
+        Op::Conv2d {
+            in_channels,
+            out_channels,
+            kernel,
+            stride,
+            ..
+        } => format!(
+            "{} {kernel}x{kernel} s{stride} -> {}x{} {in_channels}->{out_channels}",
+            op.kind(),
+            out.h,
+            out.w
+        ),
+        _ => format!("{} {}x{}", op.kind(), out.h, out.w),
+    }
 }
 
 fn acc_param(map: &mut HashMap<String, Vec<f32>>, name: String, g: Vec<f32>) {
