@@ -13,7 +13,7 @@
 #                    onnxruntime intra_op_num_threads)
 #   ROUNDS=3         rounds per config; each round runs slimcandle, then PyTorch
 #   ITERS=10         timed batches per run;  WARMUP=3  untimed batches before them
-#   LAT_ITERS=100    timed images per run of the latency rows; LAT_WARMUP=10 untimed before
+#   LAT_ITERS=500    timed images per run of the latency rows; LAT_WARMUP=50 untimed before
 #   AGG=median       how rounds are combined in the table: median or best (highest images/s)
 #   ORT=1            also time onnxruntime in the infer rows (0 to skip)
 #   OV=1             also time OpenVINO (CPU plugin, f32, one stream, THREADS threads) in the
@@ -81,8 +81,8 @@ ALL_CONFIGS+=("infer|500|32|cifar|mobilenet_v2|--arch mobilenet_v2")
 for m in "${FAMILIES[@]}"; do
     ALL_CONFIGS+=("latency|1|224|imagenet|$m" "latency|1|32|cifar|$m")
 done
-LAT_ITERS=${LAT_ITERS:-100}
-LAT_WARMUP=${LAT_WARMUP:-10}
+LAT_ITERS=${LAT_ITERS:-500}
+LAT_WARMUP=${LAT_WARMUP:-50}
 
 label_of() { # config line -> "infer mobilenet_v2 cifar b64 32x32"
     local mode batch size stem name args
