@@ -48,7 +48,9 @@ pub(crate) fn zeroed<T: Copy + Default + Send>(len: usize) -> Vec<T> {
     let mut v: Vec<T> = Vec::with_capacity(len);
     v.spare_capacity_mut()[..len]
         .par_chunks_mut(1 << 16)
-        .for_each(|chunk| chunk.fill(MaybeUninit::new(T::default())));
+        .for_each(|chunk| {
+            init_zeros(chunk);
+        });
     // SAFETY: the loop above initialised all `len` values, within the capacity.
     unsafe { v.set_len(len) };
     v
